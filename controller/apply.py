@@ -1,0 +1,223 @@
+"""Apply a plan: the imperative shell around the planner's decisions.
+
+Each agent's changes run in plan order; agents run concurrently and independently, so one
+agent's failure is reported and the others still converge. Non-idempotent steps (register,
+deposit) write a durable intent first and re-observe the wallet right before acting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from controller.gateway.client import GatewayClient
+from controller.gateway.errors import Conflict, GatewayError, UnknownOutcome
+from controller.keysink import DirectoryKeySink
+from controller.plan import Change, ChangeKind, Plan
+from controller.state import ABANDONED, DONE, FAILED, PENDING, BudgetWrite, StateStore
+from policies.funding import deposit_idempotency_key, top_up_amount
+from policies.money import format_money
+
+FaultHook = Callable[[str, str], None]
+"""Called as ``hook(point, agent_id)`` at crash-relevant points; tests raise from it."""
+
+
+class AgentStepError(Exception):
+    """A change for one agent could not be made; the message is user-facing."""
+
+
+@dataclass
+class AgentResult:
+    agent_id: str
+    applied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class ApplyResult:
+    agents: list[AgentResult]
+    writes: int
+    reads: int
+    recovered: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(a.ok for a in self.agents)
+
+    def failed(self) -> list[AgentResult]:
+        return [a for a in self.agents if not a.ok]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "writes": self.writes,
+            "reads": self.reads,
+            "recovered": list(self.recovered),
+            "agents": [
+                {"agent_id": a.agent_id, "ok": a.ok, "applied": a.applied, "skipped": a.skipped, "error": a.error}
+                for a in self.agents
+            ],
+        }
+
+
+class Applier:
+    def __init__(
+        self,
+        client: GatewayClient,
+        store: StateStore,
+        sink: DirectoryKeySink,
+        *,
+        fault_hook: FaultHook | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.sink = sink
+        self._hook = fault_hook or (lambda point, agent: None)
+        self._clock = clock
+
+    # ------------------------------------------------------------------ recovery
+
+    async def recover_intents(self) -> list[str]:
+        """Resolve intents left pending by a crashed run, by looking at the gateway."""
+        notes: list[str] = []
+        for intent in self.store.intents(status=PENDING):
+            if intent.kind == "deposit":
+                tx = await self.client.find_transaction(intent.agent_id, intent.intent_key)
+                if tx is not None:
+                    self.store.finish_intent(intent.intent_key, DONE, f"landed as transaction {tx.id} (recovered)")
+                    notes.append(
+                        f"{intent.agent_id}: interrupted deposit of {intent.payload.get('amount')} credits "
+                        f"had landed (transaction {tx.id}); not repeated"
+                    )
+                else:
+                    self.store.finish_intent(intent.intent_key, ABANDONED, "never reached the ledger")
+                    notes.append(
+                        f"{intent.agent_id}: interrupted deposit of {intent.payload.get('amount')} credits "
+                        "never landed; the plan decides afresh"
+                    )
+            elif intent.kind == "register":
+                exists = await self.client.get_balance(intent.agent_id) is not None
+                stored = self.sink.load(intent.agent_id) is not None
+                if exists and not stored:
+                    self.store.finish_intent(intent.intent_key, FAILED, "registered but the key was lost")
+                    notes.append(
+                        f"{intent.agent_id}: LOST KEY: a registration was interrupted after the gateway "
+                        "created the agent but before its key was stored; the gateway shows a key only "
+                        "once. Recover it with `finops keys import` from wherever the agent has it, or "
+                        "treat the key as orphaned."
+                    )
+                else:
+                    status = DONE if exists else ABANDONED
+                    self.store.finish_intent(intent.intent_key, status, "resolved on restart")
+        return notes
+
+    # ------------------------------------------------------------------ apply
+
+    async def apply(self, plan: Plan) -> ApplyResult:
+        before = dict(self.client.calls)
+        recovered = await self.recover_intents()
+        by_agent: dict[str, list[Change]] = {}
+        for change in plan.changes:
+            by_agent.setdefault(change.agent_id, []).append(change)
+        results = await asyncio.gather(*(self._apply_agent(a, cs) for a, cs in by_agent.items()))
+        result = ApplyResult(
+            agents=list(results),
+            writes=self.client.calls["write"] - before.get("write", 0),
+            reads=self.client.calls["read"] - before.get("read", 0),
+            recovered=recovered,
+        )
+        return result
+
+    async def _apply_agent(self, agent_id: str, changes: list[Change]) -> AgentResult:
+        result = AgentResult(agent_id)
+        for change in changes:
+            try:
+                note = await self._apply_change(change)
+            except (AgentStepError, GatewayError) as exc:
+                result.error = f"{change.kind.value}: {exc}"
+                remaining = changes[changes.index(change) + 1 :]
+                result.skipped += [f"{c.kind.value} (not attempted after the failure)" for c in remaining]
+                break
+            (result.skipped if note.startswith("skipped") else result.applied).append(note)
+        return result
+
+    async def _apply_change(self, change: Change) -> str:
+        if change.kind is ChangeKind.REGISTER:
+            return await self._register(change)
+        if change.kind is ChangeKind.TOP_UP:
+            return await self._top_up(change)
+        if change.kind is ChangeKind.SET_BUDGET:
+            return await self._set_budget(change)
+        raise AgentStepError(f"unknown change kind {change.kind!r}")  # pragma: no cover
+
+    async def _register(self, change: Change) -> str:
+        agent = change.agent_id
+        intent_key = f"register:{agent}"
+        self.store.begin_intent(intent_key, "register", agent, {"fleet": change.fleet})
+        try:
+            registration = await self.client.register(agent)
+        except Conflict:
+            self.store.finish_intent(intent_key, ABANDONED, "already registered")
+            raise AgentStepError(
+                f"{agent} was registered by someone else since the plan was made; re-plan to adopt it"
+            ) from None
+        except UnknownOutcome:
+            exists = await self.client.get_balance(agent) is not None
+            self.store.finish_intent(intent_key, FAILED if exists else ABANDONED, "unknown outcome")
+            if exists:
+                raise AgentStepError(
+                    f"{agent} was registered but the response (with its one-time key) was lost; "
+                    "the key cannot be recovered over the API"
+                ) from None
+            raise AgentStepError(f"registering {agent} did not happen; the next run retries") from None
+        self._hook("after_register", agent)
+        prefix = self.sink.store(agent, registration.api_key)
+        self.store.record_key(agent, prefix, "register")
+        self.store.finish_intent(intent_key, DONE, f"key sha3:{prefix}")
+        return f"registered (key sha3:{prefix} stored, balance {format_money(registration.balance)})"
+
+    async def _top_up(self, change: Change) -> str:
+        agent = change.agent_id
+        args = change.args
+        planned = Decimal(args["amount"])
+        expected = Decimal(args["expected_balance"])
+        balance = await self.client.get_balance(agent)  # re-observe right before moving money
+        if balance is None:
+            raise AgentStepError(f"{agent} has no wallet; cannot top up")
+        if balance == expected:
+            amount, key = planned, args["idempotency_key"]
+            adjusted = ""
+        else:
+            amount = min(top_up_amount(balance, Decimal(args["floor"]), Decimal(args["target"])), planned)
+            if amount <= 0:
+                return f"skipped top-up: balance is now {format_money(balance)}, no longer below the floor"
+            anchor = await self.client.latest_transaction_id(agent)
+            key = deposit_idempotency_key(change.fleet, agent, str(anchor), amount)
+            adjusted = f" (balance moved {format_money(expected)} → {format_money(balance)} since the plan)"
+        self.store.begin_intent(key, "deposit", agent, {"amount": format_money(amount), "fleet": change.fleet})
+        deposit = await self.client.deposit(agent, amount, key, description="finops top-up")
+        self._hook("after_deposit", agent)
+        self.store.finish_intent(key, DONE, f"transaction {deposit.transaction_id}")
+        how = " (recovered from the ledger after a lost response)" if deposit.recovered else ""
+        return f"deposited {format_money(amount)} credits → balance {format_money(deposit.new_balance)}{adjusted}{how}"
+
+    async def _set_budget(self, change: Change) -> str:
+        args = change.args
+        daily = Decimal(args["daily_cap"]) if "daily_cap" in args else None
+        monthly = Decimal(args["monthly_cap"]) if "monthly_cap" in args else None
+        threshold = Decimal(args["alert_threshold"])
+        await self.client.set_budget(change.agent_id, daily_cap=daily, monthly_cap=monthly, alert_threshold=threshold)
+        self.store.record_budget_write(
+            change.agent_id, BudgetWrite(daily_cap=daily, monthly_cap=monthly, alert_threshold=threshold)
+        )
+        return "budget set: " + ", ".join(f"{d.field} {d.before or 'none'} → {d.after}" for d in change.diff)

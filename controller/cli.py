@@ -1,0 +1,326 @@
+"""The ``finops`` command line. Exit codes are decided here and only here.
+
+0 success / no changes; 1 error (including any failed agent or refused plan); 2 changes
+present (``plan --detailed-exitcode``), as Terraform does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from controller.apply import Applier, ApplyResult
+from controller.errors import ConfigError, FinopsError, GuardrailViolation, ManifestError, StalePlanError
+from controller.gateway.client import GatewayClient
+from controller.keysink import DirectoryKeySink
+from controller.manifest.loader import load_manifests
+from controller.manifest.schema import manifest_json_schema
+from controller.observe import observe
+from controller.plan import Memory, Plan, changes_equal, make_plan, plan_from_dict, plan_to_dict
+from controller.render import RENDERERS, render_apply_text, render_text
+from controller.state import StateStore
+from controller.target import Target, open_target
+from policies.spec import DesiredState
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CHANGES = 2
+DEFAULT_PATH = "manifests"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _target_options(fn: F) -> F:
+    """Options shared by every command that talks to a gateway."""
+    options = [
+        click.option(
+            "--gateway",
+            envvar="GREENHELIX_URL",
+            default=None,
+            metavar="URL",
+            help="Gateway base URL (env GREENHELIX_URL). Unset: the embedded sandbox.",
+        ),
+        click.option(
+            "--api-key-file",
+            envvar="GREENHELIX_API_KEY_FILE",
+            default=None,
+            metavar="FILE",
+            help="File holding the admin API key (env GREENHELIX_API_KEY_FILE; or GREENHELIX_API_KEY).",
+        ),
+        click.option(
+            "--state-dir",
+            envvar="FINOPS_STATE_DIR",
+            default=".finops",
+            show_default=True,
+            type=click.Path(path_type=Path),
+            help="Where finops keeps its state (env FINOPS_STATE_DIR).",
+        ),
+        click.option(
+            "--secrets-dir",
+            envvar="FINOPS_SECRETS_DIR",
+            default=None,
+            type=click.Path(path_type=Path),
+            help="Directory for agents' keys, one 0600 file each (default STATE_DIR/secrets/TARGET).",
+        ),
+        click.option(
+            "--concurrency",
+            default=32,
+            show_default=True,
+            type=click.IntRange(1, 512),
+            help="Maximum gateway requests in flight.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _err(message: str) -> None:
+    click.echo(click.style("Error: ", fg="red", bold=True) + message, err=True)
+
+
+def _run(fn: Callable[[], int]) -> None:
+    """Map user-facing errors to exit code 1 with a one-line message, never a traceback."""
+    try:
+        code = fn()
+    except ManifestError as exc:
+        for issue in exc.issues:
+            click.echo(str(issue), err=True)
+        _err(f"{len(exc.issues)} manifest error(s); nothing was planned or applied.")
+        code = EXIT_ERROR
+    except FinopsError as exc:
+        _err(str(exc))
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        _err("interrupted")
+        code = 130
+    sys.exit(code)
+
+
+def _load(path: str) -> DesiredState:
+    if not Path(path).exists():
+        raise ConfigError(f"manifest path {path!r} does not exist")
+    return load_manifests(path)
+
+
+async def _plan(desired: DesiredState, target: Target, store: StateStore, concurrency: int) -> Plan:
+    async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
+        live = await observe(client, desired, target=target.name)
+    return make_plan(desired, live, Memory(budget_writes=store.budget_writes()))
+
+
+def _banner(target: Target, fmt: str) -> None:
+    click.echo(target.banner(), err=fmt != "text")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="finops")
+def cli() -> None:
+    """finops: keep an AI-agent fleet's spending equal to what is committed in git."""
+
+
+@cli.command()
+@click.argument("path", default=DEFAULT_PATH, required=False)
+def validate(path: str) -> None:
+    """Check manifests offline: every error with file, line and field."""
+
+    def run() -> int:
+        desired = _load(path)
+        agents = len(desired.agents())
+        click.echo(f"OK: {len(desired.fleets)} fleet(s), {agents} agent(s) in {path}")
+        return EXIT_OK
+
+    _run(run)
+
+
+@cli.command()
+def schema() -> None:
+    """Print the manifest JSON Schema (for editors and CI linters)."""
+    click.echo(json.dumps(manifest_json_schema(), indent=2))
+
+
+@cli.command()
+@click.argument("path", default=DEFAULT_PATH, required=False)
+@click.option("--format", "fmt", type=click.Choice(sorted(RENDERERS)), default="text", show_default=True)
+@click.option(
+    "--detailed-exitcode", is_flag=True, help="Exit 0 when converged, 2 when changes are pending, 1 on error."
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also save the plan to FILE for `finops apply --plan FILE`.",
+)
+@_target_options
+def plan(
+    path: str,
+    fmt: str,
+    detailed_exitcode: bool,
+    out: Path | None,
+    gateway: str | None,
+    api_key_file: str | None,
+    state_dir: Path,
+    secrets_dir: Path | None,
+    concurrency: int,
+) -> None:
+    """Show what apply would change (reads only)."""
+
+    def run() -> int:
+        desired = _load(path)
+        with open_target(gateway, api_key_file=api_key_file, state_dir=state_dir) as target:
+            _banner(target, fmt)
+            store = StateStore(target.state_file)
+            try:
+                result = asyncio.run(_plan(desired, target, store, concurrency))
+            finally:
+                store.close()
+        if fmt == "text":
+            click.echo(render_text(result, click.style))
+        else:
+            click.echo(RENDERERS[fmt](result))
+        if out is not None:
+            out.write_text(json.dumps(plan_to_dict(result), indent=2) + "\n", encoding="utf-8")
+            click.echo(f"finops: plan saved to {out}", err=True)
+        if result.errors or result.violations:
+            return EXIT_ERROR
+        if detailed_exitcode and not result.empty:
+            return EXIT_CHANGES
+        return EXIT_OK
+
+    _run(run)
+
+
+async def _apply(
+    desired: DesiredState,
+    target: Target,
+    store: StateStore,
+    sink: DirectoryKeySink,
+    saved: Plan | None,
+    auto_approve: bool,
+    fmt: str,
+    concurrency: int,
+) -> tuple[Plan, ApplyResult | None]:
+    async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
+        live = await observe(client, desired, target=target.name)
+        fresh = make_plan(desired, live, Memory(budget_writes=store.budget_writes()))
+        if saved is not None:
+            if saved.target != target.name:
+                raise StalePlanError(f"the saved plan was made for {saved.target!r}, not {target.name!r}")
+            if saved.basis != fresh.basis or not changes_equal(saved.changes, fresh.changes):
+                raise StalePlanError(
+                    "the live gateway (or the manifests) changed since the plan was saved; "
+                    "run `finops plan --out FILE` again and review it"
+                )
+        chosen = saved or fresh
+        if chosen.errors:
+            raise FinopsError(
+                "some agents could not be observed; nothing was applied:\n  " + "\n  ".join(chosen.errors)
+            )
+        if chosen.violations:
+            raise GuardrailViolation(
+                "the plan breaks a guardrail; nothing was applied:\n  " + "\n  ".join(str(v) for v in chosen.violations)
+            )
+        if fmt == "text":
+            click.echo(render_text(chosen, click.style))
+        if chosen.empty:
+            return chosen, None
+        if not auto_approve:
+            if not sys.stdin.isatty():
+                raise ConfigError("refusing to apply without confirmation: pass --auto-approve in scripts and CI")
+            answer = click.prompt("Apply these changes? Only 'yes' is accepted", default="", show_default=False)
+            if answer.strip() != "yes":
+                raise FinopsError("apply cancelled; nothing was changed")
+        started = time.time()
+        result = await Applier(client, store, sink).apply(chosen)
+        store.log_apply(started, result.ok, {"changes": len(chosen.changes), "writes": result.writes})
+        return chosen, result
+
+
+@cli.command()
+@click.argument("path", default=DEFAULT_PATH, required=False)
+@click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--plan",
+    "plan_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Apply a plan saved with `plan --out`; refused if the gateway moved since.",
+)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@_target_options
+def apply(
+    path: str,
+    auto_approve: bool,
+    plan_file: Path | None,
+    fmt: str,
+    gateway: str | None,
+    api_key_file: str | None,
+    state_dir: Path,
+    secrets_dir: Path | None,
+    concurrency: int,
+) -> None:
+    """Make the live fleet match the manifests; continues past one agent's failure."""
+
+    def run() -> int:
+        desired = _load(path)
+        saved = None
+        if plan_file is not None:
+            try:
+                saved = plan_from_dict(json.loads(plan_file.read_text(encoding="utf-8")))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"{plan_file} is not a finops plan file: {exc}") from None
+        with open_target(gateway, api_key_file=api_key_file, state_dir=state_dir) as target:
+            _banner(target, fmt)
+            store = StateStore(target.state_file)
+            sink = DirectoryKeySink(target.secrets_dir(secrets_dir))
+            try:
+                chosen, result = asyncio.run(
+                    _apply(desired, target, store, sink, saved, auto_approve, fmt, concurrency)
+                )
+            finally:
+                store.close()
+        if fmt == "json":
+            click.echo(
+                json.dumps({"plan": plan_to_dict(chosen), "result": result.to_dict() if result else None}, indent=2)
+            )
+        elif result is not None:
+            click.echo(render_apply_text(result, click.style))
+        return EXIT_OK if result is None or result.ok else EXIT_ERROR
+
+    _run(run)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option(
+    "--db", "db", type=click.Path(path_type=Path), default=Path(".finops/sandbox/gateway.db"), show_default=True
+)
+@click.option(
+    "--admin-key-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the admin key is written (0600). Default: next to the database.",
+)
+def sandbox(host: str, port: int, db: Path, admin_key_file: Path | None) -> None:
+    """Run the gateway-compatible sandbox in the foreground."""
+    from controller.sandbox.server import serve
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    serve(host, port, db, admin_key_file or db.parent / "admin.key")
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

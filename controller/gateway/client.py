@@ -1,0 +1,481 @@
+"""The one network seam: every HTTP call finops makes to a gateway goes through here.
+
+``GatewayClient`` owns paths, auth, retries, idempotency keys and error mapping; callers
+speak in domain terms (``client.deposit(agent, amount, key)``). Tests and fault injection
+swap the httpx transport, never this code.
+
+Retry rules follow what is safe on GreenHelix 1.4.8 (API.md §9, §11):
+- reads and the budget PUT (a full-replace upsert) are retried on 429, 5xx and transport
+  errors, with exponential backoff and jitter (honouring ``Retry-After`` when present);
+- non-idempotent writes are retried only when the request provably did not run (connect
+  failure, 429); any other failure is an *unknown outcome*;
+- a deposit with an unknown outcome is resolved by looking its ``Idempotency-Key`` up in
+  the wallet's ledger before retrying with the same key, because the gateway's key is a
+  weak, global ledger key (concurrent duplicates move money N times).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from decimal import Decimal
+from typing import Any, Self
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from controller.gateway.errors import (
+    GatewayError,
+    NotAdmin,
+    NotFound,
+    ProtocolViolation,
+    RateLimited,
+    ServerError,
+    UnknownOutcome,
+    Unreachable,
+    error_class,
+)
+from controller.gateway.models import (
+    BudgetStatus,
+    DepositResult,
+    KeyRecord,
+    Registration,
+    Transaction,
+)
+from policies.money import format_money, from_gateway_number
+
+MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+"""Larger answers are refused: no legitimate response we read comes close."""
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def _problem_code(body: Mapping[str, Any]) -> str:
+    """The gateway has no machine code field; derive it from ``type``'s last segment."""
+    type_ = body.get("type")
+    if isinstance(type_, str) and type_:
+        return type_.rstrip("/").rsplit("/", 1)[-1]
+    code = body.get("code")  # batch-style and the rotate 428 body
+    return str(code) if code else ""
+
+
+class _Retryable(Exception):
+    """Internal marker so tenacity retries exactly what our rules call safe."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class GatewayClient:
+    """Async client for the GreenHelix gateway REST API, used with an admin key."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 10.0,
+        max_attempts: int = 5,
+        concurrency: int = 32,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 10.0,
+        settle_delays: Sequence[float] = (0.1, 0.5, 1.5),
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            transport=transport,
+            timeout=timeout,
+            headers={"Authorization": f"Bearer {api_key}", "User-Agent": "finops/0.1"},
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        )
+        self._max_attempts = max_attempts
+        self._wait = wait_exponential_jitter(initial=backoff_initial, max=backoff_max)
+        self._backoff_max = backoff_max
+        self._settle_delays = tuple(settle_delays)
+        self._sleep = sleep
+        self._slots = asyncio.Semaphore(concurrency)
+        self.calls: Counter[str] = Counter()
+        """Requests actually sent, by ``"read"``/``"write"``: lets callers prove idempotence."""
+
+    def __repr__(self) -> str:
+        return f"GatewayClient({self.base_url!r})"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _wait_for(self, state: RetryCallState) -> float:
+        outcome = state.outcome
+        exc = outcome.exception() if outcome is not None else None
+        if isinstance(exc, _Retryable) and exc.error.retry_after is not None:
+            return min(max(exc.error.retry_after, 0.0), self._backoff_max)
+        return float(self._wait(state))
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        auth: bool = True,
+    ) -> httpx.Response:
+        """Send once; map transport failures to ``Unreachable`` (never sent) or
+        ``UnknownOutcome`` (may have run)."""
+        req_headers = dict(headers or {})
+        content = json.dumps(body).encode() if body is not None else None
+        if content is not None:
+            req_headers["Content-Type"] = "application/json"
+        self.calls["read" if method == "GET" else "write"] += 1
+        try:
+            async with self._slots:
+                request = self._http.build_request(method, path, content=content, params=params, headers=req_headers)
+                if not auth:
+                    request.headers.pop("Authorization", None)
+                return await self._http.send(request)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise Unreachable(f"cannot reach {self.base_url}: {type(exc).__name__}", method=method, path=path) from None
+        except httpx.TransportError as exc:
+            raise UnknownOutcome(f"no usable response ({type(exc).__name__})", method=method, path=path) from None
+
+    def _raise_for(self, method: str, path: str, resp: httpx.Response) -> None:
+        if resp.status_code < 400:
+            return
+        code = ""
+        detail = resp.reason_phrase or "error"
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            code = _problem_code(data)
+            raw_detail = data.get("detail") or data.get("message") or data.get("title")
+            if isinstance(raw_detail, str) and raw_detail:
+                detail = raw_detail[:500]
+        retry_after: float | None = None
+        if "retry-after" in resp.headers:
+            try:
+                retry_after = float(resp.headers["retry-after"])
+            except ValueError:
+                retry_after = None
+        cls = error_class(resp.status_code, code)
+        raise cls(
+            detail,
+            status=resp.status_code,
+            code=code,
+            method=method,
+            path=path,
+            retry_after=retry_after,
+        )
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        auth: bool = True,
+        safe: bool,
+    ) -> Any:
+        """One logical call with retries; returns the decoded JSON body.
+
+        ``safe`` marks requests that can be repeated without effect (reads, full-replace
+        PUTs). Unsafe ones are repeated only after failures that prove nothing ran.
+        """
+
+        def retryable(exc: BaseException) -> bool:
+            return isinstance(exc, _Retryable)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(retryable),
+            stop=stop_after_attempt(self._max_attempts),
+            wait=self._wait_for,
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    try:
+                        resp = await self._send(method, path, body=body, params=params, headers=headers, auth=auth)
+                        self._raise_for(method, path, resp)
+                    except (RateLimited, Unreachable) as exc:
+                        raise _Retryable(exc) from None
+                    except (ServerError, UnknownOutcome) as exc:
+                        if safe:
+                            raise _Retryable(exc) from None
+                        raise
+                    return self._decode(method, path, resp)
+        except _Retryable as exc:
+            raise exc.error from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _decode(self, method: str, path: str, resp: httpx.Response) -> Any:
+        if len(resp.content) > MAX_RESPONSE_BYTES:
+            raise ProtocolViolation(
+                f"response of {len(resp.content)} bytes exceeds {MAX_RESPONSE_BYTES}",
+                status=resp.status_code,
+                method=method,
+                path=path,
+            )
+        try:
+            data = resp.json()
+        except ValueError:
+            raise ProtocolViolation(
+                "response is not valid JSON", status=resp.status_code, method=method, path=path
+            ) from None
+        if not isinstance(data, dict):
+            raise ProtocolViolation("response is not a JSON object", status=resp.status_code, method=method, path=path)
+        return data
+
+    @staticmethod
+    def _field(data: Mapping[str, Any], name: str, method: str, path: str) -> Any:
+        if name not in data:
+            raise ProtocolViolation(f"response lacks field {name!r}", method=method, path=path)
+        return data[name]
+
+    def _money(self, data: Mapping[str, Any], name: str, method: str, path: str) -> Decimal:
+        try:
+            return from_gateway_number(self._field(data, name, method, path))
+        except ValueError as exc:
+            raise ProtocolViolation(f"field {name!r}: {exc}", method=method, path=path) from None
+
+    def _optional_money(self, data: Mapping[str, Any], name: str, method: str, path: str) -> Decimal | None:
+        if data.get(name) is None:
+            return None
+        return self._money(data, name, method, path)
+
+    @staticmethod
+    def _wallet_path(agent_id: str, suffix: str) -> str:
+        return f"/v1/billing/wallets/{agent_id}/{suffix}"
+
+    # ------------------------------------------------------------------ identity
+
+    async def list_keys(self, agent_id: str | None = None) -> list[KeyRecord]:
+        """All API keys (admin only): the gateway's only fleet-wide view of agents."""
+        path = "/v1/infra/keys"
+        params = {"agent_id": agent_id} if agent_id else None
+        try:
+            data = await self._call("GET", path, params=params, safe=True)
+        except NotAdmin:
+            raise NotAdmin(
+                "the configured API key is not admin-scoped; finops needs a key with the "
+                "'admin' scope to manage other agents' wallets and caps",
+                status=403,
+                code="forbidden-admin-only",
+                method="GET",
+                path=path,
+            ) from None
+        rows = self._field(data, "keys", "GET", path)
+        if not isinstance(rows, list):
+            raise ProtocolViolation("'keys' is not a list", method="GET", path=path)
+        out: list[KeyRecord] = []
+        for row in rows:
+            if not isinstance(row, dict):
+                raise ProtocolViolation("key row is not an object", method="GET", path=path)
+            out.append(
+                KeyRecord(
+                    key_hash_prefix=str(self._field(row, "key_hash_prefix", "GET", path)),
+                    agent_id=str(self._field(row, "agent_id", "GET", path)),
+                    tier=str(row.get("tier", "")),
+                    scopes=tuple(str(s) for s in row.get("scopes") or ()),
+                    created_at=str(row.get("created_at", "")),
+                    revoked=bool(row.get("revoked", False)),
+                )
+            )
+        return out
+
+    async def exchange_rate(self, from_currency: str, to_currency: str) -> Decimal:
+        """Units of ``to_currency`` per unit of ``from_currency``, at full precision."""
+        if from_currency == to_currency:
+            return Decimal(1)
+        path = "/v1/billing/exchange-rates"
+        data = await self._call(
+            "GET", path, params={"from_currency": from_currency, "to_currency": to_currency}, safe=True
+        )
+        raw = self._field(data, "rate", "GET", path)
+        try:
+            rate = Decimal(str(raw))
+        except ArithmeticError:
+            raise ProtocolViolation(f"rate {raw!r} is not a number", method="GET", path=path) from None
+        if not rate.is_finite() or rate <= 0:
+            raise ProtocolViolation(f"rate {raw!r} is not positive", method="GET", path=path)
+        return rate
+
+    # ------------------------------------------------------------------ wallets
+
+    async def get_balance(self, agent_id: str) -> Decimal | None:
+        """Balance in credits, or ``None`` when the agent has no wallet (not registered)."""
+        path = self._wallet_path(agent_id, "balance")
+        try:
+            data = await self._call("GET", path, safe=True)
+        except NotFound:
+            return None
+        return self._money(data, "balance", "GET", path)
+
+    async def register(self, agent_id: str) -> Registration:
+        """Create an agent the only way that yields its own key (API.md §0.1).
+
+        Not idempotent and the key is shown once, so this is never retried blindly; an
+        unknown outcome is surfaced for the caller to resolve by re-observing.
+        """
+        path = "/v1/register"
+        data = await self._call("POST", path, body={"agent_id": agent_id}, auth=False, safe=False)
+        key = self._field(data, "api_key", "POST", path)
+        if not isinstance(key, str) or not key.startswith("a2a_"):
+            raise ProtocolViolation("register returned no usable api_key", method="POST", path=path)
+        return Registration(
+            agent_id=str(self._field(data, "agent_id", "POST", path)),
+            api_key=key,
+            tier=str(data.get("tier", "")),
+            balance=self._money(data, "balance", "POST", path),
+        )
+
+    async def deposit(
+        self, agent_id: str, amount: Decimal, idempotency_key: str, description: str = ""
+    ) -> DepositResult:
+        """Deposit exactly once per ``idempotency_key``.
+
+        After an unknown outcome (timeout, reset, 5xx, the gateway's 500 IntegrityError) the
+        ledger is searched for the key, waiting a little for an in-flight request to land,
+        before the same key is sent again; two requests with one key are never in flight.
+        """
+        path = self._wallet_path(agent_id, "deposit")
+        body = {"amount": format_money(amount), "currency": "CREDITS", "description": description}
+        last: GatewayError | None = None
+        for attempt in range(self._max_attempts):
+            if attempt:
+                await self._sleep(min(self._backoff_max, 0.2 * 2**attempt))
+            try:
+                data = await self._call(
+                    "POST", path, body=body, headers={"Idempotency-Key": idempotency_key}, safe=False
+                )
+            except (UnknownOutcome, ServerError) as exc:
+                last = exc
+                tx = await self._settle_and_find(agent_id, idempotency_key)
+                if tx is not None:
+                    balance = await self.get_balance(agent_id)
+                    if balance is None:
+                        raise NotFound(f"wallet of {agent_id} vanished", method="GET", path=path) from None
+                    return DepositResult(new_balance=balance, transaction_id=tx.id, recovered=True)
+                continue
+            tx_id = data.get("transaction_id")
+            return DepositResult(
+                new_balance=self._money(data, "new_balance", "POST", path),
+                transaction_id=int(tx_id) if isinstance(tx_id, int) else None,
+            )
+        raise UnknownOutcome(
+            f"deposit of {format_money(amount)} credits to {agent_id} did not complete after "
+            f"{self._max_attempts} attempts and no ledger entry carries its idempotency key "
+            f"({last})",
+            method="POST",
+            path=path,
+        )
+
+    async def _settle_and_find(self, agent_id: str, idempotency_key: str) -> Transaction | None:
+        for delay in self._settle_delays:
+            await self._sleep(delay)
+            try:
+                tx = await self.find_transaction(agent_id, idempotency_key)
+            except GatewayError:
+                continue
+            if tx is not None:
+                return tx
+        return None
+
+    async def transactions(self, agent_id: str, *, limit: int = 100, offset: int = 0) -> list[Transaction]:
+        """One page of the ledger, newest first."""
+        path = self._wallet_path(agent_id, "transactions")
+        data = await self._call("GET", path, params={"limit": limit, "offset": offset}, safe=True)
+        rows = self._field(data, "transactions", "GET", path)
+        if not isinstance(rows, list):
+            raise ProtocolViolation("'transactions' is not a list", method="GET", path=path)
+        out = []
+        for row in rows:
+            if not isinstance(row, dict) or not isinstance(row.get("id"), int):
+                raise ProtocolViolation("transaction row without an integer id", method="GET", path=path)
+            key = row.get("idempotency_key")
+            out.append(
+                Transaction(
+                    id=row["id"],
+                    amount=self._money(row, "amount", "GET", path),
+                    tx_type=str(row.get("tx_type") or row.get("type") or ""),
+                    idempotency_key=key if isinstance(key, str) else None,
+                    created_at=str(row.get("created_at", "")),
+                )
+            )
+        return out
+
+    async def latest_transaction_id(self, agent_id: str) -> int:
+        """Id of the newest ledger row (0 if none): the anchor for deposit keys."""
+        rows = await self.transactions(agent_id, limit=1)
+        return rows[0].id if rows else 0
+
+    async def find_transaction(
+        self, agent_id: str, idempotency_key: str, *, pages: int = 5, page_size: int = 100
+    ) -> Transaction | None:
+        """Search the newest ``pages`` ledger pages for a deposit's idempotency key."""
+        for page in range(pages):
+            rows = await self.transactions(agent_id, limit=page_size, offset=page * page_size)
+            for tx in rows:
+                if tx.idempotency_key == idempotency_key:
+                    return tx
+            if len(rows) < page_size:
+                return None
+        return None
+
+    # ------------------------------------------------------------------ budgets
+
+    async def get_budget(self, agent_id: str) -> BudgetStatus:
+        path = self._wallet_path(agent_id, "budget")
+        data = await self._call("GET", path, safe=True)
+        return BudgetStatus(
+            daily_cap=self._optional_money(data, "daily_cap", "GET", path),
+            monthly_cap=self._optional_money(data, "monthly_cap", "GET", path),
+            daily_spend=self._optional_money(data, "daily_spend", "GET", path) or Decimal("0.00"),
+            monthly_spend=self._optional_money(data, "monthly_spend", "GET", path) or Decimal("0.00"),
+            daily_pct=float(data.get("daily_pct") or 0),
+            monthly_pct=float(data.get("monthly_pct") or 0),
+            alert_triggered=bool(data.get("alert_triggered", False)),
+            cap_exceeded=bool(data.get("cap_exceeded", False)),
+        )
+
+    async def set_budget(
+        self,
+        agent_id: str,
+        *,
+        daily_cap: Decimal | None,
+        monthly_cap: Decimal | None,
+        alert_threshold: Decimal,
+    ) -> None:
+        """Full replace (API.md §4): all three fields are always sent together."""
+        path = self._wallet_path(agent_id, "budget")
+        body: dict[str, Any] = {
+            "daily_cap": format_money(daily_cap) if daily_cap is not None else None,
+            "monthly_cap": format_money(monthly_cap) if monthly_cap is not None else None,
+            "alert_threshold": float(alert_threshold),
+        }
+        await self._call("PUT", path, body=body, safe=True)

@@ -1,0 +1,71 @@
+"""Domain views of gateway responses.
+
+The gateway mixes 2-dp strings and JSON floats for money (API.md §0.12); everything is
+converted to ``Decimal`` cents here so no float ever leaves the client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """``GET .../budget``. Caps are ``None`` when unset; the gateway never returns
+    ``alert_threshold`` here, so it cannot be observed (finops remembers what it wrote)."""
+
+    daily_cap: Decimal | None
+    monthly_cap: Decimal | None
+    daily_spend: Decimal
+    monthly_spend: Decimal
+    daily_pct: float
+    monthly_pct: float
+    alert_triggered: bool
+    cap_exceeded: bool
+
+
+@dataclass(frozen=True)
+class Registration:
+    """``POST /v1/register``: the agent's only chance to get its own key (shown once)."""
+
+    agent_id: str
+    api_key: str
+    tier: str
+    balance: Decimal
+
+    def __repr__(self) -> str:  # keep the key out of reprs, logs and tracebacks
+        return f"Registration(agent_id={self.agent_id!r}, tier={self.tier!r}, balance={self.balance})"
+
+
+@dataclass(frozen=True)
+class DepositResult:
+    """A completed deposit. ``recovered`` is true when the result came from a ledger
+    look-up after an unknown outcome rather than from the deposit response itself."""
+
+    new_balance: Decimal
+    transaction_id: int | None
+    recovered: bool = False
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """A ledger row; ``idempotency_key`` is how lost deposit responses are recovered."""
+
+    id: int
+    amount: Decimal
+    tx_type: str
+    idempotency_key: str | None
+    created_at: str
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A row of ``GET /v1/infra/keys``; the only handle is the hash prefix."""
+
+    key_hash_prefix: str
+    agent_id: str
+    tier: str
+    scopes: tuple[str, ...]
+    created_at: str
+    revoked: bool

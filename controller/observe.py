@@ -1,0 +1,91 @@
+"""Observe the live gateway for every declared agent (the manifests are the inventory).
+
+Reads per agent on a converged fleet: balance and budget (2). The ledger anchor used for
+deposit idempotency keys is read only for agents that need a top-up, and the fleet-wide
+key listing (1 call) finds agents nobody declared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from controller.gateway.client import GatewayClient
+from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
+from controller.gateway.models import BudgetStatus, KeyRecord
+from policies.currency import CREDITS, to_credits
+from policies.funding import top_up_amount
+from policies.spec import AgentSpec, DesiredState
+
+NEW_WALLET_ANCHOR = "new"
+
+
+@dataclass(frozen=True)
+class LiveAgent:
+    """What the gateway shows for one agent. ``exists`` is false when it has no wallet."""
+
+    agent_id: str
+    exists: bool
+    balance: Decimal | None = None
+    budget: BudgetStatus | None = None
+    ledger_anchor: str | None = None
+    error: str | None = None
+    """Why this agent could not be observed; the planner skips it and reports it."""
+
+
+@dataclass(frozen=True)
+class LiveFleet:
+    """One observation of the gateway, the planner's only view of the world."""
+
+    target: str
+    agents: Mapping[str, LiveAgent]
+    rates: Mapping[str, Decimal]
+    """Credits per unit of each fleet currency."""
+    key_agents: frozenset[str] = frozenset()
+    """Every agent id that holds a key on the gateway."""
+    admin_agents: frozenset[str] = frozenset()
+    keys: tuple[KeyRecord, ...] = field(default=())
+
+
+async def observe_agent(client: GatewayClient, spec: AgentSpec, rate: Decimal) -> LiveAgent:
+    balance = await client.get_balance(spec.agent_id)
+    if balance is None:
+        return LiveAgent(agent_id=spec.agent_id, exists=False, ledger_anchor=NEW_WALLET_ANCHOR)
+    budget = await client.get_budget(spec.agent_id)
+    anchor: str | None = None
+    floor = to_credits(spec.funding_floor, rate)
+    target = to_credits(spec.funding_target, rate)
+    if top_up_amount(balance, floor, target) > 0:
+        anchor = str(await client.latest_transaction_id(spec.agent_id))
+    return LiveAgent(agent_id=spec.agent_id, exists=True, balance=balance, budget=budget, ledger_anchor=anchor)
+
+
+async def _observe_isolated(client: GatewayClient, spec: AgentSpec, rate: Decimal) -> LiveAgent:
+    """One agent's failure is that agent's problem; auth failures stop everything."""
+    try:
+        return await observe_agent(client, spec, rate)
+    except (AuthenticationFailed, NotAdmin):
+        raise
+    except GatewayError as exc:
+        return LiveAgent(agent_id=spec.agent_id, exists=False, error=str(exc))
+
+
+async def observe(client: GatewayClient, desired: DesiredState, *, target: str) -> LiveFleet:
+    """Read everything the planner needs; concurrency is bounded by the client."""
+    keys = await client.list_keys()  # also proves the key is admin-scoped, before anything else
+    currencies = sorted({f.currency for f in desired.fleets})
+    rates = {c: await client.exchange_rate(c, CREDITS) for c in currencies}
+    specs = desired.agents()
+    results = await asyncio.gather(
+        *(_observe_isolated(client, spec, rates[desired.fleet(spec.fleet).currency]) for spec in specs)
+    )
+    return LiveFleet(
+        target=target,
+        agents={a.agent_id: a for a in results},
+        rates=rates,
+        key_agents=frozenset(k.agent_id for k in keys),
+        admin_agents=frozenset(k.agent_id for k in keys if "admin" in k.scopes and not k.revoked),
+        keys=tuple(keys),
+    )

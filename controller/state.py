@@ -1,0 +1,208 @@
+"""finops' own durable memory, one SQLite file per gateway target.
+
+The gateway is the source of truth for everything it can show; this store holds only what
+it cannot: intents written *before* non-idempotent steps (so a crash is recovered by
+looking, not guessing), the budget ``alert_threshold`` finops last wrote (the gateway never
+returns it), and the fingerprints of keys finops stored. It never holds key material.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+Clock = Callable[[], float]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS budget_writes (
+    agent_id TEXT PRIMARY KEY,
+    daily_cap TEXT,
+    monthly_cap TEXT,
+    alert_threshold TEXT NOT NULL,
+    written_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS intents (
+    intent_key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS intents_open ON intents(status, kind);
+CREATE TABLE IF NOT EXISTS agent_keys (
+    agent_id TEXT PRIMARY KEY,
+    key_prefix TEXT NOT NULL,
+    source TEXT NOT NULL,
+    stored_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS apply_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    started_at REAL NOT NULL,
+    finished_at REAL NOT NULL,
+    ok INTEGER NOT NULL,
+    summary TEXT NOT NULL
+);
+"""
+
+PENDING = "pending"
+DONE = "done"
+ABANDONED = "abandoned"
+FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class BudgetWrite:
+    daily_cap: Decimal | None
+    monthly_cap: Decimal | None
+    alert_threshold: Decimal
+
+
+@dataclass(frozen=True)
+class Intent:
+    intent_key: str
+    kind: str
+    agent_id: str
+    payload: Mapping[str, Any]
+    status: str
+    detail: str
+    created_at: float
+
+
+def _dec(value: str | None) -> Decimal | None:
+    return Decimal(value) if value is not None else None
+
+
+class StateStore:
+    """Thread-safe access to the state database; every write commits immediately."""
+
+    def __init__(self, path: Path, *, clock: Clock = time.time) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- budgets ---------------------------------------------------------------
+
+    def budget_writes(self) -> dict[str, BudgetWrite]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT agent_id, daily_cap, monthly_cap, alert_threshold FROM budget_writes"
+            ).fetchall()
+        return {
+            r[0]: BudgetWrite(daily_cap=_dec(r[1]), monthly_cap=_dec(r[2]), alert_threshold=Decimal(r[3])) for r in rows
+        }
+
+    def record_budget_write(self, agent_id: str, write: BudgetWrite) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO budget_writes VALUES (?,?,?,?,?) ON CONFLICT(agent_id) DO UPDATE SET "
+                "daily_cap=excluded.daily_cap, monthly_cap=excluded.monthly_cap, "
+                "alert_threshold=excluded.alert_threshold, written_at=excluded.written_at",
+                (
+                    agent_id,
+                    str(write.daily_cap) if write.daily_cap is not None else None,
+                    str(write.monthly_cap) if write.monthly_cap is not None else None,
+                    str(write.alert_threshold),
+                    self._clock(),
+                ),
+            )
+
+    # -- intents ---------------------------------------------------------------
+
+    def begin_intent(self, intent_key: str, kind: str, agent_id: str, payload: Mapping[str, Any]) -> None:
+        """Record a non-idempotent step before it is attempted (re-attempts keep the row)."""
+        now = self._clock()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO intents VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(intent_key) DO UPDATE SET "
+                "status=excluded.status, updated_at=excluded.updated_at",
+                (intent_key, kind, agent_id, json.dumps(dict(payload), sort_keys=True), PENDING, "", now, now),
+            )
+
+    def finish_intent(self, intent_key: str, status: str, detail: str = "") -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE intents SET status=?, detail=?, updated_at=? WHERE intent_key=?",
+                (status, detail, self._clock(), intent_key),
+            )
+
+    def intents(self, *, status: str | None = None, kind: str | None = None) -> list[Intent]:
+        query = "SELECT intent_key, kind, agent_id, payload, status, detail, created_at FROM intents"
+        clauses, args = [], []
+        if status is not None:
+            clauses.append("status=?")
+            args.append(status)
+        if kind is not None:
+            clauses.append("kind=?")
+            args.append(kind)
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        query += " ORDER BY created_at"
+        with self._lock:
+            rows = self._db.execute(query, args).fetchall()
+        return [
+            Intent(
+                intent_key=r[0],
+                kind=r[1],
+                agent_id=r[2],
+                payload=json.loads(r[3]),
+                status=r[4],
+                detail=r[5],
+                created_at=r[6],
+            )
+            for r in rows
+        ]
+
+    # -- keys ------------------------------------------------------------------
+
+    def record_key(self, agent_id: str, key_prefix: str, source: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO agent_keys VALUES (?,?,?,?) ON CONFLICT(agent_id) DO UPDATE SET "
+                "key_prefix=excluded.key_prefix, source=excluded.source, stored_at=excluded.stored_at",
+                (agent_id, key_prefix, source, self._clock()),
+            )
+
+    def key_prefixes(self) -> dict[str, str]:
+        with self._lock:
+            rows = self._db.execute("SELECT agent_id, key_prefix FROM agent_keys").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    # -- history ---------------------------------------------------------------
+
+    def log_apply(self, started_at: float, ok: bool, summary: Mapping[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO apply_log (started_at, finished_at, ok, summary) VALUES (?,?,?,?)",
+                (started_at, self._clock(), int(ok), json.dumps(dict(summary), sort_keys=True)),
+            )

@@ -1,0 +1,64 @@
+"""Safety rules a plan must pass before anything is applied.
+
+Pure: the planner hands in what the plan would do, in the fleet's currency, and gets back
+every rule it breaks with the amount by which it breaks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+
+from policies.money import format_money
+
+
+@dataclass(frozen=True)
+class Violation:
+    rule: str
+    fleet: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.rule}] fleet {self.fleet}: {self.message}"
+
+
+def check_funding_ceiling(
+    fleet: str, currency: str, top_ups: Mapping[str, Decimal], ceiling: Decimal
+) -> list[Violation]:
+    """The total top-up of one run must not exceed the fleet's per-run funding ceiling."""
+    total = sum(top_ups.values(), Decimal("0.00"))
+    if total <= ceiling:
+        return []
+    return [
+        Violation(
+            rule="funding-ceiling",
+            fleet=fleet,
+            message=(
+                f"plan tops up {format_money(total)} {currency} across {len(top_ups)} agent(s), "
+                f"{format_money(total - ceiling)} {currency} over the per-run ceiling "
+                f"{format_money(ceiling)} {currency}"
+            ),
+        )
+    ]
+
+
+def check_caps_within_total(
+    fleet: str, currency: str, new_daily_caps: Iterable[tuple[str, Decimal]], daily_total: Decimal
+) -> list[Violation]:
+    """No cap the plan writes may exceed the fleet's daily budget total on its own."""
+    out = []
+    for agent_id, cap in new_daily_caps:
+        if cap > daily_total:
+            out.append(
+                Violation(
+                    rule="cap-over-fleet-total",
+                    fleet=fleet,
+                    message=(
+                        f"plan raises {agent_id}'s daily cap to {format_money(cap)} {currency}, "
+                        f"{format_money(cap - daily_total)} {currency} over the fleet daily total "
+                        f"{format_money(daily_total)} {currency}"
+                    ),
+                )
+            )
+    return out
