@@ -205,6 +205,7 @@ class Applier:
             key = deposit_idempotency_key(change.fleet, agent, str(anchor), amount)
             adjusted = f" (balance moved {format_money(expected)} → {format_money(balance)} since the plan)"
         self.store.begin_intent(key, "deposit", agent, {"amount": format_money(amount), "fleet": change.fleet})
+        self._hook("before_deposit", agent)
         deposit = await self.client.deposit(agent, amount, key, description="finops top-up")
         self._hook("after_deposit", agent)
         self.store.finish_intent(key, DONE, f"transaction {deposit.transaction_id}")

@@ -1,0 +1,414 @@
+"""Resolving fleet declarations (tiers, defaults, per-agent overrides) into desired state.
+
+This is the decision half of manifest loading: the controller parses YAML and validates its
+shape, then hands plain declarations to :func:`resolve`. Keeping the precedence rules and
+the budget arithmetic here, free of YAML and pydantic, lets property tests drive them with
+generated fleets and lets every caller (CLI, planner, tests) agree on one answer.
+
+Precedence, most specific first:
+
+* caps: agent override, else tier;
+* funding floor / target: agent field, else tier field, else fleet defaults field;
+* labels: fleet default labels overlaid with the agent's (the agent wins);
+* alert thresholds: agent override, else the fleet's.
+
+Problems are returned, never raised, so the loader can report all of them in one go.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping, Sequence, Set
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from policies.money import format_money
+from policies.spec import AgentSpec, DesiredState, FleetSpec, Source
+
+DEFAULT_THRESHOLDS: tuple[int, ...] = (75, 90, 100)
+
+
+@dataclass(frozen=True)
+class Issue:
+    """A resolution problem, located like the loader's schema errors (file, line, field)."""
+
+    file: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a declaration sits, so pure checks can point at a line without knowing YAML.
+
+    ``path`` is the declaration's dotted field path inside its document (``spec.agents[2]``);
+    ``lines`` maps field paths relative to it (``dailyCap``, ``funding.floor``) to the line
+    they were written on. A field that was not written falls back to the declaration's line,
+    which is where a user would add it.
+    """
+
+    file: str
+    path: str
+    line: int
+    lines: Mapping[str, int] = field(default_factory=dict, compare=False, hash=False)
+
+    def field_path(self, rel: str) -> str:
+        if not rel:
+            return self.path
+        if not self.path:
+            return rel
+        return f"{self.path}.{rel}"
+
+    def issue(self, rel: str, message: str) -> Issue:
+        return Issue(self.file, self.lines.get(rel, self.line), self.field_path(rel), message)
+
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class FundingDecl:
+    """A possibly partial funding declaration; ``None`` means "inherit"."""
+
+    floor: Decimal | None = None
+    target: Decimal | None = None
+
+
+@dataclass(frozen=True)
+class TierDecl:
+    """A role's caps and funding as declared under ``spec.tiers``."""
+
+    name: str
+    daily_cap: Decimal
+    monthly_cap: Decimal
+    funding: FundingDecl = FundingDecl()
+    origin: Origin = Origin("", "", 0)
+
+
+@dataclass(frozen=True)
+class AgentDecl:
+    """One agent as written, before inheritance; ``None`` fields inherit."""
+
+    agent_id: str
+    tier: str
+    daily_cap: Decimal | None = None
+    monthly_cap: Decimal | None = None
+    funding: FundingDecl = FundingDecl()
+    thresholds: tuple[int, ...] | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    origin: Origin = Origin("", "", 0)
+
+
+@dataclass(frozen=True)
+class FleetDecl:
+    """A Fleet document: totals, defaults, tiers and the agents declared inline."""
+
+    name: str
+    currency: str
+    daily_total: Decimal
+    funding_ceiling: Decimal
+    tiers: Mapping[str, TierDecl]
+    agents: tuple[AgentDecl, ...] = ()
+    thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS
+    default_funding: FundingDecl = FundingDecl()
+    default_labels: Mapping[str, str] = field(default_factory=dict)
+    origin: Origin = Origin("", "", 0)
+
+
+@dataclass(frozen=True)
+class GroupDecl:
+    """An AgentGroup document: more agents for a fleet declared elsewhere."""
+
+    name: str
+    fleet: str
+    agents: tuple[AgentDecl, ...]
+    origin: Origin = Origin("", "", 0)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The outcome of :func:`resolve`. ``state`` holds only what resolved cleanly and must
+    not be acted on unless ``issues`` is empty."""
+
+    state: DesiredState
+    issues: tuple[Issue, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.issues
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
+    """The closest candidate, so an error can suggest the fix for a typo."""
+    options = list(candidates)
+    lowered = {c.lower(): c for c in options}
+    if word.lower() in lowered:
+        return lowered[word.lower()]
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _money(value: Decimal) -> str:
+    return format_money(value)
+
+
+def _pick(
+    agent_value: Decimal | None,
+    tier_value: Decimal | None,
+    default_value: Decimal | None,
+    tier_name: str,
+) -> tuple[Decimal | None, str]:
+    """The effective value and a phrase saying which level supplied it (for messages)."""
+    if agent_value is not None:
+        return agent_value, "the agent"
+    if tier_value is not None:
+        return tier_value, f"tier '{tier_name}'"
+    if default_value is not None:
+        return default_value, "spec.defaults"
+    return None, ""
+
+
+def check_tier(fleet: FleetDecl, tier: TierDecl) -> list[Issue]:
+    """Problems a tier has on its own, reported once at the tier rather than per agent."""
+    issues: list[Issue] = []
+    if tier.daily_cap > fleet.daily_total:
+        issues.append(
+            tier.origin.issue(
+                "dailyCap",
+                f"dailyCap {_money(tier.daily_cap)} exceeds the fleet's dailyBudgetTotal "
+                f"{_money(fleet.daily_total)}",
+            )
+        )
+    if tier.monthly_cap < tier.daily_cap:
+        issues.append(
+            tier.origin.issue(
+                "monthlyCap",
+                f"monthlyCap {_money(tier.monthly_cap)} is below dailyCap {_money(tier.daily_cap)}",
+            )
+        )
+    floor = tier.funding.floor if tier.funding.floor is not None else fleet.default_funding.floor
+    target = tier.funding.target if tier.funding.target is not None else fleet.default_funding.target
+    touched = tier.funding.floor is not None or tier.funding.target is not None
+    if touched and floor is not None and target is not None and floor > target:
+        rel = "funding.floor" if tier.funding.floor is not None else "funding.target"
+        issues.append(
+            tier.origin.issue(rel, f"funding floor {_money(floor)} is above funding target {_money(target)}")
+        )
+    return issues
+
+
+def check_defaults(fleet: FleetDecl) -> list[Issue]:
+    """Fleet-wide defaults that contradict themselves, reported once at spec.defaults."""
+    floor, target = fleet.default_funding.floor, fleet.default_funding.target
+    if floor is not None and target is not None and floor > target:
+        return [
+            fleet.origin.issue(
+                "spec.defaults.funding.floor",
+                f"funding floor {_money(floor)} is above funding target {_money(target)}",
+            )
+        ]
+    return []
+
+
+def resolve_agent(fleet: FleetDecl, agent: AgentDecl) -> tuple[AgentSpec | None, list[Issue]]:
+    """Apply the precedence rules to one agent.
+
+    Only problems that involve the agent's own overrides (or a value nothing supplied) are
+    reported here; a tier or defaults problem is reported once by :func:`check_tier` or
+    :func:`check_defaults` instead of once per agent that inherits it.
+    """
+    origin = agent.origin
+    tier = fleet.tiers.get(agent.tier)
+    if tier is None:
+        hint = did_you_mean(agent.tier, fleet.tiers)
+        suggestion = f"; did you mean '{hint}'?" if hint else ""
+        declared = ", ".join(sorted(fleet.tiers)) or "none"
+        return None, [
+            origin.issue(
+                "tier",
+                f"unknown tier '{agent.tier}' in fleet '{fleet.name}'{suggestion} (declared tiers: {declared})",
+            )
+        ]
+
+    issues: list[Issue] = []
+    daily = agent.daily_cap if agent.daily_cap is not None else tier.daily_cap
+    monthly = agent.monthly_cap if agent.monthly_cap is not None else tier.monthly_cap
+    if agent.daily_cap is not None and agent.daily_cap > fleet.daily_total:
+        issues.append(
+            origin.issue(
+                "dailyCap",
+                f"dailyCap {_money(daily)} exceeds the fleet's dailyBudgetTotal {_money(fleet.daily_total)}",
+            )
+        )
+    if (agent.daily_cap is not None or agent.monthly_cap is not None) and monthly < daily:
+        rel = "monthlyCap" if agent.monthly_cap is not None else "dailyCap"
+        issues.append(
+            origin.issue(rel, f"monthlyCap {_money(monthly)} is below dailyCap {_money(daily)}")
+        )
+
+    floor, floor_from = _pick(
+        agent.funding.floor, tier.funding.floor, fleet.default_funding.floor, tier.name
+    )
+    target, target_from = _pick(
+        agent.funding.target, tier.funding.target, fleet.default_funding.target, tier.name
+    )
+    for name, value in (("floor", floor), ("target", target)):
+        if value is None:
+            issues.append(
+                Issue(
+                    origin.file,
+                    origin.line,
+                    origin.field_path(f"funding.{name}"),
+                    f"funding {name} is not set for agent '{agent.agent_id}': set it on the agent, "
+                    f"on tier '{tier.name}' or in spec.defaults.funding",
+                )
+            )
+    agent_touched = agent.funding.floor is not None or agent.funding.target is not None
+    if agent_touched and floor is not None and target is not None and floor > target:
+        rel = "funding.floor" if agent.funding.floor is not None else "funding.target"
+        issues.append(
+            origin.issue(
+                rel,
+                f"funding floor {_money(floor)} (from {floor_from}) is above funding target "
+                f"{_money(target)} (from {target_from})",
+            )
+        )
+    if issues or floor is None or target is None:
+        return None, issues
+
+    labels = {**fleet.default_labels, **agent.labels}
+    thresholds = agent.thresholds if agent.thresholds is not None else fleet.thresholds
+    return (
+        AgentSpec(
+            agent_id=agent.agent_id,
+            fleet=fleet.name,
+            tier=tier.name,
+            daily_cap=daily,
+            monthly_cap=monthly,
+            funding_floor=floor,
+            funding_target=target,
+            alert_thresholds=tuple(thresholds),
+            labels=labels,
+            source=Source(origin.file, origin.line),
+        ),
+        [],
+    )
+
+
+def resolve(
+    fleets: Sequence[FleetDecl],
+    groups: Sequence[GroupDecl] = (),
+    *,
+    unchecked_fleets: Set[str] = frozenset(),
+    complete: bool = True,
+) -> Resolution:
+    """Resolve every fleet and agent group, collecting every problem.
+
+    ``unchecked_fleets`` names fleets whose document exists but failed schema validation, and
+    ``complete=False`` says some file could not be parsed at all. In both cases an AgentGroup
+    pointing at a fleet we cannot see may well be right, so it is not reported as unknown
+    (its agent ids still take part in the global uniqueness check).
+    """
+    issues: list[Issue] = []
+    by_name: dict[str, FleetDecl] = {}
+    for fleet in fleets:
+        first = by_name.get(fleet.name)
+        if first is not None:
+            issues.append(
+                fleet.origin.issue(
+                    "metadata.name",
+                    f"duplicate fleet name '{fleet.name}': already declared at {first.origin.where()}",
+                )
+            )
+            continue
+        by_name[fleet.name] = fleet
+
+    # Agents grouped under the fleet they belong to, in declaration order.
+    members: dict[str, list[AgentDecl]] = {name: list(f.agents) for name, f in by_name.items()}
+    seen_groups: dict[str, GroupDecl] = {}
+    orphans: list[AgentDecl] = []
+    for group in groups:
+        first_group = seen_groups.get(group.name)
+        if first_group is not None:
+            issues.append(
+                group.origin.issue(
+                    "metadata.name",
+                    f"duplicate AgentGroup name '{group.name}': already declared at "
+                    f"{first_group.origin.where()}",
+                )
+            )
+        else:
+            seen_groups[group.name] = group
+        if group.fleet in members:
+            members[group.fleet].extend(group.agents)
+            continue
+        orphans.extend(group.agents)
+        if group.fleet in unchecked_fleets or not complete:
+            continue
+        hint = did_you_mean(group.fleet, by_name)
+        suggestion = f"; did you mean '{hint}'?" if hint else ""
+        declared = ", ".join(sorted(by_name)) or "none"
+        issues.append(
+            group.origin.issue(
+                "spec.fleet",
+                f"unknown fleet '{group.fleet}'{suggestion} (declared fleets: {declared})",
+            )
+        )
+
+    # Agent ids are global on the gateway, so uniqueness spans every fleet and file.
+    first_seen: dict[str, AgentDecl] = {}
+    duplicates: set[int] = set()
+    all_agents = [a for name in by_name for a in members[name]] + orphans
+    for agent in sorted(all_agents, key=lambda a: (a.origin.file, a.origin.line)):
+        first_agent = first_seen.get(agent.agent_id)
+        if first_agent is None:
+            first_seen[agent.agent_id] = agent
+            continue
+        duplicates.add(id(agent))
+        issues.append(
+            agent.origin.issue(
+                "id",
+                f"duplicate agent id '{agent.agent_id}': already declared at {first_agent.origin.where()} "
+                "(agent ids are global on the gateway, across all fleets)",
+            )
+        )
+
+    resolved: list[FleetSpec] = []
+    for name, fleet in by_name.items():
+        issues.extend(check_defaults(fleet))
+        for tier in fleet.tiers.values():
+            issues.extend(check_tier(fleet, tier))
+        specs: list[AgentSpec] = []
+        for agent in members[name]:
+            if id(agent) in duplicates:
+                continue
+            spec, problems = resolve_agent(fleet, agent)
+            issues.extend(problems)
+            if spec is not None:
+                specs.append(spec)
+        total = sum((s.daily_cap for s in specs), Decimal("0.00"))
+        if total > fleet.daily_total:
+            issues.append(
+                fleet.origin.issue(
+                    "spec.dailyBudgetTotal",
+                    f"agents' daily caps sum to {_money(total)} {fleet.currency}, "
+                    f"{_money(total - fleet.daily_total)} over dailyBudgetTotal {_money(fleet.daily_total)}",
+                )
+            )
+        resolved.append(
+            FleetSpec(
+                name=fleet.name,
+                currency=fleet.currency,
+                daily_total=fleet.daily_total,
+                funding_ceiling=fleet.funding_ceiling,
+                agents=tuple(specs),
+                source=Source(fleet.origin.file, fleet.origin.line),
+            )
+        )
+
+    unique = list(dict.fromkeys(issues))
+    return Resolution(DesiredState(tuple(resolved)), tuple(unique))

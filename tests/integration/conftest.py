@@ -1,0 +1,93 @@
+"""Shared fixtures: a real sandbox on 127.0.0.1, real HTTP, real SQLite."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from controller.apply import Applier, ApplyResult, FaultHook
+from controller.gateway.client import GatewayClient
+from controller.keysink import DirectoryKeySink
+from controller.manifest.loader import load_manifests
+from controller.observe import observe
+from controller.plan import Memory, Plan, make_plan
+from controller.sandbox.server import SandboxServer
+from controller.state import StateStore
+from policies.spec import DesiredState
+
+REPO = Path(__file__).resolve().parents[2]
+CANONICAL = REPO / "manifests"
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[SandboxServer]:
+    with SandboxServer(db_path=tmp_path / "gateway.db", admin_key_file=tmp_path / "admin.key") as server:
+        yield server
+
+
+@pytest.fixture
+def manifests_dir(tmp_path: Path) -> Path:
+    """A private copy of the canonical fleet that a test may edit."""
+    target = tmp_path / "manifests"
+    shutil.copytree(CANONICAL, target)
+    return target
+
+
+@dataclass
+class Harness:
+    """The controller's real parts wired to a sandbox, as the CLI wires them."""
+
+    sandbox: SandboxServer
+    store: StateStore
+    sink: DirectoryKeySink
+
+    def client(self, transport: httpx.AsyncBaseTransport | None = None, **kw: Any) -> GatewayClient:
+        kw.setdefault("settle_delays", (0.0, 0.05, 0.2))
+        kw.setdefault("backoff_initial", 0.01)
+        kw.setdefault("backoff_max", 0.05)
+        return GatewayClient(self.sandbox.url, self.sandbox.admin_key, transport=transport, **kw)
+
+    async def plan(self, desired: DesiredState) -> Plan:
+        async with self.client() as client:
+            live = await observe(client, desired, target="sandbox")
+        return make_plan(desired, live, Memory(budget_writes=self.store.budget_writes()))
+
+    async def apply(
+        self,
+        plan: Plan,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        fault_hook: FaultHook | None = None,
+    ) -> ApplyResult:
+        async with self.client(transport) as client:
+            return await Applier(client, self.store, self.sink, fault_hook=fault_hook).apply(plan)
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(base_url=self.sandbox.url, headers={"Authorization": f"Bearer {self.sandbox.admin_key}"})
+
+    def stats(self) -> dict[str, Any]:
+        with self.admin() as http:
+            data: dict[str, Any] = http.get("/_sandbox/stats").json()
+            return data
+
+    def reset_stats(self) -> None:
+        with self.admin() as http:
+            http.post("/_sandbox/stats/reset").raise_for_status()
+
+
+@pytest.fixture
+def harness(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Harness]:
+    store = StateStore(tmp_path / "state" / "state-sandbox.db")
+    yield Harness(sandbox, store, DirectoryKeySink(tmp_path / "secrets"))
+    store.close()
+
+
+@pytest.fixture
+def canonical() -> DesiredState:
+    return load_manifests(CANONICAL)

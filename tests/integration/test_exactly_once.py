@@ -1,0 +1,133 @@
+"""Deposits never double-fund: lost responses, crashes between steps, re-runs.
+
+The fault transport wraps the real HTTP transport: the sandbox really commits the request,
+then the client is told the connection dropped, which is exactly the case that causes double
+deposits with the gateway's weak idempotency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from decimal import Decimal
+
+import httpx
+import pytest
+
+from controller.plan import ChangeKind
+from policies.spec import DesiredState
+from tests.integration.conftest import Harness
+from tests.integration.test_reconcile import TARGET_CREDITS, balance, deposits
+
+
+class DropAfterCommit(httpx.AsyncBaseTransport):
+    """Forward to the real server, then lose the response of matching requests."""
+
+    def __init__(self, match: Callable[[httpx.Request], bool], times: int = 1) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.match = match
+        self.remaining = times
+        self.dropped = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if self.remaining > 0 and self.match(request):
+            await response.aread()
+            self.remaining -= 1
+            self.dropped += 1
+            raise httpx.ReadError("connection reset after the server committed", request=request)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class SimulatedCrash(BaseException):
+    """Raised from a fault hook: like SIGKILL, nothing after it in the process runs."""
+
+
+def deposit_to(agent: str) -> Callable[[httpx.Request], bool]:
+    return lambda r: r.method == "POST" and r.url.path == f"/v1/billing/wallets/{agent}/deposit"
+
+
+async def test_lost_deposit_response_is_recovered_from_the_ledger_not_repeated(
+    harness: Harness, canonical: DesiredState
+) -> None:
+    transport = DropAfterCommit(deposit_to("res-01"), times=2)
+    result = await harness.apply(await harness.plan(canonical), transport=transport)
+    assert transport.dropped == 1  # the retry found the ledger entry instead of re-sending
+    assert result.ok, result.to_dict()
+    [res01] = [a for a in result.agents if a.agent_id == "res-01"]
+    assert any("recovered from the ledger" in step for step in res01.applied)
+    assert balance(harness, "res-01") == TARGET_CREDITS["res-01"]
+    assert len(deposits(harness, "res-01")) == 1
+
+
+async def test_every_deposit_response_lost_still_funds_each_wallet_exactly_once(
+    harness: Harness, canonical: DesiredState
+) -> None:
+    transport = DropAfterCommit(lambda r: r.url.path.endswith("/deposit"), times=100)
+    result = await harness.apply(await harness.plan(canonical), transport=transport)
+    assert result.ok, result.to_dict()
+    assert transport.dropped == 5
+    for agent, target in TARGET_CREDITS.items():
+        assert balance(harness, agent) == target
+        assert len(deposits(harness, agent)) == 1
+    assert (await harness.plan(canonical)).empty
+
+
+def crashed_apply(harness: Harness, canonical: DesiredState, point: str, victim: str) -> None:
+    """Run an apply in its own event loop and crash it: asyncio.run then cancels every other
+    in-flight task, so nothing of the crashed run keeps going behind the next one."""
+
+    def crash(at: str, agent: str) -> None:
+        if at == point and agent == victim:
+            raise SimulatedCrash(at)
+
+    with pytest.raises(SimulatedCrash):
+        asyncio.run(harness.apply(asyncio.run(harness.plan(canonical)), fault_hook=crash))
+
+
+@pytest.mark.parametrize("point", ["before_deposit", "after_deposit"])
+def test_crash_around_a_deposit_converges_without_double_funding(
+    harness: Harness, canonical: DesiredState, point: str
+) -> None:
+    crashed_apply(harness, canonical, point, "sum-01")
+    assert "sum-01" in [i.agent_id for i in harness.store.intents(status="pending", kind="deposit")]
+
+    replan = asyncio.run(harness.plan(canonical))
+    sum_changes = [c.kind for c in replan.changes if c.agent_id == "sum-01"]
+    if point == "after_deposit":
+        assert ChangeKind.TOP_UP not in sum_changes  # the money is visibly there: nothing to redo
+    else:
+        assert ChangeKind.TOP_UP in sum_changes
+    result = asyncio.run(harness.apply(replan))
+    assert result.ok, result.to_dict()
+    expected_note = "had landed" if point == "after_deposit" else "never landed"
+    assert any(expected_note in note for note in result.recovered)
+    assert harness.store.intents(status="pending") == []
+    for agent, target in TARGET_CREDITS.items():
+        assert balance(harness, agent) == target
+        assert len(deposits(harness, agent)) == 1
+    assert asyncio.run(harness.plan(canonical)).empty
+
+
+def test_crash_after_register_before_the_key_is_stored_is_reported_loudly(
+    harness: Harness, canonical: DesiredState
+) -> None:
+    crashed_apply(harness, canonical, "after_register", "cls-01")
+    result = asyncio.run(harness.apply(asyncio.run(harness.plan(canonical))))
+    assert any("cls-01: LOST KEY" in note for note in result.recovered)
+    assert harness.sink.load("cls-01") is None
+    assert balance(harness, "cls-01") == TARGET_CREDITS["cls-01"]  # the wallet is still managed
+
+
+async def test_saved_deposit_key_is_reused_after_a_crash_before_sending(
+    harness: Harness, canonical: DesiredState
+) -> None:
+    first = await harness.plan(canonical)
+    second = await harness.plan(canonical)
+    keys = [c.args["idempotency_key"] for c in first.changes if c.kind is ChangeKind.TOP_UP]
+    assert keys == [c.args["idempotency_key"] for c in second.changes if c.kind is ChangeKind.TOP_UP]
+    assert len(set(keys)) == len(keys)
+    assert Decimal(first.summary()["top_up_credits"]) == sum(TARGET_CREDITS.values()) - 5 * Decimal("500")
