@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from controller.gateway.client import GatewayClient
-from controller.gateway.errors import Conflict, GatewayError, UnknownOutcome
+from controller.gateway.errors import Conflict, GatewayError, ServerError, UnknownOutcome
 from controller.keysink import DirectoryKeySink
 from controller.plan import Change, ChangeKind, Plan
 from controller.state import ABANDONED, DONE, FAILED, PENDING, BudgetWrite, StateStore
@@ -171,7 +171,7 @@ class Applier:
             raise AgentStepError(
                 f"{agent} was registered by someone else since the plan was made; re-plan to adopt it"
             ) from None
-        except UnknownOutcome:
+        except (UnknownOutcome, ServerError):
             exists = await self.client.get_balance(agent) is not None
             self.store.finish_intent(intent_key, FAILED if exists else ABANDONED, "unknown outcome")
             if exists:

@@ -179,8 +179,7 @@ def check_tier(fleet: FleetDecl, tier: TierDecl) -> list[Issue]:
         issues.append(
             tier.origin.issue(
                 "dailyCap",
-                f"dailyCap {_money(tier.daily_cap)} exceeds the fleet's dailyBudgetTotal "
-                f"{_money(fleet.daily_total)}",
+                f"dailyCap {_money(tier.daily_cap)} exceeds the fleet's dailyBudgetTotal {_money(fleet.daily_total)}",
             )
         )
     if tier.monthly_cap < tier.daily_cap:
@@ -195,9 +194,7 @@ def check_tier(fleet: FleetDecl, tier: TierDecl) -> list[Issue]:
     touched = tier.funding.floor is not None or tier.funding.target is not None
     if touched and floor is not None and target is not None and floor > target:
         rel = "funding.floor" if tier.funding.floor is not None else "funding.target"
-        issues.append(
-            tier.origin.issue(rel, f"funding floor {_money(floor)} is above funding target {_money(target)}")
-        )
+        issues.append(tier.origin.issue(rel, f"funding floor {_money(floor)} is above funding target {_money(target)}"))
     return issues
 
 
@@ -246,16 +243,10 @@ def resolve_agent(fleet: FleetDecl, agent: AgentDecl) -> tuple[AgentSpec | None,
         )
     if (agent.daily_cap is not None or agent.monthly_cap is not None) and monthly < daily:
         rel = "monthlyCap" if agent.monthly_cap is not None else "dailyCap"
-        issues.append(
-            origin.issue(rel, f"monthlyCap {_money(monthly)} is below dailyCap {_money(daily)}")
-        )
+        issues.append(origin.issue(rel, f"monthlyCap {_money(monthly)} is below dailyCap {_money(daily)}"))
 
-    floor, floor_from = _pick(
-        agent.funding.floor, tier.funding.floor, fleet.default_funding.floor, tier.name
-    )
-    target, target_from = _pick(
-        agent.funding.target, tier.funding.target, fleet.default_funding.target, tier.name
-    )
+    floor, floor_from = _pick(agent.funding.floor, tier.funding.floor, fleet.default_funding.floor, tier.name)
+    target, target_from = _pick(agent.funding.target, tier.funding.target, fleet.default_funding.target, tier.name)
     for name, value in (("floor", floor), ("target", target)):
         if value is None:
             issues.append(
@@ -337,8 +328,7 @@ def resolve(
             issues.append(
                 group.origin.issue(
                     "metadata.name",
-                    f"duplicate AgentGroup name '{group.name}': already declared at "
-                    f"{first_group.origin.where()}",
+                    f"duplicate AgentGroup name '{group.name}': already declared at {first_group.origin.where()}",
                 )
             )
         else:

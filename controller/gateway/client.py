@@ -102,7 +102,7 @@ class GatewayClient:
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
         )
         self._max_attempts = max_attempts
-        self._wait = wait_exponential_jitter(initial=backoff_initial, max=backoff_max)
+        self._wait = wait_exponential_jitter(multiplier=backoff_initial, max=backoff_max)
         self._backoff_max = backoff_max
         self._settle_delays = tuple(settle_delays)
         self._sleep = sleep

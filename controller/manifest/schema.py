@@ -10,6 +10,7 @@ silently leave an agent uncapped.
 
 from __future__ import annotations
 
+import itertools
 import re
 from decimal import Decimal
 from typing import Annotated, Any, Literal
@@ -53,7 +54,7 @@ def _money(value: object) -> Decimal:
     people, to editors using the JSON Schema, and to us; ``"3e1"`` is refused.
     """
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise ValueError(f"expected an amount such as \"30.00\", got {_kind(value)}")
+        raise ValueError(f'expected an amount such as "30.00", got {kind_of(value)}')
     try:
         amount = parse_money(value)
     except MoneyError as exc:
@@ -61,11 +62,11 @@ def _money(value: object) -> Decimal:
     except ArithmeticError:
         raise ValueError("amount is too large") from None
     if isinstance(value, str) and not _MONEY_STRING.match(value):
-        raise ValueError(f"amount {value!r} must be written as a plain decimal such as \"30.00\"")
+        raise ValueError(f'amount {value!r} must be written as a plain decimal such as "30.00"')
     return amount
 
 
-def _kind(value: object) -> str:
+def kind_of(value: object) -> str:
     """The YAML-level name of a value's type, for messages written for manifest authors."""
     if value is None:
         return "null"
@@ -101,7 +102,7 @@ Labels = dict[str, str]
 
 def _strictly_increasing(values: list[int]) -> list[int]:
     """Thresholds fire in order as spend climbs; a repeat or a step back is a typo."""
-    for before, after in zip(values, values[1:], strict=False):
+    for before, after in itertools.pairwise(values):
         if after <= before:
             raise ValueError(f"thresholds must be strictly increasing, got {values}")
     return values

@@ -423,9 +423,7 @@ class SandboxStore:
         )
         return None if row is None else self._wallet(row)
 
-    def _insert_wallet(
-        self, conn: sqlite3.Connection, agent_id: str, initial: int, bonus: bool, now: float
-    ) -> None:
+    def _insert_wallet(self, conn: sqlite3.Connection, agent_id: str, initial: int, bonus: bool, now: float) -> None:
         try:
             conn.execute(
                 "INSERT INTO wallets (agent_id, balance, frozen, created_at, updated_at) VALUES (?, ?, 0, ?, ?)",
@@ -482,9 +480,7 @@ class SandboxStore:
         with self._tx() as conn:
             return self._debit(conn, agent_id, amount, now, check_frozen)
 
-    def _debit(
-        self, conn: sqlite3.Connection, agent_id: str, amount: int, now: float, check_frozen: bool
-    ) -> int:
+    def _debit(self, conn: sqlite3.Connection, agent_id: str, amount: int, now: float, check_frozen: bool) -> int:
         row = conn.execute("SELECT frozen, balance FROM wallets WHERE agent_id = ?", (agent_id,)).fetchone()
         if row is None:
             raise WalletNotFound(agent_id)
@@ -513,9 +509,7 @@ class SandboxStore:
         assert snapshot is None or isinstance(snapshot, str)
         return TransactionRecord(id_, agent_id, amount, tx_type, description, currency, created_at, key, snapshot)
 
-    _TX_COLUMNS = (
-        "id, agent_id, amount, tx_type, description, currency, created_at, idempotency_key, result_snapshot"
-    )
+    _TX_COLUMNS = "id, agent_id, amount, tx_type, description, currency, created_at, idempotency_key, result_snapshot"
 
     @staticmethod
     def _insert_tx(
@@ -559,9 +553,7 @@ class SandboxStore:
             raise DuplicateIdempotencyKey(idempotency_key or "") from None
 
     def find_transaction_by_key(self, idempotency_key: str) -> TransactionRecord | None:
-        row = self._one(
-            f"SELECT {self._TX_COLUMNS} FROM transactions WHERE idempotency_key = ?", (idempotency_key,)
-        )
+        row = self._one(f"SELECT {self._TX_COLUMNS} FROM transactions WHERE idempotency_key = ?", (idempotency_key,))
         return None if row is None else self._tx_record(row)
 
     def list_transactions(self, agent_id: str, *, limit: int, offset: int) -> list[TransactionRecord]:
@@ -804,7 +796,13 @@ class SandboxStore:
         assert isinstance(event_types, str) and isinstance(secret, str) and isinstance(created_at, float)
         assert filters is None or isinstance(filters, str)
         return WebhookRecord(
-            id_, agent_id, url, tuple(json.loads(event_types)), secret, _tuple_or_none(filters), created_at,
+            id_,
+            agent_id,
+            url,
+            tuple(json.loads(event_types)),
+            secret,
+            _tuple_or_none(filters),
+            created_at,
             bool(active),
         )
 
@@ -852,9 +850,7 @@ class SandboxStore:
         return [self._webhook(r) for r in rows]
 
     def get_active_webhook(self, webhook_id: str) -> WebhookRecord | None:
-        row = self._one(
-            f"SELECT {self._WEBHOOK_COLUMNS} FROM webhooks WHERE id = ? AND active = 1", (webhook_id,)
-        )
+        row = self._one(f"SELECT {self._WEBHOOK_COLUMNS} FROM webhooks WHERE id = ? AND active = 1", (webhook_id,))
         return None if row is None else self._webhook(row)
 
     def deactivate_webhook(self, webhook_id: str) -> bool:
@@ -877,8 +873,9 @@ class SandboxStore:
         assert code is None or isinstance(code, int)
         assert body is None or isinstance(body, str)
         assert isinstance(created, float)
-        return DeliveryRecord(id_, webhook_id, event_type, payload, status, attempts, last_at, next_at, code,
-                              body, created)
+        return DeliveryRecord(
+            id_, webhook_id, event_type, payload, status, attempts, last_at, next_at, code, body, created
+        )
 
     def add_delivery(
         self,
@@ -898,13 +895,34 @@ class SandboxStore:
             cur = conn.execute(
                 f"INSERT INTO webhook_deliveries ({self._DELIVERY_COLUMNS}) "
                 "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (webhook_id, event_type, payload, status, attempts, last_attempt_at, next_retry_at,
-                 response_code, response_body, now),
+                (
+                    webhook_id,
+                    event_type,
+                    payload,
+                    status,
+                    attempts,
+                    last_attempt_at,
+                    next_retry_at,
+                    response_code,
+                    response_body,
+                    now,
+                ),
             )
             delivery_id = cur.lastrowid
         assert delivery_id is not None
-        return DeliveryRecord(delivery_id, webhook_id, event_type, payload, status, attempts, last_attempt_at,
-                              next_retry_at, response_code, response_body, now)
+        return DeliveryRecord(
+            delivery_id,
+            webhook_id,
+            event_type,
+            payload,
+            status,
+            attempts,
+            last_attempt_at,
+            next_retry_at,
+            response_code,
+            response_body,
+            now,
+        )
 
     def list_deliveries(self, webhook_id: str, *, limit: int, offset: int) -> list[DeliveryRecord]:
         rows = self._all(

@@ -1,0 +1,323 @@
+"""Loading a manifest directory into the resolved desired state.
+
+The imperative shell around ``policies.tiers``: find files, read them safely, check each
+document's shape, point every problem at a file, line and field, then hand plain
+declarations to the pure resolver. Every problem is collected before raising, so one run of
+``finops validate`` shows the whole list instead of one error per commit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+from yaml.nodes import ScalarNode
+
+from controller.errors import ManifestError, ManifestIssue
+from controller.manifest import keyscan
+from controller.manifest.messages import message_for, show
+from controller.manifest.nodes import Document, Loc, dotted, line_of, locate, parse_yaml
+from controller.manifest.schema import (
+    API_VERSION,
+    KINDS,
+    MODEL_BY_KIND,
+    Agent,
+    AgentGroupManifest,
+    FleetManifest,
+    kind_of,
+)
+from policies.spec import DesiredState
+from policies.tiers import (
+    AgentDecl,
+    FleetDecl,
+    FundingDecl,
+    GroupDecl,
+    Origin,
+    TierDecl,
+    did_you_mean,
+    resolve,
+)
+
+#: Far above any real fleet manifest; the cap bounds memory and time for hostile input.
+MAX_FILE_BYTES = 1024 * 1024
+SUFFIXES = (".yaml", ".yml")
+
+_FUNDING_FIELDS = ("funding", "funding.floor", "funding.target")
+
+
+@dataclass
+class _Collected:
+    """What all files declared so far, ready for the resolver."""
+
+    fleets: list[FleetDecl] = field(default_factory=list)
+    groups: list[GroupDecl] = field(default_factory=list)
+    unchecked_fleets: set[str] = field(default_factory=set)
+    complete: bool = True
+    documents: int = 0
+    issues: list[ManifestIssue] = field(default_factory=list)
+
+
+def load_manifests(path: str | os.PathLike[str]) -> DesiredState:
+    """Read, validate and resolve the manifests at ``path`` (a directory or one file).
+
+    File names in errors are ``path`` joined with the file's place under it, so a relative
+    ``path`` gives paths relative to the working directory, as the user typed them.
+    Raises :class:`ManifestError` listing every problem found.
+    """
+    files = _manifest_files(path)
+    seen = _Collected()
+    for label, file in files:
+        _load_file(label, file, seen)
+    if seen.documents == 0 and not seen.issues:
+        raise ManifestError(
+            [ManifestIssue(os.fspath(path), None, "", f"no manifests found in {os.fspath(path)} (all files are empty)")]
+        )
+
+    resolution = resolve(
+        seen.fleets, seen.groups, unchecked_fleets=frozenset(seen.unchecked_fleets), complete=seen.complete
+    )
+    issues = seen.issues + [ManifestIssue(i.file, i.line, i.field, i.message) for i in resolution.issues]
+    if issues:
+        raise ManifestError(_ordered(issues, [label for label, _ in files]))
+    return resolution.state
+
+
+def _manifest_files(path: str | os.PathLike[str]) -> list[tuple[str, Path]]:
+    """The files to read, sorted, with the label to show for each; hidden files are skipped."""
+    given = os.fspath(path)
+    root = Path(path)
+    if root.is_file():
+        return [(given, root)]
+    if not root.exists():
+        raise ManifestError([ManifestIssue(given, None, "", "no such file or directory")])
+    if not root.is_dir():
+        raise ManifestError([ManifestIssue(given, None, "", "not a file or directory")])
+    found: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith(".") or not name.lower().endswith(SUFFIXES):
+                continue
+            file = Path(dirpath) / name
+            found.append((str(file), file))
+    if not found:
+        raise ManifestError(
+            [ManifestIssue(given, None, "", f"no manifests found in {given} (looked for *.yaml and *.yml files)")]
+        )
+    return sorted(found, key=lambda item: item[1].relative_to(root).parts)
+
+
+def _read_text(label: str, file: Path, seen: _Collected) -> str | None:
+    """The file's text, or ``None`` after reporting why it cannot be used.
+
+    A file refused for its size or encoding is still scanned for API keys: it is about to be
+    committed either way.
+    """
+
+    def fail(raw: bytes, line: int | None, message: str) -> None:
+        seen.complete = False
+        seen.issues.append(ManifestIssue(label, line, "", message))
+        _scan_for_keys(label, raw.decode("utf-8", "replace"), [], seen)
+
+    try:
+        with file.open("rb") as handle:
+            raw = handle.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        seen.complete = False
+        seen.issues.append(ManifestIssue(label, None, "", f"cannot read file: {exc.strerror or exc}"))
+        return None
+    if len(raw) > MAX_FILE_BYTES:
+        fail(raw, None, "file is larger than the 1 MiB limit for manifests; split it into several files")
+        return None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        fail(raw, raw.count(b"\n", 0, exc.start) + 1, "file is not valid UTF-8")
+        return None
+
+
+def _load_file(label: str, file: Path, seen: _Collected) -> None:
+    text = _read_text(label, file, seen)
+    if text is None:
+        return
+    parsed = parse_yaml(text)
+    seen.complete = seen.complete and parsed.complete
+    for problem in parsed.problems:
+        seen.issues.append(ManifestIssue(label, problem.line, dotted(problem.loc), problem.message))
+    _scan_for_keys(label, text, parsed.documents, seen)
+    for doc in parsed.documents:
+        seen.documents += 1
+        if doc.usable:
+            _load_document(label, doc, seen)
+        else:
+            _not_resolved(doc.data, seen)
+
+
+def _scan_for_keys(label: str, text: str, documents: Sequence[Document], seen: _Collected) -> None:
+    for line in keyscan.key_lines(text):
+        seen.issues.append(ManifestIssue(label, line, _key_field(documents, line), keyscan.KEY_MESSAGE))
+
+
+def _key_field(documents: Sequence[Document], line: int) -> str:
+    """The field holding a key-shaped string on ``line``; empty for comments and broken files."""
+    for doc in documents:
+        for loc, node in doc.scalars:
+            first, last = line_of(node), _last_line(node)
+            if first <= line <= last and keyscan.looks_like_key(str(node.value)):
+                return dotted(loc)
+    return ""
+
+
+def _last_line(node: ScalarNode) -> int:
+    """1-based last line of a scalar; a block scalar's end mark sits at column 0 of the next line."""
+    end = node.end_mark
+    return int(end.line) + (1 if end.column > 0 else 0) if end.line > node.start_mark.line else line_of(node)
+
+
+def _load_document(label: str, doc: Document, seen: _Collected) -> None:
+    """Check one document's identity and shape, then turn it into a declaration."""
+
+    def report(loc: Loc, message: str) -> None:
+        seen.issues.append(ManifestIssue(label, locate(doc.root, loc)[0], dotted(loc), message))
+
+    data = doc.data
+    if not isinstance(data, dict):
+        report(
+            (), f"a manifest document must be a mapping with apiVersion, kind, metadata and spec; got {kind_of(data)}"
+        )
+        _not_resolved(data, seen)
+        return
+    api_version = data.get("apiVersion")
+    kind = data.get("kind")
+    model = MODEL_BY_KIND.get(kind) if isinstance(kind, str) else None
+    if api_version != API_VERSION:
+        if api_version is None:
+            report(("apiVersion",), f"required field is missing (expected apiVersion: {API_VERSION})")
+        else:
+            report(("apiVersion",), f"unsupported apiVersion {show(api_version)}; expected '{API_VERSION}'")
+        _not_resolved(data, seen)
+        return
+    if model is None:
+        valid = ", ".join(KINDS)
+        if kind is None:
+            report(("kind",), f"required field is missing (expected one of: {valid})")
+        else:
+            hint = did_you_mean(str(kind), KINDS)
+            suggestion = f"; did you mean '{hint}'?" if hint else ""
+            report(("kind",), f"unknown kind {show(kind)}{suggestion} (expected one of: {valid})")
+        _not_resolved(data, seen)
+        return
+
+    try:
+        manifest = model.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            loc = tuple(part for part in error["loc"] if part != "[key]")
+            report(loc, message_for(model, error))
+        _not_resolved(data, seen)
+        return
+
+    if isinstance(manifest, FleetManifest):
+        seen.fleets.append(_fleet_decl(label, doc, manifest))
+    elif isinstance(manifest, AgentGroupManifest):
+        seen.groups.append(_group_decl(label, doc, manifest))
+
+
+def _not_resolved(data: object, seen: _Collected) -> None:
+    """Record that a document will not take part in resolution.
+
+    If it may declare a fleet, an AgentGroup naming that fleet must not also be reported as
+    pointing at an unknown fleet: the user would chase a second error that is not real.
+    """
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind == "AgentGroup":
+        return
+    metadata = data.get("metadata") if isinstance(data, dict) else None
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    if kind == "Fleet" and isinstance(name, str):
+        seen.unchecked_fleets.add(name)
+    else:
+        seen.complete = False  # could have been any fleet
+
+
+def _origin(label: str, doc: Document, base: Loc, rels: Sequence[str], anchor: Loc | None = None) -> Origin:
+    """Pre-compute the lines the resolver may need to point at, for a declaration at ``base``."""
+    line, _ = locate(doc.root, anchor if anchor is not None else base)
+    lines: dict[str, int] = {}
+    for rel in rels:
+        rel_line, found = locate(doc.root, (*base, *rel.split(".")))
+        if found:
+            lines[rel] = rel_line
+    return Origin(label, dotted(base), line, lines)
+
+
+def _agent_decls(label: str, doc: Document, agents: Sequence[Agent]) -> tuple[AgentDecl, ...]:
+    rels = ("id", "tier", "dailyCap", "monthlyCap", *_FUNDING_FIELDS)
+    return tuple(
+        AgentDecl(
+            agent_id=agent.id,
+            tier=agent.tier,
+            daily_cap=agent.daily_cap,
+            monthly_cap=agent.monthly_cap,
+            funding=FundingDecl(agent.funding.floor, agent.funding.target),
+            thresholds=tuple(agent.alerts.thresholds) if agent.alerts is not None else None,
+            labels=dict(agent.labels),
+            origin=_origin(label, doc, ("spec", "agents", i), rels),
+        )
+        for i, agent in enumerate(agents)
+    )
+
+
+def _fleet_decl(label: str, doc: Document, manifest: FleetManifest) -> FleetDecl:
+    spec = manifest.spec
+    tier_rels = ("dailyCap", "monthlyCap", *_FUNDING_FIELDS)
+    tiers = {
+        name: TierDecl(
+            name=name,
+            daily_cap=tier.daily_cap,
+            monthly_cap=tier.monthly_cap,
+            funding=FundingDecl(tier.funding.floor, tier.funding.target),
+            origin=_origin(label, doc, ("spec", "tiers", name), tier_rels),
+        )
+        for name, tier in spec.tiers.items()
+    }
+    fleet_rels = (
+        "metadata.name",
+        "spec.dailyBudgetTotal",
+        "spec.defaults.funding.floor",
+        "spec.defaults.funding.target",
+    )
+    return FleetDecl(
+        name=manifest.metadata.name,
+        currency=spec.currency,
+        daily_total=spec.daily_budget_total,
+        funding_ceiling=spec.funding.per_run_ceiling,
+        tiers=tiers,
+        agents=_agent_decls(label, doc, spec.agents),
+        thresholds=tuple(spec.alerts.thresholds),
+        default_funding=FundingDecl(spec.defaults.funding.floor, spec.defaults.funding.target),
+        default_labels=dict(spec.defaults.labels),
+        origin=_origin(label, doc, (), fleet_rels, anchor=("metadata", "name")),
+    )
+
+
+def _group_decl(label: str, doc: Document, manifest: AgentGroupManifest) -> GroupDecl:
+    return GroupDecl(
+        name=manifest.metadata.name,
+        fleet=manifest.spec.fleet,
+        agents=_agent_decls(label, doc, manifest.spec.agents),
+        origin=_origin(label, doc, (), ("metadata.name", "spec.fleet"), anchor=("metadata", "name")),
+    )
+
+
+def _ordered(issues: Sequence[ManifestIssue], labels: Sequence[str]) -> list[ManifestIssue]:
+    """Redacted, de-duplicated, in file order then line order, so output reads like the files."""
+    rank = {label: i for i, label in enumerate(labels)}
+    cleaned = {
+        ManifestIssue(keyscan.redact(i.file), i.line, keyscan.redact(i.field), keyscan.redact(i.message)): None
+        for i in issues
+    }
+    return sorted(cleaned, key=lambda i: (rank.get(i.file, len(rank)), i.line or 0, i.field))
