@@ -19,13 +19,19 @@ from tests.integration.conftest import CANONICAL
 KEY_PATTERN = re.compile(r"a2a_[a-z]+_[0-9a-f]{8,}")
 
 
-def finops(cwd: Path, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
-           ) -> subprocess.CompletedProcess[str]:
+def finops(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GREENHELIX_", "FINOPS_"))}
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "controller.cli", *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120, input=stdin,
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=stdin,
     )
 
 
@@ -139,8 +145,9 @@ def test_real_gateway_without_a_key_is_a_clear_error(workdir: Path) -> None:
 def test_unreachable_gateway_is_a_clear_error(workdir: Path, tmp_path: Path) -> None:
     key_file = tmp_path / "admin.key"
     key_file.write_text("a2a_enterprise_000000000000000000000000\n")
-    result = finops(workdir, "plan", env={"GREENHELIX_URL": "http://127.0.0.1:9",
-                                          "GREENHELIX_API_KEY_FILE": str(key_file)})
+    result = finops(
+        workdir, "plan", env={"GREENHELIX_URL": "http://127.0.0.1:9", "GREENHELIX_API_KEY_FILE": str(key_file)}
+    )
     assert result.returncode == 1
     assert "cannot reach http://127.0.0.1:9" in result.stderr
     assert "a2a_enterprise" not in result.stderr + result.stdout

@@ -37,8 +37,13 @@ def problem(status: int, code: str, headers: dict[str, str] | None = None) -> ht
     return httpx.Response(
         status,
         headers={"content-type": "application/problem+json", **(headers or {})},
-        json={"type": f"https://api.greenhelix.net/errors/{code}", "title": "x", "status": status,
-              "detail": f"{code} happened", "instance": "/"},
+        json={
+            "type": f"https://api.greenhelix.net/errors/{code}",
+            "title": "x",
+            "status": status,
+            "detail": f"{code} happened",
+            "instance": "/",
+        },
     )
 
 
@@ -54,8 +59,9 @@ def balance_path(r: httpx.Request) -> bool:
 
 
 async def test_reads_are_retried_on_5xx_and_429_honouring_retry_after(sandbox: SandboxServer) -> None:
-    transport = Scripted(balance_path, [problem(503, "service-error"), problem(429, "rate-limit-exceeded",
-                                                                              {"Retry-After": "3"})])
+    transport = Scripted(
+        balance_path, [problem(503, "service-error"), problem(429, "rate-limit-exceeded", {"Retry-After": "3"})]
+    )
     sleeps: list[float] = []
     async with client_for(sandbox, transport, sleeps) as client:
         assert await client.get_balance("finops-admin") is not None

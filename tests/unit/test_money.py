@@ -9,7 +9,15 @@ from policies.money import MoneyError, format_money, from_gateway_number, parse_
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("30", "30.00"), (30, "30.00"), (30.5, "30.50"), ("0.1", "0.10"), (0.1, "0.10"), ("1e2", "100.00"), ("7.00", "7.00")],
+    [
+        ("30", "30.00"),
+        (30, "30.00"),
+        (30.5, "30.50"),
+        ("0.1", "0.10"),
+        (0.1, "0.10"),
+        ("1e2", "100.00"),
+        ("7.00", "7.00"),
+    ],
 )
 def test_parse_money_accepts_up_to_two_places(raw: object, expected: str) -> None:
     assert format_money(parse_money(raw)) == expected

@@ -13,27 +13,50 @@ D = Decimal
 RATE = D("100")
 
 
-def agent(agent_id: str, daily: str = "30.00", monthly: str = "600.00", floor: str = "40.00",
-          target: str = "75.00") -> AgentSpec:
-    return AgentSpec(agent_id=agent_id, fleet="research", tier="researcher", daily_cap=D(daily),
-                     monthly_cap=D(monthly), funding_floor=D(floor), funding_target=D(target),
-                     alert_thresholds=(75, 90, 100))
+def agent(
+    agent_id: str, daily: str = "30.00", monthly: str = "600.00", floor: str = "40.00", target: str = "75.00"
+) -> AgentSpec:
+    return AgentSpec(
+        agent_id=agent_id,
+        fleet="research",
+        tier="researcher",
+        daily_cap=D(daily),
+        monthly_cap=D(monthly),
+        funding_floor=D(floor),
+        funding_target=D(target),
+        alert_thresholds=(75, 90, 100),
+    )
 
 
 def desired(*agents: AgentSpec, ceiling: str = "500.00", total: str = "200.00") -> DesiredState:
-    return DesiredState(fleets=(FleetSpec(name="research", currency="USD", daily_total=D(total),
-                                          funding_ceiling=D(ceiling), agents=agents),))
+    return DesiredState(
+        fleets=(
+            FleetSpec(name="research", currency="USD", daily_total=D(total), funding_ceiling=D(ceiling), agents=agents),
+        )
+    )
 
 
 def budget(daily: str | None, monthly: str | None) -> BudgetStatus:
-    return BudgetStatus(daily_cap=D(daily) if daily else None, monthly_cap=D(monthly) if monthly else None,
-                        daily_spend=D("0"), monthly_spend=D("0"), daily_pct=0, monthly_pct=0,
-                        alert_triggered=False, cap_exceeded=False)
+    return BudgetStatus(
+        daily_cap=D(daily) if daily else None,
+        monthly_cap=D(monthly) if monthly else None,
+        daily_spend=D("0"),
+        monthly_spend=D("0"),
+        daily_pct=0,
+        monthly_pct=0,
+        alert_triggered=False,
+        cap_exceeded=False,
+    )
 
 
 def live(*agents: LiveAgent, keys: frozenset[str] = frozenset(), admins: frozenset[str] = frozenset()) -> LiveFleet:
-    return LiveFleet(target="sandbox", agents={a.agent_id: a for a in agents}, rates={"USD": RATE},
-                     key_agents=keys, admin_agents=admins)
+    return LiveFleet(
+        target="sandbox",
+        agents={a.agent_id: a for a in agents},
+        rates={"USD": RATE},
+        key_agents=keys,
+        admin_agents=admins,
+    )
 
 
 CONVERGED_MEMORY = Memory(budget_writes={"res-01": BudgetWrite(D("3000.00"), D("60000.00"), D("0.75"))})
@@ -91,8 +114,11 @@ def test_funding_ceiling_violation_is_part_of_the_plan() -> None:
 
 
 def test_unmanaged_agents_exclude_declared_and_admin() -> None:
-    plan = make_plan(desired(agent("res-01")), live(converged_agent(), keys=frozenset({"res-01", "bot-7", "root"}),
-                                                    admins=frozenset({"root"})), CONVERGED_MEMORY)
+    plan = make_plan(
+        desired(agent("res-01")),
+        live(converged_agent(), keys=frozenset({"res-01", "bot-7", "root"}), admins=frozenset({"root"})),
+        CONVERGED_MEMORY,
+    )
     assert plan.unmanaged_agents == ("bot-7",)
     assert plan.empty
 
