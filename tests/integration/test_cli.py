@@ -151,3 +151,41 @@ def test_unreachable_gateway_is_a_clear_error(workdir: Path, tmp_path: Path) -> 
     assert result.returncode == 1
     assert "cannot reach http://127.0.0.1:9" in result.stderr
     assert "a2a_enterprise" not in result.stderr + result.stdout
+
+
+def test_standalone_sandbox_prints_only_the_admin_key_fingerprint(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = tmp_path / "sb" / "gateway.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controller.cli", "sandbox", "--port", str(port), "--db", str(db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "sandbox did not start"
+            time.sleep(0.05)
+        key_file = db.parent / "admin.key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        key = key_file.read_text().strip()
+        admin = httpx.get(f"http://127.0.0.1:{port}/v1/infra/keys", headers={"Authorization": f"Bearer {key}"})
+        assert admin.status_code == 200
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=30)
+    assert "admin key sha3:" in output
+    assert key not in output and not KEY_PATTERN.search(output)
