@@ -82,6 +82,14 @@ def test_quick_start_journey(workdir: Path) -> None:
     outputs += [again.stdout, again.stderr]
     assert again.returncode == 0 and "No changes" in again.stdout
 
+    for fmt in ("markdown", "json", "text"):
+        rendered = finops(workdir, "plan", "--format", fmt)
+        outputs += [rendered.stdout, rendered.stderr]
+    applied_json = finops(workdir, "apply", "--auto-approve", "--format", "json")
+    outputs += [applied_json.stdout, applied_json.stderr]
+    state_db = (workdir / ".finops" / "state-sandbox.db").read_bytes().decode("latin-1")
+    outputs.append(state_db)  # finops' own state holds fingerprints, never keys
+
     for key_file in (workdir / ".finops").glob("**/*.key"):
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert_no_key_material(outputs, workdir)
