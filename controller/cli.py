@@ -110,10 +110,14 @@ def _load(path: str) -> DesiredState:
     return load_manifests(path)
 
 
+async def _observe_and_plan(client: GatewayClient, desired: DesiredState, target: Target, store: StateStore) -> Plan:
+    live = await observe(client, desired, target=target.name)
+    return make_plan(desired, live, Memory(budget_writes=store.budget_writes()))
+
+
 async def _plan(desired: DesiredState, target: Target, store: StateStore, concurrency: int) -> Plan:
     async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
-        live = await observe(client, desired, target=target.name)
-    return make_plan(desired, live, Memory(budget_writes=store.budget_writes()))
+        return await _observe_and_plan(client, desired, target, store)
 
 
 def _banner(target: Target, fmt: str) -> None:
@@ -209,8 +213,7 @@ async def _apply(
     concurrency: int,
 ) -> tuple[Plan, ApplyResult | None]:
     async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
-        live = await observe(client, desired, target=target.name)
-        fresh = make_plan(desired, live, Memory(budget_writes=store.budget_writes()))
+        fresh = await _observe_and_plan(client, desired, target, store)
         if saved is not None:
             if saved.target != target.name:
                 raise StalePlanError(f"the saved plan was made for {saved.target!r}, not {target.name!r}")
