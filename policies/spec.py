@@ -24,6 +24,84 @@ class Source:
 
 
 @dataclass(frozen=True)
+class SecretRef:
+    """A secret named by reference, never written in a manifest: an environment variable or
+    a file. With ``generate``, finops creates the file (random, 0600) when it is missing, so
+    a development setup works out of the box and receivers read the same file."""
+
+    env: str | None = None
+    file: str | None = None
+    generate: bool = False
+
+    def describe(self) -> str:
+        return f"env {self.env}" if self.env else f"file {self.file}"
+
+
+ALERT_EVENT_THRESHOLD = "budget.threshold"
+"""Spend reached a declared threshold of a cap (once per crossing)."""
+ALERT_EVENT_RECOVERED = "budget.recovered"
+"""Spend fell back below a threshold that had fired (rolling windows age spend out)."""
+ALERT_EVENTS = (ALERT_EVENT_THRESHOLD, ALERT_EVENT_RECOVERED)
+
+
+@dataclass(frozen=True)
+class AlertRoute:
+    """Where finops delivers an agent's budget alerts. ``url`` is a template; the
+    placeholders ``{agent}``, ``{fleet}``, ``{threshold}`` and ``{window}`` are filled per
+    alert. Only the listed thresholds and event types go to this route."""
+
+    url: str
+    thresholds: tuple[int, ...]
+    events: tuple[str, ...]
+    secret: SecretRef
+    allow_insecure: bool = False
+    """Permit ``http://`` and loopback/private hosts (development and tests only)."""
+
+    def render(self, *, agent: str, fleet: str, threshold: int, window: str) -> str:
+        return (
+            self.url.replace("{agent}", agent)
+            .replace("{fleet}", fleet)
+            .replace("{threshold}", str(threshold))
+            .replace("{window}", window)
+        )
+
+
+@dataclass(frozen=True)
+class GatewayWebhookSpec:
+    """An opt-in webhook on the gateway itself, registered with the admin key and
+    ``filter_agent_ids=[agent]``. ``url`` is already rendered for the agent."""
+
+    url: str
+    events: tuple[str, ...]
+    secret: SecretRef
+
+
+@dataclass(frozen=True)
+class KeySinkSpec:
+    """Where an agent's new keys are delivered. ``directory``: one 0600 file per agent
+    (``None`` means finops' own key store). ``command``: an argv that gets the key on stdin."""
+
+    kind: str = "directory"
+    path: str | None = None
+    command: tuple[str, ...] = ()
+
+
+WEEKLY = "weekly"
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """How finops manages an agent's API key."""
+
+    manage: bool = True
+    scopes: tuple[str, ...] = ("read", "write")
+    """Declared for the record; GreenHelix 1.4.8 cannot set scopes over HTTP."""
+    rotation: str = WEEKLY
+    """``weekly``, ``daily`` or a 5-field cron expression (UTC)."""
+    sink: KeySinkSpec = KeySinkSpec()
+
+
+@dataclass(frozen=True)
 class AgentSpec:
     """One agent's resolved desired state. Amounts are in the fleet's currency."""
 
@@ -37,6 +115,9 @@ class AgentSpec:
     alert_thresholds: tuple[int, ...]
     labels: Mapping[str, str] = field(default_factory=dict)
     source: Source | None = None
+    alert_routes: tuple[AlertRoute, ...] = ()
+    gateway_webhooks: tuple[GatewayWebhookSpec, ...] = ()
+    keys: KeyPolicy = KeyPolicy()
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,10 @@ from controller.gateway.models import (
     DepositResult,
     KeyRecord,
     Registration,
+    Rotation,
     Transaction,
+    Webhook,
+    WebhookDelivery,
 )
 from policies.money import format_money, from_gateway_number
 
@@ -479,3 +482,111 @@ class GatewayClient:
             "alert_threshold": float(alert_threshold),
         }
         await self._call("PUT", path, body=body, safe=True)
+
+    # ------------------------------------------------------------------ keys
+
+    async def rotate_key(self, current_key: str) -> Rotation:
+        """Rotate an agent's key (admin only; API.md §6). Not idempotent: a retry mints
+        another live key, so an unknown outcome is surfaced, never retried here; the caller
+        resolves it by comparing the agent's live key prefixes with what it holds."""
+        path = "/v1/infra/keys/rotate"
+        data = await self._call(
+            "POST",
+            path,
+            body={"current_key": current_key},
+            headers={"X-Rotate-Confirmation": "confirm"},
+            safe=False,
+        )
+        key = self._field(data, "new_key", "POST", path)
+        if not isinstance(key, str) or not key.startswith("a2a_"):
+            raise ProtocolViolation("rotate returned no usable new_key", method="POST", path=path)
+        expires = data.get("grace_expires_at")
+        return Rotation(
+            agent_id=str(self._field(data, "agent_id", "POST", path)),
+            new_key=key,
+            grace_expires_at=float(expires) if isinstance(expires, (int, float)) else 0.0,
+        )
+
+    async def set_frozen(self, agent_id: str, frozen: bool) -> None:
+        """Freeze or unfreeze a wallet (admin only). Idempotent; note the gateway "succeeds"
+        for wallets that do not exist and cannot report the flag back (API.md §3)."""
+        path = self._wallet_path(agent_id, "freeze" if frozen else "unfreeze")
+        await self._call("POST", path, safe=True)
+
+    # ------------------------------------------------------------------ webhooks
+
+    def _webhook(self, row: Any, method: str, path: str) -> Webhook:
+        if not isinstance(row, dict):
+            raise ProtocolViolation("webhook row is not an object", method=method, path=path)
+        events = row.get("event_types") or row.get("events") or []
+        filters = row.get("filter_agent_ids")
+        if isinstance(filters, str):  # stored as JSON text in some versions
+            try:
+                filters = json.loads(filters)
+            except ValueError:
+                filters = [filters]
+        return Webhook(
+            id=str(self._field(row, "id", method, path)),
+            url=str(self._field(row, "url", method, path)),
+            event_types=tuple(str(e) for e in events),
+            filter_agent_ids=tuple(str(a) for a in filters) if isinstance(filters, list) else None,
+            secret=str(row.get("secret") or ""),
+            created_at=str(row.get("created_at", "")),
+        )
+
+    async def list_webhooks(self) -> list[Webhook]:
+        """The caller's own active webhooks (admin sees only its own too)."""
+        path = "/v1/infra/webhooks"
+        data = await self._call("GET", path, safe=True)
+        rows = self._field(data, "webhooks", "GET", path)
+        if not isinstance(rows, list):
+            raise ProtocolViolation("'webhooks' is not a list", method="GET", path=path)
+        return [self._webhook(r, "GET", path) for r in rows]
+
+    async def create_webhook(
+        self, url: str, event_types: Sequence[str], secret: str, filter_agent_ids: Sequence[str] | None
+    ) -> Webhook:
+        """Register a webhook. Not idempotent (duplicates get new ids), so never retried
+        after an unknown outcome; the reconciler re-lists and matches on URL + events."""
+        path = "/v1/infra/webhooks"
+        body = {
+            "url": url,
+            "event_types": list(event_types),
+            "secret": secret,
+            "filter_agent_ids": list(filter_agent_ids) if filter_agent_ids is not None else None,
+        }
+        data = await self._call("POST", path, body=body, safe=False)
+        return self._webhook(data, "POST", path)
+
+    async def delete_webhook(self, webhook_id: str) -> bool:
+        """Soft-delete; ``False`` when it was already gone (the gateway's 404)."""
+        path = f"/v1/infra/webhooks/{webhook_id}"
+        try:
+            await self._call("DELETE", path, safe=True)
+        except NotFound:
+            return False
+        return True
+
+    async def webhook_deliveries(self, webhook_id: str, *, limit: int = 20) -> list[WebhookDelivery]:
+        path = f"/v1/infra/webhooks/{webhook_id}/deliveries"
+        data = await self._call("GET", path, params={"limit": limit, "offset": 0}, safe=True)
+        rows = self._field(data, "deliveries", "GET", path)
+        if not isinstance(rows, list):
+            raise ProtocolViolation("'deliveries' is not a list", method="GET", path=path)
+        out = []
+        for row in rows:
+            if not isinstance(row, dict):
+                raise ProtocolViolation("delivery row is not an object", method="GET", path=path)
+            code = row.get("response_code")
+            last = row.get("last_attempt_at")
+            out.append(
+                WebhookDelivery(
+                    id=int(row.get("id") or 0),
+                    event_type=str(row.get("event_type", "")),
+                    status=str(row.get("status", "")),
+                    attempts=int(row.get("attempts") or 0),
+                    response_code=code if isinstance(code, int) else None,
+                    last_attempt_at=float(last) if isinstance(last, (int, float)) else None,
+                )
+            )
+        return out

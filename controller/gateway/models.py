@@ -69,3 +69,44 @@ class KeyRecord:
     scopes: tuple[str, ...]
     created_at: str
     revoked: bool
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """``POST /v1/infra/keys/rotate``: the new key is shown once; the old one keeps working
+    until ``grace_expires_at`` (unix seconds)."""
+
+    agent_id: str
+    new_key: str
+    grace_expires_at: float
+
+    def __repr__(self) -> str:  # keep the key out of reprs, logs and tracebacks
+        return f"Rotation(agent_id={self.agent_id!r}, grace_expires_at={self.grace_expires_at})"
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """A row of ``GET /v1/infra/webhooks`` (only the caller's own, active ones). The gateway
+    returns the signing secret in clear; it is kept out of ``repr``."""
+
+    id: str
+    url: str
+    event_types: tuple[str, ...]
+    filter_agent_ids: tuple[str, ...] | None
+    secret: str
+    created_at: str
+
+    def __repr__(self) -> str:
+        return f"Webhook(id={self.id!r}, url={self.url!r}, event_types={self.event_types!r})"
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """A row of ``GET /v1/infra/webhooks/{id}/deliveries``."""
+
+    id: int
+    event_type: str
+    status: str
+    attempts: int
+    response_code: int | None
+    last_attempt_at: float | None
