@@ -10,17 +10,15 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
 from controller.apply import Applier, ApplyResult
-from controller.errors import ConfigError, FinopsError, GuardrailViolation, ManifestError, StalePlanError
+from controller.cliopts import DEFAULT_PATH, EXIT_CHANGES, EXIT_ERROR, EXIT_OK, load, run_command, target_options
+from controller.errors import ConfigError, FinopsError, GuardrailViolation, StalePlanError
 from controller.gateway.client import GatewayClient
 from controller.keysink import DirectoryKeySink
-from controller.manifest.loader import load_manifests
 from controller.manifest.schema import manifest_json_schema
 from controller.observe import observe
 from controller.plan import Memory, Plan, changes_equal, make_plan, plan_from_dict, plan_to_dict
@@ -28,86 +26,6 @@ from controller.render import RENDERERS, render_apply_text, render_text
 from controller.state import StateStore
 from controller.target import Target, open_target
 from policies.spec import DesiredState
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_CHANGES = 2
-DEFAULT_PATH = "manifests"
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _target_options(fn: F) -> F:
-    """Options shared by every command that talks to a gateway."""
-    options = [
-        click.option(
-            "--gateway",
-            envvar="GREENHELIX_URL",
-            default=None,
-            metavar="URL",
-            help="Gateway base URL (env GREENHELIX_URL). Unset: the embedded sandbox.",
-        ),
-        click.option(
-            "--api-key-file",
-            envvar="GREENHELIX_API_KEY_FILE",
-            default=None,
-            metavar="FILE",
-            help="File holding the admin API key (env GREENHELIX_API_KEY_FILE; or GREENHELIX_API_KEY).",
-        ),
-        click.option(
-            "--state-dir",
-            envvar="FINOPS_STATE_DIR",
-            default=".finops",
-            show_default=True,
-            type=click.Path(path_type=Path),
-            help="Where finops keeps its state (env FINOPS_STATE_DIR).",
-        ),
-        click.option(
-            "--secrets-dir",
-            envvar="FINOPS_SECRETS_DIR",
-            default=None,
-            type=click.Path(path_type=Path),
-            help="Directory for agents' keys, one 0600 file each (default STATE_DIR/secrets/TARGET).",
-        ),
-        click.option(
-            "--concurrency",
-            default=32,
-            show_default=True,
-            type=click.IntRange(1, 512),
-            help="Maximum gateway requests in flight.",
-        ),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _err(message: str) -> None:
-    click.echo(click.style("Error: ", fg="red", bold=True) + message, err=True)
-
-
-def _run(fn: Callable[[], int]) -> None:
-    """Map user-facing errors to exit code 1 with a one-line message, never a traceback."""
-    try:
-        code = fn()
-    except ManifestError as exc:
-        for issue in exc.issues:
-            click.echo(str(issue), err=True)
-        _err(f"{len(exc.issues)} manifest error(s); nothing was planned or applied.")
-        code = EXIT_ERROR
-    except FinopsError as exc:
-        _err(str(exc))
-        code = exc.exit_code
-    except KeyboardInterrupt:
-        _err("interrupted")
-        code = 130
-    sys.exit(code)
-
-
-def _load(path: str) -> DesiredState:
-    if not Path(path).exists():
-        raise ConfigError(f"manifest path {path!r} does not exist")
-    return load_manifests(path)
 
 
 async def _observe_and_plan(client: GatewayClient, desired: DesiredState, target: Target, store: StateStore) -> Plan:
@@ -136,12 +54,12 @@ def validate(path: str) -> None:
     """Check manifests offline: every error with file, line and field."""
 
     def run() -> int:
-        desired = _load(path)
+        desired = load(path)
         agents = len(desired.agents())
         click.echo(f"OK: {len(desired.fleets)} fleet(s), {agents} agent(s) in {path}")
         return EXIT_OK
 
-    _run(run)
+    run_command(run)
 
 
 @cli.command()
@@ -163,7 +81,7 @@ def schema() -> None:
     default=None,
     help="Also save the plan to FILE for `finops apply --plan FILE`.",
 )
-@_target_options
+@target_options
 def plan(
     path: str,
     fmt: str,
@@ -178,7 +96,7 @@ def plan(
     """Show what apply would change (reads only)."""
 
     def run() -> int:
-        desired = _load(path)
+        desired = load(path)
         with open_target(gateway, api_key_file=api_key_file, state_dir=state_dir) as target:
             _banner(target, fmt)
             store = StateStore(target.state_file)
@@ -199,7 +117,7 @@ def plan(
             return EXIT_CHANGES
         return EXIT_OK
 
-    _run(run)
+    run_command(run)
 
 
 async def _apply(
@@ -258,7 +176,7 @@ async def _apply(
     help="Apply a plan saved with `plan --out`; refused if the gateway moved since.",
 )
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@_target_options
+@target_options
 def apply(
     path: str,
     auto_approve: bool,
@@ -273,7 +191,7 @@ def apply(
     """Make the live fleet match the manifests; continues past one agent's failure."""
 
     def run() -> int:
-        desired = _load(path)
+        desired = load(path)
         saved = None
         if plan_file is not None:
             try:
@@ -298,7 +216,7 @@ def apply(
             click.echo(render_apply_text(result, click.style))
         return EXIT_OK if result is None or result.ok else EXIT_ERROR
 
-    _run(run)
+    run_command(run)
 
 
 @cli.command()

@@ -1,0 +1,98 @@
+"""Options, exit codes and error handling shared by every ``finops`` command module.
+
+Kept apart from ``controller.cli`` so command groups living next to what they drive (the
+daemon, keys, alerts) can share them without importing the whole CLI.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from controller.errors import ConfigError, FinopsError, ManifestError
+from controller.manifest.loader import load_manifests
+from policies.spec import DesiredState
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CHANGES = 2
+DEFAULT_PATH = "manifests"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def target_options(fn: F) -> F:
+    """Options shared by every command that talks to a gateway."""
+    options = [
+        click.option(
+            "--gateway",
+            envvar="GREENHELIX_URL",
+            default=None,
+            metavar="URL",
+            help="Gateway base URL (env GREENHELIX_URL). Unset: the embedded sandbox.",
+        ),
+        click.option(
+            "--api-key-file",
+            envvar="GREENHELIX_API_KEY_FILE",
+            default=None,
+            metavar="FILE",
+            help="File holding the admin API key (env GREENHELIX_API_KEY_FILE; or GREENHELIX_API_KEY).",
+        ),
+        click.option(
+            "--state-dir",
+            envvar="FINOPS_STATE_DIR",
+            default=".finops",
+            show_default=True,
+            type=click.Path(path_type=Path),
+            help="Where finops keeps its state (env FINOPS_STATE_DIR).",
+        ),
+        click.option(
+            "--secrets-dir",
+            envvar="FINOPS_SECRETS_DIR",
+            default=None,
+            type=click.Path(path_type=Path),
+            help="Directory for agents' keys, one 0600 file each (default STATE_DIR/secrets/TARGET).",
+        ),
+        click.option(
+            "--concurrency",
+            default=32,
+            show_default=True,
+            type=click.IntRange(1, 512),
+            help="Maximum gateway requests in flight.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def err(message: str) -> None:
+    click.echo(click.style("Error: ", fg="red", bold=True) + message, err=True)
+
+
+def run_command(fn: Callable[[], int]) -> None:
+    """Map user-facing errors to exit code 1 with a one-line message, never a traceback."""
+    try:
+        code = fn()
+    except ManifestError as exc:
+        for issue in exc.issues:
+            click.echo(str(issue), err=True)
+        err(f"{len(exc.issues)} manifest error(s); nothing was planned or applied.")
+        code = EXIT_ERROR
+    except FinopsError as exc:
+        err(str(exc))
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        err("interrupted")
+        code = 130
+    sys.exit(code)
+
+
+def load(path: str) -> DesiredState:
+    if not Path(path).exists():
+        raise ConfigError(f"manifest path {path!r} does not exist")
+    return load_manifests(path)
