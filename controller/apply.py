@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import Conflict, GatewayError, ServerError, UnknownOutcome
+from controller.gateway.models import Webhook
 from controller.keysink import DirectoryKeySink
-from controller.plan import Change, ChangeKind, Plan
-from controller.state import ABANDONED, DONE, FAILED, PENDING, BudgetWrite, StateStore
+from controller.plan import Change, ChangeKind, Plan, secret_ref_from_args
+from controller.secretref import SecretUnavailable, resolve_secret
+from controller.state import ABANDONED, DONE, FAILED, PENDING, BudgetWrite, ManagedWebhook, StateStore
 from policies.funding import deposit_idempotency_key, top_up_amount
 from policies.money import format_money
 
@@ -105,6 +107,8 @@ class Applier:
                         f"{intent.agent_id}: interrupted deposit of {intent.payload.get('amount')} credits "
                         "never landed; the plan decides afresh"
                     )
+            elif intent.kind == "create_webhook":
+                notes.append(await self._recover_webhook(intent.intent_key, intent.agent_id, intent.payload))
             elif intent.kind == "register":
                 exists = await self.client.get_balance(intent.agent_id) is not None
                 stored = self.sink.load(intent.agent_id) is not None
@@ -120,6 +124,30 @@ class Applier:
                     status = DONE if exists else ABANDONED
                     self.store.finish_intent(intent.intent_key, status, "resolved on restart")
         return notes
+
+    async def _recover_webhook(self, intent_key: str, agent: str, payload: Mapping[str, Any]) -> str:
+        """A webhook create whose outcome is unknown: adopt it if it is on the gateway (it
+        carries our marker and matches the intent exactly), else let the plan decide."""
+        match = self._find_created(await self.client.list_webhooks(), agent, payload)
+        if match is None:
+            self.store.finish_intent(intent_key, ABANDONED, "not on the gateway")
+            return f"{agent}: interrupted webhook creation never landed; the plan decides afresh"
+        self.store.record_webhook(ManagedWebhook(match.id, agent, str(payload["fleet"]), match.url))
+        self.store.finish_intent(intent_key, DONE, f"adopted {match.id} (recovered)")
+        return f"{agent}: interrupted webhook creation had landed as {match.id}; adopted, not repeated"
+
+    def _find_created(self, hooks: list[Webhook], agent: str, payload: Mapping[str, Any]) -> Webhook | None:
+        known = self.store.managed_webhooks()
+        events = sorted(str(payload["events"]).split(","))
+        for hook in hooks:
+            if (
+                hook.id not in known
+                and hook.url == payload["url"]
+                and sorted(hook.event_types) == events
+                and hook.filter_agent_ids == (agent,)
+            ):
+                return hook
+        return None
 
     # ------------------------------------------------------------------ apply
 
@@ -158,6 +186,10 @@ class Applier:
             return await self._top_up(change)
         if change.kind is ChangeKind.SET_BUDGET:
             return await self._set_budget(change)
+        if change.kind is ChangeKind.CREATE_WEBHOOK:
+            return await self._create_webhook(change)
+        if change.kind is ChangeKind.DELETE_WEBHOOK:
+            return await self._delete_webhook(change)
         raise AgentStepError(f"unknown change kind {change.kind!r}")  # pragma: no cover
 
     async def _register(self, change: Change) -> str:
@@ -222,3 +254,36 @@ class Applier:
             change.agent_id, BudgetWrite(daily_cap=daily, monthly_cap=monthly, alert_threshold=threshold)
         )
         return "budget set: " + ", ".join(f"{d.field} {d.before or 'none'} → {d.after}" for d in change.diff)
+
+    async def _create_webhook(self, change: Change) -> str:
+        args = change.args
+        agent = change.agent_id
+        try:
+            secret = resolve_secret(secret_ref_from_args(args))
+        except SecretUnavailable as exc:
+            raise AgentStepError(str(exc)) from None
+        payload = {"fleet": change.fleet, "url": args["url"], "events": args["events"]}
+        intent_key = f"create_webhook:{agent}:{args['url']}:{self._clock()}"
+        self.store.begin_intent(intent_key, "create_webhook", agent, payload)
+        try:
+            hook = await self.client.create_webhook(args["url"], args["events"].split(","), secret, [agent])
+        except (UnknownOutcome, ServerError):
+            note = await self._recover_webhook(intent_key, agent, payload)
+            if "adopted" in note:
+                return "webhook created (response lost; found on the gateway and adopted)"
+            raise AgentStepError("creating the webhook did not complete; the next run retries") from None
+        except GatewayError:
+            self.store.finish_intent(intent_key, FAILED, "refused by the gateway")
+            raise
+        self._hook("after_create_webhook", agent)
+        self.store.record_webhook(ManagedWebhook(hook.id, agent, change.fleet, hook.url))
+        self.store.finish_intent(intent_key, DONE, hook.id)
+        return f"webhook {hook.id} created for {hook.url}"
+
+    async def _delete_webhook(self, change: Change) -> str:
+        hook_id = change.args["webhook_id"]
+        if hook_id not in self.store.managed_webhooks():
+            raise AgentStepError(f"refusing to delete {hook_id}: finops' state does not record it as ours")
+        deleted = await self.client.delete_webhook(hook_id)
+        self.store.forget_webhook(hook_id)
+        return f"webhook {hook_id} deleted" if deleted else f"webhook {hook_id} was already gone"

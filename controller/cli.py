@@ -20,22 +20,17 @@ from controller.errors import ConfigError, FinopsError, GuardrailViolation, Stal
 from controller.gateway.client import GatewayClient
 from controller.keysink import DirectoryKeySink
 from controller.manifest.schema import manifest_json_schema
-from controller.observe import observe
-from controller.plan import Memory, Plan, changes_equal, make_plan, plan_from_dict, plan_to_dict
+from controller.plan import Plan, changes_equal, plan_from_dict, plan_to_dict
+from controller.reconcile import observe_and_plan
 from controller.render import RENDERERS, render_apply_text, render_text
 from controller.state import StateStore
 from controller.target import Target, open_target
 from policies.spec import DesiredState
 
 
-async def _observe_and_plan(client: GatewayClient, desired: DesiredState, target: Target, store: StateStore) -> Plan:
-    live = await observe(client, desired, target=target.name)
-    return make_plan(desired, live, Memory(budget_writes=store.budget_writes()))
-
-
-async def _plan(desired: DesiredState, target: Target, store: StateStore, concurrency: int) -> Plan:
+async def _plan(desired: DesiredState, target: Target, store: StateStore, concurrency: int, prune: bool) -> Plan:
     async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
-        return await _observe_and_plan(client, desired, target, store)
+        return await observe_and_plan(client, desired, target.name, store, prune=prune)
 
 
 def _banner(target: Target, fmt: str) -> None:
@@ -70,6 +65,7 @@ def schema() -> None:
 
 @cli.command()
 @click.argument("path", default=DEFAULT_PATH, required=False)
+@click.option("--prune", is_flag=True, help="Delete gateway webhooks finops created for agents no longer declared.")
 @click.option("--format", "fmt", type=click.Choice(sorted(RENDERERS)), default="text", show_default=True)
 @click.option(
     "--detailed-exitcode", is_flag=True, help="Exit 0 when converged, 2 when changes are pending, 1 on error."
@@ -84,6 +80,7 @@ def schema() -> None:
 @target_options
 def plan(
     path: str,
+    prune: bool,
     fmt: str,
     detailed_exitcode: bool,
     out: Path | None,
@@ -101,7 +98,7 @@ def plan(
             _banner(target, fmt)
             store = StateStore(target.state_file)
             try:
-                result = asyncio.run(_plan(desired, target, store, concurrency))
+                result = asyncio.run(_plan(desired, target, store, concurrency, prune))
             finally:
                 store.close()
         if fmt == "text":
@@ -129,9 +126,10 @@ async def _apply(
     auto_approve: bool,
     fmt: str,
     concurrency: int,
+    prune: bool,
 ) -> tuple[Plan, ApplyResult | None]:
     async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
-        fresh = await _observe_and_plan(client, desired, target, store)
+        fresh = await observe_and_plan(client, desired, target.name, store, prune=prune)
         if saved is not None:
             if saved.target != target.name:
                 raise StalePlanError(f"the saved plan was made for {saved.target!r}, not {target.name!r}")
@@ -175,10 +173,12 @@ async def _apply(
     default=None,
     help="Apply a plan saved with `plan --out`; refused if the gateway moved since.",
 )
+@click.option("--prune", is_flag=True, help="Delete gateway webhooks finops created for agents no longer declared.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @target_options
 def apply(
     path: str,
+    prune: bool,
     auto_approve: bool,
     plan_file: Path | None,
     fmt: str,
@@ -204,7 +204,7 @@ def apply(
             sink = DirectoryKeySink(target.secrets_dir(secrets_dir))
             try:
                 chosen, result = asyncio.run(
-                    _apply(desired, target, store, sink, saved, auto_approve, fmt, concurrency)
+                    _apply(desired, target, store, sink, saved, auto_approve, fmt, concurrency, prune)
                 )
             finally:
                 store.close()

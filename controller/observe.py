@@ -14,7 +14,7 @@ from decimal import Decimal
 
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
-from controller.gateway.models import BudgetStatus, KeyRecord
+from controller.gateway.models import BudgetStatus, KeyRecord, Webhook
 from policies.currency import CREDITS, to_credits
 from policies.funding import top_up_amount
 from policies.spec import AgentSpec, DesiredState
@@ -47,6 +47,8 @@ class LiveFleet:
     """Every agent id that holds a key on the gateway."""
     admin_agents: frozenset[str] = frozenset()
     keys: tuple[KeyRecord, ...] = field(default=())
+    webhooks: tuple[Webhook, ...] | None = None
+    """The admin key's own webhooks; ``None`` when no fleet opted in (not read)."""
 
 
 async def observe_agent(client: GatewayClient, spec: AgentSpec, rate: Decimal) -> LiveAgent:
@@ -72,12 +74,18 @@ async def _observe_isolated(client: GatewayClient, spec: AgentSpec, rate: Decima
         return LiveAgent(agent_id=spec.agent_id, exists=False, error=str(exc))
 
 
-async def observe(client: GatewayClient, desired: DesiredState, *, target: str) -> LiveFleet:
-    """Read everything the planner needs; concurrency is bounded by the client."""
+async def observe(
+    client: GatewayClient, desired: DesiredState, *, target: str, webhooks_owned: bool = False
+) -> LiveFleet:
+    """Read everything the planner needs; concurrency is bounded by the client.
+
+    Webhooks are listed (one read) when a fleet opts in or finops already owns some
+    (``webhooks_owned``), so removing the last opted-in agent can still prune its hooks."""
     keys = await client.list_keys()  # also proves the key is admin-scoped, before anything else
     currencies = sorted({f.currency for f in desired.fleets})
     rates = {c: await client.exchange_rate(c, CREDITS) for c in currencies}
     specs = desired.agents()
+    webhooks = await client.list_webhooks() if webhooks_owned or any(s.gateway_webhooks for s in specs) else None
     results = await asyncio.gather(
         *(_observe_isolated(client, spec, rates[desired.fleet(spec.fleet).currency]) for spec in specs)
     )
@@ -88,4 +96,5 @@ async def observe(client: GatewayClient, desired: DesiredState, *, target: str) 
         key_agents=frozenset(k.agent_id for k in keys),
         admin_agents=frozenset(k.agent_id for k in keys if "admin" in k.scopes and not k.revoked),
         keys=tuple(keys),
+        webhooks=tuple(webhooks) if webhooks is not None else None,
     )

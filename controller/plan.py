@@ -19,13 +19,14 @@ from typing import Any
 
 from deepdiff import DeepDiff
 
+from controller.gateway.models import Webhook
 from controller.observe import NEW_WALLET_ANCHOR, LiveAgent, LiveFleet
-from controller.state import BudgetWrite
+from controller.state import Adjustment, BudgetWrite, Hold, ManagedWebhook
 from policies.currency import SIGNUP_BONUS_CREDITS, from_credits, to_credits
 from policies.funding import deposit_idempotency_key, top_up_amount
 from policies.guardrails import Violation, check_caps_within_total, check_funding_ceiling
 from policies.money import format_money
-from policies.spec import AgentSpec, DesiredState, FleetSpec
+from policies.spec import AgentSpec, DesiredState, FleetSpec, GatewayWebhookSpec, SecretRef
 
 PLAN_FORMAT_VERSION = 1
 
@@ -34,6 +35,18 @@ class ChangeKind(StrEnum):
     REGISTER = "register"
     TOP_UP = "top_up"
     SET_BUDGET = "set_budget"
+    CREATE_WEBHOOK = "create_webhook"
+    DELETE_WEBHOOK = "delete_webhook"
+
+
+WEBHOOK_MARKER_PREFIX = "finops.managed/"
+"""An event type finops adds to every webhook it creates (``finops.managed/<fleet>``): the
+ownership key that lives on the gateway object itself. The gateway accepts free-form event
+types and never emits this one, so it changes nothing about delivery."""
+
+
+def webhook_marker(fleet: str) -> str:
+    return WEBHOOK_MARKER_PREFIX + fleet
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,13 @@ class FleetInfo:
 
 
 @dataclass(frozen=True)
+class HeldAgent:
+    agent_id: str
+    reason: str
+    since: str
+
+
+@dataclass(frozen=True)
 class Plan:
     target: str
     created_at: str
@@ -77,6 +97,12 @@ class Plan:
     violations: tuple[Violation, ...] = ()
     errors: tuple[str, ...] = ()
     """Agents that could not be observed: the plan for them is unknown."""
+    held: tuple[HeldAgent, ...] = ()
+    """Agents under an operator hold (``finops freeze``): caps kept at 0, never funded."""
+    unmanaged_webhooks: tuple[str, ...] = ()
+    """Webhooks on the admin key that finops does not own (both ownership keys needed)."""
+    rebalanced: tuple[str, ...] = ()
+    """Today's rebalancing adjustments in force (desired caps include them)."""
     format_version: int = PLAN_FORMAT_VERSION
 
     @property
@@ -91,6 +117,9 @@ class Plan:
             "register": counts.get(ChangeKind.REGISTER.value, 0),
             "top_up": counts.get(ChangeKind.TOP_UP.value, 0),
             "set_budget": counts.get(ChangeKind.SET_BUDGET.value, 0),
+            "create_webhook": counts.get(ChangeKind.CREATE_WEBHOOK.value, 0),
+            "delete_webhook": counts.get(ChangeKind.DELETE_WEBHOOK.value, 0),
+            "held": len(self.held),
             "top_up_credits": format_money(top_up),
             "agents_changed": len({c.agent_id for c in self.changes}),
             "unmanaged_agents": len(self.unmanaged_agents),
@@ -104,6 +133,32 @@ class Memory:
     """What finops remembers that the gateway cannot show (see ``controller.state``)."""
 
     budget_writes: Mapping[str, BudgetWrite] = field(default_factory=dict)
+    holds: Mapping[str, Hold] = field(default_factory=dict)
+    managed_webhooks: Mapping[str, ManagedWebhook] = field(default_factory=dict)
+    secret_fingerprints: Mapping[SecretRef, str | None] = field(default_factory=dict)
+    """Fingerprints of the referenced signing secrets, resolved by the caller (``None``: not
+    available yet, e.g. a file finops will generate on apply)."""
+    key_prefixes: Mapping[str, str] = field(default_factory=dict)
+    """Fingerprints of the agent keys finops holds."""
+    adjustments: Mapping[str, Adjustment] = field(default_factory=dict)
+    """The rebalancer's current daily-cap adjustments (desired cap = baseline + adjustment)."""
+
+
+ADJUSTMENT_TTL_SECONDS = 86_400
+"""An adjustment not recomputed for a full rolling window is stale: the agent returns to its
+baseline even if the rebalancer stopped running."""
+
+
+def live_adjustment(spec: AgentSpec, memory: Memory, now: float) -> Adjustment | None:
+    """The adjustment the planner honours: fresh, non-zero, within the agent's bounds."""
+    adj = memory.adjustments.get(spec.agent_id)
+    if adj is None or adj.fleet != spec.fleet or not adj.amount or now - adj.computed_at > ADJUSTMENT_TTL_SECONDS:
+        return None
+    if spec.daily_cap_min is None or spec.daily_cap_max is None:
+        return None  # rebalancing switched off in the manifest
+    if not spec.daily_cap_min <= spec.daily_cap + adj.amount <= spec.daily_cap_max:
+        return None  # bounds changed in git since; the baseline wins
+    return adj
 
 
 def desired_alert_threshold(spec: AgentSpec) -> Decimal:
@@ -128,8 +183,13 @@ def _money(value: Decimal | None) -> str | None:
     return format_money(value) if value is not None else None
 
 
-def _plan_agent(fleet: FleetSpec, spec: AgentSpec, live: LiveAgent, rate: Decimal, memory: Memory) -> list[Change]:
+def _plan_agent(
+    fleet: FleetSpec, spec: AgentSpec, live: LiveAgent, rate: Decimal, memory: Memory, now: float
+) -> list[Change]:
     changes: list[Change] = []
+    hold = memory.holds.get(spec.agent_id)
+    if hold is not None:
+        return _plan_held(fleet, spec, live, hold, memory)
     balance = live.balance
     if not live.exists:
         changes.append(
@@ -172,11 +232,38 @@ def _plan_agent(fleet: FleetSpec, spec: AgentSpec, live: LiveAgent, rate: Decima
                 },
             )
         )
+    adj = live_adjustment(spec, memory, now)
+    daily = spec.daily_cap + (adj.amount if adj else 0)
     want = {
-        "daily_cap": _money(to_credits(spec.daily_cap, rate)),
+        "daily_cap": _money(to_credits(daily, rate)),
         "monthly_cap": _money(to_credits(spec.monthly_cap, rate)),
         "alert_threshold": str(desired_alert_threshold(spec)),
     }
+    budget = _plan_budget(fleet, spec, live, want, memory, held=False, adjustment=adj)
+    return changes + budget
+
+
+def _plan_held(fleet: FleetSpec, spec: AgentSpec, live: LiveAgent, hold: Hold, memory: Memory) -> list[Change]:
+    """A held agent is kept at caps of 0 (the one lever that stops REST spend on 1.4.8) and
+    is never funded; only ``finops unfreeze`` lifts the hold."""
+    if not live.exists:
+        return []
+    want = {"daily_cap": "0.00", "monthly_cap": "0.00", "alert_threshold": str(desired_alert_threshold(spec))}
+    return _plan_budget(fleet, spec, live, want, memory, held=True, hold=hold)
+
+
+def _plan_budget(
+    fleet: FleetSpec,
+    spec: AgentSpec,
+    live: LiveAgent,
+    want: Mapping[str, str | None],
+    memory: Memory,
+    *,
+    held: bool,
+    hold: Hold | None = None,
+    adjustment: Adjustment | None = None,
+) -> list[Change]:
+    changes: list[Change] = []
     remembered = memory.budget_writes.get(spec.agent_id)
     have = {
         "daily_cap": _money(live.budget.daily_cap) if live.budget else None,
@@ -188,8 +275,12 @@ def _plan_agent(fleet: FleetSpec, spec: AgentSpec, live: LiveAgent, rate: Decima
     if diff:
         unobservable_only = all(d.field == "alert_threshold" for d in diff)
         reason = (
-            "the gateway cannot report alert_threshold and finops has no record of writing it"
+            f"held by operator ({hold.reason}): caps stay at 0 until `finops unfreeze`"
+            if held and hold is not None and not unobservable_only
+            else "the gateway cannot report alert_threshold and finops has no record of writing it"
             if unobservable_only and remembered is None
+            else f"caps differ from the manifest plus today's rebalancing ({adjustment.explanation})"
+            if adjustment is not None and not unobservable_only
             else "caps differ from the manifest"
             if not unobservable_only
             else "alert_threshold differs from what finops last wrote"
@@ -205,6 +296,146 @@ def _plan_agent(fleet: FleetSpec, spec: AgentSpec, live: LiveAgent, rate: Decima
             )
         )
     return changes
+
+
+def secret_ref_args(ref: SecretRef) -> dict[str, str]:
+    """A secret reference as change arguments (the value is resolved only at apply)."""
+    args = {"secret_env": ref.env} if ref.env else {"secret_file": str(ref.file)}
+    if ref.generate:
+        args["secret_generate"] = "true"
+    return args
+
+
+def secret_ref_from_args(args: Mapping[str, str]) -> SecretRef:
+    return SecretRef(
+        env=args.get("secret_env"), file=args.get("secret_file"), generate=args.get("secret_generate") == "true"
+    )
+
+
+def _webhook_fp(hook: Webhook) -> str:
+    from controller.secretref import secret_fingerprint
+
+    return secret_fingerprint(hook.secret)
+
+
+def _describe(hook: Webhook) -> str:
+    return f"{hook.id} {hook.url} [{', '.join(hook.event_types)}]"
+
+
+@dataclass(frozen=True)
+class _WebhookPlan:
+    changes: list[Change]
+    unmanaged: list[str]
+    warnings: list[str]
+
+
+def _plan_webhooks(desired: DesiredState, live: LiveFleet, memory: Memory, *, prune: bool) -> _WebhookPlan:
+    """Gateway webhooks: create missing, replace what differs (the gateway has no update),
+    prune only what finops owns. Ownership needs both keys: finops' state *and* the marker
+    event type on the live webhook; anything else is listed as unmanaged and left alone."""
+    out = _WebhookPlan([], [], [])
+    if live.webhooks is None:
+        return out
+    owned = {
+        w.id: w
+        for w in live.webhooks
+        if w.id in memory.managed_webhooks and webhook_marker(memory.managed_webhooks[w.id].fleet) in w.event_types
+    }
+    claimed: set[str] = set()
+    for fleet in desired.fleets:
+        for spec in fleet.agents:
+            for hook in spec.gateway_webhooks:
+                claimed |= _plan_agent_webhook(fleet, spec, hook, owned, memory, out)
+    for hook_id, stale in sorted(owned.items()):
+        if hook_id in claimed:
+            continue
+        record = memory.managed_webhooks[hook_id]
+        if prune:
+            out.changes.append(_delete_webhook(record.fleet, record.agent_id, stale, "no longer declared: pruned"))
+        else:
+            out.warnings.append(
+                f"webhook {_describe(stale)} for {record.agent_id} is no longer declared; run with --prune to delete it"
+            )
+    for other in live.webhooks:
+        if other.id in owned:
+            continue
+        marked = any(e.startswith(WEBHOOK_MARKER_PREFIX) for e in other.event_types)
+        note = " (carries finops' marker but is not in finops' state: not proven ours)" if marked else ""
+        out.unmanaged.append(_describe(other) + note)
+    return out
+
+
+def _plan_agent_webhook(
+    fleet: FleetSpec,
+    spec: AgentSpec,
+    hook: GatewayWebhookSpec,
+    owned: Mapping[str, Webhook],
+    memory: Memory,
+    out: _WebhookPlan,
+) -> set[str]:
+    events = tuple(sorted({*hook.events, webhook_marker(fleet.name)}))
+    want_fp = memory.secret_fingerprints.get(hook.secret)
+    mine = [
+        w
+        for w in owned.values()
+        if memory.managed_webhooks[w.id].agent_id == spec.agent_id and w.filter_agent_ids == (spec.agent_id,)
+    ]
+    exact = [
+        w
+        for w in mine
+        if w.url == hook.url and tuple(sorted(w.event_types)) == events and want_fp and _webhook_fp(w) == want_fp
+    ]
+    keep = exact[0] if exact else None
+    if keep is None:
+        before = mine[0] if mine else None
+        changed = (
+            [
+                FieldDiff("url", before.url, hook.url) if before.url != hook.url else None,
+                FieldDiff("events", ",".join(sorted(before.event_types)), ",".join(events))
+                if tuple(sorted(before.event_types)) != events
+                else None,
+                FieldDiff("secret", _webhook_fp(before), want_fp or "(generated on apply)")
+                if _webhook_fp(before) != want_fp
+                else None,
+            ]
+            if before
+            else [
+                FieldDiff("url", None, hook.url),
+                FieldDiff("events", None, ",".join(events)),
+                FieldDiff("secret", None, want_fp or "(generated on apply)"),
+            ]
+        )
+        reason = (
+            "webhook differs and the gateway cannot update one: create the replacement, then delete the old"
+            if before
+            else "no webhook on the gateway for this agent"
+        )
+        out.changes.append(
+            Change(
+                kind=ChangeKind.CREATE_WEBHOOK,
+                fleet=fleet.name,
+                agent_id=spec.agent_id,
+                reason=reason,
+                diff=tuple(d for d in changed if d is not None),
+                args={"url": hook.url, "events": ",".join(events), **secret_ref_args(hook.secret)},
+            )
+        )
+    for w in mine:
+        if w is not keep:
+            why = "replaced (see the create above)" if keep is None else "duplicate of " + keep.id
+            out.changes.append(_delete_webhook(fleet.name, spec.agent_id, w, why))
+    return {w.id for w in mine}
+
+
+def _delete_webhook(fleet: str, agent_id: str, hook: Webhook, why: str) -> Change:
+    return Change(
+        kind=ChangeKind.DELETE_WEBHOOK,
+        fleet=fleet,
+        agent_id=agent_id,
+        reason=f"finops-owned webhook {hook.id}: {why}",
+        diff=(FieldDiff("webhook", f"{hook.id} {hook.url}", None),),
+        args={"webhook_id": hook.id, "url": hook.url},
+    )
 
 
 def observation_basis(desired: DesiredState, live: LiveFleet) -> str:
@@ -226,11 +457,16 @@ def observation_basis(desired: DesiredState, live: LiveFleet) -> str:
                 a.error,
             ]
         )
+    if live.webhooks is not None:
+        rows.append(sorted([w.id, w.url, sorted(w.event_types), _webhook_fp(w)] for w in live.webhooks))
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
-def make_plan(desired: DesiredState, live: LiveFleet, memory: Memory, *, now: datetime | None = None) -> Plan:
+def make_plan(
+    desired: DesiredState, live: LiveFleet, memory: Memory, *, now: datetime | None = None, prune: bool = False
+) -> Plan:
     """Compute every change needed to make the gateway match the manifests."""
+    when = now or datetime.now(UTC)
     changes: list[Change] = []
     violations: list[Violation] = []
     errors: list[str] = []
@@ -244,7 +480,7 @@ def make_plan(desired: DesiredState, live: LiveFleet, memory: Memory, *, now: da
             if agent is None or agent.error is not None:
                 errors.append(f"{spec.agent_id}: could not observe: {agent.error if agent else 'missing'}")
                 continue
-            fleet_changes.extend(_plan_agent(fleet, spec, agent, rate, memory))
+            fleet_changes.extend(_plan_agent(fleet, spec, agent, rate, memory, when.timestamp()))
         top_ups = {
             c.agent_id: from_credits(Decimal(c.args["amount"]), rate)
             for c in fleet_changes
@@ -258,18 +494,65 @@ def make_plan(desired: DesiredState, live: LiveFleet, memory: Memory, *, now: da
         ]
         violations += check_caps_within_total(fleet.name, fleet.currency, new_caps, fleet.daily_total)
         changes.extend(fleet_changes)
+    hooks = _plan_webhooks(desired, live, memory, prune=prune)
+    changes.extend(hooks.changes)
     declared = {a.agent_id for a in desired.agents()}
     unmanaged = sorted(live.key_agents - declared - live.admin_agents)
+    held = tuple(
+        HeldAgent(h.agent_id, h.reason, datetime.fromtimestamp(h.held_at, UTC).isoformat(timespec="seconds"))
+        for h in sorted(memory.holds.values(), key=lambda h: h.agent_id)
+        if h.agent_id in declared
+    )
+    warnings = [*hooks.warnings, *_key_warnings(desired, live, memory)]
+    rebalanced = tuple(
+        adj.explanation
+        for spec in desired.agents()
+        if spec.agent_id not in memory.holds and (adj := live_adjustment(spec, memory, when.timestamp())) is not None
+    )
     return Plan(
         target=live.target,
-        created_at=(now or datetime.now(UTC)).isoformat(timespec="seconds"),
+        created_at=when.isoformat(timespec="seconds"),
         basis=observation_basis(desired, live),
         fleets=tuple(fleets),
         changes=tuple(changes),
         unmanaged_agents=tuple(unmanaged),
         violations=tuple(violations),
         errors=tuple(errors),
+        warnings=tuple(warnings),
+        held=held,
+        unmanaged_webhooks=tuple(hooks.unmanaged),
+        rebalanced=rebalanced,
     )
+
+
+def _key_warnings(desired: DesiredState, live: LiveFleet, memory: Memory) -> list[str]:
+    """Say plainly what the gateway cannot do, and where finops cannot manage a key."""
+    out: list[str] = []
+    scoped = sorted({s.keys.scopes for s in desired.agents() if s.keys.manage})
+    for scopes in scoped:
+        out.append(
+            f"declared key scopes [{', '.join(scopes)}] are recorded but cannot be enforced: GreenHelix 1.4.8 "
+            "has no HTTP endpoint that sets scopes, and rotation resets keys to read,write"
+        )
+    live_prefixes = {(k.agent_id, k.key_hash_prefix) for k in live.keys if not k.revoked}
+    for spec in desired.agents():
+        if not spec.keys.manage:
+            continue
+        agent = live.agents.get(spec.agent_id)
+        if agent is None or not agent.exists:
+            continue
+        prefix = memory.key_prefixes.get(spec.agent_id)
+        if prefix is None:
+            out.append(
+                f"{spec.agent_id}: finops holds no key for this agent, so it cannot rotate it; "
+                f"run `finops keys import {spec.agent_id}` with the agent's current key on stdin"
+            )
+        elif live.keys and (spec.agent_id, prefix) not in live_prefixes:
+            out.append(
+                f"{spec.agent_id}: the key finops holds (sha3:{prefix}) is no longer live on the gateway; "
+                "import the agent's current key or rotate from a held one"
+            )
+    return out
 
 
 # ---------------------------------------------------------------------- serialisation
@@ -306,6 +589,9 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "warnings": list(plan.warnings),
         "violations": [{"rule": v.rule, "fleet": v.fleet, "message": v.message} for v in plan.violations],
         "errors": list(plan.errors),
+        "held": [{"agent_id": h.agent_id, "reason": h.reason, "since": h.since} for h in plan.held],
+        "unmanaged_webhooks": list(plan.unmanaged_webhooks),
+        "rebalanced": list(plan.rebalanced),
         "summary": plan.summary(),
     }
 
@@ -337,6 +623,9 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
         warnings=tuple(data.get("warnings", ())),
         violations=tuple(Violation(v["rule"], v["fleet"], v["message"]) for v in data.get("violations", ())),
         errors=tuple(data.get("errors", ())),
+        held=tuple(HeldAgent(h["agent_id"], h["reason"], h["since"]) for h in data.get("held", ())),
+        unmanaged_webhooks=tuple(data.get("unmanaged_webhooks", ())),
+        rebalanced=tuple(data.get("rebalanced", ())),
     )
 
 

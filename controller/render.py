@@ -16,9 +16,27 @@ def _plain(text: str, **_: object) -> str:
     return text
 
 
-_SYMBOL = {ChangeKind.REGISTER: "+", ChangeKind.TOP_UP: "~", ChangeKind.SET_BUDGET: "~"}
-_COLOUR = {ChangeKind.REGISTER: "green", ChangeKind.TOP_UP: "yellow", ChangeKind.SET_BUDGET: "yellow"}
-_LABEL = {ChangeKind.REGISTER: "register", ChangeKind.TOP_UP: "top up", ChangeKind.SET_BUDGET: "budget"}
+_SYMBOL = {
+    ChangeKind.REGISTER: "+",
+    ChangeKind.TOP_UP: "~",
+    ChangeKind.SET_BUDGET: "~",
+    ChangeKind.CREATE_WEBHOOK: "+",
+    ChangeKind.DELETE_WEBHOOK: "-",
+}
+_COLOUR = {
+    ChangeKind.REGISTER: "green",
+    ChangeKind.TOP_UP: "yellow",
+    ChangeKind.SET_BUDGET: "yellow",
+    ChangeKind.CREATE_WEBHOOK: "green",
+    ChangeKind.DELETE_WEBHOOK: "red",
+}
+_LABEL = {
+    ChangeKind.REGISTER: "register",
+    ChangeKind.TOP_UP: "top up",
+    ChangeKind.SET_BUDGET: "budget",
+    ChangeKind.CREATE_WEBHOOK: "webhook",
+    ChangeKind.DELETE_WEBHOOK: "webhook",
+}
 
 
 def _diff_text(change: Change) -> str:
@@ -31,8 +49,16 @@ def summary_line(plan: Plan) -> str:
         return "No changes. The gateway matches the manifests."
     return (
         f"Plan: {s['changes']} change(s) for {s['agents_changed']} agent(s): {s['register']} to register, "
-        f"{s['top_up']} top-up(s) totalling {s['top_up_credits']} credits, {s['set_budget']} budget update(s)."
+        f"{s['top_up']} top-up(s) totalling {s['top_up_credits']} credits, {s['set_budget']} budget update(s), "
+        f"{s['create_webhook']} webhook(s) to create, {s['delete_webhook']} to delete."
     )
+
+
+def _held_lines(plan: Plan) -> list[str]:
+    return [
+        f"{h.agent_id}: held since {h.since} ({h.reason}); caps kept at 0, no funding, until `finops unfreeze`"
+        for h in plan.held
+    ]
 
 
 def render_text(plan: Plan, style: Style = _plain) -> str:
@@ -56,6 +82,13 @@ def render_text(plan: Plan, style: Style = _plain) -> str:
         lines.append(style(f"! refused  {v}", fg="red", bold=True))
     for w in plan.warnings:
         lines.append(style(f"! warning  {w}", fg="yellow"))
+    if plan.rebalanced:
+        lines.append(style("Rebalanced daily caps (today's adjustment on top of git's baseline):", bold=True))
+        lines += [f"  {r}" for r in plan.rebalanced]
+    for h in _held_lines(plan):
+        lines.append(style(f"# HELD     {h}", fg="magenta", bold=True))
+    for hook in plan.unmanaged_webhooks:
+        lines.append(f"Unmanaged webhook on the admin key (left alone): {hook}")
     if plan.unmanaged_agents:
         lines.append(
             "Unmanaged agents on the gateway (in no manifest; never touched): " + ", ".join(plan.unmanaged_agents)
@@ -83,7 +116,10 @@ def render_markdown(plan: Plan) -> str:
     for title, items in (
         ("Errors", plan.errors),
         ("Refused by guardrails", [str(v) for v in plan.violations]),
+        ("Rebalanced daily caps (today's adjustment on top of git's baseline)", list(plan.rebalanced)),
+        ("Held by an operator (emergency stop)", _held_lines(plan)),
         ("Warnings", plan.warnings),
+        ("Unmanaged webhooks (left alone)", list(plan.unmanaged_webhooks)),
         ("Unmanaged agents (left alone)", [f"`{a}`" for a in plan.unmanaged_agents]),
     ):
         if items:

@@ -46,6 +46,26 @@ CREATE TABLE IF NOT EXISTS agent_keys (
     source TEXT NOT NULL,
     stored_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS holds (
+    agent_id TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    held_at REAL NOT NULL,
+    caps_before TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS managed_webhooks (
+    webhook_id TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    fleet TEXT NOT NULL,
+    url TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rebalance_adjustments (
+    agent_id TEXT PRIMARY KEY,
+    fleet TEXT NOT NULL,
+    amount TEXT NOT NULL,
+    explanation TEXT NOT NULL,
+    computed_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS apply_log (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     started_at REAL NOT NULL,
@@ -66,6 +86,37 @@ class BudgetWrite:
     daily_cap: Decimal | None
     monthly_cap: Decimal | None
     alert_threshold: Decimal
+
+
+@dataclass(frozen=True)
+class Hold:
+    """An operator's emergency stop on one agent; reconcile never undoes it."""
+
+    agent_id: str
+    reason: str
+    held_at: float
+
+
+@dataclass(frozen=True)
+class ManagedWebhook:
+    """A gateway webhook finops created: the first of the two ownership keys (the second is
+    the marker event type on the live webhook)."""
+
+    webhook_id: str
+    agent_id: str
+    fleet: str
+    url: str
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """The rebalancer's current adjustment of one agent's daily cap (fleet currency)."""
+
+    agent_id: str
+    fleet: str
+    amount: Decimal
+    explanation: str
+    computed_at: float
 
 
 @dataclass(frozen=True)
@@ -197,6 +248,61 @@ class StateStore:
         with self._lock:
             rows = self._db.execute("SELECT agent_id, key_prefix FROM agent_keys").fetchall()
         return {r[0]: r[1] for r in rows}
+
+    # -- holds -----------------------------------------------------------------
+
+    def holds(self) -> dict[str, Hold]:
+        with self._lock:
+            rows = self._db.execute("SELECT agent_id, reason, held_at FROM holds").fetchall()
+        return {r[0]: Hold(r[0], r[1], r[2]) for r in rows}
+
+    def set_hold(self, agent_id: str, reason: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO holds (agent_id, reason, held_at) VALUES (?,?,?) "
+                "ON CONFLICT(agent_id) DO UPDATE SET reason=excluded.reason",
+                (agent_id, reason, self._clock()),
+            )
+
+    def clear_hold(self, agent_id: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM holds WHERE agent_id=?", (agent_id,)).rowcount > 0
+
+    # -- managed webhooks ------------------------------------------------------
+
+    def managed_webhooks(self) -> dict[str, ManagedWebhook]:
+        with self._lock:
+            rows = self._db.execute("SELECT webhook_id, agent_id, fleet, url FROM managed_webhooks").fetchall()
+        return {r[0]: ManagedWebhook(r[0], r[1], r[2], r[3]) for r in rows}
+
+    def record_webhook(self, hook: ManagedWebhook) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO managed_webhooks VALUES (?,?,?,?,?)",
+                (hook.webhook_id, hook.agent_id, hook.fleet, hook.url, self._clock()),
+            )
+
+    def forget_webhook(self, webhook_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM managed_webhooks WHERE webhook_id=?", (webhook_id,))
+
+    # -- rebalancing -----------------------------------------------------------
+
+    def adjustments(self) -> dict[str, Adjustment]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT agent_id, fleet, amount, explanation, computed_at FROM rebalance_adjustments"
+            ).fetchall()
+        return {r[0]: Adjustment(r[0], r[1], Decimal(r[2]), r[3], r[4]) for r in rows}
+
+    def replace_adjustments(self, fleet: str, adjustments: list[Adjustment]) -> None:
+        """One fleet's adjustments as a unit: the rebalancer recomputes them all each pass."""
+        with self._tx() as db:
+            db.execute("DELETE FROM rebalance_adjustments WHERE fleet=?", (fleet,))
+            db.executemany(
+                "INSERT OR REPLACE INTO rebalance_adjustments VALUES (?,?,?,?,?)",
+                [(a.agent_id, a.fleet, str(a.amount), a.explanation, a.computed_at) for a in adjustments],
+            )
 
     # -- history ---------------------------------------------------------------
 

@@ -118,6 +118,20 @@ class AgentSpec:
     alert_routes: tuple[AlertRoute, ...] = ()
     gateway_webhooks: tuple[GatewayWebhookSpec, ...] = ()
     keys: KeyPolicy = KeyPolicy()
+    daily_cap_min: Decimal | None = None
+    """Bounds the rebalancer keeps this agent's daily cap within (``None``: fleet not rebalanced)."""
+    daily_cap_max: Decimal | None = None
+
+
+@dataclass(frozen=True)
+class RebalanceSettings:
+    """``spec.rebalancing`` resolved: fractions (0.30 = 30 %) and the run interval."""
+
+    enabled: bool = True
+    interval_seconds: int = 900
+    donor_below: Decimal = Decimal("0.30")
+    receiver_above: Decimal = Decimal("0.80")
+    share: Decimal = Decimal("0.50")
 
 
 @dataclass(frozen=True)
@@ -130,6 +144,7 @@ class FleetSpec:
     funding_ceiling: Decimal
     agents: tuple[AgentSpec, ...]
     source: Source | None = None
+    rebalancing: RebalanceSettings | None = None
 
 
 @dataclass(frozen=True)

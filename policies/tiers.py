@@ -20,12 +20,27 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from typing import TypeVar
 
 from policies.money import format_money
-from policies.spec import AgentSpec, DesiredState, FleetSpec, Source
+from policies.spec import (
+    WEEKLY,
+    AgentSpec,
+    AlertRoute,
+    DesiredState,
+    FleetSpec,
+    GatewayWebhookSpec,
+    KeyPolicy,
+    KeySinkSpec,
+    RebalanceSettings,
+    SecretRef,
+    Source,
+)
+from policies.urls import check_url_safety
 
 DEFAULT_THRESHOLDS: tuple[int, ...] = (75, 90, 100)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,27 @@ class FundingDecl:
 
 
 @dataclass(frozen=True)
+class BoundsDecl:
+    """Rebalancing bounds for a daily cap; ``None`` inherits."""
+
+    minimum: Decimal | None = None
+    maximum: Decimal | None = None
+
+
+@dataclass(frozen=True)
+class RebalanceDecl:
+    """``spec.rebalancing`` as written (percent values, interval in seconds)."""
+
+    enabled: bool = True
+    interval_seconds: int = 900
+    donor_below: int = 30
+    receiver_above: int = 80
+    share: int = 50
+    min_percent: int = 50
+    max_percent: int = 200
+
+
+@dataclass(frozen=True)
 class TierDecl:
     """A role's caps and funding as declared under ``spec.tiers``."""
 
@@ -87,6 +123,39 @@ class TierDecl:
     monthly_cap: Decimal
     funding: FundingDecl = FundingDecl()
     origin: Origin = Origin("", "", 0)
+    bounds: BoundsDecl = BoundsDecl()
+
+
+@dataclass(frozen=True)
+class RouteDecl:
+    """An alert route as written; ``None`` thresholds/secret inherit the agent's/fleet's."""
+
+    url: str
+    thresholds: tuple[int, ...] | None = None
+    events: tuple[str, ...] = ("budget.threshold",)
+    secret: SecretRef | None = None
+    rel: str = ""
+    """Where it sits relative to its origin (``alerts.routes[0]``), for messages."""
+
+
+@dataclass(frozen=True)
+class WebhookDecl:
+    """``spec.alerts.gatewayWebhooks`` as written."""
+
+    enabled: bool
+    url: str
+    events: tuple[str, ...]
+    secret: SecretRef | None = None
+
+
+@dataclass(frozen=True)
+class KeysDecl:
+    """Key management as written at one level; ``None`` inherits."""
+
+    manage: bool | None = None
+    scopes: tuple[str, ...] | None = None
+    rotation: str | None = None
+    sink: KeySinkSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +170,9 @@ class AgentDecl:
     thresholds: tuple[int, ...] | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     origin: Origin = Origin("", "", 0)
+    routes: tuple[RouteDecl, ...] | None = None
+    keys: KeysDecl = KeysDecl()
+    bounds: BoundsDecl = BoundsDecl()
 
 
 @dataclass(frozen=True)
@@ -117,6 +189,12 @@ class FleetDecl:
     default_funding: FundingDecl = FundingDecl()
     default_labels: Mapping[str, str] = field(default_factory=dict)
     origin: Origin = Origin("", "", 0)
+    routes: tuple[RouteDecl, ...] = ()
+    signing_secret: SecretRef | None = None
+    allow_insecure: bool = False
+    gateway_webhooks: WebhookDecl | None = None
+    keys: KeysDecl = KeysDecl()
+    rebalancing: RebalanceDecl | None = None
 
 
 @dataclass(frozen=True)
@@ -273,6 +351,10 @@ def resolve_agent(fleet: FleetDecl, agent: AgentDecl) -> tuple[AgentSpec | None,
 
     labels = {**fleet.default_labels, **agent.labels}
     thresholds = agent.thresholds if agent.thresholds is not None else fleet.thresholds
+    routes, route_issues = _resolve_routes(fleet, agent, tuple(thresholds))
+    bounds, bound_issues = _resolve_bounds(fleet, tier, agent, daily)
+    if route_issues or bound_issues:
+        return None, route_issues + bound_issues
     return (
         AgentSpec(
             agent_id=agent.agent_id,
@@ -285,9 +367,143 @@ def resolve_agent(fleet: FleetDecl, agent: AgentDecl) -> tuple[AgentSpec | None,
             alert_thresholds=tuple(thresholds),
             labels=labels,
             source=Source(origin.file, origin.line),
+            alert_routes=routes,
+            gateway_webhooks=_gateway_webhooks(fleet, agent),
+            keys=_key_policy(fleet.keys, agent.keys),
+            daily_cap_min=bounds[0] if bounds else None,
+            daily_cap_max=bounds[1] if bounds else None,
         ),
         [],
     )
+
+
+def _resolve_bounds(
+    fleet: FleetDecl, tier: TierDecl, agent: AgentDecl, daily: Decimal
+) -> tuple[tuple[Decimal, Decimal] | None, list[Issue]]:
+    """Rebalancing bounds: agent, else tier, else the fleet's percent of the baseline cap
+    (rounded inward to the cent, and never above the fleet's daily total)."""
+    policy = fleet.rebalancing
+    if policy is None or not policy.enabled:
+        return None, []
+    cent = Decimal("0.01")
+    default_min = (daily * policy.min_percent / 100).quantize(cent, rounding=ROUND_CEILING)
+    default_max = min((daily * policy.max_percent / 100).quantize(cent, rounding=ROUND_FLOOR), fleet.daily_total)
+    minimum = _first(agent.bounds.minimum, tier.bounds.minimum, default_min)
+    maximum = _first(agent.bounds.maximum, tier.bounds.maximum, default_max)
+    where = agent.origin if agent.bounds != BoundsDecl() else tier.origin
+    rel = "rebalance"
+    issues = []
+    if minimum > daily:
+        issues.append(
+            where.issue(f"{rel}.minDailyCap", f"minDailyCap {_money(minimum)} is above the daily cap {_money(daily)}")
+        )
+    if maximum < daily:
+        issues.append(
+            where.issue(f"{rel}.maxDailyCap", f"maxDailyCap {_money(maximum)} is below the daily cap {_money(daily)}")
+        )
+    if maximum > fleet.daily_total:
+        issues.append(
+            where.issue(
+                f"{rel}.maxDailyCap",
+                f"maxDailyCap {_money(maximum)} exceeds the fleet's dailyBudgetTotal {_money(fleet.daily_total)}",
+            )
+        )
+    return (minimum, maximum), issues
+
+
+def _resolve_routes(
+    fleet: FleetDecl, agent: AgentDecl, thresholds: tuple[int, ...]
+) -> tuple[tuple[AlertRoute, ...], list[Issue]]:
+    """The agent's routes (its own, else the fleet's) with thresholds and secret filled in.
+
+    Reported at the agent when the routes are its own, at the fleet otherwise (once per
+    fleet route, not once per inheriting agent: the caller de-duplicates identical issues).
+    """
+    own = agent.routes is not None
+    decls = agent.routes if agent.routes is not None else fleet.routes
+    where = agent.origin if own else fleet.origin
+    issues: list[Issue] = []
+    routes: list[AlertRoute] = []
+    for decl in decls:
+        chosen = decl.thresholds if decl.thresholds is not None else thresholds
+        unknown = [t for t in chosen if t not in thresholds]
+        if unknown:
+            issues.append(
+                where.issue(
+                    f"{decl.rel}.thresholds",
+                    f"route thresholds {list(unknown)} are not among agent '{agent.agent_id}' "
+                    f"thresholds {list(thresholds)}",
+                )
+            )
+            continue
+        secret = decl.secret or fleet.signing_secret
+        if secret is None:
+            issues.append(
+                where.issue(
+                    f"{decl.rel}.signingSecret",
+                    "alerts are signed: set spec.alerts.signingSecret (env or file) or the route's signingSecret",
+                )
+            )
+            continue
+        problem = check_url_safety(decl.url, allow_insecure=fleet.allow_insecure)
+        if problem:
+            issues.append(where.issue(f"{decl.rel}.url", problem))
+            continue
+        routes.append(AlertRoute(decl.url, tuple(chosen), decl.events, secret, fleet.allow_insecure))
+    return tuple(routes), issues
+
+
+def _gateway_webhooks(fleet: FleetDecl, agent: AgentDecl) -> tuple[GatewayWebhookSpec, ...]:
+    hooks = fleet.gateway_webhooks
+    if hooks is None or not hooks.enabled:
+        return ()
+    secret = hooks.secret or fleet.signing_secret
+    assert secret is not None  # checked once per fleet by check_gateway_webhooks
+    url = hooks.url.replace("{agent}", agent.agent_id).replace("{fleet}", fleet.name)
+    return (GatewayWebhookSpec(url, hooks.events, secret),)
+
+
+def check_gateway_webhooks(fleet: FleetDecl) -> list[Issue]:
+    """Gateway webhooks must satisfy the gateway itself: https, public host, a secret."""
+    hooks = fleet.gateway_webhooks
+    if hooks is None or not hooks.enabled:
+        return []
+    issues: list[Issue] = []
+    if hooks.secret is None and fleet.signing_secret is None:
+        issues.append(
+            fleet.origin.issue(
+                "spec.alerts.gatewayWebhooks.signingSecret",
+                "the gateway requires a webhook secret: set spec.alerts.signingSecret or this field",
+            )
+        )
+    problem = check_url_safety(
+        hooks.url.replace("{agent}", "agent").replace("{fleet}", fleet.name), allow_insecure=False
+    )
+    if problem:
+        issues.append(
+            fleet.origin.issue(
+                "spec.alerts.gatewayWebhooks.url", f"{problem} (the gateway refuses it; allowInsecure cannot help)"
+            )
+        )
+    return issues
+
+
+def _key_policy(fleet: KeysDecl, agent: KeysDecl) -> KeyPolicy:
+    """Field by field: the agent's value, else the fleet's, else the default."""
+    base = KeyPolicy()
+    return KeyPolicy(
+        manage=_first(agent.manage, fleet.manage, base.manage),
+        scopes=_first(agent.scopes, fleet.scopes, base.scopes),
+        rotation=_first(agent.rotation, fleet.rotation, WEEKLY),
+        sink=_first(agent.sink, fleet.sink, base.sink),
+    )
+
+
+def _first(*values: T | None) -> T:
+    for value in values:
+        if value is not None:
+            return value
+    raise ValueError("no value")  # pragma: no cover - the last candidate is a default
 
 
 def resolve(
@@ -370,6 +586,7 @@ def resolve(
     resolved: list[FleetSpec] = []
     for name, fleet in by_name.items():
         issues.extend(check_defaults(fleet))
+        issues.extend(check_gateway_webhooks(fleet))
         for tier in fleet.tiers.values():
             issues.extend(check_tier(fleet, tier))
         specs: list[AgentSpec] = []
@@ -397,8 +614,21 @@ def resolve(
                 funding_ceiling=fleet.funding_ceiling,
                 agents=tuple(specs),
                 source=Source(fleet.origin.file, fleet.origin.line),
+                rebalancing=_rebalance_settings(fleet.rebalancing),
             )
         )
 
     unique = list(dict.fromkeys(issues))
     return Resolution(DesiredState(tuple(resolved)), tuple(unique))
+
+
+def _rebalance_settings(decl: RebalanceDecl | None) -> RebalanceSettings | None:
+    if decl is None:
+        return None
+    return RebalanceSettings(
+        enabled=decl.enabled,
+        interval_seconds=decl.interval_seconds,
+        donor_below=Decimal(decl.donor_below) / 100,
+        receiver_above=Decimal(decl.receiver_above) / 100,
+        share=Decimal(decl.share) / 100,
+    )

@@ -26,17 +26,29 @@ from controller.manifest.schema import (
     MODEL_BY_KIND,
     Agent,
     AgentGroupManifest,
+    AlertRoute,
     FleetManifest,
+    Keys,
+    KeySink,
+    RebalanceBounds,
+    Rebalancing,
+    SecretRef,
     kind_of,
 )
-from policies.spec import DesiredState
+from policies.spec import DesiredState, KeySinkSpec
+from policies.spec import SecretRef as SecretRefSpec
 from policies.tiers import (
     AgentDecl,
+    BoundsDecl,
     FleetDecl,
     FundingDecl,
     GroupDecl,
+    KeysDecl,
     Origin,
+    RebalanceDecl,
+    RouteDecl,
     TierDecl,
+    WebhookDecl,
     did_you_mean,
     resolve,
 )
@@ -254,26 +266,111 @@ def _origin(label: str, doc: Document, base: Loc, rels: Sequence[str], anchor: L
     return Origin(label, dotted(base), line, lines)
 
 
-def _agent_decls(label: str, doc: Document, agents: Sequence[Agent]) -> tuple[AgentDecl, ...]:
-    rels = ("id", "tier", "dailyCap", "monthlyCap", *_FUNDING_FIELDS)
+def _secret(ref: SecretRef | None) -> SecretRefSpec | None:
+    return None if ref is None else SecretRefSpec(env=ref.env, file=ref.file, generate=ref.generate)
+
+
+def _routes(routes: Sequence[AlertRoute], rel: str) -> tuple[RouteDecl, ...]:
     return tuple(
-        AgentDecl(
-            agent_id=agent.id,
-            tier=agent.tier,
-            daily_cap=agent.daily_cap,
-            monthly_cap=agent.monthly_cap,
-            funding=FundingDecl(agent.funding.floor, agent.funding.target),
-            thresholds=tuple(agent.alerts.thresholds) if agent.alerts is not None else None,
-            labels=dict(agent.labels),
-            origin=_origin(label, doc, ("spec", "agents", i), rels),
+        RouteDecl(
+            url=r.url,
+            thresholds=tuple(r.thresholds) if r.thresholds is not None else None,
+            events=tuple(r.events),
+            secret=_secret(r.signing_secret),
+            rel=f"{rel}[{i}]",
         )
-        for i, agent in enumerate(agents)
+        for i, r in enumerate(routes)
     )
+
+
+def _route_lines(doc: Document, base: Loc, rel: str, count: int) -> list[tuple[str, Loc]]:
+    """Lines of each route's fields, keyed the way ``RouteDecl.rel`` names them."""
+    out: list[tuple[str, Loc]] = []
+    for i in range(count):
+        for sub in ("url", "thresholds", "signingSecret"):
+            out.append((f"{rel}[{i}].{sub}", (*base, *rel.split("."), i, sub)))
+        out.append((f"{rel}[{i}]", (*base, *rel.split("."), i)))
+    return out
+
+
+def _bounds(bounds: RebalanceBounds | None) -> BoundsDecl:
+    return BoundsDecl() if bounds is None else BoundsDecl(bounds.min_daily_cap, bounds.max_daily_cap)
+
+
+def _rebalancing(policy: Rebalancing | None) -> RebalanceDecl | None:
+    if policy is None:
+        return None
+    unit = {"s": 1, "m": 60, "h": 3600}[policy.interval[-1]]
+    return RebalanceDecl(
+        enabled=policy.enabled,
+        interval_seconds=int(policy.interval[:-1]) * unit,
+        donor_below=policy.donor_below_percent,
+        receiver_above=policy.receiver_above_percent,
+        share=policy.share_percent,
+        min_percent=policy.min_daily_cap_percent,
+        max_percent=policy.max_daily_cap_percent,
+    )
+
+
+def _sink(sink: KeySink | None) -> KeySinkSpec | None:
+    if sink is None:
+        return None
+    if sink.command is not None:
+        return KeySinkSpec(kind="command", command=tuple(sink.command))
+    return KeySinkSpec(kind="directory", path=sink.directory)
+
+
+def _keys(keys: Keys | None) -> KeysDecl:
+    if keys is None:
+        return KeysDecl()
+    return KeysDecl(
+        manage=keys.manage,
+        scopes=tuple(keys.scopes) if keys.scopes is not None else None,
+        rotation=keys.rotation,
+        sink=_sink(keys.sink),
+    )
+
+
+def _agent_decls(label: str, doc: Document, agents: Sequence[Agent]) -> tuple[AgentDecl, ...]:
+    rels = ("id", "tier", "dailyCap", "monthlyCap", *_FUNDING_FIELDS, "rebalance.minDailyCap", "rebalance.maxDailyCap")
+    decls = []
+    for i, agent in enumerate(agents):
+        base: Loc = ("spec", "agents", i)
+        own_routes = agent.alerts.routes if agent.alerts is not None else None
+        origin = _origin(label, doc, base, rels)
+        if own_routes:
+            origin = _with_lines(origin, doc, _route_lines(doc, base, "alerts.routes", len(own_routes)))
+        thresholds = agent.alerts.thresholds if agent.alerts is not None else None
+        decls.append(
+            AgentDecl(
+                agent_id=agent.id,
+                tier=agent.tier,
+                daily_cap=agent.daily_cap,
+                monthly_cap=agent.monthly_cap,
+                funding=FundingDecl(agent.funding.floor, agent.funding.target),
+                thresholds=tuple(thresholds) if thresholds is not None else None,
+                labels=dict(agent.labels),
+                origin=origin,
+                routes=_routes(own_routes, "alerts.routes") if own_routes is not None else None,
+                keys=_keys(agent.keys),
+                bounds=_bounds(agent.rebalance),
+            )
+        )
+    return tuple(decls)
+
+
+def _with_lines(origin: Origin, doc: Document, extra: Sequence[tuple[str, Loc]]) -> Origin:
+    lines = dict(origin.lines)
+    for rel, loc in extra:
+        line, found = locate(doc.root, loc)
+        if found:
+            lines[rel] = line
+    return Origin(origin.file, origin.path, origin.line, lines)
 
 
 def _fleet_decl(label: str, doc: Document, manifest: FleetManifest) -> FleetDecl:
     spec = manifest.spec
-    tier_rels = ("dailyCap", "monthlyCap", *_FUNDING_FIELDS)
+    tier_rels = ("dailyCap", "monthlyCap", *_FUNDING_FIELDS, "rebalance.minDailyCap", "rebalance.maxDailyCap")
     tiers = {
         name: TierDecl(
             name=name,
@@ -281,6 +378,7 @@ def _fleet_decl(label: str, doc: Document, manifest: FleetManifest) -> FleetDecl
             monthly_cap=tier.monthly_cap,
             funding=FundingDecl(tier.funding.floor, tier.funding.target),
             origin=_origin(label, doc, ("spec", "tiers", name), tier_rels),
+            bounds=_bounds(tier.rebalance),
         )
         for name, tier in spec.tiers.items()
     }
@@ -290,7 +388,29 @@ def _fleet_decl(label: str, doc: Document, manifest: FleetManifest) -> FleetDecl
         "spec.defaults.funding.floor",
         "spec.defaults.funding.target",
     )
+    alerts = spec.alerts
+    hooks = alerts.gateway_webhooks
+    origin = _origin(label, doc, (), fleet_rels, anchor=("metadata", "name"))
+    origin = _with_lines(
+        origin,
+        doc,
+        [
+            *_route_lines(doc, (), "spec.alerts.routes", len(alerts.routes)),
+            ("spec.alerts.gatewayWebhooks.url", ("spec", "alerts", "gatewayWebhooks", "url")),
+            ("spec.alerts.gatewayWebhooks.signingSecret", ("spec", "alerts", "gatewayWebhooks")),
+        ],
+    )
     return FleetDecl(
+        routes=_routes(alerts.routes, "spec.alerts.routes"),
+        signing_secret=_secret(alerts.signing_secret),
+        allow_insecure=alerts.allow_insecure,
+        gateway_webhooks=(
+            WebhookDecl(hooks.enabled, hooks.url, tuple(hooks.events), _secret(hooks.signing_secret))
+            if hooks is not None
+            else None
+        ),
+        keys=_keys(spec.keys),
+        rebalancing=_rebalancing(spec.rebalancing),
         name=manifest.metadata.name,
         currency=spec.currency,
         daily_total=spec.daily_budget_total,
@@ -300,7 +420,7 @@ def _fleet_decl(label: str, doc: Document, manifest: FleetManifest) -> FleetDecl
         thresholds=tuple(spec.alerts.thresholds),
         default_funding=FundingDecl(spec.defaults.funding.floor, spec.defaults.funding.target),
         default_labels=dict(spec.defaults.labels),
-        origin=_origin(label, doc, (), fleet_rels, anchor=("metadata", "name")),
+        origin=origin,
     )
 
 

@@ -24,6 +24,7 @@ from pydantic import (
     TypeAdapter,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 from pydantic.alias_generators import to_camel
 
@@ -133,20 +134,135 @@ class FleetFunding(_Model):
     per_run_ceiling: Money
 
 
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+PATTERN_HELP[ENV_NAME_PATTERN] = "must be an environment variable name (letters, digits, '_')"
+EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME_PATTERN)]
+URL_PLACEHOLDERS = ("{agent}", "{fleet}", "{threshold}", "{window}")
+WEBHOOK_PLACEHOLDERS = ("{agent}", "{fleet}")
+ALERT_EVENT_NAMES = Literal["budget.threshold", "budget.recovered"]
+
+
+def _url_template(value: str, allowed: tuple[str, ...]) -> str:
+    """A URL with only known placeholders; safety (https, public host) is judged later, once
+    ``allowInsecure`` is known."""
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(f"{value!r} is not an http(s) URL")
+    if re.search(r"\s", value):
+        raise ValueError("URL must not contain whitespace")
+    for placeholder in re.findall(r"\{[^}]*\}", value):
+        if placeholder not in allowed:
+            raise ValueError(f"unknown placeholder {placeholder} (allowed: {', '.join(allowed)})")
+    if re.match(r"^https?://[^/@]*@", value):
+        raise ValueError("URL must not embed credentials (user:password@); use signingSecret")
+    return value
+
+
+def _default_alert_events() -> list[ALERT_EVENT_NAMES]:
+    return ["budget.threshold"]
+
+
+class SecretRef(_Model):
+    """A secret by reference, never inline: ``env: NAME`` or ``file: PATH``; ``generate:
+    true`` (with ``file``) creates a random secret there if the file is missing."""
+
+    env: EnvName | None = None
+    file: str | None = Field(default=None, min_length=1)
+    generate: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of 'env' or 'file'")
+        if self.generate and self.file is None:
+            raise ValueError("'generate' needs 'file' (the place the generated secret is kept)")
+        return self
+
+
+class AlertRoute(_Model):
+    """One alert destination. ``url`` may use {agent}, {fleet}, {threshold} and {window}."""
+
+    url: str
+    thresholds: list[Threshold] | None = None
+    events: list[ALERT_EVENT_NAMES] = Field(default_factory=_default_alert_events, min_length=1)
+    signing_secret: SecretRef | None = None
+
+    _url = field_validator("url")(lambda v: _url_template(v, URL_PLACEHOLDERS))
+    _increasing = field_validator("thresholds")(lambda v: v if v is None else _strictly_increasing(v))
+
+
+class GatewayWebhooks(_Model):
+    """Opt-in webhooks registered on the gateway itself (one per agent, filtered to it)."""
+
+    enabled: bool = False
+    url: str
+    events: list[Annotated[str, StringConstraints(min_length=1, max_length=100)]] = Field(
+        default_factory=lambda: ["billing.usage_recorded", "billing.deposit"], min_length=1
+    )
+    signing_secret: SecretRef | None = None
+
+    _url = field_validator("url")(lambda v: _url_template(v, WEBHOOK_PLACEHOLDERS))
+
+
 class FleetAlerts(_Model):
-    """Alert thresholds, in percent of each agent's daily cap."""
+    """Alert thresholds (percent of each agent's caps) and where alerts go."""
 
     thresholds: list[Threshold] = Field(default_factory=lambda: list(DEFAULT_THRESHOLDS), min_length=1)
+    signing_secret: SecretRef | None = None
+    allow_insecure: bool = False
+    routes: list[AlertRoute] = Field(default_factory=list)
+    gateway_webhooks: GatewayWebhooks | None = None
 
     _increasing = field_validator("thresholds")(_strictly_increasing)
 
 
 class AgentAlerts(_Model):
-    """An agent's own thresholds; required here, since an empty override would be ambiguous."""
+    """An agent's own thresholds and/or routes, replacing the fleet's."""
 
-    thresholds: list[Threshold] = Field(min_length=1)
+    thresholds: list[Threshold] | None = Field(default=None, min_length=1)
+    routes: list[AlertRoute] | None = None
 
-    _increasing = field_validator("thresholds")(_strictly_increasing)
+    _increasing = field_validator("thresholds")(lambda v: v if v is None else _strictly_increasing(v))
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> AgentAlerts:
+        if self.thresholds is None and self.routes is None:
+            raise ValueError("give 'thresholds' and/or 'routes' (an empty override is ambiguous)")
+        return self
+
+
+class KeySink(_Model):
+    """Where an agent's new keys are delivered: a directory (one 0600 file per agent) or a
+    command that receives the key on stdin."""
+
+    directory: str | None = Field(default=None, min_length=1)
+    command: list[Annotated[str, StringConstraints(min_length=1)]] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> KeySink:
+        if (self.directory is None) == (self.command is None):
+            raise ValueError("give exactly one of 'directory' or 'command'")
+        return self
+
+
+class Keys(_Model):
+    """Key management; every field may be left to the fleet's ``spec.keys``."""
+
+    manage: bool | None = None
+    scopes: list[Literal["read", "write"]] | None = Field(default=None, min_length=1)
+    rotation: str | None = None
+    sink: KeySink | None = None
+
+    @field_validator("rotation")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from policies.rotation import validate_schedule
+
+        problem = validate_schedule(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class Defaults(_Model):
@@ -156,12 +272,37 @@ class Defaults(_Model):
     labels: Labels = Field(default_factory=dict)
 
 
+class RebalanceBounds(_Model):
+    """The range the rebalancer may move a daily cap within (defaults: the fleet's percents)."""
+
+    min_daily_cap: Money | None = None
+    max_daily_cap: Money | None = None
+
+
+Percent = Annotated[int, Field(strict=True, ge=0, le=100)]
+DURATION_PATTERN = r"^[1-9][0-9]{0,5}(s|m|h)$"
+PATTERN_HELP[DURATION_PATTERN] = 'must be a duration such as "15m", "900s" or "1h"'
+
+
+class Rebalancing(_Model):
+    """Dynamic rebalancing of unused daily budget from idle agents to busy ones."""
+
+    enabled: bool = True
+    interval: Annotated[str, StringConstraints(pattern=DURATION_PATTERN)] = "15m"
+    donor_below_percent: Percent = 30
+    receiver_above_percent: Percent = 80
+    share_percent: Percent = 50
+    min_daily_cap_percent: Annotated[int, Field(strict=True, ge=0, le=100)] = 50
+    max_daily_cap_percent: Annotated[int, Field(strict=True, ge=100, le=1000)] = 200
+
+
 class Tier(_Model):
     """A role's caps and funding, shared by the agents that name it."""
 
     daily_cap: Money
     monthly_cap: Money
     funding: Funding = Field(default_factory=Funding)
+    rebalance: RebalanceBounds | None = None
 
 
 class Agent(_Model):
@@ -174,6 +315,8 @@ class Agent(_Model):
     monthly_cap: Money | None = None
     funding: Funding = Field(default_factory=Funding)
     alerts: AgentAlerts | None = None
+    keys: Keys | None = None
+    rebalance: RebalanceBounds | None = None
 
 
 class Metadata(_Model):
@@ -191,6 +334,8 @@ class FleetSpecModel(_Model):
     funding: FleetFunding
     alerts: FleetAlerts = Field(default_factory=FleetAlerts)
     defaults: Defaults = Field(default_factory=Defaults)
+    keys: Keys = Field(default_factory=Keys)
+    rebalancing: Rebalancing | None = None
     tiers: dict[Name, Tier] = Field(min_length=1, json_schema_extra={"additionalProperties": False})
     agents: list[Agent] = Field(default_factory=list)
 

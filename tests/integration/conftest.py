@@ -15,14 +15,20 @@ from controller.apply import Applier, ApplyResult, FaultHook
 from controller.gateway.client import GatewayClient
 from controller.keysink import DirectoryKeySink
 from controller.manifest.loader import load_manifests
-from controller.observe import observe
-from controller.plan import Memory, Plan, make_plan
+from controller.plan import Plan
+from controller.reconcile import observe_and_plan
 from controller.sandbox.server import SandboxServer
 from controller.state import StateStore
 from policies.spec import DesiredState
 
 REPO = Path(__file__).resolve().parents[2]
 CANONICAL = REPO / "manifests"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Manifests name relative paths (the generated alert-signing secret): keep them in tmp."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
@@ -53,10 +59,9 @@ class Harness:
         kw.setdefault("backoff_max", 0.05)
         return GatewayClient(self.sandbox.url, self.sandbox.admin_key, transport=transport, **kw)
 
-    async def plan(self, desired: DesiredState) -> Plan:
+    async def plan(self, desired: DesiredState, *, prune: bool = False) -> Plan:
         async with self.client() as client:
-            live = await observe(client, desired, target="sandbox")
-        return make_plan(desired, live, Memory(budget_writes=self.store.budget_writes()))
+            return await observe_and_plan(client, desired, "sandbox", self.store, prune=prune)
 
     async def apply(
         self,

@@ -14,7 +14,17 @@ import pytest
 from controller.errors import ManifestError, ManifestIssue
 from controller.manifest import load_manifests
 from controller.manifest.keyscan import API_KEY_PATTERN
-from policies.spec import AgentSpec, DesiredState, FleetSpec, Source
+from policies.spec import (
+    AgentSpec,
+    AlertRoute,
+    DesiredState,
+    FleetSpec,
+    GatewayWebhookSpec,
+    KeyPolicy,
+    RebalanceSettings,
+    SecretRef,
+    Source,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
@@ -53,6 +63,7 @@ def _money(text: str) -> Decimal:
 def _agent(
     agent_id: str, tier: str, daily: str, monthly: str, floor: str, target: str, role: str, file: str, line: int
 ) -> AgentSpec:
+    secret = SecretRef(file=".finops/alert-signing.secret", generate=True)
     return AgentSpec(
         agent_id=agent_id,
         fleet="research",
@@ -64,6 +75,25 @@ def _agent(
         alert_thresholds=(75, 90, 100),
         labels={"team": "research", "role": role},
         source=Source(file, line),
+        alert_routes=(
+            AlertRoute(
+                "https://alerts.example.com/research/{agent}/{threshold}", (75, 90), ("budget.threshold",), secret
+            ),
+            AlertRoute(
+                "https://pager.example.com/finops/{fleet}?agent={agent}&window={window}",
+                (100,),
+                ("budget.threshold", "budget.recovered"),
+                secret,
+            ),
+        ),
+        gateway_webhooks=(
+            GatewayWebhookSpec(
+                f"https://alerts.example.com/gateway/{agent_id}", ("billing.usage_recorded", "billing.deposit"), secret
+            ),
+        ),
+        keys=KeyPolicy(manage=True, scopes=("read", "write"), rotation="weekly"),
+        daily_cap_min=_money(daily) / 2,
+        daily_cap_max=_money(daily) * 2,
     )
 
 
@@ -80,13 +110,14 @@ def test_canonical_manifests_resolve_to_the_research_fleet(monkeypatch: pytest.M
                 daily_total=Decimal("200.00"),
                 funding_ceiling=Decimal("500.00"),
                 agents=(
-                    _agent("orch-01", "orchestrator", "80.00", "1600.00", "100.00", "200.00", "lead", fleet_file, 54),
+                    _agent("orch-01", "orchestrator", "80.00", "1600.00", "100.00", "200.00", "lead", fleet_file, 93),
                     _agent("res-01", "researcher", "30.00", "600.00", "40.00", "75.00", "worker", workers_file, 12),
                     _agent("res-02", "researcher", "30.00", "600.00", "40.00", "75.00", "worker", workers_file, 15),
                     _agent("sum-01", "summarizer", "20.00", "400.00", "25.00", "50.00", "worker", workers_file, 18),
                     _agent("cls-01", "classifier", "15.00", "300.00", "20.00", "40.00", "worker", workers_file, 21),
                 ),
                 source=Source(fleet_file, 16),
+                rebalancing=RebalanceSettings(True, 900, Decimal("0.3"), Decimal("0.8"), Decimal("0.5")),
             ),
         )
     )

@@ -96,14 +96,14 @@ def test_json_schema_is_a_discriminated_union_on_kind() -> None:
 def test_json_schema_uses_yaml_field_names_and_money_as_string_or_number() -> None:
     defs = manifest_json_schema()["$defs"]
     tier = defs["Tier"]["properties"]
-    assert set(tier) == {"dailyCap", "monthlyCap", "funding"}
+    assert set(tier) == {"dailyCap", "monthlyCap", "funding", "rebalance"}
     money = tier["dailyCap"]["oneOf"]
     assert {"type": "string", "pattern": MONEY_STRING_PATTERN} in money
     assert {"type": "number", "minimum": 0} in money
     assert re.fullmatch(MONEY_STRING_PATTERN[1:-1], "30.00")
     assert not re.fullmatch(MONEY_STRING_PATTERN[1:-1], "30.123")
     assert set(defs["FleetSpecModel"]["properties"]) == {
-        "currency", "dailyBudgetTotal", "funding", "alerts", "defaults", "tiers", "agents",
+        "currency", "dailyBudgetTotal", "funding", "alerts", "defaults", "keys", "rebalancing", "tiers", "agents",
     }  # fmt: skip
     assert defs["FleetSpecModel"]["properties"]["tiers"]["additionalProperties"] is False
 

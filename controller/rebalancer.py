@@ -1,0 +1,99 @@
+"""The rebalancing reconciler: read spend, decide (``policies.rebalance``), remember, apply.
+
+The decision is recomputed from git's baselines and the gateway's rolling 24 h spend on
+every run; the result is stored as per-agent *adjustments* that the planner adds to the
+baselines, so the ordinary reconcile loop enforces the rebalanced caps instead of fighting
+them. Adjustments expire on their own: the next run recomputes them (an agent whose spend
+recovered returns to baseline), and the planner ignores any adjustment older than 24 h.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from controller.gateway.client import GatewayClient
+from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
+from controller.state import Adjustment, StateStore
+from policies.currency import CREDITS, from_credits
+from policies.rebalance import AgentBudget, Rebalance, RebalancePolicy, rebalance
+from policies.spec import DesiredState, FleetSpec
+
+
+@dataclass
+class FleetRebalance:
+    fleet: str
+    currency: str
+    decision: Rebalance | None
+    errors: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        if self.decision is None:
+            return [f"{self.fleet}: not rebalanced: {'; '.join(self.errors)}"]
+        out = [f"{self.fleet}: " + note for note in self.decision.notes]
+        out += [
+            self.decision.explain(a, self.currency) for a, amount in sorted(self.decision.adjustments.items()) if amount
+        ]
+        out += [f"{self.fleet}: skipped {e}" for e in self.errors]
+        return out
+
+
+async def _spend(client: GatewayClient, agent_id: str) -> Decimal:
+    return (await client.get_budget(agent_id)).daily_spend
+
+
+async def decide(client: GatewayClient, desired: DesiredState, holds: frozenset[str]) -> list[FleetRebalance]:
+    """Read each rebalanced fleet's rolling 24 h spend and decide its caps (no writes)."""
+    out: list[FleetRebalance] = []
+    for fleet in desired.fleets:
+        settings = fleet.rebalancing
+        if settings is None or not settings.enabled:
+            continue
+        out.append(await _decide_fleet(client, fleet, holds))
+    return out
+
+
+async def _decide_fleet(client: GatewayClient, fleet: FleetSpec, holds: frozenset[str]) -> FleetRebalance:
+    assert fleet.rebalancing is not None
+    rate = await client.exchange_rate(fleet.currency, CREDITS)
+    spends = await asyncio.gather(*(_spend(client, a.agent_id) for a in fleet.agents), return_exceptions=True)
+    budgets: list[AgentBudget] = []
+    errors: list[str] = []
+    for spec, spend in zip(fleet.agents, spends, strict=True):
+        if isinstance(spend, (AuthenticationFailed, NotAdmin)):
+            raise spend
+        if isinstance(spend, BaseException):
+            if not isinstance(spend, GatewayError):
+                raise spend
+            # Unobservable spend: the agent keeps its baseline and neither gives nor takes.
+            errors.append(f"{spec.agent_id} (spend unreadable: {spend})")
+            held = True
+            spent = Decimal("0.00")
+        else:
+            held = spec.agent_id in holds
+            spent = from_credits(spend, rate)
+        assert spec.daily_cap_min is not None and spec.daily_cap_max is not None
+        budgets.append(AgentBudget(spec.agent_id, spec.daily_cap, spent, spec.daily_cap_min, spec.daily_cap_max, held))
+    settings = fleet.rebalancing
+    policy = RebalancePolicy(True, settings.donor_below, settings.receiver_above, settings.share)
+    return FleetRebalance(fleet.name, fleet.currency, rebalance(budgets, policy, fleet.daily_total), errors)
+
+
+def remember(store: StateStore, results: list[FleetRebalance], now: Callable[[], float]) -> None:
+    """Replace each fleet's adjustments with the new decision (zero adjustments are dropped:
+    the agent is back at its baseline)."""
+    at = now()
+    for result in results:
+        if result.decision is None:
+            continue
+        decision = result.decision
+        store.replace_adjustments(
+            result.fleet,
+            [
+                Adjustment(agent, result.fleet, amount, decision.explain(agent), at)
+                for agent, amount in sorted(decision.adjustments.items())
+                if amount
+            ],
+        )

@@ -1,0 +1,44 @@
+"""One observe → plan step, shared by the CLI and the daemon so both decide identically.
+
+Everything finops remembers (``Memory``) is gathered here from the state store, and signing
+secrets are resolved to fingerprints (read-only: a secret finops will generate is created at
+apply, not at plan).
+"""
+
+from __future__ import annotations
+
+from controller.gateway.client import GatewayClient
+from controller.observe import observe
+from controller.plan import Memory, Plan, make_plan
+from controller.secretref import SecretUnavailable, resolve_secret, secret_fingerprint
+from controller.state import StateStore
+from policies.spec import DesiredState, SecretRef
+
+
+def secret_fingerprints(desired: DesiredState) -> dict[SecretRef, str | None]:
+    refs = {hook.secret for spec in desired.agents() for hook in spec.gateway_webhooks}
+    out: dict[SecretRef, str | None] = {}
+    for ref in refs:
+        try:
+            out[ref] = secret_fingerprint(resolve_secret(ref, create=False))
+        except SecretUnavailable:
+            out[ref] = None
+    return out
+
+
+def build_memory(store: StateStore, desired: DesiredState) -> Memory:
+    return Memory(
+        budget_writes=store.budget_writes(),
+        holds=store.holds(),
+        managed_webhooks=store.managed_webhooks(),
+        secret_fingerprints=secret_fingerprints(desired),
+        key_prefixes=store.key_prefixes(),
+        adjustments=store.adjustments(),
+    )
+
+
+async def observe_and_plan(
+    client: GatewayClient, desired: DesiredState, target: str, store: StateStore, *, prune: bool = False
+) -> Plan:
+    live = await observe(client, desired, target=target, webhooks_owned=bool(store.managed_webhooks()))
+    return make_plan(desired, live, build_memory(store, desired), prune=prune)
