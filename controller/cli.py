@@ -220,6 +220,65 @@ def apply(
 
 
 @cli.command()
+@click.argument("path", default=DEFAULT_PATH, required=False)
+@click.option("--dry-run", is_flag=True, help="Show the decision; write nothing.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@target_options
+def rebalance(
+    path: str,
+    dry_run: bool,
+    fmt: str,
+    gateway: str | None,
+    api_key_file: str | None,
+    state_dir: Path,
+    secrets_dir: Path | None,
+    concurrency: int,
+) -> None:
+    """Move unused daily budget from idle agents to busy ones now (fleet totals unchanged)."""
+    from controller.rebalancer import RebalanceRun, run_rebalance
+
+    def run() -> int:
+        desired = load(path)
+        with open_target(gateway, api_key_file=api_key_file, state_dir=state_dir) as target:
+            _banner(target, fmt)
+            store = StateStore(target.state_file)
+            sink = DirectoryKeySink(target.secrets_dir(secrets_dir))
+
+            async def go() -> RebalanceRun:
+                async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
+                    return await run_rebalance(
+                        client, desired, store, sink, target.name, dry_run=dry_run, now=time.time
+                    )
+
+            try:
+                outcome = asyncio.run(go())
+            finally:
+                store.close()
+        if fmt == "json":
+            click.echo(
+                json.dumps(
+                    {
+                        "dry_run": dry_run,
+                        "moved": str(outcome.moved),
+                        "decisions": outcome.lines(),
+                        "result": outcome.applied.to_dict() if outcome.applied else None,
+                    },
+                    indent=2,
+                )
+            )
+        else:
+            for line in outcome.lines() or ["no fleet has rebalancing enabled"]:
+                click.echo(line)
+            if outcome.applied is not None:
+                click.echo(render_apply_text(outcome.applied, click.style))
+            elif not dry_run:
+                click.echo("Caps already match the decision: nothing written.")
+        return EXIT_OK if outcome.applied is None or outcome.applied.ok else EXIT_ERROR
+
+    run_command(run)
+
+
+@cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option(

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
+from controller.apply import Applier, ApplyResult
+from controller.errors import GuardrailViolation
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
+from controller.keysink import DirectoryKeySink
+from controller.plan import ChangeKind
+from controller.reconcile import observe_and_plan
 from controller.state import Adjustment, StateStore
 from policies.currency import CREDITS, from_credits
 from policies.rebalance import AgentBudget, Rebalance, RebalancePolicy, rebalance
@@ -92,8 +97,49 @@ def remember(store: StateStore, results: list[FleetRebalance], now: Callable[[],
         store.replace_adjustments(
             result.fleet,
             [
-                Adjustment(agent, result.fleet, amount, decision.explain(agent), at)
+                Adjustment(agent, result.fleet, amount, decision.explain(agent, result.currency), at)
                 for agent, amount in sorted(decision.adjustments.items())
                 if amount
             ],
         )
+
+
+@dataclass
+class RebalanceRun:
+    fleets: list[FleetRebalance]
+    applied: ApplyResult | None
+    moved: Decimal
+
+    def lines(self) -> list[str]:
+        return [line for f in self.fleets for line in f.lines()]
+
+
+async def run_rebalance(
+    client: GatewayClient,
+    desired: DesiredState,
+    store: StateStore,
+    sink: DirectoryKeySink,
+    target: str,
+    *,
+    dry_run: bool,
+    now: Callable[[], float],
+) -> RebalanceRun:
+    """Decide, remember and write only the rebalanced caps (other drift is the reconcile
+    loop's business, so an on-demand rebalance never funds or registers anything)."""
+    results = await decide(client, desired, frozenset(store.holds()))
+    moved = sum((r.decision.moved for r in results if r.decision is not None), Decimal("0.00"))
+    if dry_run:
+        return RebalanceRun(results, None, moved)
+    remember(store, results, now)
+    plan = await observe_and_plan(client, desired, target, store)
+    fleets = {r.fleet for r in results}
+    budget_only = replace(
+        plan, changes=tuple(c for c in plan.changes if c.kind is ChangeKind.SET_BUDGET and c.fleet in fleets)
+    )
+    if plan.violations:
+        raise GuardrailViolation(
+            "the rebalanced caps break a guardrail; nothing was written:\n  "
+            + "\n  ".join(str(v) for v in plan.violations)
+        )
+    applied = await Applier(client, store, sink).apply(budget_only) if budget_only.changes else None
+    return RebalanceRun(results, applied, moved)
