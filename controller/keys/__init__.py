@@ -1,0 +1,11 @@
+"""Managed agent keys: finops holds each managed agent's current raw key, rotates it on
+schedule with durable intents, delivers it to the agent's sink, and can quarantine it.
+
+- ``vault``: finops' own key store (a directory of 0600 files, plus a quarantine area).
+- ``sinks``: delivery to the agent (a directory or a command that reads the key on stdin).
+- ``store``: rotation times and orphaned-key reports in the state database (never keys).
+- ``rotate``: ``KeyManager``, the rotation engine with crash recovery, import and status.
+
+Nothing is re-exported here, so importing ``controller.keysink`` (which apply uses) never
+pulls in the gateway client and the engine.
+"""

@@ -1,0 +1,788 @@
+"""Rotating managed agents' keys without downtime, and converging after a crash.
+
+GreenHelix 1.4.8 rotates a key only on presentation of the raw current key, answers with
+the new key once, keeps the old key valid for 300 s, and mints another live key if the
+request is repeated (API.md §0.4, §6). So every rotation is:
+
+1. a durable ``rotate`` intent (old key prefix, the agent's live key prefixes, sink);
+2. ``rotate_key`` — never retried: an unknown outcome leaves the intent pending;
+3. the new key written to finops' vault at once (atomic, fsynced) and its prefix recorded;
+4. delivery to the agent's sink (or, for an emergency stop, into quarantine instead);
+5. verification: a balance read with the new key;
+6. the intent marked done and the rotation time recorded.
+
+A run that dies between any two steps leaves a pending intent. ``recover`` never rotates
+blindly: it lists the agent's live keys and compares them with what the vault holds.
+
+- The new key reached the vault: finish delivery and verification (delivery is repeated, so
+  sinks must be idempotent).
+- No new key on the gateway: the rotation never happened; nothing to do.
+- A new key on the gateway that the vault lacks: it is an *orphan* (minted, never stored).
+  It is reported by prefix. Admin cannot revoke another agent's key over REST on 1.4.8, and
+  rotation sets no expiry, so it stays live until a gateway operator revokes it in the
+  gateway's database. If the held old key is still in its grace period, finops rotates
+  again from it to regain a key it holds (decided: one more live key costs nothing, an agent
+  locked out costs everything); past the grace, the agent's key is reported lost.
+
+Either way the run converges to exactly one key held by finops that works, and every
+orphan is reported by its ``key_hash_prefix``. Rotations of one agent are serialised by an
+in-process lock; across processes, the caller holds the state directory's writer lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from controller.errors import FinopsError
+from controller.gateway.client import GatewayClient
+from controller.gateway.errors import AuthenticationFailed, Forbidden, GatewayError, ServerError, UnknownOutcome
+from controller.gateway.models import KeyRecord
+from controller.keys.sinks import DEFAULT_COMMAND_TIMEOUT_S, DeliveryError, KeySink, scrub, sink_for
+from controller.keys.store import HeldKey, KeyLedger
+from controller.keys.vault import MAIN, QUARANTINE, KeyVault
+from controller.state import ABANDONED, DONE, FAILED, PENDING, Intent, StateStore
+from policies.keyprint import key_prefix
+from policies.rotation import next_rotation, rotation_due, validate_schedule
+from policies.spec import AgentSpec, DesiredState, KeySinkSpec
+
+log = logging.getLogger("finops.keys")
+
+ROTATE = "rotate"
+"""Intent kind in the state database."""
+GRACE_SECONDS = 300
+MAX_PARALLEL_ROTATIONS = 8
+
+FaultHook = Callable[[str, str], None]
+"""Called as ``hook(point, agent_id)`` after ``rotate``, ``vault`` and ``deliver``; tests
+raise from it to simulate a kill between steps."""
+AgentClientFactory = Callable[[str], GatewayClient]
+"""Builds a client that authenticates with an agent's own key (for verification)."""
+
+ORPHAN_HELP = (
+    "nobody holds this key: it was minted by an interrupted rotation and never stored. GreenHelix 1.4.8 "
+    "cannot revoke another agent's key over REST (admin revoke searches only the admin's own keys) and "
+    "rotation sets no expiry, so it stays valid until a gateway operator revokes it in the gateway's "
+    "database (the api_keys row whose key_hash starts with this prefix). Its secret existed only in the "
+    "lost rotate response."
+)
+
+
+class KeyManagementError(FinopsError):
+    """A key operation for one agent failed; the message is user-facing and key-free."""
+
+
+class NoKeyHeld(KeyManagementError):
+    """finops holds no key for the agent, so it cannot rotate it."""
+
+
+class RotationError(KeyManagementError):
+    """A rotation failed or stopped part-way (a pending intent says how far it got)."""
+
+
+class ImportRefused(KeyManagementError):
+    """``import_key`` was given a key that is not a live key of that agent."""
+
+
+def _fp(prefix: str) -> str:
+    return f"sha3:{prefix}"
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _sink_payload(spec: KeySinkSpec) -> dict[str, Any]:
+    return {"kind": spec.kind, "path": spec.path, "command": list(spec.command)}
+
+
+def _sink_from_payload(data: Mapping[str, Any]) -> KeySinkSpec:
+    return KeySinkSpec(
+        kind=str(data.get("kind", "directory")),
+        path=data.get("path"),
+        command=tuple(str(a) for a in data.get("command") or ()),
+    )
+
+
+_ORIGIN = {(MAIN, MAIN): "rotate", (MAIN, QUARANTINE): "quarantine", (QUARANTINE, MAIN): "release"}
+
+
+@dataclass(frozen=True)
+class RotationOutcome:
+    """One completed rotation (or, with ``changed=False``, one that was not needed)."""
+
+    agent_id: str
+    old_fingerprint: str
+    new_fingerprint: str
+    delivered_to: str
+    quarantined: bool
+    released: bool = False
+    grace_expires_at: float | None = None
+    recovered: bool = False
+    orphans: tuple[str, ...] = ()
+    """Fingerprints of keys minted by an interrupted rotation that nobody holds."""
+    changed: bool = True
+
+    def describe(self) -> str:
+        if not self.changed:
+            return f"{self.agent_id}: key {self.new_fingerprint} is already in quarantine; nothing rotated"
+        verb = (
+            "released from quarantine"
+            if self.released
+            else "rotated into quarantine"
+            if self.quarantined
+            else "rotated"
+        )
+        parts = [f"{self.agent_id}: key {verb} {self.old_fingerprint} → {self.new_fingerprint}"]
+        parts.append(
+            "held by finops, not delivered: the agent's key stops working when its grace ends"
+            if self.quarantined
+            else f"delivered to {self.delivered_to}"
+        )
+        parts.append("verified")
+        if self.grace_expires_at:
+            parts.append(f"old key valid until {_iso(self.grace_expires_at)}")
+        else:
+            parts.append(f"old key valid for up to {GRACE_SECONDS} s after the rotation")
+        if self.recovered:
+            parts.append("completed after an interrupted run")
+        if self.orphans:
+            parts.append(f"ORPHANED key(s) {', '.join(self.orphans)}: {ORPHAN_HELP}")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "agent_id": self.agent_id,
+            "old_fingerprint": self.old_fingerprint,
+            "new_fingerprint": self.new_fingerprint,
+            "delivered_to": self.delivered_to,
+            "quarantined": self.quarantined,
+            "released": self.released,
+            "grace_expires_at": self.grace_expires_at,
+            "recovered": self.recovered,
+            "orphans": list(self.orphans),
+            "changed": self.changed,
+        }
+
+
+@dataclass
+class RotationRun:
+    """The result of ``rotate_due``: each agent attempted, failures isolated."""
+
+    recovered: list[str] = field(default_factory=list)
+    rotated: list[RotationOutcome] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "recovered": list(self.recovered),
+            "rotated": [o.to_dict() for o in self.rotated],
+            "failed": dict(self.failed),
+            "skipped": dict(self.skipped),
+        }
+
+
+@dataclass(frozen=True)
+class DueKey:
+    agent_id: str
+    schedule: str
+    since: datetime | None
+    """When the held key's age started (last rotation, else when finops stored it)."""
+    due_at: datetime
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    """One agent's key as ``finops status`` shows it."""
+
+    agent_id: str
+    managed: bool
+    schedule: str
+    sink: str
+    fingerprint: str | None
+    quarantined: bool
+    last_rotation: datetime | None
+    key_since: datetime | None
+    next_due: datetime | None
+    due: bool
+    orphans: tuple[str, ...]
+    pending_rotation: bool
+    problem: str | None = None
+
+    def describe(self) -> str:
+        if not self.managed:
+            return f"{self.agent_id}: key not managed by finops"
+        if self.fingerprint is None:
+            return f"{self.agent_id}: no key held (run `finops keys import {self.agent_id}`)"
+        parts = [f"{self.agent_id}: key {self.fingerprint}"]
+        if self.quarantined:
+            parts.append("QUARANTINED (not delivered; `finops unfreeze` releases it)")
+        parts.append(
+            f"last rotated {self.last_rotation.isoformat(timespec='seconds')}"
+            if self.last_rotation
+            else "never rotated by finops"
+        )
+        if self.next_due is not None:
+            when = self.next_due.isoformat(timespec="seconds")
+            parts.append(f"DUE since {when}" if self.due else f"next rotation {when} ({self.schedule})")
+        if self.pending_rotation:
+            parts.append("an interrupted rotation is pending (resolved on the next run)")
+        if self.orphans:
+            parts.append(f"ORPHANED key(s) {', '.join(self.orphans)}")
+        if self.problem:
+            parts.append(self.problem)
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat(timespec="seconds") if value else None
+
+        return {
+            "agent_id": self.agent_id,
+            "managed": self.managed,
+            "schedule": self.schedule,
+            "sink": self.sink,
+            "fingerprint": self.fingerprint,
+            "quarantined": self.quarantined,
+            "last_rotation": iso(self.last_rotation),
+            "key_since": iso(self.key_since),
+            "next_due": iso(self.next_due),
+            "due": self.due,
+            "orphans": list(self.orphans),
+            "pending_rotation": self.pending_rotation,
+            "problem": self.problem,
+        }
+
+
+@dataclass(frozen=True)
+class _Recovery:
+    note: str
+    outcome: RotationOutcome | None = None
+    lost: bool = False
+
+
+class KeyManager:
+    """Rotation, recovery, import, quarantine and status for managed agents' keys."""
+
+    def __init__(
+        self,
+        client: GatewayClient,
+        store: StateStore,
+        vault: KeyVault,
+        *,
+        state_path: Path,
+        clock: Callable[[], float] = time.time,
+        fault_hook: FaultHook | None = None,
+        agent_client_factory: AgentClientFactory | None = None,
+        command_timeout: float = DEFAULT_COMMAND_TIMEOUT_S,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.vault = vault
+        self.ledger = KeyLedger(state_path, clock=clock)
+        self._clock = clock
+        self._hook: FaultHook = fault_hook or (lambda point, agent: None)
+        self._agent_client: AgentClientFactory = agent_client_factory or self._default_agent_client
+        self._command_timeout = command_timeout
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _default_agent_client(self, raw_key: str) -> GatewayClient:
+        return GatewayClient(self.client.base_url, raw_key, max_attempts=3)
+
+    def _lock(self, agent_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(agent_id, asyncio.Lock())
+
+    def _sink(self, spec: KeySinkSpec) -> KeySink:
+        return sink_for(spec, self.vault, command_timeout=self._command_timeout)
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC)
+
+    async def _agent_keys(self, agent_id: str) -> list[KeyRecord]:
+        return [k for k in await self.client.list_keys(agent_id=agent_id) if k.agent_id == agent_id]
+
+    async def _authenticates(self, agent_id: str, raw_key: str) -> bool:
+        """Whether the key works for its agent: a free balance read with the key itself.
+        Other gateway failures (unreachable, 5xx) propagate: they decide nothing."""
+        async with self._agent_client(raw_key) as agent_client:
+            try:
+                balance = await agent_client.get_balance(agent_id)
+            except (AuthenticationFailed, Forbidden):
+                return False
+        return balance is not None
+
+    def _pending(self, agent_id: str | None = None) -> list[Intent]:
+        return [
+            i for i in self.store.intents(status=PENDING, kind=ROTATE) if agent_id is None or i.agent_id == agent_id
+        ]
+
+    def _report_orphans(self, agent_id: str, prefixes: Collection[str]) -> None:
+        if not prefixes:
+            return
+        self.ledger.record_orphans(agent_id, sorted(prefixes), ORPHAN_HELP)
+        for prefix in sorted(prefixes):
+            log.warning("ORPHANED KEY %s of agent %s: %s", _fp(prefix), agent_id, ORPHAN_HELP)
+
+    # ------------------------------------------------------------------ rotation
+
+    async def rotate(self, spec: AgentSpec, *, reason: str, quarantine: bool = False) -> RotationOutcome:
+        """Rotate the agent's key and deliver the new one (or hold it in quarantine).
+
+        A rotation of this agent left pending by an earlier run is finished first; when that
+        completes the same kind of rotation, it is returned instead of rotating again.
+        """
+        agent = spec.agent_id
+        if not spec.keys.manage:
+            raise KeyManagementError(f"{agent}: finops does not manage this agent's key (keys.manage is false)")
+        async with self._lock(agent):
+            for outcome in await self._resume(agent, spec.keys.sink):
+                if outcome.quarantined == quarantine and not outcome.released:
+                    return outcome
+            if quarantine:
+                held = self.vault.read(agent, QUARANTINE)
+                if held is not None:
+                    fp = _fp(key_prefix(held))
+                    return RotationOutcome(agent, fp, fp, "quarantine", quarantined=True, changed=False)
+                return await self._rotate_locked(agent, spec.keys.sink, reason, MAIN, QUARANTINE)
+            if self.vault.is_quarantined(agent):
+                raise KeyManagementError(
+                    f"{agent}: the key is in quarantine (emergency stop); `finops unfreeze {agent}` releases it "
+                    "with a fresh key"
+                )
+            return await self._rotate_locked(agent, spec.keys.sink, reason, MAIN, MAIN)
+
+    async def quarantine(self, spec: AgentSpec, *, reason: str) -> str:
+        """Emergency stop: rotate into quarantine; the agent's key dies when its grace ends."""
+        return (await self.rotate(spec, reason=reason, quarantine=True)).describe()
+
+    async def release_quarantine(self, spec: AgentSpec) -> str:
+        """Rotate the quarantined key into a fresh key delivered to the agent's sink."""
+        agent = spec.agent_id
+        async with self._lock(agent):
+            for outcome in await self._resume(agent, spec.keys.sink):
+                if outcome.released:
+                    return outcome.describe()
+            if not self.vault.is_quarantined(agent):
+                return f"{agent}: no key in quarantine; nothing to release"
+            outcome = await self._rotate_locked(agent, spec.keys.sink, "release from quarantine", QUARANTINE, MAIN)
+            return outcome.describe()
+
+    async def _rotate_locked(
+        self,
+        agent: str,
+        sink: KeySinkSpec,
+        reason: str,
+        source: str,
+        target: str,
+        *,
+        held_may_be_in_grace: bool = False,
+    ) -> RotationOutcome:
+        held = self.vault.read(agent, source)
+        if held is None:
+            where = " in quarantine" if source == QUARANTINE else ""
+            raise NoKeyHeld(
+                f"{agent}: finops holds no key for this agent{where}, so it cannot rotate it; run "
+                f"`finops keys import {agent}` with the agent's current key on stdin"
+            )
+        old = key_prefix(held)
+        live = {k.key_hash_prefix for k in await self._agent_keys(agent) if not k.revoked}
+        if old not in live and not held_may_be_in_grace:
+            raise RotationError(
+                f"{agent}: the key finops holds ({_fp(old)}) is not a live key of {agent} on the gateway "
+                f"(revoked, or not this agent's); run `finops keys import {agent}` with the agent's current key"
+            )
+        target_before = self.vault.read(agent, target)
+        payload: dict[str, Any] = {
+            "old_prefix": old,
+            "live_before": sorted(live),
+            "source": source,
+            "target": target,
+            "target_before": key_prefix(target_before) if target_before else "",
+            "sink": _sink_payload(sink),
+            "reason": reason,
+        }
+        intent_key = f"rotate:{agent}:{self._clock():.6f}"
+        self.store.begin_intent(intent_key, ROTATE, agent, payload)
+        try:
+            rotation = await self.client.rotate_key(held)
+        except (UnknownOutcome, ServerError) as exc:
+            self.store.finish_intent(intent_key, PENDING, f"outcome unknown: {scrub(str(exc), held)}")
+            raise RotationError(
+                f"{agent}: the outcome of rotating key {_fp(old)} is unknown ({scrub(str(exc), held)}). It is not "
+                "retried, because a retry would mint another live key; the next run resolves it by comparing "
+                f"{agent}'s live keys with the key finops holds"
+            ) from None
+        except GatewayError as exc:
+            self.store.finish_intent(intent_key, ABANDONED, f"refused: {scrub(str(exc), held)}")
+            raise RotationError(
+                f"{agent}: the gateway refused to rotate key {_fp(old)}: {scrub(str(exc), held)}"
+            ) from None
+        self._hook("after_rotate", agent)
+        new = rotation.new_key
+        self.vault.write(agent, new, target)
+        self.store.record_key(agent, key_prefix(new), _ORIGIN[(source, target)])
+        self._hook("after_vault", agent)
+        return await self._complete(intent_key, agent, payload, new, sink, grace=rotation.grace_expires_at)
+
+    async def _complete(
+        self,
+        intent_key: str,
+        agent: str,
+        payload: Mapping[str, Any],
+        new: str,
+        sink: KeySinkSpec,
+        *,
+        grace: float | None,
+        recovered: bool = False,
+        orphans: tuple[str, ...] = (),
+    ) -> RotationOutcome:
+        """Steps 4-6 for a new key that is already in the vault (shared with recovery)."""
+        prefix = key_prefix(new)
+        old, source, target = str(payload["old_prefix"]), str(payload["source"]), str(payload["target"])
+        origin = _ORIGIN[(source, target)]
+        self.store.record_key(agent, prefix, origin)
+        if target == MAIN:
+            try:
+                where = await self._sink(sink).deliver(agent, new)
+            except DeliveryError as exc:
+                problem = scrub(str(exc), new)
+                self.store.finish_intent(intent_key, PENDING, f"delivery failed: {problem}")
+                until = f"at {_iso(grace)}" if grace else f"{GRACE_SECONDS} s after the rotation"
+                raise RotationError(
+                    f"{agent}: the new key {_fp(prefix)} is held by finops but was NOT delivered: {problem}. The "
+                    f"agent's previous key {_fp(old)} stops working {until}. Fix the sink and run `finops rotate "
+                    f"--agent {agent}`: it delivers the held key without rotating again"
+                ) from None
+            self._hook("after_deliver", agent)
+        else:
+            where = f"quarantine ({self.vault.path_for(agent, QUARANTINE)})"
+        await self._verify(intent_key, agent, new)
+        if source == QUARANTINE and target == MAIN:
+            self.vault.clear(agent, QUARANTINE)
+        self.ledger.record_stored(agent, prefix, origin, rotated=True, reason=str(payload.get("reason", "")))
+        self.store.finish_intent(
+            intent_key, DONE, f"{_fp(old)} -> {_fp(prefix)}" + (" (recovered)" if recovered else "")
+        )
+        outcome = RotationOutcome(
+            agent_id=agent,
+            old_fingerprint=_fp(old),
+            new_fingerprint=_fp(prefix),
+            delivered_to=where,
+            quarantined=target == QUARANTINE,
+            released=source == QUARANTINE and target == MAIN,
+            grace_expires_at=grace,
+            recovered=recovered,
+            orphans=orphans,
+        )
+        log.info("%s", outcome.describe())
+        return outcome
+
+    async def _verify(self, intent_key: str, agent: str, raw: str) -> None:
+        prefix = key_prefix(raw)
+        try:
+            works = await self._authenticates(agent, raw)
+        except GatewayError as exc:
+            self.store.finish_intent(intent_key, PENDING, "verification could not run")
+            raise RotationError(
+                f"{agent}: the new key {_fp(prefix)} is stored but could not be verified "
+                f"({scrub(str(exc), raw)}); the next run verifies it"
+            ) from None
+        if not works:
+            self.store.finish_intent(intent_key, FAILED, "the gateway refuses the new key")
+            raise RotationError(
+                f"{agent}: the gateway refuses the new key {_fp(prefix)} that its rotation just returned; "
+                "check the gateway, then import a working key with `finops keys import`"
+            )
+
+    # ------------------------------------------------------------------ recovery
+
+    async def recover(self) -> list[str]:
+        """Resolve every rotation a crashed or failed run left pending; one note each."""
+        notes: list[str] = []
+        for intent in self._pending():
+            lock = self._lock(intent.agent_id)
+            if lock.locked():
+                continue  # being rotated right now, in this process
+            async with lock:
+                if intent.intent_key not in {i.intent_key for i in self._pending(intent.agent_id)}:
+                    continue
+                try:
+                    notes.append((await self._recover_intent(intent, None)).note)
+                except (FinopsError, OSError) as exc:
+                    notes.append(
+                        f"{intent.agent_id}: an interrupted rotation is not resolved yet: {scrub(str(exc))}; "
+                        "the next run tries again"
+                    )
+        return notes
+
+    async def _resume(self, agent: str, sink: KeySinkSpec) -> list[RotationOutcome]:
+        """Finish this agent's pending rotations (with the current sink) before a new one."""
+        outcomes: list[RotationOutcome] = []
+        for intent in self._pending(agent):
+            recovery = await self._recover_intent(intent, sink)
+            if recovery.lost:
+                raise RotationError(recovery.note)
+            if recovery.outcome is not None:
+                outcomes.append(recovery.outcome)
+        return outcomes
+
+    async def _recover_intent(self, intent: Intent, sink_override: KeySinkSpec | None) -> _Recovery:
+        agent, p = intent.agent_id, intent.payload
+        sink = sink_override or _sink_from_payload(p.get("sink") or {})
+        old, source, target = str(p["old_prefix"]), str(p["source"]), str(p["target"])
+        live = {k.key_hash_prefix for k in await self._agent_keys(agent) if not k.revoked}
+        minted = sorted(live - set(p.get("live_before") or ()) - {old})
+        stored = self.vault.read(agent, target)
+        stored_prefix = key_prefix(stored) if stored else None
+        if stored is not None and stored_prefix not in {p.get("target_before"), old}:
+            orphans = [m for m in minted if m != stored_prefix]
+            self._report_orphans(agent, orphans)
+            outcome = await self._complete(
+                intent.intent_key,
+                agent,
+                p,
+                stored,
+                sink,
+                grace=None,
+                recovered=True,
+                orphans=tuple(_fp(m) for m in orphans),
+            )
+            return _Recovery(f"{agent}: finished an interrupted rotation: {outcome.describe()}", outcome)
+        if not minted:
+            if old in live:
+                self.store.finish_intent(intent.intent_key, ABANDONED, "never reached the gateway")
+                return _Recovery(
+                    f"{agent}: an interrupted rotation never reached the gateway; the key finops holds "
+                    f"({_fp(old)}) is unchanged and live"
+                )
+            self.store.finish_intent(intent.intent_key, ABANDONED, "no new key; the held key is no longer live")
+            return _Recovery(
+                f"{agent}: an interrupted rotation left no new key on the gateway, but the key finops holds "
+                f"({_fp(old)}) is no longer live there; run `finops keys import {agent}` with the agent's "
+                "current key"
+            )
+        # The rotation landed and its new key never reached the vault: an orphan.
+        self._report_orphans(agent, minted)
+        orphan_fps = ", ".join(_fp(m) for m in minted)
+        held = self.vault.read(agent, source)
+        if held is None or key_prefix(held) != old or not await self._authenticates(agent, held):
+            self.store.finish_intent(
+                intent.intent_key, FAILED, f"new key lost (orphan {orphan_fps}); the old key no longer works"
+            )
+            return _Recovery(
+                f"{agent}: LOST KEY: a rotation was interrupted after the gateway minted the new key "
+                f"(ORPHANED {orphan_fps}) and before finops stored it, and the key it rotated from ({_fp(old)}) is "
+                f"past its {GRACE_SECONDS} s grace. finops holds no working key for {agent}. If the agent still "
+                f"has a working key, run `finops keys import {agent}` with it; otherwise a gateway operator must "
+                f"issue one. The orphan: {ORPHAN_HELP}",
+                lost=True,
+            )
+        self.store.finish_intent(
+            intent.intent_key, ABANDONED, f"new key lost (orphan {orphan_fps}); rotated again from the held key"
+        )
+        outcome = await self._rotate_locked(
+            agent, sink, f"recovery: {p.get('reason', '')}", source, target, held_may_be_in_grace=True
+        )
+        outcome = dataclasses.replace(outcome, recovered=True, orphans=tuple(_fp(m) for m in minted))
+        return _Recovery(
+            f"{agent}: an interrupted rotation lost its new key (ORPHANED {orphan_fps}); the held key was still in "
+            f"its grace period, so finops rotated again from it: {outcome.describe()}",
+            outcome,
+        )
+
+    # ------------------------------------------------------------------ import
+
+    async def import_key(self, agent_id: str, raw_key: str) -> str:
+        """Adopt a key the agent already has, after proving it is a live key of that agent.
+        The key is not delivered (the agent has it); its age for rotation starts now."""
+        raw = raw_key.strip()
+        if not raw.startswith("a2a_") or any(c.isspace() for c in raw):
+            raise ImportRefused(f"{agent_id}: that is not a GreenHelix API key (expected a2a_<tier>_<hex>)")
+        prefix = key_prefix(raw)
+        async with self._lock(agent_id):
+            if self.vault.is_quarantined(agent_id):
+                raise ImportRefused(
+                    f"{agent_id}: the agent's key is in quarantine (emergency stop); `finops unfreeze {agent_id}` first"
+                )
+            rows = {k.key_hash_prefix: k for k in await self._agent_keys(agent_id)}
+            row = rows.get(prefix)
+            if row is None:
+                raise ImportRefused(
+                    f"{agent_id}: key {_fp(prefix)} is not one of {agent_id}'s keys on the gateway "
+                    "(it may belong to another agent); nothing imported"
+                )
+            if row.revoked:
+                raise ImportRefused(
+                    f"{agent_id}: key {_fp(prefix)} is revoked on the gateway (at most {GRACE_SECONDS} s of grace "
+                    "left); import the agent's current key instead"
+                )
+            if not await self._authenticates(agent_id, raw):
+                raise ImportRefused(f"{agent_id}: the gateway does not accept key {_fp(prefix)}; nothing imported")
+            self.vault.write(agent_id, raw, MAIN)
+            self.store.record_key(agent_id, prefix, "import")
+            self.ledger.record_stored(agent_id, prefix, "import", rotated=False, reason="import")
+            for intent in self._pending(agent_id):
+                self.store.finish_intent(intent.intent_key, ABANDONED, f"superseded by the import of {_fp(prefix)}")
+        log.info("%s: imported key %s", agent_id, _fp(prefix))
+        return (
+            f"{agent_id}: imported key {_fp(prefix)} into {self.vault.path_for(agent_id)}; "
+            "it is rotated on its schedule from now on"
+        )
+
+    # ------------------------------------------------------------------ due-ness and status
+
+    def _key_since(self, agent_id: str, prefix: str, ledger: Mapping[str, HeldKey]) -> float | None:
+        """When the held key's age started: finops' own record of this exact key, else when
+        ``apply`` stored it at registration; ``None`` (due at once) when neither knows."""
+        held = ledger.get(agent_id)
+        if held is not None and held.key_prefix == prefix:
+            return held.since
+        return self.ledger.registered_at(agent_id, prefix)
+
+    def due(self, desired: DesiredState, now: datetime) -> list[DueKey]:
+        """Managed agents whose held key is due by policy. Agents in quarantine, under an
+        operator hold or with a rotation pending are left out (the hold owns them; recovery
+        finishes the pending one)."""
+        holds = self.store.holds()
+        pending = {i.agent_id for i in self._pending()}
+        ledger = self.ledger.held()
+        out: list[DueKey] = []
+        for spec in desired.agents():
+            agent = spec.agent_id
+            if not spec.keys.manage or agent in holds or agent in pending or self.vault.is_quarantined(agent):
+                continue
+            raw = self.vault.read(agent, MAIN)
+            if raw is None or validate_schedule(spec.keys.rotation):
+                continue
+            since_ts = self._key_since(agent, key_prefix(raw), ledger)
+            since = datetime.fromtimestamp(since_ts, UTC) if since_ts is not None else None
+            if rotation_due(spec.keys.rotation, since, now):
+                out.append(DueKey(agent, spec.keys.rotation, since, next_rotation(spec.keys.rotation, since, now)))
+        return out
+
+    def key_status(self, desired: DesiredState, now: datetime | None = None) -> list[KeyStatus]:
+        """Per declared agent: the key held, its rotation times, quarantine and orphans."""
+        when = now or self._now()
+        ledger = self.ledger.held()
+        orphans = self.ledger.orphans()
+        pending = {i.agent_id for i in self._pending()}
+        out: list[KeyStatus] = []
+        for spec in desired.agents():
+            agent = spec.agent_id
+            policy = spec.keys
+            sink = self._sink(policy.sink).describe() if policy.manage else ""
+            held = self.vault.held(agent)
+            fingerprint = _fp(key_prefix(held[0])) if held else None
+            record = ledger.get(agent)
+            last = record.last_rotated_at if record else None
+            since_ts = self._key_since(agent, key_prefix(held[0]), ledger) if held else None
+            since = datetime.fromtimestamp(since_ts, UTC) if since_ts is not None else None
+            problem = validate_schedule(policy.rotation)
+            quarantined = held is not None and held[1] == QUARANTINE
+            next_due: datetime | None = None
+            due = False
+            if policy.manage and held and not quarantined and not problem:
+                next_due = next_rotation(policy.rotation, since, when)
+                due = next_due <= when
+            out.append(
+                KeyStatus(
+                    agent_id=agent,
+                    managed=policy.manage,
+                    schedule=policy.rotation,
+                    sink=sink,
+                    fingerprint=fingerprint,
+                    quarantined=quarantined,
+                    last_rotation=datetime.fromtimestamp(last, UTC) if last is not None else None,
+                    key_since=since,
+                    next_due=next_due,
+                    due=due,
+                    orphans=tuple(_fp(o.key_prefix) for o in orphans.get(agent, ())),
+                    pending_rotation=agent in pending,
+                    problem=problem,
+                )
+            )
+        return out
+
+    def _cannot_rotate(self, spec: AgentSpec) -> str | None:
+        agent = spec.agent_id
+        if not spec.keys.manage:
+            return "key not managed by finops (keys.manage is false)"
+        if agent in self.store.holds():
+            return "under an operator hold (`finops unfreeze` rotates it)"
+        if self.vault.is_quarantined(agent):
+            return "key in quarantine (`finops unfreeze` releases it)"
+        if self.vault.read(agent, MAIN) is None:
+            return f"finops holds no key for it (run `finops keys import {agent}`)"
+        return None
+
+    async def rotate_due(
+        self,
+        desired: DesiredState,
+        now: datetime | None = None,
+        *,
+        agents: Collection[str] | None = None,
+        force: bool = False,
+    ) -> RotationRun:
+        """Recover pending rotations, then rotate every due key (all selected keys with
+        ``force``). Each agent is attempted; one agent's failure is recorded, not raised."""
+        run = RotationRun(recovered=await self.recover())
+        when = now or self._now()
+        specs = {s.agent_id: s for s in desired.agents()}
+        if agents is not None:
+            named = list(dict.fromkeys(agents))
+            for agent in named:
+                if agent not in specs:
+                    run.failed[agent] = "not declared in the manifests"
+            pool = [specs[a] for a in named if a in specs]
+        else:
+            pool = list(specs.values())
+        due_ids = {d.agent_id for d in self.due(desired, when)}
+        targets: list[AgentSpec] = []
+        for spec in pool:
+            problem = self._cannot_rotate(spec)
+            if problem is not None:
+                if agents is not None:
+                    run.failed[spec.agent_id] = problem
+                elif spec.keys.manage:
+                    run.skipped[spec.agent_id] = problem
+            elif force or spec.agent_id in due_ids:
+                targets.append(spec)
+            else:
+                run.skipped[spec.agent_id] = "not due (`finops rotate --now` rotates anyway)"
+        reason = "operator request" if force else "scheduled"
+        slots = asyncio.Semaphore(MAX_PARALLEL_ROTATIONS)
+
+        async def one(spec: AgentSpec) -> tuple[str, RotationOutcome | None, str | None]:
+            async with slots:
+                try:
+                    return spec.agent_id, await self.rotate(spec, reason=reason), None
+                except (FinopsError, OSError) as exc:
+                    return spec.agent_id, None, scrub(str(exc))
+                except Exception as exc:  # a bug: still isolate the agent, never echo a key
+                    log.error("%s: unexpected %s during rotation", spec.agent_id, type(exc).__name__)
+                    return spec.agent_id, None, f"unexpected {type(exc).__name__}: {scrub(str(exc))}"
+
+        for agent, outcome, error in await asyncio.gather(*(one(s) for s in targets)):
+            if outcome is not None:
+                run.rotated.append(outcome)
+            else:
+                run.failed[agent] = error or "failed"
+        return run

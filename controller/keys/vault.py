@@ -1,0 +1,99 @@
+"""finops' own store of agents' raw keys: the gateway rotates only on presentation of the
+current raw key, so finops must keep it, and it is shown once, so it must survive a crash.
+
+Layout (the same as before key management existed, so existing secrets dirs keep working)::
+
+    <dir>/<agent>.key              the agent's current key (0600)
+    <dir>/quarantine/<agent>.key   a key finops holds but does not deliver (emergency stop)
+
+Every write is atomic and fsynced (``controller.secretfile``) before the caller moves on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from controller.secretfile import read_secret_file, write_secret_file
+from policies.keyprint import key_prefix
+
+_SAFE_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,127}$")
+_KEY_SHAPE = re.compile(r"^a2a_\S+$")
+
+MAIN = "main"
+"""The slot whose key is the agent's current, delivered key."""
+QUARANTINE = "quarantine"
+"""The slot for a key finops keeps but does not deliver."""
+SLOTS = (MAIN, QUARANTINE)
+
+
+class KeyVault:
+    """One 0600 file per agent and slot."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    # -- paths -----------------------------------------------------------------
+
+    def path_for(self, agent_id: str, slot: str = MAIN) -> Path:
+        if not _SAFE_NAME.match(agent_id) or agent_id in {".", ".."}:
+            raise ValueError(f"agent id {agent_id!r} cannot be used as a file name")
+        if slot == MAIN:
+            return self.directory / f"{agent_id}.key"
+        if slot == QUARANTINE:
+            return self.directory / QUARANTINE / f"{agent_id}.key"
+        raise ValueError(f"unknown key slot {slot!r}")
+
+    def quarantine_path_for(self, agent_id: str) -> Path:
+        return self.path_for(agent_id, QUARANTINE)
+
+    # -- reads and writes ------------------------------------------------------
+
+    def write(self, agent_id: str, raw_key: str, slot: str = MAIN) -> str:
+        """Persist the key durably; returns its gateway hash prefix."""
+        if not _KEY_SHAPE.match(raw_key):
+            raise ValueError(f"refusing to store a value that is not a GreenHelix API key for {agent_id}")
+        write_secret_file(self.path_for(agent_id, slot), raw_key + "\n")
+        return key_prefix(raw_key)
+
+    def read(self, agent_id: str, slot: str = MAIN) -> str | None:
+        path = self.path_for(agent_id, slot)
+        if not path.exists():
+            return None
+        return read_secret_file(path) or None
+
+    def clear(self, agent_id: str, slot: str) -> bool:
+        """Remove a slot's file durably; ``False`` if there was none."""
+        path = self.path_for(agent_id, slot)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return True
+
+    def is_quarantined(self, agent_id: str) -> bool:
+        return self.read(agent_id, QUARANTINE) is not None
+
+    def held(self, agent_id: str) -> tuple[str, str] | None:
+        """The key finops currently holds for the agent and its slot (quarantine wins: it
+        is the newer key, and the delivered one is dying in its grace period)."""
+        for slot in (QUARANTINE, MAIN):
+            raw = self.read(agent_id, slot)
+            if raw is not None:
+                return raw, slot
+        return None
+
+    # -- the DirectoryKeySink interface that apply and the tests use ---------------------
+
+    def store(self, agent_id: str, raw_key: str) -> str:
+        """Persist the agent's current key durably; returns its gateway hash prefix."""
+        return self.write(agent_id, raw_key, MAIN)
+
+    def load(self, agent_id: str) -> str | None:
+        return self.read(agent_id, MAIN)
