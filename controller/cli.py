@@ -298,6 +298,16 @@ def sandbox(host: str, port: int, db: Path, admin_key_file: Path | None) -> None
     serve(host, port, db, admin_key_file or db.parent / "admin.key")
 
 
+def _register_commands() -> None:
+    from controller.cli_keys import freeze_command, keys, rotate, unfreeze_command
+
+    for command in (rotate, keys, freeze_command, unfreeze_command):
+        cli.add_command(command)
+
+
+_register_commands()
+
+
 def main() -> None:
     cli()
 

@@ -1,0 +1,125 @@
+"""Operator commands as a user runs them: the CLI in a subprocess against a sandbox whose
+clock the test controls (so the 300 s key grace is observed, not slept through)."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from controller.sandbox.server import SandboxServer
+from tests.integration.conftest import CANONICAL
+from tests.integration.test_cli import KEY_PATTERN, finops
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[tuple[SandboxServer, Path, dict[str, str]]]:
+    work = tmp_path / "work"
+    shutil.copytree(CANONICAL, work / "manifests")
+    with SandboxServer(db_path=tmp_path / "gw.db", admin_key_file=tmp_path / "admin.key") as server:
+        env = {"GREENHELIX_URL": server.url, "GREENHELIX_API_KEY_FILE": str(tmp_path / "admin.key")}
+        yield server, work, env
+
+
+def _key(work: Path, agent: str) -> str:
+    host = next((work / ".finops" / "secrets").iterdir())
+    return (host / f"{agent}.key").read_text().strip()
+
+
+def _paid_call(server: SandboxServer, key: str) -> int:
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as http:
+        return http.get("/v1/marketplace/match", params={"query": "x"}).status_code
+
+
+def _balance_status(server: SandboxServer, key: str, agent: str) -> int:
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as http:
+        return http.get(f"/v1/billing/wallets/{agent}/balance").status_code
+
+
+def test_rotate_now_replaces_the_key_old_one_lives_through_the_grace_only(
+    gateway: tuple[SandboxServer, Path, dict[str, str]],
+) -> None:
+    server, work, env = gateway
+    outputs: list[str] = []
+    applied = finops(work, "apply", "--auto-approve", env=env)
+    outputs += [applied.stdout, applied.stderr]
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    old = _key(work, "res-01")
+    others = {a: _key(work, a) for a in ("orch-01", "res-02", "sum-01", "cls-01")}
+
+    rotated = finops(work, "rotate", "--agent", "res-01", "--now", env=env)
+    outputs += [rotated.stdout, rotated.stderr]
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    assert "1 rotated, 0 failed" in rotated.stdout
+    new = _key(work, "res-01")
+    assert new != old
+    assert {a: _key(work, a) for a in others} == others  # only res-01 was touched
+    key_file = next((work / ".finops" / "secrets").iterdir()) / "res-01.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+    assert _balance_status(server, old, "res-01") == 200  # grace: the agent has time to pick up the new key
+    assert _balance_status(server, new, "res-01") == 200
+    server.clock.advance(301)
+    assert _balance_status(server, old, "res-01") == 401
+    assert _balance_status(server, new, "res-01") == 200
+
+    converged = finops(work, "plan", "--detailed-exitcode", env=env)
+    outputs += [converged.stdout, converged.stderr]
+    assert converged.returncode == 0, converged.stdout
+    for text in outputs:
+        assert not KEY_PATTERN.search(text), text
+        assert old not in text and new not in text
+
+
+def test_freeze_stops_paid_calls_survives_apply_and_unfreeze_restores(
+    gateway: tuple[SandboxServer, Path, dict[str, str]],
+) -> None:
+    server, work, env = gateway
+    assert finops(work, "apply", "--auto-approve", env=env).returncode == 0
+    key = _key(work, "cls-01")
+    assert _paid_call(server, key) == 200
+
+    frozen = finops(work, "freeze", "cls-01", "--reason", "runaway loop", env=env)
+    assert frozen.returncode == 0, frozen.stdout + frozen.stderr
+    assert "300 s" in frozen.stdout and "/v1/batch" in frozen.stdout  # residual exposure is stated
+    assert _paid_call(server, key) == 402  # caps at 0 stop paid REST calls at once
+
+    reapplied = finops(work, "apply", "--auto-approve", env=env)
+    assert reapplied.returncode == 0, reapplied.stdout
+    assert "No changes" in reapplied.stdout  # the hold is respected, not "fixed"
+    plan = finops(work, "plan", env=env)
+    assert "HELD" in plan.stdout and "cls-01" in plan.stdout and "runaway loop" in plan.stdout
+    assert _paid_call(server, key) == 402
+    server.clock.advance(301)
+    assert _paid_call(server, key) == 401  # the quarantined rotation killed the delivered key
+
+    thawed = finops(work, "unfreeze", "cls-01", env=env)
+    assert thawed.returncode == 0, thawed.stdout + thawed.stderr
+    fresh = _key(work, "cls-01")
+    assert fresh != key
+    assert _paid_call(server, fresh) == 200
+    after = finops(work, "plan", "--detailed-exitcode", env=env)
+    assert after.returncode == 0, after.stdout
+    for text in (frozen.stdout, frozen.stderr, thawed.stdout, thawed.stderr, plan.stdout):
+        assert not KEY_PATTERN.search(text)
+
+
+def test_keys_import_adopts_an_agent_created_outside_finops(
+    gateway: tuple[SandboxServer, Path, dict[str, str]],
+) -> None:
+    server, work, env = gateway
+    with httpx.Client(base_url=server.url) as http:
+        raw = http.post("/v1/register", json={"agent_id": "res-02"}).json()["api_key"]
+    plan = finops(work, "plan", env=env)
+    assert "finops keys import res-02" in plan.stdout
+    wrong = finops(work, "keys", "import", "res-01", env=env, stdin=raw + "\n")
+    assert wrong.returncode == 1 and raw not in wrong.stdout + wrong.stderr
+    ok = finops(work, "keys", "import", "res-02", env=env, stdin=raw + "\n")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert raw not in ok.stdout + ok.stderr
+    assert _key(work, "res-02") == raw
+    assert "keys import res-02" not in finops(work, "plan", env=env).stdout
