@@ -17,6 +17,7 @@ from typing import Any
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import Conflict, GatewayError, ServerError, UnknownOutcome
 from controller.gateway.models import Webhook
+from controller.keys.sinks import DeliveryError, KeySink
 from controller.keysink import DirectoryKeySink
 from controller.plan import Change, ChangeKind, Plan, secret_ref_from_args
 from controller.secretref import SecretUnavailable, resolve_secret
@@ -80,10 +81,14 @@ class Applier:
         *,
         fault_hook: FaultHook | None = None,
         clock: Callable[[], float] = time.time,
+        key_sink: Callable[[str], KeySink | None] | None = None,
     ) -> None:
         self.client = client
         self.store = store
         self.sink = sink
+        self._key_sink = key_sink or (lambda agent: None)
+        """The agent's configured sink (manifest ``keys.sink``), given each new key after it
+        is safely in finops' key store."""
         self._hook = fault_hook or (lambda point, agent: None)
         self._clock = clock
 
@@ -216,7 +221,17 @@ class Applier:
         prefix = self.sink.store(agent, registration.api_key)
         self.store.record_key(agent, prefix, "register")
         self.store.finish_intent(intent_key, DONE, f"key sha3:{prefix}")
-        return f"registered (key sha3:{prefix} stored, balance {format_money(registration.balance)})"
+        delivered = ""
+        target = self._key_sink(agent)
+        if target is not None:
+            try:
+                delivered = f", delivered to {await target.deliver(agent, registration.api_key)}"
+            except DeliveryError as exc:
+                raise AgentStepError(
+                    f"registered and the key (sha3:{prefix}) is safe in finops' key store, but delivering it "
+                    f"failed: {exc}; once the sink works, `finops rotate --agent {agent} --now` delivers a fresh key"
+                ) from None
+        return f"registered (key sha3:{prefix} stored{delivered}, balance {format_money(registration.balance)})"
 
     async def _top_up(self, change: Change) -> str:
         agent = change.agent_id

@@ -18,6 +18,7 @@ from controller.apply import Applier, ApplyResult
 from controller.cliopts import DEFAULT_PATH, EXIT_CHANGES, EXIT_ERROR, EXIT_OK, load, run_command, target_options
 from controller.errors import ConfigError, FinopsError, GuardrailViolation, StalePlanError
 from controller.gateway.client import GatewayClient
+from controller.keys.sinks import KeySink, sink_for
 from controller.keysink import DirectoryKeySink
 from controller.manifest.schema import manifest_json_schema
 from controller.plan import Plan, changes_equal, plan_from_dict, plan_to_dict
@@ -158,7 +159,13 @@ async def _apply(
             if answer.strip() != "yes":
                 raise FinopsError("apply cancelled; nothing was changed")
         started = time.time()
-        result = await Applier(client, store, sink).apply(chosen)
+        specs = {a.agent_id: a for a in desired.agents()}
+
+        def key_sink(agent: str) -> KeySink | None:
+            spec = specs.get(agent)
+            return sink_for(spec.keys.sink, sink) if spec is not None and spec.keys.manage else None
+
+        result = await Applier(client, store, sink, key_sink=key_sink).apply(chosen)
         store.log_apply(started, result.ok, {"changes": len(chosen.changes), "writes": result.writes})
         return chosen, result
 

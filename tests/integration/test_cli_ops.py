@@ -123,3 +123,36 @@ def test_keys_import_adopts_an_agent_created_outside_finops(
     assert raw not in ok.stdout + ok.stderr
     assert _key(work, "res-02") == raw
     assert "keys import res-02" not in finops(work, "plan", env=env).stdout
+
+
+def test_new_agents_keys_go_to_the_declared_command_sink(
+    gateway: tuple[SandboxServer, Path, dict[str, str]], tmp_path: Path
+) -> None:
+    import sys
+
+    _server, work, env = gateway
+    receiver = tmp_path / "receiver.py"
+    receiver.write_text(
+        "import os, sys\n"
+        "key = sys.stdin.read().strip()\n"
+        "path = os.path.join(sys.argv[1], os.environ['FINOPS_AGENT_ID'])\n"
+        "fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)\n"
+        "os.write(fd, key.encode())\n"
+    )
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    fleet = work / "manifests" / "research-fleet.yaml"
+    text = fleet.read_text().replace(
+        "    # sink: {directory: /run/agent-keys}",
+        f"    sink: {{command: [{sys.executable}, {receiver}, {inbox}]}}",
+    )
+    fleet.write_text(text)
+    applied = finops(work, "apply", "--auto-approve", env=env)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert "delivered to command" in applied.stdout
+    for agent in ("orch-01", "res-01", "res-02", "sum-01", "cls-01"):
+        assert (inbox / agent).read_text() == _key(work, agent)
+    rotated = finops(work, "rotate", "--agent", "sum-01", "--now", env=env)
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    assert (inbox / "sum-01").read_text() == _key(work, "sum-01")
+    assert not KEY_PATTERN.search(applied.stdout + applied.stderr + rotated.stdout + rotated.stderr)
