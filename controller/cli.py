@@ -307,8 +307,9 @@ def sandbox(host: str, port: int, db: Path, admin_key_file: Path | None) -> None
 
 def _register_commands() -> None:
     from controller.cli_keys import freeze_command, keys, rotate, unfreeze_command
+    from controller.cli_status import alerts, status
 
-    for command in (rotate, keys, freeze_command, unfreeze_command):
+    for command in (status, alerts, rotate, keys, freeze_command, unfreeze_command):
         cli.add_command(command)
 
 

@@ -1,0 +1,91 @@
+"""Read-mostly operator commands: ``status`` and ``alerts check``. Registered on the main
+group by ``controller.cli``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from controller.alerting.engine import check_alerts
+from controller.cli_keys import Session, with_session
+from controller.cliopts import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, load, run_command, target_options
+from controller.status import fleet_status, render_status
+
+
+@click.command()
+@click.argument("path", default=DEFAULT_PATH, required=False)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--strict", is_flag=True, help="Exit 1 when any agent is flagged (for monitoring checks).")
+@target_options
+def status(
+    path: str,
+    fmt: str,
+    strict: bool,
+    gateway: str | None,
+    api_key_file: str | None,
+    state_dir: Path,
+    secrets_dir: Path | None,
+    concurrency: int,
+) -> None:
+    """Per agent: balance, 24 h spend, cap, % used, alerts and their endpoints, key; flags drift."""
+
+    def run() -> int:
+        desired = load(path)
+
+        async def go(s: Session) -> int:
+            result = await fleet_status(s.client, desired, s.store, s.keys, target=s.target.name)
+            click.echo(json.dumps(result.to_dict(), indent=2) if fmt == "json" else render_status(result))
+            return EXIT_ERROR if strict and result.flagged else EXIT_OK
+
+        return with_session(gateway, api_key_file, state_dir, secrets_dir, concurrency, go, quiet_banner=fmt == "json")
+
+    run_command(run)
+
+
+@click.group()
+def alerts() -> None:
+    """Budget alerts: finops evaluates thresholds and delivers signed alerts itself."""
+
+
+@alerts.command("check")
+@click.argument("path", default=DEFAULT_PATH, required=False)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@target_options
+def check(
+    path: str,
+    fmt: str,
+    gateway: str | None,
+    api_key_file: str | None,
+    state_dir: Path,
+    secrets_dir: Path | None,
+    concurrency: int,
+) -> None:
+    """Evaluate every agent's thresholds once and deliver due alerts (and earlier undelivered ones)."""
+
+    def run() -> int:
+        desired = load(path)
+
+        async def go(s: Session) -> int:
+            result = await check_alerts(s.client, desired, s.store.path, now=time.time, held=frozenset(s.store.holds()))
+            if fmt == "json":
+                click.echo(json.dumps(result.to_dict(), indent=2))
+            else:
+                for event in result.events:
+                    click.echo(f"{event.type:<17} {event.agent_id:<12} {event.window} {event.threshold}% ({event.id})")
+                for agent, error in sorted(result.agent_errors.items()):
+                    click.echo(click.style("error    ", fg="red") + f"{agent}: {error}")
+                for error in result.delivery_errors:
+                    click.echo(click.style("FAILED   ", fg="red", bold=True) + error)
+                click.echo(
+                    f"Alerts: {result.evaluated} agent(s) evaluated, {result.fired} crossing(s), "
+                    f"{result.recovered} recovery(ies), {result.delivered} delivered, {result.failed} failed, "
+                    f"{result.pending} pending retry."
+                )
+            return EXIT_OK if result.ok else EXIT_ERROR
+
+        return with_session(gateway, api_key_file, state_dir, secrets_dir, concurrency, go, quiet_banner=fmt == "json")
+
+    run_command(run)

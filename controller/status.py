@@ -1,0 +1,224 @@
+"""``finops status``: one screen that says whether the circuit breakers are in place.
+
+Per agent: balance, spend in the rolling 24 h, the live daily cap and % used, thresholds and
+which have fired, every alert endpoint's last delivery (finops' own log; the gateway's log
+for opted-in gateway webhooks), the key's fingerprint and rotation, and flags for what needs
+a human: cap drift (an agent can raise its own cap), failing alert endpoints (a receiver
+that is down is a silent budget breach), holds, orphaned or due keys. Reads only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from controller.alerting.engine import alert_state, delivery_status
+from controller.gateway.client import GatewayClient
+from controller.gateway.errors import GatewayError
+from controller.keys.rotate import KeyManager
+from controller.observe import LiveFleet, observe
+from controller.plan import ChangeKind, Plan, make_plan
+from controller.reconcile import build_memory
+from controller.state import StateStore
+from policies.currency import from_credits
+from policies.money import format_money
+from policies.spec import DesiredState
+
+
+@dataclass
+class AgentStatus:
+    agent_id: str
+    fleet: str
+    currency: str
+    exists: bool
+    balance: str | None = None
+    spent_today: str | None = None
+    daily_cap: str | None = None
+    percent_used: str | None = None
+    thresholds: tuple[int, ...] = ()
+    fired: list[str] = field(default_factory=list)
+    alert_endpoints: list[dict[str, Any]] = field(default_factory=list)
+    gateway_webhooks: list[dict[str, Any]] = field(default_factory=list)
+    key: dict[str, Any] = field(default_factory=dict)
+    held: str | None = None
+    flags: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class FleetStatus:
+    target: str
+    agents: list[AgentStatus]
+    unmanaged_agents: list[str]
+
+    @property
+    def flagged(self) -> list[AgentStatus]:
+        return [a for a in self.agents if a.flags or a.error]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "agents": [a.to_dict() for a in self.agents],
+            "unmanaged_agents": self.unmanaged_agents,
+            "flagged": [a.agent_id for a in self.flagged],
+        }
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else None
+
+
+async def _last_gateway_delivery(client: GatewayClient, hook_id: str) -> dict[str, Any]:
+    try:
+        rows = await client.webhook_deliveries(hook_id, limit=1)
+    except GatewayError as exc:
+        return {"webhook_id": hook_id, "error": str(exc)}
+    if not rows:
+        return {
+            "webhook_id": hook_id,
+            "last": None,
+            "note": "no deliveries (the gateway's fan-out is not wired on 1.4.8)",
+        }
+    last = rows[0]
+    return {
+        "webhook_id": hook_id,
+        "last": last.status,
+        "event_type": last.event_type,
+        "response_code": last.response_code,
+        "attempts": last.attempts,
+        "at": _iso(last.last_attempt_at),
+    }
+
+
+def _cap_drift(plan: Plan, agent_id: str) -> str | None:
+    for change in plan.changes:
+        if change.agent_id == agent_id and change.kind is ChangeKind.SET_BUDGET:
+            caps = [d for d in change.diff if d.field in ("daily_cap", "monthly_cap")]
+            if caps:
+                what = ", ".join(f"{d.field} live {d.before or 'none'} vs desired {d.after}" for d in caps)
+                return f"CAP DRIFT: {what} credits (an agent can raise its own cap); the next reconcile restores it"
+    return None
+
+
+async def fleet_status(
+    client: GatewayClient, desired: DesiredState, store: StateStore, keys: KeyManager, *, target: str
+) -> FleetStatus:
+    live: LiveFleet = await observe(client, desired, target=target, webhooks_owned=bool(store.managed_webhooks()))
+    memory = build_memory(store, desired)
+    plan = make_plan(desired, live, memory)
+    routes = delivery_status(store.path)
+    fired = alert_state(store.path)
+    key_status = {k.agent_id: k for k in keys.key_status(desired)}
+    hooks_by_agent: dict[str, list[str]] = {}
+    live_hook_ids = {w.id for w in live.webhooks or ()}
+    for hook in memory.managed_webhooks.values():
+        if hook.webhook_id in live_hook_ids:
+            hooks_by_agent.setdefault(hook.agent_id, []).append(hook.webhook_id)
+    gateway_logs = await asyncio.gather(
+        *(_last_gateway_delivery(client, h) for ids in hooks_by_agent.values() for h in ids)
+    )
+    logs_by_id = {entry["webhook_id"]: entry for entry in gateway_logs}
+
+    out: list[AgentStatus] = []
+    for fleet in desired.fleets:
+        rate = live.rates[fleet.currency]
+        for spec in fleet.agents:
+            agent = live.agents.get(spec.agent_id)
+            row = AgentStatus(spec.agent_id, fleet.name, fleet.currency, bool(agent and agent.exists))
+            row.thresholds = spec.alert_thresholds
+            if agent is None or agent.error:
+                row.error = agent.error if agent else "not observed"
+                out.append(row)
+                continue
+            if not agent.exists:
+                row.flags.append("NOT REGISTERED: run `finops apply`")
+                out.append(row)
+                continue
+            assert agent.balance is not None and agent.budget is not None
+            budget = agent.budget
+            row.balance = format_money(from_credits(agent.balance, rate))
+            row.spent_today = format_money(from_credits(budget.daily_spend, rate))
+            if budget.daily_cap is not None:
+                row.daily_cap = format_money(from_credits(budget.daily_cap, rate))
+                if budget.daily_cap > 0:
+                    pct = (budget.daily_spend / budget.daily_cap * 100).quantize(Decimal("0.1"))
+                    row.percent_used = str(pct)
+            else:
+                row.flags.append("NO DAILY CAP on the gateway: spend is unlimited")
+            row.fired = [f"{f.window} {f.threshold}%" for f in fired.get(spec.agent_id, [])]
+            hold = memory.holds.get(spec.agent_id)
+            if hold is not None:
+                row.held = hold.reason
+                row.flags.append(f"HELD since {_iso(hold.held_at)}: {hold.reason}")
+            drift = _cap_drift(plan, spec.agent_id)
+            if drift:
+                row.flags.append(drift)
+            for route in routes.get(spec.agent_id, []):
+                row.alert_endpoints.append(
+                    {
+                        "route": route.route,
+                        "last_attempt_at": _iso(route.last_attempt_at),
+                        "last_ok": route.last_ok,
+                        "last_code": route.last_code,
+                        "last_error": route.last_error,
+                        "consecutive_failures": route.consecutive_failures,
+                        "pending": route.pending,
+                    }
+                )
+                if route.failing:
+                    row.flags.append(
+                        f"ALERT ENDPOINT FAILING: {route.route} ({route.consecutive_failures} failed attempt(s), "
+                        f"last: {route.last_error or route.last_code}); alerts are not arriving"
+                    )
+            if not spec.alert_routes:
+                row.flags.append("NO ALERT ROUTES: threshold crossings are evaluated but delivered nowhere")
+            row.gateway_webhooks = [logs_by_id[h] for h in hooks_by_agent.get(spec.agent_id, [])]
+            key = key_status.get(spec.agent_id)
+            if key is not None:
+                row.key = key.to_dict()
+                if key.orphans:
+                    row.flags.append(f"ORPHANED KEY(S) {', '.join(key.orphans)}: live keys finops does not hold")
+                if key.managed and key.fingerprint is None:
+                    row.flags.append(f"NO KEY HELD: run `finops keys import {spec.agent_id}`")
+                if key.due:
+                    row.flags.append("KEY ROTATION DUE")
+            out.append(row)
+    return FleetStatus(live.target, out, list(plan.unmanaged_agents))
+
+
+def render_status(status: FleetStatus) -> str:
+    lines = [f"{'agent':<12} {'balance':>10} {'24h spend':>10} {'daily cap':>10} {'used':>7}  thresholds  fired"]
+    for a in status.agents:
+        if a.error:
+            lines.append(f"{a.agent_id:<12} could not observe: {a.error}")
+            continue
+        used = f"{a.percent_used}%" if a.percent_used is not None else "-"
+        lines.append(
+            f"{a.agent_id:<12} {a.balance or '-':>10} {a.spent_today or '-':>10} {a.daily_cap or '-':>10} "
+            f"{used:>7}  {','.join(map(str, a.thresholds)):<10}  {', '.join(a.fired) or '-'}"
+        )
+        for ep in a.alert_endpoints:
+            state = "ok" if ep["last_ok"] else "FAILING" if ep["consecutive_failures"] else "never sent"
+            lines.append(f"{'':12}   alert {ep['route']}: {state} (last {ep['last_attempt_at'] or 'never'})")
+        for hook in a.gateway_webhooks:
+            lines.append(f"{'':12}   gateway webhook {hook['webhook_id']}: {hook.get('last') or hook.get('note')}")
+        if a.key:
+            due = a.key.get("next_due")
+            lines.append(f"{'':12}   key {a.key.get('fingerprint') or '(none held)'}; next rotation {due or '-'}")
+        for flag in a.flags:
+            lines.append(f"{'':12}   ! {flag}")
+    if status.unmanaged_agents:
+        lines.append("Unmanaged agents on the gateway: " + ", ".join(status.unmanaged_agents))
+    flagged = status.flagged
+    lines.append(
+        f"{len(status.agents)} agent(s); "
+        + (f"{len(flagged)} need attention: {', '.join(a.agent_id for a in flagged)}" if flagged else "all clear")
+        + ". Amounts in each fleet's currency; spend is the gateway's rolling 24 h window."
+    )
+    return "\n".join(lines)
