@@ -7,6 +7,7 @@ present (``plan --detailed-exitcode``), as Terraform does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -16,6 +17,7 @@ import click
 
 from controller.apply import Applier, ApplyResult
 from controller.cliopts import DEFAULT_PATH, EXIT_CHANGES, EXIT_ERROR, EXIT_OK, load, run_command, target_options
+from controller.daemon.lock import writer_lock
 from controller.errors import ConfigError, FinopsError, GuardrailViolation, StalePlanError
 from controller.gateway.client import GatewayClient
 from controller.keys.sinks import KeySink, sink_for
@@ -205,7 +207,10 @@ def apply(
                 saved = plan_from_dict(json.loads(plan_file.read_text(encoding="utf-8")))
             except (ValueError, KeyError, TypeError) as exc:
                 raise ConfigError(f"{plan_file} is not a finops plan file: {exc}") from None
-        with open_target(gateway, api_key_file=api_key_file, state_dir=state_dir) as target:
+        with (
+            writer_lock(state_dir, purpose="finops apply"),
+            open_target(gateway, api_key_file=api_key_file, state_dir=state_dir) as target,
+        ):
             _banner(target, fmt)
             store = StateStore(target.state_file)
             sink = DirectoryKeySink(target.secrets_dir(secrets_dir))
@@ -246,7 +251,10 @@ def rebalance(
 
     def run() -> int:
         desired = load(path)
-        with open_target(gateway, api_key_file=api_key_file, state_dir=state_dir) as target:
+        with (
+            writer_lock(state_dir, purpose="finops rebalance") if not dry_run else contextlib.nullcontext(),
+            open_target(gateway, api_key_file=api_key_file, state_dir=state_dir) as target,
+        ):
             _banner(target, fmt)
             store = StateStore(target.state_file)
             sink = DirectoryKeySink(target.secrets_dir(secrets_dir))
@@ -308,8 +316,11 @@ def sandbox(host: str, port: int, db: Path, admin_key_file: Path | None) -> None
 def _register_commands() -> None:
     from controller.cli_keys import freeze_command, keys, rotate, unfreeze_command
     from controller.cli_status import alerts, status
+    from controller.daemon import run as daemon_run
+    from controller.scheduled import register_scheduled_reconcilers
 
-    for command in (status, alerts, rotate, keys, freeze_command, unfreeze_command):
+    register_scheduled_reconcilers()
+    for command in (daemon_run, status, alerts, rotate, keys, freeze_command, unfreeze_command):
         cli.add_command(command)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import json
 import sys
@@ -16,6 +17,7 @@ from typing import TypeVar
 import click
 
 from controller.cliopts import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, load, run_command, target_options
+from controller.daemon.lock import writer_lock
 from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
 from controller.holds import RESIDUAL_EXPOSURE, HoldResult, freeze, unfreeze
@@ -48,6 +50,24 @@ def with_session(
     fn: Callable[[Session], Awaitable[T]],
     *,
     quiet_banner: bool = False,
+    writer: str | None = None,
+) -> T:
+    """``writer`` names a command that writes: it then takes the one-writer lock (a running
+    daemon or another apply makes it fail fast, naming the holder)."""
+    with contextlib.ExitStack() as guard:
+        if writer is not None:
+            guard.enter_context(writer_lock(state_dir, purpose=writer))
+        return _with_target(gateway, api_key_file, state_dir, secrets_dir, concurrency, fn, quiet_banner)
+
+
+def _with_target(
+    gateway: str | None,
+    api_key_file: str | None,
+    state_dir: Path,
+    secrets_dir: Path | None,
+    concurrency: int,
+    fn: Callable[[Session], Awaitable[T]],
+    quiet_banner: bool,
 ) -> T:
     with open_target(gateway, api_key_file=api_key_file, state_dir=state_dir) as target:
         click.echo(target.banner(), err=quiet_banner)
@@ -114,7 +134,16 @@ def rotate(
                 )
             return EXIT_OK if result.ok else EXIT_ERROR
 
-        return with_session(gateway, api_key_file, state_dir, secrets_dir, concurrency, go, quiet_banner=fmt == "json")
+        return with_session(
+            gateway,
+            api_key_file,
+            state_dir,
+            secrets_dir,
+            concurrency,
+            go,
+            quiet_banner=fmt == "json",
+            writer="finops rotate",
+        )
 
     run_command(run)
 
@@ -148,7 +177,7 @@ def import_key(
             click.echo(await s.keys.import_key(agent_id, raw))
             return EXIT_OK
 
-        return with_session(gateway, api_key_file, state_dir, secrets_dir, concurrency, go)
+        return with_session(gateway, api_key_file, state_dir, secrets_dir, concurrency, go, writer="finops keys import")
 
     run_command(run)
 
@@ -218,6 +247,6 @@ def unfreeze_command(
             _print_hold(result)
             return EXIT_OK if result.ok else EXIT_ERROR
 
-        return with_session(gateway, api_key_file, state_dir, secrets_dir, concurrency, go)
+        return with_session(gateway, api_key_file, state_dir, secrets_dir, concurrency, go, writer="finops unfreeze")
 
     run_command(run)

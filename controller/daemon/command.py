@@ -1,0 +1,227 @@
+"""``finops run``: the long-lived reconcile daemon (or one pass with ``--once``).
+
+Wiring only: take the writer lock, open the target, build the source, reconciler, metrics
+and daemon, run plugged-in job factories, serve. Exit codes follow ``controller.cliopts``:
+0 after a graceful stop (or a clean ``--once`` pass), 1 on errors, a failed or partial
+``--once`` pass, or when another writer holds the state directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import httpx
+
+from controller.cliopts import DEFAULT_PATH, run_command, target_options
+from controller.daemon.lock import writer_lock
+from controller.daemon.logs import configure_logging, log_event
+from controller.daemon.metrics import CountingTransport, DaemonMetrics, MetricsServer
+from controller.daemon.passes import Reconciler
+from controller.daemon.revisions import RevisionLog
+from controller.daemon.scheduler import Daemon
+from controller.daemon.source import DirectorySource, GitSource, ManifestSource
+from controller.errors import ConfigError
+from controller.gateway.client import GatewayClient
+from controller.keysink import DirectoryKeySink
+from controller.state import StateStore
+from controller.target import Target, open_target
+from policies.spec import DesiredState
+
+STATUS_FILE = "daemon-status.json"
+
+
+@dataclass(frozen=True)
+class DaemonContext:
+    """What a job factory gets to build its jobs from, all owned by the running daemon."""
+
+    daemon: Daemon
+    target: Target
+    store: StateStore
+    sink: DirectoryKeySink
+    metrics: DaemonMetrics
+    client_factory: Callable[[], GatewayClient]
+    """A new ``GatewayClient`` (use as ``async with``) counting errors into the metrics."""
+
+    def desired(self) -> DesiredState | None:
+        """The last valid desired state (``None`` until a valid revision was loaded)."""
+        return self.daemon.reconciler.desired
+
+
+JobFactory = Callable[[DaemonContext], None]
+JOB_FACTORIES: list[JobFactory] = []
+
+
+def register_jobs(factory: JobFactory) -> JobFactory:
+    """Decorator: ``factory(ctx)`` is called for every daemon started by ``finops run`` and
+    adds its jobs with ``ctx.daemon.add_job(...)``."""
+    JOB_FACTORIES.append(factory)
+    return factory
+
+
+def git_workdir(state_dir: Path, url: str, branch: str) -> Path:
+    """One clone per (URL, branch), so pointing the daemon elsewhere never reuses a clone."""
+    digest = hashlib.sha256(f"{url}\0{branch}".encode()).hexdigest()[:12]
+    return Path(state_dir) / "git" / digest
+
+
+def make_client_factory(target: Target, concurrency: int, metrics: DaemonMetrics) -> Callable[[], GatewayClient]:
+    def factory() -> GatewayClient:
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        transport = CountingTransport(httpx.AsyncHTTPTransport(limits=limits), metrics.gateway_errors)
+        return GatewayClient(target.url, target.api_key, concurrency=concurrency, transport=transport)
+
+    return factory
+
+
+@click.command("run")
+@click.argument("path", required=False)
+@click.option(
+    "--git",
+    "git_url",
+    envvar="FINOPS_GIT_URL",
+    default=None,
+    metavar="URL",
+    help="Read manifests from this git repository instead of PATH (env FINOPS_GIT_URL).",
+)
+@click.option("--branch", default="main", show_default=True, envvar="FINOPS_GIT_BRANCH", help="Branch to follow.")
+@click.option(
+    "--path", "git_path", default=DEFAULT_PATH, show_default=True, help="Manifest directory inside the git repository."
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=1),
+    default=60.0,
+    show_default=True,
+    help="Seconds between reconcile passes.",
+)
+@click.option(
+    "--jitter",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Random extra delay, up to this many seconds, per pass (default: 10% of the interval, max 60).",
+)
+@click.option(
+    "--git-poll-interval",
+    type=click.FloatRange(min=1),
+    default=30.0,
+    show_default=True,
+    help="Seconds between git fetches; a new commit triggers a pass at once.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    envvar="FINOPS_METRICS_PORT",
+    help="Serve /metrics, /healthz and /readyz on this port (0 or unset: off).",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="FINOPS_METRICS_HOST",
+    help="Address for the metrics endpoint (0.0.0.0 in a container).",
+)
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True, envvar="FINOPS_LOG_FORMAT"
+)
+@click.option(
+    "--prune", is_flag=True, help="Also delete gateway webhooks finops created for agents no longer declared."
+)
+@click.option("--once", is_flag=True, help="Run one pass and exit (0 when it fully succeeded): for cron and CI.")
+@target_options
+def run(
+    path: str | None,
+    git_url: str | None,
+    branch: str,
+    git_path: str,
+    interval: float,
+    jitter: float | None,
+    git_poll_interval: float,
+    metrics_port: int,
+    metrics_host: str,
+    log_format: str,
+    prune: bool,
+    once: bool,
+    gateway: str | None,
+    api_key_file: str | None,
+    state_dir: Path,
+    secrets_dir: Path | None,
+    concurrency: int,
+) -> None:
+    """Keep the fleet converged: reconcile every INTERVAL seconds, and on every new commit."""
+
+    def main() -> int:
+        if git_url and path:
+            raise ConfigError("give either a manifest PATH or --git URL, not both")
+        log = configure_logging(log_format)
+        with writer_lock(state_dir, purpose="finops run"):
+            source: ManifestSource
+            if git_url:
+                source = GitSource(git_url, branch, git_path, git_workdir(state_dir, git_url, branch))
+            else:
+                source = DirectorySource(Path(path or DEFAULT_PATH))
+            with open_target(gateway, api_key_file=api_key_file, state_dir=state_dir) as target:
+                log = configure_logging(log_format, secrets=[target.api_key])
+                log_event(log, logging.INFO, target.banner())
+                return _serve(target, source, log)
+
+    def _serve(target: Target, source: ManifestSource, log: logging.Logger) -> int:
+        store = StateStore(target.state_file)
+        revisions = RevisionLog(target.state_file)
+        metrics = DaemonMetrics()
+        server: MetricsServer | None = None
+        try:
+            client_factory = make_client_factory(target, concurrency, metrics)
+            reconciler = Reconciler(
+                target=target.name,
+                source=source,
+                store=store,
+                sink=DirectoryKeySink(target.secrets_dir(secrets_dir)),
+                revisions=revisions,
+                client_factory=client_factory,
+                prune=prune,
+                log=log,
+            )
+            daemon = Daemon(
+                reconciler,
+                metrics=metrics,
+                interval_s=interval,
+                jitter_s=jitter,
+                git_poll_s=git_poll_interval,
+                log=log,
+                status_file=state_dir / STATUS_FILE,
+            )
+            context = DaemonContext(daemon, target, store, reconciler.sink, metrics, client_factory)
+            for factory in JOB_FACTORIES:
+                factory(context)
+            if metrics_port and not once:
+                try:
+                    server = MetricsServer(metrics, daemon.ready, host=metrics_host, port=metrics_port).start()
+                except OSError as exc:
+                    raise ConfigError(
+                        f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc.strerror}"
+                    ) from None
+                log_event(
+                    log,
+                    logging.INFO,
+                    "metrics endpoint listening",
+                    url=server.url,
+                    paths=["/metrics", "/healthz", "/readyz"],
+                )
+            return asyncio.run(daemon.serve(once=once))
+        finally:
+            if server is not None:
+                server.stop()
+            revisions.close()
+            store.close()
+
+    run_command(main)
+
+
+__all__ = ["JOB_FACTORIES", "DaemonContext", "register_jobs", "run"]

@@ -1,0 +1,215 @@
+"""Prometheus metrics and the daemon's small HTTP endpoint (/metrics, /healthz, /readyz).
+
+Each ``DaemonMetrics`` has a registry of its own rather than prometheus-client's global one,
+so a test (or a process) can build many daemons without "duplicated timeseries" errors.
+
+The endpoint is a stdlib ``ThreadingHTTPServer`` in a background thread: it needs no event
+loop, so it keeps answering while a pass is busy, and it binds 127.0.0.1 unless told
+otherwise (metrics reveal fleet names and revisions; expose them deliberately).
+Amounts are exported as floats: metrics are for graphs and alerts, never for money logic.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+import httpx
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+Readiness = Callable[[], tuple[bool, str]]
+
+# The *_created series would double the output, and nothing here graphs them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+RECONCILE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class DaemonMetrics:
+    """Every metric the daemon exports. Other modules' jobs update the gauges they own
+    (``set_rebalanced_amount``, ``set_keys_due_rotation``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.reconcile_duration = Histogram(
+            "finops_reconcile_duration_seconds",
+            "Wall time of one reconcile pass.",
+            registry=r,
+            buckets=RECONCILE_BUCKETS,
+        )
+        self.reconcile_total = Counter(
+            "finops_reconcile_total",
+            "Reconcile passes by result (ok, partial, refused, invalid, error).",
+            ["result"],
+            registry=r,
+        )
+        self.drift_changes = Gauge(
+            "finops_drift_changes", "Changes planned in the last pass (the drift found).", registry=r
+        )
+        self.changes_applied = Counter(
+            "finops_changes_applied_total",
+            "Changes applied, by kind (register, top_up, set_budget).",
+            ["kind"],
+            registry=r,
+        )
+        self.gateway_errors = Counter(
+            "finops_gateway_errors_total",
+            "Gateway error responses by HTTP status ('transport' for no response); 404s are not counted.",
+            ["status"],
+            registry=r,
+        )
+        self.last_applied_revision = Gauge(
+            "finops_last_applied_revision_info",
+            "The manifest revision the last pass applied (value 1).",
+            ["revision"],
+            registry=r,
+        )
+        self.agents_held = Gauge("finops_agents_held", "Agents under an operator hold (never reconciled).", registry=r)
+        self.agents_backoff = Gauge(
+            "finops_agents_backoff", "Agents whose changes are skipped while their failure backoff runs.", registry=r
+        )
+        self.rebalanced_amount = Gauge(
+            "finops_rebalanced_amount", "Credits moved by the last rebalance run.", registry=r
+        )
+        self.keys_due_rotation = Gauge("finops_keys_due_rotation", "Agent keys due for rotation.", registry=r)
+        self.manifest_valid = Gauge(
+            "finops_manifest_valid", "1 when the newest manifest revision is valid, 0 when it was refused.", registry=r
+        )
+        self.last_success = Gauge(
+            "finops_last_reconcile_success_timestamp_seconds",
+            "Clock time of the last reconcile pass that completed (ok or partial).",
+            registry=r,
+        )
+        self.job_runs = Counter(
+            "finops_job_runs_total", "Scheduled job runs by job and result.", ["job", "result"], registry=r
+        )
+        self._revision: str | None = None
+        self._revision_lock = threading.Lock()
+
+    def set_revision(self, revision: str) -> None:
+        """Keep exactly one ``finops_last_applied_revision_info`` series: the newest."""
+        with self._revision_lock:
+            if self._revision is not None and self._revision != revision:
+                self.last_applied_revision.remove(self._revision)
+            self._revision = revision
+            self.last_applied_revision.labels(revision=revision).set(1)
+
+    def set_rebalanced_amount(self, credits: Decimal) -> None:
+        self.rebalanced_amount.set(float(credits))
+
+    def set_keys_due_rotation(self, count: int) -> None:
+        self.keys_due_rotation.set(count)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+    routes: ClassVar[tuple[str, ...]] = ("/metrics", "/healthz", "/readyz")
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._send(200, self.server.metrics.render(), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._send(200, b"ok\n")
+        elif path == "/readyz":
+            ready, reason = self.server.readiness()
+            self._send(200 if ready else 503, f"{'ready' if ready else 'not ready'}: {reason}\n".encode())
+        else:
+            self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+    def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Probes every few seconds would drown the daemon's own log; stay quiet."""
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], metrics: DaemonMetrics, readiness: Readiness) -> None:
+        self.metrics = metrics
+        self.readiness = readiness
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, _Handler)
+
+
+class MetricsServer:
+    """``/metrics``, ``/healthz`` (the process answers) and ``/readyz`` (``readiness()``).
+
+    ``port=0`` binds a free port (tests); the CLI treats 0 as "off" before getting here."""
+
+    def __init__(self, metrics: DaemonMetrics, readiness: Readiness, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._server = _Server((host, port), metrics, readiness)
+        self.host = host
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, name="finops-metrics", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+        self._server.server_close()
+
+    def __enter__(self) -> MetricsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class CountingTransport(httpx.AsyncBaseTransport):
+    """Counts the gateway's error answers at the transport, the client's one seam for tests
+    and instrumentation, so every request the client sends is seen, retries included.
+
+    404 is left out: finops asks for wallets that do not exist yet on purpose (that is how
+    it learns an agent must be registered), and counting those would make the metric useless
+    for alerting."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, errors: Counter) -> None:
+        self._inner = inner
+        self._errors = errors
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            response = await self._inner.handle_async_request(request)
+        except httpx.TransportError:
+            self._errors.labels(status="transport").inc()
+            raise
+        if response.status_code >= 400 and response.status_code != 404:
+            self._errors.labels(status=str(response.status_code)).inc()
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()

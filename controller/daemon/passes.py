@@ -1,0 +1,357 @@
+"""One reconcile pass: manifests → observe → plan → apply, with the daemon's safety rules.
+
+The same pipeline as ``finops apply --auto-approve``, plus what an unattended loop needs:
+
+- *level-triggered*: every pass re-observes the gateway and re-plans from scratch;
+- *last good revision*: a revision whose manifests are invalid is never applied; the pass
+  carries on with the last valid desired state (also after a restart, for git sources,
+  from the ``revisions`` table) and reports the error until a valid revision arrives;
+- *one agent never blocks the fleet*: an agent that could not be observed or whose change
+  failed is backed off (its changes skipped and reported) while the others converge;
+- *holds*: the planner keeps held agents' caps at 0 and never funds them; the pass
+  reports how many agents are held;
+- *guardrails win*: a plan that breaks one is refused whole, as ``apply`` refuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any
+
+from controller.apply import AgentResult, Applier, ApplyResult
+from controller.daemon.backoff import AgentBackoff
+from controller.daemon.jobs import ERROR, OK, PARTIAL, JobResult
+from controller.daemon.logs import log_event
+from controller.daemon.metrics import DaemonMetrics
+from controller.daemon.revisions import RevisionLog
+from controller.daemon.source import ManifestSource, SourceError
+from controller.errors import FinopsError, ManifestError
+from controller.gateway.client import GatewayClient
+from controller.keysink import DirectoryKeySink
+from controller.manifest.loader import load_manifests
+from controller.plan import Change, Plan
+from controller.reconcile import observe_and_plan
+from controller.state import PENDING, StateStore
+from policies.spec import DesiredState
+
+REFUSED = "refused"
+INVALID = "invalid"
+COMPLETED = frozenset({OK, PARTIAL})
+"""Pass results that count as a reconcile having happened (readiness, last success)."""
+
+PlanFn = Callable[[GatewayClient, DesiredState, str, StateStore], Awaitable[Plan]]
+ClientFactory = Callable[[], GatewayClient]
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What one pass did; feeds the metrics, the status file and the log."""
+
+    result: str
+    message: str
+    revision: str | None
+    """The revision whose desired state was applied (the last good one)."""
+    seen_revision: str | None
+    """The newest revision the source offered (differs from ``revision`` when it is invalid)."""
+    manifest_valid: bool
+    manifest_errors: tuple[str, ...] = ()
+    planned: int | None = None
+    applied: Mapping[str, int] = field(default_factory=dict)
+    failed_agents: Mapping[str, str] = field(default_factory=dict)
+    backoff_skipped: tuple[str, ...] = ()
+    held_agents: tuple[str, ...] = ()
+    backoff_agents: int = 0
+    recovered: tuple[str, ...] = ()
+    violations: tuple[str, ...] = ()
+    duration_s: float = 0.0
+
+    @property
+    def completed(self) -> bool:
+        return self.result in COMPLETED
+
+    @property
+    def applied_total(self) -> int:
+        return sum(self.applied.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "result": self.result,
+            "message": self.message,
+            "revision": self.revision,
+            "seen_revision": self.seen_revision,
+            "manifest_valid": self.manifest_valid,
+            "manifest_errors": list(self.manifest_errors),
+            "planned": self.planned,
+            "applied": dict(self.applied),
+            "failed_agents": dict(self.failed_agents),
+            "backoff_skipped": list(self.backoff_skipped),
+            "held_agents": list(self.held_agents),
+            "recovered": list(self.recovered),
+            "violations": list(self.violations),
+            "duration_s": round(self.duration_s, 3),
+        }
+
+    def to_job_result(self) -> JobResult:
+        fields: dict[str, Any] = {
+            "revision": self.revision,
+            "planned": self.planned,
+            "applied": self.applied_total,
+            "manifest_valid": self.manifest_valid,
+            "duration_s": round(self.duration_s, 3),
+        }
+        if self.seen_revision != self.revision:
+            fields["seen_revision"] = self.seen_revision
+        if self.failed_agents:
+            fields["failed_agents"] = sorted(self.failed_agents)
+        if self.backoff_skipped:
+            fields["backoff_skipped"] = list(self.backoff_skipped)
+        if self.held_agents:
+            fields["held_agents"] = list(self.held_agents)
+        return JobResult(self.result, self.message, fields)
+
+
+def record_pass(metrics: DaemonMetrics, result: PassResult) -> None:
+    metrics.reconcile_duration.observe(result.duration_s)
+    metrics.reconcile_total.labels(result=result.result).inc()
+    metrics.manifest_valid.set(1 if result.manifest_valid else 0)
+    if result.planned is not None:
+        metrics.drift_changes.set(result.planned)
+    for kind, count in result.applied.items():
+        if count:
+            metrics.changes_applied.labels(kind=kind).inc(count)
+    if result.completed and result.revision is not None:
+        metrics.set_revision(result.revision)
+        metrics.agents_held.set(len(result.held_agents))
+        metrics.agents_backoff.set(result.backoff_agents)
+
+
+def applied_kinds(changes: Sequence[Change], outcome: AgentResult) -> list[str]:
+    """The kinds of an agent's changes that took effect, in plan order.
+
+    The applier runs an agent's changes in order, notes each as applied or "skipped <kind>:
+    why" (no longer needed), and stops at the first failure, noting the rest as not
+    attempted. So the processed changes are a prefix of ``changes``."""
+    attempted_skips = [n for n in outcome.skipped if not n.endswith("(not attempted after the failure)")]
+    processed = changes[: len(outcome.applied) + len(attempted_skips)]
+    skipped = {n.split(":", 1)[0].removeprefix("skipped ").replace("-", "_") for n in attempted_skips}
+    return [c.kind.value for c in processed if c.kind.value not in skipped]
+
+
+class Reconciler:
+    """Holds what must survive between passes: the last good desired state and backoffs."""
+
+    def __init__(
+        self,
+        *,
+        target: str,
+        source: ManifestSource,
+        store: StateStore,
+        sink: DirectoryKeySink,
+        revisions: RevisionLog,
+        client_factory: ClientFactory,
+        backoff: AgentBackoff | None = None,
+        plan_fn: PlanFn | None = None,
+        prune: bool = False,
+        clock: Callable[[], float] = time.time,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.target = target
+        self.source = source
+        self.store = store
+        self.sink = sink
+        self.revisions = revisions
+        self.client_factory = client_factory
+        self.backoff = backoff or AgentBackoff()
+        self.plan_fn: PlanFn = plan_fn or partial(observe_and_plan, prune=prune)
+        self.clock = clock
+        self.log = log or logging.getLogger("finops.daemon")
+        self.desired: DesiredState | None = None
+        """The last valid desired state: what other jobs (alerts, rebalance) should read."""
+        self.good_revision: str | None = None
+        self.seen_revision: str | None = None
+        self.manifest_valid = True
+        self.manifest_errors: tuple[str, ...] = ()
+        self._bad_revision: str | None = None
+
+    # ------------------------------------------------------------------ manifests
+
+    async def _load(self, revision: str) -> DesiredState:
+        return load_manifests(await self.source.checkout(revision))
+
+    def _issues(self, exc: ManifestError) -> tuple[str, ...]:
+        return tuple(self.source.shorten(str(issue)) for issue in exc.issues)
+
+    async def _desired_for(self, revision: str) -> DesiredState | None:
+        """The desired state to enforce now: ``revision``'s if it is valid, else the last good one."""
+        self.seen_revision = revision
+        if revision == self.good_revision and self.desired is not None:
+            self.manifest_valid, self.manifest_errors = True, ()
+            return self.desired
+        if revision != self._bad_revision:
+            try:
+                desired = await self._load(revision)
+            except ManifestError as exc:
+                self._bad_revision = revision
+                self.manifest_valid, self.manifest_errors = False, self._issues(exc)
+                self.revisions.record_invalid(revision, self.source.label, list(self.manifest_errors))
+                log_event(
+                    self.log,
+                    logging.ERROR,
+                    "manifest revision refused: invalid; keeping the last good revision",
+                    revision=revision,
+                    last_good=self.good_revision,
+                    errors=list(self.manifest_errors),
+                )
+            else:
+                if self.good_revision is not None:
+                    log_event(
+                        self.log, logging.INFO, "new manifest revision", revision=revision, previous=self.good_revision
+                    )
+                self.desired, self.good_revision, self._bad_revision = desired, revision, None
+                self.manifest_valid, self.manifest_errors = True, ()
+                return desired
+        if self.desired is None and self.source.versioned:
+            await self._restore_last_good(exclude=revision)
+        return self.desired
+
+    async def _restore_last_good(self, *, exclude: str) -> None:
+        """After a restart on an invalid revision, go back to what was last applied."""
+        last = self.revisions.last_applied(self.source.label)
+        if last is None or last.revision == exclude:
+            return
+        try:
+            desired = await self._load(last.revision)
+        except (ManifestError, SourceError) as exc:
+            log_event(
+                self.log,
+                logging.ERROR,
+                "cannot restore the last applied revision",
+                revision=last.revision,
+                error=str(exc).splitlines()[0],
+            )
+            return
+        self.desired, self.good_revision = desired, last.revision
+        log_event(self.log, logging.WARNING, "restored the last applied revision", revision=last.revision)
+
+    # ------------------------------------------------------------------ the pass
+
+    async def run(self) -> PassResult:
+        started = time.perf_counter()
+        try:
+            result = await self._run()
+        except FinopsError as exc:  # gateway down, auth, git fetch, an unreadable secret…
+            result = self._result(ERROR, str(exc))
+        return replace(result, duration_s=time.perf_counter() - started)
+
+    def _result(self, result: str, message: str, **kw: Any) -> PassResult:
+        return PassResult(
+            result=result,
+            message=message,
+            revision=self.good_revision,
+            seen_revision=self.seen_revision,
+            manifest_valid=self.manifest_valid,
+            manifest_errors=self.manifest_errors,
+            **kw,
+        )
+
+    async def _run(self) -> PassResult:
+        revision = await self.source.head() or await self.source.fetch()
+        desired = await self._desired_for(revision)
+        if desired is None:
+            return self._result(INVALID, "no valid manifest revision to apply yet")
+        applying = self.good_revision
+        async with self.client_factory() as client:
+            plan = await self.plan_fn(client, desired, self.target, self.store)
+            now = self.clock()
+            unobserved = {e.split(":", 1)[0]: e.split(":", 1)[1].strip() for e in plan.errors}
+            skipped_backoff = sorted({c.agent_id for c in plan.changes if self.backoff.active(c.agent_id, now)})
+            blocked = set(skipped_backoff)
+            kept = tuple(c for c in plan.changes if c.agent_id not in blocked)
+            common: dict[str, Any] = {
+                "planned": len(plan.changes),
+                "backoff_skipped": tuple(skipped_backoff),
+                "held_agents": tuple(h.agent_id for h in plan.held),
+            }
+            if plan.violations:
+                violations = tuple(str(v) for v in plan.violations)
+                log_event(
+                    self.log,
+                    logging.ERROR,
+                    "plan refused: it breaks a guardrail; nothing applied",
+                    violations=list(violations),
+                )
+                return self._result(
+                    REFUSED,
+                    "the plan breaks a guardrail; nothing was applied",
+                    violations=violations,
+                    backoff_agents=self._backoff_count(now),
+                    **common,
+                )
+            outcome: ApplyResult | None = None
+            if kept or self.store.intents(status=PENDING):
+                started_at = self.clock()
+                outcome = await Applier(client, self.store, self.sink, clock=self.clock).apply(
+                    replace(plan, changes=kept)
+                )
+                self.store.log_apply(
+                    started_at,
+                    outcome.ok,
+                    {"changes": len(kept), "writes": outcome.writes, "revision": applying, "by": "daemon"},
+                )
+        failed = dict(unobserved)
+        applied: Counter[str] = Counter()
+        if outcome is not None:
+            by_agent: dict[str, list[Change]] = {}
+            for change in kept:
+                by_agent.setdefault(change.agent_id, []).append(change)
+            for agent_result in outcome.agents:
+                applied.update(applied_kinds(by_agent.get(agent_result.agent_id, []), agent_result))
+                if agent_result.error is not None:
+                    failed[agent_result.agent_id] = agent_result.error
+        self._update_backoff(desired, failed, blocked, now=self.clock())
+        assert applying is not None
+        self.revisions.record_applied(applying, self.source.label, ok=not failed, changes=sum(applied.values()))
+        kind = PARTIAL if failed or skipped_backoff else OK
+        message = f"{len(plan.changes)} change(s) planned, {sum(applied.values())} applied"
+        if failed:
+            message += f", {len(failed)} agent(s) failed"
+        if skipped_backoff:
+            message += f", {len(skipped_backoff)} agent(s) in backoff"
+        if plan.held:
+            message += f", {len(plan.held)} agent(s) held"
+        return self._result(
+            kind,
+            message,
+            applied=dict(applied),
+            failed_agents=failed,
+            recovered=tuple(outcome.recovered) if outcome else (),
+            backoff_agents=self._backoff_count(self.clock()),
+            **common,
+        )
+
+    def _backoff_count(self, now: float) -> int:
+        return self.backoff.active_count(now)
+
+    def _update_backoff(
+        self, desired: DesiredState, failed: Mapping[str, str], blocked: set[str], *, now: float
+    ) -> None:
+        for agent, reason in sorted(failed.items()):
+            state = self.backoff.failed(agent, now, reason)
+            log_event(
+                self.log,
+                logging.WARNING,
+                "agent failed; backing off",
+                agent=agent,
+                failures=state.failures,
+                retry_in_s=round(state.retry_at - now, 1),
+                error=reason,
+            )
+        for spec in desired.agents():
+            agent = spec.agent_id
+            if agent not in failed and agent not in blocked and self.backoff.succeeded(agent):
+                log_event(self.log, logging.INFO, "agent recovered; backoff cleared", agent=agent)

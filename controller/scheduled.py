@@ -1,0 +1,101 @@
+"""The scheduled reconcilers the daemon runs besides the reconcile pass: alert evaluation,
+key rotation and budget rebalancing. Each is the same code the matching CLI command runs
+(``alerts check``, ``rotate``, ``rebalance``), wrapped as a daemon job."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from controller.alerting.engine import check_alerts
+from controller.daemon import DaemonContext, JobResult, register_jobs
+from controller.daemon.jobs import JobFn
+from controller.keys.rotate import KeyManager
+from controller.keys.vault import KeyVault
+from controller.rebalancer import run_rebalance
+from policies.spec import DesiredState
+
+REBALANCE_TICK_S = 60.0
+"""How often the rebalance job looks; each fleet actually runs on its own ``interval``."""
+
+
+def alerts_job(ctx: DaemonContext, now: Callable[[], float] = time.time) -> JobFn:
+    async def job() -> JobResult:
+        desired = ctx.desired()
+        if desired is None:
+            return JobResult.skipped("no valid manifests yet")
+        async with ctx.client_factory() as client:
+            result = await check_alerts(client, desired, ctx.store.path, now=now, held=frozenset(ctx.store.holds()))
+        fields = {k: v for k, v in result.to_dict().items() if isinstance(v, int)}
+        if result.ok:
+            return JobResult.success(f"{result.fired} crossing(s), {result.delivered} delivered", **fields)
+        return JobResult.partial("; ".join([*result.agent_errors.values(), *result.delivery_errors])[:500], **fields)
+
+    return job
+
+
+def rotation_job(ctx: DaemonContext) -> JobFn:
+    async def job() -> JobResult:
+        desired = ctx.desired()
+        if desired is None:
+            return JobResult.skipped("no valid manifests yet")
+        async with ctx.client_factory() as client:
+            keys = KeyManager(client, ctx.store, KeyVault(ctx.sink.directory), state_path=ctx.store.path)
+            try:
+                run = await keys.rotate_due(desired)
+                ctx.metrics.set_keys_due_rotation(len(keys.due(desired, datetime.now(UTC))))
+            finally:
+                keys.close()
+        message = f"{len(run.rotated)} rotated, {len(run.failed)} failed"
+        for note in run.recovered:
+            message += f"; recovered: {note}"
+        return JobResult.success(message) if run.ok else JobResult.partial(message, failed=sorted(run.failed))
+
+    return job
+
+
+def rebalance_job(ctx: DaemonContext, now: Callable[[], float] = time.time) -> JobFn:
+    last_run: dict[str, float] = {}
+
+    async def job() -> JobResult:
+        desired = ctx.desired()
+        if desired is None:
+            return JobResult.skipped("no valid manifests yet")
+        at = now()
+        due = tuple(
+            f
+            for f in desired.fleets
+            if f.rebalancing is not None
+            and f.rebalancing.enabled
+            and at - last_run.get(f.name, 0.0) >= f.rebalancing.interval_seconds
+        )
+        if not due:
+            return JobResult.skipped("no fleet due")
+        async with ctx.client_factory() as client:
+            run = await run_rebalance(
+                client, DesiredState(due), ctx.store, ctx.sink, ctx.target.name, dry_run=False, now=now
+            )
+        for fleet in due:
+            last_run[fleet.name] = at
+        ctx.metrics.set_rebalanced_amount(run.moved)
+        message = "; ".join(run.lines())[:500]
+        if run.applied is not None and not run.applied.ok:
+            return JobResult.partial(message)
+        return JobResult.success(message, moved=str(run.moved))
+
+    return job
+
+
+def register_scheduled_reconcilers() -> None:
+    """Add the jobs to every daemon ``finops run`` starts (idempotent)."""
+    from controller.daemon.command import JOB_FACTORIES
+
+    if _scheduled_reconcilers not in JOB_FACTORIES:
+        register_jobs(_scheduled_reconcilers)
+
+
+def _scheduled_reconcilers(ctx: DaemonContext) -> None:
+    ctx.daemon.add_job("alerts", alerts_job(ctx), exclusive=False)
+    ctx.daemon.add_job("rotation", rotation_job(ctx))
+    ctx.daemon.add_job("rebalance", rebalance_job(ctx), interval_s=REBALANCE_TICK_S)
