@@ -32,7 +32,16 @@ def resolve_secret(ref: SecretRef, *, create: bool = True) -> str:
     path = Path(ref.file)
     if not path.exists():
         if ref.generate and create:
-            write_secret_file(path, secrets.token_hex(32) + "\n")
+            # Link into place so that of two processes generating at once, the first wins and
+            # both sign with the same secret (a rename would let the second overwrite it).
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.new")
+            write_secret_file(tmp, secrets.token_hex(32) + "\n")
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
         else:
             hint = " (set generate: true to have finops create it)" if not ref.generate else ""
             raise SecretUnavailable(f"signing secret: file {path} does not exist{hint}")

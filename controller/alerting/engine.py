@@ -1,0 +1,216 @@
+"""One alert check: read every agent's budget, decide, persist, deliver.
+
+This is what ``finops alerts check``, ``finops status`` and the daemon call. The order is
+the at-least-once contract: (1) read budgets (one agent's failure is reported and the others
+go on); (2) in one transaction, evaluate against the remembered slots, store the new slots
+and queue one outbox row per (alert, route); (3) deliver everything pending, this check's
+alerts and any left over from earlier checks. A crash after (2) loses nothing: the next
+check delivers the queued rows with the same ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from controller.alerting.deliver import DEFAULT_POLICY, Clock, DeliveryPolicy, Sleep, deliver_pending
+from controller.alerting.store import PENDING, AlertStore, Attempt, FiredAlert, RouteStatus
+from controller.gateway.client import GatewayClient
+from controller.gateway.errors import GatewayError
+from controller.gateway.models import BudgetStatus
+from policies.alerts import (
+    AlertEvent,
+    BudgetReading,
+    WindowReading,
+    evaluate,
+    redact_url,
+    render_url,
+    routes_for,
+)
+from policies.spec import ALERT_EVENT_RECOVERED, ALERT_EVENT_THRESHOLD, AgentSpec, DesiredState
+from policies.urls import check_url_safety
+
+logger = logging.getLogger("finops.alerts")
+
+T = TypeVar("T", RouteStatus, FiredAlert)
+
+
+@dataclass
+class AlertCheckResult:
+    """Counts are for this check, except ``pending`` (rows still waiting after it)."""
+
+    evaluated: int = 0
+    fired: int = 0
+    recovered: int = 0
+    queued: int = 0
+    delivered: int = 0
+    failed: int = 0
+    gave_up: int = 0
+    refused: int = 0
+    deferred: int = 0
+    pending: int = 0
+    held: tuple[str, ...] = ()
+    events: tuple[AlertEvent, ...] = ()
+    agent_errors: dict[str, str] = field(default_factory=dict)
+    delivery_errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Every agent was read and nothing failed to deliver in this check."""
+        return not self.agent_errors and not (self.failed or self.gave_up or self.refused)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "evaluated": self.evaluated,
+            "fired": self.fired,
+            "recovered": self.recovered,
+            "queued": self.queued,
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "gave_up": self.gave_up,
+            "refused": self.refused,
+            "deferred": self.deferred,
+            "pending": self.pending,
+            "held": list(self.held),
+            "events": [e.payload() for e in self.events],
+            "agent_errors": dict(sorted(self.agent_errors.items())),
+            "delivery_errors": list(self.delivery_errors),
+        }
+
+
+def _reading(spec: AgentSpec, status: BudgetStatus) -> BudgetReading:
+    return BudgetReading(
+        agent_id=spec.agent_id,
+        fleet=spec.fleet,
+        thresholds=spec.alert_thresholds,
+        daily=WindowReading(status.daily_spend, status.daily_cap),
+        monthly=WindowReading(status.monthly_spend, status.monthly_cap),
+    )
+
+
+async def _read_budgets(client: GatewayClient, specs: list[AgentSpec]) -> tuple[list[BudgetReading], dict[str, str]]:
+    results = await asyncio.gather(*(client.get_budget(s.agent_id) for s in specs), return_exceptions=True)
+    readings: list[BudgetReading] = []
+    errors: dict[str, str] = {}
+    for spec, result in zip(specs, results, strict=True):
+        if isinstance(result, GatewayError):
+            errors[spec.agent_id] = f"cannot read budget: {result}"
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            readings.append(_reading(spec, result))
+    return readings, errors
+
+
+async def check_alerts(
+    client: GatewayClient,
+    desired: DesiredState,
+    state_path: Path,
+    *,
+    now: Clock,
+    transport: httpx.AsyncBaseTransport | None = None,
+    held: frozenset[str] = frozenset(),
+    policy: DeliveryPolicy = DEFAULT_POLICY,
+    sleep: Sleep = asyncio.sleep,
+) -> AlertCheckResult:
+    """Evaluate every declared agent's thresholds and deliver due alerts (module doc).
+
+    Held agents (``finops freeze``: caps 0) are not read or evaluated; their slots keep
+    their state, and alerts queued before the hold are still delivered. Amounts are in
+    gateway credits, the unit caps are enforced in. ``transport`` is the receivers' httpx
+    transport (tests inject faults there); the gateway is reached through ``client``.
+    """
+    specs = {a.agent_id: a for a in desired.agents()}
+    to_read = [s for s in specs.values() if s.agent_id not in held]
+    readings, agent_errors = await _read_budgets(client, to_read)
+    result = AlertCheckResult(
+        evaluated=len(readings), held=tuple(sorted(held & specs.keys())), agent_errors=agent_errors
+    )
+    at = now()
+    with AlertStore(state_path) as store:
+        with store.decide(at) as tx:
+            before = tx.slots()
+            evaluation = evaluate(readings, before, now=at)
+            tx.save_slots(evaluation.changed(before), evaluation.dropped(before))
+            tx.forget_agents_except(specs)
+            for event in evaluation.events:
+                for route in routes_for(event, specs[event.agent_id].alert_routes):
+                    url = render_url(route, event)
+                    problem = check_url_safety(url, allow_insecure=route.allow_insecure)
+                    refusal = f"refused: {problem}" if problem else None
+                    row = tx.enqueue(
+                        alert_id=event.id,
+                        agent_id=event.agent_id,
+                        event_type=event.type,
+                        route=redact_url(route.url),
+                        url=url,
+                        allow_insecure=route.allow_insecure,
+                        secret=route.secret,
+                        body=event.body(),
+                        refused=refusal,
+                    )
+                    if row is None:
+                        continue
+                    if refusal:
+                        result.refused += 1
+                        result.delivery_errors.append(
+                            f"{event.agent_id}: alert {event.id} to {redact_url(url)}: {refusal}"
+                        )
+                    else:
+                        result.queued += 1
+        for event in evaluation.events:
+            logger.info(
+                "%s %s: agent %s %s %s%% of cap (threshold %s%%)",
+                event.type, event.id, event.agent_id, event.window, event.percent, event.threshold,
+            )  # fmt: skip
+        result.events = evaluation.events
+        result.fired = sum(1 for e in evaluation.events if e.type == ALERT_EVENT_THRESHOLD)
+        result.recovered = sum(1 for e in evaluation.events if e.type == ALERT_EVENT_RECOVERED)
+        store.prune(at - policy.retention)
+        report = await deliver_pending(store, now=now, transport=transport, policy=policy, sleep=sleep)
+        result.pending = store.count(PENDING)
+    result.delivered = report.delivered
+    result.failed = report.failed
+    result.gave_up = report.gave_up
+    result.refused += report.refused
+    result.deferred = report.deferred
+    result.delivery_errors.extend(report.errors)
+    return result
+
+
+def _by_agent(items: list[T]) -> dict[str, list[T]]:
+    out: dict[str, list[T]] = {}
+    for item in items:
+        out.setdefault(item.agent_id, []).append(item)
+    return out
+
+
+def delivery_status(state_path: Path) -> Mapping[str, list[RouteStatus]]:
+    """Per agent, each alert route's last attempt, consecutive failed attempts and queue
+    counts. Reads only; an absent state file means nothing was ever sent."""
+    if not Path(state_path).exists():
+        return {}
+    with AlertStore(state_path) as store:
+        return _by_agent(store.route_statuses())
+
+
+def alert_state(state_path: Path) -> Mapping[str, list[FiredAlert]]:
+    """Per agent, the (window, threshold) slots currently fired, with their alert ids."""
+    if not Path(state_path).exists():
+        return {}
+    with AlertStore(state_path) as store:
+        return _by_agent(store.fired())
+
+
+def delivery_log(state_path: Path, alert_id: str | None = None) -> list[Attempt]:
+    """Every delivery attempt (URLs redacted), oldest first."""
+    if not Path(state_path).exists():
+        return []
+    with AlertStore(state_path) as store:
+        return store.log(alert_id)
