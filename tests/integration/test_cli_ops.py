@@ -156,3 +156,75 @@ def test_new_agents_keys_go_to_the_declared_command_sink(
     assert rotated.returncode == 0, rotated.stdout + rotated.stderr
     assert (inbox / "sum-01").read_text() == _key(work, "sum-01")
     assert not KEY_PATTERN.search(applied.stdout + applied.stderr + rotated.stdout + rotated.stderr)
+
+
+def test_alerts_check_delivers_a_75_percent_crossing_once_signed_and_status_flags_a_down_receiver(
+    gateway: tuple[SandboxServer, Path, dict[str, str]], tmp_path: Path
+) -> None:
+    import hashlib
+    import hmac
+
+    from tests.integration.test_alerts import Receiver
+
+    server, work, env = gateway
+    receiver = Receiver()
+    try:
+        fleet = work / "manifests" / "research-fleet.yaml"
+        text = fleet.read_text()
+        text = text.replace(
+            "signingSecret: {file: .finops/alert-signing.secret, generate: true}",
+            "signingSecret: {env: ALERT_SECRET}\n    allowInsecure: true",
+        )
+        text = text.replace(
+            "https://alerts.example.com/research/{agent}/{threshold}", receiver.url + "/{agent}/{threshold}"
+        )
+        text = text.replace(
+            "https://pager.example.com/finops/{fleet}?agent={agent}&window={window}", receiver.url + "/page"
+        )
+        fleet.write_text(text)
+        env = {**env, "ALERT_SECRET": "s3cret-for-tests"}
+        assert finops(work, "apply", "--auto-approve", env=env).returncode == 0
+        key = _key(work, "cls-01")  # daily cap 15.00 USD = 1500 credits; each paid call costs 0.10 credits
+        with httpx.Client(base_url=server.url) as http:
+            http.put(  # a small cap so a few paid calls cross 75 %: 8 × 0.10 of 1.00
+                "/v1/billing/wallets/cls-01/budget",
+                json={"daily_cap": "1.00", "monthly_cap": "300.00"},
+                headers={"Authorization": f"Bearer {server.admin_key}"},
+            )
+        for _ in range(8):
+            assert _paid_call(server, key) == 200
+
+        first = finops(work, "alerts", "check", env=env)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert [r.path for r in receiver.delivered] == ["/cls-01/75"]
+        delivered = receiver.delivered[0]
+        expected = hmac.new(b"s3cret-for-tests", delivered.body, hashlib.sha256).hexdigest()
+        assert delivered.headers["X-A2A-Signature"] == expected
+        alert = delivered.json()
+        assert (alert["agent"], alert["window"], alert["threshold"], alert["percent"]) == (
+            "cls-01",
+            "daily",
+            75,
+            "80.00",
+        )
+
+        again = finops(work, "alerts", "check", env=env)
+        assert again.returncode == 0 and len(receiver.requests) == 1  # once per crossing, not per check
+
+        receiver.fail_next = 100
+        assert _paid_call(server, key) == 200  # 90 %
+        failing = finops(work, "alerts", "check", env=env)
+        assert failing.returncode == 1 and "FAILED" in failing.stdout
+        assert len(receiver.requests) > 2  # retried with backoff within the check
+        status = finops(work, "status", "--strict", env=env)
+        assert status.returncode == 1
+        assert "ALERT ENDPOINT FAILING" in status.stdout and "cls-01" in status.stdout
+        assert "daily 75%" in status.stdout and "daily 90%" in status.stdout
+
+        receiver.fail_next = 0
+        recovered = finops(work, "alerts", "check", env=env)
+        assert recovered.returncode == 0, recovered.stdout
+        assert [r.path for r in receiver.delivered] == ["/cls-01/75", "/cls-01/90"]
+        assert len({r.headers["X-Finops-Alert-Id"] for r in receiver.requests if r.path == "/cls-01/90"}) == 1
+    finally:
+        receiver.close()
