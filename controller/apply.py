@@ -162,7 +162,7 @@ class Applier:
         by_agent: dict[str, list[Change]] = {}
         for change in plan.changes:
             by_agent.setdefault(change.agent_id, []).append(change)
-        results = await asyncio.gather(*(self._apply_agent(a, cs) for a, cs in by_agent.items()))
+        results = await self._apply_agents(list(by_agent.items()))
         result = ApplyResult(
             agents=list(results),
             writes=self.client.calls["write"] - before.get("write", 0),
@@ -170,6 +170,19 @@ class Applier:
             recovered=recovered,
         )
         return result
+
+    async def _apply_agents(self, work: list[tuple[str, list[Change]]]) -> list[AgentResult]:
+        """As many workers as the client has requests in flight, not one task per agent: a
+        waiting task costs memory and only ``client.concurrency`` of them can progress."""
+        done: dict[int, AgentResult] = {}
+        pending = iter(enumerate(work))
+
+        async def worker() -> None:
+            for index, (agent, changes) in pending:
+                done[index] = await self._apply_agent(agent, changes)
+
+        await asyncio.gather(*(worker() for _ in range(min(self.client.concurrency, len(work)))))
+        return [done[i] for i in range(len(work))]
 
     async def _apply_agent(self, agent_id: str, changes: list[Change]) -> AgentResult:
         result = AgentResult(agent_id)

@@ -8,7 +8,7 @@ key listing (1 call) finds agents nobody declared.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -74,6 +74,23 @@ async def _observe_isolated(client: GatewayClient, spec: AgentSpec, rate: Decima
         return LiveAgent(agent_id=spec.agent_id, exists=False, error=str(exc))
 
 
+async def _observe_agents(
+    client: GatewayClient, specs: Sequence[AgentSpec], rates: Mapping[str, Decimal]
+) -> list[LiveAgent]:
+    """Observe every agent with as many workers as the client has requests in flight, not
+    one task per agent: a pending agent task holds ~10 KB (100 MB at 10,000 agents), and
+    only ``client.concurrency`` of them can make progress at a time anyway."""
+    observed: dict[int, LiveAgent] = {}
+    pending = iter(enumerate(specs))
+
+    async def worker() -> None:
+        for index, spec in pending:
+            observed[index] = await _observe_isolated(client, spec, rates[spec.fleet])
+
+    await asyncio.gather(*(worker() for _ in range(min(client.concurrency, len(specs)))))
+    return [observed[i] for i in range(len(specs))]
+
+
 async def observe(
     client: GatewayClient, desired: DesiredState, *, target: str, webhooks_owned: bool = False
 ) -> LiveFleet:
@@ -86,9 +103,7 @@ async def observe(
     rates = {c: await client.exchange_rate(c, CREDITS) for c in currencies}
     specs = desired.agents()
     webhooks = await client.list_webhooks() if webhooks_owned or any(s.gateway_webhooks for s in specs) else None
-    results = await asyncio.gather(
-        *(_observe_isolated(client, spec, rates[desired.fleet(spec.fleet).currency]) for spec in specs)
-    )
+    results = await _observe_agents(client, specs, {f.name: rates[f.currency] for f in desired.fleets})
     return LiveFleet(
         target=target,
         agents={a.agent_id: a for a in results},

@@ -169,6 +169,8 @@ def desired_alert_threshold(spec: AgentSpec) -> Decimal:
 
 def field_diff(before: Mapping[str, str | None], after: Mapping[str, str | None]) -> tuple[FieldDiff, ...]:
     """Field-level before/after for flat records, via deepdiff so nested values work later."""
+    if dict(before) == dict(after):
+        return ()  # the common, converged case; DeepDiff costs ~0.4 ms even on equal dicts
     diff = DeepDiff(dict(before), dict(after), ignore_order=True, view="tree")
     fields: set[str] = set()
     for level_items in diff.values():
