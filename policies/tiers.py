@@ -458,7 +458,8 @@ def _gateway_webhooks(fleet: FleetDecl, agent: AgentDecl) -> tuple[GatewayWebhoo
     if hooks is None or not hooks.enabled:
         return ()
     secret = hooks.secret or fleet.signing_secret
-    assert secret is not None  # checked once per fleet by check_gateway_webhooks
+    if secret is None:
+        return ()  # reported once per fleet by check_gateway_webhooks
     url = hooks.url.replace("{agent}", agent.agent_id).replace("{fleet}", fleet.name)
     return (GatewayWebhookSpec(url, hooks.events, secret),)
 
@@ -480,9 +481,12 @@ def check_gateway_webhooks(fleet: FleetDecl) -> list[Issue]:
         hooks.url.replace("{agent}", "agent").replace("{fleet}", fleet.name), allow_insecure=False
     )
     if problem:
+        # The allowInsecure hint check_url_safety gives for alert routes does not apply here.
+        reason = problem.split(" (set allowInsecure")[0]
         issues.append(
             fleet.origin.issue(
-                "spec.alerts.gatewayWebhooks.url", f"{problem} (the gateway refuses it; allowInsecure cannot help)"
+                "spec.alerts.gatewayWebhooks.url",
+                f"{reason}; the gateway refuses such webhook URLs (allowInsecure does not apply to gateway webhooks)",
             )
         )
     return issues

@@ -8,17 +8,20 @@ declarations to the pure resolver. Every problem is collected before raising, so
 
 from __future__ import annotations
 
+import codecs
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 from yaml.nodes import ScalarNode
 
 from controller.errors import ManifestError, ManifestIssue
 from controller.manifest import keyscan
-from controller.manifest.messages import message_for, show
+from controller.manifest.messages import allowed_fields, message_for, show
 from controller.manifest.nodes import Document, Loc, dotted, line_of, locate, parse_yaml
 from controller.manifest.schema import (
     API_VERSION,
@@ -55,6 +58,7 @@ from policies.tiers import (
 
 #: Far above any real fleet manifest; the cap bounds memory and time for hostile input.
 MAX_FILE_BYTES = 1024 * 1024
+_TOO_LARGE = "file is larger than the 1 MiB limit for manifests; split it into several files"
 SUFFIXES = (".yaml", ".yml")
 
 _FUNDING_FIELDS = ("funding", "funding.floor", "funding.target")
@@ -137,12 +141,20 @@ def _read_text(label: str, file: Path, seen: _Collected) -> str | None:
     try:
         with file.open("rb") as handle:
             raw = handle.read(MAX_FILE_BYTES + 1)
+            if len(raw) > MAX_FILE_BYTES:
+                # Scanned to the end in bounded chunks: a key past the first MiB is still a key.
+                seen.complete = False
+                seen.issues.append(ManifestIssue(label, None, "", _TOO_LARGE))
+                rest = iter(lambda: handle.read(MAX_FILE_BYTES), b"")
+                for line in keyscan.key_lines_in_chunks(itertools.chain([raw], rest)):
+                    seen.issues.append(ManifestIssue(label, line, "", keyscan.KEY_MESSAGE))
+                return None
     except OSError as exc:
         seen.complete = False
         seen.issues.append(ManifestIssue(label, None, "", f"cannot read file: {exc.strerror or exc}"))
         return None
-    if len(raw) > MAX_FILE_BYTES:
-        fail(raw, None, "file is larger than the 1 MiB limit for manifests; split it into several files")
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        fail(raw, 1, "file is encoded as UTF-16; save it as UTF-8")
         return None
     try:
         return raw.decode("utf-8-sig")
@@ -169,8 +181,17 @@ def _load_file(label: str, file: Path, seen: _Collected) -> None:
 
 
 def _scan_for_keys(label: str, text: str, documents: Sequence[Document], seen: _Collected) -> None:
-    for line in keyscan.key_lines(text):
+    """Keys in the raw text (comments included), and keys that only appear once YAML has
+    decoded a value (``"a2a_free_\\x66…"`` escapes, a double-quoted string continued on the
+    next line)."""
+    lines = keyscan.key_lines(text)
+    for line in lines:
         seen.issues.append(ManifestIssue(label, line, _key_field(documents, line), keyscan.KEY_MESSAGE))
+    for doc in documents:
+        for loc, node in doc.scalars:
+            first, last = line_of(node), _last_line(node)
+            if keyscan.looks_like_key(str(node.value)) and not any(first <= n <= last for n in lines):
+                seen.issues.append(ManifestIssue(label, first, dotted(loc), keyscan.KEY_MESSAGE))
 
 
 def _key_field(documents: Sequence[Document], line: int) -> str:
@@ -226,8 +247,12 @@ def _load_document(label: str, doc: Document, seen: _Collected) -> None:
     try:
         manifest = model.model_validate(data)
     except ValidationError as exc:
-        for error in exc.errors(include_url=False):
+        errors = exc.errors(include_url=False)
+        misspelt, merged = _explained_gaps(model, errors)
+        for error in errors:
             loc = tuple(part for part in error["loc"] if part != "[key]")
+            if error["type"] == "missing" and (loc in misspelt or loc[:-1] in merged):
+                continue  # the unknown-field error next to it already says why it is missing
             report(loc, message_for(model, error))
         _not_resolved(data, seen)
         return
@@ -236,6 +261,25 @@ def _load_document(label: str, doc: Document, seen: _Collected) -> None:
         seen.fleets.append(_fleet_decl(label, doc, manifest))
     elif isinstance(manifest, AgentGroupManifest):
         seen.groups.append(_group_decl(label, doc, manifest))
+
+
+def _explained_gaps(model: type[BaseModel], errors: Sequence[ErrorDetails]) -> tuple[set[Loc], set[Loc]]:
+    """Missing fields that another error already explains: the fields misspelt next to them
+    (``dailycap`` for ``dailyCap``), and the mappings whose fields came from a refused
+    ``<<`` merge key."""
+    misspelt: set[Loc] = set()
+    merged: set[Loc] = set()
+    for error in errors:
+        if error["type"] != "extra_forbidden" or not error["loc"]:
+            continue
+        parent, name = tuple(error["loc"][:-1]), str(error["loc"][-1])
+        if name == "<<":
+            merged.add(parent)
+            continue
+        hint = did_you_mean(name, allowed_fields(model, parent))
+        if hint is not None:
+            misspelt.add((*parent, hint))
+    return misspelt, merged
 
 
 def _not_resolved(data: object, seen: _Collected) -> None:
@@ -360,11 +404,11 @@ def _agent_decls(label: str, doc: Document, agents: Sequence[Agent]) -> tuple[Ag
 
 
 def _with_lines(origin: Origin, doc: Document, extra: Sequence[tuple[str, Loc]]) -> Origin:
+    """``origin`` knowing the lines of ``extra`` fields; a field that was not written maps to
+    the nearest enclosing block (a route without ``signingSecret`` points at that route)."""
     lines = dict(origin.lines)
     for rel, loc in extra:
-        line, found = locate(doc.root, loc)
-        if found:
-            lines[rel] = line
+        lines[rel], _ = locate(doc.root, loc)
     return Origin(origin.file, origin.path, origin.line, lines)
 
 

@@ -7,6 +7,7 @@ string, got an integer (quote it)". This module translates one pydantic error in
 
 from __future__ import annotations
 
+import datetime
 import types
 from collections.abc import Sequence
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -14,7 +15,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import ErrorDetails
 
-from controller.manifest.schema import PATTERN_HELP, kind_of
+from controller.manifest.schema import PATTERN_HELP, SecretRef, kind_of
 from policies.tiers import did_you_mean
 
 _EXPECTED = {
@@ -50,7 +51,16 @@ def message_for(model: type[BaseModel], error: ErrorDetails) -> str:
     if kind == "extra_forbidden":
         return unknown_field(model, loc)
     if kind == "literal_error":
-        return f"must be {ctx.get('expected', 'one of the allowed values')}, got {show(value)}"
+        if value == "admin" and "scopes" in loc:
+            return (
+                "'admin' is never given to an agent's key (only finops' own gateway key has it); use read and/or write"
+            )
+        return f"must be {ctx.get('expected', 'one of the allowed values')}, got {show(value)}{_bool_hint(value)}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"expected true or false, got {show(value) if isinstance(value, str) else kind_of(value)}"
+    if kind in ("model_type", "model_attributes_type") and isinstance(value, str) and _is_secret_ref(model, loc):
+        # Not echoed: the string may well be the secret itself.
+        return "secrets are referenced, never written inline: use {env: NAME} or {file: PATH}"
     if kind == "string_pattern_mismatch":
         help_text = PATTERN_HELP.get(str(ctx.get("pattern")), f"must match {ctx.get('pattern')}")
         what = "value"
@@ -58,9 +68,13 @@ def message_for(model: type[BaseModel], error: ErrorDetails) -> str:
             what = "tier name" if loc[-3:-2] == ("tiers",) else "key"
         return f"invalid {what} {show(value)}: {help_text}"
     if kind in _EXPECTED:
-        hint = " (quote it)" if kind == "string_type" and isinstance(value, (int, float, bool)) else ""
+        hint = ""
+        if kind == "string_type" and isinstance(value, (int, float, bool, datetime.date)):
+            hint = " (quote it)"
+        elif kind == "int_type" and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            hint = f" ({show(value)}; remove the quotes)"
         return f"expected {_EXPECTED[kind]}, got {kind_of(value)}{hint}"
-    if kind == "too_short":
+    if kind in ("too_short", "string_too_short"):
         return "must not be empty"
     if kind == "greater_than_equal":
         return f"must be at least {ctx.get('ge')}, got {show(value)}"
@@ -69,6 +83,15 @@ def message_for(model: type[BaseModel], error: ErrorDetails) -> str:
     if kind == "value_error":
         return str(error["msg"]).removeprefix("Value error, ")
     return str(error["msg"])
+
+
+def _bool_hint(value: object) -> str:
+    """YAML 1.1 turns unquoted yes/no/on/off into booleans: ``currency: NO`` is ``false``."""
+    return " (YAML reads yes/no/on/off/true/false as booleans; quote the value)" if isinstance(value, bool) else ""
+
+
+def _is_secret_ref(model: type[BaseModel], loc: Sequence[str | int]) -> bool:
+    return _model_at(model, loc) is SecretRef
 
 
 def unknown_field(model: type[BaseModel], loc: Sequence[str | int]) -> str:

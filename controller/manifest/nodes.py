@@ -10,6 +10,7 @@ bytes of YAML become gigabytes in memory (a "YAML bomb"), and a manifest has no 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,34 @@ MAX_DEPTH = 32
 
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _MAP_TAG = "tag:yaml.org,2002:map"
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+#: Scalar tags whose values are not plain text: ``!!binary`` would hide its content (an API
+#: key, a URL) from reviewers and from the key scan.
+_OPAQUE_SCALAR_TAGS = frozenset({"tag:yaml.org,2002:binary"})
+
+#: How a person writes a whole number. YAML 1.1 also reads ``030`` as octal 24, ``0x1F`` as 31,
+#: ``0b11`` as 3 and ``1:30`` as 90 (base 60): a cap written ``030`` would silently be 24.
+_PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9_]*)")
+
+#: Characters that make two field names look identical: a byte order mark left in the middle
+#: of a concatenated file, zero-width spaces pasted from a web page.
+_INVISIBLE_NAMES = {
+    "\u00a0": "no-break space",
+    "\u200b": "zero-width space",
+    "\u200c": "zero-width non-joiner",
+    "\u200d": "zero-width joiner",
+    "\u2060": "word joiner",
+    "\ufeff": "byte order mark",
+}
+_INVISIBLE = re.compile(f"[{''.join(_INVISIBLE_NAMES)}]")
+
+#: What a PyYAML context names, in words for people ("while scanning a quoted scalar").
+_OPENED = {
+    "a quoted scalar": "a quoted string",
+    "a flow mapping": "a '{' mapping",
+    "a flow sequence": "a '[' list",
+}
 
 ALIAS_MESSAGE = (
     "YAML aliases (*name) are not allowed in manifests: expanding them lets a tiny file blow up "
@@ -91,7 +120,7 @@ def parse_yaml(text: str) -> ParsedFile:
         _compose_all(text, result)
     except yaml.MarkedYAMLError as exc:
         result.complete = False
-        result.problems.append(Problem(_mark_line(exc), (), _yaml_message(exc)))
+        result.problems.append(_syntax_problem(exc))
     except yaml.reader.ReaderError as exc:
         result.complete = False
         line = text.count("\n", 0, exc.position) + 1
@@ -135,10 +164,29 @@ def _mark_line(exc: yaml.MarkedYAMLError) -> int | None:
     return int(mark.line) + 1 if mark is not None else None
 
 
+def _syntax_problem(exc: yaml.MarkedYAMLError) -> Problem:
+    """A syntax error at the line to fix.
+
+    A quote or bracket left open is only noticed at the end of the file; PyYAML points there,
+    but the fix belongs where it was opened.
+    """
+    problem = exc.problem or ""
+    context = (exc.context or "").removeprefix("while scanning ").removeprefix("while parsing ")
+    opened = _OPENED.get(context)
+    if opened and exc.context_mark is not None and ("end of stream" in problem or "<stream end>" in problem):
+        end = f" (the file ends at line {exc.problem_mark.line + 1})" if exc.problem_mark is not None else ""
+        return Problem(exc.context_mark.line + 1, (), f"invalid YAML: {opened} starts here and is never closed{end}")
+    return Problem(_mark_line(exc), (), _yaml_message(exc))
+
+
 def _yaml_message(exc: yaml.MarkedYAMLError) -> str:
     """PyYAML's own wording, minus the source excerpt (which could hold a secret)."""
     problem = exc.problem or "syntax error"
-    if "<block end>" in problem or "<block mapping start>" in problem:
+    if "'\\t'" in problem:
+        problem += "; indent with spaces (YAML does not allow tabs here)"
+    elif "<block end>" in problem and "'<scalar>'" in problem:
+        problem += "; check the indentation, and for a quote left open on an earlier line"
+    elif "<block end>" in problem or "<block mapping start>" in problem:
         problem += "; check the indentation"
     if exc.context and exc.context_mark is not None and exc.problem_mark is not None:
         if exc.context_mark.line != exc.problem_mark.line:
@@ -182,10 +230,17 @@ def _to_data(
         raise _Unreadable(node, loc, f"nested more than {MAX_DEPTH} levels deep")
     if isinstance(node, ScalarNode):
         doc.scalars.append((loc, node))
+        if node.tag in _OPAQUE_SCALAR_TAGS:
+            raise _Unreadable(node, loc, _tag_message(node))
         try:
-            return constructor.construct_object(node)
+            value = constructor.construct_object(node)
         except ConstructorError:
             raise _Unreadable(node, loc, _tag_message(node)) from None
+        surprise = _surprising_number(node, value)
+        if surprise:
+            doc.usable = False
+            problems.append(Problem(line_of(node), loc, surprise))
+        return value
     if isinstance(node, (SequenceNode, MappingNode)) and node.tag not in (_SEQ_TAG, _MAP_TAG):
         raise _Unreadable(node, loc, _tag_message(node))
     if isinstance(node, SequenceNode):
@@ -198,6 +253,17 @@ def _to_data(
                 raise _Unreadable(key_node, loc, "mapping keys must be plain strings")
             key = str(key_node.value)
             doc.scalars.append(((*loc, key), key_node))
+            hidden = _INVISIBLE.search(key)
+            if hidden:
+                doc.usable = False
+                char = hidden.group(0)
+                problems.append(
+                    Problem(
+                        line_of(key_node),
+                        (*loc, _INVISIBLE.sub("", key)),
+                        f"field name contains an invisible {_INVISIBLE_NAMES[char]} (U+{ord(char):04X}); delete it",
+                    )
+                )
             if key in first_line:
                 problems.append(
                     Problem(
@@ -211,6 +277,29 @@ def _to_data(
             out[key] = _to_data(value_node, (*loc, key), constructor, doc, problems, depth + 1)
         return out
     raise _Unreadable(node, loc, f"unsupported YAML node {type(node).__name__}")
+
+
+def _surprising_number(node: ScalarNode, value: object) -> str | None:
+    """Why a number is not what it looks like, or ``None`` for a plain decimal number."""
+    text = str(node.value)
+    if node.tag == _INT_TAG and isinstance(value, int) and not _PLAIN_INT.fullmatch(text):
+        digits = text.lstrip("+-")
+        if ":" in digits:
+            form = "base 60"
+        elif digits[:2].lower() == "0x":
+            form = "hexadecimal"
+        elif digits[:2].lower() == "0b":
+            form = "binary"
+        else:
+            form = "octal"
+    elif node.tag == _FLOAT_TAG and ":" in text:
+        form = "base 60"
+    else:
+        return None
+    return (
+        f"YAML reads {text} as the {form} number {value}; write numbers in plain decimal "
+        "(no leading zero, 0x, 0b or ':'), or quote the value if it is text"
+    )
 
 
 def _tag_message(node: Node) -> str:

@@ -10,6 +10,7 @@ silently leave an agent uncapped.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import re
 from decimal import Decimal
@@ -56,6 +57,8 @@ def _money(value: object) -> Decimal:
     """
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise ValueError(f'expected an amount such as "30.00", got {kind_of(value)}')
+    if isinstance(value, str) and not value.strip():
+        raise ValueError('amount is empty; write an amount such as "30.00"')
     try:
         amount = parse_money(value)
     except MoneyError as exc:
@@ -83,6 +86,8 @@ def kind_of(value: object) -> str:
         return "a list"
     if isinstance(value, dict):
         return "a mapping"
+    if isinstance(value, datetime.date):  # YAML reads an unquoted 2024-01-31 as a date
+        return "a date"
     return type(value).__name__
 
 
@@ -145,7 +150,12 @@ ALERT_EVENT_NAMES = Literal["budget.threshold", "budget.recovered"]
 def _url_template(value: str, allowed: tuple[str, ...]) -> str:
     """A URL with only known placeholders; safety (https, public host) is judged later, once
     ``allowInsecure`` is known."""
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", value)
     if not re.match(r"^https?://[^/\s]+", value):
+        if scheme and scheme.group(1).lower() in ("http", "https"):
+            if scheme.group(1) != scheme.group(1).lower():
+                raise ValueError(f"{value!r}: write the scheme in lowercase ('https://')")
+            raise ValueError(f"{value!r} has no host")
         raise ValueError(f"{value!r} is not an http(s) URL")
     if re.search(r"\s", value):
         raise ValueError("URL must not contain whitespace")
@@ -171,10 +181,10 @@ class SecretRef(_Model):
 
     @model_validator(mode="after")
     def _one_source(self) -> SecretRef:
-        if (self.env is None) == (self.file is None):
-            raise ValueError("give exactly one of 'env' or 'file'")
         if self.generate and self.file is None:
             raise ValueError("'generate' needs 'file' (the place the generated secret is kept)")
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of 'env' or 'file'")
         return self
 
 
@@ -260,6 +270,8 @@ class Keys(_Model):
         from policies.rotation import validate_schedule
 
         problem = validate_schedule(value)
+        if problem and value.strip().lower() in ("weekly", "daily"):
+            problem = f"rotation schedule {value!r}: did you mean '{value.strip().lower()}'?"
         if problem:
             raise ValueError(problem)
         return value
@@ -290,10 +302,21 @@ class Rebalancing(_Model):
     enabled: bool = True
     interval: Annotated[str, StringConstraints(pattern=DURATION_PATTERN)] = "15m"
     donor_below_percent: Percent = 30
-    receiver_above_percent: Percent = 80
+    # At least 1: a receiver asks for spend / receiverAbovePercent of budget.
+    receiver_above_percent: Annotated[int, Field(strict=True, ge=1, le=100)] = 80
     share_percent: Percent = 50
     min_daily_cap_percent: Annotated[int, Field(strict=True, ge=0, le=100)] = 50
     max_daily_cap_percent: Annotated[int, Field(strict=True, ge=100, le=1000)] = 200
+
+    @model_validator(mode="after")
+    def _receivers_above_donors(self) -> Rebalancing:
+        """An agent between the two thresholds would be both lending and borrowing."""
+        if self.receiver_above_percent < self.donor_below_percent:
+            raise ValueError(
+                f"receiverAbovePercent {self.receiver_above_percent} is below donorBelowPercent "
+                f"{self.donor_below_percent}: an agent between the two would be both a donor and a receiver"
+            )
+        return self
 
 
 class Tier(_Model):

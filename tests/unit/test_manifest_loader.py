@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
+from collections import Counter
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from _pytest.mark.structures import ParameterSet
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controller.errors import ManifestError, ManifestIssue
 from controller.manifest import load_manifests
-from controller.manifest.keyscan import API_KEY_PATTERN
+from controller.manifest.keyscan import API_KEY_PATTERN, key_lines, key_lines_in_chunks
+from controller.manifest.loader import MAX_FILE_BYTES
 from policies.spec import (
     AgentSpec,
     AlertRoute,
@@ -132,26 +138,95 @@ def test_canonical_fleet_file_alone_is_valid() -> None:
 
 
 # --- the bad-manifest corpus -----------------------------------------------------------------
+#
+# One directory per case (tests/data/bad_manifests/README.md). The helpers below are also used
+# by tests/integration/test_bad_manifests_write_nothing.py, which runs the same cases through
+# the CLI against a sandbox gateway.
+
+#: Categories the corpus must keep covering, with at least this many cases each.
+REQUIRED_CATEGORIES = {
+    "yaml-syntax": 5, "yaml-abuse": 5, "huge-file": 4, "wrong-type": 5, "unknown-field": 5,
+    "name-reference": 5, "duplicate": 5, "budget": 5, "funding": 3, "amount": 5, "threshold": 5,
+    "rotation": 5, "rebalancing": 5, "inline-secret": 5, "secret-ref": 5, "unsafe-url": 5,
+    "gateway-webhook": 5, "key-sink": 4, "scopes": 3, "document": 5,
+}  # fmt: skip
+
+#: ``NAME.in`` in a case is a template for ``NAME``, so a case can be bigger than the 1 MiB
+#: limit without a big file in git. A template line ``#@repeat N TEXT`` becomes N lines of TEXT
+#: (``{i}`` counts from 0), ``#@concat N TEXT`` one line of N copies, and ``#@exact N`` pads the
+#: file with a final comment line to exactly N bytes.
+TEMPLATE_SUFFIX = ".in"
+_DIRECTIVE = re.compile(r"#@(repeat|concat|exact) (\d+)(?: (.*))?")
 
 
-def _expected(case: str) -> list[str]:
+def expected_lines(case: str) -> list[str]:
+    """The error lines ``case`` must produce, exactly and in order."""
     text = (BAD / case / "expected.txt").read_text(encoding="utf-8")
     return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_bad_manifest_reports_exact_file_line_and_field(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(BAD / case)
+def case_header(case: str, key: str) -> str | None:
+    """A ``# key: value`` comment of the case's expected.txt (``category``, ``xfail``)."""
+    for line in (BAD / case / "expected.txt").read_text(encoding="utf-8").splitlines():
+        if line.startswith(f"# {key}:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def expand_template(text: str) -> str:
+    out: list[str] = []
+    size: int | None = None
+    for line in text.splitlines(keepends=True):
+        match = _DIRECTIVE.fullmatch(line.rstrip("\n"))
+        if match is None:
+            out.append(line)
+            continue
+        kind, count, body = match.group(1), int(match.group(2)), match.group(3) or ""
+        if kind == "exact":
+            size = count
+        else:
+            copies = [body.replace("{i}", str(i)) for i in range(count)]
+            out.append(("\n" if kind == "repeat" else "").join(copies) + "\n")
+    expanded = "".join(out)
+    if size is not None:
+        padding = size - len(expanded.encode("utf-8")) - 1
+        assert padding > 0, f"template is already {len(expanded)} bytes, more than #@exact {size}"
+        expanded += "#" * padding + "\n"
+    return expanded
+
+
+def materialize_case(case: str, into: Path) -> Path:
+    """A private copy of ``case`` under ``into`` with its templates expanded; returns its directory."""
+    target = into / case
+    shutil.copytree(BAD / case, target, ignore=shutil.ignore_patterns("expected.txt"))
+    for template in sorted(target.rglob(f"*{TEMPLATE_SUFFIX}")):
+        template.with_suffix("").write_text(expand_template(template.read_text(encoding="utf-8")), encoding="utf-8")
+        template.unlink()
+    return target
+
+
+def _corpus() -> list[ParameterSet]:
+    """Every case; a case marked ``# xfail:`` documents a known gap and must fail until fixed."""
+    params = []
+    for case in CASES:
+        reason = case_header(case, "xfail")
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        params.append(pytest.param(case, marks=marks, id=case))
+    return params
+
+
+@pytest.mark.parametrize("case", _corpus())
+def test_bad_manifest_reports_exact_file_line_and_field(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(materialize_case(case, tmp_path))
     got = [str(issue) for issue in _issues(".")]
-    expected = _expected(case)
-    assert len(got) == len(expected), "\n".join(got)
-    for line, want in zip(got, expected, strict=True):
-        assert line.startswith(want), f"\n got: {line}\nwant: {want}"
+    assert got == expected_lines(case)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_no_error_message_ever_contains_an_api_key(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(BAD / case)
+@pytest.mark.parametrize("case", _corpus())
+def test_no_error_message_ever_contains_an_api_key(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(materialize_case(case, tmp_path))
     with pytest.raises(ManifestError) as info:
         load_manifests(".")
     assert not API_KEY_PATTERN.search(str(info.value))
@@ -165,6 +240,43 @@ def test_corpus_covers_the_required_cases() -> None:
         "wrong_api_version", "floor_above_target", "multiple_errors",
     }  # fmt: skip
     assert required <= set(CASES)
+
+
+def test_corpus_has_100_cases_spread_over_every_category() -> None:
+    categories = {case: case_header(case, "category") for case in CASES}
+    assert not [case for case, category in categories.items() if category is None]
+    assert len(CASES) >= 100
+    counts = Counter(categories.values())
+    assert {c: counts[c] for c in REQUIRED_CATEGORIES if counts[c] < REQUIRED_CATEGORIES[c]} == {}
+    assert all(expected_lines(case) for case in CASES)
+
+
+def test_huge_cases_really_exceed_the_limit(tmp_path: Path) -> None:
+    huge = [case for case in CASES if case_header(case, "category") == "huge-file"]
+    for case in huge:
+        sizes = [f.stat().st_size for f in materialize_case(case, tmp_path).rglob("*.y*ml")]
+        assert max(sizes) > MAX_FILE_BYTES, case
+    (one_over,) = materialize_case("huge_one_byte_over", tmp_path / "again").glob("*.yaml")
+    assert one_over.stat().st_size == MAX_FILE_BYTES + 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lines=st.lists(st.tuples(st.text("ab \t_:", max_size=60), st.booleans()), min_size=1, max_size=12),
+    breaks=st.lists(st.sampled_from(["\n", "\r\n", "\r"]), min_size=12, max_size=12),
+    piece=st.integers(min_value=1, max_value=97),
+)
+def test_oversized_files_are_scanned_for_keys_like_any_other(
+    lines: list[tuple[str, bool]], breaks: list[str], piece: int
+) -> None:
+    """The huge-file cases rely on the chunked scan finding exactly the lines the whole-text
+    scan finds, wherever the chunk boundaries fall (inside a key, between "\r" and "\n")."""
+    key = "a2a_free_000000000000000000000000"
+    pairs = zip(lines, breaks[: len(lines)], strict=True)
+    text = "".join((body[:7] + key + body[7:] if has_key else body) + br for (body, has_key), br in pairs)
+    data = text.encode()
+    chunks = [data[i : i + piece] for i in range(0, len(data), piece)]
+    assert key_lines_in_chunks(chunks, tail=64) == key_lines(text)
 
 
 def test_inline_api_key_is_reported_without_echoing_it(monkeypatch: pytest.MonkeyPatch) -> None:
