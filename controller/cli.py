@@ -16,7 +16,16 @@ from pathlib import Path
 import click
 
 from controller.apply import Applier, ApplyResult
-from controller.cliopts import DEFAULT_PATH, EXIT_CHANGES, EXIT_ERROR, EXIT_OK, load, run_command, target_options
+from controller.cliopts import (
+    DEFAULT_PATH,
+    EXIT_CHANGES,
+    EXIT_ERROR,
+    EXIT_OK,
+    TargetOptions,
+    load,
+    run_command,
+    target_options,
+)
 from controller.daemon.lock import writer_lock
 from controller.errors import ConfigError, FinopsError, GuardrailViolation, StalePlanError
 from controller.gateway.client import GatewayClient
@@ -87,21 +96,17 @@ def plan(
     fmt: str,
     detailed_exitcode: bool,
     out: Path | None,
-    gateway: str | None,
-    api_key_file: str | None,
-    state_dir: Path,
-    secrets_dir: Path | None,
-    concurrency: int,
+    opts: TargetOptions,
 ) -> None:
     """Show what apply would change (reads only)."""
 
     def run() -> int:
         desired = load(path)
-        with open_target(gateway, api_key_file=api_key_file, state_dir=state_dir) as target:
+        with open_target(opts.gateway, api_key_file=opts.api_key_file, state_dir=opts.state_dir) as target:
             _banner(target, fmt)
             store = StateStore(target.state_file)
             try:
-                result = asyncio.run(_plan(desired, target, store, concurrency, prune))
+                result = asyncio.run(_plan(desired, target, store, opts.concurrency, prune))
             finally:
                 store.close()
         if fmt == "text":
@@ -191,11 +196,7 @@ def apply(
     auto_approve: bool,
     plan_file: Path | None,
     fmt: str,
-    gateway: str | None,
-    api_key_file: str | None,
-    state_dir: Path,
-    secrets_dir: Path | None,
-    concurrency: int,
+    opts: TargetOptions,
 ) -> None:
     """Make the live fleet match the manifests; continues past one agent's failure."""
 
@@ -208,15 +209,15 @@ def apply(
             except (ValueError, KeyError, TypeError) as exc:
                 raise ConfigError(f"{plan_file} is not a finops plan file: {exc}") from None
         with (
-            writer_lock(state_dir, purpose="finops apply"),
-            open_target(gateway, api_key_file=api_key_file, state_dir=state_dir) as target,
+            writer_lock(opts.state_dir, purpose="finops apply"),
+            open_target(opts.gateway, api_key_file=opts.api_key_file, state_dir=opts.state_dir) as target,
         ):
             _banner(target, fmt)
             store = StateStore(target.state_file)
-            sink = DirectoryKeySink(target.secrets_dir(secrets_dir))
+            sink = DirectoryKeySink(target.secrets_dir(opts.secrets_dir))
             try:
                 chosen, result = asyncio.run(
-                    _apply(desired, target, store, sink, saved, auto_approve, fmt, concurrency, prune)
+                    _apply(desired, target, store, sink, saved, auto_approve, fmt, opts.concurrency, prune)
                 )
             finally:
                 store.close()
@@ -240,11 +241,7 @@ def rebalance(
     path: str,
     dry_run: bool,
     fmt: str,
-    gateway: str | None,
-    api_key_file: str | None,
-    state_dir: Path,
-    secrets_dir: Path | None,
-    concurrency: int,
+    opts: TargetOptions,
 ) -> None:
     """Move unused daily budget from idle agents to busy ones now (fleet totals unchanged)."""
     from controller.rebalancer import RebalanceRun, run_rebalance
@@ -252,15 +249,15 @@ def rebalance(
     def run() -> int:
         desired = load(path)
         with (
-            writer_lock(state_dir, purpose="finops rebalance") if not dry_run else contextlib.nullcontext(),
-            open_target(gateway, api_key_file=api_key_file, state_dir=state_dir) as target,
+            writer_lock(opts.state_dir, purpose="finops rebalance") if not dry_run else contextlib.nullcontext(),
+            open_target(opts.gateway, api_key_file=opts.api_key_file, state_dir=opts.state_dir) as target,
         ):
             _banner(target, fmt)
             store = StateStore(target.state_file)
-            sink = DirectoryKeySink(target.secrets_dir(secrets_dir))
+            sink = DirectoryKeySink(target.secrets_dir(opts.secrets_dir))
 
             async def go() -> RebalanceRun:
-                async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
+                async with GatewayClient(target.url, target.api_key, concurrency=opts.concurrency) as client:
                     return await run_rebalance(
                         client, desired, store, sink, target.name, dry_run=dry_run, now=time.time
                     )

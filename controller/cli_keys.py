@@ -11,12 +11,11 @@ import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 import click
 
-from controller.cliopts import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, load, run_command, target_options
+from controller.cliopts import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, TargetOptions, load, run_command, target_options
 from controller.daemon.lock import writer_lock
 from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
@@ -42,11 +41,7 @@ class Session:
 
 
 def with_session(
-    gateway: str | None,
-    api_key_file: str | None,
-    state_dir: Path,
-    secrets_dir: Path | None,
-    concurrency: int,
+    opts: TargetOptions,
     fn: Callable[[Session], Awaitable[T]],
     *,
     quiet_banner: bool = False,
@@ -56,30 +51,26 @@ def with_session(
     daemon or another apply makes it fail fast, naming the holder)."""
     with contextlib.ExitStack() as guard:
         if writer is not None:
-            guard.enter_context(writer_lock(state_dir, purpose=writer))
-        return _with_target(gateway, api_key_file, state_dir, secrets_dir, concurrency, fn, quiet_banner)
+            guard.enter_context(writer_lock(opts.state_dir, purpose=writer))
+        return _with_target(opts, fn, quiet_banner)
 
 
 def _with_target(
-    gateway: str | None,
-    api_key_file: str | None,
-    state_dir: Path,
-    secrets_dir: Path | None,
-    concurrency: int,
+    opts: TargetOptions,
     fn: Callable[[Session], Awaitable[T]],
     quiet_banner: bool,
 ) -> T:
-    with open_target(gateway, api_key_file=api_key_file, state_dir=state_dir) as target:
+    with open_target(opts.gateway, api_key_file=opts.api_key_file, state_dir=opts.state_dir) as target:
         click.echo(target.banner(), err=quiet_banner)
 
         async def go() -> T:
             async with AsyncExitStack() as stack:
                 client = await stack.enter_async_context(
-                    GatewayClient(target.url, target.api_key, concurrency=concurrency)
+                    GatewayClient(target.url, target.api_key, concurrency=opts.concurrency)
                 )
                 store = StateStore(target.state_file)
                 stack.callback(store.close)
-                keys = KeyManager(client, store, KeyVault(target.secrets_dir(secrets_dir)), state_path=store.path)
+                keys = KeyManager(client, store, KeyVault(target.secrets_dir(opts.secrets_dir)), state_path=store.path)
                 stack.callback(keys.close)
                 return await fn(Session(target, client, store, keys))
 
@@ -104,11 +95,7 @@ def rotate(
     agents: tuple[str, ...],
     force: bool,
     fmt: str,
-    gateway: str | None,
-    api_key_file: str | None,
-    state_dir: Path,
-    secrets_dir: Path | None,
-    concurrency: int,
+    opts: TargetOptions,
 ) -> None:
     """Rotate agents' keys that are due (or all selected ones with --now), zero-downtime."""
 
@@ -135,11 +122,7 @@ def rotate(
             return EXIT_OK if result.ok else EXIT_ERROR
 
         return with_session(
-            gateway,
-            api_key_file,
-            state_dir,
-            secrets_dir,
-            concurrency,
+            opts,
             go,
             quiet_banner=fmt == "json",
             writer="finops rotate",
@@ -158,11 +141,7 @@ def keys() -> None:
 @target_options
 def import_key(
     agent_id: str,
-    gateway: str | None,
-    api_key_file: str | None,
-    state_dir: Path,
-    secrets_dir: Path | None,
-    concurrency: int,
+    opts: TargetOptions,
 ) -> None:
     """Adopt an agent created before finops: its current key is read from stdin (never an
     argument), checked against the gateway, and stored in finops' key store."""
@@ -177,7 +156,7 @@ def import_key(
             click.echo(await s.keys.import_key(agent_id, raw))
             return EXIT_OK
 
-        return with_session(gateway, api_key_file, state_dir, secrets_dir, concurrency, go, writer="finops keys import")
+        return with_session(opts, go, writer="finops keys import")
 
     run_command(run)
 
@@ -198,11 +177,7 @@ def freeze_command(
     agent_id: str,
     reason: str,
     path: str,
-    gateway: str | None,
-    api_key_file: str | None,
-    state_dir: Path,
-    secrets_dir: Path | None,
-    concurrency: int,
+    opts: TargetOptions,
 ) -> None:
     """Emergency stop: caps to 0, wallet frozen, key rotated into quarantine, operator hold."""
 
@@ -216,7 +191,7 @@ def freeze_command(
             click.echo(f"{agent_id} is held: reconcile will not undo this. Lift it with `finops unfreeze {agent_id}`.")
             return EXIT_OK if result.ok else EXIT_ERROR
 
-        return with_session(gateway, api_key_file, state_dir, secrets_dir, concurrency, go)
+        return with_session(opts, go)
 
     run_command(run)
 
@@ -228,11 +203,7 @@ def freeze_command(
 def unfreeze_command(
     agent_id: str,
     path: str,
-    gateway: str | None,
-    api_key_file: str | None,
-    state_dir: Path,
-    secrets_dir: Path | None,
-    concurrency: int,
+    opts: TargetOptions,
 ) -> None:
     """Lift an operator hold: fresh key to the sink, wallet unfrozen, manifest caps restored."""
 
@@ -247,6 +218,6 @@ def unfreeze_command(
             _print_hold(result)
             return EXIT_OK if result.ok else EXIT_ERROR
 
-        return with_session(gateway, api_key_file, state_dir, secrets_dir, concurrency, go, writer="finops unfreeze")
+        return with_session(opts, go, writer="finops unfreeze")
 
     run_command(run)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import click
 
 from controller.alerting.engine import check_alerts
 from controller.cli_keys import Session, with_session
-from controller.cliopts import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, load, run_command, target_options
+from controller.cliopts import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, TargetOptions, load, run_command, target_options
 from controller.status import fleet_status, render_status
 
 
@@ -24,11 +23,7 @@ def status(
     path: str,
     fmt: str,
     strict: bool,
-    gateway: str | None,
-    api_key_file: str | None,
-    state_dir: Path,
-    secrets_dir: Path | None,
-    concurrency: int,
+    opts: TargetOptions,
 ) -> None:
     """Per agent: balance, 24 h spend, cap, % used, alerts and their endpoints, key; flags drift."""
 
@@ -40,7 +35,7 @@ def status(
             click.echo(json.dumps(result.to_dict(), indent=2) if fmt == "json" else render_status(result))
             return EXIT_ERROR if strict and result.flagged else EXIT_OK
 
-        return with_session(gateway, api_key_file, state_dir, secrets_dir, concurrency, go, quiet_banner=fmt == "json")
+        return with_session(opts, go, quiet_banner=fmt == "json")
 
     run_command(run)
 
@@ -57,11 +52,7 @@ def alerts() -> None:
 def check(
     path: str,
     fmt: str,
-    gateway: str | None,
-    api_key_file: str | None,
-    state_dir: Path,
-    secrets_dir: Path | None,
-    concurrency: int,
+    opts: TargetOptions,
 ) -> None:
     """Evaluate every agent's thresholds once and deliver due alerts (and earlier undelivered ones)."""
 
@@ -86,6 +77,6 @@ def check(
                 )
             return EXIT_OK if result.ok else EXIT_ERROR
 
-        return with_session(gateway, api_key_file, state_dir, secrets_dir, concurrency, go, quiet_banner=fmt == "json")
+        return with_session(opts, go, quiet_banner=fmt == "json")
 
     run_command(run)

@@ -6,10 +6,12 @@ daemon, keys, alerts) can share them without importing the whole CLI.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -25,8 +27,35 @@ DEFAULT_PATH = "manifests"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@dataclass(frozen=True)
+class TargetOptions:
+    """The options every gateway command shares, as one value (``opts``) instead of five
+    parameters repeated in each command's signature."""
+
+    gateway: str | None
+    api_key_file: str | None
+    state_dir: Path
+    secrets_dir: Path | None
+    concurrency: int
+
+
 def target_options(fn: F) -> F:
-    """Options shared by every command that talks to a gateway."""
+    """Options shared by every command that talks to a gateway, passed as ``opts``."""
+
+    @functools.wraps(fn)
+    def wrapper(
+        *args: Any,
+        gateway: str | None,
+        api_key_file: str | None,
+        state_dir: Path,
+        secrets_dir: Path | None,
+        concurrency: int,
+        **kwargs: Any,
+    ) -> Any:
+        opts = TargetOptions(gateway, api_key_file, state_dir, secrets_dir, concurrency)
+        return fn(*args, opts=opts, **kwargs)
+
+    command: Callable[..., Any] = wrapper
     options = [
         click.option(
             "--gateway",
@@ -66,8 +95,8 @@ def target_options(fn: F) -> F:
         ),
     ]
     for option in reversed(options):
-        fn = option(fn)
-    return fn
+        command = option(command)
+    return cast(F, command)
 
 
 def err(message: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 import httpx
 
-from controller.cliopts import DEFAULT_PATH, run_command, target_options
+from controller.cliopts import DEFAULT_PATH, TargetOptions, run_command, target_options
 from controller.daemon.lock import writer_lock
 from controller.daemon.logs import configure_logging, log_event
 from controller.daemon.metrics import CountingTransport, DaemonMetrics, MetricsServer
@@ -148,11 +148,7 @@ def run(
     log_format: str,
     prune: bool,
     once: bool,
-    gateway: str | None,
-    api_key_file: str | None,
-    state_dir: Path,
-    secrets_dir: Path | None,
-    concurrency: int,
+    opts: TargetOptions,
 ) -> None:
     """Keep the fleet converged: reconcile every INTERVAL seconds, and on every new commit."""
 
@@ -160,13 +156,13 @@ def run(
         if git_url and path:
             raise ConfigError("give either a manifest PATH or --git URL, not both")
         log = configure_logging(log_format)
-        with writer_lock(state_dir, purpose="finops run"):
+        with writer_lock(opts.state_dir, purpose="finops run"):
             source: ManifestSource
             if git_url:
-                source = GitSource(git_url, branch, git_path, git_workdir(state_dir, git_url, branch))
+                source = GitSource(git_url, branch, git_path, git_workdir(opts.state_dir, git_url, branch))
             else:
                 source = DirectorySource(Path(path or DEFAULT_PATH))
-            with open_target(gateway, api_key_file=api_key_file, state_dir=state_dir) as target:
+            with open_target(opts.gateway, api_key_file=opts.api_key_file, state_dir=opts.state_dir) as target:
                 log = configure_logging(log_format, secrets=[target.api_key])
                 log_event(log, logging.INFO, target.banner())
                 return _serve(target, source, log)
@@ -177,12 +173,12 @@ def run(
         metrics = DaemonMetrics()
         server: MetricsServer | None = None
         try:
-            client_factory = make_client_factory(target, concurrency, metrics)
+            client_factory = make_client_factory(target, opts.concurrency, metrics)
             reconciler = Reconciler(
                 target=target.name,
                 source=source,
                 store=store,
-                sink=DirectoryKeySink(target.secrets_dir(secrets_dir)),
+                sink=DirectoryKeySink(target.secrets_dir(opts.secrets_dir)),
                 revisions=revisions,
                 client_factory=client_factory,
                 prune=prune,
@@ -195,7 +191,7 @@ def run(
                 jitter_s=jitter,
                 git_poll_s=git_poll_interval,
                 log=log,
-                status_file=state_dir / STATUS_FILE,
+                status_file=opts.state_dir / STATUS_FILE,
             )
             context = DaemonContext(daemon, target, store, reconciler.sink, metrics, client_factory)
             for factory in JOB_FACTORIES:
