@@ -21,7 +21,7 @@ from controller.keys.sinks import DeliveryError, KeySink
 from controller.keysink import DirectoryKeySink
 from controller.plan import Change, ChangeKind, Plan, secret_ref_from_args
 from controller.secretref import SecretUnavailable, resolve_secret
-from controller.state import ABANDONED, DONE, FAILED, PENDING, BudgetWrite, ManagedWebhook, StateStore
+from controller.state import ABANDONED, DONE, FAILED, PENDING, BudgetWrite, Intent, ManagedWebhook, StateStore
 from policies.funding import deposit_idempotency_key, top_up_amount
 from policies.money import format_money
 
@@ -91,6 +91,10 @@ class Applier:
         is safely in finops' key store."""
         self._hook = fault_hook or (lambda point, agent: None)
         self._clock = clock
+        self._adopted: set[tuple[str, str]] = set()
+        """(agent, url) of webhooks that intent recovery adopted in this run."""
+        self._unresolved: set[str] = set()
+        """Agents with a pending intent that recovery could not resolve in this run."""
 
     # ------------------------------------------------------------------ recovery
 
@@ -98,45 +102,64 @@ class Applier:
         """Resolve intents left pending by a crashed run, by looking at the gateway."""
         notes: list[str] = []
         for intent in self.store.intents(status=PENDING):
-            if intent.kind == "deposit":
-                tx = await self.client.find_transaction(intent.agent_id, intent.intent_key)
-                if tx is not None:
-                    self.store.finish_intent(intent.intent_key, DONE, f"landed as transaction {tx.id} (recovered)")
-                    notes.append(
-                        f"{intent.agent_id}: interrupted deposit of {intent.payload.get('amount')} credits "
-                        f"had landed (transaction {tx.id}); not repeated"
-                    )
-                else:
-                    self.store.finish_intent(intent.intent_key, ABANDONED, "never reached the ledger")
-                    notes.append(
-                        f"{intent.agent_id}: interrupted deposit of {intent.payload.get('amount')} credits "
-                        "never landed; the plan decides afresh"
-                    )
-            elif intent.kind == "create_webhook":
-                notes.append(await self._recover_webhook(intent.intent_key, intent.agent_id, intent.payload))
-            elif intent.kind == "register":
-                exists = await self.client.get_balance(intent.agent_id) is not None
-                stored = self.sink.load(intent.agent_id) is not None
-                if exists and not stored:
-                    self.store.finish_intent(intent.intent_key, FAILED, "registered but the key was lost")
-                    notes.append(
-                        f"{intent.agent_id}: LOST KEY: a registration was interrupted after the gateway "
-                        "created the agent but before its key was stored; the gateway shows a key only "
-                        "once. Recover it with `finops keys import` from wherever the agent has it, or "
-                        "treat the key as orphaned."
-                    )
-                else:
-                    status = DONE if exists else ABANDONED
-                    self.store.finish_intent(intent.intent_key, status, "resolved on restart")
+            try:
+                await self._recover_one(intent, notes)
+            except GatewayError as exc:
+                # One agent's unreadable ledger must not stop the fleet: its intent stays
+                # pending and the agent sits this run out (acting now could repeat the step).
+                self._unresolved.add(intent.agent_id)
+                notes.append(
+                    f"{intent.agent_id}: an interrupted {intent.kind} could not be resolved yet ({exc}); "
+                    "the agent is skipped until it can be"
+                )
         return notes
 
-    async def _recover_webhook(self, intent_key: str, agent: str, payload: Mapping[str, Any]) -> str:
+    async def _recover_one(self, intent: Intent, notes: list[str]) -> None:
+        if intent.kind == "deposit":
+            tx = await self.client.find_transaction(intent.agent_id, intent.intent_key)
+            if tx is not None:
+                self.store.finish_intent(intent.intent_key, DONE, f"landed as transaction {tx.id} (recovered)")
+                notes.append(
+                    f"{intent.agent_id}: interrupted deposit of {intent.payload.get('amount')} credits "
+                    f"had landed (transaction {tx.id}); not repeated"
+                )
+            else:
+                self.store.finish_intent(intent.intent_key, ABANDONED, "never reached the ledger")
+                notes.append(
+                    f"{intent.agent_id}: interrupted deposit of {intent.payload.get('amount')} credits "
+                    "never landed; the plan decides afresh"
+                )
+        elif intent.kind == "create_webhook":
+            notes.append(await self._recover_webhook(intent.intent_key, intent.agent_id, intent.payload))
+        elif intent.kind == "register":
+            exists = await self.client.get_balance(intent.agent_id) is not None
+            stored = self.sink.load(intent.agent_id) is not None
+            if exists and not stored:
+                self.store.finish_intent(intent.intent_key, FAILED, "registered but the key was lost")
+                notes.append(
+                    f"{intent.agent_id}: LOST KEY: a registration was interrupted after the gateway "
+                    "created the agent but before its key was stored; the gateway shows a key only "
+                    "once. Recover it with `finops keys import` from wherever the agent has it, or "
+                    "treat the key as orphaned."
+                )
+            else:
+                status = DONE if exists else ABANDONED
+                self.store.finish_intent(intent.intent_key, status, "resolved on restart")
+
+    async def _recover_webhook(
+        self, intent_key: str, agent: str, payload: Mapping[str, Any], *, settled: bool = True
+    ) -> str:
         """A webhook create whose outcome is unknown: adopt it if it is on the gateway (it
-        carries our marker and matches the intent exactly), else let the plan decide."""
+        carries our marker and matches the intent exactly), else let the plan decide.
+        Right after the unknown outcome (``settled=False``) a miss proves nothing (the
+        gateway may still commit a request it holds), so the intent stays pending."""
         match = self._find_created(await self.client.list_webhooks(), agent, payload)
         if match is None:
+            if not settled:
+                return f"{agent}: webhook creation not on the gateway yet"
             self.store.finish_intent(intent_key, ABANDONED, "not on the gateway")
             return f"{agent}: interrupted webhook creation never landed; the plan decides afresh"
+        self._adopted.add((agent, match.url))
         self.store.record_webhook(ManagedWebhook(match.id, agent, str(payload["fleet"]), match.url))
         self.store.finish_intent(intent_key, DONE, f"adopted {match.id} (recovered)")
         return f"{agent}: interrupted webhook creation had landed as {match.id}; adopted, not repeated"
@@ -161,8 +184,15 @@ class Applier:
         recovered = await self.recover_intents()
         by_agent: dict[str, list[Change]] = {}
         for change in plan.changes:
+            if change.kind is ChangeKind.CREATE_WEBHOOK and (change.agent_id, change.args["url"]) in self._adopted:
+                continue  # the plan predates recovery, which found this webhook on the gateway
             by_agent.setdefault(change.agent_id, []).append(change)
-        results = await self._apply_agents(list(by_agent.items()))
+        results = [
+            AgentResult(a, skipped=[c.kind.value for c in cs], error="an interrupted step is unresolved; not attempted")
+            for a, cs in by_agent.items()
+            if a in self._unresolved
+        ]
+        results += await self._apply_agents([(a, cs) for a, cs in by_agent.items() if a not in self._unresolved])
         result = ApplyResult(
             agents=list(results),
             writes=self.client.calls["write"] - before.get("write", 0),
@@ -222,14 +252,17 @@ class Applier:
                 f"{agent} was registered by someone else since the plan was made; re-plan to adopt it"
             ) from None
         except (UnknownOutcome, ServerError):
-            exists = await self.client.get_balance(agent) is not None
-            self.store.finish_intent(intent_key, FAILED if exists else ABANDONED, "unknown outcome")
-            if exists:
+            if await self.client.get_balance(agent) is not None:
+                self.store.finish_intent(intent_key, FAILED, "unknown outcome")
                 raise AgentStepError(
                     f"{agent} was registered but the response (with its one-time key) was lost; "
                     "the key cannot be recovered over the API"
                 ) from None
-            raise AgentStepError(f"registering {agent} did not happen; the next run retries") from None
+            # Not visible yet, but a gateway can still commit a request it holds after we
+            # gave up: the intent stays pending, and the next run resolves it by looking.
+            raise AgentStepError(
+                f"registering {agent}: no answer and no wallet yet; the next run looks again before retrying"
+            ) from None
         self._hook("after_register", agent)
         prefix = self.sink.store(agent, registration.api_key)
         self.store.record_key(agent, prefix, "register")
@@ -296,7 +329,7 @@ class Applier:
         try:
             hook = await self.client.create_webhook(args["url"], args["events"].split(","), secret, [agent])
         except (UnknownOutcome, ServerError):
-            note = await self._recover_webhook(intent_key, agent, payload)
+            note = await self._recover_webhook(intent_key, agent, payload, settled=False)
             if "adopted" in note:
                 return "webhook created (response lost; found on the gateway and adopted)"
             raise AgentStepError("creating the webhook did not complete; the next run retries") from None

@@ -35,6 +35,7 @@ from controller.manifest.schema import manifest_json_schema
 from controller.plan import Plan, changes_equal, plan_from_dict, plan_to_dict
 from controller.reconcile import observe_and_plan
 from controller.render import RENDERERS, render_apply_text, render_text
+from controller.sandbox.faults import FaultConfig
 from controller.state import StateStore
 from controller.target import Target, open_target
 from policies.spec import DesiredState
@@ -290,6 +291,15 @@ def rebalance(
     run_command(run)
 
 
+def _faults(ctx: click.Context, param: click.Parameter, value: str | None) -> FaultConfig | None:
+    if value is None:
+        return None
+    try:
+        return FaultConfig.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -302,12 +312,21 @@ def rebalance(
     default=None,
     help="Where the admin key is written (0600). Default: next to the database.",
 )
-def sandbox(host: str, port: int, db: Path, admin_key_file: Path | None) -> None:
+@click.option(
+    "--faults",
+    envvar="FINOPS_SANDBOX_FAULTS",
+    default=None,
+    metavar="SPEC",
+    callback=_faults,
+    help="Misbehave on purpose on /v1/*, seeded, e.g. 'seed=7,rate=0.2,kinds=500+503+429+hang+reset+drop' "
+    "(keys: seed, rate, kinds, retry_after, hang, only). Off by default.",
+)
+def sandbox(host: str, port: int, db: Path, admin_key_file: Path | None, faults: FaultConfig | None) -> None:
     """Run the gateway-compatible sandbox in the foreground."""
     from controller.sandbox.server import serve
 
     db.parent.mkdir(parents=True, exist_ok=True)
-    serve(host, port, db, admin_key_file or db.parent / "admin.key")
+    serve(host, port, db, admin_key_file or db.parent / "admin.key", faults=faults)
 
 
 def _register_commands() -> None:

@@ -188,8 +188,16 @@ class GatewayClient:
             raise UnknownOutcome(f"no usable response ({type(exc).__name__})", method=method, path=path) from None
 
     def _raise_for(self, method: str, path: str, resp: httpx.Response) -> None:
-        if resp.status_code < 400:
+        if 200 <= resp.status_code < 300:
             return
+        if resp.status_code < 400:  # the gateway never redirects: a 3xx body proves nothing
+            where = resp.headers.get("location")
+            raise ProtocolViolation(
+                f"unexpected {resp.status_code} answer" + (f" (redirect to {where})" if where else ""),
+                status=resp.status_code,
+                method=method,
+                path=path,
+            )
         code = ""
         detail = resp.reason_phrase or "error"
         try:
@@ -297,6 +305,20 @@ class GatewayClient:
         return self._money(data, name, method, path)
 
     @staticmethod
+    def _strings(data: Mapping[str, Any], name: str, method: str, path: str) -> tuple[str, ...]:
+        value = data.get(name) or ()
+        if not isinstance(value, (list, tuple)):
+            raise ProtocolViolation(f"field {name!r} is not a list", method=method, path=path)
+        return tuple(str(v) for v in value)
+
+    @staticmethod
+    def _percent(data: Mapping[str, Any], name: str, method: str, path: str) -> float:
+        value = data.get(name) or 0
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ProtocolViolation(f"field {name!r} is not a number", method=method, path=path)
+        return float(value)
+
+    @staticmethod
     def _wallet_path(agent_id: str, suffix: str) -> str:
         return f"/v1/billing/wallets/{agent_id}/{suffix}"
 
@@ -329,7 +351,7 @@ class GatewayClient:
                     key_hash_prefix=str(self._field(row, "key_hash_prefix", "GET", path)),
                     agent_id=str(self._field(row, "agent_id", "GET", path)),
                     tier=str(row.get("tier", "")),
-                    scopes=tuple(str(s) for s in row.get("scopes") or ()),
+                    scopes=self._strings(row, "scopes", "GET", path),
                     created_at=str(row.get("created_at", "")),
                     revoked=bool(row.get("revoked", False)),
                 )
@@ -388,8 +410,12 @@ class GatewayClient:
         """Deposit exactly once per ``idempotency_key``.
 
         After an unknown outcome (timeout, reset, 5xx, the gateway's 500 IntegrityError) the
-        ledger is searched for the key, waiting a little for an in-flight request to land,
-        before the same key is sent again; two requests with one key are never in flight.
+        ledger is searched for the key, waiting a little for an in-flight request to land.
+        The same key is sent again in this call only after an answer (a 5xx the gateway
+        itself gave: the request is over). After no answer at all (timeout, reset) or a
+        proxy's 502/504, the gateway may still be running the request, and it credits
+        concurrent duplicates of one key twice (API.md §9): the deposit is left unknown, and
+        the next run resolves its intent from the ledger instead.
         """
         path = self._wallet_path(agent_id, "deposit")
         body = {"amount": format_money(amount), "currency": "CREDITS", "description": description}
@@ -409,6 +435,8 @@ class GatewayClient:
                     if balance is None:
                         raise NotFound(f"wallet of {agent_id} vanished", method="GET", path=path) from None
                     return DepositResult(new_balance=balance, transaction_id=tx.id, recovered=True)
+                if isinstance(exc, UnknownOutcome) or exc.status in (502, 504):
+                    break  # possibly still running on the gateway: never send a concurrent duplicate
                 continue
             tx_id = data.get("transaction_id")
             return DepositResult(
@@ -416,9 +444,9 @@ class GatewayClient:
                 transaction_id=int(tx_id) if isinstance(tx_id, int) else None,
             )
         raise UnknownOutcome(
-            f"deposit of {format_money(amount)} credits to {agent_id} did not complete after "
-            f"{self._max_attempts} attempts and no ledger entry carries its idempotency key "
-            f"({last})",
+            f"deposit of {format_money(amount)} credits to {agent_id} did not complete and no ledger "
+            f"entry carries its idempotency key yet ({last}); it is not sent again while the gateway "
+            "may still be running it: the next run looks in the ledger first",
             method="POST",
             path=path,
         )
@@ -480,13 +508,15 @@ class GatewayClient:
     async def get_budget(self, agent_id: str) -> BudgetStatus:
         path = self._wallet_path(agent_id, "budget")
         data = await self._call("GET", path, safe=True)
+        for name in ("daily_cap", "monthly_cap"):  # null means "no cap"; absent means a bad answer
+            self._field(data, name, "GET", path)
         return BudgetStatus(
             daily_cap=self._optional_money(data, "daily_cap", "GET", path),
             monthly_cap=self._optional_money(data, "monthly_cap", "GET", path),
             daily_spend=self._optional_money(data, "daily_spend", "GET", path) or Decimal("0.00"),
             monthly_spend=self._optional_money(data, "monthly_spend", "GET", path) or Decimal("0.00"),
-            daily_pct=float(data.get("daily_pct") or 0),
-            monthly_pct=float(data.get("monthly_pct") or 0),
+            daily_pct=self._percent(data, "daily_pct", "GET", path),
+            monthly_pct=self._percent(data, "monthly_pct", "GET", path),
             alert_triggered=bool(data.get("alert_triggered", False)),
             cap_exceeded=bool(data.get("cap_exceeded", False)),
         )
@@ -506,7 +536,17 @@ class GatewayClient:
             "monthly_cap": format_money(monthly_cap) if monthly_cap is not None else None,
             "alert_threshold": float(alert_threshold),
         }
-        await self._call("PUT", path, body=body, safe=True)
+        data = await self._call("PUT", path, body=body, safe=True)
+        for name in ("daily_cap", "monthly_cap"):
+            self._field(data, name, "PUT", path)
+        stored = (
+            self._optional_money(data, "daily_cap", "PUT", path),
+            self._optional_money(data, "monthly_cap", "PUT", path),
+        )
+        if stored != (daily_cap, monthly_cap):
+            raise ProtocolViolation(
+                f"the gateway confirmed caps {stored}, not {(daily_cap, monthly_cap)}", method="PUT", path=path
+            )
 
     # ------------------------------------------------------------------ keys
 

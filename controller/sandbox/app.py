@@ -43,6 +43,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.sandbox.clock import MutableClock
+from controller.sandbox.faults import FaultInjector, FaultMiddleware
 from controller.sandbox.store import (
     DEFAULT_SCOPES,
     AmountOutOfRange,
@@ -320,6 +321,10 @@ class RegisterWebhookRequest(_Body):
 class ClockRequest(_Body):
     advance: float | None = None
     set: float | None = None
+
+
+class FaultsRequest(_Body):
+    spec: str
 
 
 class BatchCall(BaseModel):
@@ -1479,13 +1484,28 @@ def create_app(
     clock: Clock | None = None,
     deliver: WebhookDeliverer | None = None,
     idempotency_race_window: float = 0.0,
+    faults: FaultInjector | None = None,
 ) -> Starlette:
     """The sandbox ASGI app. ``clock`` (unix seconds) drives every time read; pass a
-    ``MutableClock`` to move it, also over HTTP via ``POST /_sandbox/clock``."""
+    ``MutableClock`` to move it, also over HTTP via ``POST /_sandbox/clock``. ``faults``
+    (off unless configured) misbehaves on ``/v1/*`` on purpose; ``/_sandbox/faults`` shows
+    and reconfigures it."""
     if clock is None:
         clock = MutableClock()
     gw = SandboxGateway(store, clock, deliver, idempotency_race_window=idempotency_race_window)
     stats = store.stats
+    injector = faults if faults is not None else FaultInjector()
+
+    async def sandbox_faults(request: Request) -> Response:
+        gw._sandbox_admin(request)
+        if request.method == "POST":
+            req = validate_body(FaultsRequest, await gw.read_body(request))
+            try:
+                injector.configure(req.spec)
+            except ValueError as exc:
+                raise Problem(422, "validation-error", str(exc)) from None
+        return JSONResponse(injector.snapshot())
+
     table: list[tuple[str, str, Handler, bool]] = [
         ("GET", "/v1/health", gw.health, True),
         ("GET", "/livez", gw.livez, True),
@@ -1521,6 +1541,8 @@ def create_app(
         ("POST", "/_sandbox/stats/reset", gw.sandbox_stats_reset, False),
         ("GET", "/_sandbox/clock", gw.sandbox_clock, False),
         ("POST", "/_sandbox/clock", gw.sandbox_clock, False),
+        ("GET", "/_sandbox/faults", sandbox_faults, False),
+        ("POST", "/_sandbox/faults", sandbox_faults, False),
     ]
     routes = [
         Route(path, _wrap(handler, stats if counted else None, method, path), methods=[method])
@@ -1538,7 +1560,8 @@ def create_app(
 
     return Starlette(
         routes=routes,
-        middleware=[Middleware(_Edge, stats=stats)],
+        # Faults outermost: they model the network and the edge in front of the gateway.
+        middleware=[Middleware(FaultMiddleware, injector=injector), Middleware(_Edge, stats=stats)],
         exception_handlers={HTTPException: http_error},
     )
 

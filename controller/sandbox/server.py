@@ -21,6 +21,7 @@ import uvicorn
 from controller.errors import ConfigError
 from controller.sandbox.app import WebhookDeliverer, create_app
 from controller.sandbox.clock import MutableClock
+from controller.sandbox.faults import AbortableH11Protocol, FaultConfig, FaultInjector
 from controller.sandbox.store import SandboxStore as SandboxStore
 from controller.sandbox.store import WalletExists, hash_key
 from controller.secretfile import read_secret_file, write_secret_file
@@ -118,6 +119,10 @@ class SandboxServer:
             httpx.get(f"{sb.url}/v1/health")
             sb.clock.advance(301)
             sb.stats["writes"]
+
+    ``faults`` (a ``FaultConfig`` or spec string, see ``controller.sandbox.faults``) makes
+    it misbehave on purpose; ``sb.faults`` reconfigures, suspends and counts at run time.
+    It is off unless given here: a test's sandbox never picks up the environment.
     """
 
     def __init__(
@@ -131,6 +136,7 @@ class SandboxServer:
         deliver: WebhookDeliverer | None = None,
         idempotency_race_window: float = 0.0,
         access_log: bool = False,
+        faults: FaultConfig | str | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -141,8 +147,13 @@ class SandboxServer:
             self.admin_key = provision_admin_key(self.store, admin_key_file, now=self.clock())
         else:
             self.admin_key = mint_admin_key(self.store, now=self.clock())
+        self.faults = FaultInjector(faults)
         self.app = create_app(
-            self.store, clock=self.clock, deliver=deliver, idempotency_race_window=idempotency_race_window
+            self.store,
+            clock=self.clock,
+            deliver=deliver,
+            idempotency_race_window=idempotency_race_window,
+            faults=self.faults,
         )
         self._access_log = access_log
         self._server: _Uvicorn | None = None
@@ -162,6 +173,15 @@ class SandboxServer:
 
     def reset_stats(self) -> None:
         self.store.reset_request_counts()
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Block until no connection is open and no request is running: a killed client's
+        last requests may still be on their way through the server when its process is gone."""
+        deadline = time.monotonic() + timeout
+        while (server := self._server) is not None and (server.server_state.connections or server.server_state.tasks):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sandbox still busy after {timeout} s")
+            time.sleep(0.005)
 
     def start(self) -> SandboxServer:
         if self._thread is not None:
@@ -185,6 +205,7 @@ class SandboxServer:
             lifespan="off",
             timeout_graceful_shutdown=2,
             timeout_keep_alive=_KEEP_ALIVE_S,
+            http=AbortableH11Protocol,
         )
         server = _Uvicorn(config)
         self._server = server
@@ -219,11 +240,18 @@ class SandboxServer:
         self.stop()
 
 
-def serve(host: str, port: int, db_path: Path, admin_key_file: Path) -> None:
-    """Foreground sandbox for ``finops sandbox``; returns on Ctrl-C / SIGTERM."""
+def serve(
+    host: str, port: int, db_path: Path, admin_key_file: Path, faults: FaultConfig | str | None = None
+) -> None:
+    """Foreground sandbox for ``finops sandbox``; returns on Ctrl-C / SIGTERM. ``faults``
+    unset means the ``FINOPS_SANDBOX_FAULTS`` environment variable (unset: no faults)."""
+    try:
+        config = FaultConfig.from_env() if faults is None else FaultConfig.coerce(faults)
+    except ValueError as exc:
+        raise ConfigError(f"sandbox: {exc}") from None
     store = SandboxStore(db_path)
     key = provision_admin_key(store, admin_key_file)
-    app = create_app(store, clock=MutableClock())
+    app = create_app(store, clock=MutableClock(), faults=FaultInjector(config))
     try:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -237,11 +265,18 @@ def serve(host: str, port: int, db_path: Path, admin_key_file: Path) -> None:
         f"admin key {fingerprint(key)} in {admin_key_file}",
         flush=True,
     )
-    config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=_KEEP_ALIVE_S
+    if config.enabled:
+        print(f"sandbox: injecting faults on /v1/*: {config.to_spec()}", flush=True)
+    uv_config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_keep_alive=_KEEP_ALIVE_S,
+        http=AbortableH11Protocol,
     )
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(uv_config).run(sockets=[sock])
     finally:
         sock.close()
         store.close()
