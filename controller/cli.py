@@ -22,6 +22,7 @@ from controller.cliopts import (
     EXIT_ERROR,
     EXIT_OK,
     TargetOptions,
+    err,
     load,
     run_command,
     target_options,
@@ -148,10 +149,6 @@ async def _apply(
                     "run `finops plan --out FILE` again and review it"
                 )
         chosen = saved or fresh
-        if chosen.errors:
-            raise FinopsError(
-                "some agents could not be observed; nothing was applied:\n  " + "\n  ".join(chosen.errors)
-            )
         if chosen.violations:
             raise GuardrailViolation(
                 "the plan breaks a guardrail; nothing was applied:\n  " + "\n  ".join(str(v) for v in chosen.violations)
@@ -228,6 +225,14 @@ def apply(
             )
         elif result is not None:
             click.echo(render_apply_text(result, click.style))
+        if chosen.errors:
+            # One agent's failure never stops the others: the rest was applied; these were
+            # not touched (their plan is unknown) and the run says so and exits 1.
+            err(
+                f"{len(chosen.errors)} agent(s) could not be observed and were left unchanged:\n  "
+                + "\n  ".join(chosen.errors)
+            )
+            return EXIT_ERROR
         return EXIT_OK if result is None or result.ok else EXIT_ERROR
 
     run_command(run)

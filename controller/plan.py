@@ -346,6 +346,12 @@ def _plan_webhooks(desired: DesiredState, live: LiveFleet, memory: Memory, *, pr
     claimed: set[str] = set()
     for fleet in desired.fleets:
         for spec in fleet.agents:
+            agent = live.agents.get(spec.agent_id)
+            if agent is None or agent.error is not None:
+                # Unobserved: its plan is unknown, so nothing changes for it (and nothing of
+                # its is pruned either).
+                claimed |= {h for h, rec in memory.managed_webhooks.items() if rec.agent_id == spec.agent_id}
+                continue
             for hook in spec.gateway_webhooks:
                 claimed |= _plan_agent_webhook(fleet, spec, hook, owned, memory, out)
     for hook_id, stale in sorted(owned.items()):

@@ -228,3 +228,22 @@ def test_alerts_check_delivers_a_75_percent_crossing_once_signed_and_status_flag
         assert len({r.headers["X-Finops-Alert-Id"] for r in receiver.requests if r.path == "/cls-01/90"}) == 1
     finally:
         receiver.close()
+
+
+def test_an_unobservable_agent_does_not_stop_apply_for_the_others(tmp_path: Path) -> None:
+    from controller.sandbox.faults import FaultConfig
+
+    work = tmp_path / "work"
+    shutil.copytree(CANONICAL, work / "manifests")
+    # Every read of res-02's balance fails (503): it cannot be observed, the others can.
+    faults = FaultConfig(rate=1.0, kinds=FaultConfig.parse("kinds=503").kinds, only=("/wallets/res-02/balance",))
+    with SandboxServer(db_path=tmp_path / "gw.db", admin_key_file=tmp_path / "admin.key", faults=faults) as server:
+        env = {"GREENHELIX_URL": server.url, "GREENHELIX_API_KEY_FILE": str(tmp_path / "admin.key")}
+        applied = finops(work, "apply", "--auto-approve", env=env)
+        assert applied.returncode == 1
+        assert "1 agent(s) could not be observed and were left unchanged" in applied.stderr
+        assert "res-02" in applied.stderr and "Traceback" not in applied.stderr
+        assert "Apply complete: 4 agent(s) changed" in applied.stdout
+        for agent in ("orch-01", "res-01", "sum-01", "cls-01"):
+            assert server.store.get_wallet(agent) is not None
+        assert server.store.get_wallet("res-02") is None
