@@ -131,7 +131,11 @@ def make_client_factory(target: Target, concurrency: int, metrics: DaemonMetrics
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True, envvar="FINOPS_LOG_FORMAT"
 )
 @click.option(
-    "--prune", is_flag=True, help="Also delete gateway webhooks finops created for agents no longer declared."
+    "--prune/--no-prune",
+    default=True,
+    show_default=True,
+    help="Delete gateway webhooks finops created (both ownership keys) for agents no longer declared. On by "
+    "default here, as in GitOps controllers: the daemon's job is to make the gateway equal git.",
 )
 @click.option("--once", is_flag=True, help="Run one pass and exit (0 when it fully succeeded): for cron and CI.")
 @target_options
