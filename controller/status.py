@@ -23,6 +23,7 @@ from controller.observe import LiveFleet, observe
 from controller.plan import ChangeKind, Plan, make_plan
 from controller.reconcile import build_memory
 from controller.state import StateStore
+from policies.alerts import redact_url
 from policies.currency import from_credits
 from policies.money import format_money
 from policies.spec import DesiredState
@@ -178,6 +179,11 @@ async def fleet_status(
                     )
             if not spec.alert_routes:
                 row.flags.append("NO ALERT ROUTES: threshold crossings are evaluated but delivered nowhere")
+            elif not row.alert_endpoints:
+                row.alert_endpoints = [
+                    {"route": redact_url(r.url), "last_attempt_at": None, "last_ok": None, "consecutive_failures": 0}
+                    for r in spec.alert_routes
+                ]  # declared, nothing sent yet: shown so a missing receiver is not invisible
             row.gateway_webhooks = [logs_by_id[h] for h in hooks_by_agent.get(spec.agent_id, [])]
             key = key_status.get(spec.agent_id)
             if key is not None:
@@ -205,7 +211,8 @@ def render_status(status: FleetStatus) -> str:
         )
         for ep in a.alert_endpoints:
             state = "ok" if ep["last_ok"] else "FAILING" if ep["consecutive_failures"] else "never sent"
-            lines.append(f"{'':12}   alert {ep['route']}: {state} (last {ep['last_attempt_at'] or 'never'})")
+            when = f" (last {ep['last_attempt_at']})" if ep["last_attempt_at"] else ""
+            lines.append(f"{'':12}   alert {ep['route']}: {state}{when}")
         for hook in a.gateway_webhooks:
             lines.append(f"{'':12}   gateway webhook {hook['webhook_id']}: {hook.get('last') or hook.get('note')}")
         if a.key:
