@@ -30,11 +30,10 @@ from controller.cliopts import (
 from controller.daemon.lock import writer_lock
 from controller.errors import ConfigError, FinopsError, GuardrailViolation, StalePlanError
 from controller.gateway.client import GatewayClient
-from controller.keys.sinks import KeySink, sink_for
 from controller.keysink import DirectoryKeySink
 from controller.manifest.schema import manifest_json_schema
 from controller.plan import Plan, changes_equal, plan_from_dict, plan_to_dict
-from controller.reconcile import observe_and_plan
+from controller.reconcile import key_sinks, observe_and_plan
 from controller.render import RENDERERS, render_apply_text, render_text
 from controller.sandbox.faults import FaultConfig
 from controller.state import StateStore
@@ -164,13 +163,7 @@ async def _apply(
             if answer.strip() != "yes":
                 raise FinopsError("apply cancelled; nothing was changed")
         started = time.time()
-        specs = {a.agent_id: a for a in desired.agents()}
-
-        def key_sink(agent: str) -> KeySink | None:
-            spec = specs.get(agent)
-            return sink_for(spec.keys.sink, sink) if spec is not None and spec.keys.manage else None
-
-        result = await Applier(client, store, sink, key_sink=key_sink).apply(chosen)
+        result = await Applier(client, store, sink, key_sink=key_sinks(desired, sink)).apply(chosen)
         store.log_apply(started, result.ok, {"changes": len(chosen.changes), "writes": result.writes})
         return chosen, result
 

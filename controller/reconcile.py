@@ -7,7 +7,11 @@ apply, not at plan).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from controller.gateway.client import GatewayClient
+from controller.keys.sinks import KeySink, sink_for
+from controller.keys.vault import KeyVault
 from controller.observe import observe
 from controller.plan import Memory, Plan, make_plan
 from controller.secretref import SecretUnavailable, resolve_secret, secret_fingerprint
@@ -42,3 +46,15 @@ async def observe_and_plan(
 ) -> Plan:
     live = await observe(client, desired, target=target, webhooks_owned=bool(store.managed_webhooks()))
     return make_plan(desired, live, build_memory(store, desired), prune=prune)
+
+
+def key_sinks(desired: DesiredState, vault: KeyVault) -> Callable[[str], KeySink | None]:
+    """Each managed agent's declared sink (manifest ``keys.sink``), for ``Applier`` to hand a
+    newly registered agent's key to, after it is safe in finops' key store."""
+    specs = {a.agent_id: a for a in desired.agents()}
+
+    def lookup(agent: str) -> KeySink | None:
+        spec = specs.get(agent)
+        return sink_for(spec.keys.sink, vault) if spec is not None and spec.keys.manage else None
+
+    return lookup

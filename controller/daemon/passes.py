@@ -35,7 +35,7 @@ from controller.gateway.client import GatewayClient
 from controller.keysink import DirectoryKeySink
 from controller.manifest.loader import load_manifests
 from controller.plan import Change, Plan
-from controller.reconcile import observe_and_plan
+from controller.reconcile import key_sinks, observe_and_plan
 from controller.state import PENDING, StateStore
 from policies.spec import DesiredState
 
@@ -295,9 +295,9 @@ class Reconciler:
             outcome: ApplyResult | None = None
             if kept or self.store.intents(status=PENDING):
                 started_at = self.clock()
-                outcome = await Applier(client, self.store, self.sink, clock=self.clock).apply(
-                    replace(plan, changes=kept)
-                )
+                outcome = await Applier(
+                    client, self.store, self.sink, clock=self.clock, key_sink=key_sinks(desired, self.sink)
+                ).apply(replace(plan, changes=kept))
                 self.store.log_apply(
                     started_at,
                     outcome.ok,
