@@ -22,7 +22,7 @@ from controller.keys.rotate import KeyManager
 from controller.observe import LiveFleet, observe
 from controller.plan import ChangeKind, Plan, make_plan
 from controller.reconcile import build_memory
-from controller.state import StateStore
+from controller.state import FAILED, StateStore
 from policies.alerts import redact_url
 from policies.currency import from_credits
 from policies.money import format_money
@@ -116,6 +116,7 @@ async def fleet_status(
     routes = delivery_status(store.path)
     fired = alert_state(store.path)
     key_status = {k.agent_id: k for k in keys.key_status(desired)}
+    lost_at_register = {i.agent_id: i.detail for i in store.intents(status=FAILED, kind="register")}
     hooks_by_agent: dict[str, list[str]] = {}
     live_hook_ids = {w.id for w in live.webhooks or ()}
     for hook in memory.managed_webhooks.values():
@@ -191,7 +192,9 @@ async def fleet_status(
                 if key.orphans:
                     row.flags.append(f"ORPHANED KEY(S) {', '.join(key.orphans)}: live keys finops does not hold")
                 if key.managed and key.fingerprint is None:
-                    row.flags.append(f"NO KEY HELD: run `finops keys import {spec.agent_id}`")
+                    lost = lost_at_register.get(spec.agent_id)
+                    why = f" (LOST KEY: {lost}; the gateway showed it once)" if lost else ""
+                    row.flags.append(f"NO KEY HELD{why}: run `finops keys import {spec.agent_id}`")
                 if key.due:
                     row.flags.append("KEY ROTATION DUE")
             out.append(row)

@@ -14,7 +14,9 @@ from decimal import Decimal
 import httpx
 import pytest
 
+from controller.keys.rotate import KeyManager
 from controller.plan import ChangeKind
+from controller.status import FleetStatus, fleet_status
 from policies.spec import DesiredState
 from tests.integration.conftest import Harness
 from tests.integration.test_reconcile import TARGET_CREDITS, balance, deposits
@@ -120,6 +122,18 @@ def test_crash_after_register_before_the_key_is_stored_is_reported_loudly(
     assert any("cls-01: LOST KEY" in note for note in result.recovered)
     assert harness.sink.load("cls-01") is None
     assert balance(harness, "cls-01") == TARGET_CREDITS["cls-01"]  # the wallet is still managed
+
+    # ...and `finops status` keeps saying so after that run, not only in its output.
+    async def status() -> FleetStatus:
+        async with harness.client() as client:
+            keys = KeyManager(client, harness.store, harness.sink, state_path=harness.store.path)
+            try:
+                return await fleet_status(client, canonical, harness.store, keys, target="sandbox")
+            finally:
+                keys.close()
+
+    row = next(a for a in asyncio.run(status()).agents if a.agent_id == "cls-01")
+    assert any(f.startswith("NO KEY HELD (LOST KEY:") and "keys import cls-01" in f for f in row.flags), row.flags
 
 
 async def test_saved_deposit_key_is_reused_after_a_crash_before_sending(
