@@ -96,6 +96,8 @@ def register_scheduled_reconcilers() -> None:
 
 
 def _scheduled_reconcilers(ctx: DaemonContext) -> None:
-    ctx.daemon.add_job("alerts", alerts_job(ctx), exclusive=False)
-    ctx.daemon.add_job("rotation", rotation_job(ctx))
-    ctx.daemon.add_job("rebalance", rebalance_job(ctx), interval_s=REBALANCE_TICK_S)
+    """Every job also runs once at start-up, after the first reconcile: so ``finops run
+    --once`` is one complete pass (reconcile, alerts, due rotations, rebalancing) for cron."""
+    ctx.daemon.add_job("alerts", alerts_job(ctx), exclusive=False, run_at_start=True)
+    ctx.daemon.add_job("rotation", rotation_job(ctx), run_at_start=True)
+    ctx.daemon.add_job("rebalance", rebalance_job(ctx), interval_s=REBALANCE_TICK_S, run_at_start=True)
