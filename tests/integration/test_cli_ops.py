@@ -247,3 +247,16 @@ def test_an_unobservable_agent_does_not_stop_apply_for_the_others(tmp_path: Path
         for agent in ("orch-01", "res-01", "sum-01", "cls-01"):
             assert server.store.get_wallet(agent) is not None
         assert server.store.get_wallet("res-02") is None
+
+
+def test_run_once_is_one_complete_pass_for_cron(gateway: tuple[SandboxServer, Path, dict[str, str]]) -> None:
+    _server, work, env = gateway
+    once = finops(work, "run", "--once", "--log-format", "json", env=env)
+    assert once.returncode == 0, once.stdout + once.stderr
+    import json
+
+    events = [json.loads(line) for line in (once.stdout + once.stderr).splitlines() if line.startswith("{")]
+    finished = [(e["job"], e["result"]) for e in events if " finished" in e["msg"] and "job" in e]
+    assert finished == [("reconcile", "ok"), ("alerts", "ok"), ("rotation", "ok"), ("rebalance", "ok")], events
+    assert not KEY_PATTERN.search(once.stdout + once.stderr)
+    assert finops(work, "plan", "--detailed-exitcode", env=env).returncode == 0
