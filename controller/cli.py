@@ -35,10 +35,15 @@ from controller.manifest.schema import manifest_json_schema
 from controller.plan import Plan, changes_equal, plan_from_dict, plan_to_dict
 from controller.reconcile import key_sinks, observe_and_plan
 from controller.render import RENDERERS, render_apply_text, render_text
+from controller.safefile import read_text_bounded
 from controller.sandbox.faults import FaultConfig
 from controller.state import StateStore
 from controller.target import Target, open_target
 from policies.spec import DesiredState
+
+MAX_PLAN_FILE_BYTES = 256 * 1024 * 1024
+"""A saved plan is about 1 KB per change; this bound only stops a wrong path (a device, a
+FIFO, a runaway file) from hanging ``apply --plan`` or exhausting its memory."""
 
 
 async def _plan(desired: DesiredState, target: Target, store: StateStore, concurrency: int, prune: bool) -> Plan:
@@ -196,7 +201,11 @@ def apply(
         saved = None
         if plan_file is not None:
             try:
-                saved = plan_from_dict(json.loads(plan_file.read_text(encoding="utf-8")))
+                text = read_text_bounded(plan_file, MAX_PLAN_FILE_BYTES)
+            except OSError as exc:
+                raise ConfigError(f"cannot read the plan file {plan_file}: {exc.strerror}") from None
+            try:
+                saved = plan_from_dict(json.loads(text))
             except (ValueError, KeyError, TypeError) as exc:
                 raise ConfigError(f"{plan_file} is not a finops plan file: {exc}") from None
         with (

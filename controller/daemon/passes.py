@@ -15,6 +15,7 @@ The same pipeline as ``finops apply --auto-approve``, plus what an unattended lo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -181,7 +182,10 @@ class Reconciler:
     # ------------------------------------------------------------------ manifests
 
     async def _load(self, revision: str) -> DesiredState:
-        return load_manifests(await self.source.checkout(revision))
+        """Off the event loop: the loop must stay free to handle signals and other jobs."""
+        path = await self.source.checkout(revision)
+        root = getattr(self.source, "manifest_root", None)  # test doubles may not have one
+        return await asyncio.to_thread(load_manifests, path, root=root)
 
     def _issues(self, exc: ManifestError) -> tuple[str, ...]:
         return tuple(self.source.shorten(str(issue)) for issue in exc.issues)
