@@ -15,7 +15,6 @@ The same pipeline as ``finops apply --auto-approve``, plus what an unattended lo
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
@@ -25,6 +24,7 @@ from functools import partial
 from typing import Any
 
 from controller.apply import AgentResult, Applier, ApplyResult
+from controller.blocking import off_loop
 from controller.daemon.backoff import AgentBackoff
 from controller.daemon.jobs import ERROR, OK, PARTIAL, JobResult
 from controller.daemon.logs import log_event
@@ -185,7 +185,7 @@ class Reconciler:
         """Off the event loop: the loop must stay free to handle signals and other jobs."""
         path = await self.source.checkout(revision)
         root = getattr(self.source, "manifest_root", None)  # test doubles may not have one
-        return await asyncio.to_thread(load_manifests, path, root=root)
+        return await off_loop(load_manifests, path, root=root)
 
     def _issues(self, exc: ManifestError) -> tuple[str, ...]:
         return tuple(self.source.shorten(str(issue)) for issue in exc.issues)

@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import Protocol
 
+from controller.blocking import off_loop
 from controller.daemon.logs import redact
 from controller.errors import FinopsError, ManifestError
 from controller.manifest.loader import MAX_FILE_BYTES, manifest_files
@@ -115,10 +116,10 @@ class DirectorySource:
         return None  # the directory itself
 
     async def fetch(self) -> str:
-        return await asyncio.to_thread(directory_digest, self.path)
+        return await off_loop(directory_digest, self.path)
 
     async def head(self) -> str | None:
-        return await asyncio.to_thread(directory_digest, self.path)
+        return await off_loop(directory_digest, self.path)
 
     async def checkout(self, revision: str) -> Path:
         return self.path
