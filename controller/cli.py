@@ -309,7 +309,7 @@ def _faults(ctx: click.Context, param: click.Parameter, value: str | None) -> Fa
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
     "--db", "db", type=click.Path(path_type=Path), default=Path(".finops/sandbox/gateway.db"), show_default=True
 )

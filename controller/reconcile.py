@@ -7,7 +7,9 @@ apply, not at plan).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from controller.gateway.client import GatewayClient
 from controller.keys.sinks import KeySink, sink_for
@@ -20,22 +22,51 @@ from policies.spec import DesiredState, SecretRef
 
 
 def secret_fingerprints(desired: DesiredState) -> dict[SecretRef, str | None]:
+    return resolve_webhook_secrets(desired)[0]
+
+
+def resolve_webhook_secrets(desired: DesiredState) -> tuple[dict[SecretRef, str | None], dict[SecretRef, str]]:
+    """Each webhook secret's fingerprint (``None``: finops will generate the file at apply),
+    and the secrets apply could not use, with why: checked at plan time so a bad secret
+    (a directory, an unreadable file, an unset variable) never fails after other writes."""
     refs = {hook.secret for spec in desired.agents() for hook in spec.gateway_webhooks}
     out: dict[SecretRef, str | None] = {}
+    problems: dict[SecretRef, str] = {}
     for ref in refs:
         try:
             out[ref] = secret_fingerprint(resolve_secret(ref, create=False))
-        except SecretUnavailable:
+        except SecretUnavailable as exc:
             out[ref] = None
-    return out
+            if ref.file and ref.generate and not os.path.lexists(ref.file):
+                blocker = _cannot_create(Path(ref.file))
+                if blocker:
+                    problems[ref] = f"signing secret: cannot generate {ref.file}: {blocker}"
+            else:
+                problems[ref] = str(exc)
+    return out, problems
+
+
+def _cannot_create(path: Path) -> str | None:
+    """Why a file could not be created at ``path`` (its nearest existing ancestor must be a
+    writable directory), or ``None``."""
+    parent = path.absolute().parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
 
 
 def build_memory(store: StateStore, desired: DesiredState) -> Memory:
+    fingerprints, problems = resolve_webhook_secrets(desired)
     return Memory(
         budget_writes=store.budget_writes(),
         holds=store.holds(),
         managed_webhooks=store.managed_webhooks(),
-        secret_fingerprints=secret_fingerprints(desired),
+        secret_fingerprints=fingerprints,
+        secret_problems=problems,
         key_prefixes=store.key_prefixes(),
         adjustments=store.adjustments(),
     )
