@@ -11,23 +11,22 @@ is escaped by ``json.dumps`` already.
 
 from __future__ import annotations
 
-import re
 
-#: C0 controls (tab included: it can hide text), DEL, C1 controls (``\x9b`` is a one-byte CSI),
-#: the Unicode line/paragraph separators, and the bidi embedding, override, isolate and mark
-#: characters.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def _escape(match: re.Match[str]) -> str:
-    code = ord(match.group(0))
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def escape_controls(text: str) -> str:
-    """``text`` with every control, separator and bidi character shown as ``\\xNN`` /
-    ``\\uNNNN``, so it prints as exactly one inert line."""
-    return _UNSAFE.sub(_escape, text)
+    """``text`` with every character that does not print as itself shown as ``\\xNN`` /
+    ``\\uNNNN``: C0 and C1 controls (ESC, ``\\r``, ``\\n``, tab, the one-byte CSI ``\\x9b``),
+    bidi overrides and marks (U+202E), line separators, zero-width and unassigned characters
+    (Python's ``str.isprintable``; the plain space stays). The result is one inert line."""
+    if text.isprintable():
+        return text  # the common case, at C speed
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
 
 
 def escape_lines(text: str) -> str:
