@@ -477,7 +477,10 @@ class Daemon:
                 results = startup.result() if startup.done() and not startup.cancelled() else []
                 # A job with nothing to do (no fleet declares rebalancing) is not a failure;
                 # one that failed, or did not run because of a shutdown, is.
-                if not results or self._stopping or any(not r.succeeded for r in results):
+                # Enforcing the last good revision while the newest one is refused is not a
+                # success either: cron must hear about the invalid commit.
+                failed = any(not r.succeeded for r in results) or not self.reconciler.manifest_valid
+                if not results or self._stopping or failed:
                     exit_code = EXIT_ERROR
             else:
                 scheduler = self.build_scheduler()
