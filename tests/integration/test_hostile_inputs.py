@@ -190,3 +190,21 @@ def test_unusable_webhook_secrets_and_the_admin_agent_are_refused_at_plan_time(
     assert admin.returncode == 1
     assert f"[admin-agent] fleet research: {ADMIN_AGENT_ID} holds an admin-scoped key" in admin.stderr
     assert requests(sandbox)[1] == before[1]  # refused whole: not a single write
+
+
+def test_keys_import_reads_a_bounded_line_from_stdin(tmp_path: Path) -> None:
+    """``finops keys import AGENT < /dev/zero`` used to grow without bound looking for a newline."""
+    with open("/dev/zero", "rb") as zero:
+        result = subprocess.run(
+            [sys.executable, "-m", "controller.cli", "keys", "import", "res-01"],
+            cwd=tmp_path,
+            env=clean_env(),
+            stdin=zero,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert "longer than 4096 characters: not an API key" in result.stderr
+    assert not (tmp_path / ".finops").exists()  # refused before anything was opened
