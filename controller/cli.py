@@ -33,7 +33,7 @@ from controller.gateway.client import GatewayClient
 from controller.keysink import DirectoryKeySink
 from controller.manifest.schema import manifest_json_schema
 from controller.plan import Plan, changes_equal, plan_from_dict, plan_to_dict
-from controller.reconcile import key_sinks, observe_and_plan
+from controller.reconcile import key_sinks, observe_and_plan, preflight
 from controller.render import RENDERERS, render_apply_text, render_text
 from controller.safefile import read_text_bounded
 from controller.sandbox.faults import FaultConfig
@@ -152,7 +152,7 @@ async def _apply(
                     "the live gateway (or the manifests) changed since the plan was saved; "
                     "run `finops plan --out FILE` again and review it"
                 )
-        chosen = saved or fresh
+        chosen = preflight(saved or fresh, desired, sink.directory)
         if chosen.violations:
             raise GuardrailViolation(
                 "the plan breaks a guardrail; nothing was applied:\n  " + "\n  ".join(str(v) for v in chosen.violations)

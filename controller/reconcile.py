@@ -8,14 +8,16 @@ apply, not at plan).
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from controller.gateway.client import GatewayClient
 from controller.keys.sinks import KeySink, sink_for
 from controller.keys.vault import KeyVault
 from controller.observe import observe
-from controller.plan import Memory, Plan, make_plan
+from controller.plan import ChangeKind, Memory, Plan, make_plan
 from controller.secretref import SecretUnavailable, resolve_secret, secret_fingerprint
 from controller.state import StateStore
 from policies.spec import DesiredState, SecretRef
@@ -89,3 +91,52 @@ def key_sinks(desired: DesiredState, vault: KeyVault) -> Callable[[str], KeySink
         return sink_for(spec.keys.sink, vault) if spec is not None and spec.keys.manage else None
 
     return lookup
+
+
+def preflight(plan: Plan, desired: DesiredState, key_store: Path) -> Plan:
+    """Checks on finops' own side, after planning and before the first write.
+
+    The gateway shows a new agent's key exactly once, in the register response: if finops'
+    key store (or the agent's ``directory`` sink) cannot be written, registering would lose
+    that key for good. Such agents are taken out of the plan (all their changes) and
+    reported as errors; every other agent is applied as planned."""
+    registering = sorted({c.agent_id for c in plan.changes if c.kind is ChangeKind.REGISTER})
+    if not registering:
+        return plan
+    specs = {a.agent_id: a for a in desired.agents()}
+    held_back: dict[str, str] = {}
+    store_problem = _not_writable(key_store)
+    for agent in registering:
+        spec = specs.get(agent)
+        sink = spec.keys.sink if spec is not None else None
+        sink_problem = _not_writable(Path(sink.path)) if sink and sink.kind == "directory" and sink.path else None
+        if store_problem:
+            held_back[agent] = f"finops' key store {key_store}: {store_problem}"
+        elif sink_problem and sink is not None:
+            held_back[agent] = f"key sink directory {sink.path}: {sink_problem}"
+    if not held_back:
+        return plan
+    return replace(
+        plan,
+        changes=tuple(c for c in plan.changes if c.agent_id not in held_back),
+        errors=(
+            *plan.errors,
+            *(
+                f"{agent}: not registered: {why}; the gateway shows a new agent's key only once, "
+                "so registering now would lose it"
+                for agent, why in sorted(held_back.items())
+            ),
+        ),
+    )
+
+
+def _not_writable(directory: Path) -> str | None:
+    """Why a key file could not be written in ``directory`` (created 0700 if missing)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".finops-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"not writable ({exc.strerror or exc})"
+    return None

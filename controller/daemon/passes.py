@@ -36,7 +36,7 @@ from controller.gateway.client import GatewayClient
 from controller.keysink import DirectoryKeySink
 from controller.manifest.loader import load_manifests
 from controller.plan import Change, Plan
-from controller.reconcile import key_sinks, observe_and_plan
+from controller.reconcile import key_sinks, observe_and_plan, preflight
 from controller.state import PENDING, StateStore
 from policies.spec import DesiredState
 
@@ -270,7 +270,7 @@ class Reconciler:
             return self._result(INVALID, "no valid manifest revision to apply yet")
         applying = self.good_revision
         async with self.client_factory() as client:
-            plan = await self.plan_fn(client, desired, self.target, self.store)
+            plan = preflight(await self.plan_fn(client, desired, self.target, self.store), desired, self.sink.directory)
             now = self.clock()
             unobserved = {e.split(":", 1)[0]: e.split(":", 1)[1].strip() for e in plan.errors}
             skipped_backoff = sorted({c.agent_id for c in plan.changes if self.backoff.active(c.agent_id, now)})

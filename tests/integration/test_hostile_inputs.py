@@ -208,3 +208,16 @@ def test_keys_import_reads_a_bounded_line_from_stdin(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "longer than 4096 characters: not an API key" in result.stderr
     assert not (tmp_path / ".finops").exists()  # refused before anything was opened
+
+
+def test_no_agent_is_registered_when_its_key_could_not_be_stored(tmp_path: Path, sandbox: SandboxServer) -> None:
+    """The gateway shows a new agent's key once; with an unwritable key store, registering
+    would lose it. Checked before the first write (as root too: the path is under a file)."""
+    shutil.copytree(CANONICAL, tmp_path / "manifests")
+    (tmp_path / "not-a-directory").write_text("")
+    env = {**gateway_env(sandbox, tmp_path), "FINOPS_SECRETS_DIR": str(tmp_path / "not-a-directory" / "keys")}
+    before = requests(sandbox)
+    result = finops(tmp_path, "apply", "--auto-approve", "manifests", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.count("not registered: finops' key store") == 5, result.stderr
+    assert requests(sandbox)[1] == before[1]  # all five were new: not a single write
