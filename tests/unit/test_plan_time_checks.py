@@ -6,15 +6,19 @@ control characters."""
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from controller.apply import AgentResult, ApplyResult
-from controller.errors import ManifestIssue
+from controller.errors import ConfigError, ManifestIssue
+from controller.manifest.schema import port_problem
 from controller.observe import LiveAgent
 from controller.plan import ChangeKind, Memory, make_plan
 from controller.render import render_apply_text, render_markdown, render_text
+from controller.target import open_target
 from policies.currency import to_credits
 from policies.display import escape_controls, escape_lines
 from policies.guardrails import check_gateway_range
@@ -143,3 +147,17 @@ def test_plans_and_apply_results_escape_every_string_they_show() -> None:
     result = ApplyResult([AgentResult("res-01", applied=[HOSTILE], error=HOSTILE)], writes=1, reads=0)
     out = render_apply_text(result)
     assert "\x1b" not in out and "\u202e" not in out and out.count("\n") == 2  # two lines + verdict
+
+
+# --- ports ---------------------------------------------------------------------------------------
+
+
+def test_gateway_urls_need_a_real_port(tmp_path: Path) -> None:
+    for url in ("https://gw.example.com:0", "https://gw.example.com:99999/", "https://gw.example.com:-1"):
+        with (
+            pytest.raises(ConfigError, match="port must be a number from 1 to 65535"),
+            open_target(url, api_key_file=None, state_dir=tmp_path),
+        ):
+            pass  # pragma: no cover - refused on entry
+    assert port_problem("https://gw.example.com:65535/x") is None
+    assert port_problem("https://gw.example.com/x") is None
