@@ -2,8 +2,10 @@
 
 Wiring only: take the writer lock, open the target, build the source, reconciler, metrics
 and daemon, run plugged-in job factories, serve. Exit codes follow ``controller.cliopts``:
-0 after a graceful stop (or a clean ``--once`` pass), 1 on errors, a failed or partial
-``--once`` pass, or when another writer holds the state directory.
+0 after a graceful stop (or a clean ``--once`` pass, where a job with nothing to do counts as
+clean), 1 on errors, a failed or partial ``--once`` pass, a refused newest revision, a stop
+that had to cancel jobs after ``--stop-timeout``, or when another writer holds the state
+directory.
 """
 
 from __future__ import annotations
