@@ -9,12 +9,13 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import TypeAdapter, ValidationError
 
 from controller.apply import AgentResult, ApplyResult
 from controller.errors import ConfigError, ManifestIssue
-from controller.manifest.schema import port_problem
+from controller.manifest.schema import Money, port_problem
 from controller.observe import LiveAgent
 from controller.plan import ChangeKind, Memory, make_plan
 from controller.render import render_apply_text, render_markdown, render_text
@@ -28,6 +29,7 @@ from tests.unit.test_plan import agent, desired, live
 
 D = Decimal
 NEW = LiveAgent("res-01", exists=False, ledger_anchor="new")
+MONEY: TypeAdapter[Decimal] = TypeAdapter(Money)
 
 
 # --- ranges ------------------------------------------------------------------------------------
@@ -161,3 +163,24 @@ def test_gateway_urls_need_a_real_port(tmp_path: Path) -> None:
             pass  # pragma: no cover - refused on entry
     assert port_problem("https://gw.example.com:65535/x") is None
     assert port_problem("https://gw.example.com/x") is None
+
+
+@settings(max_examples=300)
+@given(
+    st.one_of(
+        st.text(alphabet="0123456789.-+eE_ ", max_size=60),
+        st.integers(min_value=-(10**40), max_value=10**40),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.decimals(allow_nan=False, allow_infinity=False).map(str),
+    )
+)
+def test_a_manifest_amount_is_a_gateway_storable_amount_or_a_clean_error(value: object) -> None:
+    """Whatever is written, the money type gives a 2-dp amount within the gateway's range or
+    a validation error with a message; never another exception (a traceback in `plan`)."""
+    try:
+        amount = MONEY.validate_python(value)
+    except ValidationError as exc:
+        assert exc.errors()[0]["msg"]
+        return
+    assert D(0) <= amount <= GATEWAY_MAX_AMOUNT
+    assert amount == amount.quantize(D("0.01"))
