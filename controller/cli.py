@@ -33,12 +33,17 @@ from controller.gateway.client import GatewayClient
 from controller.keysink import DirectoryKeySink
 from controller.manifest.schema import manifest_json_schema
 from controller.plan import Plan, changes_equal, plan_from_dict, plan_to_dict
-from controller.reconcile import key_sinks, observe_and_plan
+from controller.reconcile import key_sinks, observe_and_plan, preflight
 from controller.render import RENDERERS, render_apply_text, render_text
+from controller.safefile import read_text_bounded
 from controller.sandbox.faults import FaultConfig
 from controller.state import StateStore
 from controller.target import Target, open_target
 from policies.spec import DesiredState
+
+MAX_PLAN_FILE_BYTES = 256 * 1024 * 1024
+"""A saved plan is about 1 KB per change; this bound only stops a wrong path (a device, a
+FIFO, a runaway file) from hanging ``apply --plan`` or exhausting its memory."""
 
 
 async def _plan(desired: DesiredState, target: Target, store: StateStore, concurrency: int, prune: bool) -> Plan:
@@ -147,7 +152,7 @@ async def _apply(
                     "the live gateway (or the manifests) changed since the plan was saved; "
                     "run `finops plan --out FILE` again and review it"
                 )
-        chosen = saved or fresh
+        chosen = preflight(saved or fresh, desired, sink.directory)
         if chosen.violations:
             raise GuardrailViolation(
                 "the plan breaks a guardrail; nothing was applied:\n  " + "\n  ".join(str(v) for v in chosen.violations)
@@ -196,7 +201,11 @@ def apply(
         saved = None
         if plan_file is not None:
             try:
-                saved = plan_from_dict(json.loads(plan_file.read_text(encoding="utf-8")))
+                text = read_text_bounded(plan_file, MAX_PLAN_FILE_BYTES)
+            except OSError as exc:
+                raise ConfigError(f"cannot read the plan file {plan_file}: {exc.strerror}") from None
+            try:
+                saved = plan_from_dict(json.loads(text))
             except (ValueError, KeyError, TypeError) as exc:
                 raise ConfigError(f"{plan_file} is not a finops plan file: {exc}") from None
         with (
@@ -300,7 +309,7 @@ def _faults(ctx: click.Context, param: click.Parameter, value: str | None) -> Fa
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
     "--db", "db", type=click.Path(path_type=Path), default=Path(".finops/sandbox/gateway.db"), show_default=True
 )

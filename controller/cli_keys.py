@@ -29,6 +29,9 @@ from policies.spec import AgentSpec, DesiredState
 
 T = TypeVar("T")
 
+MAX_KEY_LINE = 4096
+"""Longest stdin line ``keys import`` reads (a GreenHelix key is about 40 characters)."""
+
 
 @dataclass
 class Session:
@@ -147,7 +150,10 @@ def import_key(
     argument), checked against the gateway, and stored in finops' key store."""
 
     def run() -> int:
-        raw = getpass.getpass(f"{agent_id}'s API key: ") if sys.stdin.isatty() else sys.stdin.readline()
+        # Bounded: stdin may be /dev/zero or an endless pipe; no key is anywhere near this long.
+        raw = getpass.getpass(f"{agent_id}'s API key: ") if sys.stdin.isatty() else sys.stdin.readline(MAX_KEY_LINE + 1)
+        if len(raw) > MAX_KEY_LINE:
+            raise ConfigError(f"the first line on stdin is longer than {MAX_KEY_LINE} characters: not an API key")
         raw = raw.strip()
         if not raw:
             raise ConfigError("no key on stdin")

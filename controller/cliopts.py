@@ -17,6 +17,7 @@ import click
 
 from controller.errors import ConfigError, FinopsError, ManifestError
 from controller.manifest.loader import load_manifests
+from policies.display import escape_lines
 from policies.spec import DesiredState
 
 EXIT_OK = 0
@@ -100,7 +101,7 @@ def target_options(fn: F) -> F:
 
 
 def err(message: str) -> None:
-    click.echo(click.style("Error: ", fg="red", bold=True) + message, err=True)
+    click.echo(click.style("Error: ", fg="red", bold=True) + escape_lines(message), err=True)
 
 
 def run_command(fn: Callable[[], int]) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from policies.display import escape_controls
+
 
 class FinopsError(Exception):
     """Base for errors with a user-facing message (no traceback shown)."""
@@ -27,9 +29,11 @@ class ManifestIssue:
     message: str
 
     def __str__(self) -> str:
+        """One inert line: control characters and bidi overrides quoted from the manifest
+        (or its file name) are shown escaped, never sent to the terminal."""
         where = f"{self.file}:{self.line}" if self.line is not None else self.file
         field = f" {self.field}:" if self.field else ""
-        return f"{where}:{field} {self.message}"
+        return escape_controls(f"{where}:{field} {self.message}")
 
 
 class ManifestError(FinopsError):

@@ -24,7 +24,13 @@ from controller.observe import NEW_WALLET_ANCHOR, LiveAgent, LiveFleet
 from controller.state import Adjustment, BudgetWrite, Hold, ManagedWebhook
 from policies.currency import SIGNUP_BONUS_CREDITS, from_credits, to_credits
 from policies.funding import deposit_idempotency_key, top_up_amount
-from policies.guardrails import Violation, check_caps_within_total, check_funding_ceiling
+from policies.guardrails import (
+    Violation,
+    check_caps_within_total,
+    check_deposit_limit,
+    check_funding_ceiling,
+    check_gateway_range,
+)
 from policies.money import format_money
 from policies.spec import AgentSpec, DesiredState, FleetSpec, GatewayWebhookSpec, SecretRef
 
@@ -138,6 +144,9 @@ class Memory:
     secret_fingerprints: Mapping[SecretRef, str | None] = field(default_factory=dict)
     """Fingerprints of the referenced signing secrets, resolved by the caller (``None``: not
     available yet, e.g. a file finops will generate on apply)."""
+    secret_problems: Mapping[SecretRef, str] = field(default_factory=dict)
+    """Referenced secrets that apply could not use (a directory, unreadable, unset, missing
+    without ``generate``): the webhooks that need them are reported, never half-applied."""
     key_prefixes: Mapping[str, str] = field(default_factory=dict)
     """Fingerprints of the agent keys finops holds."""
     adjustments: Mapping[str, Adjustment] = field(default_factory=dict)
@@ -245,6 +254,36 @@ def _plan_agent(
     return changes + budget
 
 
+def _refused_before_planning(
+    fleet: FleetSpec, spec: AgentSpec, live: LiveFleet, rate: Decimal, memory: Memory, now: float
+) -> list[Violation]:
+    """Checks that only the live gateway can answer, made before any change is planned so
+    nothing fails half-way at apply: the agent is not an admin (finops' own identity), and
+    every amount, converted at the gateway's rate, fits what the gateway can store."""
+    if spec.agent_id in live.admin_agents:
+        return [
+            Violation(
+                rule="admin-agent",
+                fleet=fleet.name,
+                message=(
+                    f"{spec.agent_id} holds an admin-scoped key on the gateway (finops' own identity): "
+                    "finops never sets caps on or funds an admin's wallet; remove it from the manifests"
+                ),
+            )
+        ]
+    adj = live_adjustment(spec, memory, now)
+    return check_gateway_range(
+        fleet.name,
+        spec.agent_id,
+        {
+            "funding floor": to_credits(spec.funding_floor, rate),
+            "funding target": to_credits(spec.funding_target, rate),
+            "daily cap": to_credits(spec.daily_cap + (adj.amount if adj else 0), rate),
+            "monthly cap": to_credits(spec.monthly_cap, rate),
+        },
+    )
+
+
 def _plan_held(fleet: FleetSpec, spec: AgentSpec, live: LiveAgent, hold: Hold, memory: Memory) -> list[Change]:
     """A held agent is kept at caps of 0 (the one lever that stops REST spend on 1.4.8) and
     is never funded; only ``finops unfreeze`` lifts the hold."""
@@ -329,6 +368,7 @@ class _WebhookPlan:
     changes: list[Change]
     unmanaged: list[str]
     warnings: list[str]
+    errors: list[str] = field(default_factory=list)
 
 
 def _plan_webhooks(desired: DesiredState, live: LiveFleet, memory: Memory, *, prune: bool) -> _WebhookPlan:
@@ -381,6 +421,11 @@ def _plan_agent_webhook(
     memory: Memory,
     out: _WebhookPlan,
 ) -> set[str]:
+    problem = memory.secret_problems.get(hook.secret)
+    if problem is not None:
+        # Checked here, not at apply: the create would fail after other writes were made.
+        out.errors.append(f"{spec.agent_id}: gateway webhook not planned: {problem}")
+        return {h for h, rec in memory.managed_webhooks.items() if rec.agent_id == spec.agent_id}
     events = tuple(sorted({*hook.events, webhook_marker(fleet.name)}))
     want_fp = memory.secret_fingerprints.get(hook.secret)
     mine = [
@@ -488,6 +533,10 @@ def make_plan(
             if agent is None or agent.error is not None:
                 errors.append(f"{spec.agent_id}: could not observe: {agent.error if agent else 'missing'}")
                 continue
+            refused = _refused_before_planning(fleet, spec, live, rate, memory, when.timestamp())
+            if refused:
+                violations += refused
+                continue
             fleet_changes.extend(_plan_agent(fleet, spec, agent, rate, memory, when.timestamp()))
         top_ups = {
             c.agent_id: from_credits(Decimal(c.args["amount"]), rate)
@@ -495,6 +544,9 @@ def make_plan(
             if c.kind is ChangeKind.TOP_UP
         }
         violations += check_funding_ceiling(fleet.name, fleet.currency, top_ups, fleet.funding_ceiling)
+        violations += check_deposit_limit(
+            fleet.name, {c.agent_id: Decimal(c.args["amount"]) for c in fleet_changes if c.kind is ChangeKind.TOP_UP}
+        )
         new_caps = [
             (c.agent_id, from_credits(Decimal(c.args["daily_cap"]), rate))
             for c in fleet_changes
@@ -512,6 +564,7 @@ def make_plan(
         if h.agent_id in declared
     )
     warnings = [*hooks.warnings, *_key_warnings(desired, live, memory)]
+    errors += hooks.errors
     rebalanced = tuple(
         adj.explanation
         for spec in desired.agents()

@@ -7,35 +7,68 @@ apply, not at plan).
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
 from controller.gateway.client import GatewayClient
 from controller.keys.sinks import KeySink, sink_for
 from controller.keys.vault import KeyVault
 from controller.observe import observe
-from controller.plan import Memory, Plan, make_plan
+from controller.plan import ChangeKind, Memory, Plan, make_plan
 from controller.secretref import SecretUnavailable, resolve_secret, secret_fingerprint
 from controller.state import StateStore
 from policies.spec import DesiredState, SecretRef
 
 
 def secret_fingerprints(desired: DesiredState) -> dict[SecretRef, str | None]:
+    return resolve_webhook_secrets(desired)[0]
+
+
+def resolve_webhook_secrets(desired: DesiredState) -> tuple[dict[SecretRef, str | None], dict[SecretRef, str]]:
+    """Each webhook secret's fingerprint (``None``: finops will generate the file at apply),
+    and the secrets apply could not use, with why: checked at plan time so a bad secret
+    (a directory, an unreadable file, an unset variable) never fails after other writes."""
     refs = {hook.secret for spec in desired.agents() for hook in spec.gateway_webhooks}
     out: dict[SecretRef, str | None] = {}
+    problems: dict[SecretRef, str] = {}
     for ref in refs:
         try:
             out[ref] = secret_fingerprint(resolve_secret(ref, create=False))
-        except SecretUnavailable:
+        except SecretUnavailable as exc:
             out[ref] = None
-    return out
+            if ref.file and ref.generate and not os.path.lexists(ref.file):
+                blocker = _cannot_create(Path(ref.file))
+                if blocker:
+                    problems[ref] = f"signing secret: cannot generate {ref.file}: {blocker}"
+            else:
+                problems[ref] = str(exc)
+    return out, problems
+
+
+def _cannot_create(path: Path) -> str | None:
+    """Why a file could not be created at ``path`` (its nearest existing ancestor must be a
+    writable directory), or ``None``."""
+    parent = path.absolute().parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
 
 
 def build_memory(store: StateStore, desired: DesiredState) -> Memory:
+    fingerprints, problems = resolve_webhook_secrets(desired)
     return Memory(
         budget_writes=store.budget_writes(),
         holds=store.holds(),
         managed_webhooks=store.managed_webhooks(),
-        secret_fingerprints=secret_fingerprints(desired),
+        secret_fingerprints=fingerprints,
+        secret_problems=problems,
         key_prefixes=store.key_prefixes(),
         adjustments=store.adjustments(),
     )
@@ -58,3 +91,52 @@ def key_sinks(desired: DesiredState, vault: KeyVault) -> Callable[[str], KeySink
         return sink_for(spec.keys.sink, vault) if spec is not None and spec.keys.manage else None
 
     return lookup
+
+
+def preflight(plan: Plan, desired: DesiredState, key_store: Path) -> Plan:
+    """Checks on finops' own side, after planning and before the first write.
+
+    The gateway shows a new agent's key exactly once, in the register response: if finops'
+    key store (or the agent's ``directory`` sink) cannot be written, registering would lose
+    that key for good. Such agents are taken out of the plan (all their changes) and
+    reported as errors; every other agent is applied as planned."""
+    registering = sorted({c.agent_id for c in plan.changes if c.kind is ChangeKind.REGISTER})
+    if not registering:
+        return plan
+    specs = {a.agent_id: a for a in desired.agents()}
+    held_back: dict[str, str] = {}
+    store_problem = _not_writable(key_store)
+    for agent in registering:
+        spec = specs.get(agent)
+        sink = spec.keys.sink if spec is not None else None
+        sink_problem = _not_writable(Path(sink.path)) if sink and sink.kind == "directory" and sink.path else None
+        if store_problem:
+            held_back[agent] = f"finops' key store {key_store}: {store_problem}"
+        elif sink_problem and sink is not None:
+            held_back[agent] = f"key sink directory {sink.path}: {sink_problem}"
+    if not held_back:
+        return plan
+    return replace(
+        plan,
+        changes=tuple(c for c in plan.changes if c.agent_id not in held_back),
+        errors=(
+            *plan.errors,
+            *(
+                f"{agent}: not registered: {why}; the gateway shows a new agent's key only once, "
+                "so registering now would lose it"
+                for agent, why in sorted(held_back.items())
+            ),
+        ),
+    )
+
+
+def _not_writable(directory: Path) -> str | None:
+    """Why a key file could not be written in ``directory`` (created 0700 if missing)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".finops-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"not writable ({exc.strerror or exc})"
+    return None

@@ -1,13 +1,48 @@
 """Pure renderers: ``Plan`` / ``ApplyResult`` → str. No I/O, no network, no key material
-(plans carry fingerprints and idempotency keys only, never API keys)."""
+(plans carry fingerprints and idempotency keys only, never API keys).
+
+The text and markdown views escape control characters and bidi overrides in every string
+they show (``policies.display.escape_controls``): names, reasons, URLs and gateway error
+text are data, never terminal commands. JSON is escaped by ``json.dumps``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from enum import Enum
+from typing import Any, TypeVar
 
 from controller.apply import ApplyResult
 from controller.plan import Change, ChangeKind, Plan, plan_to_dict
+from policies.display import escape_controls
+
+T = TypeVar("T")
+
+
+def escaped(value: T) -> T:
+    """A copy of a plan, result or any value built of dataclasses, tuples, lists, mappings
+    and strings, with every string passed through :func:`escape_controls` (enums kept)."""
+    return _escaped(value)  # type: ignore[no-any-return]
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value
+    if isinstance(value, str):
+        return escape_controls(value)
+    if isinstance(value, tuple):
+        return tuple(_escaped(v) for v in value)
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    if isinstance(value, Mapping):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: _escaped(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **changes)
+    return value
+
 
 Style = Callable[..., str]
 
@@ -62,6 +97,7 @@ def _held_lines(plan: Plan) -> list[str]:
 
 
 def render_text(plan: Plan, style: Style = _plain) -> str:
+    plan = escaped(plan)
     lines: list[str] = []
     for f in plan.fleets:
         lines.append(
@@ -103,6 +139,7 @@ def render_json(plan: Plan) -> str:
 
 def render_markdown(plan: Plan) -> str:
     """For a PR comment: a summary line, then a table of changes."""
+    plan = escaped(plan)
     lines = ["### finops plan", ""]
     for f in plan.fleets:
         lines.append(f"- **{f.name}**: {f.agents} agents, {f.currency} (1 {f.currency} = {f.rate_to_credits} credits)")
@@ -111,7 +148,8 @@ def render_markdown(plan: Plan) -> str:
         lines += ["| | agent | change | before → after | why |", "|---|---|---|---|---|"]
         for c in plan.changes:
             diff = "<br>".join(f"`{d.field}`: {d.before if d.before is not None else '—'} → {d.after}" for d in c.diff)
-            lines.append(f"| {_SYMBOL[c.kind]} | `{c.agent_id}` | {_LABEL[c.kind]} | {diff} | {c.reason} |")
+            row = (_cell(c.agent_id), _cell(diff), _cell(c.reason))
+            lines.append(f"| {_SYMBOL[c.kind]} | `{row[0]}` | {_LABEL[c.kind]} | {row[1]} | {row[2]} |")
         lines.append("")
     for title, items in (
         ("Errors", plan.errors),
@@ -127,6 +165,11 @@ def render_markdown(plan: Plan) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _cell(text: str) -> str:
+    """A markdown table cell: a ``|`` in a value must not open a new column."""
+    return text.replace("|", "\\|")
+
+
 RENDERERS: dict[str, Callable[[Plan], str]] = {
     "text": render_text,
     "json": render_json,
@@ -135,6 +178,7 @@ RENDERERS: dict[str, Callable[[Plan], str]] = {
 
 
 def render_apply_text(result: ApplyResult, style: Style = _plain) -> str:
+    result = escaped(result)
     lines: list[str] = []
     for note in result.recovered:
         lines.append(style(f"recovered: {note}", fg="cyan"))

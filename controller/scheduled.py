@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from controller.alerting.engine import check_alerts
 from controller.daemon import DaemonContext, JobResult, register_jobs
-from controller.daemon.jobs import JobFn
+from controller.daemon.jobs import JobFn, SkipReason
 from controller.keys.rotate import KeyManager
 from controller.keys.vault import KeyVault
 from controller.rebalancer import run_rebalance
@@ -24,7 +24,7 @@ def alerts_job(ctx: DaemonContext, now: Callable[[], float] = time.time) -> JobF
     async def job() -> JobResult:
         desired = ctx.desired()
         if desired is None:
-            return JobResult.skipped("no valid manifests yet")
+            return JobResult.skipped("no valid manifests yet", SkipReason.NOT_READY)
         async with ctx.client_factory() as client:
             result = await check_alerts(client, desired, ctx.store.path, now=now, held=frozenset(ctx.store.holds()))
         fields = {k: v for k, v in result.to_dict().items() if isinstance(v, int)}
@@ -39,7 +39,7 @@ def rotation_job(ctx: DaemonContext) -> JobFn:
     async def job() -> JobResult:
         desired = ctx.desired()
         if desired is None:
-            return JobResult.skipped("no valid manifests yet")
+            return JobResult.skipped("no valid manifests yet", SkipReason.NOT_READY)
         async with ctx.client_factory() as client:
             keys = KeyManager(client, ctx.store, KeyVault(ctx.sink.directory), state_path=ctx.store.path)
             try:
@@ -61,7 +61,7 @@ def rebalance_job(ctx: DaemonContext, now: Callable[[], float] = time.time) -> J
     async def job() -> JobResult:
         desired = ctx.desired()
         if desired is None:
-            return JobResult.skipped("no valid manifests yet")
+            return JobResult.skipped("no valid manifests yet", SkipReason.NOT_READY)
         at = now()
         due = tuple(
             f
@@ -71,7 +71,8 @@ def rebalance_job(ctx: DaemonContext, now: Callable[[], float] = time.time) -> J
             and at - last_run.get(f.name, 0.0) >= f.rebalancing.interval_seconds
         )
         if not due:
-            return JobResult.skipped("no fleet due")
+            declared = any(f.rebalancing is not None and f.rebalancing.enabled for f in desired.fleets)
+            return JobResult.skipped("no fleet due" if declared else "no fleet declares rebalancing")
         async with ctx.client_factory() as client:
             run = await run_rebalance(
                 client, DesiredState(due), ctx.store, ctx.sink, ctx.target.name, dry_run=False, now=now

@@ -34,6 +34,16 @@ def write_secret_file(path: Path, content: str) -> None:
         os.close(dir_fd)
 
 
+#: Far above any key or signing secret; bounds what a wrong path (``/dev/zero``) can cost.
+MAX_SECRET_BYTES = 64 * 1024
+
+
 def read_secret_file(path: Path) -> str:
-    """Read a secret file, stripping the trailing newline editors and ``echo`` add."""
-    return Path(path).read_text(encoding="utf-8").strip()
+    """Read a secret file, stripping the trailing newline editors and ``echo`` add.
+
+    Only a regular file is read, at most ``MAX_SECRET_BYTES``: a FIFO, a device, a
+    directory or a huge file is an ``OSError`` (``controller.safefile.UnsafeFile``) naming
+    the file, never a hang or a memory blow-up."""
+    from controller.safefile import read_text_bounded
+
+    return read_text_bounded(path, MAX_SECRET_BYTES).strip()

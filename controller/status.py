@@ -25,6 +25,7 @@ from controller.reconcile import build_memory
 from controller.state import FAILED, StateStore
 from policies.alerts import redact_url
 from policies.currency import from_credits
+from policies.display import escape_controls
 from policies.money import format_money
 from policies.spec import DesiredState
 
@@ -231,4 +232,4 @@ def render_status(status: FleetStatus) -> str:
         + (f"{len(flagged)} need attention: {', '.join(a.agent_id for a in flagged)}" if flagged else "all clear")
         + ". Amounts in each fleet's currency; spend is the gateway's rolling 24 h window."
     )
-    return "\n".join(lines)
+    return "\n".join(escape_controls(line) for line in lines)

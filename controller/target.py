@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from controller.errors import ConfigError
+from controller.manifest.schema import port_problem
 from controller.secretfile import read_secret_file
 
 DEFAULT_STATE_DIR = Path(".finops")
@@ -81,6 +82,8 @@ def open_target(
     if url:
         if not re.match(r"^https?://", url):
             raise ConfigError(f"gateway URL must start with http:// or https://, got {url!r}")
+        if problem := port_problem(url):
+            raise ConfigError(f"gateway URL {url!r}: {problem}")
         yield Target(
             name=_slug(url), url=url.rstrip("/"), api_key=_api_key(api_key_file), embedded=False, state_dir=state
         )

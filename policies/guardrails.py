@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
-from policies.money import format_money
+from policies.money import GATEWAY_MAX_DEPOSIT, format_money, out_of_gateway_range
 
 
 @dataclass(frozen=True)
@@ -62,3 +62,32 @@ def check_caps_within_total(
                 )
             )
     return out
+
+
+def check_gateway_range(fleet: str, agent_id: str, amounts: Mapping[str, Decimal]) -> list[Violation]:
+    """Every amount the plan would send (caps, funding target, in credits at the gateway's
+    rate) must fit the gateway's storage; otherwise a write fails half-way (an agent
+    registered but left without caps)."""
+    out = []
+    for name, credits in amounts.items():
+        problem = out_of_gateway_range(credits, f"{name} in credits")
+        if problem:
+            out.append(Violation(rule="amount-range", fleet=fleet, message=f"{agent_id}: {problem}"))
+    return out
+
+
+def check_deposit_limit(fleet: str, top_ups: Mapping[str, Decimal]) -> list[Violation]:
+    """The gateway refuses a deposit over 1e9 credits; one bigger top-up is refused at plan
+    time, never split into several deposits behind the reviewer's back."""
+    return [
+        Violation(
+            rule="deposit-limit",
+            fleet=fleet,
+            message=(
+                f"{agent_id}: top-up of {format_money(credits)} credits is over the gateway's per-deposit "
+                f"maximum {format_money(GATEWAY_MAX_DEPOSIT)}; lower the funding target"
+            ),
+        )
+        for agent_id, credits in sorted(top_ups.items())
+        if credits > GATEWAY_MAX_DEPOSIT
+    ]

@@ -11,6 +11,24 @@ from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 CENT = Decimal("0.01")
 ZERO = Decimal("0.00")
 
+GATEWAY_MAX_AMOUNT = Decimal("92233720368.54")
+"""The largest 2-dp amount the gateway can hold: it stores balances, caps and ledger amounts
+as 64-bit integers of 1e-8 credits (at most 92,233,720,368.54775807 credits). Anything larger
+would overflow there, after finops had already made other writes."""
+
+GATEWAY_MAX_DEPOSIT = Decimal("1000000000.00")
+"""The gateway's per-request deposit limit (``amount`` ≤ 1e9, API.md §1)."""
+
+
+def out_of_gateway_range(value: Decimal, what: str = "amount") -> str | None:
+    """``None`` when ``value`` can be stored by the gateway, else a one-line reason."""
+    if not value.is_finite() or value > GATEWAY_MAX_AMOUNT:
+        return (
+            f"{what} {value if value.is_finite() else 'beyond any finite value'} exceeds the gateway's maximum "
+            f"{GATEWAY_MAX_AMOUNT} (it stores amounts as 64-bit integers of 1e-8 credits)"
+        )
+    return None
+
 
 class MoneyError(ValueError):
     """An amount that cannot be used as money (not a number, NaN, too precise, negative)."""

@@ -353,6 +353,8 @@ def resolve_agent(fleet: FleetDecl, agent: AgentDecl) -> tuple[AgentSpec | None,
     thresholds = agent.thresholds if agent.thresholds is not None else fleet.thresholds
     routes, route_issues = _resolve_routes(fleet, agent, tuple(thresholds))
     bounds, bound_issues = _resolve_bounds(fleet, tier, agent, daily)
+    hook_issue = _rendered_webhook_problem(fleet, agent)
+    route_issues += [hook_issue] if hook_issue else []
     if route_issues or bound_issues:
         return None, route_issues + bound_issues
     return (
@@ -445,12 +447,62 @@ def _resolve_routes(
                 )
             )
             continue
-        problem = check_url_safety(decl.url, allow_insecure=fleet.allow_insecure)
+        problem = check_url_safety(decl.url, allow_insecure=fleet.allow_insecure) or _rendered_route_problem(
+            decl.url, fleet, agent.agent_id, chosen
+        )
         if problem:
             issues.append(where.issue(f"{decl.rel}.url", problem))
             continue
         routes.append(AlertRoute(decl.url, tuple(chosen), decl.events, secret, fleet.allow_insecure))
     return tuple(routes), issues
+
+
+ALERT_WINDOWS = ("daily", "monthly")
+
+
+def _rendered_route_problem(url: str, fleet: FleetDecl, agent_id: str, thresholds: Sequence[int]) -> str | None:
+    """The URL rules on every URL the template renders to, not just on the template: an
+    agent id or a threshold placed in the host can make an IP literal (``https://{agent}/``
+    with agent ``10.0.0.1``, ``https://10.0.0.{threshold}/``). Checked here, before any
+    request, not at delivery. A problem that any agent would have is reported without
+    naming the agent, so a fleet route is reported once, not once per agent."""
+    if "{" not in url:
+        return None
+    for sample in ("agent", agent_id):
+        for threshold in thresholds:
+            for window in ALERT_WINDOWS:
+                rendered = (
+                    url.replace("{agent}", sample)
+                    .replace("{fleet}", fleet.name)
+                    .replace("{threshold}", str(threshold))
+                    .replace("{window}", window)
+                )
+                problem = check_url_safety(rendered, allow_insecure=fleet.allow_insecure)
+                if problem:
+                    who = f"for agent '{agent_id}' " if sample == agent_id else ""
+                    return f"renders {who}as {rendered}: {problem}"
+    return None
+
+
+def _rendered_webhook_problem(fleet: FleetDecl, agent: AgentDecl) -> Issue | None:
+    """A gateway webhook URL rendered for this agent must pass the gateway's own rules, or
+    creating it fails at apply, after other writes (the template itself is checked once per
+    fleet by :func:`check_gateway_webhooks`)."""
+    hooks = fleet.gateway_webhooks
+    if hooks is None or not hooks.enabled or "{agent}" not in hooks.url:
+        return None
+    if check_url_safety(hooks.url.replace("{agent}", "agent").replace("{fleet}", fleet.name), allow_insecure=False):
+        return None  # the template itself is refused, once, by check_gateway_webhooks
+    rendered = hooks.url.replace("{agent}", agent.agent_id).replace("{fleet}", fleet.name)
+    problem = check_url_safety(rendered, allow_insecure=False)
+    if problem is None:
+        return None
+    reason = problem.split(" (set allowInsecure")[0]
+    return agent.origin.issue(
+        "id",
+        f"spec.alerts.gatewayWebhooks.url renders for agent '{agent.agent_id}' as {rendered}: {reason}; "
+        "the gateway refuses such webhook URLs",
+    )
 
 
 def _gateway_webhooks(fleet: FleetDecl, agent: AgentDecl) -> tuple[GatewayWebhookSpec, ...]:

@@ -6,7 +6,7 @@ Public API: ``run`` (the click command), ``Daemon`` (``add_job``, ``request``,
 """
 
 from controller.daemon.command import DaemonContext, register_jobs, run
-from controller.daemon.jobs import SLOT_INTERVALS, JobResult
+from controller.daemon.jobs import SLOT_INTERVALS, JobResult, SkipReason
 from controller.daemon.lock import WriterLocked, writer_lock
 from controller.daemon.metrics import DaemonMetrics
 from controller.daemon.scheduler import Daemon
@@ -17,6 +17,7 @@ __all__ = [
     "DaemonContext",
     "DaemonMetrics",
     "JobResult",
+    "SkipReason",
     "WriterLocked",
     "register_jobs",
     "run",

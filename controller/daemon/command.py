@@ -2,8 +2,10 @@
 
 Wiring only: take the writer lock, open the target, build the source, reconciler, metrics
 and daemon, run plugged-in job factories, serve. Exit codes follow ``controller.cliopts``:
-0 after a graceful stop (or a clean ``--once`` pass), 1 on errors, a failed or partial
-``--once`` pass, or when another writer holds the state directory.
+0 after a graceful stop (or a clean ``--once`` pass, where a job with nothing to do counts as
+clean), 1 on errors, a failed or partial ``--once`` pass, a refused newest revision, a stop
+that had to cancel jobs after ``--stop-timeout``, or when another writer holds the state
+directory.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from controller.daemon.logs import configure_logging, log_event
 from controller.daemon.metrics import CountingTransport, DaemonMetrics, MetricsServer
 from controller.daemon.passes import Reconciler
 from controller.daemon.revisions import RevisionLog
-from controller.daemon.scheduler import Daemon
+from controller.daemon.scheduler import DEFAULT_STOP_TIMEOUT_S, Daemon
 from controller.daemon.source import DirectorySource, GitSource, ManifestSource
 from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
@@ -137,7 +139,18 @@ def make_client_factory(target: Target, concurrency: int, metrics: DaemonMetrics
     help="Delete gateway webhooks finops created (both ownership keys) for agents no longer declared. On by "
     "default here, as in GitOps controllers: the daemon's job is to make the gateway equal git.",
 )
-@click.option("--once", is_flag=True, help="Run one pass and exit (0 when it fully succeeded): for cron and CI.")
+@click.option(
+    "--stop-timeout",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_STOP_TIMEOUT_S,
+    show_default=True,
+    help="Seconds SIGTERM/SIGINT waits for in-flight jobs before cancelling them.",
+)
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Run one complete pass and exit: 0 when every job succeeded or had nothing to do; for cron and CI.",
+)
 @target_options
 def run(
     path: str | None,
@@ -151,6 +164,7 @@ def run(
     metrics_host: str,
     log_format: str,
     prune: bool,
+    stop_timeout: float,
     once: bool,
     opts: TargetOptions,
 ) -> None:
@@ -196,13 +210,16 @@ def run(
                 git_poll_s=git_poll_interval,
                 log=log,
                 status_file=opts.state_dir / STATUS_FILE,
+                stop_timeout_s=stop_timeout,
             )
             context = DaemonContext(daemon, target, store, reconciler.sink, metrics, client_factory)
             for factory in JOB_FACTORIES:
                 factory(context)
             if metrics_port and not once:
                 try:
-                    server = MetricsServer(metrics, daemon.ready, host=metrics_host, port=metrics_port).start()
+                    server = MetricsServer(
+                        metrics, daemon.ready, liveness=daemon.healthy, host=metrics_host, port=metrics_port
+                    ).start()
                 except OSError as exc:
                     raise ConfigError(
                         f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc.strerror}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 OK = "ok"
@@ -29,17 +30,37 @@ SLOT_INTERVALS: Mapping[str, float] = {
 BUILTIN_JOBS = frozenset({RECONCILE, GIT_POLL})
 
 
+class SkipReason(StrEnum):
+    """Why a job did not run: only ``IDLE`` means it had nothing to do (a success)."""
+
+    IDLE = "idle"
+    """Nothing declares the job, or nothing is due yet (no fleet has rebalancing)."""
+    NOT_READY = "not-ready"
+    """No valid manifests to act on yet (the reconcile result says why)."""
+    BUSY = "busy"
+    """The previous run of the same job is still in progress; it runs again after it."""
+    STOPPING = "stopping"
+    """The daemon is shutting down."""
+
+
 @dataclass(frozen=True)
 class JobResult:
-    """``result`` is the ``finops_job_runs_total{result}`` label; ``fields`` go to the log."""
+    """``result`` is the ``finops_job_runs_total{result}`` label; ``fields`` go to the log.
+    ``skip`` says why a ``skipped`` job did not run (see :class:`SkipReason`)."""
 
     result: str = OK
     message: str = ""
     fields: Mapping[str, Any] = field(default_factory=dict)
+    skip: SkipReason | None = None
 
     @property
     def ok(self) -> bool:
         return self.result == OK
+
+    @property
+    def succeeded(self) -> bool:
+        """Ran cleanly, or had nothing to do: what ``finops run --once`` exits 0 on."""
+        return self.result == OK or (self.result == SKIPPED and self.skip is SkipReason.IDLE)
 
     @classmethod
     def success(cls, message: str = "", **fields: Any) -> JobResult:
@@ -54,8 +75,8 @@ class JobResult:
         return cls(ERROR, message, fields)
 
     @classmethod
-    def skipped(cls, message: str = "", **fields: Any) -> JobResult:
-        return cls(SKIPPED, message, fields)
+    def skipped(cls, message: str = "", reason: SkipReason = SkipReason.IDLE, **fields: Any) -> JobResult:
+        return cls(SKIPPED, message, fields, reason)
 
 
 JobFn = Callable[[], Awaitable[JobResult]]
@@ -71,3 +92,21 @@ class JobSpec:
     """Exclusive jobs (the default) take the daemon's write lock, so two jobs that write to
     the gateway (reconcile, rebalance, rotation) never interleave within one process."""
     run_at_start: bool = False
+    deadline_s: float | None = None
+    """How long one run may take before ``/healthz`` fails (default: :func:`job_deadline`)."""
+
+    @property
+    def deadline(self) -> float:
+        return self.deadline_s if self.deadline_s is not None else job_deadline(self.interval_s)
+
+
+JOB_DEADLINE_FLOOR_S = 900.0
+JOB_DEADLINE_INTERVALS = 3
+
+
+def job_deadline(interval_s: float) -> float:
+    """How long a run may take before the process counts as stuck: three intervals, at least
+    15 minutes (a 10,000-agent apply takes about 2.5 minutes; every network call, git
+    command and sink command has its own timeout well below this). Past it ``/healthz``
+    answers 503 so a supervisor restarts finops; durable intents make that restart safe."""
+    return max(JOB_DEADLINE_FLOOR_S, JOB_DEADLINE_INTERVALS * interval_s)

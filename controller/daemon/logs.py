@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from policies.display import escape_controls
+
 LOGGER_NAME = "finops.daemon"
 _FIELDS = "finops_fields"
 _KEY = re.compile(r"a2a_[A-Za-z0-9]+_[A-Za-z0-9_-]{6,}")
@@ -95,7 +97,7 @@ class TextFormatter(_RedactingFormatter):
     def render(self, record: logging.LogRecord) -> str:
         parts = [_timestamp(record), record.levelname, record.getMessage()]
         parts += [f"{k}={_text_value(v)}" for k, v in _fields(record).items()]
-        line = " ".join(parts)
+        line = escape_controls(" ".join(parts))  # a manifest snippet must not drive the terminal
         exc = self._exception(record)
         return f"{line}\n{exc}" if exc else line
 

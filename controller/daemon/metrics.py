@@ -127,7 +127,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             self._send(200, self.server.metrics.render(), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
-            self._send(200, b"ok\n")
+            alive, reason = self.server.liveness()
+            self._send(200 if alive else 503, f"{'ok' if alive else 'unhealthy'}: {reason}\n".encode())
         elif path == "/readyz":
             ready, reason = self.server.readiness()
             self._send(200 if ready else 503, f"{'ready' if ready else 'not ready'}: {reason}\n".encode())
@@ -149,20 +150,32 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], metrics: DaemonMetrics, readiness: Readiness) -> None:
+    def __init__(
+        self, address: tuple[str, int], metrics: DaemonMetrics, readiness: Readiness, liveness: Readiness
+    ) -> None:
         self.metrics = metrics
         self.readiness = readiness
+        self.liveness = liveness
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
 
 
 class MetricsServer:
-    """``/metrics``, ``/healthz`` (the process answers) and ``/readyz`` (``readiness()``).
+    """``/metrics``, ``/healthz`` (``liveness()``: no job stuck past its deadline) and
+    ``/readyz`` (``readiness()``).
 
     ``port=0`` binds a free port (tests); the CLI treats 0 as "off" before getting here."""
 
-    def __init__(self, metrics: DaemonMetrics, readiness: Readiness, *, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server = _Server((host, port), metrics, readiness)
+    def __init__(
+        self,
+        metrics: DaemonMetrics,
+        readiness: Readiness,
+        *,
+        liveness: Readiness | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self._server = _Server((host, port), metrics, readiness, liveness or (lambda: (True, "alive")))
         self.host = host
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, name="finops-metrics", daemon=True)

@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any
 
 from controller.apply import AgentResult, Applier, ApplyResult
+from controller.blocking import off_loop
 from controller.daemon.backoff import AgentBackoff
 from controller.daemon.jobs import ERROR, OK, PARTIAL, JobResult
 from controller.daemon.logs import log_event
@@ -35,7 +36,7 @@ from controller.gateway.client import GatewayClient
 from controller.keysink import DirectoryKeySink
 from controller.manifest.loader import load_manifests
 from controller.plan import Change, Plan
-from controller.reconcile import key_sinks, observe_and_plan
+from controller.reconcile import key_sinks, observe_and_plan, preflight
 from controller.state import PENDING, StateStore
 from policies.spec import DesiredState
 
@@ -181,7 +182,10 @@ class Reconciler:
     # ------------------------------------------------------------------ manifests
 
     async def _load(self, revision: str) -> DesiredState:
-        return load_manifests(await self.source.checkout(revision))
+        """Off the event loop: the loop must stay free to handle signals and other jobs."""
+        path = await self.source.checkout(revision)
+        root = getattr(self.source, "manifest_root", None)  # test doubles may not have one
+        return await off_loop(load_manifests, path, root=root)
 
     def _issues(self, exc: ManifestError) -> tuple[str, ...]:
         return tuple(self.source.shorten(str(issue)) for issue in exc.issues)
@@ -266,7 +270,7 @@ class Reconciler:
             return self._result(INVALID, "no valid manifest revision to apply yet")
         applying = self.good_revision
         async with self.client_factory() as client:
-            plan = await self.plan_fn(client, desired, self.target, self.store)
+            plan = preflight(await self.plan_fn(client, desired, self.target, self.store), desired, self.sink.directory)
             now = self.clock()
             unobserved = {e.split(":", 1)[0]: e.split(":", 1)[1].strip() for e in plan.errors}
             skipped_backoff = sorted({c.agent_id for c in plan.changes if self.backoff.active(c.agent_id, now)})

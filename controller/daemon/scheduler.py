@@ -46,6 +46,7 @@ from controller.daemon.jobs import (
     JobFn,
     JobResult,
     JobSpec,
+    SkipReason,
 )
 from controller.daemon.logs import LOGGER_NAME, log_event
 from controller.daemon.metrics import DaemonMetrics
@@ -56,6 +57,10 @@ from controller.secretfile import write_secret_file
 MISFIRE_GRACE_TIME: float | None = None
 """Late runs are never dropped; see the module docstring."""
 DEFAULT_READY_INTERVALS = 3
+DEFAULT_STOP_TIMEOUT_S = 90.0
+"""How long SIGTERM waits for in-flight jobs before cancelling them (below the 120 s that the
+systemd unit and the Kubernetes manifest in the README give before SIGKILL)."""
+CANCEL_GRACE_S = 5.0
 EXIT_OK = 0
 EXIT_ERROR = 1
 
@@ -83,6 +88,7 @@ class Daemon:
         rng: random.Random | None = None,
         log: logging.Logger | None = None,
         status_file: Path | None = None,
+        stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
     ) -> None:
         if interval_s <= 0 or git_poll_s <= 0:
             raise ValueError("intervals must be positive")
@@ -94,6 +100,11 @@ class Daemon:
         self.clock = clock
         self.log = log or logging.getLogger(LOGGER_NAME)
         self.status_file = status_file
+        self.stop_timeout_s = float(stop_timeout_s)
+        self._job_started: dict[str, float] = {}
+        """Clock time each running job's current run started (for the liveness deadline)."""
+        self.forced_stop = False
+        """True once a shutdown had to cancel jobs that outlived ``stop_timeout_s``."""
         self._rng = rng or random.Random()
         self._jobs: dict[str, JobSpec] = {}
         self._next_run: dict[str, float] = {}
@@ -134,6 +145,7 @@ class Daemon:
         *,
         exclusive: bool = True,
         run_at_start: bool = False,
+        deadline_s: float | None = None,
     ) -> JobSpec:
         """Schedule ``fn`` every ``interval_s`` seconds (+ up to ``jitter_s``) until shutdown.
 
@@ -153,7 +165,7 @@ class Daemon:
         if interval_s <= 0:
             raise ValueError("interval_s must be positive")
         jitter = default_jitter(interval_s) if jitter_s is None else jitter_s
-        spec = JobSpec(name, fn, float(interval_s), float(jitter), exclusive, run_at_start)
+        spec = JobSpec(name, fn, float(interval_s), float(jitter), exclusive, run_at_start, deadline_s)
         self._register(spec)
         return spec
 
@@ -181,10 +193,12 @@ class Daemon:
         """Run one job now, under the daemon's rules (see the module docstring)."""
         spec = self._jobs[name]
         if self._stopping:
-            return self._finish(name, JobResult.skipped("shutting down"), quiet=True)
+            return self._finish(name, JobResult.skipped("shutting down", SkipReason.STOPPING), quiet=True)
         if name in self._running:
             self._rerun.add(name)
-            return self._finish(name, JobResult.skipped("previous run still in progress; will run again after it"))
+            return self._finish(
+                name, JobResult.skipped("previous run still in progress; will run again after it", SkipReason.BUSY)
+            )
         self._running.add(name)
         task = asyncio.current_task()
         if task is not None:
@@ -208,6 +222,7 @@ class Daemon:
         level = logging.INFO if spec.name == RECONCILE else logging.DEBUG
         log_event(self.log, level, f"{spec.name} started", job=spec.name, reason=reason)
         started = time.perf_counter()
+        self._job_started[spec.name] = self.clock()
         try:
             result = await spec.fn()
         except FinopsError as exc:
@@ -215,6 +230,8 @@ class Daemon:
         except Exception as exc:
             self.log.exception("job %s crashed", spec.name, extra={"finops_fields": {"job": spec.name}})
             result = JobResult.error(f"{type(exc).__name__}: {exc}")
+        finally:
+            self._job_started.pop(spec.name, None)
         return self._finish(spec.name, result, duration_s=time.perf_counter() - started)
 
     def _finish(
@@ -322,6 +339,21 @@ class Daemon:
         if age > limit:
             return False, f"last completed reconcile was {age:.0f}s ago (limit {limit:.0f}s)"
         return True, f"last reconcile completed {age:.0f}s ago at revision {rec.good_revision}"
+
+    def healthy(self, now: float | None = None) -> tuple[bool, str]:
+        """Live unless a job has been running past its deadline (``JobSpec.deadline``): then
+        the process is stuck, and ``/healthz`` answers 503 so a supervisor restarts it.
+        Called from the metrics thread, so it reads a snapshot and never waits on the loop."""
+        now = self.clock() if now is None else now
+        overdue = []
+        for name, started in sorted(dict(self._job_started).items()):
+            spec = self._jobs.get(name)
+            if spec is not None and now - started > spec.deadline:
+                overdue.append(f"{name} has been running for {now - started:.0f}s (deadline {spec.deadline:.0f}s)")
+        if overdue:
+            return False, "stuck: " + "; ".join(overdue)
+        running = sorted(self._job_started)
+        return True, f"running: {', '.join(running)}" if running else "idle"
 
     def status(self) -> dict[str, Any]:
         now = self.clock()
@@ -437,8 +469,18 @@ class Daemon:
         exit_code = EXIT_OK
         try:
             if once:
-                results = await self._startup()
-                if not results or any(r.result != OK for r in results):
+                startup = loop.create_task(self._startup())
+                stopped = loop.create_task(self._stop_event.wait())
+                await asyncio.wait({startup, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                await self._drain(startup)
+                results = startup.result() if startup.done() and not startup.cancelled() else []
+                # A job with nothing to do (no fleet declares rebalancing) is not a failure;
+                # one that failed, or did not run because of a shutdown, is.
+                # Enforcing the last good revision while the newest one is refused is not a
+                # success either: cron must hear about the invalid commit.
+                failed = any(not r.succeeded for r in results) or not self.reconciler.manifest_valid
+                if not results or self._stopping or failed:
                     exit_code = EXIT_ERROR
             else:
                 scheduler = self.build_scheduler()
@@ -450,6 +492,8 @@ class Daemon:
                 await self._drain(startup)
                 scheduler.shutdown(wait=False)
                 self._scheduler = None
+            if self.forced_stop:
+                exit_code = EXIT_ERROR
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
@@ -457,9 +501,33 @@ class Daemon:
         return exit_code
 
     async def _drain(self, *extra: asyncio.Task[Any]) -> None:
-        pending = {t for t in (*self._inflight, *self._spawned, *extra) if not t.done()}
-        if pending:
+        """Wait for in-flight jobs, at most ``stop_timeout_s`` once a stop was requested;
+        then cancel them (their durable intents make the next run safe) so a stuck job can
+        never keep the process from exiting."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stop_timeout_s
+
+        def pending() -> set[asyncio.Task[Any]]:
+            return {t for t in (*self._inflight, *self._spawned, *extra) if not t.done()}
+
+        waiting = pending()
+        if waiting:
             log_event(self.log, logging.INFO, "waiting for in-flight jobs", jobs=sorted(self._running))
-        while pending:
-            await asyncio.wait(pending)
-            pending = {t for t in (*self._inflight, *self._spawned, *extra) if not t.done()}
+        while waiting:
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                break
+            await asyncio.wait(waiting, timeout=timeout)
+            waiting = pending()
+        if not waiting:
+            return
+        self.forced_stop = True
+        log_event(
+            self.log,
+            logging.WARNING,
+            f"in-flight jobs did not finish within {self.stop_timeout_s:.0f}s of the stop: cancelling them",
+            jobs=sorted(self._running),
+        )
+        for task in waiting:
+            task.cancel()
+        await asyncio.wait(waiting, timeout=CANCEL_GRACE_S)

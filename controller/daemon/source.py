@@ -20,9 +20,11 @@ import subprocess
 from pathlib import Path
 from typing import Protocol
 
+from controller.blocking import off_loop
 from controller.daemon.logs import redact
-from controller.errors import FinopsError
-from controller.manifest.loader import SUFFIXES
+from controller.errors import FinopsError, ManifestError
+from controller.manifest.loader import MAX_FILE_BYTES, manifest_files
+from controller.safefile import TooLarge, read_bounded
 
 GIT_TIMEOUT_S = 120.0
 
@@ -49,6 +51,10 @@ class ManifestSource(Protocol):
     def shorten(self, message: str) -> str:
         """``message`` with paths shown relative to the source, as its author knows them."""
 
+    @property
+    def manifest_root(self) -> Path | None:
+        """Where symbolic links in the manifests must lead (``None``: the manifest directory)."""
+
     async def fetch(self) -> str:
         """Bring in the newest version; return its revision."""
 
@@ -60,24 +66,26 @@ class ManifestSource(Protocol):
 
 
 def directory_digest(path: Path) -> str:
-    """``dir:<hex>`` over the manifest files' names and bytes, as the loader would read them."""
+    """``dir:<hex>`` over the manifest files' names and bytes, as the loader would read them.
+
+    The same listing and the same bounded, regular-files-only reads as the loader: a FIFO,
+    a device or a link leading outside the directory is digested as its refusal (the load
+    then reports it), never read, so no file can hang or bloat the daemon."""
     root = Path(path)
     digest = hashlib.sha256()
-    if root.is_file():
-        files = [root]
-    elif root.is_dir():
-        files = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files += [Path(dirpath) / n for n in filenames if not n.startswith(".") and n.lower().endswith(SUFFIXES)]
-        files.sort(key=lambda f: f.relative_to(root).parts)
-    else:
-        files = []
-    for file in files:
+    try:
+        files, problems = manifest_files(root)
+    except ManifestError as exc:
+        files, problems = [], list(exc.issues)
+    for issue in problems:
+        digest.update(f"problem:{issue}".encode() + b"\0")
+    for _label, file in files:
         name = file.name if file == root else "/".join(file.relative_to(root).parts)
         digest.update(name.encode() + b"\0")
         try:
-            digest.update(file.read_bytes())
+            digest.update(read_bounded(file, MAX_FILE_BYTES, root=root if root.is_dir() else None))
+        except TooLarge as exc:
+            digest.update(b"too-large:" + hashlib.sha256(exc.head).digest())
         except OSError as exc:
             digest.update(f"unreadable:{exc.errno}".encode())
         digest.update(b"\0")
@@ -103,11 +111,15 @@ class DirectorySource:
     def label(self) -> str:
         return str(self.path)
 
+    @property
+    def manifest_root(self) -> Path | None:
+        return None  # the directory itself
+
     async def fetch(self) -> str:
-        return directory_digest(self.path)
+        return await off_loop(directory_digest, self.path)
 
     async def head(self) -> str | None:
-        return directory_digest(self.path)
+        return await off_loop(directory_digest, self.path)
 
     async def checkout(self, revision: str) -> Path:
         return self.path
@@ -145,6 +157,11 @@ class GitSource:
     @property
     def label(self) -> str:
         return f"{redact(self.url)}#{self.branch}:{self.subpath}"
+
+    @property
+    def manifest_root(self) -> Path | None:
+        """The checkout: a committed symlink may point elsewhere in the repository, never out of it."""
+        return self.workdir.resolve()
 
     def shorten(self, message: str) -> str:
         root = str(self.workdir.resolve())

@@ -9,8 +9,9 @@ declarations to the pure resolver. Every problem is collected before raising, so
 from __future__ import annotations
 
 import codecs
-import itertools
+import errno
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 from yaml.nodes import ScalarNode
 
+from controller import safefile
 from controller.errors import ManifestError, ManifestIssue
 from controller.manifest import keyscan
 from controller.manifest.messages import allowed_fields, message_for, show
@@ -60,6 +62,9 @@ from policies.tiers import (
 MAX_FILE_BYTES = 1024 * 1024
 _TOO_LARGE = "file is larger than the 1 MiB limit for manifests; split it into several files"
 SUFFIXES = (".yaml", ".yml")
+#: How much of an oversized manifest is still scanned for pasted API keys (time and memory
+#: stay bounded whatever the file's size).
+KEY_SCAN_BYTES = 64 * 1024 * 1024
 
 _FUNDING_FIELDS = ("funding", "funding.floor", "funding.target")
 
@@ -76,17 +81,24 @@ class _Collected:
     issues: list[ManifestIssue] = field(default_factory=list)
 
 
-def load_manifests(path: str | os.PathLike[str]) -> DesiredState:
+def load_manifests(path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None) -> DesiredState:
     """Read, validate and resolve the manifests at ``path`` (a directory or one file).
 
     File names in errors are ``path`` joined with the file's place under it, so a relative
     ``path`` gives paths relative to the working directory, as the user typed them.
+    Symbolic links are followed only while they stay inside ``root`` (default: ``path``
+    itself when it is a directory; the repository checkout for a git source); one that
+    leads elsewhere is an error, never a silent skip.
     Raises :class:`ManifestError` listing every problem found.
     """
-    files = _manifest_files(path)
+    files, walk_issues = manifest_files(path, root=root)
     seen = _Collected()
+    if walk_issues:
+        seen.complete = False
+        seen.issues.extend(walk_issues)
+    base = _containment_root(path, root)
     for label, file in files:
-        _load_file(label, file, seen)
+        _load_file(label, file, base, seen)
     if seen.documents == 0 and not seen.issues:
         raise ManifestError(
             [ManifestIssue(os.fspath(path), None, "", f"no manifests found in {os.fspath(path)} (all files are empty)")]
@@ -101,36 +113,113 @@ def load_manifests(path: str | os.PathLike[str]) -> DesiredState:
     return resolution.state
 
 
-def _manifest_files(path: str | os.PathLike[str]) -> list[tuple[str, Path]]:
-    """The files to read, sorted, with the label to show for each; hidden files are skipped."""
+def _containment_root(path: str | os.PathLike[str], root: str | os.PathLike[str] | None) -> str | None:
+    """Where symlinks must stay: ``root`` if given, else the manifest directory (a single
+    file named on the command line is read wherever it is, but must be a regular file)."""
+    if root is not None:
+        return os.path.realpath(root)
+    return os.path.realpath(path) if os.path.isdir(path) else None
+
+
+def manifest_files(
+    path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
+) -> tuple[list[tuple[str, Path]], list[ManifestIssue]]:
+    """The files to read, sorted, with the label to show for each, and the problems found
+    while looking (links leading outside the root, a directory reached twice).
+
+    Hidden files and directories (``.git``) are skipped, as are files without a YAML suffix.
+    A symlinked directory inside the root is followed; one outside is reported. Nothing is
+    opened here: only ``stat``, so a FIFO or device found by name is refused when read.
+    """
     given = os.fspath(path)
-    root = Path(path)
-    if root.is_file():
-        return [(given, root)]
-    if not root.exists():
+    root_path = Path(path)
+    if not os.path.lexists(root_path):
         raise ManifestError([ManifestIssue(given, None, "", "no such file or directory")])
-    if not root.is_dir():
-        raise ManifestError([ManifestIssue(given, None, "", "not a file or directory")])
+    base = _containment_root(path, root)
+    if base is not None and not safefile.inside(root_path, base):
+        raise ManifestError([ManifestIssue(given, None, "", _outside(base, root_path))])
+    try:
+        mode = os.stat(root_path).st_mode
+    except OSError as exc:
+        raise ManifestError([ManifestIssue(given, None, "", _unreadable(exc))]) from None
+    if stat.S_ISREG(mode):
+        return [(given, root_path)], []
+    if not stat.S_ISDIR(mode):
+        kind = safefile.kind_of_mode(mode)
+        raise ManifestError([ManifestIssue(given, None, "", f"is {kind}, not a manifest file or directory")])
+    assert base is not None
     found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith(".") or not name.lower().endswith(SUFFIXES):
+    issues: list[ManifestIssue] = []
+    visited = {os.path.realpath(root_path)}
+    pending = [root_path]
+    links: list[Path] = []
+    # Real directories first, symlinked ones after: a link to a directory that is read anyway
+    # is then the one reported, whatever the names sort like.
+    while pending or links:
+        if not pending:
+            link = links.pop(0)
+            real = os.path.realpath(link)
+            if real in visited:
+                issues.append(
+                    ManifestIssue(
+                        str(link), None, "", f"symbolic link to a directory that is already read ({real}); remove it"
+                    )
+                )
                 continue
-            file = Path(dirpath) / name
-            found.append((str(file), file))
-    if not found:
+            visited.add(real)
+            pending.append(link)
+            continue
+        directory = pending.pop(0)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as exc:
+            issues.append(ManifestIssue(str(directory), None, "", _unreadable(exc)))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            item = Path(directory) / entry.name
+            label = str(item)
+            wanted = entry.name.lower().endswith(SUFFIXES)
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+                linked = entry.is_symlink()
+            except OSError:
+                is_dir, linked = False, False
+            if linked and (is_dir or wanted) and not safefile.inside(item, base):
+                issues.append(ManifestIssue(label, None, "", _outside(base, item)))
+            elif is_dir and linked:
+                links.append(item)
+            elif is_dir:
+                visited.add(os.path.realpath(item))
+                pending.append(item)
+            elif wanted:
+                found.append((label, item))
+    if not found and not issues:
         raise ManifestError(
             [ManifestIssue(given, None, "", f"no manifests found in {given} (looked for *.yaml and *.yml files)")]
         )
-    return sorted(found, key=lambda item: item[1].relative_to(root).parts)
+    return sorted(found, key=lambda item: item[1].relative_to(root_path).parts), issues
 
 
-def _read_text(label: str, file: Path, seen: _Collected) -> str | None:
+def _outside(base: str, item: Path) -> str:
+    return (
+        f"symbolic link leads outside {base} (to {os.path.realpath(item)}); "
+        "links are followed only while they stay inside the manifests"
+    )
+
+
+def _unreadable(exc: OSError) -> str:
+    return f"cannot read: {exc.strerror or exc}"
+
+
+def _read_text(label: str, file: Path, root: str | None, seen: _Collected) -> str | None:
     """The file's text, or ``None`` after reporting why it cannot be used.
 
-    A file refused for its size or encoding is still scanned for API keys: it is about to be
-    committed either way.
+    Only regular files are read (a FIFO, device or directory is refused without blocking),
+    at most ``MAX_FILE_BYTES + 1`` bytes of them. A file refused for its size or encoding is
+    still scanned for API keys (up to ``KEY_SCAN_BYTES``): it is about to be committed
+    either way.
     """
 
     def fail(raw: bytes, line: int | None, message: str) -> None:
@@ -139,16 +228,22 @@ def _read_text(label: str, file: Path, seen: _Collected) -> str | None:
         _scan_for_keys(label, raw.decode("utf-8", "replace"), [], seen)
 
     try:
-        with file.open("rb") as handle:
-            raw = handle.read(MAX_FILE_BYTES + 1)
-            if len(raw) > MAX_FILE_BYTES:
-                # Scanned to the end in bounded chunks: a key past the first MiB is still a key.
-                seen.complete = False
-                seen.issues.append(ManifestIssue(label, None, "", _TOO_LARGE))
-                rest = iter(lambda: handle.read(MAX_FILE_BYTES), b"")
-                for line in keyscan.key_lines_in_chunks(itertools.chain([raw], rest)):
-                    seen.issues.append(ManifestIssue(label, line, "", keyscan.KEY_MESSAGE))
-                return None
+        raw = safefile.read_bounded(file, MAX_FILE_BYTES, root=root)
+    except safefile.TooLarge:
+        seen.complete = False
+        seen.issues.append(ManifestIssue(label, None, "", _TOO_LARGE))
+        # Scanned in bounded chunks: a key past the first MiB is still a key.
+        try:
+            chunks = safefile.iter_chunks(file, KEY_SCAN_BYTES, root=root)
+            for line in keyscan.key_lines_in_chunks(chunks):
+                seen.issues.append(ManifestIssue(label, line, "", keyscan.KEY_MESSAGE))
+        except OSError:
+            pass  # replaced while being read; the size error above already refuses it
+        return None
+    except safefile.UnsafeFile as exc:
+        seen.complete = False
+        seen.issues.append(ManifestIssue(label, None, "", _refusal(exc)))
+        return None
     except OSError as exc:
         seen.complete = False
         seen.issues.append(ManifestIssue(label, None, "", f"cannot read file: {exc.strerror or exc}"))
@@ -163,8 +258,16 @@ def _read_text(label: str, file: Path, seen: _Collected) -> str | None:
         return None
 
 
-def _load_file(label: str, file: Path, seen: _Collected) -> None:
-    text = _read_text(label, file, seen)
+def _refusal(exc: safefile.UnsafeFile) -> str:
+    if exc.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.ELOOP):
+        return f"cannot read file: {exc.reason}"
+    if exc.reason.startswith("is "):
+        return f"{exc.reason}; manifests are read only from regular files"
+    return exc.reason
+
+
+def _load_file(label: str, file: Path, root: str | None, seen: _Collected) -> None:
+    text = _read_text(label, file, root, seen)
     if text is None:
         return
     parsed = parse_yaml(text)

@@ -15,6 +15,7 @@ import itertools
 import re
 from decimal import Decimal
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -29,7 +30,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from policies.money import MoneyError, parse_money
+from policies.money import GATEWAY_MAX_AMOUNT, MoneyError, parse_money
 from policies.tiers import DEFAULT_THRESHOLDS
 
 API_VERSION = "finops.greenhelix.net/v1"
@@ -59,14 +60,22 @@ def _money(value: object) -> Decimal:
         raise ValueError(f'expected an amount such as "30.00", got {kind_of(value)}')
     if isinstance(value, str) and not value.strip():
         raise ValueError('amount is empty; write an amount such as "30.00"')
+    if isinstance(value, str) and len(value.strip()) > 40 and value.strip().replace(".", "", 1).isdigit():
+        # Never parsed, never echoed whole: a 10,000-digit literal is refused in constant time.
+        raise ValueError(f"amount is too large: at most {GATEWAY_MAX_AMOUNT} (the gateway's maximum)")
     try:
         amount = parse_money(value)
     except MoneyError as exc:
         raise ValueError(str(exc)) from None
     except ArithmeticError:
-        raise ValueError("amount is too large") from None
+        raise ValueError(f"amount is too large: at most {GATEWAY_MAX_AMOUNT} (the gateway's maximum)") from None
     if isinstance(value, str) and not _MONEY_STRING.match(value):
         raise ValueError(f'amount {value!r} must be written as a plain decimal such as "30.00"')
+    if amount > GATEWAY_MAX_AMOUNT:
+        raise ValueError(
+            f"amount {amount} is too large: at most {GATEWAY_MAX_AMOUNT} "
+            "(the gateway stores amounts as 64-bit integers of 1e-8 credits)"
+        )
     return amount
 
 
@@ -95,7 +104,7 @@ MONEY_JSON_SCHEMA: dict[str, Any] = {
     "description": 'An amount with at most 2 decimal places, e.g. "30.00" (string preferred) or 30.5',
     "oneOf": [
         {"type": "string", "pattern": MONEY_STRING_PATTERN},
-        {"type": "number", "minimum": 0},
+        {"type": "number", "minimum": 0, "maximum": float(GATEWAY_MAX_AMOUNT)},
     ],
 }
 
@@ -164,7 +173,21 @@ def _url_template(value: str, allowed: tuple[str, ...]) -> str:
             raise ValueError(f"unknown placeholder {placeholder} (allowed: {', '.join(allowed)})")
     if re.match(r"^https?://[^/@]*@", value):
         raise ValueError("URL must not embed credentials (user:password@); use signingSecret")
+    problem = port_problem(re.sub(r"\{[a-z]+\}", "x", value))
+    if problem:
+        raise ValueError(problem)
     return value
+
+
+def port_problem(url: str) -> str | None:
+    """``None`` when the URL's port (if any) is a number from 1 to 65535."""
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        return "the port must be a number from 1 to 65535"
+    if port == 0:
+        return "the port must be a number from 1 to 65535, got 0"
+    return None
 
 
 def _default_alert_events() -> list[ALERT_EVENT_NAMES]:

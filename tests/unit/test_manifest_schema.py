@@ -99,7 +99,7 @@ def test_json_schema_uses_yaml_field_names_and_money_as_string_or_number() -> No
     assert set(tier) == {"dailyCap", "monthlyCap", "funding", "rebalance"}
     money = tier["dailyCap"]["oneOf"]
     assert {"type": "string", "pattern": MONEY_STRING_PATTERN} in money
-    assert {"type": "number", "minimum": 0} in money
+    assert {"type": "number", "minimum": 0, "maximum": 92233720368.54} in money  # the gateway's int64 range
     assert re.fullmatch(MONEY_STRING_PATTERN[1:-1], "30.00")
     assert not re.fullmatch(MONEY_STRING_PATTERN[1:-1], "30.123")
     assert set(defs["FleetSpecModel"]["properties"]) == {
