@@ -37,7 +37,7 @@ from controller.reconcile import key_sinks, observe_and_plan
 from controller.render import RENDERERS, render_apply_text, render_text
 from controller.sandbox.faults import FaultConfig
 from controller.state import StateStore
-from controller.target import Target, open_target
+from controller.target import Target
 from policies.spec import DesiredState
 
 
@@ -103,7 +103,7 @@ def plan(
 
     def run() -> int:
         desired = load(path)
-        with open_target(opts.gateway, api_key_file=opts.api_key_file, state_dir=opts.state_dir) as target:
+        with opts.open_target() as target:
             _banner(target, fmt)
             store = StateStore(target.state_file)
             try:
@@ -201,7 +201,7 @@ def apply(
                 raise ConfigError(f"{plan_file} is not a finops plan file: {exc}") from None
         with (
             writer_lock(opts.state_dir, purpose="finops apply"),
-            open_target(opts.gateway, api_key_file=opts.api_key_file, state_dir=opts.state_dir) as target,
+            opts.open_target() as target,
         ):
             _banner(target, fmt)
             store = StateStore(target.state_file)
@@ -249,7 +249,7 @@ def rebalance(
         desired = load(path)
         with (
             writer_lock(opts.state_dir, purpose="finops rebalance") if not dry_run else contextlib.nullcontext(),
-            open_target(opts.gateway, api_key_file=opts.api_key_file, state_dir=opts.state_dir) as target,
+            opts.open_target() as target,
         ):
             _banner(target, fmt)
             store = StateStore(target.state_file)

@@ -26,7 +26,7 @@ def gzip_bomb() -> bytes:
 
 
 class HostileServer:
-    def __init__(self, *, trickle_every: float = 0.2) -> None:
+    def __init__(self, *, trickle_every: float = 0.2, host: str = "127.0.0.1") -> None:
         self.trickle_every = trickle_every
         self.requests: list[str] = []
         self.closed_early = 0
@@ -34,14 +34,15 @@ class HostileServer:
         self.bytes_sent = 0
         self._lock = threading.Lock()
         self._bomb = gzip_bomb()
-        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._host = host
+        self._sock = socket.create_server((host, 0))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        return f"http://{self._host}:{self._sock.getsockname()[1]}"
 
     @property
     def port(self) -> int:
