@@ -104,6 +104,7 @@ class Answer:
         """The body as JSON; ``ValueError`` when it is not (UTF-8) JSON."""
         return json.loads(self.content)
 
+
 Sleep = Callable[[float], Awaitable[None]]
 
 
