@@ -202,9 +202,13 @@ def normalise_host(host: str) -> str:
     return ascii_host
 
 
-def host_problem(host: str) -> str | None:
+def host_problem(host: str, *, written: str | None = None) -> str | None:
     """``None`` when a normalised host may be contacted without resolving it first, else
-    why not (a non-global address literal, or a name that is local without DNS)."""
+    why not (a non-global address literal, or a name that is local without DNS).
+    ``written`` is the host as the URL spells it, shown too when it differs."""
+    shown_ip, shown_name = host, repr(host)
+    if written is not None and written.lower().rstrip(".") != host:
+        shown_ip, shown_name = f"{written} (read as {host})", f"{written!r} (read as {host!r})"
     ip = parse_ip(host)
     if ip is not None:
         problem = address_problem(ip)
@@ -212,11 +216,11 @@ def host_problem(host: str) -> str | None:
             return None
         if str(ip) != host and ip.version == 4:
             problem = f"{problem} ({ip} written another way)"
-        return f"host {host} is {problem}"
+        return f"host {shown_ip} is {problem}"
     if host in BLOCKED_HOSTNAMES or any(host == s or host.endswith("." + s) for s in LOCAL_SUFFIXES):
-        return f"host {host!r} is local"
+        return f"host {shown_name} is local"
     if "." not in host:
-        return f"host {host!r} is a single-label name, resolved through local search domains (use a full name)"
+        return f"host {shown_name} is a single-label name, resolved through local search domains (use a full name)"
     return None
 
 
@@ -252,7 +256,7 @@ def check_url_safety(url: str, *, allow_insecure: bool) -> str | None:
         return None
     if parts.scheme != "https":
         return "must use https" + _HINT
-    problem = host_problem(host)
+    problem = host_problem(host, written=raw_host.strip("[]"))
     return problem + _HINT if problem else None
 
 
