@@ -160,6 +160,9 @@ class GatewayClient:
                 "Accept-Encoding": "identity",
             },
             "limits": httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            # Plain http is allowed only to loopback (or by explicit opt-in, controller/target.py):
+            # an HTTP_PROXY from the environment would carry the admin key in clear to the proxy.
+            "trust_env": not self.base_url.lower().startswith("http://"),
         }
         if transport is None:  # built once: loading the CA bundle costs ~0.1 s per client
             self._lane_options["verify"] = httpx.create_ssl_context()

@@ -148,3 +148,19 @@ def test_the_deadline_comes_from_the_environment_or_the_default() -> None:
     for bad in ["0", "-1", "nan", "inf", "soon", "7200"]:
         with pytest.raises(ConfigError, match="FINOPS_REQUEST_DEADLINE"):
             request_deadline({"FINOPS_REQUEST_DEADLINE": bad})
+
+
+async def test_a_plain_http_gateway_is_never_reached_through_an_environment_proxy(
+    hostile: HostileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx sends plain-http requests to ``HTTP_PROXY`` in clear, Authorization header
+    included, even for 127.0.0.1: the admin key would leave the machine."""
+    with HostileServer() as proxy:
+        for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.setenv(name, proxy.url)
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        async with client(hostile) as gw:
+            assert await gw.get_balance("fine") == Decimal("12.50")
+        assert proxy.requests == []
+    assert any("/fine/" in r for r in hostile.requests)
