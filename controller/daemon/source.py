@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from controller.daemon.logs import redact
 from controller.errors import FinopsError
 from controller.manifest.loader import SUFFIXES
+from policies.urls import is_loopback_host
 
 GIT_TIMEOUT_S = 120.0
 
@@ -149,6 +150,11 @@ def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
                 "it: use an SSH key (GIT_SSH_COMMAND) or https with a token"
             )
         return url, None
+    host = hostport[: hostport.find("]") + 1] if hostport.startswith("[") else hostport.rsplit(":", 1)[0]
+    if parts.scheme.lower() == "http" and not is_loopback_host(host):
+        raise SourceError(
+            f"git URL {redact(url)} would send its credentials in clear over http:// to {host}: use https://"
+        )
     user, _, password = userinfo.partition(":")
     clean = urlunsplit((parts.scheme, hostport, parts.path, parts.query, parts.fragment))
     return clean, (unquote(user), unquote(password))

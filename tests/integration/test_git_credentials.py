@@ -231,6 +231,12 @@ def test_a_password_in_an_ssh_url_is_refused_without_echoing_it(tmp_path: Path) 
     assert "hunter22" not in str(caught.value)
 
 
+def test_credentials_over_plain_http_to_another_host_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="in clear over http://") as caught:
+        GitSource("http://bot:tok3n-xyz@git.example.com/f.git", "main", "manifests", tmp_path / "c")
+    assert "tok3n-xyz" not in str(caught.value)
+
+
 def test_the_command_line_never_holds_the_credentials(tmp_path: Path) -> None:
     source = GitSource("https://bot:s3cret-token@git.example.com/f.git", "main", "m", tmp_path / "c")
     argv, env = source.command("fetch", "--", source.url)
