@@ -38,7 +38,7 @@ from controller.render import RENDERERS, render_apply_text, render_text
 from controller.safefile import read_text_bounded
 from controller.sandbox.faults import FaultConfig
 from controller.state import StateStore
-from controller.target import Target, open_target
+from controller.target import Target
 from policies.spec import DesiredState
 
 MAX_PLAN_FILE_BYTES = 256 * 1024 * 1024
@@ -108,7 +108,7 @@ def plan(
 
     def run() -> int:
         desired = load(path)
-        with open_target(opts.gateway, api_key_file=opts.api_key_file, state_dir=opts.state_dir) as target:
+        with opts.open_target() as target:
             _banner(target, fmt)
             store = StateStore(target.state_file)
             try:
@@ -210,7 +210,7 @@ def apply(
                 raise ConfigError(f"{plan_file} is not a finops plan file: {exc}") from None
         with (
             writer_lock(opts.state_dir, purpose="finops apply"),
-            open_target(opts.gateway, api_key_file=opts.api_key_file, state_dir=opts.state_dir) as target,
+            opts.open_target() as target,
         ):
             _banner(target, fmt)
             store = StateStore(target.state_file)
@@ -258,7 +258,7 @@ def rebalance(
         desired = load(path)
         with (
             writer_lock(opts.state_dir, purpose="finops rebalance") if not dry_run else contextlib.nullcontext(),
-            open_target(opts.gateway, api_key_file=opts.api_key_file, state_dir=opts.state_dir) as target,
+            opts.open_target() as target,
         ):
             _banner(target, fmt)
             store = StateStore(target.state_file)

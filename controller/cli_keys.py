@@ -23,7 +23,7 @@ from controller.holds import RESIDUAL_EXPOSURE, HoldResult, freeze, unfreeze
 from controller.keys.rotate import KeyManager
 from controller.keys.vault import KeyVault
 from controller.state import StateStore
-from controller.target import Target, open_target
+from controller.target import Target
 from policies.currency import CREDITS
 from policies.spec import AgentSpec, DesiredState
 
@@ -63,7 +63,7 @@ def _with_target(
     fn: Callable[[Session], Awaitable[T]],
     quiet_banner: bool,
 ) -> T:
-    with open_target(opts.gateway, api_key_file=opts.api_key_file, state_dir=opts.state_dir) as target:
+    with opts.open_target() as target:
         click.echo(target.banner(), err=quiet_banner)
 
         async def go() -> T:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -17,6 +18,7 @@ import click
 
 from controller.errors import ConfigError, FinopsError, ManifestError
 from controller.manifest.loader import load_manifests
+from controller.target import Target, open_target
 from policies.display import escape_lines
 from policies.spec import DesiredState
 
@@ -38,6 +40,17 @@ class TargetOptions:
     state_dir: Path
     secrets_dir: Path | None
     concurrency: int
+    allow_insecure_http: bool = False
+    """Permit a plain ``http://`` gateway URL to a non-loopback host (the admin key in clear)."""
+
+    def open_target(self) -> AbstractContextManager[Target]:
+        """The gateway these options name (or the embedded sandbox); see ``open_target``."""
+        return open_target(
+            self.gateway,
+            api_key_file=self.api_key_file,
+            state_dir=self.state_dir,
+            allow_insecure_http=self.allow_insecure_http,
+        )
 
 
 def target_options(fn: F) -> F:
@@ -51,9 +64,10 @@ def target_options(fn: F) -> F:
         state_dir: Path,
         secrets_dir: Path | None,
         concurrency: int,
+        allow_insecure_http: bool,
         **kwargs: Any,
     ) -> Any:
-        opts = TargetOptions(gateway, api_key_file, state_dir, secrets_dir, concurrency)
+        opts = TargetOptions(gateway, api_key_file, state_dir, secrets_dir, concurrency, allow_insecure_http)
         return fn(*args, opts=opts, **kwargs)
 
     command: Callable[..., Any] = wrapper
@@ -93,6 +107,14 @@ def target_options(fn: F) -> F:
             show_default=True,
             type=click.IntRange(1, 512),
             help="Maximum gateway requests in flight.",
+        ),
+        click.option(
+            "--allow-insecure-http",
+            envvar="FINOPS_ALLOW_INSECURE_HTTP",
+            is_flag=True,
+            default=False,
+            help="Allow a plain http:// gateway URL to a non-loopback host: the admin key then crosses "
+            "the network in clear (env FINOPS_ALLOW_INSECURE_HTTP=1). Loopback hosts never need it.",
         ),
     ]
     for option in reversed(options):

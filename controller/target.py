@@ -4,6 +4,11 @@ With no gateway configured every command starts the embedded sandbox (state unde
 state directory) so the quick start needs no account. A real gateway needs a URL and an
 admin key from the environment or a key file: never from a manifest or a command-line
 argument (arguments leak into shell history and ``ps``).
+
+The admin key moves money, so it is never sent in clear over a network: a plain
+``http://`` gateway URL is accepted only for a loopback host (``127.0.0.0/8``, ``::1``,
+``localhost``: the embedded sandbox, a local port-forward or TLS-terminating sidecar), unless
+the operator opts in with ``--allow-insecure-http`` (env ``FINOPS_ALLOW_INSECURE_HTTP=1``).
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from controller.errors import ConfigError
 from controller.manifest.schema import port_problem
 from controller.secretfile import read_secret_file
+from policies.urls import is_loopback_host
 
 DEFAULT_STATE_DIR = Path(".finops")
 
@@ -73,17 +80,45 @@ def _api_key(key_file: str | None) -> str:
     return key
 
 
+def check_gateway_url(url: str, *, allow_insecure_http: bool) -> None:
+    """Refuse a gateway URL the admin key must not be sent to (module doc), before any
+    request: not http(s), credentials in the URL, or plain http to a non-loopback host."""
+    if not re.match(r"^https?://", url):
+        raise ConfigError(f"gateway URL must start with http:// or https://, got {url!r}")
+    try:
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+        host = host[: host.find("]") + 1] if host.startswith("[") else host.rsplit(":", 1)[0]
+    except ValueError as exc:
+        raise ConfigError(f"gateway URL is not a valid URL: {exc}") from None
+    if "@" in parts.netloc:
+        raise ConfigError(
+            "gateway URL must not embed credentials (user:password@); the admin key comes from "
+            "GREENHELIX_API_KEY_FILE or GREENHELIX_API_KEY"
+        )
+    if not host:
+        raise ConfigError("gateway URL has no host")
+    if problem := port_problem(url):
+        raise ConfigError(f"gateway URL {url!r}: {problem}")
+    if url.lower().startswith("http://") and not allow_insecure_http and not is_loopback_host(host):
+        raise ConfigError(
+            f"refusing to send the admin key in clear over http:// to {host}: use https://, or pass "
+            "--allow-insecure-http (env FINOPS_ALLOW_INSECURE_HTTP=1) only on a network you trust"
+        )
+
+
 @contextmanager
 def open_target(
-    gateway: str | None, *, api_key_file: str | None = None, state_dir: Path | None = None
+    gateway: str | None,
+    *,
+    api_key_file: str | None = None,
+    state_dir: Path | None = None,
+    allow_insecure_http: bool = False,
 ) -> Iterator[Target]:
     state = Path(state_dir or os.environ.get("FINOPS_STATE_DIR") or DEFAULT_STATE_DIR)
     url = gateway or os.environ.get("GREENHELIX_URL")
     if url:
-        if not re.match(r"^https?://", url):
-            raise ConfigError(f"gateway URL must start with http:// or https://, got {url!r}")
-        if problem := port_problem(url):
-            raise ConfigError(f"gateway URL {url!r}: {problem}")
+        check_gateway_url(url, allow_insecure_http=allow_insecure_http)
         yield Target(
             name=_slug(url), url=url.rstrip("/"), api_key=_api_key(api_key_file), embedded=False, state_dir=state
         )

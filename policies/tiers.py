@@ -18,6 +18,7 @@ Problems are returned, never raised, so the loader can report all of them in one
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -447,7 +448,7 @@ def _resolve_routes(
                 )
             )
             continue
-        problem = check_url_safety(decl.url, allow_insecure=fleet.allow_insecure) or _rendered_route_problem(
+        problem = _template_problem(decl.url, fleet.allow_insecure) or _rendered_route_problem(
             decl.url, fleet, agent.agent_id, chosen
         )
         if problem:
@@ -460,6 +461,19 @@ def _resolve_routes(
 ALERT_WINDOWS = ("daily", "monthly")
 
 
+def _placeholder_in_host(url: str) -> bool:
+    """Whether a placeholder sits in the URL's host: then only the rendered URLs can be judged
+    (``https://{agent}/`` is a valid template whose hosts are the agent ids)."""
+    return "{" in url.partition("://")[2].partition("/")[0]
+
+
+def _template_problem(url: str, allow_insecure: bool) -> str | None:
+    """The URL rules on the template itself, unless its host is made of placeholders."""
+    if _placeholder_in_host(url):
+        return None
+    return check_url_safety(re.sub(r"\{[a-z]+\}", "x", url), allow_insecure=allow_insecure)
+
+
 def _rendered_route_problem(url: str, fleet: FleetDecl, agent_id: str, thresholds: Sequence[int]) -> str | None:
     """The URL rules on every URL the template renders to, not just on the template: an
     agent id or a threshold placed in the host can make an IP literal (``https://{agent}/``
@@ -468,7 +482,8 @@ def _rendered_route_problem(url: str, fleet: FleetDecl, agent_id: str, threshold
     naming the agent, so a fleet route is reported once, not once per agent."""
     if "{" not in url:
         return None
-    for sample in ("agent", agent_id):
+    samples = (agent_id,) if "{agent}" in url.partition("://")[2].partition("/")[0] else ("agent", agent_id)
+    for sample in samples:
         for threshold in thresholds:
             for window in ALERT_WINDOWS:
                 rendered = (
@@ -491,7 +506,7 @@ def _rendered_webhook_problem(fleet: FleetDecl, agent: AgentDecl) -> Issue | Non
     hooks = fleet.gateway_webhooks
     if hooks is None or not hooks.enabled or "{agent}" not in hooks.url:
         return None
-    if check_url_safety(hooks.url.replace("{agent}", "agent").replace("{fleet}", fleet.name), allow_insecure=False):
+    if _template_problem(hooks.url.replace("{fleet}", fleet.name), allow_insecure=False):
         return None  # the template itself is refused, once, by check_gateway_webhooks
     rendered = hooks.url.replace("{agent}", agent.agent_id).replace("{fleet}", fleet.name)
     problem = check_url_safety(rendered, allow_insecure=False)
@@ -529,9 +544,7 @@ def check_gateway_webhooks(fleet: FleetDecl) -> list[Issue]:
                 "the gateway requires a webhook secret: set spec.alerts.signingSecret or this field",
             )
         )
-    problem = check_url_safety(
-        hooks.url.replace("{agent}", "agent").replace("{fleet}", fleet.name), allow_insecure=False
-    )
+    problem = _template_problem(hooks.url.replace("{fleet}", fleet.name), allow_insecure=False)
     if problem:
         # The allowInsecure hint check_url_safety gives for alert routes does not apply here.
         reason = problem.split(" (set allowInsecure")[0]

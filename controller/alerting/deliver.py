@@ -13,6 +13,14 @@ across retries and checks. Redirects are not followed (a redirect could point at
 internal host the URL check would have refused). Once one delivery to an origin has
 exhausted its retries, the origin's other alerts wait for the next check instead of each
 spending its own backoff on a receiver that is down.
+
+Receivers are contacted defensively: the URL rules are applied again before each send, and
+again at connect time to the addresses the host resolves to, connecting to the address that
+was checked (``controller/alerting/guard.py``); the response body is never read, and each
+attempt, from connecting to the status line and headers, must finish within
+``DeliveryPolicy.deadline`` seconds, so a receiver trickling bytes cannot hold a check.
+A host that is or resolves to a refused address fails that attempt (it is retried on later
+checks, in case DNS is being fixed, and given up after ``max_attempts``).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from urllib.parse import urlsplit
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from controller.alerting.guard import AddressRefused, GuardedTransport, Resolver, system_resolver
 from controller.alerting.store import DELIVERED, GAVE_UP, REFUSED, AlertStore, OutboxRow
 from controller.errors import ConfigError
 from controller.secretref import resolve_secret
@@ -51,6 +60,9 @@ class DeliveryPolicy:
     backoff_initial: float = 0.5
     backoff_max: float = 8.0
     timeout: float = 10.0
+    """httpx's per-operation timeout (connect, each read, each write)."""
+    deadline: float = 30.0
+    """Seconds one attempt may take in all, however slowly the receiver trickles bytes."""
     concurrency: int = 8
     """Origins (scheme, host, port) delivered to in parallel; one origin is sequential."""
     retention: float = 30 * 86400.0
@@ -125,9 +137,13 @@ class Deliverer:
         now: Clock,
         policy: DeliveryPolicy,
         sleep: Sleep = asyncio.sleep,
+        insecure_http: httpx.AsyncClient | None = None,
     ) -> None:
+        """``http`` sends to routes under the URL rules; ``insecure_http`` (default: the
+        same client) to routes with ``allowInsecure``."""
         self._store = store
         self._http = http
+        self._insecure_http = insecure_http if insecure_http is not None else http
         self._now = now
         self._policy = policy
         self._sleep = sleep
@@ -204,11 +220,21 @@ class Deliverer:
         return Outcome.DELIVERED
 
     async def _post(self, row: OutboxRow, shown: str, headers: dict[str, str]) -> None:
+        http = self._insecure_http if row.allow_insecure else self._http
         try:
             # Only the status matters; the body is never read, so a receiver cannot make
             # finops buffer an arbitrarily large answer.
-            async with self._http.stream("POST", row.url, content=row.body, headers=headers) as resp:
-                code = resp.status_code
+            async with asyncio.timeout(self._policy.deadline):
+                async with http.stream("POST", row.url, content=row.body, headers=headers) as resp:
+                    code = resp.status_code
+        except AddressRefused as exc:
+            error = f"refused at connect time: {exc}"
+            self._attempt(row, shown, ok=False, code=None, error=error)
+            raise _Rejected(error) from None
+        except TimeoutError:
+            error = f"no answer within the {self._policy.deadline:g} s deadline"
+            self._attempt(row, shown, ok=False, code=None, error=error)
+            raise _Retry(error) from None
         except httpx.TransportError as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self._attempt(row, shown, ok=False, code=None, error=error)
@@ -255,12 +281,31 @@ async def deliver_pending(
     transport: httpx.AsyncBaseTransport | None = None,
     policy: DeliveryPolicy = DEFAULT_POLICY,
     sleep: Sleep = asyncio.sleep,
+    resolver: Resolver = system_resolver,
 ) -> DeliveryReport:
-    """Try every pending outbox row once (with in-check retries); see the module doc."""
-    async with httpx.AsyncClient(
-        transport=transport,
-        timeout=policy.timeout,
-        follow_redirects=False,
-        headers={"User-Agent": "finops-alerts/0.1"},
-    ) as http:
-        return await Deliverer(store, http, now=now, policy=policy, sleep=sleep).run()
+    """Try every pending outbox row once (with in-check retries); see the module doc.
+
+    Without an injected ``transport`` (tests inject faults there), connections go through
+    the guard: resolved once by ``resolver``, checked, pinned."""
+
+    def client(via: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            transport=via,
+            timeout=policy.timeout,
+            follow_redirects=False,
+            headers={"User-Agent": "finops-alerts/0.1"},
+        )
+
+    if transport is not None:
+        strict: httpx.AsyncBaseTransport = transport
+        insecure: httpx.AsyncBaseTransport = transport
+    else:
+        ssl_context = httpx.create_ssl_context()
+        strict = GuardedTransport(resolver, enforce=True, ssl_context=ssl_context)
+        insecure = GuardedTransport(resolver, enforce=False, ssl_context=ssl_context)
+    async with (
+        client(strict) as http,
+        client(insecure) as insecure_http,
+    ):
+        deliverer = Deliverer(store, http, now=now, policy=policy, sleep=sleep, insecure_http=insecure_http)
+        return await deliverer.run()

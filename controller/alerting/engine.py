@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import httpx
 
 from controller.alerting.deliver import DEFAULT_POLICY, Clock, DeliveryPolicy, Sleep, deliver_pending
+from controller.alerting.guard import Resolver, system_resolver
 from controller.alerting.store import PENDING, AlertStore, Attempt, FiredAlert, RouteStatus
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import GatewayError
@@ -118,6 +119,7 @@ async def check_alerts(
     held: frozenset[str] = frozenset(),
     policy: DeliveryPolicy = DEFAULT_POLICY,
     sleep: Sleep = asyncio.sleep,
+    resolver: Resolver = system_resolver,
 ) -> AlertCheckResult:
     """Evaluate every declared agent's thresholds and deliver due alerts (module doc).
 
@@ -173,7 +175,9 @@ async def check_alerts(
         result.fired = sum(1 for e in evaluation.events if e.type == ALERT_EVENT_THRESHOLD)
         result.recovered = sum(1 for e in evaluation.events if e.type == ALERT_EVENT_RECOVERED)
         store.prune(at - policy.retention)
-        report = await deliver_pending(store, now=now, transport=transport, policy=policy, sleep=sleep)
+        report = await deliver_pending(
+            store, now=now, transport=transport, policy=policy, sleep=sleep, resolver=resolver
+        )
         result.pending = store.count(PENDING)
     result.delivered = report.delivered
     result.failed = report.failed

@@ -32,7 +32,7 @@ from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
 from controller.keysink import DirectoryKeySink
 from controller.state import StateStore
-from controller.target import Target, open_target
+from controller.target import Target
 from policies.spec import DesiredState
 
 STATUS_FILE = "daemon-status.json"
@@ -180,7 +180,7 @@ def run(
                 source = GitSource(git_url, branch, git_path, git_workdir(opts.state_dir, git_url, branch))
             else:
                 source = DirectorySource(Path(path or DEFAULT_PATH))
-            with open_target(opts.gateway, api_key_file=opts.api_key_file, state_dir=opts.state_dir) as target:
+            with opts.open_target() as target:
                 log = configure_logging(log_format, secrets=[target.api_key])
                 log_event(log, logging.INFO, target.banner())
                 return _serve(target, source, log)

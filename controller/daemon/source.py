@@ -6,8 +6,14 @@ record what it applied, and return to the last good revision when a new one is i
 
 Git is driven through the ``git`` executable: it brings every transport, credential
 helper and SSH setup the operator already has, which a library would have to re-create.
-Credentials are never passed on the command line by finops and are redacted from every
-message (use SSH keys or a credential helper, not a token in the URL).
+
+Credentials never appear in any process's argv (``ps`` shows argv to every user) nor in a
+message: a user name or token in an ``http(s)://`` URL is removed from the URL git is given,
+and handed to git through the environment by a credential helper defined on the command
+line that reads it from the environment (``FINOPS_GIT_USERNAME``/``FINOPS_GIT_PASSWORD``,
+visible only to the same user). The operator's own credential helpers are switched off for
+that URL, so the token is never stored by them either. Other schemes cannot take a password
+this way (ssh prompts for it), so a password in them is refused: use SSH keys.
 """
 
 from __future__ import annotations
@@ -19,14 +25,25 @@ import re
 import subprocess
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from controller.blocking import off_loop
 from controller.daemon.logs import redact
 from controller.errors import FinopsError, ManifestError
 from controller.manifest.loader import MAX_FILE_BYTES, manifest_files
 from controller.safefile import TooLarge, read_bounded
+from policies.urls import is_loopback_host
 
 GIT_TIMEOUT_S = 120.0
+
+GIT_USERNAME_ENV = "FINOPS_GIT_USERNAME"
+GIT_PASSWORD_ENV = "FINOPS_GIT_PASSWORD"
+#: A git credential helper that answers ``get`` from the environment: its text is in argv,
+#: the credentials are not.
+_ENV_CREDENTIAL_HELPER = (
+    "!f() { test \"$1\" = get || exit 0; "
+    f'printf "username=%s\\npassword=%s\\n" "${GIT_USERNAME_ENV}" "${GIT_PASSWORD_ENV}"; }}; f'
+)
 
 
 class SourceError(FinopsError):
@@ -125,6 +142,36 @@ class DirectorySource:
         return self.path
 
 
+def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """``url`` without user-info, and the ``(username, password)`` it carried (percent-
+    decoded, as git would use them) when it is an ``http(s)`` URL; raises ``SourceError``
+    for a password in any other scheme. ``ssh://git@host`` keeps its (non-secret) user."""
+    if "://" not in url:
+        return url, None
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise SourceError(f"invalid git URL {redact(url)}: {exc}") from None
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    if parts.scheme.lower() not in ("http", "https"):
+        if ":" in userinfo:
+            raise SourceError(
+                f"git URL {redact(url)} embeds a password, which {parts.scheme} cannot take without exposing "
+                "it: use an SSH key (GIT_SSH_COMMAND) or https with a token"
+            )
+        return url, None
+    host = hostport[: hostport.find("]") + 1] if hostport.startswith("[") else hostport.rsplit(":", 1)[0]
+    if parts.scheme.lower() == "http" and not is_loopback_host(host):
+        raise SourceError(
+            f"git URL {redact(url)} would send its credentials in clear over http:// to {host}: use https://"
+        )
+    user, _, password = userinfo.partition(":")
+    clean = urlunsplit((parts.scheme, hostport, parts.path, parts.query, parts.fragment))
+    return clean, (unquote(user), unquote(password))
+
+
 def _is_local_path(url: str) -> bool:
     """Not ``scheme://…`` and not scp-like ``host:path`` (a colon before any slash)."""
     return "://" not in url and not re.match(r"^[^/:]+:", url)
@@ -145,7 +192,9 @@ class GitSource:
             raise SourceError(f"git URL must not start with '-': {redact(url)}")
         if branch.startswith("-") or not branch:
             raise SourceError(f"invalid git branch {branch!r}")
+        url, self._credentials = split_credentials(url)
         self.url = str(Path(url).resolve()) if _is_local_path(url) and Path(url).exists() else url
+        """The URL git is given: never with credentials."""
         self.branch = branch
         self.subpath = subpath.strip("/") or "."
         self.workdir = Path(workdir)
@@ -167,9 +216,21 @@ class GitSource:
         root = str(self.workdir.resolve())
         return message.replace(root + os.sep, "").replace(str(self.workdir) + os.sep, "")
 
-    async def _git(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def command(self, *args: str) -> tuple[list[str], dict[str, str]]:
+        """The argv and environment of one git invocation; argv never holds a credential."""
         env = dict(os.environ, GIT_TERMINAL_PROMPT="0", LC_ALL="C")
-        cmd = ["git", "-c", "protocol.ext.allow=never", "-C", str(self.workdir), *args]
+        env.pop(GIT_USERNAME_ENV, None)
+        env.pop(GIT_PASSWORD_ENV, None)
+        cmd = ["git", "-c", "protocol.ext.allow=never"]
+        if self._credentials is not None:
+            env[GIT_USERNAME_ENV], env[GIT_PASSWORD_ENV] = self._credentials
+            # An empty value resets the helper list: the operator's helpers neither answer
+            # nor store (``approve``) the token; then ours answers from the environment.
+            cmd += ["-c", "credential.helper=", "-c", f"credential.helper={_ENV_CREDENTIAL_HELPER}"]
+        return [*cmd, "-C", str(self.workdir), *args], env
+
+    async def _git(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd, env = self.command(*args)
         try:
             result = await asyncio.to_thread(
                 subprocess.run, cmd, capture_output=True, text=True, env=env, timeout=self._timeout, check=False
@@ -180,7 +241,8 @@ class GitSource:
             raise SourceError("the git executable was not found on PATH; it is needed for --git") from None
         if check and result.returncode != 0:
             detail = redact(
-                " ".join(result.stderr.strip().splitlines()[-3:]) or f"exit {result.returncode}", [self.url]
+                " ".join(result.stderr.strip().splitlines()[-3:]) or f"exit {result.returncode}",
+                [self.url, *(c for c in self._credentials or () if len(c) >= 4)],
             )
             raise SourceError(f"git {args[0]} failed for {self.label}: {detail}")
         return result

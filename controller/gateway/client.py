@@ -12,12 +12,22 @@ Retry rules follow what is safe on GreenHelix 1.4.8 (API.md §9, §11):
 - a deposit with an unknown outcome is resolved by looking its ``Idempotency-Key`` up in
   the wallet's ledger before retrying with the same key, because the gateway's key is a
   weak, global ledger key (concurrent duplicates move money N times).
+
+Every answer is bounded while it arrives, never after: the body is streamed and the
+request is abandoned (its connection closed, not reused) as soon as it passes
+``max_response_bytes``, and each request, from the first byte sent to the last byte of the
+body, must finish within ``deadline`` seconds (``FINOPS_REQUEST_DEADLINE``, default 30 s),
+which a server trickling one byte per read timeout cannot stretch. A request that misses
+its deadline is an unknown outcome, exactly like a timeout or a reset. Answers are asked for
+uncompressed (``Accept-Encoding: identity``) and a compressed one is refused, so the byte
+limit is a limit on what is held in memory, not on what a decompressor may expand.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
@@ -32,6 +42,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from controller.errors import ConfigError
 from controller.gateway.errors import (
     GatewayError,
     NotAdmin,
@@ -57,6 +68,42 @@ from policies.money import format_money, from_gateway_number
 
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 """Larger answers are refused: no legitimate response we read comes close."""
+
+DEFAULT_REQUEST_DEADLINE = 30.0
+"""Seconds one request may take from sending to the last byte of its answer."""
+
+DEADLINE_ENV = "FINOPS_REQUEST_DEADLINE"
+
+
+def request_deadline(environ: Mapping[str, str] = os.environ) -> float:
+    """The per-request deadline: ``FINOPS_REQUEST_DEADLINE`` seconds, else the default."""
+    raw = environ.get(DEADLINE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_REQUEST_DEADLINE
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0.1 <= value <= 3600:
+        raise ConfigError(f"{DEADLINE_ENV} must be a number of seconds between 0.1 and 3600, got {raw!r}")
+    return value
+
+
+class Answer:
+    """A complete, size-checked HTTP answer: what the rest of the client reads."""
+
+    __slots__ = ("content", "headers", "reason_phrase", "status_code")
+
+    def __init__(self, status_code: int, headers: httpx.Headers, content: bytes, reason_phrase: str) -> None:
+        self.status_code = status_code
+        self.headers = headers
+        self.content = content
+        self.reason_phrase = reason_phrase
+
+    def json(self) -> Any:
+        """The body as JSON; ``ValueError`` when it is not (UTF-8) JSON."""
+        return json.loads(self.content)
+
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -90,6 +137,8 @@ class GatewayClient:
         timeout: float = 10.0,
         max_attempts: int = 5,
         concurrency: int = 32,
+        deadline: float | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
         backoff_initial: float = 0.2,
         backoff_max: float = 10.0,
         settle_delays: Sequence[float] = (0.1, 0.5, 1.5),
@@ -105,14 +154,23 @@ class GatewayClient:
             "base_url": self.base_url,
             "transport": transport,
             "timeout": timeout,
-            "headers": {"Authorization": f"Bearer {api_key}", "User-Agent": "finops/0.1"},
+            "headers": {
+                "Authorization": f"Bearer {api_key}",
+                "User-Agent": "finops/0.1",
+                "Accept-Encoding": "identity",
+            },
             "limits": httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            # Plain http is allowed only to loopback (or by explicit opt-in, controller/target.py):
+            # an HTTP_PROXY from the environment would carry the admin key in clear to the proxy.
+            "trust_env": not self.base_url.lower().startswith("http://"),
         }
         if transport is None:  # built once: loading the CA bundle costs ~0.1 s per client
             self._lane_options["verify"] = httpx.create_ssl_context()
         self._lanes: list[httpx.AsyncClient] = []
         self._idle_lanes: list[httpx.AsyncClient] = []
         self._max_attempts = max_attempts
+        self._deadline = request_deadline() if deadline is None else deadline
+        self._max_bytes = max_response_bytes
         self._wait = wait_exponential_jitter(multiplier=backoff_initial, max=backoff_max)
         self._backoff_max = backoff_max
         self._settle_delays = tuple(settle_delays)
@@ -164,9 +222,9 @@ class GatewayClient:
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         auth: bool = True,
-    ) -> httpx.Response:
-        """Send once; map transport failures to ``Unreachable`` (never sent) or
-        ``UnknownOutcome`` (may have run)."""
+    ) -> Answer:
+        """Send once and read the whole (bounded) answer within the deadline; map transport
+        failures to ``Unreachable`` (never sent) or ``UnknownOutcome`` (may have run)."""
         req_headers = dict(headers or {})
         content = json.dumps(body).encode() if body is not None else None
         if content is not None:
@@ -179,15 +237,54 @@ class GatewayClient:
                     request = lane.build_request(method, path, content=content, params=params, headers=req_headers)
                     if not auth:
                         request.headers.pop("Authorization", None)
-                    return await lane.send(request)
+                    async with asyncio.timeout(self._deadline):
+                        response = await lane.send(request, stream=True)
+                        try:
+                            return await self._read(response, method, path)
+                        finally:
+                            await response.aclose()  # unread: httpcore closes the connection
                 finally:
                     self._idle_lanes.append(lane)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise Unreachable(f"cannot reach {self.base_url}: {type(exc).__name__}", method=method, path=path) from None
         except httpx.TransportError as exc:
             raise UnknownOutcome(f"no usable response ({type(exc).__name__})", method=method, path=path) from None
+        except TimeoutError:
+            raise UnknownOutcome(
+                f"no complete answer within the {self._deadline:g} s request deadline", method=method, path=path
+            ) from None
 
-    def _raise_for(self, method: str, path: str, resp: httpx.Response) -> None:
+    async def _read(self, response: httpx.Response, method: str, path: str) -> Answer:
+        """The body, refused as soon as it is known to exceed the limit (declared length or
+        bytes received), before it is buffered."""
+        status = response.status_code
+
+        def too_big(size: str) -> ProtocolViolation:
+            return ProtocolViolation(
+                f"response of {size} bytes exceeds {self._max_bytes}", status=status, method=method, path=path
+            )
+
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._max_bytes:
+            raise too_big(declared)
+        encoding = response.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ProtocolViolation(
+                f"response is {encoding}-encoded although an uncompressed answer was asked for",
+                status=status,
+                method=method,
+                path=path,
+            )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():  # identity: the bytes as received
+            size += len(chunk)
+            if size > self._max_bytes:
+                raise too_big(f"more than {size}")
+            chunks.append(chunk)
+        return Answer(status, response.headers, b"".join(chunks), response.reason_phrase)
+
+    def _raise_for(self, method: str, path: str, resp: Answer) -> None:
         if 200 <= resp.status_code < 300:
             return
         if resp.status_code < 400:  # the gateway never redirects: a 3xx body proves nothing
@@ -269,14 +366,7 @@ class GatewayClient:
             raise exc.error from None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _decode(self, method: str, path: str, resp: httpx.Response) -> Any:
-        if len(resp.content) > MAX_RESPONSE_BYTES:
-            raise ProtocolViolation(
-                f"response of {len(resp.content)} bytes exceeds {MAX_RESPONSE_BYTES}",
-                status=resp.status_code,
-                method=method,
-                path=path,
-            )
+    def _decode(self, method: str, path: str, resp: Answer) -> Any:
         try:
             data = resp.json()
         except ValueError:
