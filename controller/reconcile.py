@@ -8,25 +8,45 @@ apply, not at plan).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from controller.gateway.client import GatewayClient
 from controller.keys.sinks import KeySink, sink_for
 from controller.keys.vault import KeyVault
 from controller.observe import observe
 from controller.plan import Memory, Plan, make_plan
-from controller.secretref import SecretUnavailable, resolve_secret, secret_fingerprint
+from controller.secretref import (
+    SecretRefused,
+    SecretUnavailable,
+    check_secret_ref,
+    managed_secret_dir,
+    resolve_secret,
+    secret_fingerprint,
+)
 from controller.state import StateStore
+from policies.alerts import redact_url
 from policies.spec import DesiredState, SecretRef
 
 
-def secret_fingerprints(desired: DesiredState) -> dict[SecretRef, str | None]:
+def secret_fingerprints(desired: DesiredState, state_path: Path) -> dict[SecretRef, str | None]:
+    """Fingerprints of the gateway webhooks' secrets, read-only. A reference that names
+    finops' own key material (or a sink directory) is refused here, before any write."""
     refs = {hook.secret for spec in desired.agents() for hook in spec.gateway_webhooks}
+    sinks = [Path(spec.keys.sink.path) for spec in desired.agents() if spec.keys.sink.path]
+    for route in {r for spec in desired.agents() for r in spec.alert_routes}:
+        problem = check_secret_ref(route.secret, protected=sinks)
+        if problem is not None:
+            raise SecretRefused(f"{problem} (alert route {redact_url(route.url)})")
     out: dict[SecretRef, str | None] = {}
     for ref in refs:
         try:
-            out[ref] = secret_fingerprint(resolve_secret(ref, create=False))
+            value = resolve_secret(ref, create=False, managed_dir=managed_secret_dir(state_path), protected=sinks)
+        except SecretRefused:
+            raise
         except SecretUnavailable:
             out[ref] = None
+        else:
+            out[ref] = secret_fingerprint(value)
     return out
 
 
@@ -35,7 +55,7 @@ def build_memory(store: StateStore, desired: DesiredState) -> Memory:
         budget_writes=store.budget_writes(),
         holds=store.holds(),
         managed_webhooks=store.managed_webhooks(),
-        secret_fingerprints=secret_fingerprints(desired),
+        secret_fingerprints=secret_fingerprints(desired, store.path),
         key_prefixes=store.key_prefixes(),
         adjustments=store.adjustments(),
     )

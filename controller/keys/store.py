@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.secretfile import private_file
+
 Clock = Callable[[], float]
 
 _SCHEMA = """
@@ -78,7 +80,7 @@ class KeyLedger:
 
     def __init__(self, state_path: Path, *, clock: Clock = time.time) -> None:
         self.path = Path(state_path)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_file(self.path)
         self._clock = clock
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
