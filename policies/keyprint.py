@@ -40,7 +40,9 @@ _GENERIC = re.compile(
     re.IGNORECASE,
 )
 _KEY_MATERIAL = re.compile(r"a2a_|(?<![A-Za-z0-9])(?:free|starter|pro|enterprise|admin)_[0-9a-f]{16,}", re.I)
-_HEX_RUN = re.compile(rf"{_HEX}+(?:{_BREAK}{_HEX}+)*")
+_HEX_RUN = re.compile(rf"{_HEX}+(?:(?:[^0-9A-Za-z]|\\[nrt]){{1,4}}{_HEX}+)*")
+"""Hex characters, possibly in pieces separated by a few punctuation or space characters
+(line breaks, JSON escapes and quotes, dashes, chunks): how a printed key may be cut up."""
 REDACTED = "<redacted API key>"
 
 
@@ -68,6 +70,17 @@ def looks_like_key_material(value: str) -> bool:
     """Whether ``value`` contains a key, or a key's secret part behind its tier word (not a
     bare hex string: a generated secret is hex too)."""
     return _KEY_MATERIAL.search(value) is not None
+
+
+def contains_secret_fragment(text: str, raw_key: str) -> bool:
+    """Whether ``text``'s hex characters, everything else ignored, contain 8 or more
+    consecutive characters of the key's secret part, however the text cut it up. For text
+    a key was handed to (a sink's stderr): if so, withhold the text entirely."""
+    secret = secret_part(raw_key)
+    if len(secret) < MIN_SECRET_RUN:
+        return False
+    flat = re.sub(r"[^0-9a-f]", "", text.lower())
+    return any(secret[i : i + MIN_SECRET_RUN] in flat for i in range(len(secret) - MIN_SECRET_RUN + 1))
 
 
 def _known_secrets(known: Iterable[str]) -> list[str]:

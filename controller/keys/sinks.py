@@ -26,7 +26,7 @@ from controller.errors import FinopsError
 from controller.keys.vault import KeyVault, key_path
 from controller.manifest.keyscan import REDACTED, looks_like_key, redact
 from controller.secretfile import write_secret_file
-from policies.keyprint import fingerprint, redact_keys
+from policies.keyprint import contains_secret_fragment, fingerprint, redact_keys
 from policies.spec import KeySinkSpec
 
 DEFAULT_COMMAND_TIMEOUT_S = 30.0
@@ -122,8 +122,12 @@ class CommandSink:
             await proc.wait()
             raise DeliveryError(f"{what} did not finish within {self.timeout:g} s and was killed") from None
         if proc.returncode != 0:
-            tail = scrub(stderr.decode("utf-8", "replace"), raw_key).strip()[-STDERR_LIMIT:]
-            detail = f"; stderr: {tail}" if tail else ""
+            text = stderr.decode("utf-8", "replace")
+            if contains_secret_fragment(text, raw_key):
+                detail = "; stderr withheld: it contained part of the key (the command echoes its input)"
+            else:
+                tail = scrub(text, raw_key).strip()[-STDERR_LIMIT:]
+                detail = f"; stderr: {tail}" if tail else ""
             raise DeliveryError(f"{what} exited with status {proc.returncode}{detail}")
         return what
 

@@ -43,7 +43,8 @@ def no_faults(harness: Harness) -> None:
 
 
 async def test_rotate_500_then_recovery_503_never_abandons_a_key_that_still_authenticates(
-    harness: Harness, admin: GatewayClient  # noqa: F811
+    harness: Harness,
+    admin: GatewayClient,  # noqa: F811
 ) -> None:
     """The issue's repro, step by step."""
     s = spec("rec-a")
@@ -119,7 +120,8 @@ async def test_rotate_500_then_recovery_503_never_abandons_a_key_that_still_auth
 
 
 async def test_past_the_grace_the_held_key_is_declared_lost_only_once_it_stops_authenticating(
-    harness: Harness, admin: GatewayClient  # noqa: F811
+    harness: Harness,
+    admin: GatewayClient,  # noqa: F811
 ) -> None:
     s = spec("rec-b")
     k0 = await register(harness, admin, "rec-b")
@@ -141,7 +143,8 @@ async def test_past_the_grace_the_held_key_is_declared_lost_only_once_it_stops_a
 
 
 async def test_a_held_key_revoked_by_a_landed_rotate_is_rotated_from_even_without_an_orphan(
-    harness: Harness, admin: GatewayClient  # noqa: F811
+    harness: Harness,
+    admin: GatewayClient,  # noqa: F811
 ) -> None:
     """An adversary's variant: the revoke landed, no new key is listed (as if it were already
     revoked elsewhere). The key still authenticates, so it is rotated from, not dropped."""
