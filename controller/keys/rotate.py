@@ -578,7 +578,14 @@ class KeyManager:
 
     async def recover(self) -> list[str]:
         """Resolve every rotation a crashed or failed run left pending; one note each."""
+        notes, _ = await self._recover_all()
+        return notes
+
+    async def _recover_all(self) -> tuple[list[str], dict[str, str]]:
+        """Notes, and the agents whose interrupted rotation is still unresolved or whose key
+        was found lost (a run with any of these is not ok)."""
         notes: list[str] = []
+        problems: dict[str, str] = {}
         for intent in self._pending():
             lock = self._lock(intent.agent_id)
             if lock.locked():
@@ -587,12 +594,18 @@ class KeyManager:
                 if intent.intent_key not in {i.intent_key for i in self._pending(intent.agent_id)}:
                     continue
                 try:
-                    notes.append((await self._recover_intent(intent, None)).note)
+                    recovery = await self._recover_intent(intent, None)
                 except (FinopsError, OSError) as exc:
-                    notes.append(
+                    note = (
                         f"{intent.agent_id}: an interrupted rotation is not resolved yet: {scrub(str(exc))}; "
                         "the next run tries again"
                     )
+                    problems[intent.agent_id] = note
+                    notes.append(note)
+                    continue
+                notes.append(recovery.note)
+                if recovery.lost:
+                    problems[intent.agent_id] = recovery.note
         pending = {i.agent_id for i in self._pending()}
         for agent in sorted(set(self.ledger.late_watches()) - pending):
             try:
@@ -605,7 +618,7 @@ class KeyManager:
                     f"{agent}: a rotation that finops had given up on landed late and minted "
                     f"ORPHANED key(s) {', '.join(_fp(x) for x in late)}: {ORPHAN_HELP}"
                 )
-        return notes
+        return notes, problems
 
     async def _resume(self, agent: str, sink: KeySinkSpec) -> list[RotationOutcome]:
         """Finish this agent's pending rotations (with the current sink) before a new one."""
@@ -898,7 +911,8 @@ class KeyManager:
     ) -> RotationRun:
         """Recover pending rotations, then rotate every due key (all selected keys with
         ``force``). Each agent is attempted; one agent's failure is recorded, not raised."""
-        run = RotationRun(recovered=await self.recover())
+        notes, unresolved = await self._recover_all()
+        run = RotationRun(recovered=notes)
         when = now or self._now()
         specs = {s.agent_id: s for s in desired.agents()}
         if agents is not None:
@@ -940,4 +954,8 @@ class KeyManager:
                 run.rotated.append(outcome)
             else:
                 run.failed[agent] = error or "failed"
+        for agent, note in unresolved.items():
+            if agent not in {o.agent_id for o in run.rotated}:
+                run.failed.setdefault(agent, note)
+                run.skipped.pop(agent, None)
         return run
