@@ -954,8 +954,9 @@ class KeyManager:
                 run.rotated.append(outcome)
             else:
                 run.failed[agent] = error or "failed"
+        selected = {s.agent_id for s in pool}
         for agent, note in unresolved.items():
-            if agent not in {o.agent_id for o in run.rotated}:
+            if agent in selected and agent not in {o.agent_id for o in run.rotated}:
                 run.failed.setdefault(agent, note)
                 run.skipped.pop(agent, None)
         return run
