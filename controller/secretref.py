@@ -35,6 +35,9 @@ ADMIN_KEY_FILE_ENV = "GREENHELIX_API_KEY_FILE"
 PROTECTED_ENV = frozenset({ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV})
 """Environment variables a secret reference may never name."""
 
+MAX_SECRET_BYTES = 4096
+_PSEUDO_FS = ("/proc", "/sys", "/dev")
+"""Kernel pseudo-files (``/proc/self/environ`` holds the admin key) are never secrets."""
 _MANAGED_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{0,127}$")
 _protected: set[Path] = set()
 _protected_lock = threading.Lock()
@@ -105,8 +108,13 @@ def _check_private(path: Path) -> None:
         st = os.stat(path)  # follows symlinks: mounted secrets are often symlinks
     except FileNotFoundError:
         return
-    if not stat.S_ISREG(st.st_mode):
-        raise SecretRefused(f"signing secret: {path} is not a regular file")
+    real = Path(os.path.realpath(path))
+    if not stat.S_ISREG(st.st_mode) or any(_inside(real, Path(root)) for root in _PSEUDO_FS):
+        raise SecretRefused(f"signing secret: {path} is not a regular file on disk")
+    if st.st_size > MAX_SECRET_BYTES:
+        raise SecretRefused(
+            f"signing secret: file {path} is {st.st_size} bytes; a signing secret is at most {MAX_SECRET_BYTES} bytes"
+        )
     if st.st_mode & 0o077:
         raise SecretRefused(
             f"signing secret: file {path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "

@@ -699,6 +699,7 @@ class KeyManager:
             # Nothing landed (yet). A rotate stuck in a queue may still land: watch for it.
             self.store.finish_intent(intent.intent_key, ABANDONED, "never reached the gateway")
             self.ledger.watch_late(agent, intent.intent_key, listed, watch_until)
+            self.ledger.forget_rotation_sent(agent, old)
             return _Recovery(
                 f"{agent}: an interrupted rotation never reached the gateway; the key finops holds "
                 f"({_fp(old)}) is unchanged, live and works"

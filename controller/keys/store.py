@@ -152,6 +152,14 @@ class KeyLedger:
             ).fetchone()
         return float(row[0])
 
+    def forget_rotation_sent(self, agent_id: str, key_prefix: str) -> None:
+        """The key is listed live and unrevoked: no rotate of it has landed so far, so the
+        next one sent starts the bound afresh."""
+        with self._lock:
+            self._db.execute(
+                "DELETE FROM keys_rotation_sent WHERE agent_id=? AND key_prefix=?", (agent_id, key_prefix)
+            )
+
     def rotation_sent_at(self, agent_id: str, key_prefix: str) -> float | None:
         """When finops first sent a rotate of this key, ``None`` if it never did."""
         with self._lock:

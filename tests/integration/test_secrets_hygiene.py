@@ -137,6 +137,10 @@ def test_a_reference_may_not_name_finops_key_material(tmp_path: Path, monkeypatc
     copied.parent.mkdir()
     copied.write_text(f"  {KEY}\n")
     copied.chmod(0o600)
+    huge = tmp_path / "huge.secret"
+    with huge.open("wb") as fh:
+        fh.truncate(1 << 30)  # sparse: 1 GiB that must never be read into memory
+    huge.chmod(0o600)
     link = tmp_path / "innocent.secret"
     link.symlink_to(vault.path_for("agent-a"))  # a symlink into the key store
     refused = [
@@ -150,6 +154,9 @@ def test_a_reference_may_not_name_finops_key_material(tmp_path: Path, monkeypatc
         SecretRef(file=str(state / "state-x.db")),
         SecretRef(file=str(copied)),
         SecretRef(file="/etc/shadow"),  # root-owned, but group-readable: not a secret of finops'
+        SecretRef(file="/proc/self/environ"),  # holds GREENHELIX_API_KEY here
+        SecretRef(file="/dev/zero"),  # endless
+        SecretRef(file=str(huge)),
     ]
     for ref in refused:
         with pytest.raises(SecretRefused) as err:
