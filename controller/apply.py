@@ -20,7 +20,7 @@ from controller.gateway.models import Webhook
 from controller.keys.sinks import DeliveryError, KeySink
 from controller.keysink import DirectoryKeySink
 from controller.plan import Change, ChangeKind, Plan, secret_ref_from_args
-from controller.secretref import SecretUnavailable, resolve_secret
+from controller.secretref import SecretUnavailable, managed_secret_dir, resolve_secret
 from controller.state import ABANDONED, DONE, FAILED, PENDING, BudgetWrite, Intent, ManagedWebhook, StateStore
 from policies.funding import deposit_idempotency_key, top_up_amount
 from policies.money import format_money
@@ -320,7 +320,7 @@ class Applier:
         args = change.args
         agent = change.agent_id
         try:
-            secret = resolve_secret(secret_ref_from_args(args))
+            secret = resolve_secret(secret_ref_from_args(args), managed_dir=managed_secret_dir(self.store.path))
         except SecretUnavailable as exc:
             raise AgentStepError(str(exc)) from None
         payload = {"fleet": change.fleet, "url": args["url"], "events": args["events"]}

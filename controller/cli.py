@@ -37,6 +37,7 @@ from controller.reconcile import key_sinks, observe_and_plan, preflight
 from controller.render import RENDERERS, render_apply_text, render_text
 from controller.safefile import read_text_bounded
 from controller.sandbox.faults import FaultConfig
+from controller.secretfile import make_private_dirs, write_secret_file
 from controller.state import StateStore
 from controller.target import Target
 from policies.spec import DesiredState
@@ -120,7 +121,7 @@ def plan(
         else:
             click.echo(RENDERERS[fmt](result))
         if out is not None:
-            out.write_text(json.dumps(plan_to_dict(result), indent=2) + "\n", encoding="utf-8")
+            write_secret_file(out, json.dumps(plan_to_dict(result), indent=2) + "\n")  # 0600, atomic
             click.echo(f"finops: plan saved to {out}", err=True)
         if result.errors or result.violations:
             return EXIT_ERROR
@@ -332,7 +333,7 @@ def sandbox(host: str, port: int, db: Path, admin_key_file: Path | None, faults:
     """Run the gateway-compatible sandbox in the foreground."""
     from controller.sandbox.server import serve
 
-    db.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(db.parent)
     serve(host, port, db, admin_key_file or db.parent / "admin.key", faults=faults)
 
 

@@ -341,6 +341,8 @@ def _plan_budget(
 
 def secret_ref_args(ref: SecretRef) -> dict[str, str]:
     """A secret reference as change arguments (the value is resolved only at apply)."""
+    if ref.managed:
+        return {"secret_managed": ref.managed}
     args = {"secret_env": ref.env} if ref.env else {"secret_file": str(ref.file)}
     if ref.generate:
         args["secret_generate"] = "true"
@@ -349,7 +351,10 @@ def secret_ref_args(ref: SecretRef) -> dict[str, str]:
 
 def secret_ref_from_args(args: Mapping[str, str]) -> SecretRef:
     return SecretRef(
-        env=args.get("secret_env"), file=args.get("secret_file"), generate=args.get("secret_generate") == "true"
+        env=args.get("secret_env"),
+        file=args.get("secret_file"),
+        generate=args.get("secret_generate") == "true",
+        managed=args.get("secret_managed"),
     )
 
 

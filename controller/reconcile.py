@@ -18,28 +18,53 @@ from controller.keys.sinks import KeySink, sink_for
 from controller.keys.vault import KeyVault
 from controller.observe import observe
 from controller.plan import ChangeKind, Memory, Plan, make_plan
-from controller.secretref import SecretUnavailable, resolve_secret, secret_fingerprint
+from controller.secretfile import make_private_dirs
+from controller.secretref import (
+    SecretRefused,
+    SecretUnavailable,
+    check_secret_ref,
+    managed_secret_dir,
+    resolve_secret,
+    secret_fingerprint,
+)
 from controller.state import StateStore
+from policies.alerts import redact_url
 from policies.spec import DesiredState, SecretRef
 
 
-def secret_fingerprints(desired: DesiredState) -> dict[SecretRef, str | None]:
-    return resolve_webhook_secrets(desired)[0]
+def secret_fingerprints(desired: DesiredState, state_path: Path) -> dict[SecretRef, str | None]:
+    return resolve_webhook_secrets(desired, state_path)[0]
 
 
-def resolve_webhook_secrets(desired: DesiredState) -> tuple[dict[SecretRef, str | None], dict[SecretRef, str]]:
-    """Each webhook secret's fingerprint (``None``: finops will generate the file at apply),
-    and the secrets apply could not use, with why: checked at plan time so a bad secret
-    (a directory, an unreadable file, an unset variable) never fails after other writes."""
+def resolve_webhook_secrets(
+    desired: DesiredState, state_path: Path
+) -> tuple[dict[SecretRef, str | None], dict[SecretRef, str]]:
+    """Each webhook secret's fingerprint (``None``: finops will generate it at apply), and
+    the secrets apply could not use, with why: checked at plan time so a bad secret (a
+    directory, an unreadable file, an unset variable) never fails after other writes. A
+    reference that names finops' own key material (or a sink directory) is refused here,
+    before any write (``SecretRefused``)."""
     refs = {hook.secret for spec in desired.agents() for hook in spec.gateway_webhooks}
+    sinks = [Path(spec.keys.sink.path) for spec in desired.agents() if spec.keys.sink.path]
+    for route in {r for spec in desired.agents() for r in spec.alert_routes}:
+        problem = check_secret_ref(route.secret, protected=sinks)
+        if problem is not None:
+            raise SecretRefused(f"{problem} (alert route {redact_url(route.url)})")
+    managed_dir = managed_secret_dir(state_path)
     out: dict[SecretRef, str | None] = {}
     problems: dict[SecretRef, str] = {}
     for ref in refs:
         try:
-            out[ref] = secret_fingerprint(resolve_secret(ref, create=False))
+            out[ref] = secret_fingerprint(resolve_secret(ref, create=False, managed_dir=managed_dir, protected=sinks))
+        except SecretRefused:
+            raise
         except SecretUnavailable as exc:
             out[ref] = None
-            if ref.file and ref.generate and not os.path.lexists(ref.file):
+            if ref.managed is not None:
+                blocker = _cannot_create(managed_dir / f"{ref.managed}.secret")
+                if blocker:
+                    problems[ref] = f"signing secret: cannot generate {ref.describe()}: {blocker}"
+            elif ref.file and ref.generate and not os.path.lexists(ref.file):
                 blocker = _cannot_create(Path(ref.file))
                 if blocker:
                     problems[ref] = f"signing secret: cannot generate {ref.file}: {blocker}"
@@ -62,7 +87,7 @@ def _cannot_create(path: Path) -> str | None:
 
 
 def build_memory(store: StateStore, desired: DesiredState) -> Memory:
-    fingerprints, problems = resolve_webhook_secrets(desired)
+    fingerprints, problems = resolve_webhook_secrets(desired, store.path)
     return Memory(
         budget_writes=store.budget_writes(),
         holds=store.holds(),
@@ -133,7 +158,7 @@ def preflight(plan: Plan, desired: DesiredState, key_store: Path) -> Plan:
 def _not_writable(directory: Path) -> str | None:
     """Why a key file could not be written in ``directory`` (created 0700 if missing)."""
     try:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(directory)
         fd, probe = tempfile.mkstemp(dir=directory, prefix=".finops-probe-")
         os.close(fd)
         os.unlink(probe)

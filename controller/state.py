@@ -19,6 +19,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from controller.secretfile import private_file
+
 Clock = Callable[[], float]
 
 _SCHEMA = """
@@ -139,7 +141,7 @@ class StateStore:
 
     def __init__(self, path: Path, *, clock: Clock = time.time) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_file(self.path)  # 0700 directories, a 0600 database, whatever the umask
         self._clock = clock
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)

@@ -117,6 +117,11 @@ async def fleet_status(
     routes = delivery_status(store.path)
     fired = alert_state(store.path)
     key_status = {k.agent_id: k for k in keys.key_status(desired)}
+    try:
+        key_health = await keys.held_key_health(desired)
+        key_health_error: str | None = None
+    except GatewayError as exc:
+        key_health, key_health_error = {}, str(exc)
     lost_at_register = {i.agent_id: i.detail for i in store.intents(status=FAILED, kind="register")}
     hooks_by_agent: dict[str, list[str]] = {}
     live_hook_ids = {w.id for w in live.webhooks or ()}
@@ -198,6 +203,17 @@ async def fleet_status(
                     row.flags.append(f"NO KEY HELD{why}: run `finops keys import {spec.agent_id}`")
                 if key.due:
                     row.flags.append("KEY ROTATION DUE")
+                health = key_health.get(spec.agent_id)
+                if health is not None:
+                    row.key["gateway"] = health.to_dict()
+                    if health.flag:
+                        row.flags.append(health.flag)
+                elif key.managed and key.fingerprint is not None and key_health_error:
+                    row.flags.append(f"HELD KEY NOT CHECKED: cannot list keys on the gateway ({key_health_error})")
+                if key.pending_rotation:
+                    row.flags.append(
+                        "ROTATION INTERRUPTED: its outcome is resolved by the next `finops rotate` or daemon pass"
+                    )
             out.append(row)
     return FleetStatus(live.target, out, list(plan.unmanaged_agents))
 

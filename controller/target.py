@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 
 from controller.errors import ConfigError
 from controller.manifest.schema import port_problem
-from controller.secretfile import read_secret_file
+from controller.secretfile import make_private_dirs, read_secret_file
+from controller.secretref import protect_secret_path
 from policies.urls import is_loopback_host
 
 DEFAULT_STATE_DIR = Path(".finops")
@@ -117,15 +118,22 @@ def open_target(
 ) -> Iterator[Target]:
     state = Path(state_dir or os.environ.get("FINOPS_STATE_DIR") or DEFAULT_STATE_DIR)
     url = gateway or os.environ.get("GREENHELIX_URL")
+    # finops' own key material: no secret reference may name it (controller.secretref)
+    for protected in (state / "secrets", state / "sandbox", *([Path(api_key_file)] if api_key_file else [])):
+        protect_secret_path(protected)
     if url:
         check_gateway_url(url, allow_insecure_http=allow_insecure_http)
-        yield Target(
+        target = Target(
             name=_slug(url), url=url.rstrip("/"), api_key=_api_key(api_key_file), embedded=False, state_dir=state
         )
+        protect_secret_path(target.state_file)
+        yield target
         return
     from controller.sandbox.server import SandboxServer  # only needed without a real gateway
 
     sandbox_dir = state / "sandbox"
-    sandbox_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dirs(sandbox_dir)
     with SandboxServer(db_path=sandbox_dir / "gateway.db", admin_key_file=sandbox_dir / "admin.key") as server:
-        yield Target(name="sandbox", url=server.url, api_key=server.admin_key, embedded=True, state_dir=state)
+        target = Target(name="sandbox", url=server.url, api_key=server.admin_key, embedded=True, state_dir=state)
+        protect_secret_path(target.state_file)
+        yield target

@@ -32,8 +32,13 @@ class SecretRef:
     env: str | None = None
     file: str | None = None
     generate: bool = False
+    managed: str | None = None
+    """A secret finops generates and keeps itself (in its state directory) under this name;
+    used for gateway webhooks, whose secrets the gateway lists in clear."""
 
     def describe(self) -> str:
+        if self.managed:
+            return f"finops-generated secret {self.managed}"
         return f"env {self.env}" if self.env else f"file {self.file}"
 
 

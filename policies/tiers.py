@@ -147,6 +147,7 @@ class WebhookDecl:
     url: str
     events: tuple[str, ...]
     secret: SecretRef | None = None
+    allow_referenced_secret: bool = False
 
 
 @dataclass(frozen=True)
@@ -524,24 +525,51 @@ def _gateway_webhooks(fleet: FleetDecl, agent: AgentDecl) -> tuple[GatewayWebhoo
     hooks = fleet.gateway_webhooks
     if hooks is None or not hooks.enabled:
         return ()
-    secret = hooks.secret or fleet.signing_secret
+    secret = gateway_webhook_secret(fleet)
     if secret is None:
         return ()  # reported once per fleet by check_gateway_webhooks
     url = hooks.url.replace("{agent}", agent.agent_id).replace("{fleet}", fleet.name)
     return (GatewayWebhookSpec(url, hooks.events, secret),)
 
 
+GATEWAY_WEBHOOK_SECRET_PREFIX = "gateway-webhook-"
+
+
+def gateway_webhook_secret(fleet: FleetDecl) -> SecretRef | None:
+    """The secret a fleet's gateway webhooks are registered with. The gateway lists webhook
+    secrets in clear (API.md §7), so by default it is one finops generates for this purpose
+    only (``SecretRef(managed=...)``), never a secret that also signs something else; only
+    ``allowReferencedSecret: true`` sends the referenced one (the hook's, else the fleet's)."""
+    hooks = fleet.gateway_webhooks
+    if hooks is None:
+        return None
+    if hooks.allow_referenced_secret:
+        return hooks.secret or fleet.signing_secret
+    return SecretRef(managed=f"{GATEWAY_WEBHOOK_SECRET_PREFIX}{fleet.name}")
+
+
 def check_gateway_webhooks(fleet: FleetDecl) -> list[Issue]:
-    """Gateway webhooks must satisfy the gateway itself: https, public host, a secret."""
+    """Gateway webhooks must satisfy the gateway itself: https, public host, a secret that
+    is fit to be listed in clear."""
     hooks = fleet.gateway_webhooks
     if hooks is None or not hooks.enabled:
         return []
     issues: list[Issue] = []
-    if hooks.secret is None and fleet.signing_secret is None:
+    if hooks.allow_referenced_secret and hooks.secret is None and fleet.signing_secret is None:
         issues.append(
             fleet.origin.issue(
                 "spec.alerts.gatewayWebhooks.signingSecret",
-                "the gateway requires a webhook secret: set spec.alerts.signingSecret or this field",
+                "allowReferencedSecret is true but no secret is referenced: set this field or "
+                "spec.alerts.signingSecret, or drop allowReferencedSecret to have finops generate one",
+            )
+        )
+    if hooks.secret is not None and not hooks.allow_referenced_secret:
+        issues.append(
+            fleet.origin.issue(
+                "spec.alerts.gatewayWebhooks.signingSecret",
+                "the gateway lists webhook secrets in clear to anyone with the admin key, so finops generates "
+                "gateway webhook secrets itself; remove signingSecret, or set allowReferencedSecret: true to "
+                "send this referenced secret to the gateway",
             )
         )
     problem = _template_problem(hooks.url.replace("{fleet}", fleet.name), allow_insecure=False)

@@ -22,7 +22,7 @@ GIT_POLL = "git-poll"
 
 SLOT_INTERVALS: Mapping[str, float] = {
     "alerts": 60.0,
-    "rotation": 3600.0,
+    "rotation": 60.0,
     "rebalance": 900.0,
 }
 """Named slots for jobs wired from other modules, with their default intervals (seconds)."""

@@ -18,20 +18,18 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from policies.display import escape_controls
+from policies.keyprint import redact_keys
 
 LOGGER_NAME = "finops.daemon"
 _FIELDS = "finops_fields"
-_KEY = re.compile(r"a2a_[A-Za-z0-9]+_[A-Za-z0-9_-]{6,}")
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s\"']+@")
 REDACTED = "[redacted]"
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """Remove key material and URL credentials from ``text``."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
-    text = _KEY.sub(REDACTED, text)
+    """Remove key material (``policies.keyprint.redact_keys``: keys and their secret parts,
+    the given secrets) and URL credentials from ``text``."""
+    text = redact_keys(text, [s for s in secrets if s], REDACTED)
     return _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
 
 

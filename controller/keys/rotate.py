@@ -58,6 +58,8 @@ log = logging.getLogger("finops.keys")
 ROTATE = "rotate"
 """Intent kind in the state database."""
 GRACE_SECONDS = 300
+LATE_WATCH_SECONDS = 2 * GRACE_SECONDS
+"""How long after concluding an interrupted rotation finops watches for it landing late."""
 MAX_PARALLEL_ROTATIONS = 8
 
 FaultHook = Callable[[str, str], None]
@@ -268,6 +270,58 @@ class KeyStatus:
 
 
 @dataclass(frozen=True)
+class HeldKeyHealth:
+    """What the gateway says about the key finops holds for one agent (``finops status``)."""
+
+    agent_id: str
+    fingerprint: str
+    listed: bool
+    """The key is one of the agent's keys in ``GET /v1/infra/keys``."""
+    revoked: bool
+    """Listed as revoked: a rotation (or revoke) landed; it works only for its grace."""
+    authenticates: bool | None
+    """Tested only when listed revoked or not listed; ``None`` if the test could not run."""
+    expires_in: int | None
+    """Seconds of grace left (lower bound), when finops sent the rotation that revoked it."""
+    error: str | None = None
+
+    @property
+    def flag(self) -> str | None:
+        agent, fp = self.agent_id, self.fingerprint
+        if self.listed and not self.revoked:
+            return None
+        if self.authenticates is False:
+            return (
+                f"NO WORKING KEY HELD: the key finops holds ({fp}) no longer authenticates as {agent}; "
+                f"run `finops keys import {agent}` with the agent's current key"
+            )
+        if not self.listed:
+            return f"HELD KEY {fp} IS NOT LISTED among {agent}'s keys on the gateway" + (
+                f" (and could not be tested: {self.error})" if self.error else ""
+            )
+        when = (
+            f"expires in {self.expires_in} s"
+            if self.expires_in is not None
+            else f"is revoked (not by finops) and expires at most {GRACE_SECONDS} s after its revocation"
+        )
+        tested = f" (could not test it: {self.error})" if self.authenticates is None and self.error else ""
+        return (
+            f"HELD KEY EXPIRES: held key {fp} {when} and no successor is held{tested}; "
+            f"`finops rotate --agent {agent}` (or the daemon's next rotation pass) rotates again from it "
+            "while it still authenticates"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "listed": self.listed,
+            "revoked": self.revoked,
+            "authenticates": self.authenticates,
+            "expires_in": self.expires_in,
+        }
+
+
+@dataclass(frozen=True)
 class _Recovery:
     note: str
     outcome: RotationOutcome | None = None
@@ -392,8 +446,6 @@ class KeyManager:
         reason: str,
         source: str,
         target: str,
-        *,
-        held_may_be_in_grace: bool = False,
     ) -> RotationOutcome:
         held = self.vault.read(agent, source)
         if held is None:
@@ -403,32 +455,41 @@ class KeyManager:
                 f"`finops keys import {agent}` with the agent's current key on stdin"
             )
         old = key_prefix(held)
-        live = {k.key_hash_prefix for k in await self._agent_keys(agent) if not k.revoked}
-        if old not in live and not held_may_be_in_grace:
+        rows = await self._agent_keys(agent)
+        self._check_late(agent, rows)
+        live = {k.key_hash_prefix for k in rows if not k.revoked}
+        # A held key listed as revoked may still be inside its 300 s grace: while it
+        # authenticates it is the only way back to a key finops holds, so rotate from it.
+        if old not in live and not await self._authenticates(agent, held):
             raise RotationError(
-                f"{agent}: the key finops holds ({_fp(old)}) is not a live key of {agent} on the gateway "
-                f"(revoked, or not this agent's); run `finops keys import {agent}` with the agent's current key"
+                f"{agent}: the key finops holds ({_fp(old)}) does not authenticate as {agent} on the gateway "
+                f"(revoked past its grace, or not this agent's); run `finops keys import {agent}` with the "
+                "agent's current key"
             )
         target_before = self.vault.read(agent, target)
+        sent_at = self._clock()
         payload: dict[str, Any] = {
             "old_prefix": old,
             "live_before": sorted(live),
+            "listed_before": sorted(k.key_hash_prefix for k in rows),
             "source": source,
             "target": target,
             "target_before": key_prefix(target_before) if target_before else "",
             "sink": _sink_payload(sink),
             "reason": reason,
+            "sent_at": sent_at,
         }
-        intent_key = f"rotate:{agent}:{self._clock():.6f}"
+        intent_key = f"rotate:{agent}:{sent_at:.6f}"
         self.store.begin_intent(intent_key, ROTATE, agent, payload)
+        self.ledger.record_rotation_sent(agent, old)
         try:
             rotation = await self.client.rotate_key(held)
         except (UnknownOutcome, ServerError) as exc:
             self.store.finish_intent(intent_key, PENDING, f"outcome unknown: {scrub(str(exc), held)}")
             raise RotationError(
                 f"{agent}: the outcome of rotating key {_fp(old)} is unknown ({scrub(str(exc), held)}). It is not "
-                "retried, because a retry would mint another live key; the next run resolves it by comparing "
-                f"{agent}'s live keys with the key finops holds"
+                "retried now, because a retry would mint another live key; the next run resolves it by testing "
+                f"the held key and comparing {agent}'s live keys with the key finops holds"
             ) from None
         except GatewayError as exc:
             self.store.finish_intent(intent_key, ABANDONED, f"refused: {scrub(str(exc), held)}")
@@ -439,6 +500,7 @@ class KeyManager:
         new = rotation.new_key
         self.vault.write(agent, new, target)
         self.store.record_key(agent, key_prefix(new), _ORIGIN[(source, target)])
+        self.ledger.explain(agent, key_prefix(new))
         self._hook("after_vault", agent)
         return await self._complete(intent_key, agent, payload, new, sink, grace=rotation.grace_expires_at)
 
@@ -516,7 +578,14 @@ class KeyManager:
 
     async def recover(self) -> list[str]:
         """Resolve every rotation a crashed or failed run left pending; one note each."""
+        notes, _ = await self._recover_all()
+        return notes
+
+    async def _recover_all(self) -> tuple[list[str], dict[str, str]]:
+        """Notes, and the agents whose interrupted rotation is still unresolved or whose key
+        was found lost (a run with any of these is not ok)."""
         notes: list[str] = []
+        problems: dict[str, str] = {}
         for intent in self._pending():
             lock = self._lock(intent.agent_id)
             if lock.locked():
@@ -525,13 +594,31 @@ class KeyManager:
                 if intent.intent_key not in {i.intent_key for i in self._pending(intent.agent_id)}:
                     continue
                 try:
-                    notes.append((await self._recover_intent(intent, None)).note)
+                    recovery = await self._recover_intent(intent, None)
                 except (FinopsError, OSError) as exc:
-                    notes.append(
+                    note = (
                         f"{intent.agent_id}: an interrupted rotation is not resolved yet: {scrub(str(exc))}; "
                         "the next run tries again"
                     )
-        return notes
+                    problems[intent.agent_id] = note
+                    notes.append(note)
+                    continue
+                notes.append(recovery.note)
+                if recovery.lost:
+                    problems[intent.agent_id] = recovery.note
+        pending = {i.agent_id for i in self._pending()}
+        for agent in sorted(set(self.ledger.late_watches()) - pending):
+            try:
+                late = self._check_late(agent, await self._agent_keys(agent))
+            except GatewayError as exc:
+                notes.append(f"{agent}: could not check for a late-landing rotation: {scrub(str(exc))}")
+                continue
+            if late:
+                notes.append(
+                    f"{agent}: a rotation that finops had given up on landed late and minted "
+                    f"ORPHANED key(s) {', '.join(_fp(x) for x in late)}: {ORPHAN_HELP}"
+                )
+        return notes, problems
 
     async def _resume(self, agent: str, sink: KeySinkSpec) -> list[RotationOutcome]:
         """Finish this agent's pending rotations (with the current sink) before a new one."""
@@ -545,10 +632,25 @@ class KeyManager:
         return outcomes
 
     async def _recover_intent(self, intent: Intent, sink_override: KeySinkSpec | None) -> _Recovery:
+        """Resolve one interrupted rotation by looking, never by guessing.
+
+        1. The vault holds a new key for the target slot: finish delivery and verification.
+        2. Otherwise test the key finops holds (a balance read with it) and compare the
+           agent's live key prefixes with the ones known before the rotation:
+           - the held key is listed live and nothing new appeared: the rotate never landed;
+           - something new appeared (an orphan) or the held key is listed revoked (a rotate
+             landed whose key finops never got): while the held key still authenticates,
+             rotate again from it, on every run, until a successor is live *and* held;
+           - the held key no longer authenticates (401/403): only then is the key lost.
+        A gateway failure while looking decides nothing: the intent stays pending.
+        """
         agent, p = intent.agent_id, intent.payload
         sink = sink_override or _sink_from_payload(p.get("sink") or {})
         old, source, target = str(p["old_prefix"]), str(p["source"]), str(p["target"])
-        live = {k.key_hash_prefix for k in await self._agent_keys(agent) if not k.revoked}
+        rows = await self._agent_keys(agent)
+        self._check_late(agent, rows)
+        listed = {k.key_hash_prefix: k for k in rows}
+        live = {prefix for prefix, k in listed.items() if not k.revoked}
         minted = sorted(live - set(p.get("live_before") or ()) - {old})
         stored = self.vault.read(agent, target)
         stored_prefix = key_prefix(stored) if stored else None
@@ -566,47 +668,79 @@ class KeyManager:
                 orphans=tuple(_fp(m) for m in orphans),
             )
             return _Recovery(f"{agent}: finished an interrupted rotation: {outcome.describe()}", outcome)
-        if not minted:
-            if old in live:
-                self.store.finish_intent(intent.intent_key, ABANDONED, "never reached the gateway")
-                return _Recovery(
-                    f"{agent}: an interrupted rotation never reached the gateway; the key finops holds "
-                    f"({_fp(old)}) is unchanged and live"
-                )
-            self.store.finish_intent(intent.intent_key, ABANDONED, "no new key; the held key is no longer live")
-            return _Recovery(
-                f"{agent}: an interrupted rotation left no new key on the gateway, but the key finops holds "
-                f"({_fp(old)}) is no longer live there; run `finops keys import {agent}` with the agent's "
-                "current key"
-            )
-        # The rotation landed and its new key never reached the vault: an orphan.
         self._report_orphans(agent, minted)
         orphan_fps = ", ".join(_fp(m) for m in minted)
         held = self.vault.read(agent, source)
-        if held is None or key_prefix(held) != old or not await self._authenticates(agent, held):
+        works = held is not None and key_prefix(held) == old and await self._authenticates(agent, held)
+        watch_until = self._clock() + LATE_WATCH_SECONDS
+        if not works:
             self.store.finish_intent(
-                intent.intent_key, FAILED, f"new key lost (orphan {orphan_fps}); the old key no longer works"
+                intent.intent_key,
+                FAILED,
+                "the held key no longer authenticates" + (f"; new key lost (orphan {orphan_fps})" if minted else ""),
+            )
+            self.ledger.watch_late(agent, intent.intent_key, listed, watch_until)
+            lost = (
+                f"a rotation was interrupted after the gateway minted the new key (ORPHANED {orphan_fps}) and "
+                "before finops stored it, and "
+                if minted
+                else "a rotation was interrupted and "
             )
             return _Recovery(
-                f"{agent}: LOST KEY: a rotation was interrupted after the gateway minted the new key "
-                f"(ORPHANED {orphan_fps}) and before finops stored it, and the key it rotated from ({_fp(old)}) is "
-                f"past its {GRACE_SECONDS} s grace. finops holds no working key for {agent}. If the agent still "
+                f"{agent}: LOST KEY: {lost}the key it rotated from ({_fp(old)}) no longer authenticates (past its "
+                f"{GRACE_SECONDS} s grace, or revoked). finops holds no working key for {agent}. If the agent still "
                 f"has a working key, run `finops keys import {agent}` with it; otherwise a gateway operator must "
-                f"issue one. The orphan: {ORPHAN_HELP}",
+                "issue one." + (f" The orphan: {ORPHAN_HELP}" if minted else ""),
                 lost=True,
             )
-        self.store.finish_intent(
-            intent.intent_key, ABANDONED, f"new key lost (orphan {orphan_fps}); rotated again from the held key"
-        )
-        outcome = await self._rotate_locked(
-            agent, sink, f"recovery: {p.get('reason', '')}", source, target, held_may_be_in_grace=True
-        )
+        assert held is not None
+        old_row = listed.get(old)
+        if not minted and old_row is not None and not old_row.revoked:
+            # Nothing landed (yet). A rotate stuck in a queue may still land: watch for it.
+            self.store.finish_intent(intent.intent_key, ABANDONED, "never reached the gateway")
+            self.ledger.watch_late(agent, intent.intent_key, listed, watch_until)
+            self.ledger.forget_rotation_sent(agent, old)
+            return _Recovery(
+                f"{agent}: an interrupted rotation never reached the gateway; the key finops holds "
+                f"({_fp(old)}) is unchanged, live and works"
+            )
+        # A rotate landed and its new key never reached finops (an orphan, or the held key
+        # is listed revoked), but the held key still authenticates: it is inside its grace.
+        why = f"its new key was lost (ORPHANED {orphan_fps})" if minted else "the held key is listed revoked"
+        self.store.finish_intent(intent.intent_key, ABANDONED, f"{why}; rotating again from the held key")
+        self.ledger.watch_late(agent, intent.intent_key, listed, watch_until)
+        try:
+            outcome = await self._rotate_locked(agent, sink, f"recovery: {p.get('reason', '')}", source, target)
+        except RotationError as exc:
+            left = self._grace_left(agent, old)
+            expiry = f"; the held key expires in {left} s and no successor is held" if left is not None else ""
+            raise RotationError(f"{exc}{expiry}") from None
         outcome = dataclasses.replace(outcome, recovered=True, orphans=tuple(_fp(m) for m in minted))
         return _Recovery(
-            f"{agent}: an interrupted rotation lost its new key (ORPHANED {orphan_fps}); the held key was still in "
-            f"its grace period, so finops rotated again from it: {outcome.describe()}",
+            f"{agent}: an interrupted rotation left finops holding only a dying key ({why}); the held key still "
+            f"authenticated, so finops rotated again from it: {outcome.describe()}",
             outcome,
         )
+
+    def _grace_left(self, agent: str, prefix: str) -> int | None:
+        """Whole seconds left of the held key's grace, from the first rotate finops sent of
+        it (a lower bound: the gateway starts the grace when a rotate lands); ``None`` when
+        finops never sent one."""
+        sent = self.ledger.rotation_sent_at(agent, prefix)
+        if sent is None:
+            return None
+        return max(0, int(sent + GRACE_SECONDS - self._clock()))
+
+    def _check_late(self, agent: str, rows: Collection[KeyRecord]) -> list[str]:
+        """Report live keys that appeared after an interrupted rotation was concluded (a rotate
+        that landed late) and that finops does not hold."""
+        known = self.ledger.late_watches(agent).get(agent)
+        if known is None:
+            return []
+        held = {key_prefix(raw) for raw in (self.vault.read(agent, MAIN), self.vault.read(agent, QUARANTINE)) if raw}
+        late = sorted({k.key_hash_prefix for k in rows if not k.revoked} - known - held)
+        self._report_orphans(agent, late)
+        return late
 
     # ------------------------------------------------------------------ import
 
@@ -721,6 +855,41 @@ class KeyManager:
             )
         return out
 
+    async def held_key_health(self, desired: DesiredState) -> dict[str, HeldKeyHealth]:
+        """Per managed agent with a held key: is it still a live key on the gateway? One
+        listing for the fleet; a balance read with the held key only when it is listed
+        revoked or not listed (it may be inside its grace)."""
+        held_keys = {
+            s.agent_id: held
+            for s in desired.agents()
+            if s.keys.manage and (held := self.vault.held(s.agent_id)) is not None
+        }
+        if not held_keys:
+            return {}
+        rows = {(k.agent_id, k.key_hash_prefix): k for k in await self.client.list_keys()}
+        out: dict[str, HeldKeyHealth] = {}
+        for agent, (raw, _slot) in held_keys.items():
+            prefix = key_prefix(raw)
+            row = rows.get((agent, prefix))
+            listed, revoked = row is not None, bool(row and row.revoked)
+            works: bool | None = True
+            error: str | None = None
+            if not listed or revoked:
+                try:
+                    works = await self._authenticates(agent, raw)
+                except GatewayError as exc:
+                    works, error = None, scrub(str(exc), raw)
+            out[agent] = HeldKeyHealth(
+                agent_id=agent,
+                fingerprint=_fp(prefix),
+                listed=listed,
+                revoked=revoked,
+                authenticates=works,
+                expires_in=self._grace_left(agent, prefix) if revoked else None,
+                error=error,
+            )
+        return out
+
     def _cannot_rotate(self, spec: AgentSpec) -> str | None:
         agent = spec.agent_id
         if not spec.keys.manage:
@@ -743,7 +912,8 @@ class KeyManager:
     ) -> RotationRun:
         """Recover pending rotations, then rotate every due key (all selected keys with
         ``force``). Each agent is attempted; one agent's failure is recorded, not raised."""
-        run = RotationRun(recovered=await self.recover())
+        notes, unresolved = await self._recover_all()
+        run = RotationRun(recovered=notes)
         when = now or self._now()
         specs = {s.agent_id: s for s in desired.agents()}
         if agents is not None:
@@ -785,4 +955,9 @@ class KeyManager:
                 run.rotated.append(outcome)
             else:
                 run.failed[agent] = error or "failed"
+        selected = {s.agent_id for s in pool}
+        for agent, note in unresolved.items():
+            if agent in selected and agent not in {o.agent_id for o in run.rotated}:
+                run.failed.setdefault(agent, note)
+                run.skipped.pop(agent, None)
         return run

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Protocol
 
 from controller.errors import FinopsError
-from controller.keys.vault import KeyVault
+from controller.keys.vault import KeyVault, key_path
 from controller.manifest.keyscan import REDACTED, looks_like_key, redact
 from controller.secretfile import write_secret_file
-from policies.keyprint import fingerprint
+from policies.keyprint import contains_secret_fragment, fingerprint, redact_keys
 from policies.spec import KeySinkSpec
 
 DEFAULT_COMMAND_TIMEOUT_S = 30.0
@@ -50,10 +50,9 @@ class KeySink(Protocol):
 
 
 def scrub(text: str, raw_key: str | None = None) -> str:
-    """``text`` without the given key or anything shaped like one."""
-    if raw_key:
-        text = text.replace(raw_key, REDACTED)
-    return redact(text)
+    """``text`` without the given key (or any run of its secret part, whatever surrounds
+    it) or anything shaped like a key."""
+    return redact_keys(text, [raw_key] if raw_key else (), REDACTED)
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ class DirectorySink:
     def target(self, agent_id: str) -> Path:
         if self.directory is None:
             return self.vault.path_for(agent_id)
-        return KeyVault(self.directory).path_for(agent_id)
+        return key_path(self.directory, agent_id)
 
     def describe(self) -> str:
         return f"directory {self.directory if self.directory is not None else self.vault.directory}"
@@ -123,8 +122,12 @@ class CommandSink:
             await proc.wait()
             raise DeliveryError(f"{what} did not finish within {self.timeout:g} s and was killed") from None
         if proc.returncode != 0:
-            tail = scrub(stderr.decode("utf-8", "replace"), raw_key).strip()[-STDERR_LIMIT:]
-            detail = f"; stderr: {tail}" if tail else ""
+            text = stderr.decode("utf-8", "replace")
+            if contains_secret_fragment(text, raw_key):
+                detail = "; stderr withheld: it contained part of the key (the command echoes its input)"
+            else:
+                tail = scrub(text, raw_key).strip()[-STDERR_LIMIT:]
+                detail = f"; stderr: {tail}" if tail else ""
             raise DeliveryError(f"{what} exited with status {proc.returncode}{detail}")
         return what
 

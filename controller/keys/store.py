@@ -7,12 +7,15 @@ and are created here, so the state module needs no knowledge of key management.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from controller.secretfile import private_file
 
 Clock = Callable[[], float]
 
@@ -25,6 +28,19 @@ CREATE TABLE IF NOT EXISTS keys_held (
     last_rotated_at REAL,
     last_reason TEXT NOT NULL DEFAULT '',
     updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keys_rotation_sent (
+    agent_id TEXT NOT NULL,
+    key_prefix TEXT NOT NULL,
+    first_sent_at REAL NOT NULL,
+    PRIMARY KEY (agent_id, key_prefix)
+);
+CREATE TABLE IF NOT EXISTS keys_late_watch (
+    agent_id TEXT NOT NULL,
+    intent_key TEXT NOT NULL,
+    known TEXT NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (agent_id, intent_key)
 );
 CREATE TABLE IF NOT EXISTS keys_orphans (
     agent_id TEXT NOT NULL,
@@ -64,7 +80,7 @@ class KeyLedger:
 
     def __init__(self, state_path: Path, *, clock: Clock = time.time) -> None:
         self.path = Path(state_path)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_file(self.path)
         self._clock = clock
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -120,6 +136,76 @@ class KeyLedger:
                 if cur.rowcount:
                     new.append(prefix)
         return new
+
+    def record_rotation_sent(self, agent_id: str, key_prefix: str) -> float:
+        """A rotate of ``key_prefix`` is about to be sent; keeps the *earliest* such time,
+        which bounds when the gateway can have started the key's 300 s grace (a rotate lands
+        at or after it is sent; the gateway keeps the first ``revoked_at``). Returns it."""
+        now = self._clock()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO keys_rotation_sent VALUES (?,?,?) ON CONFLICT(agent_id, key_prefix) DO NOTHING",
+                (agent_id, key_prefix, now),
+            )
+            row = self._db.execute(
+                "SELECT first_sent_at FROM keys_rotation_sent WHERE agent_id=? AND key_prefix=?", (agent_id, key_prefix)
+            ).fetchone()
+        return float(row[0])
+
+    def forget_rotation_sent(self, agent_id: str, key_prefix: str) -> None:
+        """The key is listed live and unrevoked: no rotate of it has landed so far, so the
+        next one sent starts the bound afresh."""
+        with self._lock:
+            self._db.execute(
+                "DELETE FROM keys_rotation_sent WHERE agent_id=? AND key_prefix=?", (agent_id, key_prefix)
+            )
+
+    def rotation_sent_at(self, agent_id: str, key_prefix: str) -> float | None:
+        """When finops first sent a rotate of this key, ``None`` if it never did."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT first_sent_at FROM keys_rotation_sent WHERE agent_id=? AND key_prefix=?", (agent_id, key_prefix)
+            ).fetchone()
+        return float(row[0]) if row is not None else None
+
+    def watch_late(self, agent_id: str, intent_key: str, known: Iterable[str], until: float) -> None:
+        """A rotate whose outcome was unknown was concluded without seeing it land: it may
+        still land (a request stuck in a queue) and mint a key nobody holds. Until ``until``,
+        any live key of the agent outside ``known`` (and not explained later) is an orphan."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO keys_late_watch VALUES (?,?,?,?) ON CONFLICT(agent_id, intent_key) DO UPDATE SET "
+                "known=excluded.known, until=excluded.until",
+                (agent_id, intent_key, json.dumps(sorted(set(known))), until),
+            )
+
+    def explain(self, agent_id: str, key_prefix: str) -> None:
+        """``key_prefix`` is a key finops minted and holds: no watch may call it an orphan."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT intent_key, known FROM keys_late_watch WHERE agent_id=?", (agent_id,)
+            ).fetchall()
+            for intent_key, known in rows:
+                prefixes = set(json.loads(known)) | {key_prefix}
+                self._db.execute(
+                    "UPDATE keys_late_watch SET known=? WHERE agent_id=? AND intent_key=?",
+                    (json.dumps(sorted(prefixes)), agent_id, intent_key),
+                )
+
+    def late_watches(self, agent_id: str | None = None) -> dict[str, set[str]]:
+        """Per agent with an unexpired watch: the prefixes every one of its watches knows
+        (the intersection: a key that appeared after the earliest watch was set is suspect
+        even if a later watch saw it). Expired watches are dropped here."""
+        now = self._clock()
+        with self._lock:
+            self._db.execute("DELETE FROM keys_late_watch WHERE until < ?", (now,))
+            rows = self._db.execute("SELECT agent_id, known FROM keys_late_watch").fetchall()
+        out: dict[str, set[str]] = {}
+        for agent, known in rows:
+            if agent_id is None or agent == agent_id:
+                prefixes = set(json.loads(known))
+                out[agent] = out[agent] & prefixes if agent in out else prefixes
+        return out
 
     def orphans(self) -> dict[str, list[Orphan]]:
         with self._lock:

@@ -7,6 +7,10 @@ Layout (the same as before key management existed, so existing secrets dirs keep
     <dir>/quarantine/<agent>.key   a key finops holds but does not deliver (emergency stop)
 
 Every write is atomic and fsynced (``controller.secretfile``) before the caller moves on.
+The directory is created 0700 whatever the umask, and refused (``UnsafeSecretPath``) when
+another user could write to it or it is a symlink; a key file that is not finops' own
+regular 0600 file is refused before it is read. The check runs when the vault is opened,
+so an unsafe directory stops a command before its first gateway write.
 """
 
 from __future__ import annotations
@@ -15,7 +19,14 @@ import os
 import re
 from pathlib import Path
 
-from controller.secretfile import read_secret_file, write_secret_file
+from controller.secretfile import (
+    check_private_dir,
+    check_private_file,
+    make_private_dirs,
+    read_secret_file,
+    write_secret_file,
+)
+from controller.secretref import protect_secret_path
 from policies.keyprint import key_prefix
 
 _SAFE_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,127}$")
@@ -28,22 +39,34 @@ QUARANTINE = "quarantine"
 SLOTS = (MAIN, QUARANTINE)
 
 
+def key_path(directory: Path, agent_id: str, slot: str = MAIN) -> Path:
+    """``<directory>/<agent>.key`` (or under ``quarantine/``); refuses unsafe agent ids."""
+    if not _SAFE_NAME.match(agent_id) or agent_id in {".", ".."}:
+        raise ValueError(f"agent id {agent_id!r} cannot be used as a file name")
+    if slot == MAIN:
+        return Path(directory) / f"{agent_id}.key"
+    if slot == QUARANTINE:
+        return Path(directory) / QUARANTINE / f"{agent_id}.key"
+    raise ValueError(f"unknown key slot {slot!r}")
+
+
 class KeyVault:
     """One 0600 file per agent and slot."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
+        self.check()
+        protect_secret_path(self.directory)
+
+    def check(self) -> None:
+        """Refuse an unsafe key store (see the module docstring); a missing one is fine."""
+        check_private_dir(self.directory)
+        check_private_dir(self.directory / QUARANTINE, what="quarantine directory")
 
     # -- paths -----------------------------------------------------------------
 
     def path_for(self, agent_id: str, slot: str = MAIN) -> Path:
-        if not _SAFE_NAME.match(agent_id) or agent_id in {".", ".."}:
-            raise ValueError(f"agent id {agent_id!r} cannot be used as a file name")
-        if slot == MAIN:
-            return self.directory / f"{agent_id}.key"
-        if slot == QUARANTINE:
-            return self.directory / QUARANTINE / f"{agent_id}.key"
-        raise ValueError(f"unknown key slot {slot!r}")
+        return key_path(self.directory, agent_id, slot)
 
     def quarantine_path_for(self, agent_id: str) -> Path:
         return self.path_for(agent_id, QUARANTINE)
@@ -54,13 +77,17 @@ class KeyVault:
         """Persist the key durably; returns its gateway hash prefix."""
         if not _KEY_SHAPE.match(raw_key):
             raise ValueError(f"refusing to store a value that is not a GreenHelix API key for {agent_id}")
-        write_secret_file(self.path_for(agent_id, slot), raw_key + "\n")
+        path = self.path_for(agent_id, slot)
+        make_private_dirs(path.parent)
+        self.check()
+        write_secret_file(path, raw_key + "\n")
         return key_prefix(raw_key)
 
     def read(self, agent_id: str, slot: str = MAIN) -> str | None:
         path = self.path_for(agent_id, slot)
-        if not path.exists():
+        if not os.path.lexists(path):
             return None
+        check_private_file(path)
         return read_secret_file(path) or None
 
     def clear(self, agent_id: str, slot: str) -> bool:

@@ -12,18 +12,21 @@ import itertools
 import re
 from collections.abc import Iterable
 
+from policies import keyprint
+
 #: The line breaks YAML (and so PyYAML's line numbers) recognise; ``str.splitlines`` knows more.
 _LINE_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
 
-#: A GreenHelix API key: ``a2a_``, a tier word, ``_``, then hex (``a2a_free_fa63aab6…``).
-API_KEY_PATTERN = re.compile(r"a2a_[a-z]+_[0-9a-f]{16,}", re.IGNORECASE)
+#: A GreenHelix API key: ``a2a_``, a tier word, ``_``, then hex (``a2a_free_fa63aab6…``);
+#: defined once, in ``policies.keyprint``.
+API_KEY_PATTERN = keyprint.API_KEY_PATTERN
 
 KEY_MESSAGE = (
     "looks like an API key; keys must never be committed in a manifest "
     "(use the secrets directory / GREENHELIX_API_KEY_FILE)"
 )
 
-REDACTED = "<redacted API key>"
+REDACTED = keyprint.REDACTED
 
 
 def key_lines(text: str) -> list[int]:
@@ -62,9 +65,10 @@ def key_lines_in_chunks(chunks: Iterable[bytes], *, tail: int = 4096) -> list[in
 
 
 def looks_like_key(value: str) -> bool:
-    return API_KEY_PATTERN.search(value) is not None
+    return keyprint.looks_like_key(value)
 
 
 def redact(text: str) -> str:
-    """Remove key-shaped substrings; applied to every message we emit, whatever its origin."""
-    return API_KEY_PATTERN.sub(REDACTED, text)
+    """Remove key material (whole keys and their secret parts, see
+    ``policies.keyprint.redact_keys``); applied to every message we emit, whatever its origin."""
+    return keyprint.redact_keys(text)

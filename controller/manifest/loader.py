@@ -544,7 +544,7 @@ def _fleet_decl(label: str, doc: Document, manifest: FleetManifest) -> FleetDecl
         [
             *_route_lines(doc, (), "spec.alerts.routes", len(alerts.routes)),
             ("spec.alerts.gatewayWebhooks.url", ("spec", "alerts", "gatewayWebhooks", "url")),
-            ("spec.alerts.gatewayWebhooks.signingSecret", ("spec", "alerts", "gatewayWebhooks")),
+            ("spec.alerts.gatewayWebhooks.signingSecret", ("spec", "alerts", "gatewayWebhooks", "signingSecret")),
         ],
     )
     return FleetDecl(
@@ -552,7 +552,13 @@ def _fleet_decl(label: str, doc: Document, manifest: FleetManifest) -> FleetDecl
         signing_secret=_secret(alerts.signing_secret),
         allow_insecure=alerts.allow_insecure,
         gateway_webhooks=(
-            WebhookDecl(hooks.enabled, hooks.url, tuple(hooks.events), _secret(hooks.signing_secret))
+            WebhookDecl(
+                hooks.enabled,
+                hooks.url,
+                tuple(hooks.events),
+                _secret(hooks.signing_secret),
+                allow_referenced_secret=hooks.allow_referenced_secret,
+            )
             if hooks is not None
             else None
         ),

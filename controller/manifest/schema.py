@@ -204,6 +204,8 @@ class SecretRef(_Model):
 
     @model_validator(mode="after")
     def _one_source(self) -> SecretRef:
+        if self.env in ("GREENHELIX_API_KEY", "GREENHELIX_API_KEY_FILE"):
+            raise ValueError(f"{self.env} holds finops' admin key; a secret reference may never name key material")
         if self.generate and self.file is None:
             raise ValueError("'generate' needs 'file' (the place the generated secret is kept)")
         if (self.env is None) == (self.file is None):
@@ -232,6 +234,9 @@ class GatewayWebhooks(_Model):
         default_factory=lambda: ["billing.usage_recorded", "billing.deposit"], min_length=1
     )
     signing_secret: SecretRef | None = None
+    allow_referenced_secret: bool = False
+    """The gateway lists webhook secrets in clear: by default finops generates this secret
+    itself; ``true`` lets ``signingSecret`` (or the fleet's) be sent to the gateway instead."""
 
     _url = field_validator("url")(lambda v: _url_template(v, WEBHOOK_PLACEHOLDERS))
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 
+from controller.secretfile import private_file
+
 ATOMIC_PER_CREDIT = 100_000_000
 _ATOMIC = Decimal(ATOMIC_PER_CREDIT)
 _SQLITE_MAX_INT = 2**63 - 1
@@ -357,7 +359,7 @@ class SandboxStore:
     def __init__(self, path: Path | str | None = None) -> None:
         self.path = None if path is None else Path(path)
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_file(self.path)  # it holds webhook secrets and key hashes: 0600 whatever the umask
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(
             ":memory:" if self.path is None else str(self.path),

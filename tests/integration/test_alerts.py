@@ -98,7 +98,9 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 def secret_file(tmp_path: Path) -> Path:
-    return tmp_path / "secrets" / "alert-signing.secret"
+    # Not in tmp_path/"secrets": that is the harness's key store, which no secret reference
+    # may name (controller.secretref refuses it).
+    return tmp_path / "alert-secrets" / "alert-signing.secret"
 
 
 def _register(sandbox: SandboxServer, agent_id: str, daily: str = "1.00", monthly: str = "100.00") -> str:

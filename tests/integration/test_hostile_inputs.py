@@ -164,15 +164,23 @@ def test_unusable_webhook_secrets_and_the_admin_agent_are_refused_at_plan_time(
     shutil.copytree(CANONICAL, manifests)
     fleet = manifests / "research-fleet.yaml"
     original = fleet.read_text()
-    for secret in ("/dev/zero", str(tmp_path)):  # a device and a directory
+    opt_in = "      events: [billing.usage_recorded, billing.deposit]\n      allowReferencedSecret: true\n"
+    assert opt_in.split("\n")[0] in original
+    for secret in ("/dev/zero", str(tmp_path)):  # a device and a directory: refused whole, before any write
         fleet.write_text(
-            original.replace("{file: .finops/alert-signing.secret, generate: true}", f"{{file: {secret}}}")
+            original.replace(opt_in.split("\n")[0] + "\n", opt_in + f"      signingSecret: {{file: {secret}}}\n")
         )
         before = requests(sandbox)
         plan = finops(tmp_path, "plan", "manifests", env=env)
         assert plan.returncode == 1 and "Traceback" not in plan.stderr + plan.stdout
-        assert plan.stdout.count("gateway webhook not planned: signing secret: cannot read") == 5, plan.stdout
+        assert f"signing secret: {secret} is not a regular file on disk" in plan.stderr, plan.stderr
         assert requests(sandbox)[1] == before[1]  # plan only reads
+    # A secret that is merely unavailable (an unset variable) fails only the webhooks that use it.
+    unset = opt_in + "      signingSecret: {env: FINOPS_TEST_UNSET_SECRET}\n"
+    fleet.write_text(original.replace(opt_in.split("\n")[0] + "\n", unset))
+    plan = finops(tmp_path, "plan", "manifests", env=env)
+    assert plan.returncode == 1 and "Traceback" not in plan.stderr + plan.stdout
+    assert plan.stdout.count("gateway webhook not planned: signing secret: environment variable") == 5, plan.stdout
 
     applied = finops(tmp_path, "apply", "--auto-approve", "manifests", env=env)
     assert applied.returncode == 1  # five agents' webhooks refused, and said so

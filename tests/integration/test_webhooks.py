@@ -7,6 +7,7 @@ from pathlib import Path
 
 from controller.manifest.loader import load_manifests
 from controller.plan import ChangeKind, webhook_marker
+from controller.secretref import managed_secret_dir
 from tests.integration.conftest import Harness
 
 
@@ -31,7 +32,13 @@ async def test_apply_creates_one_marked_webhook_per_agent_then_nothing(harness: 
     for hook in hooks:
         assert webhook_marker("research") in hook["event_types"]  # type: ignore[operator]
         assert hook["url"] == f"https://alerts.example.com/gateway/{hook['filter_agent_ids'][0]}"  # type: ignore[index]
-    assert Path(".finops/alert-signing.secret").stat().st_mode & 0o777 == 0o600
+    # The gateway lists webhook secrets in clear: they are finops-generated, kept 0600 in
+    # finops' state directory, and never the secret that signs finops' own alerts.
+    generated = managed_secret_dir(harness.store.path) / "gateway-webhook-research.secret"
+    assert generated.stat().st_mode & 0o777 == 0o600
+    assert {h["secret"] for h in hooks} == {generated.read_text().strip()}
+    alert_secret = Path(".finops/alert-signing.secret")
+    assert not alert_secret.exists() or alert_secret.read_text().strip() not in {h["secret"] for h in hooks}
 
     harness.reset_stats()
     again = await harness.plan(desired)

@@ -47,7 +47,8 @@ def test_deadlines_are_a_multiple_of_the_interval_with_a_floor() -> None:
     assert job_deadline(60) == JOB_DEADLINE_FLOOR_S
     assert job_deadline(3600) == 3 * 3600
     daemon = make()
-    assert daemon.add_job("rotation", _never_called).deadline == 3 * 3600
+    assert daemon.add_job("rotation", _never_called).deadline == JOB_DEADLINE_FLOOR_S  # every 60 s
+    assert daemon.add_job("rebalance", _never_called, interval_s=3600).deadline == 3 * 3600
     assert daemon.add_job("alerts", _never_called, deadline_s=5).deadline == 5
 
 

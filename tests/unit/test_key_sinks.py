@@ -143,8 +143,16 @@ async def test_failing_command_is_reported_without_the_key_or_its_stdout(tmp_pat
         await CommandSink(argv).deliver("res-01", KEY)
     message = str(err.value)
     assert "exited with status 3" in message
-    assert "cannot store <redacted API key> for res-01" in message  # stderr kept, redacted
-    assert KEY not in message and "got" not in message
+    # stderr that echoes the key (in any form) is withheld whole; other stderr is kept
+    assert "stderr withheld: it contained part of the key" in message
+    assert KEY not in message and "got" not in message and "cannot store" not in message
+
+
+async def test_failing_command_stderr_without_the_key_is_kept(tmp_path: Path) -> None:
+    body = "import sys; sys.stdin.read(); print('vault is sealed', file=sys.stderr); sys.exit(4)"
+    with pytest.raises(DeliveryError) as err:
+        await CommandSink((sys.executable, "-c", body)).deliver("a", KEY)
+    assert str(err.value).endswith("exited with status 4; stderr: vault is sealed")
 
 
 async def test_failing_command_redacts_even_a_key_the_pattern_would_miss(tmp_path: Path) -> None:

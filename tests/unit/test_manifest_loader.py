@@ -94,7 +94,10 @@ def _agent(
         ),
         gateway_webhooks=(
             GatewayWebhookSpec(
-                f"https://alerts.example.com/gateway/{agent_id}", ("billing.usage_recorded", "billing.deposit"), secret
+                f"https://alerts.example.com/gateway/{agent_id}",
+                ("billing.usage_recorded", "billing.deposit"),
+                # the gateway lists webhook secrets in clear: finops generates this one itself
+                SecretRef(managed="gateway-webhook-research"),
             ),
         ),
         keys=KeyPolicy(manage=True, scopes=("read", "write"), rotation="weekly"),
