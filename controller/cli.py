@@ -138,6 +138,8 @@ async def _apply(
     prune: bool,
 ) -> tuple[Plan, ApplyResult | None]:
     async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
+        applier = Applier(client, store, sink, key_sink=key_sinks(desired, sink))
+        await applier.prepare(desired)  # known outcomes first, so the plan never races them
         fresh = await observe_and_plan(client, desired, target.name, store, prune=prune)
         if saved is not None:
             if saved.target != target.name:
@@ -163,7 +165,7 @@ async def _apply(
             if answer.strip() != "yes":
                 raise FinopsError("apply cancelled; nothing was changed")
         started = time.time()
-        result = await Applier(client, store, sink, key_sink=key_sinks(desired, sink)).apply(chosen)
+        result = await applier.apply(chosen)
         store.log_apply(started, result.ok, {"changes": len(chosen.changes), "writes": result.writes})
         return chosen, result
 

@@ -15,7 +15,7 @@ from controller.keys.vault import KeyVault
 from controller.observe import observe
 from controller.plan import Memory, Plan, make_plan
 from controller.secretref import SecretUnavailable, resolve_secret, secret_fingerprint
-from controller.state import StateStore
+from controller.state import PENDING, StateStore
 from policies.spec import DesiredState, SecretRef
 
 
@@ -38,6 +38,8 @@ def build_memory(store: StateStore, desired: DesiredState) -> Memory:
         secret_fingerprints=secret_fingerprints(desired),
         key_prefixes=store.key_prefixes(),
         adjustments=store.adjustments(),
+        unresolved=tuple(store.intents(status=PENDING)),
+        last_deposits=store.last_deposit_ids(),
     )
 
 
