@@ -15,6 +15,7 @@ webhooks *before* the plan is made, so a plan never races an outcome that is alr
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import Conflict, GatewayError, ServerError, UnknownOutcome
 from controller.gateway.models import Webhook
@@ -40,8 +42,24 @@ from controller.secretref import SecretUnavailable, resolve_secret
 from controller.state import ABANDONED, DONE, FAILED, PENDING, BudgetWrite, Intent, ManagedWebhook, StateStore
 from policies.funding import top_up_amount
 from policies.money import format_money
-from policies.settle import SETTLE_SECONDS, is_settled, settles_at
+from policies.settle import SETTLE_SECONDS, is_settled, parse_settle_seconds, settles_at
 from policies.spec import DesiredState
+
+SETTLE_ENV_VAR = "FINOPS_SETTLE_SECONDS"
+
+
+def configured_settle_seconds(environ: Mapping[str, str] | None = None) -> float:
+    """The settle time in force: ``FINOPS_SETTLE_SECONDS`` if set (a gateway behind slower
+    queues needs more; a test that has proven the gateway idle may use less), else
+    ``policies.settle.SETTLE_SECONDS``."""
+    raw = (os.environ if environ is None else environ).get(SETTLE_ENV_VAR)
+    if raw is None or not raw.strip():
+        return SETTLE_SECONDS
+    try:
+        return parse_settle_seconds(raw)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
 
 AUTO_HOLD_REASON = "auto: caps could not be set after registration"
 """Reason of finops' own hold on a newly registered agent whose caps it could not set."""
@@ -107,7 +125,7 @@ class Applier:
         fault_hook: FaultHook | None = None,
         clock: Callable[[], float] = time.time,
         key_sink: Callable[[str], KeySink | None] | None = None,
-        settle_seconds: float = SETTLE_SECONDS,
+        settle_seconds: float | None = None,
     ) -> None:
         self.client = client
         self.store = store
@@ -117,7 +135,7 @@ class Applier:
         is safely in finops' key store."""
         self._hook = fault_hook or (lambda point, agent: None)
         self._clock = clock
-        self._settle = settle_seconds
+        self._settle = configured_settle_seconds() if settle_seconds is None else settle_seconds
         self._adopted: set[tuple[str, str]] = set()
         """(agent, url) of webhooks that intent recovery adopted in this run."""
         self._withheld: dict[tuple[str, ChangeKind], Intent] = {}

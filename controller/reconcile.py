@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from controller.apply import configured_settle_seconds
 from controller.gateway.client import GatewayClient
 from controller.keys.sinks import KeySink, sink_for
 from controller.keys.vault import KeyVault
@@ -40,6 +41,7 @@ def build_memory(store: StateStore, desired: DesiredState) -> Memory:
         adjustments=store.adjustments(),
         unresolved=tuple(store.intents(status=PENDING)),
         last_deposits=store.last_deposit_ids(),
+        settle_seconds=configured_settle_seconds(),
     )
 
 

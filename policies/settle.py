@@ -20,6 +20,18 @@ limit (504 after that), and queueing in front of it (proxies, load balancers). A
 whose deposit outcome is unknown waits at most this long (plus one pass) for its top-up."""
 
 
+def parse_settle_seconds(raw: str) -> float:
+    """An operator's override (``FINOPS_SETTLE_SECONDS``): a plain number of seconds >= 0.
+    Raises ``ValueError`` naming the problem."""
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError(f"FINOPS_SETTLE_SECONDS must be a number of seconds, got {raw!r}") from None
+    if not 0 <= value <= 7 * 86_400 or value != value:
+        raise ValueError(f"FINOPS_SETTLE_SECONDS must be between 0 and 604800 seconds, got {raw!r}")
+    return value
+
+
 def is_settled(sent_at: float, now: float, settle_seconds: float = SETTLE_SECONDS) -> bool:
     """Whether a request last possibly sent at ``sent_at`` can no longer land."""
     return now - sent_at > settle_seconds

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from controller.plan import Plan
 from controller.reconcile import observe_and_plan
 from controller.sandbox.server import SandboxServer
 from controller.state import StateStore
+from policies.settle import SETTLE_SECONDS
 from policies.spec import DesiredState
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,6 +47,24 @@ def manifests_dir(tmp_path: Path) -> Path:
     return target
 
 
+class FinopsClock:
+    """finops' clock in tests: real time plus an offset a test moves forward (to cross the
+    settle time of an unknown outcome without sleeping)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+    def past_settle(self) -> None:
+        """Move past the settle time of every request sent so far."""
+        self.advance(SETTLE_SECONDS + 1)
+
+
 @dataclass
 class Harness:
     """The controller's real parts wired to a sandbox, as the CLI wires them."""
@@ -52,6 +72,7 @@ class Harness:
     sandbox: SandboxServer
     store: StateStore
     sink: DirectoryKeySink
+    clock: Callable[[], float] = field(default_factory=FinopsClock)
 
     def client(self, transport: httpx.AsyncBaseTransport | None = None, **kw: Any) -> GatewayClient:
         kw.setdefault("settle_delays", (0.0, 0.05, 0.2))
@@ -71,7 +92,7 @@ class Harness:
         fault_hook: FaultHook | None = None,
     ) -> ApplyResult:
         async with self.client(transport) as client:
-            return await Applier(client, self.store, self.sink, fault_hook=fault_hook).apply(plan)
+            return await Applier(client, self.store, self.sink, fault_hook=fault_hook, clock=self.clock).apply(plan)
 
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.sandbox.url, headers={"Authorization": f"Bearer {self.sandbox.admin_key}"})

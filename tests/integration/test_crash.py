@@ -63,6 +63,9 @@ class Finops:
             "GREENHELIX_URL": sandbox.url,
             "GREENHELIX_API_KEY_FILE": str(sandbox.admin_key_file),
             "FINOPS_STATE_DIR": str(self.state_dir),
+            # The test waits for the sandbox to be idle after every kill (no request of a
+            # dead process can still land), so an unknown outcome settles at once.
+            "FINOPS_SETTLE_SECONDS": "0",
         }
 
     def start(self) -> subprocess.Popen[str]:
