@@ -73,6 +73,8 @@ class Harness:
     store: StateStore
     sink: DirectoryKeySink
     clock: Callable[[], float] = field(default_factory=FinopsClock)
+    notes: list[str] = field(default_factory=list)
+    """What every ``prepare`` before a plan reported (the CLI prints these with the apply)."""
 
     def client(self, transport: httpx.AsyncBaseTransport | None = None, **kw: Any) -> GatewayClient:
         kw.setdefault("settle_delays", (0.0, 0.05, 0.2))
@@ -80,8 +82,12 @@ class Harness:
         kw.setdefault("backoff_max", 0.05)
         return GatewayClient(self.sandbox.url, self.sandbox.admin_key, transport=transport, **kw)
 
-    async def plan(self, desired: DesiredState, *, prune: bool = False) -> Plan:
+    async def plan(self, desired: DesiredState, *, prune: bool = False, prepare: bool = True) -> Plan:
+        """As ``finops apply`` plans: known outcomes resolved and marked webhooks adopted
+        first (``Applier.prepare``), unless ``prepare=False`` (``finops plan``: read-only)."""
         async with self.client() as client:
+            if prepare:
+                self.notes += await Applier(client, self.store, self.sink, clock=self.clock).prepare(desired)
             return await observe_and_plan(client, desired, "sandbox", self.store, prune=prune)
 
     async def apply(
