@@ -240,7 +240,9 @@ class SandboxServer:
         self.stop()
 
 
-def serve(host: str, port: int, db_path: Path, admin_key_file: Path, faults: FaultConfig | str | None = None) -> None:
+def serve(
+    host: str, port: int, db_path: Path, admin_key_file: Path, faults: FaultConfig | str | None = None
+) -> None:
     """Foreground sandbox for ``finops sandbox``; returns on Ctrl-C / SIGTERM. ``faults``
     unset means the ``FINOPS_SANDBOX_FAULTS`` environment variable (unset: no faults)."""
     try:

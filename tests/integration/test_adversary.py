@@ -118,6 +118,8 @@ def cases(table: Mapping[str, tuple[str, str]]) -> list[Any]:
     ]
 
 
+
+
 class Adversary(httpx.AsyncBaseTransport):
     """The real sandbox behind a liar: ``choose(request)`` names a bad answer (or ``None``
     to pass the request through). With ``commit_first`` the request still reaches the

@@ -42,20 +42,14 @@ async def test_apply_creates_one_marked_webhook_per_agent_then_nothing(harness: 
 async def test_changed_url_is_replaced_create_then_delete(harness: Harness, manifests_dir: Path) -> None:
     await harness.apply(await harness.plan(load_manifests(manifests_dir)))
     before = {h["id"] for h in _hooks(harness)}
-    _edit(
-        manifests_dir / "research-fleet.yaml",
-        "https://alerts.example.com/gateway/{agent}",
-        "https://hooks.example.net/{fleet}/{agent}",
-    )
+    _edit(manifests_dir / "research-fleet.yaml", "https://alerts.example.com/gateway/{agent}", "https://hooks.example.net/{fleet}/{agent}")
     plan = await harness.plan(load_manifests(manifests_dir))
     kinds = [c.kind for c in plan.changes]
     assert kinds.count(ChangeKind.CREATE_WEBHOOK) == 5 and kinds.count(ChangeKind.DELETE_WEBHOOK) == 5
     assert all(c.kind in (ChangeKind.CREATE_WEBHOOK, ChangeKind.DELETE_WEBHOOK) for c in plan.changes)
     create = next(c for c in plan.changes if c.kind is ChangeKind.CREATE_WEBHOOK)
     assert "cannot update" in create.reason
-    assert [(d.field, d.after) for d in create.diff] == [
-        ("url", f"https://hooks.example.net/research/{create.agent_id}")
-    ]
+    assert [(d.field, d.after) for d in create.diff] == [("url", f"https://hooks.example.net/research/{create.agent_id}")]
     result = await harness.apply(plan)
     assert result.ok
     after = _hooks(harness)
