@@ -25,7 +25,7 @@ from typing import Any
 
 from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
-from controller.gateway.errors import Conflict, GatewayError, ServerError, UnknownOutcome
+from controller.gateway.errors import Conflict, GatewayError, ProtocolViolation, UnknownOutcome, Unreachable
 from controller.gateway.models import Webhook
 from controller.keys.sinks import DeliveryError, KeySink
 from controller.keysink import DirectoryKeySink
@@ -70,6 +70,21 @@ FaultHook = Callable[[str, str], None]
 
 class AgentStepError(Exception):
     """A change for one agent could not be made; the message is user-facing."""
+
+
+def refused(exc: GatewayError) -> bool:
+    """Whether a failed write provably did not run: the gateway's own refusal (a 4xx with
+    its problem+json body, which names a problem type), or no connection at all (the client
+    repeats a write only after those, so every attempt failed that way). Anything else (no
+    answer, 5xx, an answer finops cannot read or that is not the gateway's) may have run."""
+    if isinstance(exc, Unreachable):
+        return True
+    return (
+        exc.status is not None
+        and 400 <= exc.status < 500
+        and bool(exc.code)
+        and not isinstance(exc, ProtocolViolation | UnknownOutcome)
+    )
 
 
 def _when(at: float) -> str:
@@ -378,25 +393,25 @@ class Applier:
             raise AgentStepError(
                 f"{agent} was registered by someone else since the plan was made; re-plan to adopt it"
             ) from None
-        except (UnknownOutcome, ServerError):
+        except GatewayError as exc:
+            if refused(exc):
+                self.store.finish_intent(intent_key, ABANDONED, "refused by the gateway")
+                raise
             self.store.mark_sent(intent_key, self._clock())
             if await self.client.get_balance(agent) is not None:
                 self._registered.add(agent)
                 self.store.finish_intent(intent_key, FAILED, "unknown outcome")
                 raise AgentStepError(
-                    f"{agent} was registered but the response (with its one-time key) was lost; "
+                    f"LOST KEY: {agent} was registered but the response (with its one-time key) was lost ({exc}); "
                     "the key cannot be recovered over the API"
                 ) from None
             # Not visible yet, but a gateway can still commit a request it holds after we
             # gave up: the intent stays pending, and no run registers again before it is
             # seen or the settle time has passed.
             raise AgentStepError(
-                f"registering {agent}: no answer and no wallet yet; not registered again before it lands or "
-                f"{_when(settles_at(self._clock(), self._settle))}"
+                f"registering {agent}: no usable answer ({exc}) and no wallet yet; not registered again before "
+                f"it lands or {_when(settles_at(self._clock(), self._settle))}"
             ) from None
-        except GatewayError:
-            self.store.finish_intent(intent_key, ABANDONED, "refused by the gateway")
-            raise
         self._registered.add(agent)
         self._hook("after_register", agent)
         prefix = self.sink.store(agent, registration.api_key)
@@ -437,12 +452,13 @@ class Applier:
         self._hook("before_deposit", agent)
         try:
             deposit = await self.client.deposit(agent, amount, key, description="finops top-up")
-        except (UnknownOutcome, ServerError):
-            # It may still land: it stays unresolved, counted from now (finops gave up now).
-            self.store.mark_sent(key, self._clock())
-            raise
-        except GatewayError:
-            # Refused. A fresh ledger look decides; the key stays the epoch's either way.
+        except GatewayError as exc:
+            if not refused(exc):
+                # It may still land: it stays unresolved, counted from now (finops gave up now).
+                self.store.mark_sent(key, self._clock())
+                raise
+            # Refused. A fresh ledger look decides (an earlier attempt of this call may have
+            # run); the key stays the epoch's either way.
             tx = await self.client.find_transaction(agent, key)
             if tx is not None:
                 self.store.finish_intent(key, DONE, f"landed as transaction {tx.id}", ref=str(tx.id))
@@ -480,7 +496,10 @@ class Applier:
         self.store.begin_intent(intent_key, "create_webhook", agent, payload, sent_at=self._clock())
         try:
             hook = await self.client.create_webhook(args["url"], args["events"].split(","), secret, [agent])
-        except (UnknownOutcome, ServerError):
+        except GatewayError as exc:
+            if refused(exc):
+                self.store.finish_intent(intent_key, FAILED, "refused by the gateway")
+                raise
             self.store.mark_sent(intent_key, self._clock())
             pending = self.store.intents(status=PENDING, kind="create_webhook")
             intent = next(i for i in pending if i.intent_key == intent_key)
@@ -491,9 +510,6 @@ class Applier:
                 "creating the webhook has an unknown outcome; not created again before it is seen on the "
                 f"gateway or {self._settles_at(intent)}"
             ) from None
-        except GatewayError:
-            self.store.finish_intent(intent_key, FAILED, "refused by the gateway")
-            raise
         self._hook("after_create_webhook", agent)
         self.store.record_webhook(ManagedWebhook(hook.id, agent, change.fleet, hook.url))
         self.store.finish_intent(intent_key, DONE, hook.id, ref=hook.id)
