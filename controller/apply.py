@@ -389,6 +389,7 @@ class Applier:
         try:
             registration = await self.client.register(agent)
         except Conflict:
+            self._registered.add(agent)  # the wallet exists: it is capped in this run, or held
             self.store.finish_intent(intent_key, ABANDONED, "already registered")
             raise AgentStepError(
                 f"{agent} was registered by someone else since the plan was made; re-plan to adopt it"
