@@ -30,6 +30,7 @@ from controller.apply import AUTO_HOLD_REASON
 from controller.daemon.passes import Reconciler
 from controller.daemon.revisions import RevisionLog
 from controller.daemon.source import DirectorySource
+from controller.keys.rotate import KeyManager
 from controller.keysink import DirectoryKeySink
 from controller.manifest.loader import load_manifests
 from controller.plan import WEBHOOK_MARKER_PREFIX, ChangeKind
@@ -37,6 +38,7 @@ from controller.sandbox.faults import FaultConfig, FaultKind
 from controller.sandbox.server import ADMIN_AGENT_ID, SandboxServer
 from controller.sandbox.store import from_atomic
 from controller.state import PENDING, StateStore
+from controller.status import fleet_status
 from policies.spec import DesiredState
 from tests.integration.conftest import CANONICAL, FinopsClock
 from tests.integration.test_faults import (
@@ -156,6 +158,13 @@ async def test_the_issue_repro_a_late_deposit_is_never_made_twice(
     assert {(b.agent_id, b.kind) for b in second_plan.blocked} == {(a, ChangeKind.TOP_UP) for a in AGENTS}
     second = await harness.apply(second_plan)
     assert second.writes == 0 and len(harness.sandbox.faults.held_late()) == 2  # nothing new sent
+    async with harness.client() as client:  # `finops status` says so too
+        manager = KeyManager(client, harness.store, harness.sink, state_path=harness.store.path)
+        try:
+            status = await fleet_status(client, desired, harness.store, manager, target="sandbox")
+        finally:
+            manager.close()
+    assert all(any(f.startswith("UNKNOWN OUTCOME: a top_up") for f in row.flags) for row in status.agents)
 
     assert settle(harness, run=True) == 2  # the held deposits land, after finops gave up on them
     harness.sandbox.faults.configure(None)
