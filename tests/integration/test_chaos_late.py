@@ -36,6 +36,7 @@ from controller.sandbox.faults import FaultConfig, FaultKind
 from controller.sandbox.server import ADMIN_AGENT_ID, SandboxServer
 from controller.state import StateStore
 from policies.keyprint import key_prefix
+from policies.settle import SETTLE_SECONDS
 from policies.spec import DesiredState
 from tests.integration.conftest import CANONICAL, FinopsClock
 from tests.integration.test_faults import FastHarness, assert_converged, converge
@@ -194,6 +195,7 @@ async def one_iteration(seed: int, workdir: Path, desired: DesiredState, *, alwa
     harness = FastHarness(sandbox, store, DirectoryKeySink(workdir / "secrets"))
     clock = harness.clock
     assert isinstance(clock, FinopsClock)
+    held_for = 0.0
     try:
         for _ in range(rng.randint(2, 5)):  # the weather
             await recover_rotations(harness)
@@ -201,11 +203,16 @@ async def one_iteration(seed: int, workdir: Path, desired: DesiredState, *, alwa
             figures.passes += 1
             if "rotate" in kinds and rng.random() < 0.7:
                 figures.rotations += await rotate_one(harness, desired, rng)
-            if rng.random() < 0.4:
-                clock.advance(rng.uniform(1, 300))  # time passes, requests still held: inside the settle time
+            step = rng.uniform(1, 300)
+            if rng.random() < 0.4 and held_for + step < SETTLE_SECONDS:
+                # Time passes with requests still held, but never past the settle time: that
+                # is the assumption the settle time rests on (no request is held longer).
+                clock.advance(step)
+                held_for += step
             else:
                 release(harness, rng, figures)
                 clock.past_settle()
+                held_for = 0.0
         figures.late = sandbox.faults.injected[FaultKind.LATE.value]
         for method, path, _ in sandbox.faults.trace():
             figures.late_by_kind.update(k for k, fragment in POINTS.items() if fragment in f"{method} {path}")
