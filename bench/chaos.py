@@ -17,6 +17,11 @@ balance, caps exact, a clean plan empty and a converged re-apply free of writes.
 Prints one row per pass, the faults injected by kind, and the verdict; exits 1 if the
 fleet did not converge or the check failed. A pass "blind" is one whose fleet-wide read or
 intent recovery failed every attempt (``finops`` would exit 1 and the next run retries).
+
+Passes are spaced more than the settle time apart (``policies.settle``): before each one
+the sandbox finishes every request it holds (``late`` ones included) and finops' clock is
+moved past the settle time, so an unknown outcome left by a pass is resolved by the next;
+"withheld" counts the changes a plan held back while an outcome was still unknown.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from controller.manifest.loader import load_manifests
 from controller.sandbox.faults import DEFAULT_KINDS, FaultConfig
 from controller.sandbox.server import SandboxServer
 from controller.state import StateStore
-from tests.integration.test_faults import FastHarness, assert_converged
+from tests.integration.test_faults import FastHarness, assert_converged, next_pass
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -69,21 +74,32 @@ async def chaos(args: argparse.Namespace, workdir: Path) -> int:
     started = time.monotonic()
     try:
         for number in range(1, args.passes + 1):
+            next_pass(harness)
             t0 = time.monotonic()
             try:
                 plan = await harness.plan(desired)
             except GatewayError as exc:
-                rows.append([str(number), "blind", "-", "-", "-", f"{time.monotonic() - t0:.1f}"])
+                rows.append([str(number), "blind", "-", "-", "-", "-", f"{time.monotonic() - t0:.1f}"])
                 print(f"  pass {number}: observation failed: {exc}", flush=True)
                 continue
-            if plan.empty and not plan.errors:
+            if plan.empty and not plan.errors and not plan.blocked:
                 converged_after = number - 1
-                rows.append([str(number), "0", "0", "0", "0", f"{time.monotonic() - t0:.1f}"])
+                rows.append([str(number), "0", "0", "0", "0", "0", f"{time.monotonic() - t0:.1f}"])
                 break
             try:
                 result = await harness.apply(plan)
             except GatewayError as exc:
-                rows.append([str(number), str(len(plan.changes)), str(len(plan.errors)), "blind", "-", "-"])
+                rows.append(
+                    [
+                        str(number),
+                        str(len(plan.changes)),
+                        str(len(plan.blocked)),
+                        str(len(plan.errors)),
+                        "blind",
+                        "-",
+                        "-",
+                    ]
+                )
                 print(f"  pass {number}: apply stopped: {exc}", flush=True)
                 continue
             writes += result.writes
@@ -91,6 +107,7 @@ async def chaos(args: argparse.Namespace, workdir: Path) -> int:
                 [
                     str(number),
                     str(len(plan.changes)),
+                    str(len(plan.blocked)),
                     str(len(plan.errors)),
                     str(result.writes),
                     str(len(result.failed())),
@@ -98,7 +115,9 @@ async def chaos(args: argparse.Namespace, workdir: Path) -> int:
                 ]
             )
             print(
-                f"  pass {number}: {rows[-1][1]} changes, {rows[-1][3]} writes, {rows[-1][4]} agents failed", flush=True
+                f"  pass {number}: {rows[-1][1]} changes, {rows[-1][2]} withheld, {rows[-1][4]} writes, "
+                f"{rows[-1][5]} agents failed",
+                flush=True,
             )
         elapsed = time.monotonic() - started
         snapshot = sandbox.faults.snapshot()
@@ -122,7 +141,7 @@ async def chaos(args: argparse.Namespace, workdir: Path) -> int:
         sandbox.stop()
 
     print()
-    print(_table(["pass", "changes", "unobservable", "writes", "failed agents", "seconds"], rows))
+    print(_table(["pass", "changes", "withheld", "unobservable", "writes", "failed agents", "seconds"], rows))
     print()
     injected = snapshot["injected"]
     fault_rows = [[kind, str(n)] for kind, n in injected.items()]

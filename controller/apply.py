@@ -2,28 +2,67 @@
 
 Each agent's changes run in plan order; agents run concurrently and independently, so one
 agent's failure is reported and the others still converge. Non-idempotent steps (register,
-deposit) write a durable intent first and re-observe the wallet right before acting.
+deposit, webhook create) write a durable intent first and re-observe the wallet right
+before acting.
+
+Unknown outcomes are a state (``policies.settle``): an intent moves pending → (landed |
+not landed); "not landed" is concluded only after the settle time, by a fresh look at the
+gateway. Until then its kind of change is withheld for that agent (the planner withholds
+it too, ``Plan.blocked``). ``prepare`` resolves what it can and adopts finops-marked
+webhooks *before* the plan is made, so a plan never races an outcome that is already known.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
-from controller.gateway.errors import Conflict, GatewayError, ServerError, UnknownOutcome
+from controller.gateway.errors import Conflict, GatewayError, ProtocolViolation, UnknownOutcome, Unreachable
 from controller.gateway.models import Webhook
 from controller.keys.sinks import DeliveryError, KeySink
 from controller.keysink import DirectoryKeySink
-from controller.plan import Change, ChangeKind, Plan, secret_ref_from_args
+from controller.plan import (
+    INTENT_BLOCKS,
+    Change,
+    ChangeKind,
+    Plan,
+    marked_owner,
+    secret_ref_from_args,
+    webhook_owners,
+)
 from controller.secretref import SecretUnavailable, managed_secret_dir, resolve_secret
 from controller.state import ABANDONED, DONE, FAILED, PENDING, BudgetWrite, Intent, ManagedWebhook, StateStore
-from policies.funding import deposit_idempotency_key, top_up_amount
+from policies.funding import top_up_amount
 from policies.money import format_money
+from policies.settle import SETTLE_SECONDS, is_settled, parse_settle_seconds, settles_at
+from policies.spec import DesiredState
+
+SETTLE_ENV_VAR = "FINOPS_SETTLE_SECONDS"
+
+
+def configured_settle_seconds(environ: Mapping[str, str] | None = None) -> float:
+    """The settle time in force: ``FINOPS_SETTLE_SECONDS`` if set (a gateway behind slower
+    queues needs more; a test that has proven the gateway idle may use less), else
+    ``policies.settle.SETTLE_SECONDS``."""
+    raw = (os.environ if environ is None else environ).get(SETTLE_ENV_VAR)
+    if raw is None or not raw.strip():
+        return SETTLE_SECONDS
+    try:
+        return parse_settle_seconds(raw)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+AUTO_HOLD_REASON = "auto: caps could not be set after registration"
+"""Reason of finops' own hold on a newly registered agent whose caps it could not set."""
 
 FaultHook = Callable[[str, str], None]
 """Called as ``hook(point, agent_id)`` at crash-relevant points; tests raise from it."""
@@ -31,6 +70,25 @@ FaultHook = Callable[[str, str], None]
 
 class AgentStepError(Exception):
     """A change for one agent could not be made; the message is user-facing."""
+
+
+def refused(exc: GatewayError) -> bool:
+    """Whether a failed write provably did not run: the gateway's own refusal (a 4xx with
+    its problem+json body, which names a problem type), or no connection at all (the client
+    repeats a write only after those, so every attempt failed that way). Anything else (no
+    answer, 5xx, an answer finops cannot read or that is not the gateway's) may have run."""
+    if isinstance(exc, Unreachable):
+        return True
+    return (
+        exc.status is not None
+        and 400 <= exc.status < 500
+        and bool(exc.code)
+        and not isinstance(exc, ProtocolViolation | UnknownOutcome)
+    )
+
+
+def _when(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -82,6 +140,7 @@ class Applier:
         fault_hook: FaultHook | None = None,
         clock: Callable[[], float] = time.time,
         key_sink: Callable[[str], KeySink | None] | None = None,
+        settle_seconds: float | None = None,
     ) -> None:
         self.client = client
         self.store = store
@@ -91,78 +150,143 @@ class Applier:
         is safely in finops' key store."""
         self._hook = fault_hook or (lambda point, agent: None)
         self._clock = clock
+        self._settle = configured_settle_seconds() if settle_seconds is None else settle_seconds
         self._adopted: set[tuple[str, str]] = set()
         """(agent, url) of webhooks that intent recovery adopted in this run."""
-        self._unresolved: set[str] = set()
-        """Agents with a pending intent that recovery could not resolve in this run."""
+        self._withheld: dict[tuple[str, ChangeKind], Intent] = {}
+        """(agent, change kind) withheld because an intent of that kind is unresolved."""
+        self._registered: set[str] = set()
+        """Agents this run registered (or whose lost registration it found): they must end
+        the run capped, or held."""
+        self._recovered: list[str] | None = None
+        """Notes of ``prepare``/``recover_intents`` once run (each runs once per Applier)."""
 
     # ------------------------------------------------------------------ recovery
 
+    async def prepare(self, desired: DesiredState | None = None) -> list[str]:
+        """Before planning: resolve unknown outcomes from the gateway, then adopt webhooks
+        that carry finops' marker for a declared agent but are missing from its state."""
+        notes = await self.recover_intents()
+        if desired is not None:
+            notes += await self.adopt_webhooks(desired)
+        self._recovered = notes
+        return notes
+
     async def recover_intents(self) -> list[str]:
-        """Resolve intents left pending by a crashed run, by looking at the gateway."""
+        """Resolve unresolved intents (a crashed run's, or an unknown outcome's) by looking
+        at the gateway; one that cannot be resolved yet withholds its kind of change."""
+        if self._recovered is not None:
+            return list(self._recovered)
         notes: list[str] = []
         for intent in self.store.intents(status=PENDING):
+            if intent.kind not in INTENT_BLOCKS:
+                continue  # rotations: resolved by the key manager
             try:
                 await self._recover_one(intent, notes)
             except GatewayError as exc:
                 # One agent's unreadable ledger must not stop the fleet: its intent stays
-                # pending and the agent sits this run out (acting now could repeat the step).
-                self._unresolved.add(intent.agent_id)
+                # pending and that kind of change sits this run out (it could repeat it).
                 notes.append(
                     f"{intent.agent_id}: an interrupted {intent.kind} could not be resolved yet ({exc}); "
-                    "the agent is skipped until it can be"
+                    "it is not repeated until it can be"
                 )
-        return notes
+        unresolved = [i for i in self.store.intents(status=PENDING) if i.kind in INTENT_BLOCKS]
+        self._withheld = {(i.agent_id, INTENT_BLOCKS[i.kind]): i for i in unresolved}
+        self._recovered = notes
+        return list(notes)
+
+    def _settled(self, intent: Intent) -> bool:
+        sent = intent.sent_at if intent.sent_at is not None else intent.created_at
+        return is_settled(sent, self._clock(), self._settle)
+
+    def _settles_at(self, intent: Intent) -> str:
+        sent = intent.sent_at if intent.sent_at is not None else intent.created_at
+        return _when(settles_at(sent, self._settle))
 
     async def _recover_one(self, intent: Intent, notes: list[str]) -> None:
+        agent = intent.agent_id
+        settled = self._settled(intent)  # decided before looking: the look must come after
         if intent.kind == "deposit":
-            tx = await self.client.find_transaction(intent.agent_id, intent.intent_key)
+            tx = await self.client.find_transaction(agent, intent.intent_key)
+            amount = intent.payload.get("amount")
             if tx is not None:
-                self.store.finish_intent(intent.intent_key, DONE, f"landed as transaction {tx.id} (recovered)")
+                self.store.finish_intent(intent.intent_key, DONE, f"landed as transaction {tx.id}", ref=str(tx.id))
                 notes.append(
-                    f"{intent.agent_id}: interrupted deposit of {intent.payload.get('amount')} credits "
-                    f"had landed (transaction {tx.id}); not repeated"
+                    f"{agent}: deposit of {amount} credits with an unknown outcome had landed "
+                    f"(transaction {tx.id}); not repeated"
+                )
+            elif settled:
+                self.store.finish_intent(intent.intent_key, ABANDONED, "not in the ledger after the settle time")
+                notes.append(
+                    f"{agent}: deposit of {amount} credits with an unknown outcome never landed "
+                    "(ledger checked after the settle time); the plan decides afresh"
                 )
             else:
-                self.store.finish_intent(intent.intent_key, ABANDONED, "never reached the ledger")
                 notes.append(
-                    f"{intent.agent_id}: interrupted deposit of {intent.payload.get('amount')} credits "
-                    "never landed; the plan decides afresh"
+                    f"{agent}: deposit of {amount} credits has an unknown outcome and is not in the ledger "
+                    f"yet; no new deposit before it lands or {self._settles_at(intent)}"
                 )
         elif intent.kind == "create_webhook":
-            notes.append(await self._recover_webhook(intent.intent_key, intent.agent_id, intent.payload))
+            notes.append((await self._recover_webhook(intent, settled=settled))[1])
         elif intent.kind == "register":
-            exists = await self.client.get_balance(intent.agent_id) is not None
-            stored = self.sink.load(intent.agent_id) is not None
+            exists = await self.client.get_balance(agent) is not None
+            stored = self.sink.load(agent) is not None
             if exists and not stored:
                 self.store.finish_intent(intent.intent_key, FAILED, "registered but the key was lost")
                 notes.append(
-                    f"{intent.agent_id}: LOST KEY: a registration was interrupted after the gateway "
-                    "created the agent but before its key was stored; the gateway shows a key only "
-                    "once. Recover it with `finops keys import` from wherever the agent has it, or "
-                    "treat the key as orphaned."
+                    f"{agent}: LOST KEY: a registration whose answer was lost created the agent, but its key "
+                    "never reached finops; the gateway shows a key only once. Recover it with "
+                    "`finops keys import` from wherever the agent has it, or treat the key as orphaned."
                 )
+            elif exists:
+                self.store.finish_intent(intent.intent_key, DONE, "registered; key stored (recovered)")
+            elif settled:
+                self.store.finish_intent(intent.intent_key, ABANDONED, "no wallet after the settle time")
+                notes.append(f"{agent}: registration with an unknown outcome never landed; the plan decides afresh")
             else:
-                status = DONE if exists else ABANDONED
-                self.store.finish_intent(intent.intent_key, status, "resolved on restart")
+                notes.append(
+                    f"{agent}: registration has an unknown outcome and no wallet yet; "
+                    f"not registered again before it lands or {self._settles_at(intent)}"
+                )
 
-    async def _recover_webhook(
-        self, intent_key: str, agent: str, payload: Mapping[str, Any], *, settled: bool = True
-    ) -> str:
+    async def _recover_webhook(self, intent: Intent, *, settled: bool) -> tuple[bool, str]:
         """A webhook create whose outcome is unknown: adopt it if it is on the gateway (it
-        carries our marker and matches the intent exactly), else let the plan decide.
-        Right after the unknown outcome (``settled=False``) a miss proves nothing (the
-        gateway may still commit a request it holds), so the intent stays pending."""
+        carries our marker and matches the intent exactly). A miss proves "not landed"
+        only after the settle time; before, the intent stays pending."""
+        agent, payload = intent.agent_id, intent.payload
         match = self._find_created(await self.client.list_webhooks(), agent, payload)
         if match is None:
             if not settled:
-                return f"{agent}: webhook creation not on the gateway yet"
-            self.store.finish_intent(intent_key, ABANDONED, "not on the gateway")
-            return f"{agent}: interrupted webhook creation never landed; the plan decides afresh"
+                return False, (
+                    f"{agent}: webhook creation has an unknown outcome and is not on the gateway yet; "
+                    f"not created again before it lands or {self._settles_at(intent)}"
+                )
+            self.store.finish_intent(intent.intent_key, ABANDONED, "not on the gateway after the settle time")
+            return False, f"{agent}: webhook creation with an unknown outcome never landed; the plan decides afresh"
         self._adopted.add((agent, match.url))
         self.store.record_webhook(ManagedWebhook(match.id, agent, str(payload["fleet"]), match.url))
-        self.store.finish_intent(intent_key, DONE, f"adopted {match.id} (recovered)")
-        return f"{agent}: interrupted webhook creation had landed as {match.id}; adopted, not repeated"
+        self.store.finish_intent(intent.intent_key, DONE, f"adopted {match.id}", ref=match.id)
+        return (
+            True,
+            f"{agent}: webhook creation with an unknown outcome had landed as {match.id}; adopted, not repeated",
+        )
+
+    async def adopt_webhooks(self, desired: DesiredState) -> list[str]:
+        """Record in state every live webhook that is provably finops' own
+        (``plan.marked_owner``) but missing from it, so it is managed (and prunable) like
+        any other; duplicates among them are then removed by the plan."""
+        if not self.store.managed_webhooks() and not any(s.gateway_webhooks for s in desired.agents()):
+            return []
+        fleet_of = {spec.agent_id: fleet.name for fleet in desired.fleets for spec in fleet.agents}
+        known = self.store.managed_webhooks()
+        notes = []
+        for hook_id, record in webhook_owners(await self.client.list_webhooks(), known, fleet_of).items():
+            if hook_id not in known:
+                self.store.record_webhook(record)
+                notes.append(
+                    f"{record.agent_id}: webhook {hook_id} carries finops' marker but was not in finops' state; adopted"
+                )
+        return notes
 
     def _find_created(self, hooks: list[Webhook], agent: str, payload: Mapping[str, Any]) -> Webhook | None:
         known = self.store.managed_webhooks()
@@ -187,19 +311,13 @@ class Applier:
             if change.kind is ChangeKind.CREATE_WEBHOOK and (change.agent_id, change.args["url"]) in self._adopted:
                 continue  # the plan predates recovery, which found this webhook on the gateway
             by_agent.setdefault(change.agent_id, []).append(change)
-        results = [
-            AgentResult(a, skipped=[c.kind.value for c in cs], error="an interrupted step is unresolved; not attempted")
-            for a, cs in by_agent.items()
-            if a in self._unresolved
-        ]
-        results += await self._apply_agents([(a, cs) for a, cs in by_agent.items() if a not in self._unresolved])
-        result = ApplyResult(
+        results = await self._apply_agents(list(by_agent.items()))
+        return ApplyResult(
             agents=list(results),
             writes=self.client.calls["write"] - before.get("write", 0),
             reads=self.client.calls["read"] - before.get("read", 0),
             recovered=recovered,
         )
-        return result
 
     async def _apply_agents(self, work: list[tuple[str, list[Change]]]) -> list[AgentResult]:
         """As many workers as the client has requests in flight, not one task per agent: a
@@ -215,16 +333,40 @@ class Applier:
         return [done[i] for i in range(len(work))]
 
     async def _apply_agent(self, agent_id: str, changes: list[Change]) -> AgentResult:
+        """The agent's changes in plan order; after a failure the rest are skipped, except
+        caps on a wallet that exists (caps are the brake, and always safe to write). A
+        newly registered agent ends the run capped or under finops' automatic hold."""
         result = AgentResult(agent_id)
+        errors: list[str] = []
+        capped = False
         for change in changes:
+            wallet_known = agent_id in self._registered or not any(c.kind is ChangeKind.REGISTER for c in changes)
+            if errors and not (change.kind is ChangeKind.SET_BUDGET and wallet_known):
+                result.skipped.append(f"{change.kind.value} (not attempted after the failure)")
+                continue
+            withheld = self._withheld.get((agent_id, change.kind))
+            if withheld is not None:
+                result.skipped.append(
+                    f"skipped {change.kind.value}: an earlier attempt has an unknown outcome and may still land; "
+                    f"not repeated before it is resolved (at the latest {self._settles_at(withheld)})"
+                )
+                continue
             try:
                 note = await self._apply_change(change)
             except (AgentStepError, GatewayError) as exc:
-                result.error = f"{change.kind.value}: {exc}"
-                remaining = changes[changes.index(change) + 1 :]
-                result.skipped += [f"{c.kind.value} (not attempted after the failure)" for c in remaining]
-                break
+                errors.append(f"{change.kind.value}: {exc}")
+                continue
+            if change.kind is ChangeKind.SET_BUDGET:
+                capped = True
             (result.skipped if note.startswith("skipped") else result.applied).append(note)
+        if agent_id in self._registered and not capped:
+            self.store.set_hold(agent_id, AUTO_HOLD_REASON, auto=True)
+            errors.append(
+                "HELD: registered but its caps could not be set; finops holds it (no funding) and sets its caps "
+                "on the next run, then lifts the hold"
+            )
+        if errors:
+            result.error = "; ".join(errors)
         return result
 
     async def _apply_change(self, change: Change) -> str:
@@ -243,30 +385,39 @@ class Applier:
     async def _register(self, change: Change) -> str:
         agent = change.agent_id
         intent_key = f"register:{agent}"
-        self.store.begin_intent(intent_key, "register", agent, {"fleet": change.fleet})
+        self.store.begin_intent(intent_key, "register", agent, {"fleet": change.fleet}, sent_at=self._clock())
         try:
             registration = await self.client.register(agent)
         except Conflict:
+            self._registered.add(agent)  # the wallet exists: it is capped in this run, or held
             self.store.finish_intent(intent_key, ABANDONED, "already registered")
             raise AgentStepError(
                 f"{agent} was registered by someone else since the plan was made; re-plan to adopt it"
             ) from None
-        except (UnknownOutcome, ServerError):
+        except GatewayError as exc:
+            if refused(exc):
+                self.store.finish_intent(intent_key, ABANDONED, "refused by the gateway")
+                raise
+            self.store.mark_sent(intent_key, self._clock())
             if await self.client.get_balance(agent) is not None:
+                self._registered.add(agent)
                 self.store.finish_intent(intent_key, FAILED, "unknown outcome")
                 raise AgentStepError(
-                    f"{agent} was registered but the response (with its one-time key) was lost; "
+                    f"LOST KEY: {agent} was registered but the response (with its one-time key) was lost ({exc}); "
                     "the key cannot be recovered over the API"
                 ) from None
             # Not visible yet, but a gateway can still commit a request it holds after we
-            # gave up: the intent stays pending, and the next run resolves it by looking.
+            # gave up: the intent stays pending, and no run registers again before it is
+            # seen or the settle time has passed.
             raise AgentStepError(
-                f"registering {agent}: no answer and no wallet yet; the next run looks again before retrying"
+                f"registering {agent}: no usable answer ({exc}) and no wallet yet; not registered again before "
+                f"it lands or {_when(settles_at(self._clock(), self._settle))}"
             ) from None
+        self._registered.add(agent)
         self._hook("after_register", agent)
         prefix = self.sink.store(agent, registration.api_key)
         self.store.record_key(agent, prefix, "register")
-        self.store.finish_intent(intent_key, DONE, f"key sha3:{prefix}")
+        self.store.finish_intent(intent_key, DONE, f"key sha3:{prefix}", ref=prefix)
         delivered = ""
         target = self._key_sink(agent)
         if target is not None:
@@ -280,28 +431,44 @@ class Applier:
         return f"registered (key sha3:{prefix} stored{delivered}, balance {format_money(registration.balance)})"
 
     async def _top_up(self, change: Change) -> str:
+        """Deposit with the plan's key: one key per funding epoch (``policies.funding``),
+        whatever the balance did since the plan, so no two decisions of an epoch can land."""
         agent = change.agent_id
         args = change.args
         planned = Decimal(args["amount"])
         expected = Decimal(args["expected_balance"])
+        key = args["idempotency_key"]
         balance = await self.client.get_balance(agent)  # re-observe right before moving money
         if balance is None:
             raise AgentStepError(f"{agent} has no wallet; cannot top up")
         if balance == expected:
-            amount, key = planned, args["idempotency_key"]
-            adjusted = ""
+            amount, adjusted = planned, ""
         else:
             amount = min(top_up_amount(balance, Decimal(args["floor"]), Decimal(args["target"])), planned)
             if amount <= 0:
                 return f"skipped top-up: balance is now {format_money(balance)}, no longer below the floor"
-            anchor = await self.client.latest_transaction_id(agent)
-            key = deposit_idempotency_key(change.fleet, agent, str(anchor), amount)
             adjusted = f" (balance moved {format_money(expected)} → {format_money(balance)} since the plan)"
-        self.store.begin_intent(key, "deposit", agent, {"amount": format_money(amount), "fleet": change.fleet})
+        payload = {"amount": format_money(amount), "fleet": change.fleet}
+        self.store.begin_intent(key, "deposit", agent, payload, sent_at=self._clock())
         self._hook("before_deposit", agent)
-        deposit = await self.client.deposit(agent, amount, key, description="finops top-up")
+        try:
+            deposit = await self.client.deposit(agent, amount, key, description="finops top-up")
+        except GatewayError as exc:
+            if not refused(exc):
+                # It may still land: it stays unresolved, counted from now (finops gave up now).
+                self.store.mark_sent(key, self._clock())
+                raise
+            # Refused. A fresh ledger look decides (an earlier attempt of this call may have
+            # run); the key stays the epoch's either way.
+            tx = await self.client.find_transaction(agent, key)
+            if tx is not None:
+                self.store.finish_intent(key, DONE, f"landed as transaction {tx.id}", ref=str(tx.id))
+            else:
+                self.store.finish_intent(key, ABANDONED, "refused by the gateway")
+            raise
         self._hook("after_deposit", agent)
-        self.store.finish_intent(key, DONE, f"transaction {deposit.transaction_id}")
+        ref = str(deposit.transaction_id) if deposit.transaction_id is not None else None
+        self.store.finish_intent(key, DONE, f"transaction {deposit.transaction_id}", ref=ref)
         how = " (recovered from the ledger after a lost response)" if deposit.recovered else ""
         return f"deposited {format_money(amount)} credits → balance {format_money(deposit.new_balance)}{adjusted}{how}"
 
@@ -314,7 +481,9 @@ class Applier:
         self.store.record_budget_write(
             change.agent_id, BudgetWrite(daily_cap=daily, monthly_cap=monthly, alert_threshold=threshold)
         )
-        return "budget set: " + ", ".join(f"{d.field} {d.before or 'none'} → {d.after}" for d in change.diff)
+        lifted = "; finops' automatic hold lifted" if self.store.clear_auto_hold(change.agent_id) else ""
+        fields = ", ".join(f"{d.field} {d.before or 'none'} → {d.after}" for d in change.diff) or "confirmed"
+        return f"budget set: {fields}{lifted}"
 
     async def _create_webhook(self, change: Change) -> str:
         args = change.args
@@ -324,27 +493,39 @@ class Applier:
         except SecretUnavailable as exc:
             raise AgentStepError(str(exc)) from None
         payload = {"fleet": change.fleet, "url": args["url"], "events": args["events"]}
-        intent_key = f"create_webhook:{agent}:{args['url']}:{self._clock()}"
-        self.store.begin_intent(intent_key, "create_webhook", agent, payload)
+        intent_key = f"create_webhook:{agent}:{args['url']}"
+        self.store.begin_intent(intent_key, "create_webhook", agent, payload, sent_at=self._clock())
         try:
             hook = await self.client.create_webhook(args["url"], args["events"].split(","), secret, [agent])
-        except (UnknownOutcome, ServerError):
-            note = await self._recover_webhook(intent_key, agent, payload, settled=False)
-            if "adopted" in note:
+        except GatewayError as exc:
+            if refused(exc):
+                self.store.finish_intent(intent_key, FAILED, "refused by the gateway")
+                raise
+            self.store.mark_sent(intent_key, self._clock())
+            pending = self.store.intents(status=PENDING, kind="create_webhook")
+            intent = next(i for i in pending if i.intent_key == intent_key)
+            adopted, _ = await self._recover_webhook(intent, settled=False)
+            if adopted:
                 return "webhook created (response lost; found on the gateway and adopted)"
-            raise AgentStepError("creating the webhook did not complete; the next run retries") from None
-        except GatewayError:
-            self.store.finish_intent(intent_key, FAILED, "refused by the gateway")
-            raise
+            raise AgentStepError(
+                "creating the webhook has an unknown outcome; not created again before it is seen on the "
+                f"gateway or {self._settles_at(intent)}"
+            ) from None
         self._hook("after_create_webhook", agent)
         self.store.record_webhook(ManagedWebhook(hook.id, agent, change.fleet, hook.url))
-        self.store.finish_intent(intent_key, DONE, hook.id)
+        self.store.finish_intent(intent_key, DONE, hook.id, ref=hook.id)
         return f"webhook {hook.id} created for {hook.url}"
 
     async def _delete_webhook(self, change: Change) -> str:
         hook_id = change.args["webhook_id"]
         if hook_id not in self.store.managed_webhooks():
-            raise AgentStepError(f"refusing to delete {hook_id}: finops' state does not record it as ours")
+            # Not in state: delete only what the live gateway object proves is finops'
+            # (marked for this agent's fleet, filtered to exactly this agent).
+            live = next((w for w in await self.client.list_webhooks() if w.id == hook_id), None)
+            if live is None:
+                return f"webhook {hook_id} was already gone"
+            if marked_owner(live, {change.agent_id: change.fleet}) != change.agent_id:
+                raise AgentStepError(f"refusing to delete {hook_id}: it is not provably finops' own")
         deleted = await self.client.delete_webhook(hook_id)
         self.store.forget_webhook(hook_id)
         return f"webhook {hook_id} deleted" if deleted else f"webhook {hook_id} was already gone"

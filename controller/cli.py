@@ -144,6 +144,8 @@ async def _apply(
     prune: bool,
 ) -> tuple[Plan, ApplyResult | None]:
     async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
+        applier = Applier(client, store, sink, key_sink=key_sinks(desired, sink))
+        notes = await applier.prepare(desired)  # known outcomes first, so the plan never races them
         fresh = await observe_and_plan(client, desired, target.name, store, prune=prune)
         if saved is not None:
             if saved.target != target.name:
@@ -161,7 +163,8 @@ async def _apply(
         if fmt == "text":
             click.echo(render_text(chosen, click.style))
         if chosen.empty:
-            return chosen, None
+            # Nothing to write, but what resolving unknown outcomes found is still said.
+            return chosen, (ApplyResult(agents=[], writes=0, reads=0, recovered=notes) if notes else None)
         if not auto_approve:
             if not sys.stdin.isatty():
                 raise ConfigError("refusing to apply without confirmation: pass --auto-approve in scripts and CI")
@@ -169,7 +172,7 @@ async def _apply(
             if answer.strip() != "yes":
                 raise FinopsError("apply cancelled; nothing was changed")
         started = time.time()
-        result = await Applier(client, store, sink, key_sink=key_sinks(desired, sink)).apply(chosen)
+        result = await applier.apply(chosen)
         store.log_apply(started, result.ok, {"changes": len(chosen.changes), "writes": result.writes})
         return chosen, result
 

@@ -1,8 +1,9 @@
 """Observe the live gateway for every declared agent (the manifests are the inventory).
 
 Reads per agent on a converged fleet: balance and budget (2). The ledger anchor used for
-deposit idempotency keys is read only for agents that need a top-up, and the fleet-wide
-key listing (1 call) finds agents nobody declared.
+deposit idempotency keys (finops' newest landed deposit, ``policies.funding.funding_epoch``)
+is read only for agents that need a top-up, and the fleet-wide key listing (1 call) finds
+agents nobody declared.
 """
 
 from __future__ import annotations
@@ -16,10 +17,15 @@ from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
 from controller.gateway.models import BudgetStatus, KeyRecord, Webhook
 from policies.currency import CREDITS, to_credits
-from policies.funding import top_up_amount
+from policies.funding import DEPOSIT_KEY_PREFIX, NO_DEPOSIT_EPOCH, top_up_amount
 from policies.spec import AgentSpec, DesiredState
 
-NEW_WALLET_ANCHOR = "new"
+NEW_WALLET_ANCHOR = NO_DEPOSIT_EPOCH
+"""A wallet that does not exist yet has no finops deposit: the same epoch as an existing
+wallet finops never funded, so registering it in between does not change the key."""
+ANCHOR_SCAN_ROWS = 100
+"""Ledger rows searched for finops' newest deposit (one read). A deposit older than that is
+still known from finops' own records (``StateStore.last_deposit_ids``)."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,8 @@ class LiveAgent:
     balance: Decimal | None = None
     budget: BudgetStatus | None = None
     ledger_anchor: str | None = None
+    """Ledger id of finops' newest deposit among the newest ``ANCHOR_SCAN_ROWS`` rows, or
+    ``NO_DEPOSIT_EPOCH``; read only when a top-up may be needed (else ``None``)."""
     error: str | None = None
     """Why this agent could not be observed; the planner skips it and reports it."""
 
@@ -60,8 +68,18 @@ async def observe_agent(client: GatewayClient, spec: AgentSpec, rate: Decimal) -
     floor = to_credits(spec.funding_floor, rate)
     target = to_credits(spec.funding_target, rate)
     if top_up_amount(balance, floor, target) > 0:
-        anchor = str(await client.latest_transaction_id(spec.agent_id))
+        anchor = await finops_deposit_anchor(client, spec.agent_id)
     return LiveAgent(agent_id=spec.agent_id, exists=True, balance=balance, budget=budget, ledger_anchor=anchor)
+
+
+async def finops_deposit_anchor(client: GatewayClient, agent_id: str) -> str:
+    """The id of finops' newest landed deposit in the wallet's newest ledger rows (its key
+    carries ``DEPOSIT_KEY_PREFIX``), else ``NO_DEPOSIT_EPOCH``. Other rows (spend, the
+    signup bonus, anyone else's deposits) never move it."""
+    for tx in await client.transactions(agent_id, limit=ANCHOR_SCAN_ROWS):
+        if tx.idempotency_key is not None and tx.idempotency_key.startswith(DEPOSIT_KEY_PREFIX):
+            return str(tx.id)
+    return NO_DEPOSIT_EPOCH
 
 
 async def _observe_isolated(client: GatewayClient, spec: AgentSpec, rate: Decimal) -> LiveAgent:

@@ -21,9 +21,9 @@ from deepdiff import DeepDiff
 
 from controller.gateway.models import Webhook
 from controller.observe import NEW_WALLET_ANCHOR, LiveAgent, LiveFleet
-from controller.state import Adjustment, BudgetWrite, Hold, ManagedWebhook
+from controller.state import Adjustment, BudgetWrite, Hold, Intent, ManagedWebhook
 from policies.currency import SIGNUP_BONUS_CREDITS, from_credits, to_credits
-from policies.funding import deposit_idempotency_key, top_up_amount
+from policies.funding import deposit_idempotency_key, funding_epoch, top_up_amount
 from policies.guardrails import (
     Violation,
     check_caps_within_total,
@@ -32,6 +32,7 @@ from policies.guardrails import (
     check_gateway_range,
 )
 from policies.money import format_money
+from policies.settle import SETTLE_SECONDS, settles_at
 from policies.spec import AgentSpec, DesiredState, FleetSpec, GatewayWebhookSpec, SecretRef
 
 PLAN_FORMAT_VERSION = 1
@@ -87,6 +88,31 @@ class HeldAgent:
     agent_id: str
     reason: str
     since: str
+    auto: bool = False
+    """finops' own hold (caps could not be set after registration), not an operator's."""
+
+
+INTENT_BLOCKS: Mapping[str, ChangeKind] = {
+    "deposit": ChangeKind.TOP_UP,
+    "register": ChangeKind.REGISTER,
+    "create_webhook": ChangeKind.CREATE_WEBHOOK,
+}
+"""Which change an unresolved intent of each kind withholds for its agent."""
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """A change withheld because an earlier request of the same kind for this agent has an
+    unknown outcome: it may still land, so repeating it could do it twice. Resolved from
+    the gateway (ledger, wallet, webhook list) by the next apply; concluded "not landed"
+    only after ``settles_at`` (``policies.settle``)."""
+
+    agent_id: str
+    kind: ChangeKind
+    intent_key: str
+    sent_at: str
+    settles_at: str
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,6 +135,8 @@ class Plan:
     """Webhooks on the admin key that finops does not own (both ownership keys needed)."""
     rebalanced: tuple[str, ...] = ()
     """Today's rebalancing adjustments in force (desired caps include them)."""
+    blocked: tuple[Blocked, ...] = ()
+    """Changes withheld while an earlier attempt's outcome is unknown."""
     format_version: int = PLAN_FORMAT_VERSION
 
     @property
@@ -126,6 +154,7 @@ class Plan:
             "create_webhook": counts.get(ChangeKind.CREATE_WEBHOOK.value, 0),
             "delete_webhook": counts.get(ChangeKind.DELETE_WEBHOOK.value, 0),
             "held": len(self.held),
+            "blocked": len(self.blocked),
             "top_up_credits": format_money(top_up),
             "agents_changed": len({c.agent_id for c in self.changes}),
             "unmanaged_agents": len(self.unmanaged_agents),
@@ -151,6 +180,41 @@ class Memory:
     """Fingerprints of the agent keys finops holds."""
     adjustments: Mapping[str, Adjustment] = field(default_factory=dict)
     """The rebalancer's current daily-cap adjustments (desired cap = baseline + adjustment)."""
+    unresolved: tuple[Intent, ...] = ()
+    """Intents whose outcome is still unknown (``PENDING``): each withholds its kind of change."""
+    last_deposits: Mapping[str, int] = field(default_factory=dict)
+    """Ledger id of finops' newest deposit known to have landed, per agent."""
+    settle_seconds: float = SETTLE_SECONDS
+
+
+def unresolved_intent(memory: Memory, agent_id: str, kind: str) -> Intent | None:
+    found = [i for i in memory.unresolved if i.agent_id == agent_id and i.kind == kind]
+    return found[-1] if found else None
+
+
+def _iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
+
+
+def blocked_changes(desired: DesiredState, memory: Memory) -> tuple[Blocked, ...]:
+    declared = {a.agent_id for a in desired.agents()}
+    out = []
+    for intent in memory.unresolved:
+        kind = INTENT_BLOCKS.get(intent.kind)
+        if kind is None or intent.agent_id not in declared:
+            continue
+        sent = intent.sent_at if intent.sent_at is not None else intent.created_at
+        out.append(
+            Blocked(
+                agent_id=intent.agent_id,
+                kind=kind,
+                intent_key=intent.intent_key,
+                sent_at=_iso(sent),
+                settles_at=_iso(settles_at(sent, memory.settle_seconds)),
+                detail=intent.detail,
+            )
+        )
+    return tuple(sorted(out, key=lambda b: (b.agent_id, b.kind.value)))
 
 
 ADJUSTMENT_TTL_SECONDS = 86_400
@@ -197,12 +261,17 @@ def _money(value: Decimal | None) -> str | None:
 def _plan_agent(
     fleet: FleetSpec, spec: AgentSpec, live: LiveAgent, rate: Decimal, memory: Memory, now: float
 ) -> list[Change]:
+    """Register, then caps, then funding: money never goes into a wallet before its caps
+    are planned, and a step whose earlier attempt has an unknown outcome is withheld
+    (``blocked_changes`` reports it)."""
     changes: list[Change] = []
     hold = memory.holds.get(spec.agent_id)
-    if hold is not None:
+    if hold is not None and not hold.auto:
         return _plan_held(fleet, spec, live, hold, memory)
     balance = live.balance
     if not live.exists:
+        if unresolved_intent(memory, spec.agent_id, "register") is not None:
+            return []  # a registration may still land: registering again could lose its key
         changes.append(
             Change(
                 kind=ChangeKind.REGISTER,
@@ -218,11 +287,28 @@ def _plan_agent(
         )
         balance = SIGNUP_BONUS_CREDITS
     assert balance is not None
+    adj = live_adjustment(spec, memory, now)
+    daily = spec.daily_cap + (adj.amount if adj else 0)
+    want = {
+        "daily_cap": _money(to_credits(daily, rate)),
+        "monthly_cap": _money(to_credits(spec.monthly_cap, rate)),
+        "alert_threshold": str(desired_alert_threshold(spec)),
+    }
+    budget = _plan_budget(fleet, spec, live, want, memory, held=False, adjustment=adj, hold=hold)
+    if hold is not None:
+        # finops' automatic hold (a new agent whose caps could not be set): write the
+        # declared caps, even if they look in place, and lift the hold when that write
+        # succeeds; no funding until then.
+        return changes + (budget or [_confirm_caps(fleet, spec, want, hold)])
+    changes += budget
+    if unresolved_intent(memory, spec.agent_id, "deposit") is not None:
+        return changes
     floor = to_credits(spec.funding_floor, rate)
     target = to_credits(spec.funding_target, rate)
     amount = top_up_amount(balance, floor, target)
     if amount > 0:
-        anchor = live.ledger_anchor or NEW_WALLET_ANCHOR
+        seen = live.ledger_anchor or NEW_WALLET_ANCHOR
+        epoch = funding_epoch([int(seen) if seen.isdigit() else None, memory.last_deposits.get(spec.agent_id)])
         changes.append(
             Change(
                 kind=ChangeKind.TOP_UP,
@@ -239,19 +325,22 @@ def _plan_agent(
                     "expected_balance": format_money(balance),
                     "floor": format_money(floor),
                     "target": format_money(target),
-                    "idempotency_key": deposit_idempotency_key(fleet.name, spec.agent_id, anchor, amount),
+                    "idempotency_key": deposit_idempotency_key(fleet.name, spec.agent_id, epoch),
                 },
             )
         )
-    adj = live_adjustment(spec, memory, now)
-    daily = spec.daily_cap + (adj.amount if adj else 0)
-    want = {
-        "daily_cap": _money(to_credits(daily, rate)),
-        "monthly_cap": _money(to_credits(spec.monthly_cap, rate)),
-        "alert_threshold": str(desired_alert_threshold(spec)),
-    }
-    budget = _plan_budget(fleet, spec, live, want, memory, held=False, adjustment=adj)
-    return changes + budget
+    return changes
+
+
+def _confirm_caps(fleet: FleetSpec, spec: AgentSpec, want: Mapping[str, str | None], hold: Hold) -> Change:
+    return Change(
+        kind=ChangeKind.SET_BUDGET,
+        fleet=fleet.name,
+        agent_id=spec.agent_id,
+        reason=f"held by finops ({hold.reason}): confirm the declared caps, then lift the hold",
+        diff=(),
+        args={k: v for k, v in want.items() if v is not None},
+    )
 
 
 def _refused_before_planning(
@@ -316,7 +405,9 @@ def _plan_budget(
     if diff:
         unobservable_only = all(d.field == "alert_threshold" for d in diff)
         reason = (
-            f"held by operator ({hold.reason}): caps stay at 0 until `finops unfreeze`"
+            f"held by finops ({hold.reason}): declared caps first; funding resumes once they are in place"
+            if hold is not None and hold.auto
+            else f"held by operator ({hold.reason}): caps stay at 0 until `finops unfreeze`"
             if held and hold is not None and not unobservable_only
             else "the gateway cannot report alert_threshold and finops has no record of writing it"
             if unobservable_only and remembered is None
@@ -376,33 +467,73 @@ class _WebhookPlan:
     errors: list[str] = field(default_factory=list)
 
 
+def marked_owner(hook: Webhook, fleet_of: Mapping[str, str]) -> str | None:
+    """The declared agent a live webhook on the admin key is provably finops' own for, by
+    the gateway object alone: its filter is exactly that one agent and it carries the
+    marker of that agent's fleet. Only the admin key's holder can create (or list) such a
+    webhook, so it is finops' even when finops' state lost track of it (a create whose
+    answer was lost and that landed later, a lost state file). ``fleet_of``: declared
+    agent id → fleet name."""
+    if hook.filter_agent_ids is None or len(hook.filter_agent_ids) != 1:
+        return None
+    agent = hook.filter_agent_ids[0]
+    fleet = fleet_of.get(agent)
+    return agent if fleet is not None and webhook_marker(fleet) in hook.event_types else None
+
+
+def webhook_owners(
+    hooks: Sequence[Webhook], managed: Mapping[str, ManagedWebhook], fleet_of: Mapping[str, str]
+) -> dict[str, ManagedWebhook]:
+    """Every live webhook finops owns, as the record finops keeps (or would keep) of it:
+    recorded in state *and* carrying its fleet's marker, or marked for a declared agent."""
+    out: dict[str, ManagedWebhook] = {}
+    for hook in hooks:
+        record = managed.get(hook.id)
+        if record is not None and webhook_marker(record.fleet) in hook.event_types:
+            out[hook.id] = record
+            continue
+        agent = marked_owner(hook, fleet_of)
+        if agent is not None:
+            out[hook.id] = ManagedWebhook(hook.id, agent, fleet_of[agent], hook.url)
+    return out
+
+
 def _plan_webhooks(desired: DesiredState, live: LiveFleet, memory: Memory, *, prune: bool) -> _WebhookPlan:
     """Gateway webhooks: create missing, replace what differs (the gateway has no update),
-    prune only what finops owns. Ownership needs both keys: finops' state *and* the marker
-    event type on the live webhook; anything else is listed as unmanaged and left alone."""
+    remove duplicates, prune only what finops owns. Ownership: finops' state *and* the
+    marker event type on the live webhook, or the marker of a declared agent's fleet with
+    a filter of exactly that agent (``marked_owner``); anything else is listed as unmanaged
+    and left alone."""
     out = _WebhookPlan([], [], [])
     if live.webhooks is None:
         return out
-    owned = {
-        w.id: w
-        for w in live.webhooks
-        if w.id in memory.managed_webhooks and webhook_marker(memory.managed_webhooks[w.id].fleet) in w.event_types
-    }
+    fleet_of = {spec.agent_id: fleet.name for fleet in desired.fleets for spec in fleet.agents}
+    owners = webhook_owners(live.webhooks, memory.managed_webhooks, fleet_of)
+    owned = {w.id: w for w in live.webhooks if w.id in owners}
+    for hook_id in sorted(set(owners) - set(memory.managed_webhooks)):
+        out.warnings.append(
+            f"webhook {_describe(owned[hook_id])} carries finops' marker for {owners[hook_id].agent_id} but is not "
+            "in finops' state (a create whose answer was lost): adopted as finops' own"
+        )
     claimed: set[str] = set()
     for fleet in desired.fleets:
         for spec in fleet.agents:
             agent = live.agents.get(spec.agent_id)
+            mine = {h for h, rec in owners.items() if rec.agent_id == spec.agent_id}
             if agent is None or agent.error is not None:
                 # Unobserved: its plan is unknown, so nothing changes for it (and nothing of
                 # its is pruned either).
-                claimed |= {h for h, rec in memory.managed_webhooks.items() if rec.agent_id == spec.agent_id}
+                claimed |= mine | {h for h, rec in memory.managed_webhooks.items() if rec.agent_id == spec.agent_id}
+                continue
+            if spec.gateway_webhooks and unresolved_intent(memory, spec.agent_id, "create_webhook") is not None:
+                claimed |= mine  # a create may still land: no new create (nor a delete) until resolved
                 continue
             for hook in spec.gateway_webhooks:
-                claimed |= _plan_agent_webhook(fleet, spec, hook, owned, memory, out)
+                claimed |= _plan_agent_webhook(fleet, spec, hook, owned, owners, memory, out)
     for hook_id, stale in sorted(owned.items()):
         if hook_id in claimed:
             continue
-        record = memory.managed_webhooks[hook_id]
+        record = owners[hook_id]
         if prune:
             out.changes.append(_delete_webhook(record.fleet, record.agent_id, stale, "no longer declared: pruned"))
         else:
@@ -423,6 +554,7 @@ def _plan_agent_webhook(
     spec: AgentSpec,
     hook: GatewayWebhookSpec,
     owned: Mapping[str, Webhook],
+    owners: Mapping[str, ManagedWebhook],
     memory: Memory,
     out: _WebhookPlan,
 ) -> set[str]:
@@ -435,8 +567,8 @@ def _plan_agent_webhook(
     want_fp = memory.secret_fingerprints.get(hook.secret)
     mine = [
         w
-        for w in owned.values()
-        if memory.managed_webhooks[w.id].agent_id == spec.agent_id and w.filter_agent_ids == (spec.agent_id,)
+        for w in sorted(owned.values(), key=lambda w: (w.id not in memory.managed_webhooks, w.id))
+        if owners[w.id].agent_id == spec.agent_id and w.filter_agent_ids == (spec.agent_id,)
     ]
     exact = [
         w
@@ -564,7 +696,7 @@ def make_plan(
     declared = {a.agent_id for a in desired.agents()}
     unmanaged = sorted(live.key_agents - declared - live.admin_agents)
     held = tuple(
-        HeldAgent(h.agent_id, h.reason, datetime.fromtimestamp(h.held_at, UTC).isoformat(timespec="seconds"))
+        HeldAgent(h.agent_id, h.reason, datetime.fromtimestamp(h.held_at, UTC).isoformat(timespec="seconds"), h.auto)
         for h in sorted(memory.holds.values(), key=lambda h: h.agent_id)
         if h.agent_id in declared
     )
@@ -588,6 +720,7 @@ def make_plan(
         held=held,
         unmanaged_webhooks=tuple(hooks.unmanaged),
         rebalanced=rebalanced,
+        blocked=blocked_changes(desired, memory),
     )
 
 
@@ -655,9 +788,20 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "warnings": list(plan.warnings),
         "violations": [{"rule": v.rule, "fleet": v.fleet, "message": v.message} for v in plan.violations],
         "errors": list(plan.errors),
-        "held": [{"agent_id": h.agent_id, "reason": h.reason, "since": h.since} for h in plan.held],
+        "held": [{"agent_id": h.agent_id, "reason": h.reason, "since": h.since, "auto": h.auto} for h in plan.held],
         "unmanaged_webhooks": list(plan.unmanaged_webhooks),
         "rebalanced": list(plan.rebalanced),
+        "blocked": [
+            {
+                "agent_id": b.agent_id,
+                "kind": b.kind.value,
+                "intent_key": b.intent_key,
+                "sent_at": b.sent_at,
+                "settles_at": b.settles_at,
+                "detail": b.detail,
+            }
+            for b in plan.blocked
+        ],
         "summary": plan.summary(),
     }
 
@@ -689,9 +833,22 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
         warnings=tuple(data.get("warnings", ())),
         violations=tuple(Violation(v["rule"], v["fleet"], v["message"]) for v in data.get("violations", ())),
         errors=tuple(data.get("errors", ())),
-        held=tuple(HeldAgent(h["agent_id"], h["reason"], h["since"]) for h in data.get("held", ())),
+        held=tuple(
+            HeldAgent(h["agent_id"], h["reason"], h["since"], bool(h.get("auto", False))) for h in data.get("held", ())
+        ),
         unmanaged_webhooks=tuple(data.get("unmanaged_webhooks", ())),
         rebalanced=tuple(data.get("rebalanced", ())),
+        blocked=tuple(
+            Blocked(
+                agent_id=str(b["agent_id"]),
+                kind=ChangeKind(b["kind"]),
+                intent_key=str(b["intent_key"]),
+                sent_at=str(b["sent_at"]),
+                settles_at=str(b["settles_at"]),
+                detail=str(b.get("detail", "")),
+            )
+            for b in data.get("blocked", ())
+        ),
     )
 
 

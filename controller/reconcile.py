@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from controller.apply import configured_settle_seconds
 from controller.gateway.client import GatewayClient
 from controller.keys.sinks import KeySink, sink_for
 from controller.keys.vault import KeyVault
@@ -27,7 +28,7 @@ from controller.secretref import (
     resolve_secret,
     secret_fingerprint,
 )
-from controller.state import StateStore
+from controller.state import PENDING, StateStore
 from policies.alerts import redact_url
 from policies.spec import DesiredState, SecretRef
 
@@ -96,6 +97,9 @@ def build_memory(store: StateStore, desired: DesiredState) -> Memory:
         secret_problems=problems,
         key_prefixes=store.key_prefixes(),
         adjustments=store.adjustments(),
+        unresolved=tuple(store.intents(status=PENDING)),
+        last_deposits=store.last_deposit_ids(),
+        settle_seconds=configured_settle_seconds(),
     )
 
 

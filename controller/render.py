@@ -91,8 +91,19 @@ def summary_line(plan: Plan) -> str:
 
 def _held_lines(plan: Plan) -> list[str]:
     return [
-        f"{h.agent_id}: held since {h.since} ({h.reason}); caps kept at 0, no funding, until `finops unfreeze`"
+        f"{h.agent_id}: held by finops since {h.since} ({h.reason}); no funding until its caps are in place"
+        if h.auto
+        else f"{h.agent_id}: held since {h.since} ({h.reason}); caps kept at 0, no funding, until `finops unfreeze`"
         for h in plan.held
+    ]
+
+
+def _blocked_lines(plan: Plan) -> list[str]:
+    return [
+        f"{b.agent_id}: {b.kind.value} withheld: an earlier attempt (sent {b.sent_at}) has an unknown outcome "
+        f"and may still land; resolved from the gateway by the next apply, concluded not landed only after "
+        f"{b.settles_at}"
+        for b in plan.blocked
     ]
 
 
@@ -123,6 +134,8 @@ def render_text(plan: Plan, style: Style = _plain) -> str:
         lines += [f"  {r}" for r in plan.rebalanced]
     for h in _held_lines(plan):
         lines.append(style(f"# HELD     {h}", fg="magenta", bold=True))
+    for b in _blocked_lines(plan):
+        lines.append(style(f"# BLOCKED  {b}", fg="magenta"))
     for hook in plan.unmanaged_webhooks:
         lines.append(f"Unmanaged webhook on the admin key (left alone): {hook}")
     if plan.unmanaged_agents:
@@ -155,7 +168,8 @@ def render_markdown(plan: Plan) -> str:
         ("Errors", plan.errors),
         ("Refused by guardrails", [str(v) for v in plan.violations]),
         ("Rebalanced daily caps (today's adjustment on top of git's baseline)", list(plan.rebalanced)),
-        ("Held by an operator (emergency stop)", _held_lines(plan)),
+        ("Held (emergency stop)", _held_lines(plan)),
+        ("Withheld until an unknown outcome is resolved", _blocked_lines(plan)),
         ("Warnings", plan.warnings),
         ("Unmanaged webhooks (left alone)", list(plan.unmanaged_webhooks)),
         ("Unmanaged agents (left alone)", [f"`{a}`" for a in plan.unmanaged_agents]),

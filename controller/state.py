@@ -39,7 +39,9 @@ CREATE TABLE IF NOT EXISTS intents (
     status TEXT NOT NULL,
     detail TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    sent_at REAL,
+    ref TEXT
 );
 CREATE INDEX IF NOT EXISTS intents_open ON intents(status, kind);
 CREATE TABLE IF NOT EXISTS agent_keys (
@@ -52,7 +54,8 @@ CREATE TABLE IF NOT EXISTS holds (
     agent_id TEXT PRIMARY KEY,
     reason TEXT NOT NULL,
     held_at REAL NOT NULL,
-    caps_before TEXT NOT NULL DEFAULT '{}'
+    caps_before TEXT NOT NULL DEFAULT '{}',
+    auto INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS managed_webhooks (
     webhook_id TEXT PRIMARY KEY,
@@ -78,9 +81,19 @@ CREATE TABLE IF NOT EXISTS apply_log (
 """
 
 PENDING = "pending"
+"""Unresolved: written before the request; ``sent_at`` says when finops last may have had it
+on the wire. It blocks further non-idempotent steps of its kind on its object."""
 DONE = "done"
+"""Landed (proven from the gateway: ledger row, wallet, webhook, key)."""
 ABANDONED = "abandoned"
+"""Not landed: proven only after the settle time (``policies.settle``) by a fresh look."""
 FAILED = "failed"
+
+_COLUMNS_ADDED = {
+    "intents": (("sent_at", "REAL"), ("ref", "TEXT")),
+    "holds": (("auto", "INTEGER NOT NULL DEFAULT 0"),),
+}
+"""Columns added after the first release: a state file from before gets them on open."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,9 @@ class Hold:
     agent_id: str
     reason: str
     held_at: float
+    auto: bool = False
+    """Set by finops itself (a new agent whose caps could not be set), not by an operator:
+    reconcile sets the declared caps and lifts it once they are in place."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +146,11 @@ class Intent:
     status: str
     detail: str
     created_at: float
+    sent_at: float | None = None
+    """The last moment finops may have had this intent's request on the wire: settle time
+    counts from here (``policies.settle``)."""
+    ref: str | None = None
+    """What it landed as, for code to read: a ledger transaction id, a webhook id."""
 
 
 def _dec(value: str | None) -> Decimal | None:
@@ -148,6 +169,14 @@ class StateStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        for table, columns in _COLUMNS_ADDED.items():
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, decl in columns:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -192,25 +221,51 @@ class StateStore:
 
     # -- intents ---------------------------------------------------------------
 
-    def begin_intent(self, intent_key: str, kind: str, agent_id: str, payload: Mapping[str, Any]) -> None:
-        """Record a non-idempotent step before it is attempted (re-attempts keep the row)."""
+    def begin_intent(
+        self, intent_key: str, kind: str, agent_id: str, payload: Mapping[str, Any], *, sent_at: float | None = None
+    ) -> None:
+        """Record a non-idempotent step before it is attempted. Re-attempting a key (only
+        ever after it was proven not landed) makes it pending again with the new payload and
+        send time. ``sent_at`` defaults to now."""
         now = self._clock()
+        at = now if sent_at is None else sent_at
         with self._tx() as db:
             db.execute(
-                "INSERT INTO intents VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(intent_key) DO UPDATE SET "
-                "status=excluded.status, updated_at=excluded.updated_at",
-                (intent_key, kind, agent_id, json.dumps(dict(payload), sort_keys=True), PENDING, "", now, now),
+                "INSERT INTO intents (intent_key, kind, agent_id, payload, status, detail, created_at, updated_at, "
+                "sent_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(intent_key) DO UPDATE SET "
+                "status=excluded.status, payload=excluded.payload, detail='', ref=NULL, "
+                "updated_at=excluded.updated_at, sent_at=excluded.sent_at",
+                (intent_key, kind, agent_id, json.dumps(dict(payload), sort_keys=True), PENDING, "", now, now, at),
             )
 
-    def finish_intent(self, intent_key: str, status: str, detail: str = "") -> None:
+    def mark_sent(self, intent_key: str, at: float) -> None:
+        """Move an unresolved intent's ``sent_at`` to ``at`` (when finops gave up on the
+        request: nothing of it was on the wire from finops' side after that)."""
         with self._tx() as db:
             db.execute(
-                "UPDATE intents SET status=?, detail=?, updated_at=? WHERE intent_key=?",
-                (status, detail, self._clock(), intent_key),
+                "UPDATE intents SET sent_at=?, updated_at=? WHERE intent_key=? AND status=?",
+                (at, self._clock(), intent_key, PENDING),
             )
+
+    def finish_intent(self, intent_key: str, status: str, detail: str = "", *, ref: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE intents SET status=?, detail=?, ref=?, updated_at=? WHERE intent_key=?",
+                (status, detail, ref, self._clock(), intent_key),
+            )
+
+    def last_deposit_ids(self) -> dict[str, int]:
+        """Per agent, the ledger id of finops' newest deposit known to have landed."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT agent_id, MAX(CAST(ref AS INTEGER)) FROM intents "
+                "WHERE kind='deposit' AND status=? AND ref IS NOT NULL GROUP BY agent_id",
+                (DONE,),
+            ).fetchall()
+        return {r[0]: int(r[1]) for r in rows if r[1] is not None}
 
     def intents(self, *, status: str | None = None, kind: str | None = None) -> list[Intent]:
-        query = "SELECT intent_key, kind, agent_id, payload, status, detail, created_at FROM intents"
+        query = "SELECT intent_key, kind, agent_id, payload, status, detail, created_at, sent_at, ref FROM intents"
         clauses, args = [], []
         if status is not None:
             clauses.append("status=?")
@@ -232,6 +287,8 @@ class StateStore:
                 status=r[4],
                 detail=r[5],
                 created_at=r[6],
+                sent_at=r[7],
+                ref=r[8],
             )
             for r in rows
         ]
@@ -255,16 +312,24 @@ class StateStore:
 
     def holds(self) -> dict[str, Hold]:
         with self._lock:
-            rows = self._db.execute("SELECT agent_id, reason, held_at FROM holds").fetchall()
-        return {r[0]: Hold(r[0], r[1], r[2]) for r in rows}
+            rows = self._db.execute("SELECT agent_id, reason, held_at, auto FROM holds").fetchall()
+        return {r[0]: Hold(r[0], r[1], r[2], bool(r[3])) for r in rows}
 
-    def set_hold(self, agent_id: str, reason: str) -> None:
+    def set_hold(self, agent_id: str, reason: str, *, auto: bool = False) -> None:
+        """An operator hold replaces an automatic one; an automatic hold never replaces (or
+        weakens) an operator's."""
         with self._tx() as db:
             db.execute(
-                "INSERT INTO holds (agent_id, reason, held_at) VALUES (?,?,?) "
-                "ON CONFLICT(agent_id) DO UPDATE SET reason=excluded.reason",
-                (agent_id, reason, self._clock()),
+                "INSERT INTO holds (agent_id, reason, held_at, auto) VALUES (?,?,?,?) "
+                "ON CONFLICT(agent_id) DO UPDATE SET reason=excluded.reason, auto=excluded.auto "
+                "WHERE holds.auto=1 OR excluded.auto=0",
+                (agent_id, reason, self._clock(), int(auto)),
             )
+
+    def clear_auto_hold(self, agent_id: str) -> bool:
+        """Lift finops' own automatic hold (never an operator's)."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM holds WHERE agent_id=? AND auto=1", (agent_id,)).rowcount > 0
 
     def clear_hold(self, agent_id: str) -> bool:
         with self._tx() as db:

@@ -108,6 +108,15 @@ def _cap_drift(plan: Plan, agent_id: str) -> str | None:
     return None
 
 
+def _unknown_outcomes(plan: Plan, agent_id: str) -> list[str]:
+    return [
+        f"UNKNOWN OUTCOME: a {b.kind.value} sent {b.sent_at} may still land; none is repeated until it is "
+        f"resolved from the gateway (concluded not landed at {b.settles_at} at the latest)"
+        for b in plan.blocked
+        if b.agent_id == agent_id
+    ]
+
+
 async def fleet_status(
     client: GatewayClient, desired: DesiredState, store: StateStore, keys: KeyManager, *, target: str
 ) -> FleetStatus:
@@ -145,7 +154,7 @@ async def fleet_status(
                 out.append(row)
                 continue
             if not agent.exists:
-                row.flags.append("NOT REGISTERED: run `finops apply`")
+                row.flags += _unknown_outcomes(plan, spec.agent_id) or ["NOT REGISTERED: run `finops apply`"]
                 out.append(row)
                 continue
             assert agent.balance is not None and agent.budget is not None
@@ -167,6 +176,7 @@ async def fleet_status(
             drift = _cap_drift(plan, spec.agent_id)
             if drift:
                 row.flags.append(drift)
+            row.flags += _unknown_outcomes(plan, spec.agent_id)
             for route in routes.get(spec.agent_id, []):
                 row.alert_endpoints.append(
                     {

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from decimal import Decimal
 
 from policies.money import ZERO
+
+DEPOSIT_KEY_PREFIX = "finops-topup-"
+"""Every deposit finops makes carries an ``Idempotency-Key`` with this prefix; the gateway
+ledger therefore shows which rows are finops' own top-ups."""
+
+NO_DEPOSIT_EPOCH = "none"
+"""The funding epoch of a wallet on which finops never landed a deposit (new wallets too)."""
 
 
 def top_up_amount(balance: Decimal, floor: Decimal, target: Decimal) -> Decimal:
@@ -19,13 +27,29 @@ def top_up_amount(balance: Decimal, floor: Decimal, target: Decimal) -> Decimal:
     return max(ZERO, target - balance)
 
 
-def deposit_idempotency_key(fleet: str, agent_id: str, ledger_anchor: str, amount: Decimal) -> str:
-    """A deposit key that is stable for one funding decision and unique across decisions.
+def funding_epoch(last_deposit_ids: Iterable[int | None]) -> str:
+    """The funding epoch of a wallet: the ledger id of finops' newest *landed* deposit to it
+    (``NO_DEPOSIT_EPOCH`` if none), given every witness of it (the gateway ledger's newest
+    finops-keyed row, finops' own record of its last landed deposit).
+
+    Only a landed finops deposit starts a new epoch. Spend rows, the signup bonus landing,
+    someone else's deposit, a deposit that never landed: none of them change it. So every
+    decision within one epoch (a retry, a re-run after a crash or an unknown outcome, a
+    re-plan after the balance moved) maps to one key, and the gateway lands at most one of
+    them."""
+    ids = [i for i in last_deposit_ids if i is not None]
+    return str(max(ids)) if ids else NO_DEPOSIT_EPOCH
+
+
+def deposit_idempotency_key(fleet: str, agent_id: str, epoch: str) -> str:
+    """The deposit key of one funding epoch (see ``funding_epoch``).
 
     The gateway's deposit key is one global namespace with no body check (API.md §9): a
-    reused key silently moves no money. Anchoring it to the wallet's newest ledger row
-    makes a retry or a re-run after a crash reuse the key (nothing changed in the ledger),
-    while any later top-up, after spend or a deposit moved the ledger on, gets a new one.
+    reused key silently moves no money. The key deliberately leaves the amount out: if the
+    amount is recomputed within an epoch (spend moved the balance), the key stays the same,
+    so two decisions of one epoch can never both land. The cost of that is the safe side: a
+    deposit of the epoch that already landed makes a re-sent one a no-op (under-funding
+    until the next epoch, never over-funding).
     """
-    digest = hashlib.sha256(f"{fleet}\x1f{agent_id}\x1f{ledger_anchor}\x1f{amount}".encode()).hexdigest()
-    return f"finops-topup-{digest[:40]}"
+    digest = hashlib.sha256(f"{fleet}\x1f{agent_id}\x1f{epoch}".encode()).hexdigest()
+    return f"{DEPOSIT_KEY_PREFIX}{digest[:40]}"

@@ -270,6 +270,8 @@ class Reconciler:
             return self._result(INVALID, "no valid manifest revision to apply yet")
         applying = self.good_revision
         async with self.client_factory() as client:
+            applier = Applier(client, self.store, self.sink, clock=self.clock, key_sink=key_sinks(desired, self.sink))
+            await applier.prepare(desired)  # known outcomes first, so the plan never races them
             plan = preflight(await self.plan_fn(client, desired, self.target, self.store), desired, self.sink.directory)
             now = self.clock()
             unobserved = {e.split(":", 1)[0]: e.split(":", 1)[1].strip() for e in plan.errors}
@@ -299,9 +301,7 @@ class Reconciler:
             outcome: ApplyResult | None = None
             if kept or self.store.intents(status=PENDING):
                 started_at = self.clock()
-                outcome = await Applier(
-                    client, self.store, self.sink, clock=self.clock, key_sink=key_sinks(desired, self.sink)
-                ).apply(replace(plan, changes=kept))
+                outcome = await applier.apply(replace(plan, changes=kept))
                 self.store.log_apply(
                     started_at,
                     outcome.ok,

@@ -40,6 +40,9 @@ Kinds, and whether the request runs (commits) on the gateway:
   response: the lost response that causes double deposits. Runs.
 - ``late`` (only by name or ``all``): held ``hang`` seconds, then runs after the client
   has given up; its response goes nowhere. A request stuck in a queue. Runs, late.
+  With ``FaultInjector.gate_late(True)`` a late request is instead held until the test
+  calls ``release_late(run=True)`` (it runs then) or ``release_late(run=False)`` (it is
+  dropped unrun: lost in the queue), so a test decides *when* it lands, not a timer.
 
 Reproducible under concurrency: the fate of a request is drawn from
 ``random.Random(f"{seed}:{method} {path}:{body digest}:{n}")``, where ``n`` counts earlier
@@ -212,6 +215,14 @@ def _parse_kinds(raw: str) -> tuple[FaultKind, ...]:
 
 
 @dataclass
+class _HeldLate:
+    """One ``late`` request held at the gate: ``run`` is set by ``release_late``."""
+
+    label: str
+    run: bool | None = None
+
+
+@dataclass
 class Tripwire:
     """Calls ``action`` when the sandbox receives the ``after_writes``-th ``/v1`` write
     since arming (1-based), before that write runs. With ``commit`` the write then runs
@@ -241,6 +252,8 @@ class FaultInjector:
         self._writes = 0
         self._trace: list[tuple[str, str, str]] = []
         self._tripwire: Tripwire | None = None
+        self._late_gate = False
+        self._held: list[_HeldLate] = []
 
     @property
     def config(self) -> FaultConfig:
@@ -287,6 +300,38 @@ class FaultInjector:
         with self._lock:
             tripwire, self._tripwire = self._tripwire, None
             return tripwire
+
+    # ---------------------------------------------------------------- the late gate
+
+    def gate_late(self, on: bool = True) -> None:
+        """While on, ``late`` requests wait for ``release_late`` instead of ``hang`` seconds."""
+        with self._lock:
+            self._late_gate = on
+
+    def hold_late(self, label: str) -> _HeldLate | None:
+        """A ticket for a late request if the gate is on (else ``None``: use ``hang``)."""
+        with self._lock:
+            if not self._late_gate:
+                return None
+            ticket = _HeldLate(label)
+            self._held.append(ticket)
+            return ticket
+
+    def held_late(self) -> list[str]:
+        """``"METHOD /path"`` of the late requests waiting at the gate now."""
+        with self._lock:
+            return [t.label for t in self._held if t.run is None]
+
+    def release_late(self, *, run: bool = True, only: str | None = None) -> int:
+        """Let every held late request (those whose label contains ``only``) run, or drop
+        them unrun; returns how many. The caller then waits for the sandbox to be idle
+        (``SandboxServer.wait_idle``) before looking at its state."""
+        with self._lock:
+            chosen = [t for t in self._held if t.run is None and (only is None or only in t.label)]
+            for ticket in chosen:
+                ticket.run = run
+            self._held = [t for t in self._held if t.run is None]
+            return len(chosen)
 
     # ---------------------------------------------------------------- decisions
 
@@ -426,7 +471,15 @@ class FaultMiddleware:
             return
         config = self.injector.config
         if kind is FaultKind.LATE:
-            await asyncio.sleep(config.hang)
+            ticket = self.injector.hold_late(f"{method} {path}")
+            if ticket is None:
+                await asyncio.sleep(config.hang)
+            else:
+                while ticket.run is None:
+                    await asyncio.sleep(0.005)
+                if not ticket.run:
+                    await _abort(scope)
+                    return
         if kind.runs:
             await self.app(scope, replay, _discard)
         elif kind is FaultKind.HANG:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from controller.plan import Plan
 from controller.reconcile import observe_and_plan
 from controller.sandbox.server import SandboxServer
 from controller.state import StateStore
+from policies.settle import SETTLE_SECONDS
 from policies.spec import DesiredState
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,6 +47,24 @@ def manifests_dir(tmp_path: Path) -> Path:
     return target
 
 
+class FinopsClock:
+    """finops' clock in tests: real time plus an offset a test moves forward (to cross the
+    settle time of an unknown outcome without sleeping)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+    def past_settle(self) -> None:
+        """Move past the settle time of every request sent so far."""
+        self.advance(SETTLE_SECONDS + 1)
+
+
 @dataclass
 class Harness:
     """The controller's real parts wired to a sandbox, as the CLI wires them."""
@@ -52,6 +72,9 @@ class Harness:
     sandbox: SandboxServer
     store: StateStore
     sink: DirectoryKeySink
+    clock: Callable[[], float] = field(default_factory=FinopsClock)
+    notes: list[str] = field(default_factory=list)
+    """What every ``prepare`` before a plan reported (the CLI prints these with the apply)."""
 
     def client(self, transport: httpx.AsyncBaseTransport | None = None, **kw: Any) -> GatewayClient:
         kw.setdefault("settle_delays", (0.0, 0.05, 0.2))
@@ -59,8 +82,12 @@ class Harness:
         kw.setdefault("backoff_max", 0.05)
         return GatewayClient(self.sandbox.url, self.sandbox.admin_key, transport=transport, **kw)
 
-    async def plan(self, desired: DesiredState, *, prune: bool = False) -> Plan:
+    async def plan(self, desired: DesiredState, *, prune: bool = False, prepare: bool = True) -> Plan:
+        """As ``finops apply`` plans: known outcomes resolved and marked webhooks adopted
+        first (``Applier.prepare``), unless ``prepare=False`` (``finops plan``: read-only)."""
         async with self.client() as client:
+            if prepare:
+                self.notes += await Applier(client, self.store, self.sink, clock=self.clock).prepare(desired)
             return await observe_and_plan(client, desired, "sandbox", self.store, prune=prune)
 
     async def apply(
@@ -71,7 +98,7 @@ class Harness:
         fault_hook: FaultHook | None = None,
     ) -> ApplyResult:
         async with self.client(transport) as client:
-            return await Applier(client, self.store, self.sink, fault_hook=fault_hook).apply(plan)
+            return await Applier(client, self.store, self.sink, fault_hook=fault_hook, clock=self.clock).apply(plan)
 
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.sandbox.url, headers={"Authorization": f"Bearer {self.sandbox.admin_key}"})

@@ -397,7 +397,8 @@ def write_scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WriteSc
         result = asyncio.run(harness.apply(asyncio.run(harness.plan(desired))))
         harness.adversary = None
         run = asyncio.run(converge(harness, desired))
-        recovered = [note for r in run.results for note in r.recovered]
+        said_at_once = [a.error for a in result.agents if a.error]
+        recovered = harness.notes + said_at_once + [note for r in run.results for note in r.recovered]
         # Funded once on first sight, and once more after the drift: two top-ups each.
         deposits = {a: 2 if a in registered_first else 1 for a in WRITE_CASES}
         convergence = asyncio.run(

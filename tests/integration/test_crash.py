@@ -21,6 +21,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
@@ -30,7 +31,7 @@ import httpx
 from controller.keysink import DirectoryKeySink
 from controller.manifest.loader import load_manifests
 from controller.sandbox.app import exchange_rate
-from controller.sandbox.faults import Tripwire
+from controller.sandbox.faults import FaultConfig, FaultKind, Tripwire
 from controller.sandbox.server import SandboxServer
 from controller.sandbox.store import from_atomic
 from controller.state import StateStore
@@ -63,6 +64,9 @@ class Finops:
             "GREENHELIX_URL": sandbox.url,
             "GREENHELIX_API_KEY_FILE": str(sandbox.admin_key_file),
             "FINOPS_STATE_DIR": str(self.state_dir),
+            # The test waits for the sandbox to be idle after every kill (no request of a
+            # dead process can still land), so an unknown outcome settles at once.
+            "FINOPS_SETTLE_SECONDS": "0",
         }
 
     def start(self) -> subprocess.Popen[str]:
@@ -188,3 +192,55 @@ def test_sigkilled_applies_never_fund_twice_and_a_clean_apply_converges(tmp_path
             state.close()
     assert len(kills) == KILLS, kills
     print("kills:", *kills, sep="\n  ")  # shown with -s or on failure
+
+
+def test_a_sigkilled_apply_whose_deposits_are_still_held_never_funds_twice(tmp_path: Path) -> None:
+    """The process dies while its deposits wait in a gateway queue (``late``, held at the
+    gate). The next run must not deposit again before they are resolved: it waits, with
+    the real settle time; once they land, a run finds them in the ledger. Those lost in the
+    queue instead are re-sent, with the same keys, only once nothing can still be running."""
+    desired = load_manifests(write_generated_fleet(tmp_path / "manifests", 6))
+    rate = exchange_rate("USD", "CREDITS")
+    due = fresh_fleet_deposits(desired, {"swarm": rate})
+    funded = sorted(a for a, n in due.items() if n)
+    faults = FaultConfig(rate=1.0, kinds=(FaultKind.LATE,), hang=60, only=("/deposit",))
+    with SandboxServer(
+        db_path=tmp_path / "gateway.db", admin_key_file=tmp_path / "admin.key", faults=faults
+    ) as sandbox:
+        sandbox.faults.gate_late(True)
+        finops = Finops(tmp_path, sandbox, tmp_path / "manifests")
+        finops.env.pop("FINOPS_SETTLE_SECONDS")  # the real settle time: nothing may settle in this test's seconds
+        process = finops.start()
+        deadline = time.monotonic() + 60
+        while len(sandbox.faults.held_late()) < len(funded) and time.monotonic() < deadline:
+            time.sleep(0.01)  # waiting for the sandbox's own state, not racing it
+        os.kill(process.pid, signal.SIGKILL)
+        process.communicate(timeout=30)
+        assert len(sandbox.faults.held_late()) == len(funded)
+
+        again = finops.start()  # inside the settle time: every deposit is withheld
+        output, _ = again.communicate(timeout=120)
+        assert again.returncode == 0, output
+        assert "BLOCKED" in output and len(sandbox.faults.held_late()) == len(funded)
+        assert all(finops_deposits(sandbox, a) == 0 for a in funded)
+
+        held = sorted(sandbox.faults.held_late())
+        landed = held[: len(held) // 2]
+        for label in landed:
+            sandbox.faults.release_late(run=True, only=label)
+        sandbox.faults.release_late(run=False)  # the rest were lost in the queue
+        sandbox.faults.gate_late(False)
+        sandbox.faults.configure(None)
+        sandbox.wait_idle()
+
+        finops.env["FINOPS_SETTLE_SECONDS"] = "0"  # the sandbox is idle: nothing can still land
+        final = finops.start()
+        output, _ = final.communicate(timeout=120)
+        assert final.returncode == 0, output
+        sandbox.wait_idle()
+        state = finops.state()
+        try:
+            asyncio.run(assert_converged(sandbox, desired, state=state, sink=finops.sink(), expected_deposits=due))
+            assert state.intents(status="pending") == []
+        finally:
+            state.close()

@@ -41,7 +41,7 @@ from policies.currency import SIGNUP_BONUS_CREDITS, to_credits
 from policies.funding import top_up_amount
 from policies.keyprint import key_prefix
 from policies.spec import AgentSpec, DesiredState
-from tests.integration.conftest import CANONICAL, Harness
+from tests.integration.conftest import CANONICAL, FinopsClock, Harness
 
 STRESS = os.environ.get("FINOPS_STRESS") == "1"
 FINOPS_DEPOSIT_PREFIX = "finops-topup-"
@@ -435,16 +435,27 @@ class Run:
         return [f"{a.agent_id}: {a.error}" for r in self.results for a in r.failed()]
 
 
+def next_pass(harness: Harness) -> None:
+    """Passes spaced more than the settle time apart: wait until the sandbox has finished
+    every request (a ``late`` one included), then move finops' clock past the settle time,
+    so an unknown outcome is resolved (landed, or proven not landed) by the next pass."""
+    harness.sandbox.wait_idle(timeout=30)
+    assert isinstance(harness.clock, FinopsClock)
+    harness.clock.past_settle()
+
+
 async def converge(harness: Harness, desired: DesiredState, *, max_passes: int = MAX_PASSES) -> Run:
-    """Plan and apply until a plan (made under the same faults) has nothing left to do."""
+    """Plan and apply until a plan (made under the same faults) has nothing left to do
+    and nothing withheld."""
     run = Run()
     for _ in range(max_passes):
+        next_pass(harness)
         try:
             plan = await harness.plan(desired)
         except GatewayError as exc:  # a fleet-wide read (keys, rates) failed every attempt
             run.blind_passes.append(str(exc))
             continue
-        if plan.empty and not plan.errors:
+        if plan.empty and not plan.errors and not plan.blocked:
             return run
         run.passes += 1
         try:
@@ -558,7 +569,7 @@ async def test_a_register_that_commits_after_finops_gave_up_is_reported_as_a_los
     run = await converge(harness, canonical)
     lost = lost_keys(harness.sandbox, harness.sink, canonical)
     assert lost == {a.agent_id for a in canonical.agents()}
-    said = [
+    said = harness.notes + [
         line
         for result in [first, *run.results]
         for line in [*result.recovered, *(a.error or "" for a in result.agents)]
@@ -600,6 +611,7 @@ def test_one_agent_unreadable_during_intent_recovery_does_not_stop_the_others(
 
     with pytest.raises(SimulatedCrash):  # leaves sum-01's deposit intent pending
         asyncio.run(harness.apply(asyncio.run(harness.plan(canonical)), fault_hook=crash))
+    next_pass(harness)  # what the crash cut short elsewhere can now be resolved
     harness.sandbox.faults.configure(
         FaultConfig(rate=1.0, kinds=(FaultKind.S503,), only=("GET /v1/billing/wallets/sum-01/transactions",))
     )

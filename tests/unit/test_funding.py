@@ -3,7 +3,13 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.funding import deposit_idempotency_key, top_up_amount
+from policies.funding import (
+    DEPOSIT_KEY_PREFIX,
+    NO_DEPOSIT_EPOCH,
+    deposit_idempotency_key,
+    funding_epoch,
+    top_up_amount,
+)
 
 cents = st.decimals(min_value=0, max_value=10**7, places=2, allow_nan=False, allow_infinity=False)
 
@@ -25,10 +31,35 @@ def test_top_up_lands_exactly_on_target_and_never_withdraws(balance: Decimal, fl
         assert amount == 0
 
 
-def test_deposit_keys_are_stable_per_decision_and_unique_across_decisions() -> None:
-    key = deposit_idempotency_key("research", "res-01", "41", Decimal("45.00"))
-    assert key == deposit_idempotency_key("research", "res-01", "41", Decimal("45.00"))
-    assert key != deposit_idempotency_key("research", "res-01", "42", Decimal("45.00"))
-    assert key != deposit_idempotency_key("research", "res-02", "41", Decimal("45.00"))
-    assert key != deposit_idempotency_key("research", "res-01", "41", Decimal("45.01"))
-    assert key.startswith("finops-topup-") and len(key) < 64
+def test_deposit_keys_are_stable_per_epoch_and_unique_across_epochs_agents_and_fleets() -> None:
+    key = deposit_idempotency_key("research", "res-01", "41")
+    assert key == deposit_idempotency_key("research", "res-01", "41")
+    assert key != deposit_idempotency_key("research", "res-01", "42")
+    assert key != deposit_idempotency_key("research", "res-02", "41")
+    assert key != deposit_idempotency_key("support", "res-01", "41")
+    assert key.startswith(DEPOSIT_KEY_PREFIX) and len(key) < 64
+
+
+ledger_ids = st.lists(st.integers(min_value=1, max_value=10**9), max_size=30)
+
+
+@given(finops=ledger_ids, others=ledger_ids)
+def test_the_epoch_ignores_every_ledger_row_that_is_not_a_landed_finops_deposit(
+    finops: list[int], others: list[int]
+) -> None:
+    """The repro of issue 9: the signup bonus (or spend, or anyone's deposit) landing between
+    two attempts of one top-up changed the key. The epoch only looks at finops' own landed
+    deposits, whichever witnesses saw them (ledger scan, finops' state, or none)."""
+    newest = max(finops) if finops else None
+    seen_in_ledger = newest if others and min(others) % 2 else None  # the row may have scrolled out of the scan
+    epoch = funding_epoch([seen_in_ledger, newest])
+    assert epoch == (str(newest) if newest is not None else NO_DEPOSIT_EPOCH)
+    assert funding_epoch([newest]) == epoch == funding_epoch([newest, seen_in_ledger, None])
+
+
+@given(first=st.integers(min_value=1, max_value=10**9), gap=st.integers(min_value=1, max_value=10**6))
+def test_a_landed_deposit_starts_a_new_epoch_and_a_new_key(first: int, gap: int) -> None:
+    before = deposit_idempotency_key("f", "a", funding_epoch([first]))
+    after = deposit_idempotency_key("f", "a", funding_epoch([first, first + gap]))
+    assert before != after
+    assert deposit_idempotency_key("f", "a", funding_epoch([])) == deposit_idempotency_key("f", "a", NO_DEPOSIT_EPOCH)

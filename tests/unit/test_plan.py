@@ -66,14 +66,14 @@ def converged_agent() -> LiveAgent:
     return LiveAgent("res-01", exists=True, balance=D("7500.00"), budget=budget("3000.00", "60000.00"))
 
 
-def test_new_agent_is_registered_funded_net_of_bonus_and_capped_in_credits() -> None:
-    plan = make_plan(desired(agent("res-01")), live(LiveAgent("res-01", exists=False, ledger_anchor="new")), Memory())
+def test_new_agent_is_registered_capped_then_funded_net_of_bonus_in_credits() -> None:
+    plan = make_plan(desired(agent("res-01")), live(LiveAgent("res-01", exists=False, ledger_anchor="none")), Memory())
     kinds = [c.kind for c in plan.changes]
-    assert kinds == [ChangeKind.REGISTER, ChangeKind.TOP_UP, ChangeKind.SET_BUDGET]
-    top_up = plan.changes[1]
+    assert kinds == [ChangeKind.REGISTER, ChangeKind.SET_BUDGET, ChangeKind.TOP_UP]  # caps before money
+    top_up = plan.changes[2]
     assert top_up.args["amount"] == "7000.00"  # 75 USD = 7500 credits, minus the 500 signup bonus
     assert top_up.args["expected_balance"] == "500.00"
-    caps = plan.changes[2].args
+    caps = plan.changes[1].args
     assert caps == {"daily_cap": "3000.00", "monthly_cap": "60000.00", "alert_threshold": "0.75"}
     assert plan.summary()["top_up_credits"] == "7000.00"
 
@@ -132,7 +132,7 @@ def test_unobservable_agent_is_an_error_not_a_guess() -> None:
 
 def test_plan_round_trips_through_json_and_basis_tracks_live_state() -> None:
     d = desired(agent("res-01"))
-    plan = make_plan(d, live(LiveAgent("res-01", exists=False, ledger_anchor="new")), Memory())
+    plan = make_plan(d, live(LiveAgent("res-01", exists=False, ledger_anchor="none")), Memory())
     again = plan_from_dict(json.loads(json.dumps(plan_to_dict(plan))))
     assert again == plan
     other = make_plan(d, live(converged_agent()), Memory())

@@ -102,7 +102,7 @@ def test_an_unusable_webhook_secret_is_a_plan_error_for_that_agent_only() -> Non
     fleet = type(fleet)(**{**fleet.__dict__, "webhooks": ()})
     plan = make_plan(desired(hooked), fleet, memory)
     assert ChangeKind.CREATE_WEBHOOK not in [c.kind for c in plan.changes]
-    assert [c.kind for c in plan.changes] == [ChangeKind.REGISTER, ChangeKind.TOP_UP, ChangeKind.SET_BUDGET]
+    assert [c.kind for c in plan.changes] == [ChangeKind.REGISTER, ChangeKind.SET_BUDGET, ChangeKind.TOP_UP]
     assert plan.errors == (
         "res-01: gateway webhook not planned: signing secret: cannot read /etc: is a directory, not a regular file",
     )
