@@ -15,15 +15,41 @@ from decimal import Decimal
 from typing import Any
 
 from controller.gateway.client import GatewayClient
-from controller.gateway.errors import Conflict, GatewayError, ServerError, UnknownOutcome
+from controller.gateway.errors import (
+    AuthenticationFailed,
+    BudgetExceeded,
+    Conflict,
+    Forbidden,
+    GatewayError,
+    InsufficientBalance,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    ServerError,
+    UnknownOutcome,
+)
 from controller.gateway.models import Webhook
 from controller.keys.sinks import DeliveryError, KeySink
 from controller.keysink import DirectoryKeySink
 from controller.plan import Change, ChangeKind, Plan, secret_ref_from_args
 from controller.secretref import SecretUnavailable, resolve_secret
 from controller.state import ABANDONED, DONE, FAILED, PENDING, BudgetWrite, Intent, ManagedWebhook, StateStore
+from policies.currency import SIGNUP_BONUS_CREDITS
 from policies.funding import deposit_idempotency_key, top_up_amount
+from policies.funding_window import FundingKind, bonus_ref
 from policies.money import format_money
+
+REFUSED = (
+    AuthenticationFailed,
+    Forbidden,
+    NotFound,
+    BudgetExceeded,
+    InsufficientBalance,
+    Conflict,
+    InvalidRequest,
+    RateLimited,
+)
+"""Answers proving a write was refused (nothing moved); anything else may have landed."""
 
 FaultHook = Callable[[str, str], None]
 """Called as ``hook(point, agent_id)`` at crash-relevant points; tests raise from it."""
@@ -118,12 +144,21 @@ class Applier:
         if intent.kind == "deposit":
             tx = await self.client.find_transaction(intent.agent_id, intent.intent_key)
             if tx is not None:
+                self.store.note_funding(
+                    intent.intent_key,
+                    intent.agent_id,
+                    str(intent.payload.get("fleet", "")),
+                    FundingKind.DEPOSIT,
+                    tx.amount,
+                    landed=True,
+                )
                 self.store.finish_intent(intent.intent_key, DONE, f"landed as transaction {tx.id} (recovered)")
                 notes.append(
                     f"{intent.agent_id}: interrupted deposit of {intent.payload.get('amount')} credits "
                     f"had landed (transaction {tx.id}); not repeated"
                 )
             else:
+                self.store.release_funding(intent.intent_key)
                 self.store.finish_intent(intent.intent_key, ABANDONED, "never reached the ledger")
                 notes.append(
                     f"{intent.agent_id}: interrupted deposit of {intent.payload.get('amount')} credits "
@@ -134,6 +169,7 @@ class Applier:
         elif intent.kind == "register":
             exists = await self.client.get_balance(intent.agent_id) is not None
             stored = self.sink.load(intent.agent_id) is not None
+            self._bonus(intent.agent_id, str(intent.payload.get("fleet", "")), landed=exists)
             if exists and not stored:
                 self.store.finish_intent(intent.intent_key, FAILED, "registered but the key was lost")
                 notes.append(
@@ -244,15 +280,18 @@ class Applier:
         agent = change.agent_id
         intent_key = f"register:{agent}"
         self.store.begin_intent(intent_key, "register", agent, {"fleet": change.fleet})
+        self._bonus(agent, change.fleet, landed=None)
         try:
             registration = await self.client.register(agent)
         except Conflict:
+            self._bonus(agent, change.fleet, landed=False)  # someone else's registration, not our credit
             self.store.finish_intent(intent_key, ABANDONED, "already registered")
             raise AgentStepError(
                 f"{agent} was registered by someone else since the plan was made; re-plan to adopt it"
             ) from None
         except (UnknownOutcome, ServerError):
             if await self.client.get_balance(agent) is not None:
+                self._bonus(agent, change.fleet, landed=True)
                 self.store.finish_intent(intent_key, FAILED, "unknown outcome")
                 raise AgentStepError(
                     f"{agent} was registered but the response (with its one-time key) was lost; "
@@ -263,7 +302,11 @@ class Applier:
             raise AgentStepError(
                 f"registering {agent}: no answer and no wallet yet; the next run looks again before retrying"
             ) from None
+        except REFUSED:
+            self._bonus(agent, change.fleet, landed=False)
+            raise
         self._hook("after_register", agent)
+        self._bonus(agent, change.fleet, landed=True)
         prefix = self.sink.store(agent, registration.api_key)
         self.store.record_key(agent, prefix, "register")
         self.store.finish_intent(intent_key, DONE, f"key sha3:{prefix}")
@@ -298,12 +341,31 @@ class Applier:
             key = deposit_idempotency_key(change.fleet, agent, str(anchor), amount)
             adjusted = f" (balance moved {format_money(expected)} → {format_money(balance)} since the plan)"
         self.store.begin_intent(key, "deposit", agent, {"amount": format_money(amount), "fleet": change.fleet})
+        # Counted against the fleet's rolling funding limit before it is sent: an unknown
+        # outcome keeps counting until the ledger proves it never landed.
+        self.store.note_funding(key, agent, change.fleet, FundingKind.DEPOSIT, amount, landed=False)
         self._hook("before_deposit", agent)
-        deposit = await self.client.deposit(agent, amount, key, description="finops top-up")
+        try:
+            deposit = await self.client.deposit(agent, amount, key, description="finops top-up")
+        except REFUSED:
+            self.store.release_funding(key)
+            raise
+        self.store.note_funding(key, agent, change.fleet, FundingKind.DEPOSIT, amount, landed=True)
         self._hook("after_deposit", agent)
         self.store.finish_intent(key, DONE, f"transaction {deposit.transaction_id}")
         how = " (recovered from the ledger after a lost response)" if deposit.recovered else ""
         return f"deposited {format_money(amount)} credits → balance {format_money(deposit.new_balance)}{adjusted}{how}"
+
+    def _bonus(self, agent: str, fleet: str, *, landed: bool | None) -> None:
+        """The signup bonus of a registration finops makes counts as finops' credit:
+        ``None`` before sending (it counts from then), ``True`` once the wallet exists,
+        ``False`` when the registration was proven not ours."""
+        if landed is False:
+            self.store.release_funding(bonus_ref(agent))
+        else:
+            self.store.note_funding(
+                bonus_ref(agent), agent, fleet, FundingKind.SIGNUP_BONUS, SIGNUP_BONUS_CREDITS, landed=bool(landed)
+            )
 
     async def _set_budget(self, change: Change) -> str:
         args = change.args

@@ -1,13 +1,15 @@
 """Observe the live gateway for every declared agent (the manifests are the inventory).
 
-Reads per agent on a converged fleet: balance and budget (2). The ledger anchor used for
-deposit idempotency keys is read only for agents that need a top-up, and the fleet-wide
-key listing (1 call) finds agents nobody declared.
+Reads per agent on a converged fleet: balance and budget (2). The ledger is read only for
+agents that need a top-up: its newest row anchors the deposit idempotency key, and its last
+24 h show finops' own credits (for the rolling funding limit) and unexplained outflow (for
+refunding it). The fleet-wide key listing (1 call) finds agents nobody declared.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -17,9 +19,14 @@ from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdm
 from controller.gateway.models import BudgetStatus, KeyRecord, Webhook
 from policies.currency import CREDITS, to_credits
 from policies.funding import top_up_amount
+from policies.funding_window import LedgerRow, in_window, parse_ledger_time
 from policies.spec import AgentSpec, DesiredState
 
 NEW_WALLET_ANCHOR = "new"
+LEDGER_PAGE = 100
+LEDGER_MAX_PAGES = 5
+"""At most 500 ledger rows per agent and pass (5 reads): enough for a day of an agent that
+is not busy; a busier ledger is read partially and said so (``ledger_complete``)."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,10 @@ class LiveAgent:
     balance: Decimal | None = None
     budget: BudgetStatus | None = None
     ledger_anchor: str | None = None
+    ledger: tuple[LedgerRow, ...] | None = None
+    """The last 24 h of the ledger (newest first), read only when a top-up is considered."""
+    ledger_complete: bool = True
+    """False when the 24 h did not fit in ``LEDGER_MAX_PAGES`` pages: outflow is a lower bound."""
     error: str | None = None
     """Why this agent could not be observed; the planner skips it and reports it."""
 
@@ -51,23 +62,48 @@ class LiveFleet:
     """The admin key's own webhooks; ``None`` when no fleet opted in (not read)."""
 
 
-async def observe_agent(client: GatewayClient, spec: AgentSpec, rate: Decimal) -> LiveAgent:
+async def read_ledger(client: GatewayClient, agent_id: str, now: float) -> tuple[tuple[LedgerRow, ...], str, bool]:
+    """The ledger back to 24 h ago (newest first), the anchor (newest row id, "0" if none)
+    and whether the whole 24 h was read."""
+    rows: list[LedgerRow] = []
+    anchor = "0"
+    for page in range(LEDGER_MAX_PAGES):
+        batch = await client.transactions(agent_id, limit=LEDGER_PAGE, offset=page * LEDGER_PAGE)
+        if page == 0 and batch:
+            anchor = str(batch[0].id)
+        for tx in batch:
+            rows.append(LedgerRow(tx.amount, tx.tx_type, tx.idempotency_key, parse_ledger_time(tx.created_at)))
+        oldest = rows[-1].at if rows else None
+        if len(batch) < LEDGER_PAGE or (oldest is not None and not in_window(oldest, now)):
+            return tuple(r for r in rows if r.at is None or in_window(r.at, now)), anchor, True
+    return tuple(r for r in rows if r.at is None or in_window(r.at, now)), anchor, False
+
+
+async def observe_agent(client: GatewayClient, spec: AgentSpec, rate: Decimal, now: float | None = None) -> LiveAgent:
     balance = await client.get_balance(spec.agent_id)
     if balance is None:
         return LiveAgent(agent_id=spec.agent_id, exists=False, ledger_anchor=NEW_WALLET_ANCHOR)
     budget = await client.get_budget(spec.agent_id)
-    anchor: str | None = None
     floor = to_credits(spec.funding_floor, rate)
     target = to_credits(spec.funding_target, rate)
     if top_up_amount(balance, floor, target) > 0:
-        anchor = str(await client.latest_transaction_id(spec.agent_id))
-    return LiveAgent(agent_id=spec.agent_id, exists=True, balance=balance, budget=budget, ledger_anchor=anchor)
+        ledger, anchor, complete = await read_ledger(client, spec.agent_id, time.time() if now is None else now)
+        return LiveAgent(
+            agent_id=spec.agent_id,
+            exists=True,
+            balance=balance,
+            budget=budget,
+            ledger_anchor=anchor,
+            ledger=ledger,
+            ledger_complete=complete,
+        )
+    return LiveAgent(agent_id=spec.agent_id, exists=True, balance=balance, budget=budget)
 
 
-async def _observe_isolated(client: GatewayClient, spec: AgentSpec, rate: Decimal) -> LiveAgent:
+async def _observe_isolated(client: GatewayClient, spec: AgentSpec, rate: Decimal, now: float | None) -> LiveAgent:
     """One agent's failure is that agent's problem; auth failures stop everything."""
     try:
-        return await observe_agent(client, spec, rate)
+        return await observe_agent(client, spec, rate, now)
     except (AuthenticationFailed, NotAdmin):
         raise
     except GatewayError as exc:
@@ -75,7 +111,7 @@ async def _observe_isolated(client: GatewayClient, spec: AgentSpec, rate: Decima
 
 
 async def _observe_agents(
-    client: GatewayClient, specs: Sequence[AgentSpec], rates: Mapping[str, Decimal]
+    client: GatewayClient, specs: Sequence[AgentSpec], rates: Mapping[str, Decimal], now: float | None = None
 ) -> list[LiveAgent]:
     """Observe every agent with as many workers as the client has requests in flight, not
     one task per agent: a pending agent task holds ~10 KB (100 MB at 10,000 agents), and
@@ -85,14 +121,19 @@ async def _observe_agents(
 
     async def worker() -> None:
         for index, spec in pending:
-            observed[index] = await _observe_isolated(client, spec, rates[spec.fleet])
+            observed[index] = await _observe_isolated(client, spec, rates[spec.fleet], now)
 
     await asyncio.gather(*(worker() for _ in range(min(client.concurrency, len(specs)))))
     return [observed[i] for i in range(len(specs))]
 
 
 async def observe(
-    client: GatewayClient, desired: DesiredState, *, target: str, webhooks_owned: bool = False
+    client: GatewayClient,
+    desired: DesiredState,
+    *,
+    target: str,
+    webhooks_owned: bool = False,
+    now: float | None = None,
 ) -> LiveFleet:
     """Read everything the planner needs; concurrency is bounded by the client.
 
@@ -103,7 +144,7 @@ async def observe(
     rates = {c: await client.exchange_rate(c, CREDITS) for c in currencies}
     specs = desired.agents()
     webhooks = await client.list_webhooks() if webhooks_owned or any(s.gateway_webhooks for s in specs) else None
-    results = await _observe_agents(client, specs, {f.name: rates[f.currency] for f in desired.fleets})
+    results = await _observe_agents(client, specs, {f.name: rates[f.currency] for f in desired.fleets}, now)
     return LiveFleet(
         target=target,
         agents={a.agent_id: a for a in results},

@@ -8,6 +8,7 @@ apply, not at plan).
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from controller.gateway.client import GatewayClient
 from controller.keys.sinks import KeySink, sink_for
@@ -38,14 +39,16 @@ def build_memory(store: StateStore, desired: DesiredState) -> Memory:
         secret_fingerprints=secret_fingerprints(desired),
         key_prefixes=store.key_prefixes(),
         adjustments=store.adjustments(),
+        funding_events=tuple(store.funding_events()),
     )
 
 
 async def observe_and_plan(
     client: GatewayClient, desired: DesiredState, target: str, store: StateStore, *, prune: bool = False
 ) -> Plan:
-    live = await observe(client, desired, target=target, webhooks_owned=bool(store.managed_webhooks()))
-    return make_plan(desired, live, build_memory(store, desired), prune=prune)
+    now = store.now()  # one clock for the funding window: the one its events are stamped with
+    live = await observe(client, desired, target=target, webhooks_owned=bool(store.managed_webhooks()), now=now)
+    return make_plan(desired, live, build_memory(store, desired), prune=prune, now=datetime.fromtimestamp(now, UTC))
 
 
 def key_sinks(desired: DesiredState, vault: KeyVault) -> Callable[[str], KeySink | None]:
