@@ -110,7 +110,13 @@ class FundingWindow:
 
     @property
     def left(self) -> Decimal:
+        """What remains of the limit once this plan is applied."""
         return max(Decimal("0.00"), self.limit - self.used - self.planned)
+
+    @property
+    def available(self) -> Decimal:
+        """What remains of the limit before this plan."""
+        return max(Decimal("0.00"), self.limit - self.used)
 
     def in_currency(self, credits: Decimal) -> Decimal:
         return from_credits(credits, self.rate_to_credits)
@@ -870,10 +876,12 @@ def funding_window_to_dict(w: FundingWindow) -> dict[str, Any]:
         "used_credits": format_money(w.used),
         "planned_credits": format_money(w.planned),
         "left_credits": format_money(w.left),
+        "available_credits": format_money(w.available),
         "limit": format_money(w.in_currency(w.limit)),
         "used": format_money(w.in_currency(w.used)),
         "planned": format_money(w.in_currency(w.planned)),
         "left": format_money(w.in_currency(w.left)),
+        "available": format_money(w.in_currency(w.available)),
     }
 
 
