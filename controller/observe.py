@@ -19,7 +19,7 @@ from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdm
 from controller.gateway.models import BudgetStatus, KeyRecord, Webhook
 from policies.currency import CREDITS, to_credits
 from policies.funding import top_up_amount
-from policies.funding_window import LedgerRow, in_window, parse_ledger_time
+from policies.funding_window import LedgerRow, in_window, matters, parse_ledger_time
 from policies.spec import AgentSpec, DesiredState
 
 NEW_WALLET_ANCHOR = "new"
@@ -39,7 +39,8 @@ class LiveAgent:
     budget: BudgetStatus | None = None
     ledger_anchor: str | None = None
     ledger: tuple[LedgerRow, ...] | None = None
-    """The last 24 h of the ledger (newest first), read only when a top-up is considered."""
+    """The last 24 h of the ledger (newest first) but its metered charges, read only when a
+    top-up is considered."""
     ledger_complete: bool = True
     """False when the 24 h did not fit in ``LEDGER_MAX_PAGES`` pages: outflow is a lower bound."""
     error: str | None = None
@@ -71,12 +72,14 @@ async def read_ledger(client: GatewayClient, agent_id: str, now: float) -> tuple
         batch = await client.transactions(agent_id, limit=LEDGER_PAGE, offset=page * LEDGER_PAGE)
         if page == 0 and batch:
             anchor = str(batch[0].id)
-        for tx in batch:
-            rows.append(LedgerRow(tx.amount, tx.tx_type, tx.idempotency_key, parse_ledger_time(tx.created_at)))
-        oldest = rows[-1].at if rows else None
+        page_rows = [
+            LedgerRow(tx.amount, tx.tx_type, tx.idempotency_key, parse_ledger_time(tx.created_at)) for tx in batch
+        ]
+        rows += [r for r in page_rows if matters(r) and (r.at is None or in_window(r.at, now))]
+        oldest = page_rows[-1].at if page_rows else None
         if len(batch) < LEDGER_PAGE or (oldest is not None and not in_window(oldest, now)):
-            return tuple(r for r in rows if r.at is None or in_window(r.at, now)), anchor, True
-    return tuple(r for r in rows if r.at is None or in_window(r.at, now)), anchor, False
+            return tuple(rows), anchor, True
+    return tuple(rows), anchor, False
 
 
 async def observe_agent(client: GatewayClient, spec: AgentSpec, rate: Decimal, now: float | None = None) -> LiveAgent:

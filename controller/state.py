@@ -90,6 +90,7 @@ CREATE TABLE IF NOT EXISTS apply_log (
 FUNDING_UNKNOWN = "unknown"
 """A credit finops sent (or is about to send) whose outcome is not known: it counts."""
 FUNDING_LANDED = "landed"
+FUNDING_KEPT_SECONDS = 30 * 86_400
 
 PENDING = "pending"
 DONE = "done"
@@ -348,6 +349,8 @@ class StateStore:
                     FUNDING_LANDED,
                 ),
             )
+            # Kept a month for the record; only the last 24 h decide anything.
+            db.execute("DELETE FROM funding_events WHERE at < ?", (self._clock() - FUNDING_KEPT_SECONDS,))
 
     def release_funding(self, ref: str) -> None:
         """Forget a credit proven never to have landed (a landed one is never forgotten)."""

@@ -102,6 +102,12 @@ def parse_ledger_time(value: str) -> float | None:
     return parsed.timestamp()
 
 
+def matters(row: LedgerRow) -> bool:
+    """Whether these decisions read the row: not a metered charge (the bulk of a busy
+    ledger), so what observation keeps per agent stays small."""
+    return row.tx_type != "charge"
+
+
 def unexplained_outflow(rows: Iterable[LedgerRow], now: float) -> Decimal:
     """Credits that left the wallet within the window other than as metered spend."""
     total = ZERO
