@@ -62,6 +62,10 @@ class World:
     harness: Harness
     reconciler: Reconciler
     manifests: Path
+    logs: io.StringIO
+
+    def log_lines(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.logs.getvalue().splitlines()]
 
     @property
     def sandbox(self) -> SandboxServer:
@@ -73,13 +77,17 @@ class World:
 
     def withdraw_all(self, agent: str) -> Decimal:
         """The agent empties its own wallet with its own key (what no cap can stop)."""
+        return self.withdraw(agent, None)
+
+    def withdraw(self, agent: str, amount: Decimal | None) -> Decimal:
         key = self.harness.sink.load(agent)
         assert key is not None
         with httpx.Client(base_url=self.sandbox.url, headers={"Authorization": f"Bearer {key}"}) as http:
-            balance = Decimal(http.get(f"/v1/billing/wallets/{agent}/balance").json()["balance"])
-            if balance > 0:
-                http.post(f"/v1/billing/wallets/{agent}/withdraw", json={"amount": str(balance)}).raise_for_status()
-        return balance
+            if amount is None:
+                amount = Decimal(http.get(f"/v1/billing/wallets/{agent}/balance").json()["balance"])
+            if amount > 0:
+                http.post(f"/v1/billing/wallets/{agent}/withdraw", json={"amount": str(amount)}).raise_for_status()
+        return amount
 
     def finops_credits(self, agents: list[str], *, within: float = WINDOW_SECONDS) -> Decimal:
         """Every credit finops put in within ``within`` seconds, as the gateway's ledger shows
@@ -109,6 +117,7 @@ def world_factory(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Factory]:
         revisions = RevisionLog(store.path, clock=sandbox.clock)
         opened.append((store, revisions))
         harness = Harness(sandbox, store, DirectoryKeySink(tmp_path / "secrets"))
+        logs = io.StringIO()
         reconciler = Reconciler(
             target="sandbox",
             source=DirectorySource(manifests),
@@ -117,9 +126,9 @@ def world_factory(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Factory]:
             revisions=revisions,
             client_factory=harness.client,
             clock=sandbox.clock,
-            log=configure_logging("json", stream=io.StringIO(), secrets=[sandbox.admin_key]),
+            log=configure_logging("json", stream=logs, secrets=[sandbox.admin_key]),
         )
-        return World(harness, reconciler, manifests)
+        return World(harness, reconciler, manifests, logs)
 
     yield build
     for store, revisions in opened:
@@ -164,6 +173,8 @@ async def test_an_agent_draining_its_own_wallet_gets_no_more_than_the_fleet_dail
     text = render_text(plan)
     assert "funding in the last 24 h: 50.00 used + 0.00 planned of 50.00 USD; 0.00 USD left" in text
     assert "0.00 USD left" in render_markdown(plan)
+    deferrals = [line for line in world.log_lines() if line["msg"] == "funding deferred"]
+    assert deferrals and deferrals[-1]["agent"] == "thief" and deferrals[-1]["reason"] == "fleet-daily-limit"
 
     # 24 h after the first funding the window has room again: funding resumes, still bounded.
     world.sandbox.clock.advance(WINDOW_SECONDS)
@@ -305,3 +316,19 @@ def test_schema_documents_the_new_funding_fields(tmp_path: Path) -> None:
     defs = schema["$defs"]
     assert "dailyLimit" in defs["FleetFunding"]["properties"]
     assert "maxUnexplainedPerDay" in defs["Funding"]["properties"]
+
+
+async def test_outflow_hidden_behind_a_page_of_metered_charges_is_still_seen(
+    world_factory: Factory, tmp_path: Path
+) -> None:
+    """A withdrawal followed by 250 paid calls sits on the third ledger page: still read."""
+    manifests = write_fleet(tmp_path / "m", agents=["thief"], funding='{perRunCeiling: "20.00"}', worker=WORKER_DEFAULT)
+    world = world_factory(manifests)
+    await world.daemon_pass()
+    world.withdraw("thief", Decimal("1500.00"))
+    for _ in range(250):
+        world.harness.spend("thief", Decimal("0.10"))
+    plan = await world.plan()
+    [flag] = plan.outflow
+    assert flag.unexplained == Decimal("1500.00") and flag.complete
+    assert not [c for c in plan.changes if c.kind is ChangeKind.TOP_UP]
