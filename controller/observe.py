@@ -19,7 +19,7 @@ from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdm
 from controller.gateway.models import BudgetStatus, KeyRecord, Webhook
 from policies.currency import CREDITS, to_credits
 from policies.funding import top_up_amount
-from policies.funding_window import LedgerRow, in_window, matters, parse_ledger_time
+from policies.funding_window import ChargeTotal, LedgerRow, in_window, matters, parse_ledger_time
 from policies.spec import AgentSpec, DesiredState
 
 NEW_WALLET_ANCHOR = "new"
@@ -43,6 +43,8 @@ class LiveAgent:
     top-up is considered."""
     ledger_complete: bool = True
     """False when the 24 h did not fit in ``LEDGER_MAX_PAGES`` pages: outflow is a lower bound."""
+    charges: ChargeTotal | None = None
+    """The ledger's ``charge`` rows of the last 24 h, summed, against the budget's spend."""
     error: str | None = None
     """Why this agent could not be observed; the planner skips it and reports it."""
 
@@ -63,11 +65,22 @@ class LiveFleet:
     """The admin key's own webhooks; ``None`` when no fleet opted in (not read)."""
 
 
-async def read_ledger(client: GatewayClient, agent_id: str, now: float) -> tuple[tuple[LedgerRow, ...], str, bool]:
-    """The ledger back to 24 h ago (newest first), the anchor (newest row id, "0" if none)
-    and whether the whole 24 h was read."""
+@dataclass(frozen=True)
+class LedgerRead:
+    rows: tuple[LedgerRow, ...]
+    """The last 24 h, newest first, but the ``charge`` rows (summed in ``charges``)."""
+    anchor: str
+    """The newest row's id ("0" if none): the deposit idempotency key's anchor."""
+    complete: bool
+    charges: Decimal
+    charge_rows: int
+
+
+async def read_ledger(client: GatewayClient, agent_id: str, now: float) -> LedgerRead:
+    """The ledger back to 24 h ago, at most ``LEDGER_MAX_PAGES`` pages."""
     rows: list[LedgerRow] = []
     anchor = "0"
+    charges, charge_rows = Decimal("0.00"), 0
     for page in range(LEDGER_MAX_PAGES):
         batch = await client.transactions(agent_id, limit=LEDGER_PAGE, offset=page * LEDGER_PAGE)
         if page == 0 and batch:
@@ -75,11 +88,15 @@ async def read_ledger(client: GatewayClient, agent_id: str, now: float) -> tuple
         page_rows = [
             LedgerRow(tx.amount, tx.tx_type, tx.idempotency_key, parse_ledger_time(tx.created_at)) for tx in batch
         ]
-        rows += [r for r in page_rows if matters(r) and (r.at is None or in_window(r.at, now))]
+        recent = [r for r in page_rows if r.at is None or in_window(r.at, now)]
+        rows += [r for r in recent if matters(r)]
+        for r in recent:
+            if not matters(r) and r.amount < 0:
+                charges, charge_rows = charges - r.amount, charge_rows + 1
         oldest = page_rows[-1].at if page_rows else None
         if len(batch) < LEDGER_PAGE or (oldest is not None and not in_window(oldest, now)):
-            return tuple(rows), anchor, True
-    return tuple(rows), anchor, False
+            return LedgerRead(tuple(rows), anchor, True, charges, charge_rows)
+    return LedgerRead(tuple(rows), anchor, False, charges, charge_rows)
 
 
 async def observe_agent(client: GatewayClient, spec: AgentSpec, rate: Decimal, now: float | None = None) -> LiveAgent:
@@ -90,15 +107,16 @@ async def observe_agent(client: GatewayClient, spec: AgentSpec, rate: Decimal, n
     floor = to_credits(spec.funding_floor, rate)
     target = to_credits(spec.funding_target, rate)
     if top_up_amount(balance, floor, target) > 0:
-        ledger, anchor, complete = await read_ledger(client, spec.agent_id, time.time() if now is None else now)
+        read = await read_ledger(client, spec.agent_id, time.time() if now is None else now)
         return LiveAgent(
             agent_id=spec.agent_id,
             exists=True,
             balance=balance,
             budget=budget,
-            ledger_anchor=anchor,
-            ledger=ledger,
-            ledger_complete=complete,
+            ledger_anchor=read.anchor,
+            ledger=read.rows,
+            ledger_complete=read.complete,
+            charges=ChargeTotal(read.charges, read.charge_rows, budget.daily_spend),
         )
     return LiveAgent(agent_id=spec.agent_id, exists=True, balance=balance, budget=budget)
 

@@ -143,7 +143,8 @@ class OutflowFlag:
     fleet: str
     agent_id: str
     unexplained: Decimal
-    """Credits: ledger debits that are not gateway charges (withdrawals, payments, ...)."""
+    """Credits: ledger debits that are not metered spend (withdrawals, payments, charges
+    beyond the budget's reported spend)."""
     limit: Decimal
     """The agent's ``maxUnexplainedPerDay`` in credits."""
     complete: bool
@@ -660,7 +661,7 @@ def _bound_funding(
         if agent.ledger is None:
             continue
         events += ledger_funding(agent_id, fleet.name, agent.ledger)
-        unexplained = unexplained_outflow(agent.ledger, now)
+        unexplained = unexplained_outflow(agent.ledger, now, agent.charges)
         if unexplained <= 0:
             continue
         limit = to_credits(specs[agent_id].max_unexplained_per_day, rate)

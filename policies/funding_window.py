@@ -108,13 +108,34 @@ def matters(row: LedgerRow) -> bool:
     return row.tx_type != "charge"
 
 
-def unexplained_outflow(rows: Iterable[LedgerRow], now: float) -> Decimal:
-    """Credits that left the wallet within the window other than as metered spend."""
+def unexplained_outflow(rows: Iterable[LedgerRow], now: float, charges: ChargeTotal | None = None) -> Decimal:
+    """Credits that left the wallet within the window other than as metered spend: every
+    debit that is not a ``charge``, plus whatever the ``charge`` rows took beyond the
+    metered spend the gateway's budget reports (``charges``, when known)."""
     total = ZERO
     for row in rows:
         if row.amount < 0 and row.tx_type != "charge" and (row.at is None or in_window(row.at, now)):
             total += -row.amount
-    return total
+    return total + (charges.excess if charges is not None else ZERO)
+
+
+@dataclass(frozen=True)
+class ChargeTotal:
+    """The ``charge`` rows of the last 24 h, summed (not kept: a busy ledger is mostly
+    charges), against the metered spend the budget reports for the same rolling 24 h.
+
+    Charges beyond metered spend are not spend: the gateway charges a wallet on every call
+    that reuses an ``X-Request-ID`` yet records the spend once (API.md §4), and a debit the
+    gateway books as a charge without metering it would look the same. Each row is rounded
+    to the cent while spend is summed exactly, so up to a cent per row is tolerated."""
+
+    credits: Decimal
+    rows: int
+    metered_spend: Decimal
+
+    @property
+    def excess(self) -> Decimal:
+        return max(ZERO, self.credits - self.metered_spend - CENT * self.rows)
 
 
 def ledger_funding(agent_id: str, fleet: str, rows: Iterable[LedgerRow]) -> list[FundingEvent]:

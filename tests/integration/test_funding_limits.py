@@ -29,6 +29,7 @@ from controller.manifest.loader import load_manifests
 from controller.plan import ChangeKind, Plan
 from controller.render import render_markdown, render_text
 from controller.sandbox.server import SandboxServer
+from controller.sandbox.store import to_atomic
 from controller.state import StateStore
 from policies.funding_window import WINDOW_SECONDS, DeferReason
 from policies.spec import DesiredState
@@ -332,3 +333,21 @@ async def test_outflow_hidden_behind_a_page_of_metered_charges_is_still_seen(
     [flag] = plan.outflow
     assert flag.unexplained == Decimal("1500.00") and flag.complete
     assert not [c for c in plan.changes if c.kind is ChangeKind.TOP_UP]
+
+
+async def test_charges_the_budget_never_metered_count_as_unexplained_outflow(
+    world_factory: Factory, tmp_path: Path
+) -> None:
+    """Reusing one request id, an agent is charged on every call but metered once (API.md
+    §4): its balance falls without matching metered spend, however the rows are labelled."""
+    manifests = write_fleet(tmp_path / "m", agents=["thief"], funding='{perRunCeiling: "20.00"}', worker=WORKER_DEFAULT)
+    world = world_factory(manifests)
+    await world.daemon_pass()
+    for _ in range(11):
+        world.sandbox.store.record_usage_and_charge(
+            "thief", "best_match", to_atomic(Decimal("100.00")), "reused-request-id", now=world.sandbox.clock()
+        )
+    plan = await world.plan()
+    [flag] = plan.outflow
+    assert flag.unexplained == Decimal("999.89")  # 1100 charged - 100 metered - 11 x 0.01 tolerance
+    assert flag.refunding_stopped and not [c for c in plan.changes if c.kind is ChangeKind.TOP_UP]

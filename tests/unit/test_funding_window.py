@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from controller.state import StateStore
 from policies.funding_window import (
     WINDOW_SECONDS,
+    ChargeTotal,
     FundingEvent,
     FundingKind,
     FundingRequest,
@@ -206,3 +207,12 @@ def test_state_counts_an_unknown_deposit_until_it_is_proven_not_to_have_landed(t
     assert used_in_window(store.funding_events(), NOW + 10) == D("520.00")
     assert store.funding_events(now=NOW + WINDOW_SECONDS) == []
     store.close()
+
+
+def test_charges_beyond_metered_spend_are_unexplained() -> None:
+    """The gateway charges every call that reuses an X-Request-ID but meters it once."""
+    honest = ChargeTotal(credits=D("12.34"), rows=3, metered_spend=D("12.3456"))
+    assert honest.excess == 0  # per-row cent rounding is tolerated
+    quirk = ChargeTotal(credits=D("50.00"), rows=5, metered_spend=D("10.00"))
+    assert quirk.excess == D("39.95")
+    assert unexplained_outflow([row("-30.00", "withdrawal")], NOW, quirk) == D("69.95")
