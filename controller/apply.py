@@ -341,10 +341,10 @@ class Applier:
             key = deposit_idempotency_key(change.fleet, agent, str(anchor), amount)
             adjusted = f" (balance moved {format_money(expected)} → {format_money(balance)} since the plan)"
         self.store.begin_intent(key, "deposit", agent, {"amount": format_money(amount), "fleet": change.fleet})
+        self._hook("before_deposit", agent)
         # Counted against the fleet's rolling funding limit before it is sent: an unknown
         # outcome keeps counting until the ledger proves it never landed.
         self.store.note_funding(key, agent, change.fleet, FundingKind.DEPOSIT, amount, landed=False)
-        self._hook("before_deposit", agent)
         try:
             deposit = await self.client.deposit(agent, amount, key, description="finops top-up")
         except REFUSED:

@@ -30,6 +30,8 @@ from policies.funding_window import (
     FundingKind,
     FundingRequest,
     allocate,
+    bonus_ref,
+    in_window,
     ledger_funding,
     outflow_allowance,
     unexplained_outflow,
@@ -678,10 +680,16 @@ def _bound_funding(
 
     limit = to_credits(fleet.funding_daily_limit, rate)
     used = used_in_window(events, now)
+    # A step already counted (sent before, outcome unknown, e.g. after a crash) adds nothing:
+    # the gateway moves money once per deposit key, and registers an agent once.
+    counted = {e.ref for e in events if in_window(e.at, now)}
     requests = [
-        (c, FundingRequest(a, FundingKind.SIGNUP_BONUS, SIGNUP_BONUS_CREDITS, divisible=False))
+        (c, FundingRequest(a, FundingKind.SIGNUP_BONUS, _new(SIGNUP_BONUS_CREDITS, bonus_ref(a), counted), False))
         if c.kind is ChangeKind.REGISTER
-        else (c, FundingRequest(a, FundingKind.DEPOSIT, Decimal(c.args["amount"]), divisible=True))
+        else (
+            c,
+            FundingRequest(a, FundingKind.DEPOSIT, _new(c.args["amount"], c.args["idempotency_key"], counted), True),
+        )
         for a, cs in changes.items()
         for c in cs
         if c.kind in (ChangeKind.REGISTER, ChangeKind.TOP_UP)
@@ -716,6 +724,11 @@ def _bound_funding(
             changes[change.agent_id] = [c for c in current if not _is_empty_top_up(c)]
     window = FundingWindow(fleet.name, fleet.currency, rate, limit, used, planned)
     return _Bounded(changes, window, deferred, flags)
+
+
+def _new(credits: Decimal | str, ref: str, counted: set[str]) -> Decimal:
+    """What a funding step adds to the window: nothing if its reference is already in it."""
+    return Decimal("0.00") if ref in counted else Decimal(credits)
 
 
 def _outflow_why(flag: OutflowFlag, rate: Decimal) -> str:

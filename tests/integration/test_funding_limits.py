@@ -351,3 +351,49 @@ async def test_charges_the_budget_never_metered_count_as_unexplained_outflow(
     [flag] = plan.outflow
     assert flag.unexplained == Decimal("999.89")  # 1100 charged - 100 metered - 11 x 0.01 tolerance
     assert flag.refunding_stopped and not [c for c in plan.changes if c.kind is ChangeKind.TOP_UP]
+
+
+class LoseDeposits(httpx.AsyncBaseTransport):
+    """Deposits time out before reaching the gateway: their outcome is unknown to finops."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path.endswith("/deposit"):
+            raise httpx.ReadTimeout("no answer", request=request)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_deposit_of_unknown_outcome_counts_until_proven_not_landed(
+    world_factory: Factory, tmp_path: Path
+) -> None:
+    manifests = write_fleet(
+        tmp_path / "m",
+        agents=["a", "b"],
+        funding='{perRunCeiling: "40.00", dailyLimit: "80.00"}',
+        worker=WORKER_DEFAULT,
+    )
+    world = world_factory(manifests)
+    await world.daemon_pass()  # registered and funded: 2 x 20.00 USD
+    for agent in ("a", "b"):
+        world.harness.spend(agent, Decimal("1500.00"))
+    lost = await world.harness.apply(await world.plan(), transport=LoseDeposits())
+    assert not lost.ok  # both top-ups unknown: their intents stay pending
+    assert world.finops_credits(["a", "b"]) == Decimal("4000.00")  # nothing moved
+
+    replan = await world.plan()
+    [window] = replan.funding
+    assert window.used == Decimal("7000.00")  # what landed, plus two deposits that may still land
+    # The same decisions again (same ledger anchor, same amount, same key): counted once, not
+    # cut to the 1000.00 a double count would leave.
+    assert [c.args["amount"] for c in replan.changes if c.kind is ChangeKind.TOP_UP] == ["1500.00", "1500.00"]
+    assert window.planned == 0 and not replan.deferred
+
+    second = await world.harness.apply(replan)
+    assert second.ok and any("never landed" in note for note in second.recovered)
+    assert world.finops_credits(["a", "b"]) == Decimal("7000.00")
+    assert (await world.plan()).funding[0].used == Decimal("7000.00")
