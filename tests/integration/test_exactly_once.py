@@ -91,15 +91,18 @@ def crashed_apply(harness: Harness, canonical: DesiredState, point: str, victim:
         asyncio.run(harness.apply(asyncio.run(harness.plan(canonical)), fault_hook=crash))
 
 
+def unlimited(desired: DesiredState) -> DesiredState:
+    """Deposits a crash leaves in flight count against the rolling funding limit until
+    recovery (which runs after the next plan) proves they never landed, so that plan may
+    fund less (test_funding_limits). These tests are about exactly-once, not the limit."""
+    return replace(desired, fleets=tuple(replace(f, daily_funding_limit=Decimal(10_000)) for f in desired.fleets))
+
+
 @pytest.mark.parametrize("point", ["before_deposit", "after_deposit"])
 def test_crash_around_a_deposit_converges_without_double_funding(
     harness: Harness, canonical: DesiredState, point: str
 ) -> None:
-    # Deposits the crash left in flight count against the rolling funding limit until
-    # recovery proves they never landed (test_funding_limits); this test is about exactly-once.
-    canonical = replace(
-        canonical, fleets=tuple(replace(f, daily_funding_limit=Decimal(10_000)) for f in canonical.fleets)
-    )
+    canonical = unlimited(canonical)
     crashed_apply(harness, canonical, point, "sum-01")
     assert "sum-01" in [i.agent_id for i in harness.store.intents(status="pending", kind="deposit")]
 
@@ -123,6 +126,7 @@ def test_crash_around_a_deposit_converges_without_double_funding(
 def test_crash_after_register_before_the_key_is_stored_is_reported_loudly(
     harness: Harness, canonical: DesiredState
 ) -> None:
+    canonical = unlimited(canonical)
     crashed_apply(harness, canonical, "after_register", "cls-01")
     result = asyncio.run(harness.apply(asyncio.run(harness.plan(canonical))))
     assert any("cls-01: LOST KEY" in note for note in result.recovered)
