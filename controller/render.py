@@ -46,6 +46,8 @@ def _diff_text(change: Change) -> str:
 
 def summary_line(plan: Plan) -> str:
     s = plan.summary()
+    if plan.empty and plan.deferred:
+        return f"No changes now: {len(plan.deferred)} funding step(s) deferred by the funding limits (see above)."
     if plan.empty:
         return "No changes. The gateway matches the manifests."
     return (

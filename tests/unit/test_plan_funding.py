@@ -105,6 +105,7 @@ def test_unexplained_outflow_is_flagged_and_not_refunded_by_default() -> None:
     [deferred] = plan.deferred
     assert deferred.reason is DeferReason.UNEXPLAINED_OUTFLOW and deferred.credits == D("6500.00")
     assert "UNEXPLAINED OUTFLOW" in render_text(plan) and "Unexplained outflow" in render_markdown(plan)
+    assert plan.empty and "No changes now: 1 funding step(s) deferred" in render_text(plan)
 
 
 def test_unexplained_outflow_is_refunded_up_to_the_declared_limit() -> None:
