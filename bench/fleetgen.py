@@ -55,7 +55,9 @@ def fleet_documents(fleet: str, size: int) -> list[dict[str, object]]:
     """The Fleet document followed by its AgentGroup documents."""
     tiers = [tier_of(i) for i in range(size)]
     daily_total = sum((t.daily_cap for t in tiers), Decimal(0))
-    first_run_top_up = sum((t.target - SIGNUP_BONUS_USD for t in tiers), Decimal(0))
+    # The first run puts in each agent's target: its signup bonus plus the top-up above it
+    # (the per-run ceiling and the daily funding limit count both).
+    first_run_top_up = sum((t.target for t in tiers), Decimal(0))
     docs: list[dict[str, object]] = [
         {
             "apiVersion": "finops.greenhelix.net/v1",

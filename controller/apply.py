@@ -40,7 +40,9 @@ from controller.plan import (
 )
 from controller.secretref import SecretUnavailable, managed_secret_dir, resolve_secret
 from controller.state import ABANDONED, DONE, FAILED, PENDING, BudgetWrite, Intent, ManagedWebhook, StateStore
+from policies.currency import SIGNUP_BONUS_CREDITS
 from policies.funding import top_up_amount
+from policies.funding_window import FundingKind, bonus_ref
 from policies.money import format_money
 from policies.settle import SETTLE_SECONDS, is_settled, parse_settle_seconds, settles_at
 from policies.spec import DesiredState
@@ -210,12 +212,17 @@ class Applier:
             tx = await self.client.find_transaction(agent, intent.intent_key)
             amount = intent.payload.get("amount")
             if tx is not None:
+                self.store.note_funding(
+                    intent.intent_key, agent, str(intent.payload.get("fleet", "")), FundingKind.DEPOSIT, tx.amount,
+                    landed=True,
+                )
                 self.store.finish_intent(intent.intent_key, DONE, f"landed as transaction {tx.id}", ref=str(tx.id))
                 notes.append(
                     f"{agent}: deposit of {amount} credits with an unknown outcome had landed "
                     f"(transaction {tx.id}); not repeated"
                 )
             elif settled:
+                self.store.release_funding(intent.intent_key)
                 self.store.finish_intent(intent.intent_key, ABANDONED, "not in the ledger after the settle time")
                 notes.append(
                     f"{agent}: deposit of {amount} credits with an unknown outcome never landed "
@@ -231,6 +238,9 @@ class Applier:
         elif intent.kind == "register":
             exists = await self.client.get_balance(agent) is not None
             stored = self.sink.load(agent) is not None
+            fleet = str(intent.payload.get("fleet", ""))
+            if exists:
+                self._bonus(agent, fleet, landed=True)
             if exists and not stored:
                 self.store.finish_intent(intent.intent_key, FAILED, "registered but the key was lost")
                 notes.append(
@@ -241,6 +251,7 @@ class Applier:
             elif exists:
                 self.store.finish_intent(intent.intent_key, DONE, "registered; key stored (recovered)")
             elif settled:
+                self._bonus(agent, fleet, landed=False)
                 self.store.finish_intent(intent.intent_key, ABANDONED, "no wallet after the settle time")
                 notes.append(f"{agent}: registration with an unknown outcome never landed; the plan decides afresh")
             else:
@@ -386,9 +397,11 @@ class Applier:
         agent = change.agent_id
         intent_key = f"register:{agent}"
         self.store.begin_intent(intent_key, "register", agent, {"fleet": change.fleet}, sent_at=self._clock())
+        self._bonus(agent, change.fleet, landed=None)
         try:
             registration = await self.client.register(agent)
         except Conflict:
+            self._bonus(agent, change.fleet, landed=False)  # someone else's registration, not our credit
             self._registered.add(agent)  # the wallet exists: it is capped in this run, or held
             self.store.finish_intent(intent_key, ABANDONED, "already registered")
             raise AgentStepError(
@@ -396,11 +409,13 @@ class Applier:
             ) from None
         except GatewayError as exc:
             if refused(exc):
+                self._bonus(agent, change.fleet, landed=False)
                 self.store.finish_intent(intent_key, ABANDONED, "refused by the gateway")
                 raise
             self.store.mark_sent(intent_key, self._clock())
             if await self.client.get_balance(agent) is not None:
                 self._registered.add(agent)
+                self._bonus(agent, change.fleet, landed=True)
                 self.store.finish_intent(intent_key, FAILED, "unknown outcome")
                 raise AgentStepError(
                     f"LOST KEY: {agent} was registered but the response (with its one-time key) was lost ({exc}); "
@@ -415,6 +430,7 @@ class Applier:
             ) from None
         self._registered.add(agent)
         self._hook("after_register", agent)
+        self._bonus(agent, change.fleet, landed=True)
         prefix = self.sink.store(agent, registration.api_key)
         self.store.record_key(agent, prefix, "register")
         self.store.finish_intent(intent_key, DONE, f"key sha3:{prefix}", ref=prefix)
@@ -451,6 +467,9 @@ class Applier:
         payload = {"amount": format_money(amount), "fleet": change.fleet}
         self.store.begin_intent(key, "deposit", agent, payload, sent_at=self._clock())
         self._hook("before_deposit", agent)
+        # Counted against the fleet's rolling funding limit before it is sent: an unknown
+        # outcome keeps counting until the ledger proves it never landed.
+        self.store.note_funding(key, agent, change.fleet, FundingKind.DEPOSIT, amount, landed=False)
         try:
             deposit = await self.client.deposit(agent, amount, key, description="finops top-up")
         except GatewayError as exc:
@@ -462,15 +481,29 @@ class Applier:
             # run); the key stays the epoch's either way.
             tx = await self.client.find_transaction(agent, key)
             if tx is not None:
+                self.store.note_funding(key, agent, change.fleet, FundingKind.DEPOSIT, tx.amount, landed=True)
                 self.store.finish_intent(key, DONE, f"landed as transaction {tx.id}", ref=str(tx.id))
             else:
+                self.store.release_funding(key)
                 self.store.finish_intent(key, ABANDONED, "refused by the gateway")
             raise
+        self.store.note_funding(key, agent, change.fleet, FundingKind.DEPOSIT, amount, landed=True)
         self._hook("after_deposit", agent)
         ref = str(deposit.transaction_id) if deposit.transaction_id is not None else None
         self.store.finish_intent(key, DONE, f"transaction {deposit.transaction_id}", ref=ref)
         how = " (recovered from the ledger after a lost response)" if deposit.recovered else ""
         return f"deposited {format_money(amount)} credits → balance {format_money(deposit.new_balance)}{adjusted}{how}"
+
+    def _bonus(self, agent: str, fleet: str, *, landed: bool | None) -> None:
+        """The signup bonus of a registration finops makes counts as finops' credit:
+        ``None`` before sending (it counts from then), ``True`` once the wallet exists,
+        ``False`` when the registration was proven not ours."""
+        if landed is False:
+            self.store.release_funding(bonus_ref(agent))
+        else:
+            self.store.note_funding(
+                bonus_ref(agent), agent, fleet, FundingKind.SIGNUP_BONUS, SIGNUP_BONUS_CREDITS, landed=bool(landed)
+            )
 
     async def _set_budget(self, change: Change) -> str:
         args = change.args

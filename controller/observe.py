@@ -1,14 +1,16 @@
 """Observe the live gateway for every declared agent (the manifests are the inventory).
 
-Reads per agent on a converged fleet: balance and budget (2). The ledger anchor used for
-deposit idempotency keys (finops' newest landed deposit, ``policies.funding.funding_epoch``)
-is read only for agents that need a top-up, and the fleet-wide key listing (1 call) finds
-agents nobody declared.
+Reads per agent on a converged fleet: balance and budget (2). The ledger is read only for
+agents that need a top-up: finops' newest landed deposit in it is the funding epoch of the
+deposit idempotency key (``policies.funding.funding_epoch``), and its last 24 h show finops'
+own credits (for the rolling funding limit) and unexplained outflow (for refunding it). The
+fleet-wide key listing (1 call) finds agents nobody declared.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -18,14 +20,19 @@ from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdm
 from controller.gateway.models import BudgetStatus, KeyRecord, Webhook
 from policies.currency import CREDITS, to_credits
 from policies.funding import DEPOSIT_KEY_PREFIX, NO_DEPOSIT_EPOCH, top_up_amount
+from policies.funding_window import ChargeTotal, LedgerRow, in_window, matters, parse_ledger_time
 from policies.spec import AgentSpec, DesiredState
 
 NEW_WALLET_ANCHOR = NO_DEPOSIT_EPOCH
 """A wallet that does not exist yet has no finops deposit: the same epoch as an existing
 wallet finops never funded, so registering it in between does not change the key."""
-ANCHOR_SCAN_ROWS = 100
-"""Ledger rows searched for finops' newest deposit (one read). A deposit older than that is
-still known from finops' own records (``StateStore.last_deposit_ids``)."""
+LEDGER_PAGE = 100
+"""Ledger rows per read; the first page is always read whole, so finops' newest deposit is
+searched in at least the newest 100 rows (an older one is still known from finops' own
+records, ``StateStore.last_deposit_ids``)."""
+LEDGER_MAX_PAGES = 5
+"""At most 500 ledger rows per agent and pass (5 reads): enough for a day of an agent that
+is not busy; a busier ledger is read partially and said so (``ledger_complete``)."""
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,15 @@ class LiveAgent:
     balance: Decimal | None = None
     budget: BudgetStatus | None = None
     ledger_anchor: str | None = None
-    """Ledger id of finops' newest deposit among the newest ``ANCHOR_SCAN_ROWS`` rows, or
+    """Ledger id of finops' newest landed deposit among the rows read, or
     ``NO_DEPOSIT_EPOCH``; read only when a top-up may be needed (else ``None``)."""
+    ledger: tuple[LedgerRow, ...] | None = None
+    """The last 24 h of the ledger (newest first) but its metered charges, read only when a
+    top-up is considered."""
+    ledger_complete: bool = True
+    """False when the 24 h did not fit in ``LEDGER_MAX_PAGES`` pages: outflow is a lower bound."""
+    charges: ChargeTotal | None = None
+    """The ledger's ``charge`` rows of the last 24 h, summed, against the budget's spend."""
     error: str | None = None
     """Why this agent could not be observed; the planner skips it and reports it."""
 
@@ -59,33 +73,69 @@ class LiveFleet:
     """The admin key's own webhooks; ``None`` when no fleet opted in (not read)."""
 
 
-async def observe_agent(client: GatewayClient, spec: AgentSpec, rate: Decimal) -> LiveAgent:
+@dataclass(frozen=True)
+class LedgerRead:
+    rows: tuple[LedgerRow, ...]
+    """The last 24 h, newest first, but the ``charge`` rows (summed in ``charges``)."""
+    anchor: str
+    """The id of finops' newest landed deposit among the rows read (its key carries
+    ``DEPOSIT_KEY_PREFIX``), else ``NO_DEPOSIT_EPOCH``: the deposit key's funding epoch.
+    Other rows (spend, the signup bonus, anyone else's deposits) never move it."""
+    complete: bool
+    charges: Decimal
+    charge_rows: int
+
+
+async def read_ledger(client: GatewayClient, agent_id: str, now: float) -> LedgerRead:
+    """The ledger back to 24 h ago, at most ``LEDGER_MAX_PAGES`` pages."""
+    rows: list[LedgerRow] = []
+    anchor: str | None = None
+    charges, charge_rows = Decimal("0.00"), 0
+    for page in range(LEDGER_MAX_PAGES):
+        batch = await client.transactions(agent_id, limit=LEDGER_PAGE, offset=page * LEDGER_PAGE)
+        if anchor is None:
+            ours = (tx for tx in batch if tx.idempotency_key and tx.idempotency_key.startswith(DEPOSIT_KEY_PREFIX))
+            anchor = next((str(tx.id) for tx in ours), None)
+        page_rows = [
+            LedgerRow(tx.amount, tx.tx_type, tx.idempotency_key, parse_ledger_time(tx.created_at)) for tx in batch
+        ]
+        recent = [r for r in page_rows if r.at is None or in_window(r.at, now)]
+        rows += [r for r in recent if matters(r)]
+        for r in recent:
+            if not matters(r) and r.amount < 0:
+                charges, charge_rows = charges - r.amount, charge_rows + 1
+        oldest = page_rows[-1].at if page_rows else None
+        if len(batch) < LEDGER_PAGE or (oldest is not None and not in_window(oldest, now)):
+            return LedgerRead(tuple(rows), anchor or NO_DEPOSIT_EPOCH, True, charges, charge_rows)
+    return LedgerRead(tuple(rows), anchor or NO_DEPOSIT_EPOCH, False, charges, charge_rows)
+
+
+async def observe_agent(client: GatewayClient, spec: AgentSpec, rate: Decimal, now: float | None = None) -> LiveAgent:
     balance = await client.get_balance(spec.agent_id)
     if balance is None:
         return LiveAgent(agent_id=spec.agent_id, exists=False, ledger_anchor=NEW_WALLET_ANCHOR)
     budget = await client.get_budget(spec.agent_id)
-    anchor: str | None = None
     floor = to_credits(spec.funding_floor, rate)
     target = to_credits(spec.funding_target, rate)
     if top_up_amount(balance, floor, target) > 0:
-        anchor = await finops_deposit_anchor(client, spec.agent_id)
-    return LiveAgent(agent_id=spec.agent_id, exists=True, balance=balance, budget=budget, ledger_anchor=anchor)
+        read = await read_ledger(client, spec.agent_id, time.time() if now is None else now)
+        return LiveAgent(
+            agent_id=spec.agent_id,
+            exists=True,
+            balance=balance,
+            budget=budget,
+            ledger_anchor=read.anchor,
+            ledger=read.rows,
+            ledger_complete=read.complete,
+            charges=ChargeTotal(read.charges, read.charge_rows, budget.daily_spend),
+        )
+    return LiveAgent(agent_id=spec.agent_id, exists=True, balance=balance, budget=budget)
 
 
-async def finops_deposit_anchor(client: GatewayClient, agent_id: str) -> str:
-    """The id of finops' newest landed deposit in the wallet's newest ledger rows (its key
-    carries ``DEPOSIT_KEY_PREFIX``), else ``NO_DEPOSIT_EPOCH``. Other rows (spend, the
-    signup bonus, anyone else's deposits) never move it."""
-    for tx in await client.transactions(agent_id, limit=ANCHOR_SCAN_ROWS):
-        if tx.idempotency_key is not None and tx.idempotency_key.startswith(DEPOSIT_KEY_PREFIX):
-            return str(tx.id)
-    return NO_DEPOSIT_EPOCH
-
-
-async def _observe_isolated(client: GatewayClient, spec: AgentSpec, rate: Decimal) -> LiveAgent:
+async def _observe_isolated(client: GatewayClient, spec: AgentSpec, rate: Decimal, now: float | None) -> LiveAgent:
     """One agent's failure is that agent's problem; auth failures stop everything."""
     try:
-        return await observe_agent(client, spec, rate)
+        return await observe_agent(client, spec, rate, now)
     except (AuthenticationFailed, NotAdmin):
         raise
     except GatewayError as exc:
@@ -93,7 +143,7 @@ async def _observe_isolated(client: GatewayClient, spec: AgentSpec, rate: Decima
 
 
 async def _observe_agents(
-    client: GatewayClient, specs: Sequence[AgentSpec], rates: Mapping[str, Decimal]
+    client: GatewayClient, specs: Sequence[AgentSpec], rates: Mapping[str, Decimal], now: float | None = None
 ) -> list[LiveAgent]:
     """Observe every agent with as many workers as the client has requests in flight, not
     one task per agent: a pending agent task holds ~10 KB (100 MB at 10,000 agents), and
@@ -103,14 +153,19 @@ async def _observe_agents(
 
     async def worker() -> None:
         for index, spec in pending:
-            observed[index] = await _observe_isolated(client, spec, rates[spec.fleet])
+            observed[index] = await _observe_isolated(client, spec, rates[spec.fleet], now)
 
     await asyncio.gather(*(worker() for _ in range(min(client.concurrency, len(specs)))))
     return [observed[i] for i in range(len(specs))]
 
 
 async def observe(
-    client: GatewayClient, desired: DesiredState, *, target: str, webhooks_owned: bool = False
+    client: GatewayClient,
+    desired: DesiredState,
+    *,
+    target: str,
+    webhooks_owned: bool = False,
+    now: float | None = None,
 ) -> LiveFleet:
     """Read everything the planner needs; concurrency is bounded by the client.
 
@@ -121,7 +176,7 @@ async def observe(
     rates = {c: await client.exchange_rate(c, CREDITS) for c in currencies}
     specs = desired.agents()
     webhooks = await client.list_webhooks() if webhooks_owned or any(s.gateway_webhooks for s in specs) else None
-    results = await _observe_agents(client, specs, {f.name: rates[f.currency] for f in desired.fleets})
+    results = await _observe_agents(client, specs, {f.name: rates[f.currency] for f in desired.fleets}, now)
     return LiveFleet(
         target=target,
         agents={a.agent_id: a for a in results},

@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -24,6 +24,19 @@ from controller.observe import NEW_WALLET_ANCHOR, LiveAgent, LiveFleet
 from controller.state import Adjustment, BudgetWrite, Hold, Intent, ManagedWebhook
 from policies.currency import SIGNUP_BONUS_CREDITS, from_credits, to_credits
 from policies.funding import deposit_idempotency_key, funding_epoch, top_up_amount
+from policies.funding_window import (
+    DeferReason,
+    FundingEvent,
+    FundingKind,
+    FundingRequest,
+    allocate,
+    bonus_ref,
+    in_window,
+    ledger_funding,
+    outflow_allowance,
+    unexplained_outflow,
+    used_in_window,
+)
 from policies.guardrails import (
     Violation,
     check_caps_within_total,
@@ -116,6 +129,67 @@ class Blocked:
 
 
 @dataclass(frozen=True)
+class FundingWindow:
+    """A fleet's rolling 24 h funding limit as this plan leaves it, in credits."""
+
+    fleet: str
+    currency: str
+    rate_to_credits: Decimal
+    limit: Decimal
+    used: Decimal
+    """Credits finops put in over the last 24 h before this plan (its records and the
+    ledgers it read; deposits of unknown outcome included)."""
+    planned: Decimal
+    """Credits this plan puts in: top-ups plus the signup bonus of each registration."""
+
+    @property
+    def left(self) -> Decimal:
+        """What remains of the limit once this plan is applied."""
+        return max(Decimal("0.00"), self.limit - self.used - self.planned)
+
+    @property
+    def available(self) -> Decimal:
+        """What remains of the limit before this plan."""
+        return max(Decimal("0.00"), self.limit - self.used)
+
+    def in_currency(self, credits: Decimal) -> Decimal:
+        return from_credits(credits, self.rate_to_credits)
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """Funding the plan leaves out (or cuts short) for now, and why; it is planned again on
+    a later pass once the window has room."""
+
+    fleet: str
+    agent_id: str
+    kind: ChangeKind
+    credits: Decimal
+    """What was wanted and not planned."""
+    reason: DeferReason
+    message: str
+
+
+@dataclass(frozen=True)
+class OutflowFlag:
+    """An agent whose wallet lost credits in the last 24 h other than as metered spend."""
+
+    fleet: str
+    agent_id: str
+    unexplained: Decimal
+    """Credits: ledger debits that are not metered spend (withdrawals, payments, charges
+    beyond the budget's reported spend)."""
+    limit: Decimal
+    """The agent's ``maxUnexplainedPerDay`` in credits."""
+    complete: bool
+    """False when the ledger's 24 h was read only in part: ``unexplained`` is a lower bound."""
+
+    @property
+    def refunding_stopped(self) -> bool:
+        return self.unexplained >= self.limit
+
+
+@dataclass(frozen=True)
 class Plan:
     target: str
     created_at: str
@@ -137,6 +211,10 @@ class Plan:
     """Today's rebalancing adjustments in force (desired caps include them)."""
     blocked: tuple[Blocked, ...] = ()
     """Changes withheld while an earlier attempt's outcome is unknown."""
+    funding: tuple[FundingWindow, ...] = ()
+    """Per fleet: the rolling 24 h funding limit, used, planned and left."""
+    deferred: tuple[Deferred, ...] = ()
+    outflow: tuple[OutflowFlag, ...] = ()
     format_version: int = PLAN_FORMAT_VERSION
 
     @property
@@ -156,6 +234,8 @@ class Plan:
             "held": len(self.held),
             "blocked": len(self.blocked),
             "top_up_credits": format_money(top_up),
+            "deferred": len(self.deferred),
+            "outflow_flagged": len(self.outflow),
             "agents_changed": len({c.agent_id for c in self.changes}),
             "unmanaged_agents": len(self.unmanaged_agents),
             "violations": len(self.violations),
@@ -185,6 +265,8 @@ class Memory:
     last_deposits: Mapping[str, int] = field(default_factory=dict)
     """Ledger id of finops' newest deposit known to have landed, per agent."""
     settle_seconds: float = SETTLE_SECONDS
+    funding_events: tuple[FundingEvent, ...] = ()
+    """Credits finops put in over the last 24 h (``controller.state`` funding events)."""
 
 
 def unresolved_intent(memory: Memory, agent_id: str, kind: str) -> Intent | None:
@@ -661,10 +743,13 @@ def make_plan(
     violations: list[Violation] = []
     errors: list[str] = []
     fleets: list[FleetInfo] = []
+    windows: list[FundingWindow] = []
+    deferred: list[Deferred] = []
+    outflow: list[OutflowFlag] = []
     for fleet in desired.fleets:
         rate = live.rates[fleet.currency]
         fleets.append(FleetInfo(fleet.name, fleet.currency, rate, len(fleet.agents)))
-        fleet_changes: list[Change] = []
+        by_agent: dict[str, list[Change]] = {}
         for spec in fleet.agents:
             agent = live.agents.get(spec.agent_id)
             if agent is None or agent.error is not None:
@@ -674,13 +759,25 @@ def make_plan(
             if refused:
                 violations += refused
                 continue
-            fleet_changes.extend(_plan_agent(fleet, spec, agent, rate, memory, when.timestamp()))
-        top_ups = {
-            c.agent_id: from_credits(Decimal(c.args["amount"]), rate)
-            for c in fleet_changes
-            if c.kind is ChangeKind.TOP_UP
-        }
-        violations += check_funding_ceiling(fleet.name, fleet.currency, top_ups, fleet.funding_ceiling)
+            by_agent[spec.agent_id] = _plan_agent(fleet, spec, agent, rate, memory, when.timestamp())
+        bounded = _bound_funding(fleet, rate, by_agent, live, memory, when.timestamp())
+        windows.append(bounded.window)
+        deferred += bounded.deferred
+        outflow += bounded.outflow
+        fleet_changes = [c for cs in bounded.changes.values() for c in cs]
+        funded: dict[str, Decimal] = {}
+        for c in fleet_changes:
+            credits = (
+                Decimal(c.args["amount"])
+                if c.kind is ChangeKind.TOP_UP
+                else SIGNUP_BONUS_CREDITS
+                if c.kind is ChangeKind.REGISTER
+                else None
+            )
+            if credits is not None:
+                funded[c.agent_id] = funded.get(c.agent_id, Decimal("0.00")) + credits
+        per_agent = {a: from_credits(credits, rate) for a, credits in funded.items()}
+        violations += check_funding_ceiling(fleet.name, fleet.currency, per_agent, fleet.funding_ceiling)
         violations += check_deposit_limit(
             fleet.name, {c.agent_id: Decimal(c.args["amount"]) for c in fleet_changes if c.kind is ChangeKind.TOP_UP}
         )
@@ -692,7 +789,8 @@ def make_plan(
         violations += check_caps_within_total(fleet.name, fleet.currency, new_caps, fleet.daily_total)
         changes.extend(fleet_changes)
     hooks = _plan_webhooks(desired, live, memory, prune=prune)
-    changes.extend(hooks.changes)
+    waiting = {d.agent_id for d in deferred if d.kind is ChangeKind.REGISTER}
+    changes.extend(c for c in hooks.changes if not (c.kind is ChangeKind.CREATE_WEBHOOK and c.agent_id in waiting))
     declared = {a.agent_id for a in desired.agents()}
     unmanaged = sorted(live.key_agents - declared - live.admin_agents)
     held = tuple(
@@ -721,6 +819,156 @@ def make_plan(
         unmanaged_webhooks=tuple(hooks.unmanaged),
         rebalanced=rebalanced,
         blocked=blocked_changes(desired, memory),
+        funding=tuple(windows),
+        deferred=tuple(deferred),
+        outflow=tuple(outflow),
+    )
+
+
+@dataclass(frozen=True)
+class _Bounded:
+    changes: dict[str, list[Change]]
+    window: FundingWindow
+    deferred: list[Deferred]
+    outflow: list[OutflowFlag]
+
+
+def _bound_funding(
+    fleet: FleetSpec,
+    rate: Decimal,
+    by_agent: Mapping[str, list[Change]],
+    live: LiveFleet,
+    memory: Memory,
+    now: float,
+) -> _Bounded:
+    """Bound the fleet's funding over time: first each agent's refunding of unexplained
+    outflow, then the fleet's rolling 24 h limit. What does not fit is deferred (typed), and
+    an agent whose registration waits gets no other change yet (it has no wallet)."""
+    specs = {s.agent_id: s for s in fleet.agents}
+    changes = {a: list(cs) for a, cs in by_agent.items()}
+    deferred: list[Deferred] = []
+    flags: list[OutflowFlag] = []
+    events = [e for e in memory.funding_events if e.fleet == fleet.name]
+    for agent_id in changes:
+        agent = live.agents[agent_id]
+        if agent.ledger is None:
+            continue
+        events += ledger_funding(agent_id, fleet.name, agent.ledger)
+        unexplained = unexplained_outflow(agent.ledger, now, agent.charges)
+        if unexplained <= 0:
+            continue
+        limit = to_credits(specs[agent_id].max_unexplained_per_day, rate)
+        flag = OutflowFlag(fleet.name, agent_id, unexplained, limit, agent.ledger_complete)
+        flags.append(flag)
+        allowance = outflow_allowance(limit, unexplained)
+        changes[agent_id] = [
+            _clip_top_up(fleet, c, allowance, DeferReason.UNEXPLAINED_OUTFLOW, deferred, _outflow_why(flag, rate))
+            if c.kind is ChangeKind.TOP_UP
+            else c
+            for c in changes[agent_id]
+        ]
+        changes[agent_id] = [c for c in changes[agent_id] if not _is_empty_top_up(c)]
+
+    limit = to_credits(fleet.funding_daily_limit, rate)
+    used = used_in_window(events, now)
+    # A step already counted (sent before, outcome unknown, e.g. after a crash) adds nothing:
+    # the gateway moves money once per deposit key, and registers an agent once.
+    counted = {e.ref for e in events if in_window(e.at, now)}
+    requests = [
+        (c, FundingRequest(a, FundingKind.SIGNUP_BONUS, _new(SIGNUP_BONUS_CREDITS, bonus_ref(a), counted), False))
+        if c.kind is ChangeKind.REGISTER
+        else (
+            c,
+            FundingRequest(a, FundingKind.DEPOSIT, _new(c.args["amount"], c.args["idempotency_key"], counted), True),
+        )
+        for a, cs in changes.items()
+        for c in cs
+        if c.kind in (ChangeKind.REGISTER, ChangeKind.TOP_UP)
+    ]
+    grants = allocate(limit, used, [r for _, r in requests])
+    why = (
+        f"fleet {fleet.name}'s rolling 24 h funding limit {format_money(fleet.funding_daily_limit)} {fleet.currency} "
+        f"({format_money(used)} of {format_money(limit)} credits used before this plan)"
+    )
+    planned = Decimal("0.00")
+    for (change, req), grant in zip(requests, grants, strict=True):
+        planned += grant
+        if grant == req.credits:
+            continue
+        if change.kind is ChangeKind.REGISTER:
+            deferred.append(
+                Deferred(
+                    fleet.name,
+                    change.agent_id,
+                    ChangeKind.REGISTER,
+                    req.credits,
+                    DeferReason.FLEET_DAILY_LIMIT,
+                    f"registration waits (its {format_money(req.credits)}-credit signup bonus does not fit {why})",
+                )
+            )
+            changes[change.agent_id] = []  # no wallet yet: nothing else for it either
+            continue
+        current = changes[change.agent_id]
+        if change in current:
+            clipped = _clip_top_up(fleet, change, grant, DeferReason.FLEET_DAILY_LIMIT, deferred, why)
+            current[current.index(change)] = clipped
+            changes[change.agent_id] = [c for c in current if not _is_empty_top_up(c)]
+    window = FundingWindow(fleet.name, fleet.currency, rate, limit, used, planned)
+    return _Bounded(changes, window, deferred, flags)
+
+
+def _new(credits: Decimal | str, ref: str, counted: set[str]) -> Decimal:
+    """What a funding step adds to the window: nothing if its reference is already in it."""
+    return Decimal("0.00") if ref in counted else Decimal(credits)
+
+
+def _outflow_why(flag: OutflowFlag, rate: Decimal) -> str:
+    return (
+        f"{format_money(flag.unexplained)} credits left the wallet in the last 24 h other than as metered spend "
+        f"(withdrawals, payments); maxUnexplainedPerDay is {format_money(flag.limit)} credits "
+        f"({format_money(from_credits(flag.limit, rate))} in the fleet currency)"
+    )
+
+
+_EMPTY = "0.00"
+
+
+def _is_empty_top_up(change: Change) -> bool:
+    return change.kind is ChangeKind.TOP_UP and change.args["amount"] == _EMPTY
+
+
+def _clip_top_up(
+    fleet: FleetSpec, change: Change, most: Decimal, reason: DeferReason, deferred: list[Deferred], why: str
+) -> Change:
+    """The top-up cut to ``most`` credits (``0.00``: dropped by the caller), the rest deferred."""
+    amount = Decimal(change.args["amount"])
+    if amount <= most:
+        return change
+    granted = max(Decimal("0.00"), most)
+    deferred.append(
+        Deferred(
+            fleet.name,
+            change.agent_id,
+            ChangeKind.TOP_UP,
+            amount - granted,
+            reason,
+            (
+                f"top-up of {format_money(amount)} credits "
+                + (f"cut to {format_money(granted)}" if granted else "not planned")
+                + f": {why}"
+            ),
+        )
+    )
+    if not granted:
+        return replace(change, args={**change.args, "amount": _EMPTY})
+    balance = Decimal(change.args["expected_balance"])
+    # The key stays the funding epoch's (``policies.funding``): a cut top-up is the same
+    # decision, so it and the full one can never both land.
+    return replace(
+        change,
+        reason=f"{change.reason}; cut to {format_money(granted)} credits ({reason.value})",
+        diff=(FieldDiff("balance", format_money(balance), format_money(balance + granted)),),
+        args={**change.args, "amount": format_money(granted)},
     )
 
 
@@ -802,7 +1050,49 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             }
             for b in plan.blocked
         ],
+        "funding": [funding_window_to_dict(w) for w in plan.funding],
+        "deferred": [
+            {
+                "fleet": d.fleet,
+                "agent_id": d.agent_id,
+                "kind": d.kind.value,
+                "credits": format_money(d.credits),
+                "reason": d.reason.value,
+                "message": d.message,
+            }
+            for d in plan.deferred
+        ],
+        "unexplained_outflow": [
+            {
+                "fleet": f.fleet,
+                "agent_id": f.agent_id,
+                "unexplained_credits": format_money(f.unexplained),
+                "limit_credits": format_money(f.limit),
+                "ledger_complete": f.complete,
+                "refunding_stopped": f.refunding_stopped,
+            }
+            for f in plan.outflow
+        ],
         "summary": plan.summary(),
+    }
+
+
+def funding_window_to_dict(w: FundingWindow) -> dict[str, Any]:
+    """One fleet's rolling 24 h funding limit, in credits and in the fleet currency."""
+    return {
+        "fleet": w.fleet,
+        "currency": w.currency,
+        "rate_to_credits": str(w.rate_to_credits),
+        "limit_credits": format_money(w.limit),
+        "used_credits": format_money(w.used),
+        "planned_credits": format_money(w.planned),
+        "left_credits": format_money(w.left),
+        "available_credits": format_money(w.available),
+        "limit": format_money(w.in_currency(w.limit)),
+        "used": format_money(w.in_currency(w.used)),
+        "planned": format_money(w.in_currency(w.planned)),
+        "left": format_money(w.in_currency(w.left)),
+        "available": format_money(w.in_currency(w.available)),
     }
 
 
@@ -848,6 +1138,38 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
                 detail=str(b.get("detail", "")),
             )
             for b in data.get("blocked", ())
+        ),
+        funding=tuple(
+            FundingWindow(
+                w["fleet"],
+                w["currency"],
+                Decimal(w["rate_to_credits"]),
+                Decimal(w["limit_credits"]),
+                Decimal(w["used_credits"]),
+                Decimal(w["planned_credits"]),
+            )
+            for w in data.get("funding", ())
+        ),
+        deferred=tuple(
+            Deferred(
+                d["fleet"],
+                d["agent_id"],
+                ChangeKind(d["kind"]),
+                Decimal(d["credits"]),
+                DeferReason(d["reason"]),
+                d["message"],
+            )
+            for d in data.get("deferred", ())
+        ),
+        outflow=tuple(
+            OutflowFlag(
+                f["fleet"],
+                f["agent_id"],
+                Decimal(f["unexplained_credits"]),
+                Decimal(f["limit_credits"]),
+                bool(f["ledger_complete"]),
+            )
+            for f in data.get("unexplained_outflow", ())
         ),
     )
 

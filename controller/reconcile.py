@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from controller.apply import configured_settle_seconds
@@ -100,14 +101,16 @@ def build_memory(store: StateStore, desired: DesiredState) -> Memory:
         unresolved=tuple(store.intents(status=PENDING)),
         last_deposits=store.last_deposit_ids(),
         settle_seconds=configured_settle_seconds(),
+        funding_events=tuple(store.funding_events()),
     )
 
 
 async def observe_and_plan(
     client: GatewayClient, desired: DesiredState, target: str, store: StateStore, *, prune: bool = False
 ) -> Plan:
-    live = await observe(client, desired, target=target, webhooks_owned=bool(store.managed_webhooks()))
-    return make_plan(desired, live, build_memory(store, desired), prune=prune)
+    now = store.now()  # one clock for the funding window: the one its events are stamped with
+    live = await observe(client, desired, target=target, webhooks_owned=bool(store.managed_webhooks()), now=now)
+    return make_plan(desired, live, build_memory(store, desired), prune=prune, now=datetime.fromtimestamp(now, UTC))
 
 
 def key_sinks(desired: DesiredState, vault: KeyVault) -> Callable[[str], KeySink | None]:

@@ -15,8 +15,9 @@ from enum import Enum
 from typing import Any, TypeVar
 
 from controller.apply import ApplyResult
-from controller.plan import Change, ChangeKind, Plan, plan_to_dict
+from controller.plan import Change, ChangeKind, FundingWindow, Plan, plan_to_dict
 from policies.display import escape_controls
+from policies.money import format_money
 
 T = TypeVar("T")
 
@@ -80,6 +81,8 @@ def _diff_text(change: Change) -> str:
 
 def summary_line(plan: Plan) -> str:
     s = plan.summary()
+    if plan.empty and plan.deferred:
+        return f"No changes now: {len(plan.deferred)} funding step(s) deferred by the funding limits (see above)."
     if plan.empty:
         return "No changes. The gateway matches the manifests."
     return (
@@ -107,6 +110,30 @@ def _blocked_lines(plan: Plan) -> list[str]:
     ]
 
 
+def funding_line(w: FundingWindow) -> str:
+    """``used / limit, left`` of a fleet's rolling 24 h funding limit, currency and credits."""
+    c = w.currency
+    return (
+        f"funding in the last 24 h: {format_money(w.in_currency(w.used))} used + "
+        f"{format_money(w.in_currency(w.planned))} planned of {format_money(w.in_currency(w.limit))} {c}; "
+        f"{format_money(w.in_currency(w.left))} {c} left "
+        f"({format_money(w.used)} + {format_money(w.planned)} of {format_money(w.limit)} credits)"
+    )
+
+
+def _outflow_lines(plan: Plan) -> list[str]:
+    return [
+        f"{f.agent_id}: UNEXPLAINED OUTFLOW {format_money(f.unexplained)} credits in 24 h "
+        f"(withdrawals, payments: not metered spend){'' if f.complete else ' (at least; ledger read in part)'}; "
+        + (
+            f"refunding stopped at maxUnexplainedPerDay {format_money(f.limit)} credits"
+            if f.refunding_stopped
+            else f"refunded up to maxUnexplainedPerDay {format_money(f.limit)} credits"
+        )
+        for f in plan.outflow
+    ]
+
+
 def render_text(plan: Plan, style: Style = _plain) -> str:
     plan = escaped(plan)
     lines: list[str] = []
@@ -116,6 +143,7 @@ def render_text(plan: Plan, style: Style = _plain) -> str:
             + f": {f.agents} agent(s), amounts in {f.currency}; gateway rate 1 {f.currency} = "
             f"{f.rate_to_credits} CREDITS"
         )
+        lines += [f"  {funding_line(window)}" for window in plan.funding if window.fleet == f.name]
     lines.append("")
     for c in plan.changes:
         head = style(f"{_SYMBOL[c.kind]} {_LABEL[c.kind]:<8}", fg=_COLOUR[c.kind])
@@ -127,6 +155,10 @@ def render_text(plan: Plan, style: Style = _plain) -> str:
         lines.append(style(f"! error    {e}", fg="red"))
     for v in plan.violations:
         lines.append(style(f"! refused  {v}", fg="red", bold=True))
+    for o in _outflow_lines(plan):
+        lines.append(style(f"! outflow  {o}", fg="red"))
+    for d in plan.deferred:
+        lines.append(style(f"! deferred {d.agent_id}: {d.message}", fg="yellow"))
     for w in plan.warnings:
         lines.append(style(f"! warning  {w}", fg="yellow"))
     if plan.rebalanced:
@@ -156,6 +188,7 @@ def render_markdown(plan: Plan) -> str:
     lines = ["### finops plan", ""]
     for f in plan.fleets:
         lines.append(f"- **{f.name}**: {f.agents} agents, {f.currency} (1 {f.currency} = {f.rate_to_credits} credits)")
+        lines += [f"  - {funding_line(w)}" for w in plan.funding if w.fleet == f.name]
     lines += ["", f"**{summary_line(plan)}**", ""]
     if plan.changes:
         lines += ["| | agent | change | before → after | why |", "|---|---|---|---|---|"]
@@ -167,6 +200,11 @@ def render_markdown(plan: Plan) -> str:
     for title, items in (
         ("Errors", plan.errors),
         ("Refused by guardrails", [str(v) for v in plan.violations]),
+        ("Unexplained outflow (flagged)", _outflow_lines(plan)),
+        (
+            "Deferred funding (planned again once the window has room)",
+            [f"`{d.agent_id}`: {d.message}" for d in plan.deferred],
+        ),
         ("Rebalanced daily caps (today's adjustment on top of git's baseline)", list(plan.rebalanced)),
         ("Held (emergency stop)", _held_lines(plan)),
         ("Withheld until an unknown outcome is resolved", _blocked_lines(plan)),

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.secretfile import private_file
+from policies.funding_window import WINDOW_SECONDS, FundingEvent, FundingKind
 
 Clock = Callable[[], float]
 
@@ -71,6 +72,16 @@ CREATE TABLE IF NOT EXISTS rebalance_adjustments (
     explanation TEXT NOT NULL,
     computed_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS funding_events (
+    ref TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    fleet TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    credits TEXT NOT NULL,
+    at REAL NOT NULL,
+    status TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS funding_events_at ON funding_events(at);
 CREATE TABLE IF NOT EXISTS apply_log (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     started_at REAL NOT NULL,
@@ -79,6 +90,11 @@ CREATE TABLE IF NOT EXISTS apply_log (
     summary TEXT NOT NULL
 );
 """
+
+FUNDING_UNKNOWN = "unknown"
+"""A credit finops sent (or is about to send) whose outcome is not known: it counts."""
+FUNDING_LANDED = "landed"
+FUNDING_KEPT_SECONDS = 30 * 86_400
 
 PENDING = "pending"
 """Unresolved: written before the request; ``sent_at`` says when finops last may have had it
@@ -370,6 +386,52 @@ class StateStore:
                 "INSERT OR REPLACE INTO rebalance_adjustments VALUES (?,?,?,?,?)",
                 [(a.agent_id, a.fleet, str(a.amount), a.explanation, a.computed_at) for a in adjustments],
             )
+
+    # -- funding ---------------------------------------------------------------
+
+    def now(self) -> float:
+        """The store's clock: the time funding events are stamped with."""
+        return self._clock()
+
+    def note_funding(
+        self, ref: str, agent_id: str, fleet: str, kind: FundingKind, credits: Decimal, *, landed: bool
+    ) -> None:
+        """Record a credit finops puts in, *before* sending it (``landed=False``: it counts
+        from now on, whatever happens to the request) and again once it is proven on the
+        gateway. The first record's time is kept: the window runs from the first attempt."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO funding_events VALUES (?,?,?,?,?,?,?) ON CONFLICT(ref) DO UPDATE SET "
+                "credits=excluded.credits, status=CASE WHEN funding_events.status=? THEN funding_events.status "
+                "ELSE excluded.status END",
+                (
+                    ref,
+                    agent_id,
+                    fleet,
+                    kind.value,
+                    str(credits),
+                    self._clock(),
+                    FUNDING_LANDED if landed else FUNDING_UNKNOWN,
+                    FUNDING_LANDED,
+                ),
+            )
+            # Kept a month for the record; only the last 24 h decide anything.
+            db.execute("DELETE FROM funding_events WHERE at < ?", (self._clock() - FUNDING_KEPT_SECONDS,))
+
+    def release_funding(self, ref: str) -> None:
+        """Forget a credit proven never to have landed (a landed one is never forgotten)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM funding_events WHERE ref=? AND status=?", (ref, FUNDING_UNKNOWN))
+
+    def funding_events(self, *, now: float | None = None) -> list[FundingEvent]:
+        """Every credit finops put in within the rolling window ending ``now``."""
+        since = (self._clock() if now is None else now) - WINDOW_SECONDS
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT ref, agent_id, fleet, kind, credits, at FROM funding_events WHERE at > ? ORDER BY at",
+                (since,),
+            ).fetchall()
+        return [FundingEvent(r[0], r[1], r[2], FundingKind(r[3]), Decimal(r[4]), r[5]) for r in rows]
 
     # -- history ---------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from controller.gateway.client import GatewayClient
 from controller.gateway.errors import GatewayError
 from controller.keys.rotate import KeyManager
 from controller.observe import LiveFleet, observe
-from controller.plan import ChangeKind, Plan, make_plan
+from controller.plan import ChangeKind, Plan, funding_window_to_dict, make_plan
 from controller.reconcile import build_memory
 from controller.state import FAILED, StateStore
 from policies.alerts import redact_url
@@ -58,6 +58,8 @@ class FleetStatus:
     target: str
     agents: list[AgentStatus]
     unmanaged_agents: list[str]
+    funding: list[dict[str, Any]] = field(default_factory=list)
+    """Per fleet: the rolling 24 h funding limit, used and left (``funding_window_to_dict``)."""
 
     @property
     def flagged(self) -> list[AgentStatus]:
@@ -68,6 +70,7 @@ class FleetStatus:
             "target": self.target,
             "agents": [a.to_dict() for a in self.agents],
             "unmanaged_agents": self.unmanaged_agents,
+            "funding": self.funding,
             "flagged": [a.agent_id for a in self.flagged],
         }
 
@@ -120,9 +123,16 @@ def _unknown_outcomes(plan: Plan, agent_id: str) -> list[str]:
 async def fleet_status(
     client: GatewayClient, desired: DesiredState, store: StateStore, keys: KeyManager, *, target: str
 ) -> FleetStatus:
-    live: LiveFleet = await observe(client, desired, target=target, webhooks_owned=bool(store.managed_webhooks()))
+    now = store.now()
+    live: LiveFleet = await observe(
+        client, desired, target=target, webhooks_owned=bool(store.managed_webhooks()), now=now
+    )
     memory = build_memory(store, desired)
-    plan = make_plan(desired, live, memory)
+    plan = make_plan(desired, live, memory, now=datetime.fromtimestamp(now, UTC))
+    outflow = {f.agent_id: f for f in plan.outflow}
+    deferred: dict[str, list[str]] = {}
+    for d in plan.deferred:
+        deferred.setdefault(d.agent_id, []).append(d.message)
     routes = delivery_status(store.path)
     fired = alert_state(store.path)
     key_status = {k.agent_id: k for k in keys.key_status(desired)}
@@ -177,6 +187,21 @@ async def fleet_status(
             if drift:
                 row.flags.append(drift)
             row.flags += _unknown_outcomes(plan, spec.agent_id)
+            flow = outflow.get(spec.agent_id)
+            if flow is not None:
+                row.flags.append(
+                    f"UNEXPLAINED OUTFLOW: {format_money(from_credits(flow.unexplained, rate))} {fleet.currency} left "
+                    f"the wallet in 24 h other than as metered spend (withdrawals, payments)"
+                    + ("" if flow.complete else ", at least (ledger read in part)")
+                    + (
+                        f"; refunding stopped at maxUnexplainedPerDay "
+                        f"{format_money(from_credits(flow.limit, rate))} {fleet.currency}"
+                        if flow.refunding_stopped
+                        else ""
+                    )
+                )
+            for message in deferred.get(spec.agent_id, []):
+                row.flags.append(f"FUNDING DEFERRED: {message}")
             for route in routes.get(spec.agent_id, []):
                 row.alert_endpoints.append(
                     {
@@ -225,7 +250,7 @@ async def fleet_status(
                         "ROTATION INTERRUPTED: its outcome is resolved by the next `finops rotate` or daemon pass"
                     )
             out.append(row)
-    return FleetStatus(live.target, out, list(plan.unmanaged_agents))
+    return FleetStatus(live.target, out, list(plan.unmanaged_agents), [funding_window_to_dict(w) for w in plan.funding])
 
 
 def render_status(status: FleetStatus) -> str:
@@ -250,6 +275,12 @@ def render_status(status: FleetStatus) -> str:
             lines.append(f"{'':12}   key {a.key.get('fingerprint') or '(none held)'}; next rotation {due or '-'}")
         for flag in a.flags:
             lines.append(f"{'':12}   ! {flag}")
+    for w in status.funding:
+        lines.append(
+            f"Fleet {w['fleet']} funding, rolling 24 h: {w['used']} of {w['limit']} {w['currency']} used, "
+            f"{w['available']} left ({w['used_credits']} of {w['limit_credits']} credits); "
+            f"the next reconcile would put in {w['planned']}"
+        )
     if status.unmanaged_agents:
         lines.append("Unmanaged agents on the gateway: " + ", ".join(status.unmanaged_agents))
     flagged = status.flagged

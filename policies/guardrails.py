@@ -26,7 +26,8 @@ class Violation:
 def check_funding_ceiling(
     fleet: str, currency: str, top_ups: Mapping[str, Decimal], ceiling: Decimal
 ) -> list[Violation]:
-    """The total top-up of one run must not exceed the fleet's per-run funding ceiling."""
+    """What one run puts into the fleet (``funded``: per agent, top-ups plus the signup bonus
+    of each registration) must not exceed the fleet's per-run funding ceiling."""
     total = sum(top_ups.values(), Decimal("0.00"))
     if total <= ceiling:
         return []
@@ -35,7 +36,8 @@ def check_funding_ceiling(
             rule="funding-ceiling",
             fleet=fleet,
             message=(
-                f"plan tops up {format_money(total)} {currency} across {len(top_ups)} agent(s), "
+                f"plan puts {format_money(total)} {currency} into {len(top_ups)} agent(s) "
+                "(top-ups and signup bonuses), "
                 f"{format_money(total - ceiling)} {currency} over the per-run ceiling "
                 f"{format_money(ceiling)} {currency}"
             ),

@@ -126,6 +126,10 @@ class AgentSpec:
     daily_cap_min: Decimal | None = None
     """Bounds the rebalancer keeps this agent's daily cap within (``None``: fleet not rebalanced)."""
     daily_cap_max: Decimal | None = None
+    max_unexplained_per_day: Decimal = Decimal("0.00")
+    """How much may leave this wallet in 24 h other than as metered spend (withdrawals,
+    payments) and still be refilled by finops (fleet currency). Default 0: an agent whose
+    balance falls without matching spend is not refunded at all until a human decides."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,17 @@ class FleetSpec:
     agents: tuple[AgentSpec, ...]
     source: Source | None = None
     rebalancing: RebalanceSettings | None = None
+    daily_funding_limit: Decimal | None = None
+    """``spec.funding.dailyLimit``; ``None``: the default, see ``funding_daily_limit``."""
+
+    @property
+    def funding_daily_limit(self) -> Decimal:
+        """The most finops puts into this fleet's wallets in any rolling 24 h (deposits and
+        signup bonuses). Default: one full per-run ceiling (filling the wallets) plus one
+        day of capped spend (refilling them): all an honest fleet can need in a day."""
+        if self.daily_funding_limit is not None:
+            return self.daily_funding_limit
+        return self.funding_ceiling + self.daily_total
 
 
 @dataclass(frozen=True)

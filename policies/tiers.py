@@ -92,6 +92,8 @@ class FundingDecl:
 
     floor: Decimal | None = None
     target: Decimal | None = None
+    max_unexplained: Decimal | None = None
+    """``maxUnexplainedPerDay``; resolved like floor and target (agent, tier, defaults)."""
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,8 @@ class FleetDecl:
     gateway_webhooks: WebhookDecl | None = None
     keys: KeysDecl = KeysDecl()
     rebalancing: RebalanceDecl | None = None
+    funding_daily_limit: Decimal | None = None
+    """``spec.funding.dailyLimit`` as written (``None``: the default)."""
 
 
 @dataclass(frozen=True)
@@ -352,6 +356,12 @@ def resolve_agent(fleet: FleetDecl, agent: AgentDecl) -> tuple[AgentSpec | None,
         return None, issues
 
     labels = {**fleet.default_labels, **agent.labels}
+    max_unexplained, _ = _pick(
+        agent.funding.max_unexplained,
+        tier.funding.max_unexplained,
+        fleet.default_funding.max_unexplained,
+        tier.name,
+    )
     thresholds = agent.thresholds if agent.thresholds is not None else fleet.thresholds
     routes, route_issues = _resolve_routes(fleet, agent, tuple(thresholds))
     bounds, bound_issues = _resolve_bounds(fleet, tier, agent, daily)
@@ -376,6 +386,7 @@ def resolve_agent(fleet: FleetDecl, agent: AgentDecl) -> tuple[AgentSpec | None,
             keys=_key_policy(fleet.keys, agent.keys),
             daily_cap_min=bounds[0] if bounds else None,
             daily_cap_max=bounds[1] if bounds else None,
+            max_unexplained_per_day=max_unexplained if max_unexplained is not None else Decimal("0.00"),
         ),
         [],
     )
@@ -712,6 +723,7 @@ def resolve(
                 agents=tuple(specs),
                 source=Source(fleet.origin.file, fleet.origin.line),
                 rebalancing=_rebalance_settings(fleet.rebalancing),
+                daily_funding_limit=fleet.funding_daily_limit,
             )
         )
 

@@ -273,6 +273,7 @@ class Reconciler:
             applier = Applier(client, self.store, self.sink, clock=self.clock, key_sink=key_sinks(desired, self.sink))
             await applier.prepare(desired)  # known outcomes first, so the plan never races them
             plan = preflight(await self.plan_fn(client, desired, self.target, self.store), desired, self.sink.directory)
+            log_funding_limits(self.log, plan)
             now = self.clock()
             unobserved = {e.split(":", 1)[0]: e.split(":", 1)[1].strip() for e in plan.errors}
             skipped_backoff = sorted({c.agent_id for c in plan.changes if self.backoff.active(c.agent_id, now)})
@@ -359,3 +360,27 @@ class Reconciler:
             agent = spec.agent_id
             if agent not in failed and agent not in blocked and self.backoff.succeeded(agent):
                 log_event(self.log, logging.INFO, "agent recovered; backoff cleared", agent=agent)
+
+
+def log_funding_limits(log: logging.Logger, plan: Plan) -> None:
+    """Funding the plan holds back, and agents whose wallets leak, are said on every pass."""
+    for flag in plan.outflow:
+        log_event(
+            log,
+            logging.WARNING,
+            "unexplained outflow: credits left the wallet other than as metered spend",
+            agent=flag.agent_id,
+            unexplained_credits=str(flag.unexplained),
+            limit_credits=str(flag.limit),
+            refunding_stopped=flag.refunding_stopped,
+        )
+    for deferred in plan.deferred:
+        log_event(
+            log,
+            logging.WARNING,
+            "funding deferred",
+            agent=deferred.agent_id,
+            change=deferred.kind.value,
+            credits=str(deferred.credits),
+            reason=deferred.reason.value,
+        )

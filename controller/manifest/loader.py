@@ -494,7 +494,7 @@ def _agent_decls(label: str, doc: Document, agents: Sequence[Agent]) -> tuple[Ag
                 tier=agent.tier,
                 daily_cap=agent.daily_cap,
                 monthly_cap=agent.monthly_cap,
-                funding=FundingDecl(agent.funding.floor, agent.funding.target),
+                funding=FundingDecl(agent.funding.floor, agent.funding.target, agent.funding.max_unexplained_per_day),
                 thresholds=tuple(thresholds) if thresholds is not None else None,
                 labels=dict(agent.labels),
                 origin=origin,
@@ -523,7 +523,7 @@ def _fleet_decl(label: str, doc: Document, manifest: FleetManifest) -> FleetDecl
             name=name,
             daily_cap=tier.daily_cap,
             monthly_cap=tier.monthly_cap,
-            funding=FundingDecl(tier.funding.floor, tier.funding.target),
+            funding=FundingDecl(tier.funding.floor, tier.funding.target, tier.funding.max_unexplained_per_day),
             origin=_origin(label, doc, ("spec", "tiers", name), tier_rels),
             bounds=_bounds(tier.rebalance),
         )
@@ -568,10 +568,13 @@ def _fleet_decl(label: str, doc: Document, manifest: FleetManifest) -> FleetDecl
         currency=spec.currency,
         daily_total=spec.daily_budget_total,
         funding_ceiling=spec.funding.per_run_ceiling,
+        funding_daily_limit=spec.funding.daily_limit,
         tiers=tiers,
         agents=_agent_decls(label, doc, spec.agents),
         thresholds=tuple(spec.alerts.thresholds),
-        default_funding=FundingDecl(spec.defaults.funding.floor, spec.defaults.funding.target),
+        default_funding=FundingDecl(
+            spec.defaults.funding.floor, spec.defaults.funding.target, spec.defaults.funding.max_unexplained_per_day
+        ),
         default_labels=dict(spec.defaults.labels),
         origin=origin,
     )

@@ -136,16 +136,31 @@ class _Model(BaseModel):
 
 
 class Funding(_Model):
-    """Wallet funding band; either field may be left to a less specific level."""
+    """Wallet funding band; any field may be left to a less specific level."""
 
     floor: Money | None = None
     target: Money | None = None
+    max_unexplained_per_day: Money | None = Field(
+        default=None,
+        description=(
+            "How much may leave the wallet in a rolling 24 h other than as metered gateway spend "
+            "(withdrawals, payments) and still be refilled by finops. Default 0.00: such an agent is "
+            "flagged and not refunded."
+        ),
+    )
 
 
 class FleetFunding(_Model):
     """Fleet-level funding guardrails."""
 
     per_run_ceiling: Money
+    daily_limit: Money | None = Field(
+        default=None,
+        description=(
+            "The most finops puts into the fleet's wallets in any rolling 24 h: deposits and the "
+            "signup bonus of every agent it registers. Default: perRunCeiling + dailyBudgetTotal."
+        ),
+    )
 
 
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"

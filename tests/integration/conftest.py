@@ -6,6 +6,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from controller.manifest.loader import load_manifests
 from controller.plan import Plan
 from controller.reconcile import observe_and_plan
 from controller.sandbox.server import SandboxServer
+from controller.sandbox.store import to_atomic
 from controller.state import StateStore
 from policies.settle import SETTLE_SECONDS
 from policies.spec import DesiredState
@@ -99,6 +101,14 @@ class Harness:
     ) -> ApplyResult:
         async with self.client(transport) as client:
             return await Applier(client, self.store, self.sink, fault_hook=fault_hook, clock=self.clock).apply(plan)
+
+    def spend(self, agent: str, credits: Decimal) -> None:
+        """Metered gateway spend (a ``charge`` row and the budget's usage), as an agent's
+        paid tool calls make it. A withdrawal is not spend: finops flags it as unexplained
+        outflow and does not refund it (``maxUnexplainedPerDay``)."""
+        self.sandbox.store.record_usage_and_charge(
+            agent, "best_match", to_atomic(credits), None, now=self.sandbox.clock()
+        )
 
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.sandbox.url, headers={"Authorization": f"Bearer {self.sandbox.admin_key}"})

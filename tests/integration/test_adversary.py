@@ -19,6 +19,7 @@ import asyncio
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +217,7 @@ def _drift(harness: Harness, agents: list[str]) -> None:
     read would now top up and rewrite the budget of the agent it could not see."""
     with harness.admin() as admin:
         for agent in agents:
-            admin.post(f"/v1/billing/wallets/{agent}/withdraw", json={"amount": "6000.00"}).raise_for_status()
+            harness.spend(agent, Decimal("6000.00"))  # metered: a withdrawal would not be refunded
             admin.put(
                 f"/v1/billing/wallets/{agent}/budget", json={"daily_cap": "99999.00", "monthly_cap": "99999.00"}
             ).raise_for_status()

@@ -126,14 +126,16 @@ def test_apply_without_confirmation_in_a_script_is_refused(workdir: Path) -> Non
 def test_guardrail_refuses_apply_and_writes_nothing(workdir: Path) -> None:
     fleet_file = next(p for p in (workdir / "manifests").glob("*.yaml") if "kind: Fleet" in p.read_text())
     text = fleet_file.read_text()
-    text = re.sub(r"perRunCeiling: .*", 'perRunCeiling: "100.00"', text)
+    # A daily limit above the plan, so that the per-run ceiling is what refuses it.
+    text = re.sub(r"perRunCeiling: .*", 'perRunCeiling: "100.00"\n    dailyLimit: "1000.00"', text)
     fleet_file.write_text(text)
     plan = finops(workdir, "plan")
     assert plan.returncode == 1
     assert "funding-ceiling" in plan.stdout and "over the per-run ceiling" in plan.stdout
     result = finops(workdir, "apply", "--auto-approve")
     assert result.returncode == 1
-    assert "guardrail" in result.stderr and "315.00 USD over" in result.stderr
+    # 415.00 USD of top-ups plus five 5.00 USD signup bonuses: 440.00, 340.00 over.
+    assert "guardrail" in result.stderr and "340.00 USD over" in result.stderr
 
 
 def test_validate_and_schema(workdir: Path) -> None:

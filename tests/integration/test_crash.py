@@ -33,7 +33,7 @@ from controller.manifest.loader import load_manifests
 from controller.sandbox.app import exchange_rate
 from controller.sandbox.faults import FaultConfig, FaultKind, Tripwire
 from controller.sandbox.server import SandboxServer
-from controller.sandbox.store import from_atomic
+from controller.sandbox.store import from_atomic, to_atomic
 from controller.state import StateStore
 from policies.currency import SIGNUP_BONUS_CREDITS, to_credits
 from policies.spec import DesiredState
@@ -129,7 +129,9 @@ def drift(sandbox: SandboxServer, desired: DesiredState, rate: Decimal, rng: ran
     with httpx.Client(base_url=sandbox.url, headers={"Authorization": f"Bearer {sandbox.admin_key}"}) as admin:
         for spec in drained:
             spend = to_credits(spec.funding_target, rate) - to_credits(spec.funding_floor, rate) + 1
-            admin.post(f"/v1/billing/wallets/{spec.agent_id}/withdraw", json={"amount": str(spend)}).raise_for_status()
+            # Metered spend: a withdrawal would be unexplained outflow, which finops does not refund.
+            charge = to_atomic(spend)
+            sandbox.store.record_usage_and_charge(spec.agent_id, "best_match", charge, None, now=sandbox.clock())
         for spec in rng.sample(list(desired.agents()), k=3):
             admin.put(f"/v1/billing/wallets/{spec.agent_id}/budget", json={"daily_cap": None, "monthly_cap": None})
     return [s.agent_id for s in drained]

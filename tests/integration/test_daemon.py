@@ -300,8 +300,8 @@ async def test_one_failing_agent_is_backed_off_while_the_fleet_converges(
 ) -> None:
     rig = rig_factory(DirectorySource(manifests_dir), backoff=AgentBackoff(BackoffPolicy(base_s=100, max_s=1000)))
     await rig.step()
+    harness.spend("res-01", Decimal("5000.00"))
     with harness.admin() as http:
-        http.post("/v1/billing/wallets/res-01/withdraw", json={"amount": "5000.00"}).raise_for_status()
         http.post("/v1/billing/wallets/res-01/freeze").raise_for_status()  # its top-up will be refused
     drift(harness, "res-02")
 

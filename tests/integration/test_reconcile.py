@@ -85,8 +85,7 @@ async def test_drift_on_the_gateway_is_planned_exactly_and_corrected(harness: Ha
 
 async def test_spent_wallet_below_floor_is_topped_up_to_target_once(harness: Harness, canonical: DesiredState) -> None:
     assert (await harness.apply(await harness.plan(canonical))).ok
-    with harness.admin() as http:
-        http.post("/v1/billing/wallets/cls-01/withdraw", json={"amount": "2500.00"}).raise_for_status()
+    harness.spend("cls-01", Decimal("2500.00"))  # metered spend (a withdrawal is not refunded: test_funding_limits)
     plan = await harness.plan(canonical)
     [change] = plan.changes
     assert change.kind is ChangeKind.TOP_UP and change.args["amount"] == "2500.00"

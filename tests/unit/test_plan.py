@@ -110,7 +110,8 @@ def test_funding_ceiling_violation_is_part_of_the_plan() -> None:
     plan = make_plan(desired(*agents, ceiling="500.00"), live(*news), Memory())
     [violation] = plan.violations
     assert violation.rule == "funding-ceiling"
-    assert "590.00 USD" in violation.message and "90.00 USD over" in violation.message
+    # The signup bonuses are finops' credits too: 2 x (5.00 bonus + 295.00 top-up).
+    assert "600.00 USD" in violation.message and "100.00 USD over" in violation.message
 
 
 def test_unmanaged_agents_exclude_declared_and_admin() -> None:
