@@ -135,6 +135,23 @@ class RebalanceSettings:
 
 
 @dataclass(frozen=True)
+class ApprovalPolicy:
+    """``spec.approval.maxUnattendedIncrease``: how much more spending authority (over the
+    exposure a person last approved) finops may apply on its own, in the fleet's currency.
+    The default is zero everywhere: any increase waits for ``finops approve``."""
+
+    daily_caps: Decimal = Decimal("0.00")
+    """Increase of the sum of the agents' daily caps."""
+    monthly_caps: Decimal = Decimal("0.00")
+    """Increase of the sum of the agents' monthly caps."""
+    funding: Decimal = Decimal("0.00")
+    """Increase of each funding figure: the sum of funding targets, the per-run ceiling and
+    the rolling daily funding limit (each on its own)."""
+    agents: int = 0
+    """Agents added."""
+
+
+@dataclass(frozen=True)
 class FleetSpec:
     """A fleet: shared currency, totals and the agents that belong to it."""
 
@@ -145,6 +162,7 @@ class FleetSpec:
     agents: tuple[AgentSpec, ...]
     source: Source | None = None
     rebalancing: RebalanceSettings | None = None
+    approval: ApprovalPolicy = ApprovalPolicy()
 
 
 @dataclass(frozen=True)

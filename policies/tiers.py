@@ -28,6 +28,7 @@ from policies.spec import (
     WEEKLY,
     AgentSpec,
     AlertRoute,
+    ApprovalPolicy,
     DesiredState,
     FleetSpec,
     GatewayWebhookSpec,
@@ -195,6 +196,7 @@ class FleetDecl:
     gateway_webhooks: WebhookDecl | None = None
     keys: KeysDecl = KeysDecl()
     rebalancing: RebalanceDecl | None = None
+    approval: ApprovalPolicy = field(default_factory=ApprovalPolicy)
 
 
 @dataclass(frozen=True)
@@ -619,6 +621,7 @@ def resolve(
                 agents=tuple(specs),
                 source=Source(fleet.origin.file, fleet.origin.line),
                 rebalancing=_rebalance_settings(fleet.rebalancing),
+                approval=fleet.approval,
             )
         )
 
