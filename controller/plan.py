@@ -23,6 +23,7 @@ from controller.gateway.models import Webhook
 from controller.observe import NEW_WALLET_ANCHOR, LiveAgent, LiveFleet
 from controller.state import Adjustment, BudgetWrite, Hold, ManagedWebhook
 from policies.currency import SIGNUP_BONUS_CREDITS, from_credits, to_credits
+from policies.exposure import Exposure, ExposureReview, exposure_of, review
 from policies.funding import deposit_idempotency_key, top_up_amount
 from policies.guardrails import Violation, check_caps_within_total, check_funding_ceiling
 from policies.money import format_money
@@ -103,6 +104,9 @@ class Plan:
     """Webhooks on the admin key that finops does not own (both ownership keys needed)."""
     rebalanced: tuple[str, ...] = ()
     """Today's rebalancing adjustments in force (desired caps include them)."""
+    exposure: ExposureReview | None = None
+    """The spending authority the manifests grant, per fleet, against the exposure a person
+    last approved, and whether the increase needs ``finops approve`` (see policies.exposure)."""
     format_version: int = PLAN_FORMAT_VERSION
 
     @property
@@ -125,6 +129,8 @@ class Plan:
             "unmanaged_agents": len(self.unmanaged_agents),
             "violations": len(self.violations),
             "errors": len(self.errors),
+            "exposure_increase": bool(self.exposure and self.exposure.increases),
+            "approval_required": bool(self.exposure and self.exposure.requires_approval),
         }
 
 
@@ -142,6 +148,8 @@ class Memory:
     """Fingerprints of the agent keys finops holds."""
     adjustments: Mapping[str, Adjustment] = field(default_factory=dict)
     """The rebalancer's current daily-cap adjustments (desired cap = baseline + adjustment)."""
+    approved_exposure: Exposure | None = None
+    """The exposure a person last approved (``None``: nothing approved yet)."""
 
 
 ADJUSTMENT_TTL_SECONDS = 86_400
@@ -530,6 +538,7 @@ def make_plan(
         held=held,
         unmanaged_webhooks=tuple(hooks.unmanaged),
         rebalanced=rebalanced,
+        exposure=review(memory.approved_exposure, exposure_of(desired)),
     )
 
 
@@ -600,6 +609,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "held": [{"agent_id": h.agent_id, "reason": h.reason, "since": h.since} for h in plan.held],
         "unmanaged_webhooks": list(plan.unmanaged_webhooks),
         "rebalanced": list(plan.rebalanced),
+        "exposure": plan.exposure.to_dict() if plan.exposure is not None else None,
         "summary": plan.summary(),
     }
 
@@ -634,6 +644,7 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
         held=tuple(HeldAgent(h["agent_id"], h["reason"], h["since"]) for h in data.get("held", ())),
         unmanaged_webhooks=tuple(data.get("unmanaged_webhooks", ())),
         rebalanced=tuple(data.get("rebalanced", ())),
+        exposure=ExposureReview.from_dict(data["exposure"]) if data.get("exposure") else None,
     )
 
 

@@ -38,6 +38,7 @@ def build_memory(store: StateStore, desired: DesiredState) -> Memory:
         secret_fingerprints=secret_fingerprints(desired),
         key_prefixes=store.key_prefixes(),
         adjustments=store.adjustments(),
+        approved_exposure=approved.exposure_after if (approved := store.last_approval()) is not None else None,
     )
 
 

@@ -312,14 +312,30 @@ class Excess:
     increase: Decimal
     allowed: Decimal
     currency: str
-    text: str = ""
-    """Set only on an excess read back from its saved form (plan files, state rows)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fleet": self.fleet,
+            "dimension": self.dimension,
+            "increase": _signed(self.increase),
+            "allowed": str(self.allowed),
+            "currency": self.currency,
+            "message": str(self),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Excess:
+        return cls(
+            str(data["fleet"]),
+            str(data["dimension"]),
+            _unsigned(data["increase"]),
+            Decimal(str(data["allowed"])),
+            str(data["currency"]),
+        )
 
     def __str__(self) -> str:
-        if self.text:
-            return self.text
         if self.dimension == AGENTS:
-            return f"fleet {self.fleet}: +{self.increase} agent(s), {self.allowed} allowed unattended"
+            return f"fleet {self.fleet}: +{self.increase:f} agent(s), {self.allowed:f} allowed unattended"
         if self.dimension == CURRENCY:
             return f"fleet {self.fleet}: its currency changed (amounts cannot be compared)"
         return (
@@ -409,16 +425,15 @@ class ExposureReview:
             "requires_approval": self.requires_approval,
             "increases": self.increases,
             "fleets": [d.to_dict() for d in self.deltas],
-            "excesses": [str(e) for e in self.excesses],
+            "excesses": [e.to_dict() for e in self.excesses],
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExposureReview:
-        """The saved form (plan files, state rows): excesses come back as text only."""
-        excesses = tuple(Excess("", "", ZERO, ZERO, "", text=str(e)) for e in data.get("excesses") or ())
+        """The saved form (plan files, state rows)."""
         return cls(
             tuple(FleetDelta.from_dict(d) for d in data.get("fleets") or ()),
-            excesses,
+            tuple(Excess.from_dict(e) for e in data.get("excesses") or ()),
             bool(data.get("bootstrap")),
         )
 

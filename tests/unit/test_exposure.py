@@ -217,4 +217,4 @@ def test_review_survives_its_saved_form(a: DesiredState, b: DesiredState) -> Non
     verdict = review(exposure_of(a), exposure_of(b))
     back = ExposureReview.from_dict(verdict.to_dict())
     assert back.requires_approval == verdict.requires_approval
-    assert back.lines() == verdict.lines() and back.to_dict() == verdict.to_dict()
+    assert back == verdict and back.lines() == verdict.lines()
