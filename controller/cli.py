@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from controller import approval
 from controller.apply import Applier, ApplyResult
 from controller.cliopts import (
     DEFAULT_PATH,
@@ -38,6 +39,7 @@ from controller.render import RENDERERS, render_apply_text, render_text
 from controller.sandbox.faults import FaultConfig
 from controller.state import StateStore
 from controller.target import Target, open_target
+from policies.exposure import exposure_of
 from policies.spec import DesiredState
 
 
@@ -126,6 +128,34 @@ def plan(
     run_command(run)
 
 
+def _exposure_gate(
+    fresh: Plan, chosen: Plan, desired: DesiredState, target: Target, store: StateStore, path: str, auto_approve: bool
+) -> str | None:
+    """Refuse an unattended apply above the unattended bound (nothing written); say what an
+    interactive confirmation approves. Returns the prompt's extra line, if any."""
+    verdict = fresh.exposure
+    if verdict is None:
+        return None
+    revision = approval.path_revision(Path(path))
+    if auto_approve:
+        if verdict.requires_approval and not chosen.empty:
+            raise approval.ApprovalRequired(
+                f"revision {revision} raises spending authority above the unattended bound "
+                "(spec.approval.maxUnattendedIncrease); nothing was applied:\n  "
+                + "\n  ".join([*verdict.lines(), *(str(e) for e in verdict.excesses)])
+                + f"\nAn operator holding the admin key must approve it first: finops approve {revision} {path}"
+                "\n(or run `finops apply` interactively and confirm)"
+            )
+        if verdict.bootstrap:
+            approval.record(
+                store, revision, path, exposure_of(desired), how=approval.BOOTSTRAP, api_key=target.api_key
+            )
+        return None
+    if verdict.requires_approval:
+        return f"This raises spending authority above the unattended bound: answering yes approves {revision}."
+    return None
+
+
 async def _apply(
     desired: DesiredState,
     target: Target,
@@ -136,6 +166,7 @@ async def _apply(
     fmt: str,
     concurrency: int,
     prune: bool,
+    path: str = DEFAULT_PATH,
 ) -> tuple[Plan, ApplyResult | None]:
     async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
         fresh = await observe_and_plan(client, desired, target.name, store, prune=prune)
@@ -154,14 +185,27 @@ async def _apply(
             )
         if fmt == "text":
             click.echo(render_text(chosen, click.style))
+        note = _exposure_gate(fresh, chosen, desired, target, store, path, auto_approve)
         if chosen.empty:
             return chosen, None
         if not auto_approve:
             if not sys.stdin.isatty():
                 raise ConfigError("refusing to apply without confirmation: pass --auto-approve in scripts and CI")
+            if note:
+                click.echo(click.style(note, bold=True))
             answer = click.prompt("Apply these changes? Only 'yes' is accepted", default="", show_default=False)
             if answer.strip() != "yes":
                 raise FinopsError("apply cancelled; nothing was changed")
+            if fresh.exposure is not None and (fresh.exposure.bootstrap or fresh.exposure.lines()):
+                # A person saw the exposure and confirmed: that is an approval of this revision.
+                approval.record(
+                    store,
+                    approval.path_revision(Path(path)),
+                    path,
+                    exposure_of(desired),
+                    how=approval.APPLY,
+                    api_key=target.api_key,
+                )
         started = time.time()
         result = await Applier(client, store, sink, key_sink=key_sinks(desired, sink)).apply(chosen)
         store.log_apply(started, result.ok, {"changes": len(chosen.changes), "writes": result.writes})
@@ -208,7 +252,7 @@ def apply(
             sink = DirectoryKeySink(target.secrets_dir(opts.secrets_dir))
             try:
                 chosen, result = asyncio.run(
-                    _apply(desired, target, store, sink, saved, auto_approve, fmt, opts.concurrency, prune)
+                    _apply(desired, target, store, sink, saved, auto_approve, fmt, opts.concurrency, prune, path)
                 )
             finally:
                 store.close()
@@ -328,13 +372,14 @@ def sandbox(host: str, port: int, db: Path, admin_key_file: Path | None, faults:
 
 
 def _register_commands() -> None:
+    from controller.cli_approve import approve
     from controller.cli_keys import freeze_command, keys, rotate, unfreeze_command
     from controller.cli_status import alerts, status
     from controller.daemon import run as daemon_run
     from controller.scheduled import register_scheduled_reconcilers
 
     register_scheduled_reconcilers()
-    for command in (daemon_run, status, alerts, rotate, keys, freeze_command, unfreeze_command):
+    for command in (daemon_run, status, alerts, rotate, keys, freeze_command, unfreeze_command, approve):
         cli.add_command(command)
 
 
