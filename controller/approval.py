@@ -106,7 +106,8 @@ def _read_regular(path: Path, limit: int) -> bytes | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        chunks, size = [], 0
+        chunks: list[bytes] = []
+        size = 0
         while size < limit:
             chunk = os.read(fd, min(65536, limit - size))
             if not chunk:
