@@ -12,12 +12,14 @@ import getpass
 import os
 import stat
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from controller.daemon.source import directory_digest
 from controller.errors import FinopsError
 from controller.manifest.loader import SUFFIXES
-from controller.state import Approval, StateStore
+from controller.state import Approval, PendingRevision, StateStore
 from policies.exposure import Exposure, ExposureReview, exposure_of, review
 from policies.keyprint import fingerprint
 from policies.spec import DesiredState
@@ -159,3 +161,63 @@ def materialize(files: Mapping[str, bytes], dest: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         target.write_bytes(data)
     return dest
+
+
+@dataclass(frozen=True)
+class ApprovalStatus:
+    """For ``finops status``: the last approval, revisions the daemon holds back, and the
+    manifests at PATH against the approved exposure."""
+
+    last: Approval | None
+    pending: tuple[PendingRevision, ...]
+    path_revision: str
+    path_review: ExposureReview
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.pending) or self.path_review.requires_approval
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.last is None:
+            out.append("Exposure: no approval recorded yet (the first revision is judged over zero by its own bound).")
+        else:
+            out.append(
+                f"Exposure: last approved {self.last.revision} ({self.last.how}) by {self.last.by_user} "
+                f"with admin key {self.last.by_key}."
+            )
+        for p in self.pending:
+            excess = "; ".join(str(e) for e in p.review.excesses)
+            out.append(
+                f"! WAITING FOR APPROVAL: revision {p.revision} is held back by the daemon ({excess}); "
+                f"the last approved revision stays enforced. Run `finops approve {p.revision}`."
+            )
+        if self.path_review.requires_approval and self.path_revision not in {p.revision for p in self.pending}:
+            excess = "; ".join(str(e) for e in self.path_review.excesses)
+            out.append(f"! these manifests ({self.path_revision}) need approval before an unattended apply: {excess}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "last_approval": None
+            if self.last is None
+            else {
+                "revision": self.last.revision,
+                "how": self.last.how,
+                "approved_at": self.last.approved_at,
+                "by_key": self.last.by_key,
+                "by_user": self.last.by_user,
+            },
+            "pending": [{"revision": p.revision, "review": p.review.to_dict()} for p in self.pending],
+            "manifests": {"revision": self.path_revision, "review": self.path_review.to_dict()},
+            "flagged": self.flagged,
+        }
+
+
+def approval_status(store: StateStore, desired: DesiredState, path: str) -> ApprovalStatus:
+    return ApprovalStatus(
+        last=store.last_approval(),
+        pending=tuple(store.pending_revisions()),
+        path_revision=path_revision(Path(path)),
+        path_review=judge(store, desired),
+    )
