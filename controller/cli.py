@@ -300,6 +300,14 @@ def rebalance(
             sink = DirectoryKeySink(target.secrets_dir(opts.secrets_dir))
 
             async def go() -> RebalanceRun:
+                verdict = approval.judge(store, desired)
+                if not dry_run and verdict.requires_approval:
+                    # Rebalanced caps are written on top of these manifests' baselines.
+                    raise approval.ApprovalRequired(
+                        f"the manifests at {path} raise spending authority above the unattended bound and are not "
+                        "approved: " + "; ".join(str(e) for e in verdict.excesses) + "; run `finops approve "
+                        f"{approval.path_revision(Path(path))} {path}` first (or `--dry-run`)"
+                    )
                 async with GatewayClient(target.url, target.api_key, concurrency=opts.concurrency) as client:
                     return await run_rebalance(
                         client, desired, store, sink, target.name, dry_run=dry_run, now=time.time

@@ -54,13 +54,15 @@ def harness(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Harness]:
     store.close()
 
 
-def finops(harness: Harness, tmp_path: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def finops(
+    harness: Harness, tmp_path: Path, *args: str, stdin: str | None = None, key_file: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GREENHELIX_", "FINOPS_"))}
     target = [
         "--gateway",
         harness.sandbox.url,
         "--api-key-file",
-        str(tmp_path / "admin.key"),
+        str(key_file or tmp_path / "admin.key"),
         "--state-dir",
         str(tmp_path / "state"),
         "--secrets-dir",
@@ -282,6 +284,15 @@ def test_apply_auto_approve_refuses_above_the_bound_until_finops_approve(tmp_pat
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert f"finops approve {revision} manifests" in refused.stderr
     assert harness.stats()["writes"] == 0 and balance(harness, "res-01") == Decimal("2500.00")
+
+    rebalance = finops(harness, tmp_path, "rebalance", "manifests")  # writes caps on these baselines: refused too
+    assert rebalance.returncode == 1 and f"finops approve {revision} manifests" in rebalance.stderr
+
+    agent_key = next((tmp_path / "secrets").glob("*.key"))  # a working key, but not an admin key
+    not_admin = finops(harness, tmp_path, "approve", revision, "manifests", key_file=agent_key)
+    assert not_admin.returncode == 1 and "admin" in not_admin.stderr and "Traceback" not in not_admin.stderr
+    assert agent_key.read_text().strip() not in not_admin.stdout + not_admin.stderr
+    assert harness.store.last_approval() is not None and harness.store.last_approval().how == "bootstrap"  # type: ignore[union-attr]
 
     wrong = approve(harness, tmp_path, "dir:0000000000000000", "manifests")
     assert wrong.returncode == 1 and revision in wrong.stderr  # approve what you reviewed, nothing else
