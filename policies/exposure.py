@@ -196,9 +196,9 @@ class FleetDelta:
             if value:
                 parts.append(f"{_signed(value)} {self.currency}{_unit(dim)}")
         if self.agents_added:
-            parts.append(f"+{len(self.agents_added)} agent(s) ({', '.join(self.agents_added)})")
+            parts.append(f"+{len(self.agents_added)} agent(s) ({_names(self.agents_added)})")
         if self.agents_removed:
-            parts.append(f"-{len(self.agents_removed)} agent(s) ({', '.join(self.agents_removed)})")
+            parts.append(f"-{len(self.agents_removed)} agent(s) ({_names(self.agents_removed)})")
         if self.currency_changed and self.before is not None:
             parts.append(f"currency {self.before.currency} → {self.currency}")
         return ", ".join(parts) if parts else "no change"
@@ -228,6 +228,11 @@ class FleetDelta:
             agents_removed=tuple(data.get("agents_removed") or ()),
             currency_changed=bool(data.get("currency_changed")),
         )
+
+
+def _names(ids: tuple[str, ...], shown: int = 5) -> str:
+    more = f", … {len(ids) - shown} more" if len(ids) > shown else ""
+    return ", ".join(ids[:shown]) + more
 
 
 def _signed(value: Decimal) -> str:
