@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import os
 import stat
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -124,8 +125,9 @@ def _read_regular(path: Path, limit: int) -> bytes | None:
 
 
 def read_bundle(path: Path, revision: str) -> dict[str, bytes] | None:
-    """The manifest files under ``path`` as the daemon's digest sees them, or ``None`` when
-    they cannot be captured exactly (unreadable, too large, or changed since ``revision``)."""
+    """The manifest files under ``path``, or ``None`` when they cannot be captured exactly
+    (unreadable, too large, or not ``revision`` any more). Checked by digesting a restored
+    copy with the daemon's own ``directory_digest``, so the bundle is the revision."""
     root = Path(path)
     files: dict[str, bytes] = {}
     total = 0
@@ -137,17 +139,12 @@ def read_bundle(path: Path, revision: str) -> dict[str, bytes] | None:
         if total > BUNDLE_TOTAL_LIMIT:
             return None
         files[name] = data
-    return files if bundle_digest(files) == revision else None
-
-
-def bundle_digest(files: Mapping[str, bytes]) -> str:
-    """The ``dir:`` revision of a bundle (the same digest ``directory_digest`` computes)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in sorted(files, key=lambda n: n.split("/")):
-        digest.update(name.encode() + b"\0" + files[name] + b"\0")
-    return "dir:" + digest.hexdigest()[:16]
+    with tempfile.TemporaryDirectory(prefix="finops-bundle-") as tmp:
+        copy = materialize(files, Path(tmp) / "manifests")
+        if root.is_file():
+            copy = copy / root.name
+        same = directory_digest(copy) == revision
+    return files if same else None
 
 
 def materialize(files: Mapping[str, bytes], dest: Path) -> Path:

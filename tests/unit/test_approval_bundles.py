@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.approval import bundle_digest, materialize, read_bundle
+from controller.approval import materialize, read_bundle
 from controller.daemon.source import directory_digest
 from controller.errors import FinopsError
 from controller.manifest.loader import load_manifests
@@ -27,7 +27,7 @@ def test_a_bundle_is_the_revision_the_daemon_names_and_restores_the_same_desired
     revision = directory_digest(tmp_path / "m")
     files = read_bundle(tmp_path / "m", revision)
     assert files is not None and sorted(files) == ["research-fleet.yaml", "research-workers.yaml"]
-    assert bundle_digest(files) == revision
+    assert directory_digest(materialize(files, tmp_path / "copy")) == revision
     store = StateStore(tmp_path / "state.db")
     store.store_bundle(revision, files)
     restored = store.bundle(revision)
