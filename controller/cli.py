@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from controller import approval
 from controller.apply import Applier, ApplyResult
 from controller.cliopts import (
     DEFAULT_PATH,
@@ -40,6 +41,7 @@ from controller.sandbox.faults import FaultConfig
 from controller.secretfile import make_private_dirs, write_secret_file
 from controller.state import StateStore
 from controller.target import Target
+from policies.exposure import exposure_of
 from policies.spec import DesiredState
 
 MAX_PLAN_FILE_BYTES = 256 * 1024 * 1024
@@ -132,6 +134,34 @@ def plan(
     run_command(run)
 
 
+def _exposure_gate(
+    fresh: Plan, chosen: Plan, desired: DesiredState, target: Target, store: StateStore, path: str, auto_approve: bool
+) -> str | None:
+    """Refuse an unattended apply above the unattended bound (nothing written); say what an
+    interactive confirmation approves. Returns the prompt's extra line, if any."""
+    verdict = fresh.exposure
+    if verdict is None:
+        return None
+    revision = approval.path_revision(Path(path))
+    if auto_approve:
+        if verdict.requires_approval and not chosen.empty:
+            raise approval.ApprovalRequired(
+                f"revision {revision} raises spending authority above the unattended bound "
+                "(spec.approval.maxUnattendedIncrease); nothing was applied:\n  "
+                + "\n  ".join([*verdict.lines(), *(str(e) for e in verdict.excesses)])
+                + f"\nAn operator holding the admin key must approve it first: finops approve {revision} {path}"
+                "\n(or run `finops apply` interactively and confirm)"
+            )
+        if verdict.bootstrap:
+            approval.record(
+                store, revision, path, exposure_of(desired), how=approval.BOOTSTRAP, api_key=target.api_key
+            )
+        return None
+    if verdict.requires_approval:
+        return f"This raises spending authority above the unattended bound: answering yes approves {revision}."
+    return None
+
+
 async def _apply(
     desired: DesiredState,
     target: Target,
@@ -142,6 +172,7 @@ async def _apply(
     fmt: str,
     concurrency: int,
     prune: bool,
+    path: str = DEFAULT_PATH,
 ) -> tuple[Plan, ApplyResult | None]:
     async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
         applier = Applier(client, store, sink, key_sink=key_sinks(desired, sink))
@@ -162,15 +193,28 @@ async def _apply(
             )
         if fmt == "text":
             click.echo(render_text(chosen, click.style))
+        note = _exposure_gate(fresh, chosen, desired, target, store, path, auto_approve)
         if chosen.empty:
             # Nothing to write, but what resolving unknown outcomes found is still said.
             return chosen, (ApplyResult(agents=[], writes=0, reads=0, recovered=notes) if notes else None)
         if not auto_approve:
             if not sys.stdin.isatty():
                 raise ConfigError("refusing to apply without confirmation: pass --auto-approve in scripts and CI")
+            if note:
+                click.echo(click.style(note, bold=True))
             answer = click.prompt("Apply these changes? Only 'yes' is accepted", default="", show_default=False)
             if answer.strip() != "yes":
                 raise FinopsError("apply cancelled; nothing was changed")
+            if fresh.exposure is not None and (fresh.exposure.bootstrap or fresh.exposure.lines()):
+                # A person saw the exposure and confirmed: that is an approval of this revision.
+                approval.record(
+                    store,
+                    approval.path_revision(Path(path)),
+                    path,
+                    exposure_of(desired),
+                    how=approval.APPLY,
+                    api_key=target.api_key,
+                )
         started = time.time()
         result = await applier.apply(chosen)
         store.log_apply(started, result.ok, {"changes": len(chosen.changes), "writes": result.writes})
@@ -221,7 +265,7 @@ def apply(
             sink = DirectoryKeySink(target.secrets_dir(opts.secrets_dir))
             try:
                 chosen, result = asyncio.run(
-                    _apply(desired, target, store, sink, saved, auto_approve, fmt, opts.concurrency, prune)
+                    _apply(desired, target, store, sink, saved, auto_approve, fmt, opts.concurrency, prune, path)
                 )
             finally:
                 store.close()
@@ -269,6 +313,14 @@ def rebalance(
             sink = DirectoryKeySink(target.secrets_dir(opts.secrets_dir))
 
             async def go() -> RebalanceRun:
+                verdict = approval.judge(store, desired)
+                if not dry_run and verdict.requires_approval:
+                    # Rebalanced caps are written on top of these manifests' baselines.
+                    raise approval.ApprovalRequired(
+                        f"the manifests at {path} raise spending authority above the unattended bound and are not "
+                        "approved: " + "; ".join(str(e) for e in verdict.excesses) + "; run `finops approve "
+                        f"{approval.path_revision(Path(path))} {path}` first (or `--dry-run`)"
+                    )
                 async with GatewayClient(target.url, target.api_key, concurrency=opts.concurrency) as client:
                     return await run_rebalance(
                         client, desired, store, sink, target.name, dry_run=dry_run, now=time.time
@@ -341,13 +393,14 @@ def sandbox(host: str, port: int, db: Path, admin_key_file: Path | None, faults:
 
 
 def _register_commands() -> None:
+    from controller.cli_approve import approve
     from controller.cli_keys import freeze_command, keys, rotate, unfreeze_command
     from controller.cli_status import alerts, status
     from controller.daemon import run as daemon_run
     from controller.scheduled import register_scheduled_reconcilers
 
     register_scheduled_reconcilers()
-    for command in (daemon_run, status, alerts, rotate, keys, freeze_command, unfreeze_command):
+    for command in (daemon_run, status, alerts, rotate, keys, freeze_command, unfreeze_command, approve):
         cli.add_command(command)
 
 

@@ -9,6 +9,7 @@ import time
 import click
 
 from controller.alerting.engine import check_alerts
+from controller.approval import approval_status
 from controller.cli_keys import Session, with_session
 from controller.cliopts import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, TargetOptions, load, run_command, target_options
 from controller.status import fleet_status, render_status
@@ -32,8 +33,14 @@ def status(
 
         async def go(s: Session) -> int:
             result = await fleet_status(s.client, desired, s.store, s.keys, target=s.target.name)
-            click.echo(json.dumps(result.to_dict(), indent=2) if fmt == "json" else render_status(result))
-            return EXIT_ERROR if strict and result.flagged else EXIT_OK
+            approvals = approval_status(s.store, desired, path)
+            if fmt == "json":
+                click.echo(json.dumps({**result.to_dict(), "approval": approvals.to_dict()}, indent=2))
+            else:
+                click.echo(render_status(result))
+                for line in approvals.lines():
+                    click.echo(line)
+            return EXIT_ERROR if strict and (result.flagged or approvals.flagged) else EXIT_OK
 
         return with_session(opts, go, quiet_banner=fmt == "json")
 

@@ -23,6 +23,7 @@ from controller.gateway.models import Webhook
 from controller.observe import NEW_WALLET_ANCHOR, LiveAgent, LiveFleet
 from controller.state import Adjustment, BudgetWrite, Hold, Intent, ManagedWebhook
 from policies.currency import SIGNUP_BONUS_CREDITS, from_credits, to_credits
+from policies.exposure import Exposure, ExposureReview, exposure_of, review
 from policies.funding import deposit_idempotency_key, funding_epoch, top_up_amount
 from policies.funding_window import (
     DeferReason,
@@ -215,6 +216,9 @@ class Plan:
     """Per fleet: the rolling 24 h funding limit, used, planned and left."""
     deferred: tuple[Deferred, ...] = ()
     outflow: tuple[OutflowFlag, ...] = ()
+    exposure: ExposureReview | None = None
+    """The spending authority the manifests grant, per fleet, against the exposure a person
+    last approved, and whether the increase needs ``finops approve`` (see policies.exposure)."""
     format_version: int = PLAN_FORMAT_VERSION
 
     @property
@@ -240,6 +244,8 @@ class Plan:
             "unmanaged_agents": len(self.unmanaged_agents),
             "violations": len(self.violations),
             "errors": len(self.errors),
+            "exposure_increase": bool(self.exposure and self.exposure.increases),
+            "approval_required": bool(self.exposure and self.exposure.requires_approval),
         }
 
 
@@ -267,6 +273,8 @@ class Memory:
     settle_seconds: float = SETTLE_SECONDS
     funding_events: tuple[FundingEvent, ...] = ()
     """Credits finops put in over the last 24 h (``controller.state`` funding events)."""
+    approved_exposure: Exposure | None = None
+    """The exposure a person last approved (``None``: nothing approved yet)."""
 
 
 def unresolved_intent(memory: Memory, agent_id: str, kind: str) -> Intent | None:
@@ -822,6 +830,7 @@ def make_plan(
         funding=tuple(windows),
         deferred=tuple(deferred),
         outflow=tuple(outflow),
+        exposure=review(memory.approved_exposure, exposure_of(desired)),
     )
 
 
@@ -1073,6 +1082,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             }
             for f in plan.outflow
         ],
+        "exposure": plan.exposure.to_dict() if plan.exposure is not None else None,
         "summary": plan.summary(),
     }
 
@@ -1171,6 +1181,7 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
             )
             for f in data.get("unexplained_outflow", ())
         ),
+        exposure=ExposureReview.from_dict(data["exposure"]) if data.get("exposure") else None,
     )
 
 

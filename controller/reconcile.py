@@ -102,6 +102,7 @@ def build_memory(store: StateStore, desired: DesiredState) -> Memory:
         last_deposits=store.last_deposit_ids(),
         settle_seconds=configured_settle_seconds(),
         funding_events=tuple(store.funding_events()),
+        approved_exposure=approved.exposure_after if (approved := store.last_approval()) is not None else None,
     )
 
 

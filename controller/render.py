@@ -134,6 +134,24 @@ def _outflow_lines(plan: Plan) -> list[str]:
     ]
 
 
+def exposure_lines(plan: Plan) -> list[str]:
+    """What the plan authorizes, per fleet, against what a person last approved."""
+    review = plan.exposure
+    if review is None:
+        return []
+    base = "nothing approved yet" if review.bootstrap else "the last approved revision"
+    changed = review.lines()
+    if not changed:
+        return [f"Exposure: unchanged from {base}."]
+    out = [f"Exposure (spending authority vs {base}):"] + [f"  {line}" for line in changed]
+    if review.requires_approval:
+        out.append("  ABOVE the unattended bound (spec.approval.maxUnattendedIncrease): needs `finops approve`:")
+        out += [f"    {e}" for e in review.excesses]
+    else:
+        out.append("  within the unattended bound")
+    return out
+
+
 def render_text(plan: Plan, style: Style = _plain) -> str:
     plan = escaped(plan)
     lines: list[str] = []
@@ -144,6 +162,11 @@ def render_text(plan: Plan, style: Style = _plain) -> str:
             f"{f.rate_to_credits} CREDITS"
         )
         lines += [f"  {funding_line(window)}" for window in plan.funding if window.fleet == f.name]
+    exposure = exposure_lines(plan)
+    if exposure:
+        needs = plan.exposure is not None and plan.exposure.requires_approval
+        lines.append(style(exposure[0], bold=True, fg="red" if needs else None))
+        lines += exposure[1:]
     lines.append("")
     for c in plan.changes:
         head = style(f"{_SYMBOL[c.kind]} {_LABEL[c.kind]:<8}", fg=_COLOUR[c.kind])
@@ -189,6 +212,9 @@ def render_markdown(plan: Plan) -> str:
     for f in plan.fleets:
         lines.append(f"- **{f.name}**: {f.agents} agents, {f.currency} (1 {f.currency} = {f.rate_to_credits} credits)")
         lines += [f"  - {funding_line(w)}" for w in plan.funding if w.fleet == f.name]
+    exposure = exposure_lines(plan)
+    if exposure:
+        lines += ["", f"**{exposure[0]}**", ""] + [f"- {line.strip()}" for line in exposure[1:]]
     lines += ["", f"**{summary_line(plan)}**", ""]
     if plan.changes:
         lines += ["| | agent | change | before → after | why |", "|---|---|---|---|---|"]

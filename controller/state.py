@@ -8,6 +8,7 @@ returns it), and the fingerprints of keys finops stored. It never holds key mate
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.secretfile import private_file
+from policies.exposure import Exposure, ExposureReview
 from policies.funding_window import WINDOW_SECONDS, FundingEvent, FundingKind
 
 Clock = Callable[[], float]
@@ -95,6 +97,36 @@ FUNDING_UNKNOWN = "unknown"
 """A credit finops sent (or is about to send) whose outcome is not known: it counts."""
 FUNDING_LANDED = "landed"
 FUNDING_KEPT_SECONDS = 30 * 86_400
+_EXPOSURE_SCHEMA = """
+-- Exposure approvals (finops approve, interactive apply, bootstrap) and what the daemon
+-- needs to keep the last approved revision enforced. Kept apart from the tables above.
+CREATE TABLE IF NOT EXISTS exposure_approvals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    revision TEXT NOT NULL,
+    source TEXT NOT NULL,
+    how TEXT NOT NULL,
+    approved_at REAL NOT NULL,
+    by_key TEXT NOT NULL,
+    by_user TEXT NOT NULL,
+    exposure_before TEXT,
+    exposure_after TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS exposure_pending (
+    revision TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    exposure TEXT NOT NULL,
+    review TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revision_bundles (
+    revision TEXT PRIMARY KEY,
+    files TEXT NOT NULL,
+    stored_at REAL NOT NULL
+);
+"""
+BUNDLES_KEPT = 20
+"""Directory revisions whose manifests are kept (the newest), to re-enforce after a restart."""
 
 PENDING = "pending"
 """Unresolved: written before the request; ``sent_at`` says when finops last may have had it
@@ -154,6 +186,35 @@ class Adjustment:
 
 
 @dataclass(frozen=True)
+class Approval:
+    """A person (or the bootstrap rule) accepted a revision's exposure as the new baseline."""
+
+    revision: str
+    source: str
+    how: str
+    """``approve`` (``finops approve``), ``apply`` (a confirmed interactive apply) or
+    ``bootstrap`` (the first revision, within its own bound, with nothing approved yet)."""
+    approved_at: float
+    by_key: str
+    """The admin key's fingerprint (never the key)."""
+    by_user: str
+    exposure_before: Exposure | None
+    exposure_after: Exposure
+
+
+@dataclass(frozen=True)
+class PendingRevision:
+    """A revision the daemon refused to apply unattended: its exposure and the review."""
+
+    revision: str
+    source: str
+    first_seen: float
+    last_seen: float
+    exposure: Exposure
+    review: ExposureReview
+
+
+@dataclass(frozen=True)
 class Intent:
     intent_key: str
     kind: str
@@ -185,6 +246,7 @@ class StateStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._db.executescript(_EXPOSURE_SCHEMA)
         self._add_columns()
 
     def _add_columns(self) -> None:
@@ -441,3 +503,127 @@ class StateStore:
                 "INSERT INTO apply_log (started_at, finished_at, ok, summary) VALUES (?,?,?,?)",
                 (started_at, self._clock(), int(ok), json.dumps(dict(summary), sort_keys=True)),
             )
+
+    # -- exposure approvals ------------------------------------------------------
+
+    def record_approval(
+        self,
+        revision: str,
+        source: str,
+        *,
+        how: str,
+        by_key: str,
+        by_user: str,
+        before: Exposure | None,
+        after: Exposure,
+    ) -> Approval:
+        """The new exposure baseline; also clears the revision from the pending list."""
+        now = self._clock()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO exposure_approvals (revision, source, how, approved_at, by_key, by_user, "
+                "exposure_before, exposure_after) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    revision,
+                    source,
+                    how,
+                    now,
+                    by_key,
+                    by_user,
+                    json.dumps(before.to_dict(), sort_keys=True) if before is not None else None,
+                    json.dumps(after.to_dict(), sort_keys=True),
+                ),
+            )
+            db.execute("DELETE FROM exposure_pending WHERE revision=?", (revision,))
+        return Approval(revision, source, how, now, by_key, by_user, before, after)
+
+    def approvals(self, limit: int = 20) -> list[Approval]:
+        """Newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT revision, source, how, approved_at, by_key, by_user, exposure_before, exposure_after "
+                "FROM exposure_approvals ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [
+            Approval(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                Exposure.from_dict(json.loads(r[6])) if r[6] else None,
+                Exposure.from_dict(json.loads(r[7])),
+            )
+            for r in rows
+        ]
+
+    def last_approval(self) -> Approval | None:
+        rows = self.approvals(1)
+        return rows[0] if rows else None
+
+    def record_pending(self, revision: str, source: str, exposure: Exposure, review: ExposureReview) -> None:
+        now = self._clock()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO exposure_pending VALUES (?,?,?,?,?,?) ON CONFLICT(revision) DO UPDATE SET "
+                "last_seen=excluded.last_seen, exposure=excluded.exposure, review=excluded.review",
+                (
+                    revision,
+                    source,
+                    now,
+                    now,
+                    json.dumps(exposure.to_dict(), sort_keys=True),
+                    json.dumps(review.to_dict(), sort_keys=True),
+                ),
+            )
+
+    def clear_pending(self, *, except_revision: str | None = None) -> None:
+        """Forget revisions superseded by a newer one (only the newest can be waiting)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM exposure_pending WHERE revision IS NOT ?", (except_revision,))
+
+    def pending_revisions(self) -> list[PendingRevision]:
+        """Newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT revision, source, first_seen, last_seen, exposure, review FROM exposure_pending "
+                "ORDER BY last_seen DESC"
+            ).fetchall()
+        return [
+            PendingRevision(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                Exposure.from_dict(json.loads(r[4])),
+                ExposureReview.from_dict(json.loads(r[5])),
+            )
+            for r in rows
+        ]
+
+    # -- revision bundles (directory sources) -------------------------------------
+
+    def store_bundle(self, revision: str, files: Mapping[str, bytes]) -> None:
+        """The raw manifest files of an applied directory revision (they hold no secrets:
+        the loader refuses key material), so a restarted daemon can re-enforce it."""
+        payload = json.dumps({name: base64.b64encode(data).decode() for name, data in sorted(files.items())})
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO revision_bundles VALUES (?,?,?) ON CONFLICT(revision) DO UPDATE SET "
+                "stored_at=excluded.stored_at",
+                (revision, payload, self._clock()),
+            )
+            db.execute(
+                "DELETE FROM revision_bundles WHERE revision NOT IN "
+                "(SELECT revision FROM revision_bundles ORDER BY stored_at DESC, rowid DESC LIMIT ?)",
+                (BUNDLES_KEPT,),
+            )
+
+    def bundle(self, revision: str) -> dict[str, bytes] | None:
+        with self._lock:
+            row = self._db.execute("SELECT files FROM revision_bundles WHERE revision=?", (revision,)).fetchone()
+        if row is None:
+            return None
+        return {name: base64.b64decode(data) for name, data in json.loads(row[0]).items()}

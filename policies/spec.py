@@ -144,6 +144,23 @@ class RebalanceSettings:
 
 
 @dataclass(frozen=True)
+class ApprovalPolicy:
+    """``spec.approval.maxUnattendedIncrease``: how much more spending authority (over the
+    exposure a person last approved) finops may apply on its own, in the fleet's currency.
+    The default is zero everywhere: any increase waits for ``finops approve``."""
+
+    daily_caps: Decimal = Decimal("0.00")
+    """Increase of the sum of the agents' daily caps."""
+    monthly_caps: Decimal = Decimal("0.00")
+    """Increase of the sum of the agents' monthly caps."""
+    funding: Decimal = Decimal("0.00")
+    """Increase of each funding figure: the sum of funding targets, the per-run ceiling and
+    the rolling daily funding limit (each on its own)."""
+    agents: int = 0
+    """Agents added."""
+
+
+@dataclass(frozen=True)
 class FleetSpec:
     """A fleet: shared currency, totals and the agents that belong to it."""
 
@@ -165,6 +182,7 @@ class FleetSpec:
         if self.daily_funding_limit is not None:
             return self.daily_funding_limit
         return self.funding_ceiling + self.daily_total
+    approval: ApprovalPolicy = ApprovalPolicy()
 
 
 @dataclass(frozen=True)

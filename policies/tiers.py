@@ -29,6 +29,7 @@ from policies.spec import (
     WEEKLY,
     AgentSpec,
     AlertRoute,
+    ApprovalPolicy,
     DesiredState,
     FleetSpec,
     GatewayWebhookSpec,
@@ -201,6 +202,7 @@ class FleetDecl:
     rebalancing: RebalanceDecl | None = None
     funding_daily_limit: Decimal | None = None
     """``spec.funding.dailyLimit`` as written (``None``: the default)."""
+    approval: ApprovalPolicy = field(default_factory=ApprovalPolicy)
 
 
 @dataclass(frozen=True)
@@ -724,6 +726,7 @@ def resolve(
                 source=Source(fleet.origin.file, fleet.origin.line),
                 rebalancing=_rebalance_settings(fleet.rebalancing),
                 daily_funding_limit=fleet.funding_daily_limit,
+                approval=fleet.approval,
             )
         )
 

@@ -201,6 +201,7 @@ def run(
                 client_factory=client_factory,
                 prune=prune,
                 log=log,
+                approver=target.api_key,
             )
             daemon = Daemon(
                 reconciler,

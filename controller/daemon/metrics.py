@@ -29,6 +29,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from policies.exposure import AGENTS, MONEY_DIMENSIONS, ExposureReview
+
 Readiness = Callable[[], tuple[bool, str]]
 
 # The *_created series would double the output, and nothing here graphs them.
@@ -96,8 +98,21 @@ class DaemonMetrics:
         self.job_runs = Counter(
             "finops_job_runs_total", "Scheduled job runs by job and result.", ["job", "result"], registry=r
         )
+        self.revision_awaiting_approval = Gauge(
+            "finops_revision_awaiting_approval",
+            "1 while the newest manifest revision is held back: its exposure increase needs `finops approve`.",
+            registry=r,
+        )
+        self.exposure_increase = Gauge(
+            "finops_exposure_increase",
+            "Increase of spending authority the held-back revision asks for over the last approved exposure, "
+            "per fleet and dimension (fleet currency; agents: count); no series when nothing waits.",
+            ["fleet", "dimension"],
+            registry=r,
+        )
         self._revision: str | None = None
         self._revision_lock = threading.Lock()
+        self._exposure_series: set[tuple[str, str]] = set()
 
     def set_revision(self, revision: str) -> None:
         """Keep exactly one ``finops_last_applied_revision_info`` series: the newest."""
@@ -106,6 +121,24 @@ class DaemonMetrics:
                 self.last_applied_revision.remove(self._revision)
             self._revision = revision
             self.last_applied_revision.labels(revision=revision).set(1)
+
+    def set_awaiting(self, review: ExposureReview | None) -> None:
+        """Export the held-back revision's exposure increase (``None``: nothing waits)."""
+        with self._revision_lock:
+            series: dict[tuple[str, str], float] = {}
+            if review is not None:
+                for delta in review.deltas:
+                    for dim in MONEY_DIMENSIONS:
+                        if delta.delta(dim) > 0:
+                            series[(delta.fleet, dim)] = float(delta.delta(dim))
+                    if delta.agents_added:
+                        series[(delta.fleet, AGENTS)] = float(len(delta.agents_added))
+            for stale in self._exposure_series - set(series):
+                self.exposure_increase.remove(*stale)
+            for (fleet, dim), value in series.items():
+                self.exposure_increase.labels(fleet=fleet, dimension=dim).set(value)
+            self._exposure_series = set(series)
+            self.revision_awaiting_approval.set(1 if review is not None else 0)
 
     def set_rebalanced_amount(self, credits: Decimal) -> None:
         self.rebalanced_amount.set(float(credits))

@@ -10,19 +10,27 @@ The same pipeline as ``finops apply --auto-approve``, plus what an unattended lo
   failed is backed off (its changes skipped and reported) while the others converge;
 - *holds*: the planner keeps held agents' caps at 0 and never funds them; the pass
   reports how many agents are held;
-- *guardrails win*: a plan that breaks one is refused whole, as ``apply`` refuses it.
+- *guardrails win*: a plan that breaks one is refused whole, as ``apply`` refuses it;
+- *exposure needs a person*: a valid revision whose spending authority exceeds what a
+  person last approved by more than ``spec.approval.maxUnattendedIncrease`` is not applied;
+  the last accepted revision stays enforced (after a restart too: git checks out its commit,
+  a directory is re-read from the bundle stored when it was applied) until an operator runs
+  ``finops approve REVISION``. Lowering never waits.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
+from controller import approval
 from controller.apply import AgentResult, Applier, ApplyResult
 from controller.blocking import off_loop
 from controller.daemon.backoff import AgentBackoff
@@ -38,15 +46,34 @@ from controller.manifest.loader import load_manifests
 from controller.plan import Change, Plan
 from controller.reconcile import key_sinks, observe_and_plan, preflight
 from controller.state import PENDING, StateStore
+from policies.exposure import ExposureReview, exposure_of, review
 from policies.spec import DesiredState
 
 REFUSED = "refused"
 INVALID = "invalid"
+AWAITING = "awaiting-approval"
+"""No accepted revision to enforce yet: the only one is waiting for ``finops approve``."""
 COMPLETED = frozenset({OK, PARTIAL})
 """Pass results that count as a reconcile having happened (readiness, last success)."""
 
 PlanFn = Callable[[GatewayClient, DesiredState, str, StateStore], Awaitable[Plan]]
 ClientFactory = Callable[[], GatewayClient]
+
+
+@dataclass(frozen=True)
+class AwaitingApproval:
+    """The newest revision, held back because its exposure increase needs an operator."""
+
+    revision: str
+    review: ExposureReview
+
+    def reason(self, enforcing: str | None) -> str:
+        kept = f"; enforcing {enforcing}" if enforcing else "; nothing enforced yet"
+        excess = "; ".join(str(e) for e in self.review.excesses)
+        return f"revision {self.revision} awaits approval ({excess}){kept}; run `finops approve {self.revision}`"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"revision": self.revision, "review": self.review.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -70,6 +97,7 @@ class PassResult:
     recovered: tuple[str, ...] = ()
     violations: tuple[str, ...] = ()
     duration_s: float = 0.0
+    awaiting: AwaitingApproval | None = None
 
     @property
     def completed(self) -> bool:
@@ -95,6 +123,7 @@ class PassResult:
             "recovered": list(self.recovered),
             "violations": list(self.violations),
             "duration_s": round(self.duration_s, 3),
+            "awaiting_approval": self.awaiting.to_dict() if self.awaiting else None,
         }
 
     def to_job_result(self) -> JobResult:
@@ -113,7 +142,13 @@ class PassResult:
             fields["backoff_skipped"] = list(self.backoff_skipped)
         if self.held_agents:
             fields["held_agents"] = list(self.held_agents)
-        return JobResult(self.result, self.message, fields)
+        result = self.result
+        if self.awaiting is not None:
+            fields["awaiting_approval"] = self.awaiting.revision
+            fields["exposure_excess"] = [str(e) for e in self.awaiting.review.excesses]
+            if result == OK:
+                result = PARTIAL  # the newest revision was not applied: `run --once` exits 1
+        return JobResult(result, self.message, fields)
 
 
 def record_pass(metrics: DaemonMetrics, result: PassResult) -> None:
@@ -125,6 +160,7 @@ def record_pass(metrics: DaemonMetrics, result: PassResult) -> None:
     for kind, count in result.applied.items():
         if count:
             metrics.changes_applied.labels(kind=kind).inc(count)
+    metrics.set_awaiting(result.awaiting.review if result.awaiting is not None else None)
     if result.completed and result.revision is not None:
         metrics.set_revision(result.revision)
         metrics.agents_held.set(len(result.held_agents))
@@ -160,6 +196,7 @@ class Reconciler:
         prune: bool = False,
         clock: Callable[[], float] = time.time,
         log: logging.Logger | None = None,
+        approver: str = "",
     ) -> None:
         self.target = target
         self.source = source
@@ -178,6 +215,11 @@ class Reconciler:
         self.manifest_valid = True
         self.manifest_errors: tuple[str, ...] = ()
         self._bad_revision: str | None = None
+        self.approver = approver
+        """The admin key (for the bootstrap approval's fingerprint); never logged."""
+        self.awaiting: AwaitingApproval | None = None
+        self._candidate: tuple[str, DesiredState] | None = None
+        """The newest valid revision held back for approval (kept to avoid re-reading it)."""
 
     # ------------------------------------------------------------------ manifests
 
@@ -191,14 +233,16 @@ class Reconciler:
         return tuple(self.source.shorten(str(issue)) for issue in exc.issues)
 
     async def _desired_for(self, revision: str) -> DesiredState | None:
-        """The desired state to enforce now: ``revision``'s if it is valid, else the last good one."""
+        """The desired state to enforce now: ``revision``'s if it is valid and its exposure is
+        approved (or within the unattended bound), else the last accepted one."""
         self.seen_revision = revision
         if revision == self.good_revision and self.desired is not None:
             self.manifest_valid, self.manifest_errors = True, ()
+            self._settled(revision)
             return self.desired
         if revision != self._bad_revision:
             try:
-                desired = await self._load(revision)
+                desired = await self._candidate_for(revision)
             except ManifestError as exc:
                 self._bad_revision = revision
                 self.manifest_valid, self.manifest_errors = False, self._issues(exc)
@@ -212,24 +256,117 @@ class Reconciler:
                     errors=list(self.manifest_errors),
                 )
             else:
-                if self.good_revision is not None:
-                    log_event(
-                        self.log, logging.INFO, "new manifest revision", revision=revision, previous=self.good_revision
-                    )
-                self.desired, self.good_revision, self._bad_revision = desired, revision, None
                 self.manifest_valid, self.manifest_errors = True, ()
-                return desired
-        if self.desired is None and self.source.versioned:
+                if self._accept(revision, desired):
+                    if self.good_revision is not None:
+                        log_event(
+                            self.log,
+                            logging.INFO,
+                            "new manifest revision",
+                            revision=revision,
+                            previous=self.good_revision,
+                        )
+                    self.desired, self.good_revision, self._bad_revision = desired, revision, None
+                    self._keep_bundle(revision)
+                    return desired
+        if self.desired is None:
             await self._restore_last_good(exclude=revision)
         return self.desired
 
+    async def _candidate_for(self, revision: str) -> DesiredState:
+        if self._candidate is not None and self._candidate[0] == revision:
+            return self._candidate[1]
+        desired = await self._load(revision)
+        self._candidate = (revision, desired)
+        return desired
+
+    def _settled(self, revision: str) -> None:
+        """``revision`` is the one enforced: nothing newer waits."""
+        if self.awaiting is not None or self._candidate is not None:
+            self.store.clear_pending(except_revision=None)
+        self.awaiting, self._candidate = None, None
+
+    def _accept(self, revision: str, desired: DesiredState) -> bool:
+        """Whether ``revision`` may be applied unattended; records the bootstrap approval or
+        the wait. Re-judged every pass, so an approval is picked up by the next one."""
+        exposure = exposure_of(desired)
+        verdict = review(approval.approved_exposure(self.store), exposure)
+        if not verdict.requires_approval:
+            if verdict.bootstrap:
+                approval.record(
+                    self.store,
+                    revision,
+                    self.source.label,
+                    exposure,
+                    how=approval.BOOTSTRAP,
+                    api_key=self.approver,
+                    user="finops run",
+                )
+                log_event(
+                    self.log,
+                    logging.WARNING,
+                    "no approval on record: this first revision, within its own unattended bound, is the baseline",
+                    revision=revision,
+                    exposure=verdict.lines(),
+                )
+            elif verdict.increases:
+                log_event(
+                    self.log,
+                    logging.INFO,
+                    "exposure increase within the unattended bound",
+                    revision=revision,
+                    exposure=verdict.lines(),
+                )
+            self._settled(revision)
+            return True
+        first = self.awaiting is None or self.awaiting.revision != revision
+        self.awaiting = AwaitingApproval(revision, verdict)
+        self.store.clear_pending(except_revision=revision)
+        self.store.record_pending(revision, self.source.label, exposure, verdict)
+        if first:
+            log_event(
+                self.log,
+                logging.ERROR,
+                "manifest revision held back: its exposure increase needs `finops approve`; "
+                "keeping the last approved revision",
+                revision=revision,
+                enforcing=self.good_revision,
+                exposure=verdict.lines(),
+                excess=[str(e) for e in verdict.excesses],
+            )
+        return False
+
+    def _keep_bundle(self, revision: str) -> None:
+        """A directory cannot be checked out again: keep the accepted revision's files."""
+        if self.source.versioned or self.store.bundle(revision) is not None:
+            return
+        files = approval.read_bundle(Path(self.source.label), revision)
+        if files is None:
+            log_event(
+                self.log,
+                logging.WARNING,
+                "could not keep a copy of the applied manifests (they changed or are unreadable); "
+                "a restart while a newer revision waits for approval will enforce nothing",
+                revision=revision,
+            )
+            return
+        self.store.store_bundle(revision, files)
+
     async def _restore_last_good(self, *, exclude: str) -> None:
-        """After a restart on an invalid revision, go back to what was last applied."""
+        """After a restart on an invalid or unapproved revision, go back to what was last
+        applied: git checks out its commit, a directory source reads its stored bundle."""
         last = self.revisions.last_applied(self.source.label)
         if last is None or last.revision == exclude:
             return
         try:
-            desired = await self._load(last.revision)
+            if self.source.versioned:
+                desired = await self._load(last.revision)
+            else:
+                files = self.store.bundle(last.revision)
+                if files is None:
+                    raise SourceError(f"no stored copy of {last.revision}'s manifests")
+                with tempfile.TemporaryDirectory(prefix="finops-bundle-") as tmp:
+                    desired = load_manifests(approval.materialize(files, Path(tmp) / "manifests"))
         except (ManifestError, SourceError) as exc:
             log_event(
                 self.log,
@@ -260,6 +397,7 @@ class Reconciler:
             seen_revision=self.seen_revision,
             manifest_valid=self.manifest_valid,
             manifest_errors=self.manifest_errors,
+            awaiting=self.awaiting,
             **kw,
         )
 
@@ -267,6 +405,8 @@ class Reconciler:
         revision = await self.source.head() or await self.source.fetch()
         desired = await self._desired_for(revision)
         if desired is None:
+            if self.awaiting is not None:
+                return self._result(AWAITING, "no approved manifest revision to apply yet")
             return self._result(INVALID, "no valid manifest revision to apply yet")
         applying = self.good_revision
         async with self.client_factory() as client:
@@ -329,6 +469,8 @@ class Reconciler:
             message += f", {len(skipped_backoff)} agent(s) in backoff"
         if plan.held:
             message += f", {len(plan.held)} agent(s) held"
+        if self.awaiting is not None:
+            message += f"; revision {self.awaiting.revision} awaits approval"
         return self._result(
             kind,
             message,

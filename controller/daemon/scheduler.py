@@ -332,6 +332,8 @@ class Daemon:
         if not rec.manifest_valid:
             first = rec.manifest_errors[0] if rec.manifest_errors else "invalid"
             return False, f"manifest revision {rec.seen_revision} is invalid ({first})"
+        if rec.awaiting is not None:
+            return False, rec.awaiting.reason(rec.good_revision)
         if self.last_success_at is None:
             return False, "no reconcile pass has completed yet"
         age = now - self.last_success_at
@@ -367,6 +369,7 @@ class Daemon:
             "seen_revision": self.reconciler.seen_revision,
             "manifest_valid": self.reconciler.manifest_valid,
             "manifest_errors": list(self.reconciler.manifest_errors),
+            "awaiting_approval": self.reconciler.awaiting.to_dict() if self.reconciler.awaiting else None,
             "ready": ready,
             "ready_reason": why,
             "last_success_at": self.last_success_at,

@@ -32,6 +32,7 @@ from controller.manifest.schema import (
     Agent,
     AgentGroupManifest,
     AlertRoute,
+    Approval,
     FleetManifest,
     Keys,
     KeySink,
@@ -40,7 +41,7 @@ from controller.manifest.schema import (
     SecretRef,
     kind_of,
 )
-from policies.spec import DesiredState, KeySinkSpec
+from policies.spec import ApprovalPolicy, DesiredState, KeySinkSpec
 from policies.spec import SecretRef as SecretRefSpec
 from policies.tiers import (
     AgentDecl,
@@ -459,6 +460,11 @@ def _rebalancing(policy: Rebalancing | None) -> RebalanceDecl | None:
     )
 
 
+def _approval(approval: Approval) -> ApprovalPolicy:
+    bound = approval.max_unattended_increase
+    return ApprovalPolicy(bound.daily_caps, bound.monthly_caps, bound.funding, bound.agents)
+
+
 def _sink(sink: KeySink | None) -> KeySinkSpec | None:
     if sink is None:
         return None
@@ -564,6 +570,7 @@ def _fleet_decl(label: str, doc: Document, manifest: FleetManifest) -> FleetDecl
         ),
         keys=_keys(spec.keys),
         rebalancing=_rebalancing(spec.rebalancing),
+        approval=_approval(spec.approval),
         name=manifest.metadata.name,
         currency=spec.currency,
         daily_total=spec.daily_budget_total,

@@ -392,6 +392,23 @@ class Metadata(_Model):
     labels: Labels = Field(default_factory=dict)
 
 
+class UnattendedIncrease(_Model):
+    """How much more spending authority than a person last approved finops may apply on
+    its own (daemon, ``apply --auto-approve``), in the fleet's currency. Default 0: any
+    increase waits for ``finops approve``."""
+
+    daily_caps: Money = Decimal("0.00")
+    monthly_caps: Money = Decimal("0.00")
+    funding: Money = Decimal("0.00")
+    agents: Annotated[int, Field(strict=True, ge=0, le=100_000)] = 0
+
+
+class Approval(_Model):
+    """``spec.approval``: what needs an operator's ``finops approve``."""
+
+    max_unattended_increase: UnattendedIncrease = Field(default_factory=UnattendedIncrease)
+
+
 class FleetSpecModel(_Model):
     """``spec`` of a Fleet."""
 
@@ -402,6 +419,7 @@ class FleetSpecModel(_Model):
     defaults: Defaults = Field(default_factory=Defaults)
     keys: Keys = Field(default_factory=Keys)
     rebalancing: Rebalancing | None = None
+    approval: Approval = Field(default_factory=Approval)
     tiers: dict[Name, Tier] = Field(min_length=1, json_schema_extra={"additionalProperties": False})
     agents: list[Agent] = Field(default_factory=list)
 

@@ -660,6 +660,9 @@ def write_generated_fleet(directory: Path, agents: int) -> Path:
         "  currency: USD",
         f'  dailyBudgetTotal: "{agents * 20}.00"',
         f'  funding: {{perRunCeiling: "{agents * 200}.00"}}',
+        # Unattended `apply --auto-approve` (test_crash) may authorize the whole fleet at once.
+        f'  approval: {{maxUnattendedIncrease: {{dailyCaps: "{agents * 20}.00", monthlyCaps: "{agents * 400}.00", '
+        f'funding: "{agents * 200}.00", agents: {agents}}}}}',
         '  defaults: {funding: {floor: "10.00", target: "20.00"}}',
         "  tiers:",
         '    worker: {dailyCap: "5.00", monthlyCap: "100.00"}',

@@ -50,6 +50,7 @@ class FakeReconciler:
         self.good_revision: str | None = "r1"
         self.backoff = AgentBackoff()
         self.desired = None
+        self.awaiting = None
         self.gate: asyncio.Event | None = None
         self.started = asyncio.Event()
 

@@ -23,6 +23,7 @@ from controller.manifest.loader import MAX_FILE_BYTES
 from policies.spec import (
     AgentSpec,
     AlertRoute,
+    ApprovalPolicy,
     DesiredState,
     FleetSpec,
     GatewayWebhookSpec,
@@ -119,7 +120,7 @@ def test_canonical_manifests_resolve_to_the_research_fleet(monkeypatch: pytest.M
                 daily_total=Decimal("200.00"),
                 funding_ceiling=Decimal("500.00"),
                 agents=(
-                    _agent("orch-01", "orchestrator", "80.00", "1600.00", "100.00", "200.00", "lead", fleet_file, 93),
+                    _agent("orch-01", "orchestrator", "80.00", "1600.00", "100.00", "200.00", "lead", fleet_file, 104),
                     _agent("res-01", "researcher", "30.00", "600.00", "40.00", "75.00", "worker", workers_file, 12),
                     _agent("res-02", "researcher", "30.00", "600.00", "40.00", "75.00", "worker", workers_file, 15),
                     _agent("sum-01", "summarizer", "20.00", "400.00", "25.00", "50.00", "worker", workers_file, 18),
@@ -127,6 +128,7 @@ def test_canonical_manifests_resolve_to_the_research_fleet(monkeypatch: pytest.M
                 ),
                 source=Source(fleet_file, 16),
                 rebalancing=RebalanceSettings(True, 900, Decimal("0.3"), Decimal("0.8"), Decimal("0.5")),
+                approval=ApprovalPolicy(Decimal("200.00"), Decimal("4000.00"), Decimal("500.00"), 5),
             ),
         )
     )

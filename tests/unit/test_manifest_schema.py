@@ -103,7 +103,8 @@ def test_json_schema_uses_yaml_field_names_and_money_as_string_or_number() -> No
     assert re.fullmatch(MONEY_STRING_PATTERN[1:-1], "30.00")
     assert not re.fullmatch(MONEY_STRING_PATTERN[1:-1], "30.123")
     assert set(defs["FleetSpecModel"]["properties"]) == {
-        "currency", "dailyBudgetTotal", "funding", "alerts", "defaults", "keys", "rebalancing", "tiers", "agents",
+        "currency", "dailyBudgetTotal", "funding", "alerts", "defaults", "keys", "rebalancing", "approval",
+        "tiers", "agents",
     }  # fmt: skip
     assert defs["FleetSpecModel"]["properties"]["tiers"]["additionalProperties"] is False
 
