@@ -39,6 +39,11 @@ from tests.integration.test_cli import KEY_PATTERN, finops
 RATE = Decimal(100)  # the sandbox's USD → credits rate
 
 
+UNATTENDED = '{dailyCaps: "1000000.00", monthlyCaps: "1000000.00", funding: "1000000.00", agents: 1000}'
+"""These fleets let finops apply any increase on its own (``spec.approval``): these tests are
+about funding over time, not about exposure review (tests/integration/test_exposure.py)."""
+
+
 def write_fleet(directory: Path, *, agents: list[str], funding: str, worker: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -49,6 +54,7 @@ def write_fleet(directory: Path, *, agents: list[str], funding: str, worker: str
         "  currency: USD",
         '  dailyBudgetTotal: "100.00"',
         f"  funding: {funding}",
+        f"  approval: {{maxUnattendedIncrease: {UNATTENDED}}}",
         "  tiers:",
         f"    worker: {worker}",
         "  agents:",

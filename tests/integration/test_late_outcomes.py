@@ -54,7 +54,9 @@ TARGET = Decimal("2000.00")  # 20.00 USD at 100 credits per USD
 
 
 def write_repro_fleet(directory: Path) -> DesiredState:
-    """The issue's repro: a USD fleet, per-run ceiling 1000, floor 10 / target 20, two new agents."""
+    """The issue's repro: a USD fleet, per-run ceiling 1000, floor 10 / target 20, two new agents.
+    Its approval bound lets the daemon apply it unattended: these tests are about outcomes,
+    not exposure review (tests/integration/test_exposure.py)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "late.yaml").write_text(
         "\n".join(
@@ -66,6 +68,9 @@ def write_repro_fleet(directory: Path) -> DesiredState:
                 "  currency: USD",
                 '  dailyBudgetTotal: "100.00"',
                 '  funding: {perRunCeiling: "1000.00"}',
+                "  approval:",
+                "    maxUnattendedIncrease:",
+                '      {dailyCaps: "1000.00", monthlyCaps: "10000.00", funding: "10000.00", agents: 10}',
                 '  defaults: {funding: {floor: "10.00", target: "20.00"}}',
                 "  tiers:",
                 '    worker: {dailyCap: "5.00", monthlyCap: "100.00"}',

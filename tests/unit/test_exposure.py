@@ -108,8 +108,25 @@ def test_the_repro_raising_target_and_ceiling_needs_approval_and_lowering_does_n
     raised = exposure_of(DesiredState((fleet(agent("a", target="1000000.00"), ceiling="1000000.00", policy=policy),)))
     verdict = review(approved, raised)
     assert verdict.requires_approval
-    assert {e.dimension for e in verdict.excesses} == {FUNDING_TARGETS, PER_RUN_CEILING}
+    # The default rolling daily funding limit is perRunCeiling + dailyBudgetTotal: raising the
+    # ceiling raises it by as much, and that is an increase of its own.
+    assert {e.dimension for e in verdict.excesses} == {FUNDING_TARGETS, PER_RUN_CEILING, DAILY_FUNDING_LIMIT}
     assert "+999950.00 USD in funding targets" in verdict.lines()[0]
+    assert (
+        verdict.deltas[0].delta(DAILY_FUNDING_LIMIT) == verdict.deltas[0].delta(PER_RUN_CEILING) == Decimal("999900.00")
+    )
+    # With an explicit dailyLimit that stays put, the ceiling and targets still wait, the limit does not.
+    pinned = exposure_of(
+        DesiredState(
+            (
+                replace(
+                    fleet(agent("a", target="1000000.00"), ceiling="1000000.00", policy=policy),
+                    daily_funding_limit=approved.fleets[0].daily_funding_limit,
+                ),
+            )
+        )
+    )
+    assert {e.dimension for e in review(approved, pinned).excesses} == {FUNDING_TARGETS, PER_RUN_CEILING}
     lowered = exposure_of(
         DesiredState((fleet(agent("a", daily="5.00", target="10.00"), ceiling="50.00", policy=policy),))
     )
