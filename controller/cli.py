@@ -152,7 +152,10 @@ def _exposure_gate(
                 + f"\nAn operator holding the admin key must approve it first: finops approve {revision} {path}"
                 "\n(or run `finops apply` interactively and confirm)"
             )
-        if verdict.bootstrap:
+        if verdict.bootstrap and not verdict.requires_approval:
+            # Only a revision within its own bound bootstraps (as in the daemon). One above it
+            # may have nothing to write *now* (its funding deferred by the funding limits),
+            # but recording it would let a later unattended apply carry it out unreviewed.
             approval.record(
                 store, revision, path, exposure_of(desired), how=approval.BOOTSTRAP, api_key=target.api_key
             )

@@ -8,6 +8,8 @@ exposure last approved until an operator holding the admin key approves it."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import getpass
 import json
 import os
@@ -23,10 +25,12 @@ import pytest
 
 from controller.daemon.source import DirectorySource, directory_digest
 from controller.keysink import DirectoryKeySink
+from controller.manifest.loader import load_manifests
 from controller.sandbox.server import SandboxServer
 from controller.state import StateStore
 from controller.target import _slug
 from policies.keyprint import fingerprint
+from policies.spec import DesiredState
 from tests.integration import test_daemon as daemon_tests
 from tests.integration.conftest import CANONICAL, Harness
 from tests.integration.test_daemon import (
@@ -90,8 +94,10 @@ def raise_funding(manifests: Path, target: str = "5000.00", ceiling: str = "6000
 
 
 def drain(harness: Harness, agent: str, amount: str = "5000.00") -> None:
-    with harness.admin() as http:
-        http.post(f"/v1/billing/wallets/{agent}/withdraw", json={"amount": amount}).raise_for_status()
+    """The agent spends its wallet down (metered gateway spend). Not a withdrawal: that is
+    unexplained outflow, which finops does not refund by default (``maxUnexplainedPerDay``),
+    and these tests are about approval, not about outflow."""
+    harness.spend(agent, Decimal(amount))
 
 
 def deposits(harness: Harness) -> int:
@@ -135,6 +141,8 @@ async def test_the_repro_is_held_back_until_approved_and_the_last_approved_revis
     assert rig.sample("finops_revision_awaiting_approval") == 1
     assert rig.sample("finops_exposure_increase", fleet="research", dimension="funding_targets") == 4925.0
     assert rig.sample("finops_exposure_increase", fleet="research", dimension="per_run_ceiling") == 5500.0
+    # The default daily funding limit (perRunCeiling + dailyBudgetTotal) rises with the ceiling.
+    assert rig.sample("finops_exposure_increase", fleet="research", dimension="daily_funding_limit") == 5500.0
     status = json.loads((tmp_path / "state" / "daemon-status.json").read_text())
     assert status["awaiting_approval"]["revision"] == held and status["applied_revision"] == good
     assert any(line["msg"].startswith("manifest revision held back") for line in rig.log_lines())
@@ -336,3 +344,64 @@ def test_a_confirmed_interactive_apply_is_recorded_as_an_approval(
     assert record.revision == directory_digest(tmp_path / "manifests")
     assert record.by_key == fingerprint(harness.sandbox.admin_key)
     assert balance(harness, "res-01") == Decimal("500000.00")
+
+
+def small_fleet(directory: Path, agents: list[str], daily_limit: str) -> DesiredState:
+    """No ``spec.approval`` (bound 0) and no managed keys: only exposure and funding matter."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "apiVersion: finops.greenhelix.net/v1",
+        "kind: Fleet",
+        "metadata: {name: small}",
+        "spec:",
+        "  currency: USD",
+        '  dailyBudgetTotal: "100.00"',
+        f'  funding: {{perRunCeiling: "100.00", dailyLimit: "{daily_limit}"}}',
+        "  tiers:",
+        '    worker: {dailyCap: "5.00", monthlyCap: "50.00", funding: {floor: "10.00", target: "20.00"}}',
+        "  agents:",
+        *(f"    - {{id: {a}, tier: worker}}" for a in agents),
+    ]
+    (directory / "fleet.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return load_manifests(directory)
+
+
+def test_a_revision_above_its_own_bound_is_no_bootstrap_even_when_its_funding_is_deferred(
+    sandbox: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exposure review meets the funding limits: with no approval on record (finops upgraded,
+    or a fresh state directory over a running fleet), a revision adding an agent waits for a
+    person. If the agent's registration is deferred by the rolling funding limit, the
+    unattended apply has nothing to write now; it must still not record the revision as the
+    bootstrap baseline, or the same apply a day later would register the agent unreviewed."""
+    from click.testing import CliRunner
+
+    import controller.cli as cli_module
+
+    state = tmp_path / "state" / f"state-{_slug(sandbox.url)}.db"
+    store = StateStore(state, clock=sandbox.clock)  # finops' funding window runs on the sandbox's clock
+    monkeypatch.setattr(cli_module, "StateStore", functools.partial(StateStore, clock=sandbox.clock))
+    try:
+        fleet = tmp_path / "manifests"
+        earlier = Harness(sandbox, store, DirectoryKeySink(tmp_path / "secrets"), clock=sandbox.clock)
+        plan = asyncio.run(earlier.plan(small_fleet(fleet, ["a", "b"], "40.00")))
+        assert asyncio.run(earlier.apply(plan)).ok
+        assert store.last_approval() is None  # a fleet finops ran before approvals were recorded
+
+        small_fleet(fleet, ["a", "b", "c"], "40.00")  # +1 agent; the 40.00 USD of the day are used
+        args = ["apply", str(fleet), "--auto-approve", "--gateway", sandbox.url]
+        args += ["--api-key-file", str(tmp_path / "admin.key"), "--state-dir", str(tmp_path / "state")]
+        args += ["--secrets-dir", str(tmp_path / "secrets")]
+        deferred = CliRunner().invoke(cli_module.cli, args)
+        assert "deferred by the funding limits" in deferred.output, deferred.output
+        assert deferred.exit_code == 0  # nothing written now: no change to refuse
+        assert "fleet small: +3 agent(s), 0 allowed unattended" in deferred.output  # vs nothing approved
+        assert sandbox.store.get_wallet("c") is None
+        assert store.last_approval() is None  # not the baseline: it is above its own bound
+
+        sandbox.clock.advance(86_400 + 60)  # the window has room again
+        later = CliRunner().invoke(cli_module.cli, args)
+        assert later.exit_code == 1 and f"finops approve {directory_digest(fleet)}" in later.output
+        assert sandbox.store.get_wallet("c") is None and store.last_approval() is None
+    finally:
+        store.close()
