@@ -247,7 +247,8 @@ async def fleet_status(
                     row.flags.append(f"HELD KEY NOT CHECKED: cannot list keys on the gateway ({key_health_error})")
                 if key.pending_rotation:
                     row.flags.append(
-                        "ROTATION INTERRUPTED: its outcome is resolved by the next `finops rotate` or daemon pass"
+                        "ROTATION INTERRUPTED: its outcome is unknown; a `finops rotate` or daemon pass resolves it "
+                        "once it is seen landing or its settle time has passed (no new rotation until then)"
                     )
             out.append(row)
     return FleetStatus(live.target, out, list(plan.unmanaged_agents), [funding_window_to_dict(w) for w in plan.funding])

@@ -51,6 +51,7 @@ from controller.keys.vault import MAIN, QUARANTINE, KeyVault
 from controller.state import ABANDONED, DONE, FAILED, PENDING, Intent, StateStore
 from policies.keyprint import key_prefix
 from policies.rotation import next_rotation, rotation_due, validate_schedule
+from policies.settle import is_settled, settles_at
 from policies.spec import AgentSpec, DesiredState, KeySinkSpec
 
 log = logging.getLogger("finops.keys")
@@ -59,7 +60,9 @@ ROTATE = "rotate"
 """Intent kind in the state database."""
 GRACE_SECONDS = 300
 LATE_WATCH_SECONDS = 2 * GRACE_SECONDS
-"""How long after concluding an interrupted rotation finops watches for it landing late."""
+"""How long after concluding an interrupted rotation finops watches for it landing late (at
+least; never less than the rotate's settle time, and a watch ends only with a look at the
+gateway made after it expired)."""
 MAX_PARALLEL_ROTATIONS = 8
 
 FaultHook = Callable[[str, str], None]
@@ -241,7 +244,10 @@ class KeyStatus:
             when = self.next_due.isoformat(timespec="seconds")
             parts.append(f"DUE since {when}" if self.due else f"next rotation {when} ({self.schedule})")
         if self.pending_rotation:
-            parts.append("an interrupted rotation is pending (resolved on the next run)")
+            parts.append(
+                "a rotation's outcome is unknown (resolved from the gateway once it is seen landing or its "
+                "settle time has passed; no new rotation until then)"
+            )
         if self.orphans:
             parts.append(f"ORPHANED key(s) {', '.join(self.orphans)}")
         if self.problem:
@@ -326,6 +332,9 @@ class _Recovery:
     note: str
     outcome: RotationOutcome | None = None
     lost: bool = False
+    unresolved: bool = False
+    """The rotate's outcome is still unknown (inside its settle time, nothing landed yet):
+    the intent stays pending and no new rotation of the agent may be sent."""
 
 
 class KeyManager:
@@ -342,7 +351,10 @@ class KeyManager:
         fault_hook: FaultHook | None = None,
         agent_client_factory: AgentClientFactory | None = None,
         command_timeout: float = DEFAULT_COMMAND_TIMEOUT_S,
+        settle_seconds: float | None = None,
     ) -> None:
+        from controller.apply import configured_settle_seconds  # apply is the settle time's owner
+
         self.client = client
         self.store = store
         self.vault = vault
@@ -351,6 +363,7 @@ class KeyManager:
         self._hook: FaultHook = fault_hook or (lambda point, agent: None)
         self._agent_client: AgentClientFactory = agent_client_factory or self._default_agent_client
         self._command_timeout = command_timeout
+        self._settle = configured_settle_seconds() if settle_seconds is None else settle_seconds
         self._locks: dict[str, asyncio.Lock] = {}
 
     def close(self) -> None:
@@ -407,7 +420,8 @@ class KeyManager:
         if not spec.keys.manage:
             raise KeyManagementError(f"{agent}: finops does not manage this agent's key (keys.manage is false)")
         async with self._lock(agent):
-            for outcome in await self._resume(agent, spec.keys.sink):
+            supersede = "an emergency stop (rotation into quarantine)" if quarantine else None
+            for outcome in await self._resume(agent, spec.keys.sink, supersede=supersede):
                 if outcome.quarantined == quarantine and not outcome.released:
                     return outcome
             if quarantine:
@@ -455,8 +469,9 @@ class KeyManager:
                 f"`finops keys import {agent}` with the agent's current key on stdin"
             )
         old = key_prefix(held)
+        looked_at = self._clock()
         rows = await self._agent_keys(agent)
-        self._check_late(agent, rows)
+        self._check_late(agent, rows, looked_at)
         live = {k.key_hash_prefix for k in rows if not k.revoked}
         # A held key listed as revoked may still be inside its 300 s grace: while it
         # authenticates it is the only way back to a key finops holds, so rotate from it.
@@ -480,16 +495,19 @@ class KeyManager:
             "sent_at": sent_at,
         }
         intent_key = f"rotate:{agent}:{sent_at:.6f}"
-        self.store.begin_intent(intent_key, ROTATE, agent, payload)
+        self.store.begin_intent(intent_key, ROTATE, agent, payload, sent_at=sent_at)
         self.ledger.record_rotation_sent(agent, old)
         try:
             rotation = await self.client.rotate_key(held)
         except (UnknownOutcome, ServerError) as exc:
+            # It may still run on the gateway (a queued request): settle time from now.
+            self.store.mark_sent(intent_key, self._clock())
             self.store.finish_intent(intent_key, PENDING, f"outcome unknown: {scrub(str(exc), held)}")
             raise RotationError(
                 f"{agent}: the outcome of rotating key {_fp(old)} is unknown ({scrub(str(exc), held)}). It is not "
-                "retried now, because a retry would mint another live key; the next run resolves it by testing "
-                f"the held key and comparing {agent}'s live keys with the key finops holds"
+                "retried, because a retry would mint another live key; a later run resolves it from the gateway: "
+                "at once if it is seen landing, else once its settle time has passed and a fresh look still "
+                "shows nothing"
             ) from None
         except GatewayError as exc:
             self.store.finish_intent(intent_key, ABANDONED, f"refused: {scrub(str(exc), held)}")
@@ -578,14 +596,16 @@ class KeyManager:
 
     async def recover(self) -> list[str]:
         """Resolve every rotation a crashed or failed run left pending; one note each."""
-        notes, _ = await self._recover_all()
+        notes, _, _ = await self._recover_all()
         return notes
 
-    async def _recover_all(self) -> tuple[list[str], dict[str, str]]:
-        """Notes, and the agents whose interrupted rotation is still unresolved or whose key
-        was found lost (a run with any of these is not ok)."""
+    async def _recover_all(self) -> tuple[list[str], dict[str, str], dict[str, str]]:
+        """Notes; the agents whose interrupted rotation could not be resolved or whose key
+        was found lost (a run with any of these is not ok); and the agents whose rotate has an
+        unknown outcome inside its settle time (a state, not an error: no rotation for them)."""
         notes: list[str] = []
         problems: dict[str, str] = {}
+        waiting: dict[str, str] = {}
         for intent in self._pending():
             lock = self._lock(intent.agent_id)
             if lock.locked():
@@ -606,10 +626,13 @@ class KeyManager:
                 notes.append(recovery.note)
                 if recovery.lost:
                     problems[intent.agent_id] = recovery.note
+                elif recovery.unresolved:
+                    waiting[intent.agent_id] = recovery.note
         pending = {i.agent_id for i in self._pending()}
         for agent in sorted(set(self.ledger.late_watches()) - pending):
             try:
-                late = self._check_late(agent, await self._agent_keys(agent))
+                looked_at = self._clock()
+                late = self._check_late(agent, await self._agent_keys(agent), looked_at)
             except GatewayError as exc:
                 notes.append(f"{agent}: could not check for a late-landing rotation: {scrub(str(exc))}")
                 continue
@@ -618,37 +641,56 @@ class KeyManager:
                     f"{agent}: a rotation that finops had given up on landed late and minted "
                     f"ORPHANED key(s) {', '.join(_fp(x) for x in late)}: {ORPHAN_HELP}"
                 )
-        return notes, problems
+        return notes, problems, waiting
 
-    async def _resume(self, agent: str, sink: KeySinkSpec) -> list[RotationOutcome]:
-        """Finish this agent's pending rotations (with the current sink) before a new one."""
+    async def _resume(self, agent: str, sink: KeySinkSpec, *, supersede: str | None = None) -> list[RotationOutcome]:
+        """Finish this agent's pending rotations (with the current sink) before a new one.
+        A rotate whose outcome is still unknown blocks the new one (it would mint another
+        key), unless ``supersede`` names an action that must not wait (an emergency stop)."""
         outcomes: list[RotationOutcome] = []
         for intent in self._pending(agent):
-            recovery = await self._recover_intent(intent, sink)
-            if recovery.lost:
+            recovery = await self._recover_intent(intent, sink, supersede=supersede)
+            if recovery.lost or recovery.unresolved:
                 raise RotationError(recovery.note)
             if recovery.outcome is not None:
                 outcomes.append(recovery.outcome)
         return outcomes
 
-    async def _recover_intent(self, intent: Intent, sink_override: KeySinkSpec | None) -> _Recovery:
+    def _sent_at(self, intent: Intent) -> float:
+        """The last moment finops may have had the intent's rotate on the wire."""
+        if intent.sent_at is not None:
+            return intent.sent_at
+        sent = intent.payload.get("sent_at")
+        return float(sent) if isinstance(sent, (int, float)) else intent.created_at
+
+    async def _recover_intent(
+        self, intent: Intent, sink_override: KeySinkSpec | None, *, supersede: str | None = None
+    ) -> _Recovery:
         """Resolve one interrupted rotation by looking, never by guessing.
 
         1. The vault holds a new key for the target slot: finish delivery and verification.
         2. Otherwise test the key finops holds (a balance read with it) and compare the
            agent's live key prefixes with the ones known before the rotation:
-           - the held key is listed live and nothing new appeared: the rotate never landed;
+           - the held key no longer authenticates (401/403): only then is the key lost;
            - something new appeared (an orphan) or the held key is listed revoked (a rotate
-             landed whose key finops never got): while the held key still authenticates,
-             rotate again from it, on every run, until a successor is live *and* held;
-           - the held key no longer authenticates (401/403): only then is the key lost.
+             landed whose key finops never got, or the held key was already dying): the held
+             key dies when its 300 s grace ends, so, while it still authenticates, rotate
+             again from it at once (no settle-time wait: waiting could only lose the key),
+             on every run, until a successor is live *and* held;
+           - the held key is listed live and nothing new appeared: nothing landed *yet*. A
+             rotate stuck in a queue may still run (``policies.settle``), so the intent stays
+             pending, and no new rotation of the agent is sent, until the settle time has
+             passed since it was sent; only a look made after that concludes "never landed".
         A gateway failure while looking decides nothing: the intent stays pending.
         """
         agent, p = intent.agent_id, intent.payload
         sink = sink_override or _sink_from_payload(p.get("sink") or {})
         old, source, target = str(p["old_prefix"]), str(p["source"]), str(p["target"])
+        sent = self._sent_at(intent)
+        looked_at = self._clock()
+        settled = is_settled(sent, looked_at, self._settle)  # decided before looking: the look comes after
         rows = await self._agent_keys(agent)
-        self._check_late(agent, rows)
+        self._check_late(agent, rows, looked_at)
         listed = {k.key_hash_prefix: k for k in rows}
         live = {prefix for prefix, k in listed.items() if not k.revoked}
         minted = sorted(live - set(p.get("live_before") or ()) - {old})
@@ -672,7 +714,8 @@ class KeyManager:
         orphan_fps = ", ".join(_fp(m) for m in minted)
         held = self.vault.read(agent, source)
         works = held is not None and key_prefix(held) == old and await self._authenticates(agent, held)
-        watch_until = self._clock() + LATE_WATCH_SECONDS
+        # A concluded rotate may still land until its settle time: watch for it at least that long.
+        watch_until = max(self._clock() + LATE_WATCH_SECONDS, settles_at(sent, self._settle))
         if not works:
             self.store.finish_intent(
                 intent.intent_key,
@@ -696,17 +739,47 @@ class KeyManager:
         assert held is not None
         old_row = listed.get(old)
         if not minted and old_row is not None and not old_row.revoked:
-            # Nothing landed (yet). A rotate stuck in a queue may still land: watch for it.
-            self.store.finish_intent(intent.intent_key, ABANDONED, "never reached the gateway")
-            self.ledger.watch_late(agent, intent.intent_key, listed, watch_until)
-            self.ledger.forget_rotation_sent(agent, old)
+            if settled:
+                # Past the settle time, and this look (made after it) still shows nothing.
+                self.store.finish_intent(
+                    intent.intent_key,
+                    ABANDONED,
+                    f"never landed: nothing on the gateway {int(looked_at - sent)} s after it was sent",
+                )
+                self.ledger.watch_late(agent, intent.intent_key, listed, watch_until)
+                self.ledger.forget_rotation_sent(agent, old)
+                return _Recovery(
+                    f"{agent}: an interrupted rotation never reached the gateway (its settle time has passed and "
+                    f"the gateway still shows no new key); the key finops holds ({_fp(old)}) is unchanged, live "
+                    "and works"
+                )
+            if supersede is not None:
+                self.store.finish_intent(
+                    intent.intent_key, ABANDONED, f"outcome unknown; superseded by {supersede}, watched for landing"
+                )
+                self.ledger.watch_late(agent, intent.intent_key, listed, watch_until)
+                return _Recovery(
+                    f"{agent}: an earlier rotation's outcome is still unknown; {supersede} does not wait for it (if "
+                    "it lands late, the key it mints is reported as an orphan)"
+                )
             return _Recovery(
-                f"{agent}: an interrupted rotation never reached the gateway; the key finops holds "
-                f"({_fp(old)}) is unchanged, live and works"
+                f"{agent}: the outcome of an interrupted rotation of key {_fp(old)} is still unknown (sent "
+                f"{_iso(sent)}; it may still run on the gateway). The held key is live, unrevoked and works. No new "
+                f"rotation of {agent} is sent until the rotation is seen landing or its settle time ends at "
+                f"{_iso(settles_at(sent, self._settle))} and a fresh look still shows nothing",
+                unresolved=True,
             )
         # A rotate landed and its new key never reached finops (an orphan, or the held key
         # is listed revoked), but the held key still authenticates: it is inside its grace.
-        why = f"its new key was lost (ORPHANED {orphan_fps})" if minted else "the held key is listed revoked"
+        # It dies when the grace ends, so this does not wait for the settle time.
+        revoked_before = old not in set(p.get("live_before") or ()) and old in set(p.get("listed_before") or ())
+        why = (
+            f"its new key was lost (ORPHANED {orphan_fps})"
+            if minted
+            else "the held key was already listed revoked and this rotation's outcome is unknown"
+            if revoked_before
+            else "the held key is listed revoked"
+        )
         self.store.finish_intent(intent.intent_key, ABANDONED, f"{why}; rotating again from the held key")
         self.ledger.watch_late(agent, intent.intent_key, listed, watch_until)
         try:
@@ -731,15 +804,17 @@ class KeyManager:
             return None
         return max(0, int(sent + GRACE_SECONDS - self._clock()))
 
-    def _check_late(self, agent: str, rows: Collection[KeyRecord]) -> list[str]:
+    def _check_late(self, agent: str, rows: Collection[KeyRecord], looked_at: float) -> list[str]:
         """Report live keys that appeared after an interrupted rotation was concluded (a rotate
-        that landed late) and that finops does not hold."""
+        that landed late) and that finops does not hold. ``rows`` is a listing made at or after
+        ``looked_at``; watches that expired before then end with this look (never unseen)."""
         known = self.ledger.late_watches(agent).get(agent)
         if known is None:
             return []
         held = {key_prefix(raw) for raw in (self.vault.read(agent, MAIN), self.vault.read(agent, QUARANTINE)) if raw}
         late = sorted({k.key_hash_prefix for k in rows if not k.revoked} - known - held)
         self._report_orphans(agent, late)
+        self.ledger.end_late_watches(agent, looked_at)
         return late
 
     # ------------------------------------------------------------------ import
@@ -775,6 +850,9 @@ class KeyManager:
             self.ledger.record_stored(agent_id, prefix, "import", rotated=False, reason="import")
             for intent in self._pending(agent_id):
                 self.store.finish_intent(intent.intent_key, ABANDONED, f"superseded by the import of {_fp(prefix)}")
+                # Its rotate may still land: report the key it would mint.
+                until = max(self._clock() + LATE_WATCH_SECONDS, settles_at(self._sent_at(intent), self._settle))
+                self.ledger.watch_late(agent_id, intent.intent_key, rows, until)
         log.info("%s: imported key %s", agent_id, _fp(prefix))
         return (
             f"{agent_id}: imported key {_fp(prefix)} into {self.vault.path_for(agent_id)}; "
@@ -912,7 +990,7 @@ class KeyManager:
     ) -> RotationRun:
         """Recover pending rotations, then rotate every due key (all selected keys with
         ``force``). Each agent is attempted; one agent's failure is recorded, not raised."""
-        notes, unresolved = await self._recover_all()
+        notes, unresolved, waiting = await self._recover_all()
         run = RotationRun(recovered=notes)
         when = now or self._now()
         specs = {s.agent_id: s for s in desired.agents()}
@@ -928,7 +1006,9 @@ class KeyManager:
         targets: list[AgentSpec] = []
         for spec in pool:
             problem = self._cannot_rotate(spec)
-            if problem is not None:
+            if spec.agent_id in waiting:
+                run.skipped[spec.agent_id] = waiting[spec.agent_id]
+            elif problem is not None:
                 if agents is not None:
                     run.failed[spec.agent_id] = problem
                 elif spec.keys.manage:

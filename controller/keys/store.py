@@ -193,12 +193,12 @@ class KeyLedger:
                 )
 
     def late_watches(self, agent_id: str | None = None) -> dict[str, set[str]]:
-        """Per agent with an unexpired watch: the prefixes every one of its watches knows
-        (the intersection: a key that appeared after the earliest watch was set is suspect
-        even if a later watch saw it). Expired watches are dropped here."""
-        now = self._clock()
+        """Per agent with a watch: the prefixes every one of its watches knows (the
+        intersection: a key that appeared after the earliest watch was set is suspect even if
+        a later watch saw it). An expired watch stays until ``end_late_watches`` records a
+        look at the gateway made after it expired: however long finops was down, a rotate
+        that landed inside the watch is seen once."""
         with self._lock:
-            self._db.execute("DELETE FROM keys_late_watch WHERE until < ?", (now,))
             rows = self._db.execute("SELECT agent_id, known FROM keys_late_watch").fetchall()
         out: dict[str, set[str]] = {}
         for agent, known in rows:
@@ -206,6 +206,12 @@ class KeyLedger:
                 prefixes = set(json.loads(known))
                 out[agent] = out[agent] & prefixes if agent in out else prefixes
         return out
+
+    def end_late_watches(self, agent_id: str, looked_at: float) -> None:
+        """The agent's keys were listed at (or after) ``looked_at`` and checked against its
+        watches: the watches that had expired by then are done."""
+        with self._lock:
+            self._db.execute("DELETE FROM keys_late_watch WHERE agent_id=? AND until < ?", (agent_id, looked_at))
 
     def orphans(self) -> dict[str, list[Orphan]]:
         with self._lock:

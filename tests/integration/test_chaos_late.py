@@ -39,7 +39,7 @@ from policies.keyprint import key_prefix
 from policies.settle import SETTLE_SECONDS
 from policies.spec import DesiredState
 from tests.integration.conftest import CANONICAL, FinopsClock
-from tests.integration.test_faults import FastHarness, assert_converged, converge
+from tests.integration.test_faults import FastHarness, assert_converged, check_one_managed_key_per_agent, converge
 
 STRESS = os.environ.get("FINOPS_STRESS") == "1"
 ITERATIONS = 100 if STRESS else 10
@@ -226,7 +226,11 @@ async def one_iteration(seed: int, workdir: Path, desired: DesiredState, *, alwa
             figures.passes += run.passes
             if run.passes == 0:
                 break
-        await assert_converged(sandbox, desired, state=store, sink=harness.sink)
+        # A late rotate that landed minted a key whose secret went nowhere: the gateway cannot
+        # revoke it over REST, so with rotations "one live key per agent" holds only up to
+        # reported orphans, which ``key_problems`` checks.
+        skip = (check_one_managed_key_per_agent,) if "rotate" in kinds else ()
+        await assert_converged(sandbox, desired, state=store, sink=harness.sink, skip=skip)
         sandbox.clock.advance(GRACE_S + 1)  # every rotated-away key is past its grace
         problems, figures.lost_keys, figures.orphans = key_problems(harness, desired)
         figures.problems += problems + webhook_problems(harness, desired)
@@ -269,14 +273,6 @@ async def test_late_deposits_registrations_and_webhook_creates_converge_exactly_
     assert total["landed"] > 0 and total["lost"] > 0
 
 
-@pytest.mark.xfail(
-    reason=(
-        "i9-keys (controller/keys/rotate.py): rotation recovery concludes 'never reached the gateway' as soon as "
-        "no new key is listed, without the settle time; a rotate that lands later then orphans the key finops "
-        "holds (it dies after the 300 s grace) and the orphan is never reported"
-    ),
-    strict=False,
-)
 async def test_late_rotations_at_random_points_never_lose_the_held_key(
     canonical_fleet: DesiredState, tmp_path: Path
 ) -> None:

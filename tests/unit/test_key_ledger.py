@@ -38,8 +38,15 @@ def test_late_watches_intersect_explain_and_expire(tmp_path: Path) -> None:
     ledger.explain("a", "k1")  # the key finops minted and holds
     assert ledger.late_watches("a") == {"a": {"k0", "o1", "k1"}}
     clock.now = 650
-    assert ledger.late_watches() == {"a": {"k0", "o1", "late", "k1"}}  # the first watch expired
-    clock.now = 701
+    # Expired, but no look at the gateway since: a watch ends only with a look after its end.
+    assert ledger.late_watches() == {"a": {"k0", "o1", "k1"}}
+    ledger.end_late_watches("a", looked_at=650)
+    assert ledger.late_watches() == {"a": {"k0", "o1", "late", "k1"}}  # the first watch is done
+    clock.now = 5_000  # finops was down long past the second watch's end
+    assert ledger.late_watches() == {"a": {"k0", "o1", "late", "k1"}}
+    ledger.end_late_watches("b", looked_at=5_000)  # another agent's look ends nothing of a's
+    assert ledger.late_watches("a") == {"a": {"k0", "o1", "late", "k1"}}
+    ledger.end_late_watches("a", looked_at=5_000)
     assert ledger.late_watches() == {}
     ledger.close()
 
