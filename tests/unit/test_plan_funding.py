@@ -91,7 +91,9 @@ def test_registrations_count_their_signup_bonus_and_wait_when_it_does_not_fit() 
 def test_the_per_run_ceiling_counts_signup_bonuses() -> None:
     agents = [agent(f"new-{i}", floor="1.00", target="2.00") for i in range(3)]
     plan = make_plan(
-        desired(*agents, ceiling="0.00"), live(*[LiveAgent(a.agent_id, exists=False) for a in agents]), Memory()
+        desired(*agents, ceiling="0.00"), live(*[LiveAgent(a.agent_id, exists=False) for a in agents]),
+        Memory(),
+        now=WHEN,
     )
     [violation] = plan.violations
     assert violation.rule == "funding-ceiling" and "15.00 USD" in violation.message
