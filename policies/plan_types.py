@@ -12,13 +12,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from policies.currency import from_credits
 from policies.exposure import ExposureReview
 from policies.funding_window import DeferReason
 from policies.guardrails import Violation
 from policies.money import format_money
+from policies.spec import SecretRef
 
 PLAN_FORMAT_VERSION = 1
 
@@ -48,6 +49,144 @@ class FieldDiff:
     after: str | None
 
 
+def _wire_money(value: Decimal) -> str:
+    """A money argument in a plan file: ``str`` keeps whatever was read (the planner builds
+    every amount quantized to cents, so it writes 2 decimals)."""
+    return str(value)
+
+
+@dataclass(frozen=True)
+class RegisterArgs:
+    expected_balance: Decimal
+    """The wallet's balance right after registering: the gateway's signup bonus (credits)."""
+
+    def wire(self) -> dict[str, str]:
+        return {"expected_balance": _wire_money(self.expected_balance)}
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, str]) -> RegisterArgs:
+        return cls(Decimal(args["expected_balance"]))
+
+
+@dataclass(frozen=True)
+class TopUpArgs:
+    """A deposit, in credits. Apply re-reads the balance first: if it moved since the plan,
+    it deposits what ``floor``/``target`` call for now, never more than ``amount``."""
+
+    amount: Decimal
+    expected_balance: Decimal
+    floor: Decimal
+    target: Decimal
+    idempotency_key: str
+    """The funding epoch's deposit key (``policies.funding.deposit_idempotency_key``)."""
+
+    def wire(self) -> dict[str, str]:
+        return {
+            "amount": _wire_money(self.amount),
+            "expected_balance": _wire_money(self.expected_balance),
+            "floor": _wire_money(self.floor),
+            "target": _wire_money(self.target),
+            "idempotency_key": self.idempotency_key,
+        }
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, str]) -> TopUpArgs:
+        return cls(
+            Decimal(args["amount"]),
+            Decimal(args["expected_balance"]),
+            Decimal(args["floor"]),
+            Decimal(args["target"]),
+            str(args["idempotency_key"]),
+        )
+
+
+@dataclass(frozen=True)
+class SetBudgetArgs:
+    """Caps in credits (``None``: not sent) and the gateway's ``alert_threshold`` ratio."""
+
+    daily_cap: Decimal | None
+    monthly_cap: Decimal | None
+    alert_threshold: Decimal
+
+    def wire(self) -> dict[str, str]:
+        out = {} if self.daily_cap is None else {"daily_cap": _wire_money(self.daily_cap)}
+        if self.monthly_cap is not None:
+            out["monthly_cap"] = _wire_money(self.monthly_cap)
+        out["alert_threshold"] = str(self.alert_threshold)
+        return out
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, str]) -> SetBudgetArgs:
+        daily, monthly = args.get("daily_cap"), args.get("monthly_cap")
+        return cls(
+            Decimal(daily) if daily is not None else None,
+            Decimal(monthly) if monthly is not None else None,
+            Decimal(args["alert_threshold"]),
+        )
+
+
+def secret_ref_args(ref: SecretRef) -> dict[str, str]:
+    """A secret reference as change arguments (the value is resolved only at apply)."""
+    if ref.managed:
+        return {"secret_managed": ref.managed}
+    args = {"secret_env": ref.env} if ref.env else {"secret_file": str(ref.file)}
+    if ref.generate:
+        args["secret_generate"] = "true"
+    return args
+
+
+def secret_ref_from_args(args: Mapping[str, str]) -> SecretRef:
+    return SecretRef(
+        env=args.get("secret_env"),
+        file=args.get("secret_file"),
+        generate=args.get("secret_generate") == "true",
+        managed=args.get("secret_managed"),
+    )
+
+
+@dataclass(frozen=True)
+class CreateWebhookArgs:
+    url: str
+    events: tuple[str, ...]
+    """Every event type to subscribe to, finops' ownership marker included."""
+    secret: SecretRef
+    """The signing secret by reference; its value is resolved only at apply."""
+
+    def wire(self) -> dict[str, str]:
+        return {"url": self.url, "events": ",".join(self.events), **secret_ref_args(self.secret)}
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, str]) -> CreateWebhookArgs:
+        return cls(str(args["url"]), tuple(str(args["events"]).split(",")), secret_ref_from_args(args))
+
+
+@dataclass(frozen=True)
+class DeleteWebhookArgs:
+    webhook_id: str
+    url: str
+
+    def wire(self) -> dict[str, str]:
+        return {"webhook_id": self.webhook_id, "url": self.url}
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, str]) -> DeleteWebhookArgs:
+        return cls(str(args["webhook_id"]), str(args["url"]))
+
+
+ChangeArgs = RegisterArgs | TopUpArgs | SetBudgetArgs | CreateWebhookArgs | DeleteWebhookArgs
+
+ARGS_OF: Mapping[ChangeKind, type[ChangeArgs]] = {
+    ChangeKind.REGISTER: RegisterArgs,
+    ChangeKind.TOP_UP: TopUpArgs,
+    ChangeKind.SET_BUDGET: SetBudgetArgs,
+    ChangeKind.CREATE_WEBHOOK: CreateWebhookArgs,
+    ChangeKind.DELETE_WEBHOOK: DeleteWebhookArgs,
+}
+"""The argument type of each kind of change (``Change`` refuses any other pairing)."""
+
+_A = TypeVar("_A", RegisterArgs, TopUpArgs, SetBudgetArgs, CreateWebhookArgs, DeleteWebhookArgs)
+
+
 @dataclass(frozen=True)
 class Change:
     """One write the apply step will make, with the exact arguments it will send."""
@@ -57,7 +196,58 @@ class Change:
     agent_id: str
     reason: str
     diff: tuple[FieldDiff, ...]
-    args: Mapping[str, str]
+    args: ChangeArgs
+
+    def __post_init__(self) -> None:
+        if type(self.args) is not ARGS_OF[self.kind]:
+            raise TypeError(f"a {self.kind.value} change takes {ARGS_OF[self.kind].__name__}, not {self.args!r}")
+
+    def args_as(self, kind: type[_A]) -> _A:
+        """The arguments as ``kind`` (the type-checked way to read them after a kind test)."""
+        if not isinstance(self.args, kind):
+            raise TypeError(f"{self.kind.value} change has {type(self.args).__name__}, not {kind.__name__}")
+        return self.args
+
+    @property
+    def credits_in(self) -> Decimal:
+        """Credits this change puts into the agent's wallet: a top-up's amount, the signup
+        bonus of a registration (``RegisterArgs.expected_balance``), else zero."""
+        if isinstance(self.args, TopUpArgs):
+            return self.args.amount
+        if isinstance(self.args, RegisterArgs):
+            return self.args.expected_balance
+        return Decimal("0.00")
+
+
+class PlanErrorKind(StrEnum):
+    UNOBSERVED = "could not observe"
+    """The agent could not be read from the gateway: its plan is unknown, nothing changes."""
+    WEBHOOK_NOT_PLANNED = "gateway webhook not planned"
+    """A declared gateway webhook could not be planned (e.g. its secret is unusable)."""
+    NOT_REGISTERED = "not registered"
+    """Registration withheld (its key could not be delivered safely); see ``reconcile``."""
+
+
+@dataclass(frozen=True)
+class PlanError:
+    """An agent the plan could not (fully) decide for, and why; typed so that consumers
+    (the daemon's metrics, renderers) read ``agent_id``/``kind``, never the text."""
+
+    agent_id: str
+    kind: PlanErrorKind
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.agent_id}: {self.kind.value}: {self.detail}"
+
+    @classmethod
+    def parse(cls, text: str) -> PlanError:
+        """Inverse of ``str`` (the plan file's form of an error)."""
+        agent_id, _, rest = text.partition(": ")
+        for kind in PlanErrorKind:
+            if rest.startswith(kind.value + ": "):
+                return cls(agent_id, kind, rest[len(kind.value) + 2 :])
+        raise ValueError(f"unrecognised plan error {text!r}")
 
 
 @dataclass(frozen=True)
@@ -173,7 +363,7 @@ class Plan:
     unmanaged_agents: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     violations: tuple[Violation, ...] = ()
-    errors: tuple[str, ...] = ()
+    errors: tuple[PlanError, ...] = ()
     """Agents that could not be observed: the plan for them is unknown."""
     held: tuple[HeldAgent, ...] = ()
     """Agents under an operator hold (``finops freeze``): caps kept at 0, never funded."""
@@ -198,7 +388,7 @@ class Plan:
 
     def summary(self) -> dict[str, Any]:
         counts = Counter(c.kind.value for c in self.changes)
-        top_up = sum((Decimal(c.args["amount"]) for c in self.changes if c.kind is ChangeKind.TOP_UP), Decimal(0))
+        top_up = sum((c.args.amount for c in self.changes if isinstance(c.args, TopUpArgs)), Decimal(0))
         return {
             "changes": len(self.changes),
             "register": counts.get(ChangeKind.REGISTER.value, 0),
@@ -246,14 +436,14 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                 "agent_id": c.agent_id,
                 "reason": c.reason,
                 "diff": [{"field": d.field, "before": d.before, "after": d.after} for d in c.diff],
-                "args": dict(c.args),
+                "args": c.args.wire(),
             }
             for c in plan.changes
         ],
         "unmanaged_agents": list(plan.unmanaged_agents),
         "warnings": list(plan.warnings),
         "violations": [{"rule": v.rule, "fleet": v.fleet, "message": v.message} for v in plan.violations],
-        "errors": list(plan.errors),
+        "errors": [str(e) for e in plan.errors],
         "held": [{"agent_id": h.agent_id, "reason": h.reason, "since": h.since, "auto": h.auto} for h in plan.held],
         "unmanaged_webhooks": list(plan.unmanaged_webhooks),
         "rebalanced": list(plan.rebalanced),
@@ -334,14 +524,14 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
                 agent_id=c["agent_id"],
                 reason=c["reason"],
                 diff=tuple(FieldDiff(d["field"], d["before"], d["after"]) for d in c["diff"]),
-                args={str(k): str(v) for k, v in c["args"].items()},
+                args=ARGS_OF[ChangeKind(c["kind"])].from_wire({str(k): str(v) for k, v in c["args"].items()}),
             )
             for c in data["changes"]
         ),
         unmanaged_agents=tuple(data.get("unmanaged_agents", ())),
         warnings=tuple(data.get("warnings", ())),
         violations=tuple(Violation(v["rule"], v["fleet"], v["message"]) for v in data.get("violations", ())),
-        errors=tuple(data.get("errors", ())),
+        errors=tuple(PlanError.parse(str(e)) for e in data.get("errors", ())),
         held=tuple(
             HeldAgent(h["agent_id"], h["reason"], h["since"], bool(h.get("auto", False))) for h in data.get("held", ())
         ),
@@ -396,4 +586,4 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
 
 def changes_equal(a: Sequence[Change], b: Sequence[Change]) -> bool:
     """Same writes with the same arguments (reasons and display text may differ)."""
-    return [(c.kind, c.agent_id, dict(c.args)) for c in a] == [(c.kind, c.agent_id, dict(c.args)) for c in b]
+    return [(c.kind, c.agent_id, c.args) for c in a] == [(c.kind, c.agent_id, c.args) for c in b]

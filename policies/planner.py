@@ -42,20 +42,27 @@ from policies.guardrails import (
 )
 from policies.keyprint import secret_fingerprint
 from policies.live import NEW_WALLET_ANCHOR, LiveAgent, LiveFleet, Webhook
-from policies.money import format_money
+from policies.money import CENT, format_money
 from policies.plan_types import (
     INTENT_BLOCKS,
     WEBHOOK_MARKER_PREFIX,
     Blocked,
     Change,
     ChangeKind,
+    CreateWebhookArgs,
     Deferred,
+    DeleteWebhookArgs,
     FieldDiff,
     FleetInfo,
     FundingWindow,
     HeldAgent,
     OutflowFlag,
     Plan,
+    PlanError,
+    PlanErrorKind,
+    RegisterArgs,
+    SetBudgetArgs,
+    TopUpArgs,
     webhook_marker,
 )
 from policies.records import Adjustment, BudgetWrite, Hold, Intent, ManagedWebhook
@@ -186,7 +193,7 @@ def _plan_agent(
                     f"the gateway grants a {format_money(SIGNUP_BONUS_CREDITS)}-credit signup bonus)"
                 ),
                 diff=(FieldDiff("wallet", None, "registered"),),
-                args={"expected_balance": format_money(SIGNUP_BONUS_CREDITS)},
+                args=RegisterArgs(SIGNUP_BONUS_CREDITS.quantize(CENT)),
             )
         )
         balance = SIGNUP_BONUS_CREDITS
@@ -224,13 +231,13 @@ def _plan_agent(
                     f"(+{format_money(from_credits(amount, rate))} {fleet.currency})"
                 ),
                 diff=(FieldDiff("balance", format_money(balance), format_money(balance + amount)),),
-                args={
-                    "amount": format_money(amount),
-                    "expected_balance": format_money(balance),
-                    "floor": format_money(floor),
-                    "target": format_money(target),
-                    "idempotency_key": deposit_idempotency_key(fleet.name, spec.agent_id, epoch),
-                },
+                args=TopUpArgs(
+                    amount=amount.quantize(CENT),
+                    expected_balance=balance.quantize(CENT),
+                    floor=floor.quantize(CENT),
+                    target=target.quantize(CENT),
+                    idempotency_key=deposit_idempotency_key(fleet.name, spec.agent_id, epoch),
+                ),
             )
         )
     return changes
@@ -243,7 +250,7 @@ def _confirm_caps(fleet: FleetSpec, spec: AgentSpec, want: Mapping[str, str | No
         agent_id=spec.agent_id,
         reason=f"held by finops ({hold.reason}): confirm the declared caps, then lift the hold",
         diff=(),
-        args={k: v for k, v in want.items() if v is not None},
+        args=SetBudgetArgs.from_wire({k: v for k, v in want.items() if v is not None}),
     )
 
 
@@ -328,29 +335,10 @@ def _plan_budget(
                 agent_id=spec.agent_id,
                 reason=reason,
                 diff=diff,
-                args={k: v for k, v in want.items() if v is not None},
+                args=SetBudgetArgs.from_wire({k: v for k, v in want.items() if v is not None}),
             )
         )
     return changes
-
-
-def secret_ref_args(ref: SecretRef) -> dict[str, str]:
-    """A secret reference as change arguments (the value is resolved only at apply)."""
-    if ref.managed:
-        return {"secret_managed": ref.managed}
-    args = {"secret_env": ref.env} if ref.env else {"secret_file": str(ref.file)}
-    if ref.generate:
-        args["secret_generate"] = "true"
-    return args
-
-
-def secret_ref_from_args(args: Mapping[str, str]) -> SecretRef:
-    return SecretRef(
-        env=args.get("secret_env"),
-        file=args.get("secret_file"),
-        generate=args.get("secret_generate") == "true",
-        managed=args.get("secret_managed"),
-    )
 
 
 def _webhook_fp(hook: Webhook) -> str:
@@ -366,7 +354,7 @@ class _WebhookPlan:
     changes: list[Change]
     unmanaged: list[str]
     warnings: list[str]
-    errors: list[str] = field(default_factory=list)
+    errors: list[PlanError] = field(default_factory=list)
 
 
 def marked_owner(hook: Webhook, fleet_of: Mapping[str, str]) -> str | None:
@@ -463,7 +451,7 @@ def _plan_agent_webhook(
     problem = memory.secret_problems.get(hook.secret)
     if problem is not None:
         # Checked here, not at apply: the create would fail after other writes were made.
-        out.errors.append(f"{spec.agent_id}: gateway webhook not planned: {problem}")
+        out.errors.append(PlanError(spec.agent_id, PlanErrorKind.WEBHOOK_NOT_PLANNED, problem))
         return {h for h, rec in memory.managed_webhooks.items() if rec.agent_id == spec.agent_id}
     events = tuple(sorted({*hook.events, webhook_marker(fleet.name)}))
     want_fp = memory.secret_fingerprints.get(hook.secret)
@@ -509,7 +497,7 @@ def _plan_agent_webhook(
                 agent_id=spec.agent_id,
                 reason=reason,
                 diff=tuple(d for d in changed if d is not None),
-                args={"url": hook.url, "events": ",".join(events), **secret_ref_args(hook.secret)},
+                args=CreateWebhookArgs(hook.url, events, hook.secret),
             )
         )
     for w in mine:
@@ -526,7 +514,7 @@ def _delete_webhook(fleet: str, agent_id: str, hook: Webhook, why: str) -> Chang
         agent_id=agent_id,
         reason=f"finops-owned webhook {hook.id}: {why}",
         diff=(FieldDiff("webhook", f"{hook.id} {hook.url}", None),),
-        args={"webhook_id": hook.id, "url": hook.url},
+        args=DeleteWebhookArgs(hook.id, hook.url),
     )
 
 
@@ -554,14 +542,12 @@ def observation_basis(desired: DesiredState, live: LiveFleet) -> str:
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
-def make_plan(
-    desired: DesiredState, live: LiveFleet, memory: Memory, *, now: datetime, prune: bool = False
-) -> Plan:
+def make_plan(desired: DesiredState, live: LiveFleet, memory: Memory, *, now: datetime, prune: bool = False) -> Plan:
     """Compute every change needed to make the gateway match the manifests."""
     when = now
     changes: list[Change] = []
     violations: list[Violation] = []
-    errors: list[str] = []
+    errors: list[PlanError] = []
     fleets: list[FleetInfo] = []
     windows: list[FundingWindow] = []
     deferred: list[Deferred] = []
@@ -573,7 +559,8 @@ def make_plan(
         for spec in fleet.agents:
             agent = live.agents.get(spec.agent_id)
             if agent is None or agent.error is not None:
-                errors.append(f"{spec.agent_id}: could not observe: {agent.error if agent else 'missing'}")
+                why = (agent.error if agent else None) or "missing"
+                errors.append(PlanError(spec.agent_id, PlanErrorKind.UNOBSERVED, why))
                 continue
             refused = _refused_before_planning(fleet, spec, live, rate, memory, when.timestamp())
             if refused:
@@ -587,24 +574,18 @@ def make_plan(
         fleet_changes = [c for cs in bounded.changes.values() for c in cs]
         funded: dict[str, Decimal] = {}
         for c in fleet_changes:
-            credits = (
-                Decimal(c.args["amount"])
-                if c.kind is ChangeKind.TOP_UP
-                else SIGNUP_BONUS_CREDITS
-                if c.kind is ChangeKind.REGISTER
-                else None
-            )
-            if credits is not None:
+            if c.kind in (ChangeKind.TOP_UP, ChangeKind.REGISTER):
+                credits = c.credits_in
                 funded[c.agent_id] = funded.get(c.agent_id, Decimal("0.00")) + credits
         per_agent = {a: from_credits(credits, rate) for a, credits in funded.items()}
         violations += check_funding_ceiling(fleet.name, fleet.currency, per_agent, fleet.funding_ceiling)
         violations += check_deposit_limit(
-            fleet.name, {c.agent_id: Decimal(c.args["amount"]) for c in fleet_changes if c.kind is ChangeKind.TOP_UP}
+            fleet.name, {c.agent_id: c.args.amount for c in fleet_changes if isinstance(c.args, TopUpArgs)}
         )
         new_caps = [
-            (c.agent_id, from_credits(Decimal(c.args["daily_cap"]), rate))
+            (c.agent_id, from_credits(c.args.daily_cap, rate))
             for c in fleet_changes
-            if c.kind is ChangeKind.SET_BUDGET and "daily_cap" in c.args
+            if isinstance(c.args, SetBudgetArgs) and c.args.daily_cap is not None
         ]
         violations += check_caps_within_total(fleet.name, fleet.currency, new_caps, fleet.daily_total)
         changes.extend(fleet_changes)
@@ -696,13 +677,8 @@ def _bound_funding(
     # the gateway moves money once per deposit key, and registers an agent once.
     counted = {e.ref for e in events if in_window(e.at, now)}
     requests = [
-        (c, FundingRequest(a, FundingKind.SIGNUP_BONUS, _new(SIGNUP_BONUS_CREDITS, bonus_ref(a), counted), False))
-        if c.kind is ChangeKind.REGISTER
-        else (
-            c,
-            FundingRequest(a, FundingKind.DEPOSIT, _new(c.args["amount"], c.args["idempotency_key"], counted), True),
-        )
-        for a, cs in changes.items()
+        (c, _funding_request(c, counted))
+        for cs in changes.values()
         for c in cs
         if c.kind in (ChangeKind.REGISTER, ChangeKind.TOP_UP)
     ]
@@ -738,6 +714,16 @@ def _bound_funding(
     return _Bounded(changes, window, deferred, flags)
 
 
+def _funding_request(change: Change, counted: set[str]) -> FundingRequest:
+    """A registration's signup bonus or a top-up, as a request on the funding window."""
+    agent = change.agent_id
+    if isinstance(change.args, RegisterArgs):
+        bonus = _new(SIGNUP_BONUS_CREDITS, bonus_ref(agent), counted)
+        return FundingRequest(agent, FundingKind.SIGNUP_BONUS, bonus, False)
+    top_up = change.args_as(TopUpArgs)
+    return FundingRequest(agent, FundingKind.DEPOSIT, _new(top_up.amount, top_up.idempotency_key, counted), True)
+
+
 def _new(credits: Decimal | str, ref: str, counted: set[str]) -> Decimal:
     """What a funding step adds to the window: nothing if its reference is already in it."""
     return Decimal("0.00") if ref in counted else Decimal(credits)
@@ -751,18 +737,19 @@ def _outflow_why(flag: OutflowFlag, rate: Decimal) -> str:
     )
 
 
-_EMPTY = "0.00"
+_EMPTY = Decimal("0.00")
 
 
 def _is_empty_top_up(change: Change) -> bool:
-    return change.kind is ChangeKind.TOP_UP and change.args["amount"] == _EMPTY
+    return isinstance(change.args, TopUpArgs) and not change.args.amount
 
 
 def _clip_top_up(
     fleet: FleetSpec, change: Change, most: Decimal, reason: DeferReason, deferred: list[Deferred], why: str
 ) -> Change:
     """The top-up cut to ``most`` credits (``0.00``: dropped by the caller), the rest deferred."""
-    amount = Decimal(change.args["amount"])
+    args = change.args_as(TopUpArgs)
+    amount = args.amount
     if amount <= most:
         return change
     granted = max(Decimal("0.00"), most)
@@ -781,15 +768,15 @@ def _clip_top_up(
         )
     )
     if not granted:
-        return replace(change, args={**change.args, "amount": _EMPTY})
-    balance = Decimal(change.args["expected_balance"])
+        return replace(change, args=replace(args, amount=_EMPTY))
+    balance = args.expected_balance
     # The key stays the funding epoch's (``policies.funding``): a cut top-up is the same
     # decision, so it and the full one can never both land.
     return replace(
         change,
         reason=f"{change.reason}; cut to {format_money(granted)} credits ({reason.value})",
         diff=(FieldDiff("balance", format_money(balance), format_money(balance + granted)),),
-        args={**change.args, "amount": format_money(granted)},
+        args=replace(args, amount=granted.quantize(CENT)),
     )
 
 

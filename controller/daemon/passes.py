@@ -415,7 +415,7 @@ class Reconciler:
             plan = preflight(await self.plan_fn(client, desired, self.target, self.store), desired, self.sink.directory)
             log_funding_limits(self.log, plan)
             now = self.clock()
-            unobserved = {e.split(":", 1)[0]: e.split(":", 1)[1].strip() for e in plan.errors}
+            unobserved = {e.agent_id: f"{e.kind.value}: {e.detail}" for e in plan.errors}
             skipped_backoff = sorted({c.agent_id for c in plan.changes if self.backoff.active(c.agent_id, now)})
             blocked = set(skipped_backoff)
             kept = tuple(c for c in plan.changes if c.agent_id not in blocked)

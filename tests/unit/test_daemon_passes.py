@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from controller.apply import AgentResult
 from controller.daemon.passes import PassResult, applied_kinds
-from controller.plan import Change, ChangeKind
+from controller.plan import Change, ChangeArgs, ChangeKind, RegisterArgs, SetBudgetArgs, TopUpArgs
+
+D = Decimal
+ARGS: dict[ChangeKind, ChangeArgs] = {
+    ChangeKind.REGISTER: RegisterArgs(D("500.00")),
+    ChangeKind.TOP_UP: TopUpArgs(D("10.00"), D("0.00"), D("5.00"), D("10.00"), "finops-topup-x"),
+    ChangeKind.SET_BUDGET: SetBudgetArgs(D("1.00"), D("2.00"), D("0.8")),
+}
 
 
 def change(kind: ChangeKind) -> Change:
-    return Change(kind=kind, fleet="research", agent_id="res-01", reason="", diff=(), args={})
+    return Change(kind=kind, fleet="research", agent_id="res-01", reason="", diff=(), args=ARGS[kind])
 
 
 ALL = [change(ChangeKind.REGISTER), change(ChangeKind.TOP_UP), change(ChangeKind.SET_BUDGET)]

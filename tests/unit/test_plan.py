@@ -6,7 +6,7 @@ from decimal import Decimal
 
 from controller.gateway.models import BudgetStatus
 from controller.observe import LiveAgent, LiveFleet
-from controller.plan import ChangeKind, Memory, make_plan, plan_from_dict, plan_to_dict
+from controller.plan import ChangeKind, Memory, PlanError, PlanErrorKind, make_plan, plan_from_dict, plan_to_dict
 from controller.state import BudgetWrite
 from policies.spec import AgentSpec, DesiredState, FleetSpec
 
@@ -77,10 +77,10 @@ def test_new_agent_is_registered_capped_then_funded_net_of_bonus_in_credits() ->
     kinds = [c.kind for c in plan.changes]
     assert kinds == [ChangeKind.REGISTER, ChangeKind.SET_BUDGET, ChangeKind.TOP_UP]  # caps before money
     top_up = plan.changes[2]
-    assert top_up.args["amount"] == "7000.00"  # 75 USD = 7500 credits, minus the 500 signup bonus
-    assert top_up.args["expected_balance"] == "500.00"
+    assert str(top_up.args.amount) == "7000.00"  # 75 USD = 7500 credits, minus the 500 signup bonus
+    assert str(top_up.args.expected_balance) == "500.00"
     caps = plan.changes[1].args
-    assert caps == {"daily_cap": "3000.00", "monthly_cap": "60000.00", "alert_threshold": "0.75"}
+    assert caps.wire() == {"daily_cap": "3000.00", "monthly_cap": "60000.00", "alert_threshold": "0.75"}
     assert plan.summary()["top_up_credits"] == "7000.00"
 
 
@@ -96,7 +96,7 @@ def test_cap_drift_plans_only_the_drifted_field() -> None:
     assert change.kind is ChangeKind.SET_BUDGET
     assert [(d.field, d.before, d.after) for d in change.diff] == [("daily_cap", "9999.00", "3000.00")]
     # budget PUT replaces the record: every field is always sent
-    assert set(change.args) == {"daily_cap", "monthly_cap", "alert_threshold"}
+    assert set(change.args.wire()) == {"daily_cap", "monthly_cap", "alert_threshold"}
 
 
 def test_unobservable_threshold_is_written_once_then_remembered() -> None:
@@ -136,7 +136,9 @@ def test_unobservable_agent_is_an_error_not_a_guess() -> None:
     plan = make_plan(
         desired(agent("res-01"), agent("res-02")), live(converged_agent(), broken), CONVERGED_MEMORY, now=WHEN
     )
-    assert plan.errors and "res-02" in plan.errors[0]
+    assert plan.errors == (PlanError("res-02", PlanErrorKind.UNOBSERVED, "gateway 500: boom"),)
+    assert plan_to_dict(plan)["errors"] == ["res-02: could not observe: gateway 500: boom"]
+    assert plan_from_dict(json.loads(json.dumps(plan_to_dict(plan)))).errors == plan.errors
     assert all(c.agent_id != "res-02" for c in plan.changes)
 
 

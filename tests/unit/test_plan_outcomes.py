@@ -87,7 +87,7 @@ def test_the_deposit_key_is_the_epochs_whatever_the_balance_or_unrelated_rows_di
         Memory(),
         now=WHEN,
     )
-    key = {c.args["idempotency_key"] for p in (before, after) for c in p.changes if c.kind is ChangeKind.TOP_UP}
+    key = {c.args.idempotency_key for p in (before, after) for c in p.changes if c.kind is ChangeKind.TOP_UP}
     assert key == {deposit_idempotency_key("research", "res-01", "none")}
 
 
@@ -96,7 +96,7 @@ def test_finops_own_record_of_its_last_deposit_keeps_the_epoch_when_the_ledger_r
     scrolled = make_plan(
         desired(agent("res-01")), live(poor(anchor="none")), Memory(last_deposits={"res-01": 41}), now=WHEN
     )
-    keys = [c.args["idempotency_key"] for p in (seen, scrolled) for c in p.changes if c.kind is ChangeKind.TOP_UP]
+    keys = [c.args.idempotency_key for p in (seen, scrolled) for c in p.changes if c.kind is ChangeKind.TOP_UP]
     assert keys == [deposit_idempotency_key("research", "res-01", "41")] * 2
 
 
@@ -106,7 +106,7 @@ def test_an_automatic_hold_sets_the_declared_caps_and_funds_nothing() -> None:
     plan = make_plan(desired(agent("res-01")), live(uncapped), Memory(holds={"res-01": hold}), now=WHEN)
     [change] = plan.changes
     assert (
-        change.kind is ChangeKind.SET_BUDGET and change.args["daily_cap"] == "3000.00"
+        change.kind is ChangeKind.SET_BUDGET and str(change.args.daily_cap) == "3000.00"
     )  # not 0: an operator's would be
     assert [(h.agent_id, h.auto) for h in plan.held] == [("res-01", True)]
     # Caps already in place: a confirming write still comes, whose success lifts the hold.
@@ -120,7 +120,7 @@ def test_an_automatic_hold_sets_the_declared_caps_and_funds_nothing() -> None:
 def test_an_operator_hold_still_keeps_caps_at_zero() -> None:
     hold = Hold("res-01", "incident", T0)
     [change] = make_plan(desired(agent("res-01")), live(poor()), Memory(holds={"res-01": hold}), now=WHEN).changes
-    assert change.args["daily_cap"] == "0.00"
+    assert str(change.args.daily_cap) == "0.00"
 
 
 def hook(hook_id: str, events: tuple[str, ...], agents: tuple[str, ...] | None) -> Webhook:

@@ -17,7 +17,7 @@ from controller.apply import AgentResult, ApplyResult
 from controller.errors import ConfigError, ManifestIssue
 from controller.manifest.schema import Money, port_problem
 from controller.observe import LiveAgent
-from controller.plan import ChangeKind, Memory, make_plan
+from controller.plan import ChangeKind, Memory, PlanErrorKind, make_plan
 from controller.render import render_apply_text, render_markdown, render_text
 from controller.target import open_target
 from policies.currency import to_credits
@@ -72,7 +72,7 @@ def test_a_top_up_over_the_per_deposit_limit_is_refused_not_split() -> None:
     rich = agent("res-01", floor="20000000.00", target="20000000.00")  # 2e9 credits
     plan = make_plan(desired(rich, ceiling="90000000.00"), live(NEW), Memory(), now=WHEN)
     top_up = next(c for c in plan.changes if c.kind is ChangeKind.TOP_UP)
-    assert D(top_up.args["amount"]) > GATEWAY_MAX_DEPOSIT
+    assert top_up.args.amount > GATEWAY_MAX_DEPOSIT
     assert [v.rule for v in plan.violations] == ["deposit-limit"]
     assert "over the gateway's per-deposit maximum 1000000000.00" in plan.violations[0].message
 
@@ -104,9 +104,10 @@ def test_an_unusable_webhook_secret_is_a_plan_error_for_that_agent_only() -> Non
     plan = make_plan(desired(hooked), fleet, memory, now=WHEN)
     assert ChangeKind.CREATE_WEBHOOK not in [c.kind for c in plan.changes]
     assert [c.kind for c in plan.changes] == [ChangeKind.REGISTER, ChangeKind.SET_BUDGET, ChangeKind.TOP_UP]
-    assert plan.errors == (
+    assert [str(e) for e in plan.errors] == [
         "res-01: gateway webhook not planned: signing secret: cannot read /etc: is a directory, not a regular file",
-    )
+    ]
+    assert [(e.agent_id, e.kind) for e in plan.errors] == [("res-01", PlanErrorKind.WEBHOOK_NOT_PLANNED)]
 
 
 # --- escaping ----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from policies.funding import needs_top_up
 from policies.funding_window import FundingEvent, FundingKind, LedgerRow, bonus_ref
 from policies.live import BudgetStatus, LiveAgent, LiveFleet
 from policies.money import format_money
-from policies.plan_types import ChangeKind, Plan
+from policies.plan_types import ChangeKind, Plan, RegisterArgs, SetBudgetArgs, TopUpArgs
 from policies.planner import Memory, make_plan
 from policies.records import BudgetWrite, Hold
 from policies.spec import AgentSpec, DesiredState, FleetSpec
@@ -79,8 +79,8 @@ class World:
         events, last = list(m.funding_events), dict(m.last_deposits)
         for c in plan.changes:
             a = c.args
-            if c.kind is ChangeKind.REGISTER:
-                assert c.agent_id not in self.wallets
+            if isinstance(a, RegisterArgs):
+                assert c.agent_id not in self.wallets and a.expected_balance == SIGNUP_BONUS_CREDITS
                 self.wallets[c.agent_id] = Wallet(
                     SIGNUP_BONUS_CREDITS, None, None, [LedgerRow(SIGNUP_BONUS_CREDITS, "signup_bonus", None, at)]
                 )
@@ -89,24 +89,23 @@ class World:
                         bonus_ref(c.agent_id), c.agent_id, FLEET, FundingKind.SIGNUP_BONUS, SIGNUP_BONUS_CREDITS, at
                     )
                 )
-            elif c.kind is ChangeKind.SET_BUDGET:
+            elif isinstance(a, SetBudgetArgs):
                 w = self.wallets[c.agent_id]
-                w.daily_cap = D(a["daily_cap"]) if "daily_cap" in a else w.daily_cap
-                w.monthly_cap = D(a["monthly_cap"]) if "monthly_cap" in a else w.monthly_cap
-                budget_writes[c.agent_id] = BudgetWrite(w.daily_cap, w.monthly_cap, D(a["alert_threshold"]))
+                w.daily_cap = a.daily_cap if a.daily_cap is not None else w.daily_cap
+                w.monthly_cap = a.monthly_cap if a.monthly_cap is not None else w.monthly_cap
+                budget_writes[c.agent_id] = BudgetWrite(w.daily_cap, w.monthly_cap, a.alert_threshold)
                 hold = holds.get(c.agent_id)
                 if hold is not None and hold.auto:
                     del holds[c.agent_id]  # caps in place: finops lifts its own hold
-            elif c.kind is ChangeKind.TOP_UP:
+            elif isinstance(a, TopUpArgs):
                 w = self.wallets[c.agent_id]
-                assert w.balance == D(a["expected_balance"])
-                amount = D(a["amount"])
-                w.balance += amount
+                assert w.balance == a.expected_balance
+                w.balance += a.amount
                 self.next_tx += 1
                 w.last_deposit_id = self.next_tx
-                w.ledger.append(LedgerRow(amount, "deposit", a["idempotency_key"], at))
+                w.ledger.append(LedgerRow(a.amount, "deposit", a.idempotency_key, at))
                 last[c.agent_id] = self.next_tx
-                events.append(FundingEvent(a["idempotency_key"], c.agent_id, FLEET, FundingKind.DEPOSIT, amount, at))
+                events.append(FundingEvent(a.idempotency_key, c.agent_id, FLEET, FundingKind.DEPOSIT, a.amount, at))
             else:  # pragma: no cover - no webhooks are declared here
                 raise AssertionError(c.kind)
         self.memory = replace(
@@ -186,7 +185,7 @@ def test_applying_the_plan_to_the_gateway_model_converges(case: tuple[DesiredSta
         if not plan.changes:
             break
         assert applies == 0 or {c.agent_id for c in plan.changes} <= auto_held, [
-            (c.kind.value, c.agent_id, dict(c.args)) for c in plan.changes
+            (c.kind.value, c.agent_id, c.args) for c in plan.changes
         ]
         world.apply(plan, at.timestamp())
         at += timedelta(seconds=30)
@@ -203,12 +202,14 @@ def test_funding_never_starts_at_or_above_the_floor_nor_ends_above_the_target(ca
     for c in plan.changes:
         if c.kind is not ChangeKind.TOP_UP:
             continue
-        spec, before, amount = specs[c.agent_id], D(c.args["expected_balance"]), D(c.args["amount"])
+        top_up = c.args_as(TopUpArgs)
+        spec, before, amount = specs[c.agent_id], top_up.expected_balance, top_up.amount
         assert amount > 0
         assert before < to_credits(spec.funding_floor, world.rate)
         assert before + amount <= to_credits(spec.funding_target, world.rate)
-        assert c.args["floor"] == format_money(to_credits(spec.funding_floor, world.rate))
-        assert c.args["target"] == format_money(to_credits(spec.funding_target, world.rate))
+        assert str(top_up.floor) == format_money(to_credits(spec.funding_floor, world.rate))
+        assert str(top_up.target) == format_money(to_credits(spec.funding_target, world.rate))
+        assert str(amount) == format_money(amount)  # what the plan file carries: 2 decimals
 
 
 @settings(max_examples=150, deadline=None)
@@ -219,7 +220,7 @@ def test_one_plan_never_funds_beyond_the_rolling_limit_left(case: tuple[DesiredS
     [window] = plan.funding
     funded = sum(
         (
-            D(c.args["amount"]) if c.kind is ChangeKind.TOP_UP else SIGNUP_BONUS_CREDITS
+            c.args.amount if isinstance(c.args, TopUpArgs) else SIGNUP_BONUS_CREDITS
             for c in plan.changes
             if c.kind in (ChangeKind.TOP_UP, ChangeKind.REGISTER)
         ),
@@ -240,7 +241,8 @@ def test_an_agent_under_an_operator_hold_only_ever_gets_caps_of_zero(case: tuple
         for c in plan.changes:
             if c.agent_id in held:
                 assert c.kind is ChangeKind.SET_BUDGET
-                assert (c.args["daily_cap"], c.args["monthly_cap"]) == ("0.00", "0.00")
+                caps = c.args_as(SetBudgetArgs)
+                assert (str(caps.daily_cap), str(caps.monthly_cap)) == ("0.00", "0.00")
         world.apply(plan, WHEN.timestamp())
     for agent_id in held:
         w = world.wallets.get(agent_id)
