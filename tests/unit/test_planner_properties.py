@@ -12,6 +12,7 @@ budget and finops' records, as ``controller.apply`` does it on the real gateway)
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -24,7 +25,7 @@ from policies.funding import needs_top_up
 from policies.funding_window import FundingEvent, FundingKind, LedgerRow, bonus_ref
 from policies.live import BudgetStatus, LiveAgent, LiveFleet
 from policies.money import format_money
-from policies.plan_types import ChangeKind, Plan, RegisterArgs, SetBudgetArgs, TopUpArgs
+from policies.plan_types import ChangeKind, Plan, RegisterArgs, SetBudgetArgs, TopUpArgs, plan_from_dict, plan_to_dict
 from policies.planner import Memory, make_plan
 from policies.records import BudgetWrite, Hold
 from policies.spec import AgentSpec, DesiredState, FleetSpec
@@ -247,3 +248,14 @@ def test_an_agent_under_an_operator_hold_only_ever_gets_caps_of_zero(case: tuple
     for agent_id in held:
         w = world.wallets.get(agent_id)
         assert w is None or (w.daily_cap, w.monthly_cap) == (D("0.00"), D("0.00"))
+
+
+@settings(max_examples=100, deadline=None)
+@given(worlds())
+def test_every_plan_survives_its_plan_file(case: tuple[DesiredState, World]) -> None:
+    """A saved plan reads back to the same typed value and writes the same JSON."""
+    desired, world = case
+    plan = make_plan(desired, world.observe(desired), world.memory, now=WHEN)
+    data = json.loads(json.dumps(plan_to_dict(plan)))
+    assert plan_from_dict(data) == plan
+    assert plan_to_dict(plan_from_dict(data)) == data
