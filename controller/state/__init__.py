@@ -12,6 +12,8 @@ and revision log (``controller.daemon.revisions``) keep their own repositories b
 file through ``db.connect`` and have their tables created by ``db``'s migrations.
 """
 
+from typing import TYPE_CHECKING
+
 from controller.state.db import SCHEMA_VERSION, SchemaTooNew
 from controller.state.store import (
     ABANDONED,
@@ -54,3 +56,12 @@ __all__ = [
     "SchemaTooNew",
     "StateStore",
 ]
+
+if TYPE_CHECKING:  # mypy proves the SQLite repositories implement the interface
+    from controller.daemon.revisions import RevisionLog
+    from controller.keys.store import KeyLedger
+    from controller.state.interface import KeyLedgerRepo, RevisionRepo, StateDB
+
+    _state: type[StateDB] = StateStore
+    _ledger: type[KeyLedgerRepo] = KeyLedger
+    _revisions: type[RevisionRepo] = RevisionLog

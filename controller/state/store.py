@@ -22,6 +22,7 @@ from typing import Any
 
 from controller.state import keys
 from controller.state.db import connect
+from controller.state.recovery import check_kind
 from policies.exposure import Exposure, ExposureReview
 from policies.funding_window import WINDOW_SECONDS, FundingEvent, FundingKind
 
@@ -192,7 +193,9 @@ class StateStore:
     ) -> None:
         """Record a non-idempotent step before it is attempted. Re-attempting a key (only
         ever after it was proven not landed) makes it pending again with the new payload and
-        send time. ``sent_at`` defaults to now."""
+        send time. ``sent_at`` defaults to now. A kind without a resolver in
+        ``controller.state.recovery`` is refused before anything is written."""
+        check_kind(kind)
         now = self._clock()
         at = now if sent_at is None else sent_at
         with self._tx() as db:

@@ -235,3 +235,24 @@ def test_each_table_is_read_and_written_only_by_its_repository() -> None:
         migration.step(db)
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert tables - {"sqlite_sequence"} == set(owner_of)  # every table has exactly one owner
+
+
+def test_every_intent_kind_has_one_resolver_and_an_unowned_kind_is_refused_before_writing(tmp_path: Path) -> None:
+    from controller.keys.rotate import ROTATE
+    from controller.plan import INTENT_BLOCKS
+    from controller.state.recovery import RESOLVERS, IntentKind, Resolver, UnknownIntentKind, kinds_resolved_by
+
+    assert set(RESOLVERS) == set(IntentKind)
+    # apply resolves exactly the kinds whose pending intents withhold a planned change
+    assert kinds_resolved_by(Resolver.APPLY) == set(INTENT_BLOCKS)
+    assert kinds_resolved_by(Resolver.KEYS) == {ROTATE}
+    assert kinds_resolved_by(Resolver.APPLY) & kinds_resolved_by(Resolver.KEYS) == set()
+    store = StateStore(tmp_path / "state.db")
+    try:
+        with pytest.raises(UnknownIntentKind, match="'withdraw' has no resolver"):
+            store.begin_intent("withdraw:a:1", "withdraw", "a", {})
+        assert store.intents() == []
+        store.begin_intent("deposit:a:1", IntentKind.DEPOSIT, "a", {"amount": "1.00"})
+        assert [i.kind for i in store.intents(status=PENDING)] == ["deposit"]
+    finally:
+        store.close()
