@@ -279,16 +279,26 @@ def schema_version(db: sqlite3.Connection) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
+def _read_version(db: sqlite3.Connection) -> int | None:
+    """The file's version without writing, ``None`` when it has no version table yet."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'").fetchone() is None:
+        return None
+    row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
 def migrate(db: sqlite3.Connection, path: Path | str = "state database") -> int:
     """Bring ``db`` to :data:`SCHEMA_VERSION`; each step commits with its version row, so a
     crash mid-way resumes at the step that did not commit. Returns the version."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        current = schema_version(db)
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
+    current = _read_version(db)  # no write lock when the file is already current
+    if current is None:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            current = schema_version(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
     if current > SCHEMA_VERSION:
         raise SchemaTooNew(
             f"{path}: schema version {current} was written by a newer finops (this one knows up to "

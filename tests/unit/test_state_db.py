@@ -256,3 +256,31 @@ def test_every_intent_kind_has_one_resolver_and_an_unowned_kind_is_refused_befor
         assert [i.kind for i in store.intents(status=PENDING)] == ["deposit"]
     finally:
         store.close()
+
+
+def test_a_migration_interrupted_half_way_leaves_the_file_at_the_previous_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from controller.state import db as state_db
+
+    path = _old_file(tmp_path)
+    baseline, merge = state_db.MIGRATIONS[0], state_db.MIGRATIONS[1]
+
+    def crash(db: sqlite3.Connection) -> None:
+        merge.step(db)  # the step's writes are done...
+        raise KeyboardInterrupt  # ...and the process dies before its version row commits
+
+    monkeypatch.setattr(state_db, "MIGRATIONS", (baseline, state_db.Migration(2, merge.what, crash)))
+    with pytest.raises(KeyboardInterrupt):
+        StateStore(path)
+    assert "agent_keys" in _tables(path)  # rolled back with the step
+    raw = sqlite3.connect(path)
+    assert schema_version(raw) == 1
+    raw.close()
+    monkeypatch.undo()
+    store = StateStore(path)
+    try:
+        assert store.key_prefixes() == {"a1": "a2a_test_aaaa", "a2": "a2a_test_cccc"}
+    finally:
+        store.close()
+    assert "agent_keys" not in _tables(path)
