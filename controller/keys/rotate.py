@@ -49,6 +49,7 @@ from controller.keys.sinks import DEFAULT_COMMAND_TIMEOUT_S, DeliveryError, KeyS
 from controller.keys.store import HeldKey, KeyLedger
 from controller.keys.vault import MAIN, QUARANTINE, KeyVault
 from controller.state import ABANDONED, DONE, FAILED, PENDING, Intent, StateStore
+from controller.state.recovery import IntentKind
 from policies.keyprint import key_prefix
 from policies.rotation import next_rotation, rotation_due, validate_schedule
 from policies.settle import is_settled, settles_at
@@ -56,7 +57,7 @@ from policies.spec import AgentSpec, DesiredState, KeySinkSpec
 
 log = logging.getLogger("finops.keys")
 
-ROTATE = "rotate"
+ROTATE = IntentKind.ROTATE.value  # resolved here (controller.state.recovery)
 """Intent kind in the state database."""
 GRACE_SECONDS = 300
 LATE_WATCH_SECONDS = 2 * GRACE_SECONDS
