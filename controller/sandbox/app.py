@@ -36,6 +36,7 @@ from controller.sandbox.edge import EdgeMiddleware
 from controller.sandbox.faults import FaultInjector, FaultMiddleware
 from controller.sandbox.gateway import Clock, Handler, WebhookDeliverer
 from controller.sandbox.problems import Problem, problem_response
+from controller.sandbox.records import DEFAULT_SCOPES
 from controller.sandbox.request import Call
 from controller.sandbox.routes.admin import SandboxAdminRoutes
 from controller.sandbox.routes.batch import BatchRoutes
@@ -45,7 +46,8 @@ from controller.sandbox.routes.marketplace import MarketplaceRoutes
 from controller.sandbox.routes.public import PublicRoutes
 from controller.sandbox.routes.wallets import WalletRoutes
 from controller.sandbox.routes.webhooks import WebhookRoutes, webhook_url_error
-from controller.sandbox.store import DEFAULT_SCOPES, RequestStats, SandboxStore
+from controller.sandbox.stats import RequestStats
+from controller.sandbox.store import SandboxStore
 
 logger = logging.getLogger("finops.sandbox")
 

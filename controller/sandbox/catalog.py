@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 
-from controller.sandbox.store import to_atomic
+from controller.sandbox.records import to_atomic
 
 GATEWAY_VERSION = "1.4.8-sandbox"
 PROBLEM_TYPE_BASE = "https://api.greenhelix.net/errors/"

@@ -8,7 +8,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.sandbox.catalog import MAX_BODY_BYTES
 from controller.sandbox.problems import Problem, problem_response
-from controller.sandbox.store import RequestStats
+from controller.sandbox.stats import RequestStats
 
 
 class EdgeMiddleware:

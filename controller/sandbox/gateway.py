@@ -35,8 +35,9 @@ from controller.sandbox.catalog import (
 )
 from controller.sandbox.faults import FaultInjector
 from controller.sandbox.problems import Problem
+from controller.sandbox.records import InsufficientFunds, KeyRecord, WalletNotFound, from_atomic, hash_key
 from controller.sandbox.request import Call, body_amount_is_nonzero, extract_key, request_id_of
-from controller.sandbox.store import InsufficientFunds, KeyRecord, SandboxStore, WalletNotFound, from_atomic, hash_key
+from controller.sandbox.store import SandboxStore
 
 Clock = Callable[[], float]
 WebhookDeliverer = Callable[[str, bytes, Mapping[str, str]], tuple[int | None, str]]

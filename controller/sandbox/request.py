@@ -16,7 +16,7 @@ from starlette.requests import Request
 
 from controller.sandbox.catalog import ADMIN_TIER, AGENT_ID_PATTERN, CURRENCIES, CURRENCY_DECIMAL_PLACES, Tool
 from controller.sandbox.problems import Problem
-from controller.sandbox.store import KeyRecord
+from controller.sandbox.records import KeyRecord
 
 
 def _validation_detail(exc: ValidationError, prefix: str = "body") -> str:

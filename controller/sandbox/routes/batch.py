@@ -17,8 +17,8 @@ from starlette.responses import JSONResponse, Response
 from controller.sandbox.catalog import FORBIDDEN_DETAIL, TIER_ORDER, TIERS, TOOLS, format_float
 from controller.sandbox.gateway import GatewayBase
 from controller.sandbox.problems import Problem
+from controller.sandbox.records import InsufficientFunds, KeyRecord, WalletNotFound, from_atomic, to_atomic
 from controller.sandbox.request import BatchCall, BatchRequest, extract_key, request_id_of
-from controller.sandbox.store import InsufficientFunds, KeyRecord, WalletNotFound, from_atomic, to_atomic
 
 
 class BatchRoutes(GatewayBase):

@@ -8,8 +8,8 @@ from starlette.responses import Response
 from controller.sandbox.catalog import number
 from controller.sandbox.gateway import GatewayBase
 from controller.sandbox.problems import Problem
+from controller.sandbox.records import AmountOutOfRange, from_atomic, to_atomic
 from controller.sandbox.request import BudgetCapRequest, query_float, validate_body
-from controller.sandbox.store import AmountOutOfRange, from_atomic, to_atomic
 
 
 class BudgetRoutes(GatewayBase):

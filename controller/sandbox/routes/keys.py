@@ -12,8 +12,8 @@ from starlette.responses import JSONResponse, Response
 from controller.sandbox.catalog import KEY_GRACE_SECONDS, KEY_RANK, PROBLEM_TYPE_BASE, iso
 from controller.sandbox.gateway import GatewayBase
 from controller.sandbox.problems import Problem
+from controller.sandbox.records import KeyRecord, UnknownTier
 from controller.sandbox.request import CreateKeyRequest, RevokeKeyRequest, RotateKeyRequest, validate_body
-from controller.sandbox.store import KeyRecord, UnknownTier
 
 
 class KeyRoutes(GatewayBase):

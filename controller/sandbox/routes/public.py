@@ -9,8 +9,8 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from controller.sandbox.catalog import GATEWAY_VERSION, number
 from controller.sandbox.gateway import GatewayBase
 from controller.sandbox.problems import Problem
+from controller.sandbox.records import WalletExists, from_atomic
 from controller.sandbox.request import RegisterRequest
-from controller.sandbox.store import WalletExists, from_atomic
 
 
 class PublicRoutes(GatewayBase):

@@ -16,15 +16,7 @@ from starlette.responses import Response
 from controller.sandbox.catalog import TIERS, iso, money
 from controller.sandbox.gateway import GatewayBase
 from controller.sandbox.problems import Problem
-from controller.sandbox.request import (
-    Call,
-    CreateWalletRequest,
-    MoneyMovementRequest,
-    parse_currency,
-    query_int,
-    validate_body,
-)
-from controller.sandbox.store import (
+from controller.sandbox.records import (
     AmountOutOfRange,
     DuplicateIdempotencyKey,
     InsufficientFunds,
@@ -34,6 +26,14 @@ from controller.sandbox.store import (
     WalletNotFound,
     from_atomic,
     to_atomic,
+)
+from controller.sandbox.request import (
+    Call,
+    CreateWalletRequest,
+    MoneyMovementRequest,
+    parse_currency,
+    query_int,
+    validate_body,
 )
 
 

@@ -18,8 +18,8 @@ from starlette.responses import Response
 from controller.sandbox.catalog import FORBIDDEN_DETAIL, WEBHOOK_RETRY_BASE_SECONDS, iso
 from controller.sandbox.gateway import GatewayBase
 from controller.sandbox.problems import Problem
+from controller.sandbox.records import WebhookRecord
 from controller.sandbox.request import Call, RegisterWebhookRequest, query_int, validate_body
-from controller.sandbox.store import WebhookRecord
 
 # --------------------------------------------------------------------------- webhook URL rules
 
