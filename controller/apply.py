@@ -38,6 +38,7 @@ from controller.plan import (
 )
 from controller.secretref import SecretUnavailable, managed_secret_dir, resolve_secret
 from controller.state import ABANDONED, DONE, FAILED, PENDING, BudgetWrite, Intent, ManagedWebhook, StateStore
+from controller.state.recovery import Resolver, resolver_of
 from policies.currency import SIGNUP_BONUS_CREDITS
 from policies.funding import top_up_amount
 from policies.funding_window import FundingKind, bonus_ref
@@ -180,8 +181,8 @@ class Applier:
             return list(self._recovered)
         notes: list[str] = []
         for intent in self.store.intents(status=PENDING):
-            if intent.kind not in INTENT_BLOCKS:
-                continue  # rotations: resolved by the key manager
+            if resolver_of(intent.kind) is not Resolver.APPLY:
+                continue  # rotations: resolved by the key manager (controller.state.recovery)
             try:
                 await self._recover_one(intent, notes)
             except GatewayError as exc:

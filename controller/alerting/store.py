@@ -1,7 +1,8 @@
 """Alert memory in finops' state database: slot states, the outbox and the delivery log.
 
-The tables live in the same SQLite file as ``controller.state.StateStore`` (one state file
-per gateway) but are owned here. The outbox is what makes delivery at-least-once: a slot's
+The tables live in finops' one state database (``controller.state``: its migrations
+create them, ``controller.state.db.connect`` opens the file) and are read and written only
+here. The outbox is what makes delivery at-least-once: a slot's
 new state and one outbox row per route are committed in one transaction *before* anything
 is sent, so a crash between deciding and delivering is repaired by the next check, which
 finds the row pending and sends the very same bytes (same alert id, same body).
@@ -23,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from controller.state.db import connect
 from policies.alerts import SlotKey, SlotState
 from policies.spec import SecretRef
 
@@ -31,52 +33,6 @@ DELIVERED = "delivered"
 GAVE_UP = "gave_up"
 REFUSED = "refused"
 """The route's URL breaks the SSRF rules: never sent (terminal, like ``gave_up``)."""
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS alert_slots (
-    agent_id TEXT NOT NULL,
-    budget_window TEXT NOT NULL,
-    threshold INTEGER NOT NULL,
-    fired INTEGER NOT NULL,
-    episodes INTEGER NOT NULL,
-    alert_id TEXT NOT NULL,
-    fired_at REAL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (agent_id, budget_window, threshold)
-);
-CREATE TABLE IF NOT EXISTS alert_outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    alert_id TEXT NOT NULL,
-    agent_id TEXT NOT NULL,
-    event_type TEXT NOT NULL,
-    route TEXT NOT NULL,
-    url TEXT NOT NULL,
-    allow_insecure INTEGER NOT NULL,
-    secret_ref TEXT NOT NULL,
-    body BLOB NOT NULL,
-    status TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_code INTEGER,
-    last_error TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    UNIQUE (alert_id, url)
-);
-CREATE INDEX IF NOT EXISTS alert_outbox_status ON alert_outbox(status, id);
-CREATE TABLE IF NOT EXISTS alert_delivery_log (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    outbox_id INTEGER NOT NULL,
-    alert_id TEXT NOT NULL,
-    agent_id TEXT NOT NULL,
-    route TEXT NOT NULL,
-    url TEXT NOT NULL,
-    attempted_at REAL NOT NULL,
-    ok INTEGER NOT NULL,
-    status_code INTEGER,
-    error TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS alert_delivery_log_route ON alert_delivery_log(agent_id, route, id);
-"""
 
 
 @dataclass(frozen=True)
@@ -247,12 +203,8 @@ class AlertStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = connect(self.path)
 
     def __enter__(self) -> Self:
         return self

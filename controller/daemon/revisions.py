@@ -3,37 +3,23 @@
 One row per revision (not per pass, so a daemon that runs for a year adds rows only when
 the manifests change). It answers "what commit is enforced right now?" for people, and
 "what was the last good revision?" for a daemon restarted on top of an invalid commit.
-The table lives beside ``controller.state``'s tables in the same SQLite file, on its own
-connection (WAL allows it), and is created here so the state module stays unaware of it.
+The table lives in finops' one state database (created by ``controller.state.db``'s
+migrations), on its own connection (WAL allows it).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.state.db import connect
+
 APPLIED = "applied"
 INVALID = "invalid"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS revisions (
-    revision TEXT PRIMARY KEY,
-    source TEXT NOT NULL,
-    status TEXT NOT NULL,
-    first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL,
-    passes INTEGER NOT NULL DEFAULT 0,
-    last_ok INTEGER,
-    last_changes INTEGER,
-    detail TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS revisions_recent ON revisions(status, last_seen);
-"""
 
 
 @dataclass(frozen=True)
@@ -53,8 +39,7 @@ class RevisionLog:
     def __init__(self, db_path: Path, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(Path(db_path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.executescript(_SCHEMA)
+        self._db = connect(Path(db_path))
 
     def close(self) -> None:
         with self._lock:

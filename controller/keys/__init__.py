@@ -4,7 +4,12 @@ schedule with durable intents, delivers it to the agent's sink, and can quaranti
 - ``vault``: finops' own key store (a directory of 0600 files, plus a quarantine area).
 - ``sinks``: delivery to the agent (a directory or a command that reads the key on stdin).
 - ``store``: rotation times and orphaned-key reports in the state database (never keys).
-- ``rotate``: ``KeyManager``, the rotation engine with crash recovery, import and status.
+- ``rotate``: ``KeyManager``, the rotation engine's entry points (rotate, quarantine,
+  release, import, ``rotate_due``), combining:
+  ``flow`` (the steps of one rotation), ``recovery`` (converging after a crash),
+  ``late`` (late landings, orphan reports, grace left), ``status`` (due keys, key status,
+  held-key health), on top of ``core`` (collaborators and plumbing) and ``model``
+  (constants, errors, value types).
 
 Nothing is re-exported here, so importing ``controller.keysink`` (which apply uses) never
 pulls in the gateway client and the engine.

@@ -1,68 +1,25 @@
 """What key management remembers in finops' state database: when each held key's age
 started, when it was last rotated, and the orphaned keys it has reported. Never keys.
 
-These tables live in the same SQLite file as ``controller.state`` (one file per gateway)
-and are created here, so the state module needs no knowledge of key management.
+These tables live in finops' one state database (``controller.state``); its migrations
+create them and ``controller.state.db.connect`` opens the file. The key finops holds per
+agent is one table, owned by the keys repository ``controller.state.keys``.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.secretfile import private_file
+from controller.state import keys
+from controller.state.db import connect
+from controller.state.keys import HeldKey as HeldKey  # re-exported: the ledger returns it
 
 Clock = Callable[[], float]
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS keys_held (
-    agent_id TEXT PRIMARY KEY,
-    key_prefix TEXT NOT NULL,
-    origin TEXT NOT NULL,
-    since REAL NOT NULL,
-    last_rotated_at REAL,
-    last_reason TEXT NOT NULL DEFAULT '',
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS keys_rotation_sent (
-    agent_id TEXT NOT NULL,
-    key_prefix TEXT NOT NULL,
-    first_sent_at REAL NOT NULL,
-    PRIMARY KEY (agent_id, key_prefix)
-);
-CREATE TABLE IF NOT EXISTS keys_late_watch (
-    agent_id TEXT NOT NULL,
-    intent_key TEXT NOT NULL,
-    known TEXT NOT NULL,
-    until REAL NOT NULL,
-    PRIMARY KEY (agent_id, intent_key)
-);
-CREATE TABLE IF NOT EXISTS keys_orphans (
-    agent_id TEXT NOT NULL,
-    key_prefix TEXT NOT NULL,
-    detected_at REAL NOT NULL,
-    detail TEXT NOT NULL,
-    PRIMARY KEY (agent_id, key_prefix)
-);
-"""
-
-
-@dataclass(frozen=True)
-class HeldKey:
-    """The key finops holds for an agent. ``since`` is when finops got it (the start of
-    its age for rotation); ``last_rotated_at`` is the last rotation finops completed."""
-
-    agent_id: str
-    key_prefix: str
-    origin: str
-    since: float
-    last_rotated_at: float | None
-    last_reason: str
 
 
 @dataclass(frozen=True)
@@ -80,13 +37,9 @@ class KeyLedger:
 
     def __init__(self, state_path: Path, *, clock: Clock = time.time) -> None:
         self.path = Path(state_path)
-        private_file(self.path)
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = connect(self.path)
 
     def close(self) -> None:
         with self._lock:
@@ -94,34 +47,18 @@ class KeyLedger:
 
     def record_stored(self, agent_id: str, key_prefix: str, origin: str, *, rotated: bool, reason: str = "") -> None:
         """finops now holds ``key_prefix`` for the agent; its age starts now."""
-        now = self._clock()
         with self._lock:
-            self._db.execute(
-                "INSERT INTO keys_held VALUES (?,?,?,?,?,?,?) ON CONFLICT(agent_id) DO UPDATE SET "
-                "key_prefix=excluded.key_prefix, origin=excluded.origin, since=excluded.since, "
-                "last_rotated_at=COALESCE(excluded.last_rotated_at, keys_held.last_rotated_at), "
-                "last_reason=excluded.last_reason, updated_at=excluded.updated_at",
-                (agent_id, key_prefix, origin, now, now if rotated else None, reason, now),
-            )
+            keys.record_key(self._db, agent_id, key_prefix, origin, self._clock(), rotated=rotated, reason=reason)
 
     def held(self) -> dict[str, HeldKey]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT agent_id, key_prefix, origin, since, last_rotated_at, last_reason FROM keys_held"
-            ).fetchall()
-        return {r[0]: HeldKey(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows}
+            return keys.held_keys(self._db)
 
     def registered_at(self, agent_id: str, key_prefix: str) -> float | None:
-        """When ``controller.state`` recorded this exact key (registration by ``apply``), for
-        keys that key management has not yet seen; ``None`` when there is no such record."""
-        try:
-            with self._lock:
-                row = self._db.execute(
-                    "SELECT stored_at FROM agent_keys WHERE agent_id=? AND key_prefix=?", (agent_id, key_prefix)
-                ).fetchone()
-        except sqlite3.OperationalError:  # no state tables yet
-            return None
-        return float(row[0]) if row is not None else None
+        """When finops started holding this exact key (registration by ``apply``, a
+        rotation or an import); ``None`` when the key it holds is another one."""
+        held = self.held().get(agent_id)
+        return held.since if held is not None and held.key_prefix == key_prefix else None
 
     def record_orphans(self, agent_id: str, prefixes: Iterable[str], detail: str) -> list[str]:
         """Remember orphaned keys; returns the prefixes that were not known before."""

@@ -19,7 +19,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from controller.secretfile import private_file
+from controller.state import keys
+from controller.state.db import connect
+from controller.state.recovery import check_kind
 from policies.exposure import Exposure, ExposureReview
 from policies.funding_window import WINDOW_SECONDS, FundingEvent, FundingKind
 from policies.records import Adjustment as Adjustment
@@ -32,105 +34,11 @@ from policies.records import PendingRevision as PendingRevision
 
 Clock = Callable[[], float]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS budget_writes (
-    agent_id TEXT PRIMARY KEY,
-    daily_cap TEXT,
-    monthly_cap TEXT,
-    alert_threshold TEXT NOT NULL,
-    written_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS intents (
-    intent_key TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    agent_id TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    status TEXT NOT NULL,
-    detail TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    sent_at REAL,
-    ref TEXT
-);
-CREATE INDEX IF NOT EXISTS intents_open ON intents(status, kind);
-CREATE TABLE IF NOT EXISTS agent_keys (
-    agent_id TEXT PRIMARY KEY,
-    key_prefix TEXT NOT NULL,
-    source TEXT NOT NULL,
-    stored_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS holds (
-    agent_id TEXT PRIMARY KEY,
-    reason TEXT NOT NULL,
-    held_at REAL NOT NULL,
-    caps_before TEXT NOT NULL DEFAULT '{}',
-    auto INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS managed_webhooks (
-    webhook_id TEXT PRIMARY KEY,
-    agent_id TEXT NOT NULL,
-    fleet TEXT NOT NULL,
-    url TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS rebalance_adjustments (
-    agent_id TEXT PRIMARY KEY,
-    fleet TEXT NOT NULL,
-    amount TEXT NOT NULL,
-    explanation TEXT NOT NULL,
-    computed_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS funding_events (
-    ref TEXT PRIMARY KEY,
-    agent_id TEXT NOT NULL,
-    fleet TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    credits TEXT NOT NULL,
-    at REAL NOT NULL,
-    status TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS funding_events_at ON funding_events(at);
-CREATE TABLE IF NOT EXISTS apply_log (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    started_at REAL NOT NULL,
-    finished_at REAL NOT NULL,
-    ok INTEGER NOT NULL,
-    summary TEXT NOT NULL
-);
-"""
 
 FUNDING_UNKNOWN = "unknown"
 """A credit finops sent (or is about to send) whose outcome is not known: it counts."""
 FUNDING_LANDED = "landed"
 FUNDING_KEPT_SECONDS = 30 * 86_400
-_EXPOSURE_SCHEMA = """
--- Exposure approvals (finops approve, interactive apply, bootstrap) and what the daemon
--- needs to keep the last approved revision enforced. Kept apart from the tables above.
-CREATE TABLE IF NOT EXISTS exposure_approvals (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    revision TEXT NOT NULL,
-    source TEXT NOT NULL,
-    how TEXT NOT NULL,
-    approved_at REAL NOT NULL,
-    by_key TEXT NOT NULL,
-    by_user TEXT NOT NULL,
-    exposure_before TEXT,
-    exposure_after TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS exposure_pending (
-    revision TEXT PRIMARY KEY,
-    source TEXT NOT NULL,
-    first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL,
-    exposure TEXT NOT NULL,
-    review TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS revision_bundles (
-    revision TEXT PRIMARY KEY,
-    files TEXT NOT NULL,
-    stored_at REAL NOT NULL
-);
-"""
 BUNDLES_KEPT = 20
 """Directory revisions whose manifests are kept (the newest), to re-enforce after a restart."""
 
@@ -143,12 +51,6 @@ ABANDONED = "abandoned"
 """Not landed: proven only after the settle time (``policies.settle``) by a fresh look."""
 FAILED = "failed"
 
-_COLUMNS_ADDED = {
-    "intents": (("sent_at", "REAL"), ("ref", "TEXT")),
-    "holds": (("auto", "INTEGER NOT NULL DEFAULT 0"),),
-}
-"""Columns added after the first release: a state file from before gets them on open."""
-
 
 def _dec(value: str | None) -> Decimal | None:
     return Decimal(value) if value is not None else None
@@ -159,22 +61,9 @@ class StateStore:
 
     def __init__(self, path: Path, *, clock: Clock = time.time) -> None:
         self.path = Path(path)
-        private_file(self.path)  # 0700 directories, a 0600 database, whatever the umask
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        self._db.executescript(_EXPOSURE_SCHEMA)
-        self._add_columns()
-
-    def _add_columns(self) -> None:
-        for table, columns in _COLUMNS_ADDED.items():
-            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            for name, decl in columns:
-                if name not in have:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+        self._db = connect(self.path)  # 0600, WAL, synchronous=FULL, schema brought forward
 
     def close(self) -> None:
         with self._lock:
@@ -224,7 +113,9 @@ class StateStore:
     ) -> None:
         """Record a non-idempotent step before it is attempted. Re-attempting a key (only
         ever after it was proven not landed) makes it pending again with the new payload and
-        send time. ``sent_at`` defaults to now."""
+        send time. ``sent_at`` defaults to now. A kind without a resolver in
+        ``controller.state.recovery`` is refused before anything is written."""
+        check_kind(kind)
         now = self._clock()
         at = now if sent_at is None else sent_at
         with self._tx() as db:
@@ -294,17 +185,13 @@ class StateStore:
     # -- keys ------------------------------------------------------------------
 
     def record_key(self, agent_id: str, key_prefix: str, source: str) -> None:
+        """finops now holds ``key_prefix`` for the agent (the keys repository's one table)."""
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO agent_keys VALUES (?,?,?,?) ON CONFLICT(agent_id) DO UPDATE SET "
-                "key_prefix=excluded.key_prefix, source=excluded.source, stored_at=excluded.stored_at",
-                (agent_id, key_prefix, source, self._clock()),
-            )
+            keys.record_key(db, agent_id, key_prefix, source, self._clock())
 
     def key_prefixes(self) -> dict[str, str]:
         with self._lock:
-            rows = self._db.execute("SELECT agent_id, key_prefix FROM agent_keys").fetchall()
-        return {r[0]: r[1] for r in rows}
+            return keys.key_prefixes(self._db)
 
     # -- holds -----------------------------------------------------------------
 
