@@ -6,6 +6,6 @@ schedule with durable intents, delivers it to the agent's sink, and can quaranti
 - ``store``: rotation times and orphaned-key reports in the state database (never keys).
 - ``rotate``: ``KeyManager``, the rotation engine with crash recovery, import and status.
 
-Nothing is re-exported here, so importing ``controller.keysink`` (which apply uses) never
+Nothing is re-exported here, so importing ``controller.keys.vault`` (which apply uses) never
 pulls in the gateway client and the engine.
 """

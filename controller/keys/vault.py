@@ -116,7 +116,7 @@ class KeyVault:
                 return raw, slot
         return None
 
-    # -- the DirectoryKeySink interface that apply and the tests use ---------------------
+    # -- the interface that apply and the tests use ---------------------
 
     def store(self, agent_id: str, raw_key: str) -> str:
         """Persist the agent's current key durably; returns its gateway hash prefix."""

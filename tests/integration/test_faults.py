@@ -30,7 +30,7 @@ import pytest
 from controller.apply import ApplyResult
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import GatewayError, UnknownOutcome
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
 from controller.plan import Plan, desired_alert_threshold
 from controller.sandbox.faults import ALL_KINDS, DEFAULT_KINDS, FaultConfig, FaultInjector, FaultKind, Tripwire
@@ -200,7 +200,7 @@ class Convergence:
     sandbox: SandboxServer
     desired: DesiredState
     state: StateStore
-    sink: DirectoryKeySink
+    sink: KeyVault
     plan: Plan
     rates: Mapping[str, Decimal]
     """Credits per unit of each fleet's currency, by fleet name."""
@@ -347,7 +347,7 @@ def fresh_fleet_deposits(desired: DesiredState, rates: Mapping[str, Decimal]) ->
     }
 
 
-def lost_keys(sandbox: SandboxServer, sink: DirectoryKeySink, desired: DesiredState) -> frozenset[str]:
+def lost_keys(sandbox: SandboxServer, sink: KeyVault, desired: DesiredState) -> frozenset[str]:
     """Agents with a wallet but no stored key: registered, and the one-time key never
     reached finops (a lost register response or a crash before the key was stored)."""
     return frozenset(
@@ -362,7 +362,7 @@ async def assert_converged(
     desired: DesiredState,
     *,
     state: StateStore,
-    sink: DirectoryKeySink,
+    sink: KeyVault,
     expected_deposits: Mapping[str, int] | None = None,
     checks: Sequence[Check] = (),
     skip: Sequence[Check] = (),
@@ -483,7 +483,7 @@ def faulty(tmp_path: Path) -> Iterator[Callable[[FaultConfig], FastHarness]]:
         sandbox = SandboxServer(db_path=tmp_path / f"gateway-{n}.db", faults=config).start()
         state = StateStore(tmp_path / f"state-{n}" / "state.db")
         opened.append((sandbox, state))
-        return FastHarness(sandbox, state, DirectoryKeySink(tmp_path / f"secrets-{n}"))
+        return FastHarness(sandbox, state, KeyVault(tmp_path / f"secrets-{n}"))
 
     yield make
     for sandbox, state in opened:
@@ -635,7 +635,7 @@ async def test_a_deposit_still_running_on_the_gateway_is_not_sent_again_in_the_s
     with SandboxServer(
         idempotency_race_window=0.4, faults=FaultConfig(rate=1.0, kinds=(FaultKind.LATE,), hang=0.55, only=(deposit,))
     ) as sandbox:
-        harness = FastHarness(sandbox, StateStore(tmp_path / "state.db"), DirectoryKeySink(tmp_path / "secrets"))
+        harness = FastHarness(sandbox, StateStore(tmp_path / "state.db"), KeyVault(tmp_path / "secrets"))
         async with harness.client() as client:
             attempt = asyncio.create_task(client.deposit("finops-admin", Decimal("10.00"), key))
             while sandbox.faults.total == 0:

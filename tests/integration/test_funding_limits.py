@@ -24,7 +24,7 @@ from controller.daemon.logs import configure_logging
 from controller.daemon.passes import PassResult, Reconciler
 from controller.daemon.revisions import RevisionLog
 from controller.daemon.source import DirectorySource
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
 from controller.plan import ChangeKind, Plan
 from controller.render import render_markdown, render_text
@@ -123,7 +123,7 @@ def world_factory(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Factory]:
         store = StateStore(tmp_path / "state" / f"state-{len(opened)}.db", clock=sandbox.clock)
         revisions = RevisionLog(store.path, clock=sandbox.clock)
         opened.append((store, revisions))
-        harness = Harness(sandbox, store, DirectoryKeySink(tmp_path / "secrets"))
+        harness = Harness(sandbox, store, KeyVault(tmp_path / "secrets"))
         logs = io.StringIO()
         reconciler = Reconciler(
             target="sandbox",

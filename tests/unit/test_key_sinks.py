@@ -11,7 +11,6 @@ import pytest
 
 from controller.keys.sinks import CommandSink, DeliveryError, DirectorySink, sink_for
 from controller.keys.vault import MAIN, QUARANTINE, KeyVault
-from controller.keysink import DirectoryKeySink
 from policies.keyprint import fingerprint, key_prefix
 from policies.spec import KeySinkSpec
 
@@ -50,7 +49,7 @@ def script(tmp_path: Path, name: str, body: str) -> str:
 
 
 def test_vault_keeps_the_historical_layout_and_interface(tmp_path: Path) -> None:
-    sink = DirectoryKeySink(tmp_path / "secrets")
+    sink = KeyVault(tmp_path / "secrets")
     assert sink.store("res-01", KEY) == key_prefix(KEY)
     assert sink.path_for("res-01") == tmp_path / "secrets" / "res-01.key"
     assert sink.path_for("res-01").read_text() == KEY + "\n"
