@@ -25,6 +25,10 @@ MIN_SECRET_RUN = 8
 
 API_KEY_PATTERN = re.compile(r"a2a_[a-z0-9]+_[0-9a-f]{16,}", re.IGNORECASE)
 """A whole GreenHelix key (what a manifest scan or an import refuses)."""
+KEY_TOKEN = re.compile(r"a2a_\S+")
+"""The shape finops accepts as one key value (from the gateway, the vault or an operator):
+``a2a_`` then no whitespace. Looser than :data:`API_KEY_PATTERN` on purpose: the gateway
+checks only the prefix, and a tier word or secret length it mints later must still be kept."""
 
 _BREAK = r"(?:[ \t]*(?:\r\n|[\n\r\x85\u2028\u2029]|\\n|\\r\\n)[ \t]*)"
 """A line break (real or JSON-escaped) with its indentation, where a printed key may be split."""
@@ -59,6 +63,11 @@ def fingerprint(raw_key: str) -> str:
 def secret_part(raw_key: str) -> str:
     """The secret characters of a key (after its last ``_``), lowercased."""
     return raw_key.strip().rsplit("_", 1)[-1].lower()
+
+
+def is_key_token(value: str) -> bool:
+    """Whether ``value`` is, as a whole, one key value (:data:`KEY_TOKEN`)."""
+    return KEY_TOKEN.fullmatch(value) is not None
 
 
 def looks_like_key(value: str) -> bool:

@@ -7,11 +7,10 @@ for the gateway's key shape. Individual tests already check the outputs they pro
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
-KEY_SHAPE = re.compile(r"a2a_(free|starter|pro|enterprise|admin)_[0-9a-f]{24}")
+from policies.keyprint import API_KEY_PATTERN
+
 #: Deliberate fixtures (API.md's throwaway example, an all-zero key) that prove inline keys
 #: are refused; they are not secrets and appear only inside the bad-manifest corpus.
 ALLOWED = {"a2a_free_fa63aab628959ce3b1ec48a5", "a2a_free_000000000000000000000000"}
@@ -25,7 +24,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.longrepr is not None:
         texts.append(str(report.longrepr))
     for text in texts:
-        for match in KEY_SHAPE.finditer(text):
+        for match in API_KEY_PATTERN.finditer(text):
             if match.group(0) not in ALLOWED:
                 _leaks.append(f"{report.nodeid} ({report.when}): key material {match.group(0)[:9]}…")
 

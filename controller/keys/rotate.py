@@ -49,8 +49,8 @@ from controller.keys.sinks import DEFAULT_COMMAND_TIMEOUT_S, DeliveryError, KeyS
 from controller.keys.store import HeldKey, KeyLedger
 from controller.keys.vault import MAIN, QUARANTINE, KeyVault
 from controller.state import ABANDONED, DONE, FAILED, PENDING, Intent, StateStore
-from policies.keyprint import key_prefix
-from policies.rotation import next_rotation, rotation_due, validate_schedule
+from policies.keyprint import is_key_token, key_prefix
+from policies.rotation import GRACE_SECONDS, next_rotation, rotation_due, validate_schedule
 from policies.settle import is_settled, settles_at
 from policies.spec import AgentSpec, DesiredState, KeySinkSpec
 
@@ -58,7 +58,6 @@ log = logging.getLogger("finops.keys")
 
 ROTATE = "rotate"
 """Intent kind in the state database."""
-GRACE_SECONDS = 300
 LATE_WATCH_SECONDS = 2 * GRACE_SECONDS
 """How long after concluding an interrupted rotation finops watches for it landing late (at
 least; never less than the rotate's settle time, and a watch ends only with a look at the
@@ -823,7 +822,7 @@ class KeyManager:
         """Adopt a key the agent already has, after proving it is a live key of that agent.
         The key is not delivered (the agent has it); its age for rotation starts now."""
         raw = raw_key.strip()
-        if not raw.startswith("a2a_") or any(c.isspace() for c in raw):
+        if not is_key_token(raw):
             raise ImportRefused(f"{agent_id}: that is not a GreenHelix API key (expected a2a_<tier>_<hex>)")
         prefix = key_prefix(raw)
         async with self._lock(agent_id):
