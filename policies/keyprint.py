@@ -81,6 +81,13 @@ def looks_like_key_material(value: str) -> bool:
     return _KEY_MATERIAL.search(value) is not None
 
 
+def contains_key_material(text: str) -> bool:
+    """Whether :func:`redact_keys` would change ``text`` even knowing no key: a key, a key
+    without its ``a2a_``, or a bare 24-hex secret, whole or split over lines. What a leak
+    check over output looks for (a description such as ``a2a_<tier>_<hex>`` is not one)."""
+    return _GENERIC.search(text) is not None
+
+
 def contains_secret_fragment(text: str, raw_key: str) -> bool:
     """Whether ``text``'s hex characters, everything else ignored, contain 8 or more
     consecutive characters of the key's secret part, however the text cut it up. For text

@@ -32,7 +32,7 @@ from controller.sandbox.server import SandboxServer
 from controller.sandbox.store import to_atomic
 from controller.state import StateStore
 from policies.funding_window import WINDOW_SECONDS, DeferReason
-from policies.keyprint import looks_like_key_material
+from policies.keyprint import contains_key_material
 from policies.spec import DesiredState
 from tests.integration.conftest import CANONICAL, Harness
 from tests.integration.test_cli import finops
@@ -315,7 +315,7 @@ def test_plan_and_status_show_what_is_left_of_the_days_funding_limit(tmp_path: P
         data = json.loads(finops(work, "status", "--format", "json", env=env).stdout)
         assert data["funding"][0]["available"] == "260.00" and "cls-01" in data["flagged"]
         for text in (planned.stdout, applied.stdout, status.stdout, status.stderr):
-            assert not looks_like_key_material(text)
+            assert not contains_key_material(text)
 
 
 def test_schema_documents_the_new_funding_fields(tmp_path: Path) -> None:

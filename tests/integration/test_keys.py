@@ -24,7 +24,7 @@ from controller.keys.rotate import ImportRefused, KeyManagementError, KeyManager
 from controller.keys.vault import QUARANTINE, KeyVault
 from controller.sandbox.server import SandboxServer
 from controller.state import DONE, FAILED, PENDING
-from policies.keyprint import fingerprint, key_prefix, looks_like_key_material, redact_keys
+from policies.keyprint import contains_key_material, fingerprint, key_prefix, redact_keys
 from policies.spec import AgentSpec, DesiredState, FleetSpec, KeyPolicy, KeySinkSpec
 from tests.integration.conftest import Harness
 
@@ -53,7 +53,7 @@ class SimulatedCrash(BaseException):
 
 
 def assert_clean(text: str) -> None:
-    assert not looks_like_key_material(text), f"key material in: {redact_keys(text)}"
+    assert not contains_key_material(text), f"key material in: {redact_keys(text)}"
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +74,7 @@ def no_key_material(harness: Harness, caplog: pytest.LogCaptureFixture) -> Itera
     finally:
         db.close()
     for path in harness.store.path.parent.iterdir():
-        assert not looks_like_key_material(path.read_bytes().decode("latin-1")), path.name
+        assert not contains_key_material(path.read_bytes().decode("latin-1")), path.name
 
 
 @pytest.fixture
