@@ -28,7 +28,7 @@ from controller.gateway.client import GatewayClient
 from controller.gateway.errors import Conflict, GatewayError, ProtocolViolation, UnknownOutcome, Unreachable
 from controller.gateway.models import Webhook
 from controller.keys.sinks import DeliveryError, KeySink
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.plan import (
     INTENT_BLOCKS,
     Change,
@@ -138,7 +138,7 @@ class Applier:
         self,
         client: GatewayClient,
         store: StateStore,
-        sink: DirectoryKeySink,
+        sink: KeyVault,
         *,
         fault_hook: FaultHook | None = None,
         clock: Callable[[], float] = time.time,

@@ -31,7 +31,7 @@ from controller.cliopts import (
 from controller.daemon.lock import writer_lock
 from controller.errors import ConfigError, FinopsError, GuardrailViolation, StalePlanError
 from controller.gateway.client import GatewayClient
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.manifest.schema import manifest_json_schema
 from controller.plan import Plan, changes_equal, plan_from_dict, plan_to_dict
 from controller.reconcile import key_sinks, observe_and_plan, preflight
@@ -169,7 +169,7 @@ async def _apply(
     desired: DesiredState,
     target: Target,
     store: StateStore,
-    sink: DirectoryKeySink,
+    sink: KeyVault,
     saved: Plan | None,
     auto_approve: bool,
     fmt: str,
@@ -265,7 +265,7 @@ def apply(
         ):
             _banner(target, fmt)
             store = StateStore(target.state_file)
-            sink = DirectoryKeySink(target.secrets_dir(opts.secrets_dir))
+            sink = KeyVault(target.secrets_dir(opts.secrets_dir))
             try:
                 chosen, result = asyncio.run(
                     _apply(desired, target, store, sink, saved, auto_approve, fmt, opts.concurrency, prune, path)
@@ -313,7 +313,7 @@ def rebalance(
         ):
             _banner(target, fmt)
             store = StateStore(target.state_file)
-            sink = DirectoryKeySink(target.secrets_dir(opts.secrets_dir))
+            sink = KeyVault(target.secrets_dir(opts.secrets_dir))
 
             async def go() -> RebalanceRun:
                 verdict = approval.judge(store, desired)

@@ -18,7 +18,7 @@ from controller.apply import Applier, ApplyResult
 from controller.errors import GuardrailViolation
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.plan import ChangeKind
 from controller.reconcile import observe_and_plan
 from controller.state import Adjustment, StateStore
@@ -118,7 +118,7 @@ async def run_rebalance(
     client: GatewayClient,
     desired: DesiredState,
     store: StateStore,
-    sink: DirectoryKeySink,
+    sink: KeyVault,
     target: str,
     *,
     dry_run: bool,

@@ -4,11 +4,14 @@ key rotation and budget rebalancing. Each is the same code the matching CLI comm
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from controller.alerting.deliver import Sleep
 from controller.alerting.engine import check_alerts
+from controller.alerting.guard import Resolver, system_resolver
 from controller.daemon import DaemonContext, JobResult, register_jobs
 from controller.daemon.jobs import JobFn, SkipReason
 from controller.keys.rotate import KeyManager
@@ -20,13 +23,30 @@ REBALANCE_TICK_S = 60.0
 """How often the rebalance job looks; each fleet actually runs on its own ``interval``."""
 
 
-def alerts_job(ctx: DaemonContext, now: Callable[[], float] = time.time) -> JobFn:
+def alerts_job(
+    ctx: DaemonContext,
+    now: Callable[[], float] = time.time,
+    *,
+    resolver: Resolver = system_resolver,
+    sleep: Sleep = asyncio.sleep,
+) -> JobFn:
+    """``resolver`` (the receivers' DNS) and ``sleep`` (the delivery backoff) are injectable,
+    like the clock, so a test neither touches DNS nor waits through real backoff."""
+
     async def job() -> JobResult:
         desired = ctx.desired()
         if desired is None:
             return JobResult.skipped("no valid manifests yet", SkipReason.NOT_READY)
         async with ctx.client_factory() as client:
-            result = await check_alerts(client, desired, ctx.store.path, now=now, held=frozenset(ctx.store.holds()))
+            result = await check_alerts(
+                client,
+                desired,
+                ctx.store.path,
+                now=now,
+                held=frozenset(ctx.store.holds()),
+                resolver=resolver,
+                sleep=sleep,
+            )
         fields = {k: v for k, v in result.to_dict().items() if isinstance(v, int)}
         if result.ok:
             return JobResult.success(f"{result.fired} crossing(s), {result.delivered} delivered", **fields)

@@ -30,7 +30,7 @@ from controller.daemon.scheduler import DEFAULT_STOP_TIMEOUT_S, Daemon
 from controller.daemon.source import DirectorySource, GitSource, ManifestSource
 from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.state import StateStore
 from controller.target import Target
 from policies.spec import DesiredState
@@ -45,7 +45,7 @@ class DaemonContext:
     daemon: Daemon
     target: Target
     store: StateStore
-    sink: DirectoryKeySink
+    sink: KeyVault
     metrics: DaemonMetrics
     client_factory: Callable[[], GatewayClient]
     """A new ``GatewayClient`` (use as ``async with``) counting errors into the metrics."""
@@ -196,7 +196,7 @@ def run(
                 target=target.name,
                 source=source,
                 store=store,
-                sink=DirectoryKeySink(target.secrets_dir(opts.secrets_dir)),
+                sink=KeyVault(target.secrets_dir(opts.secrets_dir)),
                 revisions=revisions,
                 client_factory=client_factory,
                 prune=prune,

@@ -41,7 +41,7 @@ from controller.daemon.revisions import RevisionLog
 from controller.daemon.source import ManifestSource, SourceError
 from controller.errors import FinopsError, ManifestError
 from controller.gateway.client import GatewayClient
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
 from controller.plan import Change, Plan
 from controller.reconcile import key_sinks, observe_and_plan, preflight
@@ -188,7 +188,7 @@ class Reconciler:
         target: str,
         source: ManifestSource,
         store: StateStore,
-        sink: DirectoryKeySink,
+        sink: KeyVault,
         revisions: RevisionLog,
         client_factory: ClientFactory,
         backoff: AgentBackoff | None = None,

@@ -64,6 +64,7 @@ from controller.gateway.models import (
     Webhook,
     WebhookDelivery,
 )
+from policies.keyprint import is_key_token
 from policies.money import format_money, from_gateway_number
 
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
@@ -485,7 +486,7 @@ class GatewayClient:
         path = "/v1/register"
         data = await self._call("POST", path, body={"agent_id": agent_id}, auth=False, safe=False)
         key = self._field(data, "api_key", "POST", path)
-        if not isinstance(key, str) or not key.startswith("a2a_"):
+        if not isinstance(key, str) or not is_key_token(key):
             raise ProtocolViolation("register returned no usable api_key", method="POST", path=path)
         return Registration(
             agent_id=str(self._field(data, "agent_id", "POST", path)),
@@ -653,7 +654,7 @@ class GatewayClient:
             safe=False,
         )
         key = self._field(data, "new_key", "POST", path)
-        if not isinstance(key, str) or not key.startswith("a2a_"):
+        if not isinstance(key, str) or not is_key_token(key):
             raise ProtocolViolation("rotate returned no usable new_key", method="POST", path=path)
         expires = data.get("grace_expires_at")
         return Rotation(

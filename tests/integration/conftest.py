@@ -15,7 +15,7 @@ import pytest
 
 from controller.apply import Applier, ApplyResult, FaultHook
 from controller.gateway.client import GatewayClient
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
 from controller.plan import Plan
 from controller.reconcile import observe_and_plan
@@ -73,7 +73,7 @@ class Harness:
 
     sandbox: SandboxServer
     store: StateStore
-    sink: DirectoryKeySink
+    sink: KeyVault
     clock: Callable[[], float] = field(default_factory=FinopsClock)
     notes: list[str] = field(default_factory=list)
     """What every ``prepare`` before a plan reported (the CLI prints these with the apply)."""
@@ -126,7 +126,7 @@ class Harness:
 @pytest.fixture
 def harness(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Harness]:
     store = StateStore(tmp_path / "state" / "state-sandbox.db")
-    yield Harness(sandbox, store, DirectoryKeySink(tmp_path / "secrets"))
+    yield Harness(sandbox, store, KeyVault(tmp_path / "secrets"))
     store.close()
 
 

@@ -36,9 +36,9 @@ from controller.daemon.revisions import RevisionLog
 from controller.daemon.scheduler import Daemon
 from controller.daemon.source import DirectorySource, GitSource, ManifestSource, SourceError
 from controller.sandbox.server import SandboxServer
+from policies.keyprint import contains_key_material
 from tests.integration.conftest import CANONICAL, Harness
 
-KEY_PATTERN = re.compile(r"a2a_[a-z]+_[0-9a-f]{8,}")
 WORKERS = "research-workers.yaml"
 RES01 = re.compile(r"^(?P<indent> *)- id: res-01\n", re.MULTILINE)
 
@@ -140,7 +140,7 @@ def drift(harness: Harness, agent: str) -> None:
 
 
 def assert_no_key_material(text: str, harness: Harness) -> None:
-    assert not KEY_PATTERN.search(text)
+    assert not contains_key_material(text)
     assert harness.sandbox.admin_key not in text
     for key_file in Path(harness.sink.directory).rglob("*.key"):
         assert key_file.read_text().strip() not in text
@@ -525,7 +525,7 @@ def test_sigterm_during_a_pass_lets_it_finish_then_exits_cleanly(tmp_path: Path)
         converged = [json.loads(line) for line in again.stderr.splitlines() if line.startswith("{")]
         assert any(d["msg"].startswith("reconcile finished") and d["planned"] == 0 for d in converged)
         everything = "".join(logs.lines) + second.stderr + again.stderr
-        assert sandbox.admin_key not in everything and not KEY_PATTERN.search(everything)
+        assert sandbox.admin_key not in everything and not contains_key_material(everything)
 
 
 def test_once_refuses_invalid_manifests_with_exit_code_1(tmp_path: Path) -> None:

@@ -3,10 +3,12 @@ moves budget and the reconcile pass that follows keeps it; rotation and alerts r
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
+from controller.alerting.deliver import DEFAULT_POLICY
 from controller.daemon.command import DaemonContext
 from controller.daemon.source import DirectorySource
 from controller.sandbox.store import to_atomic
@@ -43,7 +45,18 @@ async def test_rebalance_job_moves_budget_and_the_next_reconcile_keeps_it(
     ctx = _context(rig, harness, tmp_path)
     rig.daemon.add_job("rebalance", rebalance_job(ctx, now=rig.clock), interval_s=60, jitter_s=0)
     rig.daemon.add_job("rotation", rotation_job(ctx), interval_s=3600, jitter_s=0)
-    rig.daemon.add_job("alerts", alerts_job(ctx, now=rig.clock), interval_s=60, jitter_s=0, exclusive=False)
+    looked_up: list[str] = []
+    slept: list[float] = []
+
+    async def no_such_host(host: str, port: int) -> list[str]:  # the receivers do not exist here
+        looked_up.append(host)
+        raise OSError(socket.EAI_NONAME, "Name or service not known")
+
+    async def backoff(seconds: float) -> None:  # recorded, not waited through
+        slept.append(seconds)
+
+    alerts = alerts_job(ctx, now=rig.clock, resolver=no_such_host, sleep=backoff)
+    rig.daemon.add_job("alerts", alerts, interval_s=60, jitter_s=0, exclusive=False)
     assert (await rig.step())["reconcile"].ok
     agents = ("orch-01", "res-01", "res-02", "sum-01", "cls-01")
     before = {a: budget(harness, a) for a in agents}
@@ -62,6 +75,11 @@ async def test_rebalance_job_moves_budget_and_the_next_reconcile_keeps_it(
     # so the alert is queued for retry and the job says so instead of claiming success.
     assert ran["alerts"].result == "partial" and ran["alerts"].fields["fired"] >= 1
     assert "res-01" in ran["alerts"].message and ran["alerts"].fields["pending"] >= 1
+    assert "cannot resolve alerts.example.com" in ran["alerts"].message
+    assert set(looked_up) <= {"alerts.example.com", "pager.example.com"} and "alerts.example.com" in looked_up
+    # the tries within the check backed off as the delivery policy says, without waiting
+    assert len(slept) >= DEFAULT_POLICY.attempts_per_check - 1
+    assert all(0 < seconds <= DEFAULT_POLICY.backoff_max for seconds in slept)
     # The next reconcile pass plans nothing for the caps: it does not fight the rebalancer.
     await rig.step(60)
     assert {a: budget(harness, a) for a in agents} == after
