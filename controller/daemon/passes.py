@@ -24,7 +24,7 @@ import logging
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -43,7 +43,7 @@ from controller.errors import FinopsError, ManifestError
 from controller.gateway.client import GatewayClient
 from controller.keysink import DirectoryKeySink
 from controller.manifest.loader import load_manifests
-from controller.plan import Change, Plan
+from controller.plan import Plan
 from controller.reconcile import key_sinks, observe_and_plan, preflight
 from controller.state import PENDING, StateStore
 from policies.exposure import ExposureReview, exposure_of, review
@@ -167,16 +167,10 @@ def record_pass(metrics: DaemonMetrics, result: PassResult) -> None:
         metrics.agents_backoff.set(result.backoff_agents)
 
 
-def applied_kinds(changes: Sequence[Change], outcome: AgentResult) -> list[str]:
-    """The kinds of an agent's changes that took effect, in plan order.
-
-    The applier runs an agent's changes in order, notes each as applied or "skipped <kind>:
-    why" (no longer needed), and stops at the first failure, noting the rest as not
-    attempted. So the processed changes are a prefix of ``changes``."""
-    attempted_skips = [n for n in outcome.skipped if not n.endswith("(not attempted after the failure)")]
-    processed = changes[: len(outcome.applied) + len(attempted_skips)]
-    skipped = {n.split(":", 1)[0].removeprefix("skipped ").replace("-", "_") for n in attempted_skips}
-    return [c.kind.value for c in processed if c.kind.value not in skipped]
+def applied_kinds(outcome: AgentResult) -> list[str]:
+    """The kinds of an agent's changes that took effect, in plan order (from the applier's
+    typed step outcomes: skipped, failed and unknown-outcome steps do not count)."""
+    return [kind.value for kind in outcome.applied_kinds]
 
 
 class Reconciler:
@@ -451,11 +445,8 @@ class Reconciler:
         failed = dict(unobserved)
         applied: Counter[str] = Counter()
         if outcome is not None:
-            by_agent: dict[str, list[Change]] = {}
-            for change in kept:
-                by_agent.setdefault(change.agent_id, []).append(change)
             for agent_result in outcome.agents:
-                applied.update(applied_kinds(by_agent.get(agent_result.agent_id, []), agent_result))
+                applied.update(applied_kinds(agent_result))
                 if agent_result.error is not None:
                     failed[agent_result.agent_id] = agent_result.error
         self._update_backoff(desired, failed, blocked, now=self.clock())
