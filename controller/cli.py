@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from controller import approval
-from controller.apply import Applier, ApplyResult
+from controller.apply import ApplyResult
 from controller.cliopts import (
     DEFAULT_PATH,
     EXIT_CHANGES,
@@ -29,12 +29,13 @@ from controller.cliopts import (
     target_options,
 )
 from controller.daemon.lock import writer_lock
-from controller.errors import ConfigError, FinopsError, GuardrailViolation, StalePlanError
+from controller.errors import ConfigError, FinopsError, StalePlanError
 from controller.gateway.client import GatewayClient
 from controller.keysink import DirectoryKeySink
 from controller.manifest.schema import manifest_json_schema
+from controller.pipeline import apply_plan
 from controller.plan import Plan, changes_equal, plan_from_dict, plan_to_dict
-from controller.reconcile import key_sinks, observe_and_plan, preflight
+from controller.reconcile import observe_and_plan
 from controller.render import RENDERERS, render_apply_text, render_text
 from controller.safefile import read_text_bounded
 from controller.sandbox.faults import FaultConfig
@@ -156,9 +157,7 @@ def _exposure_gate(
             # Only a revision within its own bound bootstraps (as in the daemon). One above it
             # may have nothing to write *now* (its funding deferred by the funding limits),
             # but recording it would let a later unattended apply carry it out unreviewed.
-            approval.record(
-                store, revision, path, exposure_of(desired), how=approval.BOOTSTRAP, api_key=target.api_key
-            )
+            approval.record(store, revision, path, exposure_of(desired), how=approval.BOOTSTRAP, api_key=target.api_key)
         return None
     if verdict.requires_approval:
         return f"This raises spending authority above the unattended bound: answering yes approves {revision}."
@@ -177,51 +176,45 @@ async def _apply(
     prune: bool,
     path: str = DEFAULT_PATH,
 ) -> tuple[Plan, ApplyResult | None]:
-    async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
-        applier = Applier(client, store, sink, key_sink=key_sinks(desired, sink))
-        notes = await applier.prepare(desired)  # known outcomes first, so the plan never races them
-        fresh = await observe_and_plan(client, desired, target.name, store, prune=prune)
-        if saved is not None:
-            if saved.target != target.name:
-                raise StalePlanError(f"the saved plan was made for {saved.target!r}, not {target.name!r}")
-            if saved.basis != fresh.basis or not changes_equal(saved.changes, fresh.changes):
-                raise StalePlanError(
-                    "the live gateway (or the manifests) changed since the plan was saved; "
-                    "run `finops plan --out FILE` again and review it"
-                )
-        chosen = preflight(saved or fresh, desired, sink.directory)
-        if chosen.violations:
-            raise GuardrailViolation(
-                "the plan breaks a guardrail; nothing was applied:\n  " + "\n  ".join(str(v) for v in chosen.violations)
+    def select(fresh: Plan) -> Plan:
+        if saved is None:
+            return fresh
+        if saved.target != target.name:
+            raise StalePlanError(f"the saved plan was made for {saved.target!r}, not {target.name!r}")
+        if saved.basis != fresh.basis or not changes_equal(saved.changes, fresh.changes):
+            raise StalePlanError(
+                "the live gateway (or the manifests) changed since the plan was saved; "
+                "run `finops plan --out FILE` again and review it"
             )
+        return saved
+
+    def gate(fresh: Plan, chosen: Plan) -> None:
         if fmt == "text":
             click.echo(render_text(chosen, click.style))
         note = _exposure_gate(fresh, chosen, desired, target, store, path, auto_approve)
-        if chosen.empty:
-            # Nothing to write, but what resolving unknown outcomes found is still said.
-            return chosen, (ApplyResult(agents=[], writes=0, reads=0, recovered=notes) if notes else None)
-        if not auto_approve:
-            if not sys.stdin.isatty():
-                raise ConfigError("refusing to apply without confirmation: pass --auto-approve in scripts and CI")
-            if note:
-                click.echo(click.style(note, bold=True))
-            answer = click.prompt("Apply these changes? Only 'yes' is accepted", default="", show_default=False)
-            if answer.strip() != "yes":
-                raise FinopsError("apply cancelled; nothing was changed")
-            if fresh.exposure is not None and (fresh.exposure.bootstrap or fresh.exposure.lines()):
-                # A person saw the exposure and confirmed: that is an approval of this revision.
-                approval.record(
-                    store,
-                    approval.path_revision(Path(path)),
-                    path,
-                    exposure_of(desired),
-                    how=approval.APPLY,
-                    api_key=target.api_key,
-                )
-        started = time.time()
-        result = await applier.apply(chosen)
-        store.log_apply(started, result.ok, {"changes": len(chosen.changes), "writes": result.writes})
-        return chosen, result
+        if chosen.empty or auto_approve:
+            return
+        if not sys.stdin.isatty():
+            raise ConfigError("refusing to apply without confirmation: pass --auto-approve in scripts and CI")
+        if note:
+            click.echo(click.style(note, bold=True))
+        answer = click.prompt("Apply these changes? Only 'yes' is accepted", default="", show_default=False)
+        if answer.strip() != "yes":
+            raise FinopsError("apply cancelled; nothing was changed")
+        if fresh.exposure is not None and (fresh.exposure.bootstrap or fresh.exposure.lines()):
+            # A person saw the exposure and confirmed: that is an approval of this revision.
+            approval.record(
+                store,
+                approval.path_revision(Path(path)),
+                path,
+                exposure_of(desired),
+                how=approval.APPLY,
+                api_key=target.api_key,
+            )
+
+    async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
+        run = await apply_plan(client, store, sink, desired, target=target.name, prune=prune, select=select, gate=gate)
+    return run.chosen, run.result
 
 
 @cli.command()

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from controller import approval
-from controller.apply import AgentResult, Applier, ApplyResult
+from controller.apply import AgentResult
 from controller.blocking import off_loop
 from controller.daemon.backoff import AgentBackoff
 from controller.daemon.jobs import ERROR, OK, PARTIAL, JobResult
@@ -43,9 +43,10 @@ from controller.errors import FinopsError, ManifestError
 from controller.gateway.client import GatewayClient
 from controller.keysink import DirectoryKeySink
 from controller.manifest.loader import load_manifests
+from controller.pipeline import PlanRefused, apply_plan, only, plan_errors_by_agent
 from controller.plan import Plan
-from controller.reconcile import key_sinks, observe_and_plan, preflight
-from controller.state import PENDING, StateStore
+from controller.reconcile import observe_and_plan
+from controller.state import StateStore
 from policies.exposure import ExposureReview, exposure_of, review
 from policies.spec import DesiredState
 
@@ -403,23 +404,36 @@ class Reconciler:
                 return self._result(AWAITING, "no approved manifest revision to apply yet")
             return self._result(INVALID, "no valid manifest revision to apply yet")
         applying = self.good_revision
-        async with self.client_factory() as client:
-            applier = Applier(client, self.store, self.sink, clock=self.clock, key_sink=key_sinks(desired, self.sink))
-            await applier.prepare(desired)  # known outcomes first, so the plan never races them
-            plan = preflight(await self.plan_fn(client, desired, self.target, self.store), desired, self.sink.directory)
+        now = self.clock()
+        skipped_backoff: list[str] = []
+
+        def select(plan: Plan) -> Plan:
             log_funding_limits(self.log, plan)
-            now = self.clock()
-            unobserved = {e.split(":", 1)[0]: e.split(":", 1)[1].strip() for e in plan.errors}
-            skipped_backoff = sorted({c.agent_id for c in plan.changes if self.backoff.active(c.agent_id, now)})
-            blocked = set(skipped_backoff)
-            kept = tuple(c for c in plan.changes if c.agent_id not in blocked)
-            common: dict[str, Any] = {
+            skipped_backoff.extend(sorted({c.agent_id for c in plan.changes if self.backoff.active(c.agent_id, now)}))
+            return only(plan, lambda c: c.agent_id not in skipped_backoff)
+
+        def planned(plan: Plan) -> dict[str, Any]:
+            return {
                 "planned": len(plan.changes),
                 "backoff_skipped": tuple(skipped_backoff),
                 "held_agents": tuple(h.agent_id for h in plan.held),
             }
-            if plan.violations:
-                violations = tuple(str(v) for v in plan.violations)
+
+        async with self.client_factory() as client:
+            try:
+                run = await apply_plan(
+                    client,
+                    self.store,
+                    self.sink,
+                    desired,
+                    target=self.target,
+                    clock=self.clock,
+                    plan_fn=self.plan_fn,
+                    select=select,
+                    log_fields={"revision": applying, "by": "daemon"},
+                )
+            except PlanRefused as exc:
+                violations = tuple(str(v) for v in exc.plan.violations)
                 log_event(
                     self.log,
                     logging.ERROR,
@@ -431,17 +445,12 @@ class Reconciler:
                     "the plan breaks a guardrail; nothing was applied",
                     violations=violations,
                     backoff_agents=self._backoff_count(now),
-                    **common,
+                    **planned(exc.plan),
                 )
-            outcome: ApplyResult | None = None
-            if kept or self.store.intents(status=PENDING):
-                started_at = self.clock()
-                outcome = await applier.apply(replace(plan, changes=kept))
-                self.store.log_apply(
-                    started_at,
-                    outcome.ok,
-                    {"changes": len(kept), "writes": outcome.writes, "revision": applying, "by": "daemon"},
-                )
+        plan, outcome = run.fresh, run.result
+        common = planned(plan)
+        unobserved = plan_errors_by_agent(plan)
+        blocked = set(skipped_backoff)
         failed = dict(unobserved)
         applied: Counter[str] = Counter()
         if outcome is not None:
