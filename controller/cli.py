@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import click
 
@@ -38,12 +40,14 @@ from controller.plan import Plan, changes_equal, plan_from_dict, plan_to_dict
 from controller.reconcile import observe_and_plan
 from controller.render import RENDERERS, render_apply_text, render_text
 from controller.safefile import read_text_bounded
-from controller.sandbox.faults import FaultConfig
 from controller.secretfile import make_private_dirs, write_secret_file
 from controller.state import StateStore
 from controller.target import Target
 from policies.exposure import exposure_of
 from policies.spec import DesiredState
+
+if TYPE_CHECKING:
+    from controller.sandbox.faults import FaultConfig
 
 MAX_PLAN_FILE_BYTES = 256 * 1024 * 1024
 """A saved plan is about 1 KB per change; this bound only stops a wrong path (a device, a
@@ -59,7 +63,36 @@ def _banner(target: Target, fmt: str) -> None:
     click.echo(target.banner(), err=fmt != "text")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Commands defined elsewhere are imported when they run (or ``--help`` lists them):
+    ``import controller.cli`` must not load the daemon's scheduler and server stack or the
+    sandbox for a ``finops plan``."""
+
+    LAZY: ClassVar[dict[str, str]] = {
+        "run": "controller.daemon.command:run",
+        "status": "controller.cli_status:status",
+        "alerts": "controller.cli_status:alerts",
+        "rotate": "controller.cli_keys:rotate",
+        "keys": "controller.cli_keys:keys",
+        "freeze": "controller.cli_keys:freeze_command",
+        "unfreeze": "controller.cli_keys:unfreeze_command",
+        "approve": "controller.cli_approve:approve",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self.LAZY.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module, attr = target.split(":")
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command) and command.name == cmd_name, target
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="finops")
 def cli() -> None:
     """finops: keep an AI-agent fleet's spending equal to what is committed in git."""
@@ -353,6 +386,8 @@ def rebalance(
 def _faults(ctx: click.Context, param: click.Parameter, value: str | None) -> FaultConfig | None:
     if value is None:
         return None
+    from controller.sandbox.faults import FaultConfig  # the sandbox is loaded by `finops sandbox` only
+
     try:
         return FaultConfig.parse(value)
     except ValueError as exc:
@@ -386,21 +421,6 @@ def sandbox(host: str, port: int, db: Path, admin_key_file: Path | None, faults:
 
     make_private_dirs(db.parent)
     serve(host, port, db, admin_key_file or db.parent / "admin.key", faults=faults)
-
-
-def _register_commands() -> None:
-    from controller.cli_approve import approve
-    from controller.cli_keys import freeze_command, keys, rotate, unfreeze_command
-    from controller.cli_status import alerts, status
-    from controller.daemon import run as daemon_run
-    from controller.scheduled import register_scheduled_reconcilers
-
-    register_scheduled_reconcilers()
-    for command in (daemon_run, status, alerts, rotate, keys, freeze_command, unfreeze_command, approve):
-        cli.add_command(command)
-
-
-_register_commands()
 
 
 def main() -> None:

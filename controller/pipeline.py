@@ -39,6 +39,9 @@ Gate = Callable[[Plan, Plan], Awaitable[None] | None]
 raising aborts the run with nothing written."""
 
 
+REFUSAL = "the plan breaks a guardrail; nothing was applied"
+
+
 class PlanRefused(GuardrailViolation):
     """The plan breaks a guardrail: nothing was written. Carries the plan made (the whole
     fresh plan, before ``select``)."""
@@ -70,6 +73,46 @@ def plan_errors_by_agent(plan: Plan) -> dict[str, str]:
     return out
 
 
+def applier_for(
+    client: GatewayClient,
+    store: StateStore,
+    vault: KeyVault,
+    desired: DesiredState | None,
+    *,
+    clock: Callable[[], float] = time.time,
+    fault_hook: FaultHook | None = None,
+) -> Applier:
+    """The applier every caller uses: new keys go to finops' key store, then to the agent's
+    declared sink (``keys.sink``)."""
+    sinks = key_sinks(desired, vault) if desired is not None else None
+    return Applier(client, store, vault, clock=clock, key_sink=sinks, fault_hook=fault_hook)
+
+
+def check_guardrails(plan: Plan, *, refusal: str = REFUSAL, whole: Plan | None = None) -> None:
+    """Refuse a plan that breaks a guardrail, whole (``PlanRefused``)."""
+    if plan.violations:
+        raise PlanRefused(refusal + ":\n  " + "\n  ".join(str(v) for v in plan.violations), whole or plan)
+
+
+async def execute(
+    applier: Applier,
+    store: StateStore,
+    chosen: Plan,
+    *,
+    clock: Callable[[], float] = time.time,
+    refusal: str = REFUSAL,
+    log_fields: Mapping[str, Any] | None = None,
+) -> ApplyResult:
+    """Apply a checked plan and record the run in the apply log."""
+    check_guardrails(chosen, refusal=refusal)
+    started = clock()
+    result = await applier.apply(chosen)
+    store.log_apply(
+        started, result.ok, {"changes": len(chosen.changes), "writes": result.writes, **dict(log_fields or {})}
+    )
+    return result
+
+
 async def apply_plan(
     client: GatewayClient,
     store: StateStore,
@@ -82,19 +125,18 @@ async def apply_plan(
     plan_fn: PlanFn | None = None,
     select: Select | None = None,
     gate: Gate | None = None,
-    refusal: str = "the plan breaks a guardrail; nothing was applied",
+    refusal: str = REFUSAL,
     log_fields: Mapping[str, Any] | None = None,
     fault_hook: FaultHook | None = None,
 ) -> PipelineRun:
     """Prepare, plan, check, apply and log (see the module docstring)."""
-    applier = Applier(client, store, vault, clock=clock, key_sink=key_sinks(desired, vault), fault_hook=fault_hook)
+    applier = applier_for(client, store, vault, desired, clock=clock, fault_hook=fault_hook)
     notes = tuple(await applier.prepare(desired))
     planner: PlanFn = plan_fn or (lambda c, d, t, s: observe_and_plan(c, d, t, s, prune=prune))
     raw = await planner(client, desired, target, store)
     fresh = preflight(raw, desired, vault.directory)
     chosen = fresh if select is None else preflight(select(raw), desired, vault.directory)
-    if chosen.violations:
-        raise PlanRefused(refusal + ":\n  " + "\n  ".join(str(v) for v in chosen.violations), fresh)
+    check_guardrails(chosen, refusal=refusal, whole=fresh)
     if gate is not None:
         waited = gate(fresh, chosen)
         if waited is not None:
@@ -103,11 +145,7 @@ async def apply_plan(
         # Nothing to write, but what resolving unknown outcomes found is still said.
         empty = ApplyResult(agents=[], writes=0, reads=0, recovered=list(notes)) if notes else None
         return PipelineRun(fresh, chosen, empty, notes)
-    started = clock()
-    result = await applier.apply(chosen)
-    store.log_apply(
-        started, result.ok, {"changes": len(chosen.changes), "writes": result.writes, **dict(log_fields or {})}
-    )
+    result = await execute(applier, store, chosen, clock=clock, refusal=refusal, log_fields=log_fields)
     return PipelineRun(fresh, chosen, result, notes)
 
 

@@ -1,7 +1,7 @@
 """``finops run``: the long-lived reconcile daemon (or one pass with ``--once``).
 
 Wiring only: take the writer lock, open the target, build the source, reconciler, metrics
-and daemon, run plugged-in job factories, serve. Exit codes follow ``controller.cliopts``:
+and daemon, add the scheduled jobs (``job_factories``), serve. Exit codes follow ``controller.cliopts``:
 0 after a graceful stop (or a clean ``--once`` pass, where a job with nothing to do counts as
 clean), 1 on errors, a failed or partial ``--once`` pass, a refused newest revision, a stop
 that had to cancel jobs after ``--stop-timeout``, or when another writer holds the state
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ class DaemonContext:
     metrics: DaemonMetrics
     client_factory: Callable[[], GatewayClient]
     """A new ``GatewayClient`` (use as ``async with``) counting errors into the metrics."""
+    clock: Callable[[], float] = time.time
+    """finops' clock for the jobs (tests step it instead of sleeping)."""
 
     def desired(self) -> DesiredState | None:
         """The last valid desired state (``None`` until a valid revision was loaded)."""
@@ -56,14 +59,15 @@ class DaemonContext:
 
 
 JobFactory = Callable[[DaemonContext], None]
-JOB_FACTORIES: list[JobFactory] = []
+"""Adds a group of jobs to a daemon: ``factory(ctx)`` calls ``ctx.daemon.add_job(...)``."""
 
 
-def register_jobs(factory: JobFactory) -> JobFactory:
-    """Decorator: ``factory(ctx)`` is called for every daemon started by ``finops run`` and
-    adds its jobs with ``ctx.daemon.add_job(...)``."""
-    JOB_FACTORIES.append(factory)
-    return factory
+def job_factories() -> tuple[JobFactory, ...]:
+    """The jobs every daemon ``finops run`` starts runs besides the reconcile pass, listed
+    explicitly (nothing registers itself on import)."""
+    from controller.scheduled import scheduled_jobs  # alerting, keys, rebalancing: loaded by `run` only
+
+    return (scheduled_jobs,)
 
 
 def git_workdir(state_dir: Path, url: str, branch: str) -> Path:
@@ -214,7 +218,7 @@ def run(
                 stop_timeout_s=stop_timeout,
             )
             context = DaemonContext(daemon, target, store, reconciler.sink, metrics, client_factory)
-            for factory in JOB_FACTORIES:
+            for factory in job_factories():
                 factory(context)
             if metrics_port and not once:
                 try:
@@ -242,4 +246,4 @@ def run(
     run_command(main)
 
 
-__all__ = ["JOB_FACTORIES", "DaemonContext", "register_jobs", "run"]
+__all__ = ["DaemonContext", "JobFactory", "job_factories", "run"]
