@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import httpx
 
 from controller.cliopts import DEFAULT_PATH, TargetOptions, run_command, target_options
 from controller.daemon.lock import writer_lock
 from controller.daemon.logs import configure_logging, log_event
-from controller.daemon.metrics import CountingTransport, DaemonMetrics, MetricsServer
+from controller.daemon.metrics import DaemonMetrics, GatewayErrorCounter, MetricsServer
 from controller.daemon.passes import Reconciler
 from controller.daemon.revisions import RevisionLog
 from controller.daemon.scheduler import DEFAULT_STOP_TIMEOUT_S, Daemon
@@ -77,10 +76,10 @@ def git_workdir(state_dir: Path, url: str, branch: str) -> Path:
 
 
 def make_client_factory(target: Target, concurrency: int, metrics: DaemonMetrics) -> Callable[[], GatewayClient]:
+    counter = GatewayErrorCounter(metrics.gateway_errors)
+
     def factory() -> GatewayClient:
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        transport = CountingTransport(httpx.AsyncHTTPTransport(limits=limits), metrics.gateway_errors)
-        return GatewayClient(target.url, target.api_key, concurrency=concurrency, transport=transport)
+        return GatewayClient(target.url, target.api_key, concurrency=concurrency, observer=counter)
 
     return factory
 
