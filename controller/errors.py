@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from controller.exitcodes import ExitCode
 from policies.display import escape_controls
 
 
 class FinopsError(Exception):
     """Base for errors with a user-facing message (no traceback shown)."""
 
-    exit_code = 1
+    exit_code: int = ExitCode.ERROR
 
 
 @dataclass(frozen=True)
