@@ -11,7 +11,6 @@ import contextlib
 import importlib
 import json
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -32,8 +31,6 @@ from controller.cliopts import (
 )
 from controller.daemon.lock import writer_lock
 from controller.errors import ConfigError, FinopsError, StalePlanError
-from controller.gateway.client import GatewayClient
-from controller.keysink import DirectoryKeySink
 from controller.manifest.schema import manifest_json_schema
 from controller.pipeline import apply_plan
 from controller.plan import Plan, changes_equal, plan_from_dict, plan_to_dict
@@ -41,6 +38,7 @@ from controller.reconcile import observe_and_plan
 from controller.render import RENDERERS, render_apply_text, render_text
 from controller.safefile import read_text_bounded
 from controller.secretfile import make_private_dirs, write_secret_file
+from controller.services import Services, open_services
 from controller.state import StateStore
 from controller.target import Target
 from policies.exposure import exposure_of
@@ -54,9 +52,9 @@ MAX_PLAN_FILE_BYTES = 256 * 1024 * 1024
 FIFO, a runaway file) from hanging ``apply --plan`` or exhausting its memory."""
 
 
-async def _plan(desired: DesiredState, target: Target, store: StateStore, concurrency: int, prune: bool) -> Plan:
-    async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
-        return await observe_and_plan(client, desired, target.name, store, prune=prune)
+async def _plan(desired: DesiredState, services: Services, prune: bool) -> Plan:
+    async with services.client() as client:
+        return await observe_and_plan(client, desired, services.target.name, services.state, prune=prune)
 
 
 def _banner(target: Target, fmt: str) -> None:
@@ -147,11 +145,8 @@ def plan(
         desired = load(path)
         with opts.open_target() as target:
             _banner(target, fmt)
-            store = StateStore(target.state_file)
-            try:
-                result = asyncio.run(_plan(desired, target, store, opts.concurrency, prune))
-            finally:
-                store.close()
+            with open_services(target, opts) as services:
+                result = asyncio.run(_plan(desired, services, prune))
         if fmt == "text":
             click.echo(render_text(result, click.style))
         else:
@@ -199,16 +194,15 @@ def _exposure_gate(
 
 async def _apply(
     desired: DesiredState,
-    target: Target,
-    store: StateStore,
-    sink: DirectoryKeySink,
+    services: Services,
     saved: Plan | None,
     auto_approve: bool,
     fmt: str,
-    concurrency: int,
     prune: bool,
     path: str = DEFAULT_PATH,
 ) -> tuple[Plan, ApplyResult | None]:
+    target, store = services.target, services.state
+
     def select(fresh: Plan) -> Plan:
         if saved is None:
             return fresh
@@ -245,8 +239,18 @@ async def _apply(
                 api_key=target.api_key,
             )
 
-    async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
-        run = await apply_plan(client, store, sink, desired, target=target.name, prune=prune, select=select, gate=gate)
+    async with services.client() as client:
+        run = await apply_plan(
+            client,
+            store,
+            services.vault,
+            desired,
+            target=target.name,
+            clock=services.clock,
+            prune=prune,
+            select=select,
+            gate=gate,
+        )
     return run.chosen, run.result
 
 
@@ -290,14 +294,8 @@ def apply(
             opts.open_target() as target,
         ):
             _banner(target, fmt)
-            store = StateStore(target.state_file)
-            sink = DirectoryKeySink(target.secrets_dir(opts.secrets_dir))
-            try:
-                chosen, result = asyncio.run(
-                    _apply(desired, target, store, sink, saved, auto_approve, fmt, opts.concurrency, prune, path)
-                )
-            finally:
-                store.close()
+            with open_services(target, opts) as services:
+                chosen, result = asyncio.run(_apply(desired, services, saved, auto_approve, fmt, prune, path))
         if fmt == "json":
             click.echo(
                 json.dumps({"plan": plan_to_dict(chosen), "result": result.to_dict() if result else None}, indent=2)
@@ -338,8 +336,8 @@ def rebalance(
             opts.open_target() as target,
         ):
             _banner(target, fmt)
-            store = StateStore(target.state_file)
-            sink = DirectoryKeySink(target.secrets_dir(opts.secrets_dir))
+            services = Services.build(target, opts)
+            store = services.state
 
             async def go() -> RebalanceRun:
                 verdict = approval.judge(store, desired)
@@ -350,15 +348,15 @@ def rebalance(
                         "approved: " + "; ".join(str(e) for e in verdict.excesses) + "; run `finops approve "
                         f"{approval.path_revision(Path(path))} {path}` first (or `--dry-run`)"
                     )
-                async with GatewayClient(target.url, target.api_key, concurrency=opts.concurrency) as client:
+                async with services.client() as client:
                     return await run_rebalance(
-                        client, desired, store, sink, target.name, dry_run=dry_run, now=time.time
+                        client, desired, store, services.vault, target.name, dry_run=dry_run, now=services.clock
                     )
 
             try:
                 outcome = asyncio.run(go())
             finally:
-                store.close()
+                services.close()
         if fmt == "json":
             click.echo(
                 json.dumps(

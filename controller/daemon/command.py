@@ -31,6 +31,7 @@ from controller.daemon.source import DirectorySource, GitSource, ManifestSource
 from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
 from controller.keysink import DirectoryKeySink
+from controller.services import Services
 from controller.state import StateStore
 from controller.target import Target
 from policies.spec import DesiredState
@@ -73,15 +74,6 @@ def git_workdir(state_dir: Path, url: str, branch: str) -> Path:
     """One clone per (URL, branch), so pointing the daemon elsewhere never reuses a clone."""
     digest = hashlib.sha256(f"{url}\0{branch}".encode()).hexdigest()[:12]
     return Path(state_dir) / "git" / digest
-
-
-def make_client_factory(target: Target, concurrency: int, metrics: DaemonMetrics) -> Callable[[], GatewayClient]:
-    counter = GatewayErrorCounter(metrics.gateway_errors)
-
-    def factory() -> GatewayClient:
-        return GatewayClient(target.url, target.api_key, concurrency=concurrency, observer=counter)
-
-    return factory
 
 
 @click.command("run")
@@ -189,17 +181,18 @@ def run(
                 return _serve(target, source, log)
 
     def _serve(target: Target, source: ManifestSource, log: logging.Logger) -> int:
-        store = StateStore(target.state_file)
-        revisions = RevisionLog(target.state_file)
         metrics = DaemonMetrics()
+        services = Services.build(target, opts, observer=GatewayErrorCounter(metrics.gateway_errors))
+        store = services.state
+        revisions = RevisionLog(target.state_file)
         server: MetricsServer | None = None
         try:
-            client_factory = make_client_factory(target, opts.concurrency, metrics)
+            client_factory = services.client
             reconciler = Reconciler(
                 target=target.name,
                 source=source,
                 store=store,
-                sink=DirectoryKeySink(target.secrets_dir(opts.secrets_dir)),
+                sink=services.vault,
                 revisions=revisions,
                 client_factory=client_factory,
                 prune=prune,
@@ -216,7 +209,7 @@ def run(
                 status_file=opts.state_dir / STATUS_FILE,
                 stop_timeout_s=stop_timeout,
             )
-            context = DaemonContext(daemon, target, store, reconciler.sink, metrics, client_factory)
+            context = DaemonContext(daemon, target, store, services.vault, metrics, client_factory, services.clock)
             for factory in job_factories():
                 factory(context)
             if metrics_port and not once:
@@ -240,7 +233,7 @@ def run(
             if server is not None:
                 server.stop()
             revisions.close()
-            store.close()
+            services.close()
 
     run_command(main)
 
