@@ -43,7 +43,14 @@ def rotation_job(ctx: DaemonContext, now: Callable[[], float] = time.time) -> Jo
         if desired is None:
             return JobResult.skipped("no valid manifests yet", SkipReason.NOT_READY)
         async with ctx.client_factory() as client:
-            keys = KeyManager(client, ctx.store, KeyVault(ctx.sink.directory), state_path=ctx.store.path, clock=now)
+            keys = KeyManager(
+                client,
+                ctx.store,
+                KeyVault(ctx.sink.directory),
+                state_path=ctx.store.path,
+                clock=now,
+                agent_client_factory=ctx.agent_client,
+            )
             try:
                 run = await keys.rotate_due(desired)
                 ctx.metrics.set_keys_due_rotation(len(keys.due(desired, datetime.fromtimestamp(now(), UTC))))

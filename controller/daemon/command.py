@@ -52,6 +52,8 @@ class DaemonContext:
     """A new ``GatewayClient`` (use as ``async with``) counting errors into the metrics."""
     clock: Callable[[], float] = time.time
     """finops' clock for the jobs (tests step it instead of sleeping)."""
+    agent_client: Callable[[str], GatewayClient] | None = None
+    """A client with an agent's own key (``Services.agent_client``), for key rotation."""
 
     def desired(self) -> DesiredState | None:
         """The last valid desired state (``None`` until a valid revision was loaded)."""
@@ -209,7 +211,9 @@ def run(
                 status_file=opts.state_dir / STATUS_FILE,
                 stop_timeout_s=stop_timeout,
             )
-            context = DaemonContext(daemon, target, store, services.vault, metrics, client_factory, services.clock)
+            context = DaemonContext(
+                daemon, target, store, services.vault, metrics, client_factory, services.clock, services.agent_client
+            )
             for factory in job_factories():
                 factory(context)
             if metrics_port and not once:
