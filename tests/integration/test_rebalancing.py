@@ -131,6 +131,7 @@ async def test_a_rebalance_whose_plan_breaks_a_guardrail_writes_nothing_not_even
     desired = load_manifests(manifests_dir)
     await _converge(harness, desired)
     before = _daily_caps(harness, desired)
+    logged = _apply_log(harness)
     _spend(harness, "sum-01", "1.00")
     _spend(harness, "res-01", "28.50")
     # A funding target the gateway cannot store (in credits, at its rate) is refused at plan time.
@@ -147,7 +148,7 @@ async def test_a_rebalance_whose_plan_breaks_a_guardrail_writes_nothing_not_even
         await _rebalance(harness, lowered)
     assert _daily_caps(harness, desired) == before
     assert harness.store.adjustments() == {}  # not stored: the reconcile loop must not enforce it later
-    assert _apply_log(harness) == []
+    assert _apply_log(harness) == logged  # no apply ran
 
 
 async def test_a_rebalance_apply_is_in_the_apply_log(harness: Harness, manifests_dir: Path) -> None:
