@@ -145,6 +145,21 @@ StepOutcome = Applied | Skipped | Failed | Unknown
 """What happened to one planned change, in plan order."""
 
 
+def outcome_to_dict(outcome: StepOutcome) -> dict[str, Any]:
+    """The machine-readable form (``apply --format json``): kind, status and, for a skip,
+    its reason code; for an unknown outcome, the pending intent's key."""
+    out: dict[str, Any] = {"kind": outcome.kind.value}
+    if isinstance(outcome, Applied):
+        out["status"] = "applied"
+    elif isinstance(outcome, Skipped):
+        out |= {"status": "skipped", "reason": outcome.reason.value}
+    elif isinstance(outcome, Failed):
+        out["status"] = "failed"
+    else:
+        out |= {"status": "unknown-outcome", "intent_key": outcome.intent_key}
+    return out
+
+
 class StepUnknown(Exception):
     """A step's outcome is unknown: its intent stays pending (raised inside the applier)."""
 
@@ -205,7 +220,14 @@ class ApplyResult:
             "reads": self.reads,
             "recovered": list(self.recovered),
             "agents": [
-                {"agent_id": a.agent_id, "ok": a.ok, "applied": a.applied, "skipped": a.skipped, "error": a.error}
+                {
+                    "agent_id": a.agent_id,
+                    "ok": a.ok,
+                    "applied": a.applied,
+                    "skipped": a.skipped,
+                    "error": a.error,
+                    "outcomes": [outcome_to_dict(o) for o in a.outcomes],
+                }
                 for a in self.agents
             ],
         }

@@ -30,6 +30,8 @@ async def test_a_top_up_no_longer_needed_at_apply_is_a_typed_skip_and_is_not_cou
     assert outcome.reason is SkipReason.NO_LONGER_NEEDED
     assert agent.ok and applied_kinds(agent) == [] and result.writes == 0
     assert agent.skipped == [outcome.note]  # the renderers' line is the outcome's own note
+    [as_json] = [a for a in result.to_dict()["agents"] if a["agent_id"] == "res-01"]
+    assert as_json["outcomes"] == [{"kind": "top_up", "status": "skipped", "reason": "no-longer-needed"}]
 
 
 async def test_every_applied_change_is_a_typed_applied_outcome_in_plan_order(
