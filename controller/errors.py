@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from controller.exitcodes import ExitCode
 from policies.issues import ManifestIssue as ManifestIssue  # the one type; named here too
 
 
 class FinopsError(Exception):
     """Base for errors with a user-facing message (no traceback shown)."""
 
-    exit_code = 1
+    exit_code: int = ExitCode.ERROR
 
 
 class ManifestError(FinopsError):

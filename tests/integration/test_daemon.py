@@ -30,7 +30,7 @@ import pytest
 from controller.daemon.backoff import AgentBackoff, BackoffPolicy
 from controller.daemon.lock import writer_lock
 from controller.daemon.logs import configure_logging
-from controller.daemon.metrics import CountingTransport, DaemonMetrics, MetricsServer
+from controller.daemon.metrics import DaemonMetrics, GatewayErrorCounter, MetricsServer
 from controller.daemon.passes import PassResult, Reconciler
 from controller.daemon.revisions import RevisionLog
 from controller.daemon.scheduler import Daemon
@@ -93,7 +93,7 @@ def rig_factory(harness: Harness, tmp_path: Path) -> Iterator[Callable[..., Rig]
         opened.append(revisions)
 
         def client() -> Any:
-            return harness.client(transport=CountingTransport(httpx.AsyncHTTPTransport(), metrics.gateway_errors))
+            return harness.client(observer=GatewayErrorCounter(metrics.gateway_errors))
 
         reconciler = Reconciler(
             target="sandbox",

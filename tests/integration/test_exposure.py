@@ -377,10 +377,12 @@ def test_a_revision_above_its_own_bound_is_no_bootstrap_even_when_its_funding_is
     from click.testing import CliRunner
 
     import controller.cli as cli_module
+    import controller.services as services_module
 
     state = tmp_path / "state" / f"state-{_slug(sandbox.url)}.db"
     store = StateStore(state, clock=sandbox.clock)  # finops' funding window runs on the sandbox's clock
-    monkeypatch.setattr(cli_module, "StateStore", functools.partial(StateStore, clock=sandbox.clock))
+    # The composition root builds the state database for every command.
+    monkeypatch.setattr(services_module, "StateStore", functools.partial(StateStore, clock=sandbox.clock))
     try:
         fleet = tmp_path / "manifests"
         earlier = Harness(sandbox, store, KeyVault(tmp_path / "secrets"), clock=sandbox.clock)

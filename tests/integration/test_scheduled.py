@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
+
+import pytest
 
 from controller.alerting.deliver import DEFAULT_POLICY
 from controller.daemon.command import DaemonContext
 from controller.daemon.source import DirectorySource
+from controller.gateway.client import GatewayClient
+from controller.gateway.errors import AuthenticationFailed
 from controller.sandbox.store import to_atomic
 from controller.scheduled import alerts_job, rebalance_job, rotation_job
 from controller.target import Target
-from tests.integration.conftest import Harness
+from tests.integration.conftest import FinopsClock, Harness
 from tests.integration.test_daemon import Rig, budget, rig_factory
+
+GATEWAY_GRACE_S = 300
+"""How long the gateway keeps accepting a rotated-out key (API.md)."""
 
 __all__ = ["rig_factory"]  # the fixture, re-exported for pytest
 
@@ -89,3 +97,38 @@ async def test_rebalance_job_moves_budget_and_the_next_reconcile_keeps_it(
     ran = await rig.step(3600)
     assert ran["rotation"].message.startswith("0 rotated")
     assert rig.sample("finops_keys_due_rotation") == 0
+
+
+async def test_the_scheduled_rotation_job_rotates_the_keys_a_week_later(
+    rig_factory: Callable[..., Rig], manifests_dir: Path, harness: Harness, tmp_path: Path
+) -> None:
+    """The job reads finops' injected clock (and the sandbox its own), so a week passes
+    without waiting: nothing is due on the day the keys were issued, every key a week on."""
+    rig = rig_factory(DirectorySource(manifests_dir))
+    assert (await rig.step())["reconcile"].ok
+    clock = FinopsClock()
+    rotate = rotation_job(replace(_context(rig, harness, tmp_path), clock=clock), now=clock)
+    agents = ("orch-01", "res-01", "res-02", "sum-01", "cls-01")
+    issued = {a: harness.sink.load(a) for a in agents}
+    assert all(issued.values())
+
+    today = await rotate()
+    assert today.ok and today.message.startswith("0 rotated"), today.message
+
+    week = 7 * 24 * 3600 + 3600
+    clock.advance(week)
+    harness.sandbox.clock.advance(week)
+    later = await rotate()
+    assert later.ok and later.message.startswith(f"{len(agents)} rotated"), later.message
+    rotated = {a: harness.sink.load(a) for a in agents}
+    assert all(rotated[a] and rotated[a] != issued[a] for a in agents)
+    harness.sandbox.clock.advance(GATEWAY_GRACE_S + 1)  # the old keys' grace at the gateway ends
+    for agent in agents:
+        new_key, old_key = rotated[agent], issued[agent]
+        assert new_key is not None and old_key is not None
+        async with GatewayClient(harness.sandbox.url, new_key) as own:
+            assert await own.get_balance(agent) is not None  # the new key is the agent's key
+        async with GatewayClient(harness.sandbox.url, old_key, max_attempts=1) as stale:
+            with pytest.raises(AuthenticationFailed):
+                await stale.get_balance(agent)
+    assert rig.sample("finops_keys_due_rotation") == 0  # none due right after rotating
