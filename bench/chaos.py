@@ -37,7 +37,7 @@ from pathlib import Path
 
 from bench.fleetgen import write_fleet
 from controller.gateway.errors import GatewayError
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
 from controller.sandbox.faults import DEFAULT_KINDS, FaultConfig
 from controller.sandbox.server import SandboxServer
@@ -66,7 +66,7 @@ async def chaos(args: argparse.Namespace, workdir: Path) -> int:
     )
     sandbox = SandboxServer(db_path=workdir / "gateway.db", faults=config).start()
     state = StateStore(workdir / "state" / "state.db")
-    sink = DirectoryKeySink(workdir / "secrets")
+    sink = KeyVault(workdir / "secrets")
     harness = FastHarness(sandbox, state, sink, timeout=args.timeout, concurrency=args.concurrency)
     rows: list[list[str]] = []
     writes = 0

@@ -47,7 +47,7 @@ from bench.rawload import encode_get, hammer
 from bench.sandboxproc import SandboxProcess
 from controller.apply import Applier
 from controller.gateway.client import GatewayClient
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
 from controller.reconcile import observe_and_plan
 from controller.state import StateStore
@@ -190,7 +190,7 @@ async def _controller(
     if len(desired.agents()) != agents:
         raise RuntimeError(f"generated {agents} agents, loaded {len(desired.agents())}")
     store = StateStore(state / "state-sandbox.db")
-    sink = DirectoryKeySink(state / "secrets")
+    sink = KeyVault(state / "secrets")
     try:
         async with GatewayClient(sb.url, sb.admin_key, concurrency=concurrency) as client:
             plan, plan_phase = await _measured(sb, observe_and_plan(client, desired, "sandbox", store))

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import Enum
 from typing import Any
 
 from controller.errors import ConfigError
@@ -27,7 +28,7 @@ from controller.gateway.client import GatewayClient
 from controller.gateway.errors import Conflict, GatewayError, ProtocolViolation, UnknownOutcome, Unreachable
 from controller.gateway.models import Webhook
 from controller.keys.sinks import DeliveryError, KeySink
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.plan import (
     INTENT_BLOCKS,
     Change,
@@ -93,12 +94,105 @@ def _when(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
 
 
+class SkipReason(Enum):
+    """Why a planned change was not made (a typed code: callers switch on it, never on prose)."""
+
+    NO_LONGER_NEEDED = "no-longer-needed"
+    """Re-observed right before acting: the change is no longer needed (e.g. a top-up whose
+    wallet is no longer below the floor)."""
+    UNKNOWN_OUTCOME_PENDING = "unknown-outcome-pending"
+    """An earlier attempt of this kind of change has an unknown outcome and may still land."""
+    AFTER_FAILURE = "after-failure"
+    """An earlier change of the same agent failed in this run: not attempted."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The change took effect on the gateway (or was found to have, e.g. adopted)."""
+
+    kind: ChangeKind
+    note: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """The change was not attempted; ``reason`` says why, ``note`` says it to a person."""
+
+    kind: ChangeKind
+    reason: SkipReason
+    note: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The change provably did not take effect (or cannot be retried safely): an error."""
+
+    kind: ChangeKind
+    error: str
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """The change may or may not have landed: its intent (``intent_key``) stays pending and
+    withholds its kind of change until it is resolved from the gateway."""
+
+    kind: ChangeKind
+    error: str
+    intent_key: str | None
+
+
+StepOutcome = Applied | Skipped | Failed | Unknown
+"""What happened to one planned change, in plan order."""
+
+
+def outcome_to_dict(outcome: StepOutcome) -> dict[str, Any]:
+    """The machine-readable form (``apply --format json``): kind, status and, for a skip,
+    its reason code; for an unknown outcome, the pending intent's key."""
+    out: dict[str, Any] = {"kind": outcome.kind.value}
+    if isinstance(outcome, Applied):
+        out["status"] = "applied"
+    elif isinstance(outcome, Skipped):
+        out |= {"status": "skipped", "reason": outcome.reason.value}
+    elif isinstance(outcome, Failed):
+        out["status"] = "failed"
+    else:
+        out |= {"status": "unknown-outcome", "intent_key": outcome.intent_key}
+    return out
+
+
+class StepUnknown(Exception):
+    """A step's outcome is unknown: its intent stays pending (raised inside the applier)."""
+
+    def __init__(self, message: str, intent_key: str | None) -> None:
+        super().__init__(message)
+        self.intent_key = intent_key
+
+
 @dataclass
 class AgentResult:
     agent_id: str
-    applied: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    error: str | None = None
+    outcomes: list[StepOutcome] = field(default_factory=list)
+    extra_errors: list[str] = field(default_factory=list)
+    """Errors not tied to one change (e.g. the automatic hold of a capless new agent)."""
+
+    @property
+    def applied(self) -> list[str]:
+        return [o.note for o in self.outcomes if isinstance(o, Applied)]
+
+    @property
+    def skipped(self) -> list[str]:
+        return [o.note for o in self.outcomes if isinstance(o, Skipped)]
+
+    @property
+    def applied_kinds(self) -> list[ChangeKind]:
+        """The kinds of the changes that took effect, in plan order."""
+        return [o.kind for o in self.outcomes if isinstance(o, Applied)]
+
+    @property
+    def error(self) -> str | None:
+        errors = [f"{o.kind.value}: {o.error}" for o in self.outcomes if isinstance(o, Failed | Unknown)]
+        errors += self.extra_errors
+        return "; ".join(errors) if errors else None
 
     @property
     def ok(self) -> bool:
@@ -126,7 +220,14 @@ class ApplyResult:
             "reads": self.reads,
             "recovered": list(self.recovered),
             "agents": [
-                {"agent_id": a.agent_id, "ok": a.ok, "applied": a.applied, "skipped": a.skipped, "error": a.error}
+                {
+                    "agent_id": a.agent_id,
+                    "ok": a.ok,
+                    "applied": a.applied,
+                    "skipped": a.skipped,
+                    "error": a.error,
+                    "outcomes": [outcome_to_dict(o) for o in a.outcomes],
+                }
                 for a in self.agents
             ],
         }
@@ -137,7 +238,7 @@ class Applier:
         self,
         client: GatewayClient,
         store: StateStore,
-        sink: DirectoryKeySink,
+        sink: KeyVault,
         *,
         fault_hook: FaultHook | None = None,
         clock: Callable[[], float] = time.time,
@@ -349,50 +450,62 @@ class Applier:
         caps on a wallet that exists (caps are the brake, and always safe to write). A
         newly registered agent ends the run capped or under finops' automatic hold."""
         result = AgentResult(agent_id)
-        errors: list[str] = []
+        outcomes = result.outcomes
+        failed = False
         capped = False
         for change in changes:
+            kind = change.kind
             wallet_known = agent_id in self._registered or not any(c.kind is ChangeKind.REGISTER for c in changes)
-            if errors and not (change.kind is ChangeKind.SET_BUDGET and wallet_known):
-                result.skipped.append(f"{change.kind.value} (not attempted after the failure)")
+            if failed and not (kind is ChangeKind.SET_BUDGET and wallet_known):
+                outcomes.append(
+                    Skipped(kind, SkipReason.AFTER_FAILURE, f"{kind.value} (not attempted after the failure)")
+                )
                 continue
-            withheld = self._withheld.get((agent_id, change.kind))
+            withheld = self._withheld.get((agent_id, kind))
             if withheld is not None:
-                result.skipped.append(
-                    f"skipped {change.kind.value}: an earlier attempt has an unknown outcome and may still land; "
-                    f"not repeated before it is resolved (at the latest {self._settles_at(withheld)})"
+                outcomes.append(
+                    Skipped(
+                        kind,
+                        SkipReason.UNKNOWN_OUTCOME_PENDING,
+                        f"skipped {kind.value}: an earlier attempt has an unknown outcome and may still land; "
+                        f"not repeated before it is resolved (at the latest {self._settles_at(withheld)})",
+                    )
                 )
                 continue
             try:
-                note = await self._apply_change(change)
-            except (AgentStepError, GatewayError) as exc:
-                errors.append(f"{change.kind.value}: {exc}")
+                outcome = await self._apply_change(change)
+            except StepUnknown as exc:
+                outcomes.append(Unknown(kind, str(exc), exc.intent_key))
+                failed = True
                 continue
-            if change.kind is ChangeKind.SET_BUDGET:
+            except (AgentStepError, GatewayError) as exc:
+                outcomes.append(Failed(kind, str(exc)))
+                failed = True
+                continue
+            if kind is ChangeKind.SET_BUDGET:
                 capped = True
-            (result.skipped if note.startswith("skipped") else result.applied).append(note)
+            outcomes.append(outcome)
         if agent_id in self._registered and not capped:
             self.store.set_hold(agent_id, AUTO_HOLD_REASON, auto=True)
-            errors.append(
+            result.extra_errors.append(
                 "HELD: registered but its caps could not be set; finops holds it (no funding) and sets its caps "
                 "on the next run, then lifts the hold"
             )
-        if errors:
-            result.error = "; ".join(errors)
         return result
 
-    async def _apply_change(self, change: Change) -> str:
-        if change.kind is ChangeKind.REGISTER:
-            return await self._register(change)
-        if change.kind is ChangeKind.TOP_UP:
+    async def _apply_change(self, change: Change) -> Applied | Skipped:
+        kind = change.kind
+        if kind is ChangeKind.REGISTER:
+            return Applied(kind, await self._register(change))
+        if kind is ChangeKind.TOP_UP:
             return await self._top_up(change)
-        if change.kind is ChangeKind.SET_BUDGET:
-            return await self._set_budget(change)
-        if change.kind is ChangeKind.CREATE_WEBHOOK:
-            return await self._create_webhook(change)
-        if change.kind is ChangeKind.DELETE_WEBHOOK:
-            return await self._delete_webhook(change)
-        raise AgentStepError(f"unknown change kind {change.kind!r}")  # pragma: no cover
+        if kind is ChangeKind.SET_BUDGET:
+            return Applied(kind, await self._set_budget(change))
+        if kind is ChangeKind.CREATE_WEBHOOK:
+            return Applied(kind, await self._create_webhook(change))
+        if kind is ChangeKind.DELETE_WEBHOOK:
+            return Applied(kind, await self._delete_webhook(change))
+        raise AgentStepError(f"unknown change kind {kind!r}")  # pragma: no cover
 
     async def _register(self, change: Change) -> str:
         agent = change.agent_id
@@ -425,9 +538,10 @@ class Applier:
             # Not visible yet, but a gateway can still commit a request it holds after we
             # gave up: the intent stays pending, and no run registers again before it is
             # seen or the settle time has passed.
-            raise AgentStepError(
+            raise StepUnknown(
                 f"registering {agent}: no usable answer ({exc}) and no wallet yet; not registered again before "
-                f"it lands or {_when(settles_at(self._clock(), self._settle))}"
+                f"it lands or {_when(settles_at(self._clock(), self._settle))}",
+                intent_key,
             ) from None
         self._registered.add(agent)
         self._hook("after_register", agent)
@@ -447,7 +561,7 @@ class Applier:
                 ) from None
         return f"registered (key sha3:{prefix} stored{delivered}, balance {format_money(registration.balance)})"
 
-    async def _top_up(self, change: Change) -> str:
+    async def _top_up(self, change: Change) -> Applied | Skipped:
         """Deposit with the plan's key: one key per funding epoch (``policies.funding``),
         whatever the balance did since the plan, so no two decisions of an epoch can land."""
         agent = change.agent_id
@@ -463,7 +577,11 @@ class Applier:
         else:
             amount = min(top_up_amount(balance, args.floor, args.target), planned)
             if amount <= 0:
-                return f"skipped top-up: balance is now {format_money(balance)}, no longer below the floor"
+                return Skipped(
+                    change.kind,
+                    SkipReason.NO_LONGER_NEEDED,
+                    f"skipped top-up: balance is now {format_money(balance)}, no longer below the floor",
+                )
             adjusted = f" (balance moved {format_money(expected)} → {format_money(balance)} since the plan)"
         payload = {"amount": format_money(amount), "fleet": change.fleet}
         self.store.begin_intent(key, "deposit", agent, payload, sent_at=self._clock())
@@ -477,7 +595,7 @@ class Applier:
             if not refused(exc):
                 # It may still land: it stays unresolved, counted from now (finops gave up now).
                 self.store.mark_sent(key, self._clock())
-                raise
+                raise StepUnknown(str(exc), key) from exc
             # Refused. A fresh ledger look decides (an earlier attempt of this call may have
             # run); the key stays the epoch's either way.
             tx = await self.client.find_transaction(agent, key)
@@ -493,7 +611,8 @@ class Applier:
         ref = str(deposit.transaction_id) if deposit.transaction_id is not None else None
         self.store.finish_intent(key, DONE, f"transaction {deposit.transaction_id}", ref=ref)
         how = " (recovered from the ledger after a lost response)" if deposit.recovered else ""
-        return f"deposited {format_money(amount)} credits → balance {format_money(deposit.new_balance)}{adjusted}{how}"
+        balance_now = format_money(deposit.new_balance)
+        return Applied(change.kind, f"deposited {format_money(amount)} credits → balance {balance_now}{adjusted}{how}")
 
     def _bonus(self, agent: str, fleet: str, *, landed: bool | None) -> None:
         """The signup bonus of a registration finops makes counts as finops' credit:
@@ -539,9 +658,10 @@ class Applier:
             adopted, _ = await self._recover_webhook(intent, settled=False)
             if adopted:
                 return "webhook created (response lost; found on the gateway and adopted)"
-            raise AgentStepError(
+            raise StepUnknown(
                 "creating the webhook has an unknown outcome; not created again before it is seen on the "
-                f"gateway or {self._settles_at(intent)}"
+                f"gateway or {self._settles_at(intent)}",
+                intent_key,
             ) from None
         self._hook("after_create_webhook", agent)
         self.store.record_webhook(ManagedWebhook(hook.id, agent, change.fleet, hook.url))

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import sys
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import click
 
 from controller import approval
-from controller.apply import Applier, ApplyResult
+from controller.apply import ApplyResult
 from controller.cliopts import (
     DEFAULT_PATH,
     EXIT_CHANGES,
@@ -29,36 +30,67 @@ from controller.cliopts import (
     target_options,
 )
 from controller.daemon.lock import writer_lock
-from controller.errors import ConfigError, FinopsError, GuardrailViolation, StalePlanError
-from controller.gateway.client import GatewayClient
-from controller.keysink import DirectoryKeySink
+from controller.errors import ConfigError, FinopsError, StalePlanError
 from controller.manifest.schema import manifest_json_schema
+from controller.pipeline import apply_plan
 from controller.plan import Plan, changes_equal, plan_from_dict, plan_to_dict
-from controller.reconcile import key_sinks, observe_and_plan, preflight
+from controller.reconcile import observe_and_plan
 from controller.render import RENDERERS, render_apply_text, render_text
 from controller.safefile import read_text_bounded
-from controller.sandbox.faults import FaultConfig
 from controller.secretfile import make_private_dirs, write_secret_file
+from controller.services import Services, open_services
 from controller.state import StateStore
 from controller.target import Target
 from policies.exposure import exposure_of
 from policies.spec import DesiredState
+
+if TYPE_CHECKING:
+    from controller.sandbox.faults import FaultConfig
 
 MAX_PLAN_FILE_BYTES = 256 * 1024 * 1024
 """A saved plan is about 1 KB per change; this bound only stops a wrong path (a device, a
 FIFO, a runaway file) from hanging ``apply --plan`` or exhausting its memory."""
 
 
-async def _plan(desired: DesiredState, target: Target, store: StateStore, concurrency: int, prune: bool) -> Plan:
-    async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
-        return await observe_and_plan(client, desired, target.name, store, prune=prune)
+async def _plan(desired: DesiredState, services: Services, prune: bool) -> Plan:
+    async with services.client() as client:
+        return await observe_and_plan(client, desired, services.target.name, services.state, prune=prune)
 
 
 def _banner(target: Target, fmt: str) -> None:
     click.echo(target.banner(), err=fmt != "text")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Commands defined elsewhere are imported when they run (or ``--help`` lists them):
+    ``import controller.cli`` must not load the daemon's scheduler and server stack or the
+    sandbox for a ``finops plan``."""
+
+    LAZY: ClassVar[dict[str, str]] = {
+        "run": "controller.daemon.command:run",
+        "status": "controller.cli_status:status",
+        "alerts": "controller.cli_status:alerts",
+        "rotate": "controller.cli_keys:rotate",
+        "keys": "controller.cli_keys:keys",
+        "freeze": "controller.cli_keys:freeze_command",
+        "unfreeze": "controller.cli_keys:unfreeze_command",
+        "approve": "controller.cli_approve:approve",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self.LAZY.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module, attr = target.split(":")
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command) and command.name == cmd_name, target
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="finops")
 def cli() -> None:
     """finops: keep an AI-agent fleet's spending equal to what is committed in git."""
@@ -113,11 +145,8 @@ def plan(
         desired = load(path)
         with opts.open_target() as target:
             _banner(target, fmt)
-            store = StateStore(target.state_file)
-            try:
-                result = asyncio.run(_plan(desired, target, store, opts.concurrency, prune))
-            finally:
-                store.close()
+            with open_services(target, opts) as services:
+                result = asyncio.run(_plan(desired, services, prune))
         if fmt == "text":
             click.echo(render_text(result, click.style))
         else:
@@ -156,9 +185,7 @@ def _exposure_gate(
             # Only a revision within its own bound bootstraps (as in the daemon). One above it
             # may have nothing to write *now* (its funding deferred by the funding limits),
             # but recording it would let a later unattended apply carry it out unreviewed.
-            approval.record(
-                store, revision, path, exposure_of(desired), how=approval.BOOTSTRAP, api_key=target.api_key
-            )
+            approval.record(store, revision, path, exposure_of(desired), how=approval.BOOTSTRAP, api_key=target.api_key)
         return None
     if verdict.requires_approval:
         return f"This raises spending authority above the unattended bound: answering yes approves {revision}."
@@ -167,61 +194,64 @@ def _exposure_gate(
 
 async def _apply(
     desired: DesiredState,
-    target: Target,
-    store: StateStore,
-    sink: DirectoryKeySink,
+    services: Services,
     saved: Plan | None,
     auto_approve: bool,
     fmt: str,
-    concurrency: int,
     prune: bool,
     path: str = DEFAULT_PATH,
 ) -> tuple[Plan, ApplyResult | None]:
-    async with GatewayClient(target.url, target.api_key, concurrency=concurrency) as client:
-        applier = Applier(client, store, sink, key_sink=key_sinks(desired, sink))
-        notes = await applier.prepare(desired)  # known outcomes first, so the plan never races them
-        fresh = await observe_and_plan(client, desired, target.name, store, prune=prune)
-        if saved is not None:
-            if saved.target != target.name:
-                raise StalePlanError(f"the saved plan was made for {saved.target!r}, not {target.name!r}")
-            if saved.basis != fresh.basis or not changes_equal(saved.changes, fresh.changes):
-                raise StalePlanError(
-                    "the live gateway (or the manifests) changed since the plan was saved; "
-                    "run `finops plan --out FILE` again and review it"
-                )
-        chosen = preflight(saved or fresh, desired, sink.directory)
-        if chosen.violations:
-            raise GuardrailViolation(
-                "the plan breaks a guardrail; nothing was applied:\n  " + "\n  ".join(str(v) for v in chosen.violations)
+    target, store = services.target, services.state
+
+    def select(fresh: Plan) -> Plan:
+        if saved is None:
+            return fresh
+        if saved.target != target.name:
+            raise StalePlanError(f"the saved plan was made for {saved.target!r}, not {target.name!r}")
+        if saved.basis != fresh.basis or not changes_equal(saved.changes, fresh.changes):
+            raise StalePlanError(
+                "the live gateway (or the manifests) changed since the plan was saved; "
+                "run `finops plan --out FILE` again and review it"
             )
+        return saved
+
+    def gate(fresh: Plan, chosen: Plan) -> None:
         if fmt == "text":
             click.echo(render_text(chosen, click.style))
         note = _exposure_gate(fresh, chosen, desired, target, store, path, auto_approve)
-        if chosen.empty:
-            # Nothing to write, but what resolving unknown outcomes found is still said.
-            return chosen, (ApplyResult(agents=[], writes=0, reads=0, recovered=notes) if notes else None)
-        if not auto_approve:
-            if not sys.stdin.isatty():
-                raise ConfigError("refusing to apply without confirmation: pass --auto-approve in scripts and CI")
-            if note:
-                click.echo(click.style(note, bold=True))
-            answer = click.prompt("Apply these changes? Only 'yes' is accepted", default="", show_default=False)
-            if answer.strip() != "yes":
-                raise FinopsError("apply cancelled; nothing was changed")
-            if fresh.exposure is not None and (fresh.exposure.bootstrap or fresh.exposure.lines()):
-                # A person saw the exposure and confirmed: that is an approval of this revision.
-                approval.record(
-                    store,
-                    approval.path_revision(Path(path)),
-                    path,
-                    exposure_of(desired),
-                    how=approval.APPLY,
-                    api_key=target.api_key,
-                )
-        started = time.time()
-        result = await applier.apply(chosen)
-        store.log_apply(started, result.ok, {"changes": len(chosen.changes), "writes": result.writes})
-        return chosen, result
+        if chosen.empty or auto_approve:
+            return
+        if not sys.stdin.isatty():
+            raise ConfigError("refusing to apply without confirmation: pass --auto-approve in scripts and CI")
+        if note:
+            click.echo(click.style(note, bold=True))
+        answer = click.prompt("Apply these changes? Only 'yes' is accepted", default="", show_default=False)
+        if answer.strip() != "yes":
+            raise FinopsError("apply cancelled; nothing was changed")
+        if fresh.exposure is not None and (fresh.exposure.bootstrap or fresh.exposure.lines()):
+            # A person saw the exposure and confirmed: that is an approval of this revision.
+            approval.record(
+                store,
+                approval.path_revision(Path(path)),
+                path,
+                exposure_of(desired),
+                how=approval.APPLY,
+                api_key=target.api_key,
+            )
+
+    async with services.client() as client:
+        run = await apply_plan(
+            client,
+            store,
+            services.vault,
+            desired,
+            target=target.name,
+            clock=services.clock,
+            prune=prune,
+            select=select,
+            gate=gate,
+        )
+    return run.chosen, run.result
 
 
 @cli.command()
@@ -264,14 +294,8 @@ def apply(
             opts.open_target() as target,
         ):
             _banner(target, fmt)
-            store = StateStore(target.state_file)
-            sink = DirectoryKeySink(target.secrets_dir(opts.secrets_dir))
-            try:
-                chosen, result = asyncio.run(
-                    _apply(desired, target, store, sink, saved, auto_approve, fmt, opts.concurrency, prune, path)
-                )
-            finally:
-                store.close()
+            with open_services(target, opts) as services:
+                chosen, result = asyncio.run(_apply(desired, services, saved, auto_approve, fmt, prune, path))
         if fmt == "json":
             click.echo(
                 json.dumps({"plan": plan_to_dict(chosen), "result": result.to_dict() if result else None}, indent=2)
@@ -312,8 +336,8 @@ def rebalance(
             opts.open_target() as target,
         ):
             _banner(target, fmt)
-            store = StateStore(target.state_file)
-            sink = DirectoryKeySink(target.secrets_dir(opts.secrets_dir))
+            services = Services.build(target, opts)
+            store = services.state
 
             async def go() -> RebalanceRun:
                 verdict = approval.judge(store, desired)
@@ -324,15 +348,15 @@ def rebalance(
                         "approved: " + "; ".join(str(e) for e in verdict.excesses) + "; run `finops approve "
                         f"{approval.path_revision(Path(path))} {path}` first (or `--dry-run`)"
                     )
-                async with GatewayClient(target.url, target.api_key, concurrency=opts.concurrency) as client:
+                async with services.client() as client:
                     return await run_rebalance(
-                        client, desired, store, sink, target.name, dry_run=dry_run, now=time.time
+                        client, desired, store, services.vault, target.name, dry_run=dry_run, now=services.clock
                     )
 
             try:
                 outcome = asyncio.run(go())
             finally:
-                store.close()
+                services.close()
         if fmt == "json":
             click.echo(
                 json.dumps(
@@ -360,6 +384,8 @@ def rebalance(
 def _faults(ctx: click.Context, param: click.Parameter, value: str | None) -> FaultConfig | None:
     if value is None:
         return None
+    from controller.sandbox.faults import FaultConfig  # the sandbox is loaded by `finops sandbox` only
+
     try:
         return FaultConfig.parse(value)
     except ValueError as exc:
@@ -393,21 +419,6 @@ def sandbox(host: str, port: int, db: Path, admin_key_file: Path | None, faults:
 
     make_private_dirs(db.parent)
     serve(host, port, db, admin_key_file or db.parent / "admin.key", faults=faults)
-
-
-def _register_commands() -> None:
-    from controller.cli_approve import approve
-    from controller.cli_keys import freeze_command, keys, rotate, unfreeze_command
-    from controller.cli_status import alerts, status
-    from controller.daemon import run as daemon_run
-    from controller.scheduled import register_scheduled_reconcilers
-
-    register_scheduled_reconcilers()
-    for command in (daemon_run, status, alerts, rotate, keys, freeze_command, unfreeze_command, approve):
-        cli.add_command(command)
-
-
-_register_commands()
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
 from controller.holds import RESIDUAL_EXPOSURE, HoldResult, freeze, unfreeze
 from controller.keys.rotate import KeyManager
-from controller.keys.vault import KeyVault
+from controller.services import Services
 from controller.state import StateStore
 from controller.target import Target
 from policies.currency import CREDITS
@@ -68,14 +68,12 @@ def _with_target(
 
         async def go() -> T:
             async with AsyncExitStack() as stack:
-                client = await stack.enter_async_context(
-                    GatewayClient(target.url, target.api_key, concurrency=opts.concurrency)
-                )
-                store = StateStore(target.state_file)
-                stack.callback(store.close)
-                keys = KeyManager(client, store, KeyVault(target.secrets_dir(opts.secrets_dir)), state_path=store.path)
+                services = Services.build(target, opts)
+                stack.callback(services.close)
+                client = await stack.enter_async_context(services.client())
+                keys = services.key_manager(client)
                 stack.callback(keys.close)
-                return await fn(Session(target, client, store, keys))
+                return await fn(Session(target, client, services.state, keys))
 
         return asyncio.run(go())
 

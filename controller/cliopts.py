@@ -17,15 +17,15 @@ from typing import Any, TypeVar, cast
 import click
 
 from controller.errors import ConfigError, FinopsError, ManifestError
+from controller.exitcodes import EXIT_CHANGES, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from controller.manifest.loader import load_manifests
 from controller.target import Target, open_target
 from policies.display import escape_lines
 from policies.spec import DesiredState
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_CHANGES = 2
 DEFAULT_PATH = "manifests"
+
+__all__ = ["DEFAULT_PATH", "EXIT_CHANGES", "EXIT_ERROR", "EXIT_OK", "TargetOptions", "err", "load", "run_command"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -140,8 +140,8 @@ def run_command(fn: Callable[[], int]) -> None:
         code = exc.exit_code
     except KeyboardInterrupt:
         err("interrupted")
-        code = 130
-    sys.exit(code)
+        code = EXIT_INTERRUPTED
+    sys.exit(int(code))
 
 
 def load(path: str) -> DesiredState:

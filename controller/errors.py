@@ -8,32 +8,15 @@ contain key material.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from policies.display import escape_controls
+from controller.exitcodes import ExitCode
+from policies.issues import ManifestIssue as ManifestIssue  # the one type; named here too
 
 
 class FinopsError(Exception):
     """Base for errors with a user-facing message (no traceback shown)."""
 
-    exit_code = 1
-
-
-@dataclass(frozen=True)
-class ManifestIssue:
-    """One problem in one manifest file, pointing at the line and the field."""
-
-    file: str
-    line: int | None
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        """One inert line: control characters and bidi overrides quoted from the manifest
-        (or its file name) are shown escaped, never sent to the terminal."""
-        where = f"{self.file}:{self.line}" if self.line is not None else self.file
-        field = f" {self.field}:" if self.field else ""
-        return escape_controls(f"{where}:{field} {self.message}")
+    exit_code: int = ExitCode.ERROR
 
 
 class ManifestError(FinopsError):

@@ -20,9 +20,8 @@ from controller.gateway.errors import GatewayError
 from controller.plan import desired_alert_threshold
 from controller.state import BudgetWrite, StateStore
 from policies.currency import to_credits
+from policies.rotation import GRACE_SECONDS
 from policies.spec import AgentSpec
-
-GRACE_SECONDS = 300
 
 RESIDUAL_EXPOSURE = (
     "Residual exposure on GreenHelix 1.4.8: the agent's current key keeps authenticating for up to "

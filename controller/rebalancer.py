@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from decimal import Decimal
 
-from controller.apply import Applier, ApplyResult
-from controller.errors import GuardrailViolation
+from controller.apply import ApplyResult
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
-from controller.keysink import DirectoryKeySink
-from controller.plan import ChangeKind
+from controller.keys.vault import KeyVault
+from controller.pipeline import apply_plan, only
+from controller.plan import ChangeKind, Plan
 from controller.reconcile import observe_and_plan
 from controller.state import Adjustment, StateStore
 from policies.currency import CREDITS, from_credits
@@ -86,22 +86,33 @@ async def _decide_fleet(client: GatewayClient, fleet: FleetSpec, holds: frozense
     return FleetRebalance(fleet.name, fleet.currency, rebalance(budgets, policy, fleet.daily_total), errors)
 
 
-def remember(store: StateStore, results: list[FleetRebalance], now: Callable[[], float]) -> None:
-    """Replace each fleet's adjustments with the new decision (zero adjustments are dropped:
-    the agent is back at its baseline)."""
-    at = now()
+def proposed_adjustments(results: list[FleetRebalance], now: float) -> dict[str, list[Adjustment]]:
+    """Each decided fleet's new adjustments (zero adjustments are dropped: the agent is back
+    at its baseline)."""
+    out: dict[str, list[Adjustment]] = {}
     for result in results:
         if result.decision is None:
             continue
         decision = result.decision
-        store.replace_adjustments(
-            result.fleet,
-            [
-                Adjustment(agent, result.fleet, amount, decision.explain(agent, result.currency), at)
-                for agent, amount in sorted(decision.adjustments.items())
-                if amount
-            ],
-        )
+        out[result.fleet] = [
+            Adjustment(agent, result.fleet, amount, decision.explain(agent, result.currency), now)
+            for agent, amount in sorted(decision.adjustments.items())
+            if amount
+        ]
+    return out
+
+
+def remember(store: StateStore, results: list[FleetRebalance], now: Callable[[], float]) -> None:
+    """Replace each fleet's adjustments with the new decision."""
+    for fleet, adjustments in proposed_adjustments(results, now()).items():
+        store.replace_adjustments(fleet, adjustments)
+
+
+def adjustments_after(store: StateStore, proposed: dict[str, list[Adjustment]]) -> dict[str, Adjustment]:
+    """The adjustments in force once ``proposed`` replaces its fleets' (what the planner
+    would read after ``remember``), without writing them."""
+    kept = {agent: adj for agent, adj in store.adjustments().items() if adj.fleet not in proposed}
+    return kept | {a.agent_id: a for adjustments in proposed.values() for a in adjustments}
 
 
 @dataclass
@@ -118,28 +129,45 @@ async def run_rebalance(
     client: GatewayClient,
     desired: DesiredState,
     store: StateStore,
-    sink: DirectoryKeySink,
+    sink: KeyVault,
     target: str,
     *,
     dry_run: bool,
     now: Callable[[], float],
 ) -> RebalanceRun:
     """Decide, remember and write only the rebalanced caps (other drift is the reconcile
-    loop's business, so an on-demand rebalance never funds or registers anything)."""
+    loop's business, so an on-demand rebalance never funds or registers anything).
+
+    The rebalanced caps are planned from the proposed adjustments *before* they are stored:
+    a decision whose caps break a guardrail is refused with nothing written (no adjustment
+    either, so the reconcile loop does not enforce it later)."""
     results = await decide(client, desired, frozenset(store.holds()))
     moved = sum((r.decision.moved for r in results if r.decision is not None), Decimal("0.00"))
     if dry_run:
         return RebalanceRun(results, None, moved)
-    remember(store, results, now)
-    plan = await observe_and_plan(client, desired, target, store)
+    proposed = proposed_adjustments(results, now())
+    in_force = adjustments_after(store, proposed)
     fleets = {r.fleet for r in results}
-    budget_only = replace(
-        plan, changes=tuple(c for c in plan.changes if c.kind is ChangeKind.SET_BUDGET and c.fleet in fleets)
+
+    async def plan_fn(c: GatewayClient, d: DesiredState, t: str, s: StateStore) -> Plan:
+        return await observe_and_plan(c, d, t, s, adjustments=in_force)
+
+    def gate(fresh: Plan, chosen: Plan) -> None:
+        for fleet, adjustments in proposed.items():
+            store.replace_adjustments(fleet, adjustments)
+
+    run = await apply_plan(
+        client,
+        store,
+        sink,
+        desired,
+        target=target,
+        clock=now,
+        plan_fn=plan_fn,
+        select=lambda plan: only(plan, lambda c: c.kind is ChangeKind.SET_BUDGET and c.fleet in fleets),
+        gate=gate,
+        refusal="the rebalanced caps break a guardrail; nothing was written",
+        log_fields={"by": "rebalance"},
     )
-    if plan.violations:
-        raise GuardrailViolation(
-            "the rebalanced caps break a guardrail; nothing was written:\n  "
-            + "\n  ".join(str(v) for v in plan.violations)
-        )
-    applied = await Applier(client, store, sink).apply(budget_only) if budget_only.changes else None
+    applied = run.result if run.result is not None and run.result.agents else None
     return RebalanceRun(results, applied, moved)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +29,7 @@ from controller.secretref import (
     resolve_secret,
     secret_fingerprint,
 )
-from controller.state import PENDING, StateStore
+from controller.state import PENDING, Adjustment, StateStore
 from policies.alerts import redact_url
 from policies.spec import DesiredState, SecretRef
 
@@ -88,7 +88,11 @@ def _cannot_create(path: Path) -> str | None:
     return None
 
 
-def build_memory(store: StateStore, desired: DesiredState) -> Memory:
+def build_memory(
+    store: StateStore, desired: DesiredState, *, adjustments: Mapping[str, Adjustment] | None = None
+) -> Memory:
+    """What finops remembers, from the state store; ``adjustments`` replaces the stored
+    rebalancing adjustments (the rebalancer plans its proposal before storing it)."""
     fingerprints, problems = resolve_webhook_secrets(desired, store.path)
     return Memory(
         budget_writes=store.budget_writes(),
@@ -97,7 +101,7 @@ def build_memory(store: StateStore, desired: DesiredState) -> Memory:
         secret_fingerprints=fingerprints,
         secret_problems=problems,
         key_prefixes=store.key_prefixes(),
-        adjustments=store.adjustments(),
+        adjustments=store.adjustments() if adjustments is None else adjustments,
         unresolved=tuple(store.intents(status=PENDING)),
         last_deposits=store.last_deposit_ids(),
         settle_seconds=configured_settle_seconds(),
@@ -107,11 +111,18 @@ def build_memory(store: StateStore, desired: DesiredState) -> Memory:
 
 
 async def observe_and_plan(
-    client: GatewayClient, desired: DesiredState, target: str, store: StateStore, *, prune: bool = False
+    client: GatewayClient,
+    desired: DesiredState,
+    target: str,
+    store: StateStore,
+    *,
+    prune: bool = False,
+    adjustments: Mapping[str, Adjustment] | None = None,
 ) -> Plan:
     now = store.now()  # one clock for the funding window: the one its events are stamped with
     live = await observe(client, desired, target=target, webhooks_owned=bool(store.managed_webhooks()), now=now)
-    return make_plan(desired, live, build_memory(store, desired), prune=prune, now=datetime.fromtimestamp(now, UTC))
+    memory = build_memory(store, desired, adjustments=adjustments)
+    return make_plan(desired, live, memory, prune=prune, now=datetime.fromtimestamp(now, UTC))
 
 
 def key_sinks(desired: DesiredState, vault: KeyVault) -> Callable[[str], KeySink | None]:

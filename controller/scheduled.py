@@ -4,13 +4,16 @@ key rotation and budget rebalancing. Each is the same code the matching CLI comm
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from controller.alerting.deliver import Sleep
 from controller.alerting.engine import check_alerts
-from controller.daemon import DaemonContext, JobResult, register_jobs
-from controller.daemon.jobs import JobFn, SkipReason
+from controller.alerting.guard import Resolver, system_resolver
+from controller.daemon.command import DaemonContext
+from controller.daemon.jobs import JobFn, JobResult, SkipReason
 from controller.keys.rotate import KeyManager
 from controller.keys.vault import KeyVault
 from controller.rebalancer import run_rebalance
@@ -20,13 +23,30 @@ REBALANCE_TICK_S = 60.0
 """How often the rebalance job looks; each fleet actually runs on its own ``interval``."""
 
 
-def alerts_job(ctx: DaemonContext, now: Callable[[], float] = time.time) -> JobFn:
+def alerts_job(
+    ctx: DaemonContext,
+    now: Callable[[], float] = time.time,
+    *,
+    resolver: Resolver = system_resolver,
+    sleep: Sleep = asyncio.sleep,
+) -> JobFn:
+    """``resolver`` (the receivers' DNS) and ``sleep`` (the delivery backoff) are injectable,
+    like the clock, so a test neither touches DNS nor waits through real backoff."""
+
     async def job() -> JobResult:
         desired = ctx.desired()
         if desired is None:
             return JobResult.skipped("no valid manifests yet", SkipReason.NOT_READY)
         async with ctx.client_factory() as client:
-            result = await check_alerts(client, desired, ctx.store.path, now=now, held=frozenset(ctx.store.holds()))
+            result = await check_alerts(
+                client,
+                desired,
+                ctx.store.path,
+                now=now,
+                held=frozenset(ctx.store.holds()),
+                resolver=resolver,
+                sleep=sleep,
+            )
         fields = {k: v for k, v in result.to_dict().items() if isinstance(v, int)}
         if result.ok:
             return JobResult.success(f"{result.fired} crossing(s), {result.delivered} delivered", **fields)
@@ -35,16 +55,25 @@ def alerts_job(ctx: DaemonContext, now: Callable[[], float] = time.time) -> JobF
     return job
 
 
-def rotation_job(ctx: DaemonContext) -> JobFn:
+def rotation_job(ctx: DaemonContext, now: Callable[[], float] = time.time) -> JobFn:
+    """Rotate the keys that are due by ``now`` (finops' clock: ages and settle times)."""
+
     async def job() -> JobResult:
         desired = ctx.desired()
         if desired is None:
             return JobResult.skipped("no valid manifests yet", SkipReason.NOT_READY)
         async with ctx.client_factory() as client:
-            keys = KeyManager(client, ctx.store, KeyVault(ctx.sink.directory), state_path=ctx.store.path)
+            keys = KeyManager(
+                client,
+                ctx.store,
+                KeyVault(ctx.sink.directory),
+                state_path=ctx.store.path,
+                clock=now,
+                agent_client_factory=ctx.agent_client,
+            )
             try:
                 run = await keys.rotate_due(desired)
-                ctx.metrics.set_keys_due_rotation(len(keys.due(desired, datetime.now(UTC))))
+                ctx.metrics.set_keys_due_rotation(len(keys.due(desired, datetime.fromtimestamp(now(), UTC))))
             finally:
                 keys.close()
         message = f"{len(run.rotated)} rotated, {len(run.failed)} failed"
@@ -88,17 +117,10 @@ def rebalance_job(ctx: DaemonContext, now: Callable[[], float] = time.time) -> J
     return job
 
 
-def register_scheduled_reconcilers() -> None:
-    """Add the jobs to every daemon ``finops run`` starts (idempotent)."""
-    from controller.daemon.command import JOB_FACTORIES
-
-    if _scheduled_reconcilers not in JOB_FACTORIES:
-        register_jobs(_scheduled_reconcilers)
-
-
-def _scheduled_reconcilers(ctx: DaemonContext) -> None:
-    """Every job also runs once at start-up, after the first reconcile: so ``finops run
-    --once`` is one complete pass (reconcile, alerts, due rotations, rebalancing) for cron."""
-    ctx.daemon.add_job("alerts", alerts_job(ctx), exclusive=False, run_at_start=True)
-    ctx.daemon.add_job("rotation", rotation_job(ctx), run_at_start=True)
-    ctx.daemon.add_job("rebalance", rebalance_job(ctx), interval_s=REBALANCE_TICK_S, run_at_start=True)
+def scheduled_jobs(ctx: DaemonContext) -> None:
+    """Add the scheduled reconcilers to the daemon, on ``ctx.clock``. Every job also runs
+    once at start-up, after the first reconcile: so ``finops run --once`` is one complete
+    pass (reconcile, alerts, due rotations, rebalancing) for cron."""
+    ctx.daemon.add_job("alerts", alerts_job(ctx, now=ctx.clock), exclusive=False, run_at_start=True)
+    ctx.daemon.add_job("rotation", rotation_job(ctx, now=ctx.clock), run_at_start=True)
+    ctx.daemon.add_job("rebalance", rebalance_job(ctx, now=ctx.clock), interval_s=REBALANCE_TICK_S, run_at_start=True)

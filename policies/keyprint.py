@@ -25,6 +25,10 @@ MIN_SECRET_RUN = 8
 
 API_KEY_PATTERN = re.compile(r"a2a_[a-z0-9]+_[0-9a-f]{16,}", re.IGNORECASE)
 """A whole GreenHelix key (what a manifest scan or an import refuses)."""
+KEY_TOKEN = re.compile(r"a2a_\S+")
+"""The shape finops accepts as one key value (from the gateway, the vault or an operator):
+``a2a_`` then no whitespace. Looser than :data:`API_KEY_PATTERN` on purpose: the gateway
+checks only the prefix, and a tier word or secret length it mints later must still be kept."""
 
 _BREAK = r"(?:[ \t]*(?:\r\n|[\n\r\x85\u2028\u2029]|\\n|\\r\\n)[ \t]*)"
 """A line break (real or JSON-escaped) with its indentation, where a printed key may be split."""
@@ -61,6 +65,11 @@ def secret_part(raw_key: str) -> str:
     return raw_key.strip().rsplit("_", 1)[-1].lower()
 
 
+def is_key_token(value: str) -> bool:
+    """Whether ``value`` is, as a whole, one key value (:data:`KEY_TOKEN`)."""
+    return KEY_TOKEN.fullmatch(value) is not None
+
+
 def looks_like_key(value: str) -> bool:
     """Whether ``value`` contains a whole API key."""
     return API_KEY_PATTERN.search(value) is not None
@@ -70,6 +79,13 @@ def looks_like_key_material(value: str) -> bool:
     """Whether ``value`` contains a key, or a key's secret part behind its tier word (not a
     bare hex string: a generated secret is hex too)."""
     return _KEY_MATERIAL.search(value) is not None
+
+
+def contains_key_material(text: str) -> bool:
+    """Whether :func:`redact_keys` would change ``text`` even knowing no key: a key, a key
+    without its ``a2a_``, or a bare 24-hex secret, whole or split over lines. What a leak
+    check over output looks for (a description such as ``a2a_<tier>_<hex>`` is not one)."""
+    return _GENERIC.search(text) is not None
 
 
 def contains_secret_fragment(text: str, raw_key: str) -> bool:

@@ -24,6 +24,11 @@ from croniter import CroniterBadDateError, CroniterError, croniter
 DAILY = "daily"
 WEEKLY = "weekly"
 INTERVALS = {DAILY: timedelta(days=1), WEEKLY: timedelta(days=7)}
+GRACE_SECONDS = 300
+"""How long a rotated-away (or revoked) key keeps authenticating on GreenHelix 1.4.8
+(API.md: ``grace_period_seconds``); there is no instant revoke. The sandbox keeps its own
+copy of the gateway's value on purpose, so that finops is tested against the gateway's
+behaviour rather than its own assumption."""
 
 _EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import TypeVar
 
+from policies.issues import ManifestIssue
 from policies.money import format_money
 from policies.spec import (
     WEEKLY,
@@ -43,19 +44,6 @@ from policies.urls import check_url_safety
 
 DEFAULT_THRESHOLDS: tuple[int, ...] = (75, 90, 100)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Issue:
-    """A resolution problem, located like the loader's schema errors (file, line, field)."""
-
-    file: str
-    line: int
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.field}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -80,8 +68,8 @@ class Origin:
             return rel
         return f"{self.path}.{rel}"
 
-    def issue(self, rel: str, message: str) -> Issue:
-        return Issue(self.file, self.lines.get(rel, self.line), self.field_path(rel), message)
+    def issue(self, rel: str, message: str) -> ManifestIssue:
+        return ManifestIssue(self.file, self.lines.get(rel, self.line), self.field_path(rel), message)
 
     def where(self) -> str:
         return f"{self.file}:{self.line}"
@@ -221,7 +209,7 @@ class Resolution:
     not be acted on unless ``issues`` is empty."""
 
     state: DesiredState
-    issues: tuple[Issue, ...]
+    issues: tuple[ManifestIssue, ...]
 
     @property
     def ok(self) -> bool:
@@ -258,9 +246,9 @@ def _pick(
     return None, ""
 
 
-def check_tier(fleet: FleetDecl, tier: TierDecl) -> list[Issue]:
+def check_tier(fleet: FleetDecl, tier: TierDecl) -> list[ManifestIssue]:
     """Problems a tier has on its own, reported once at the tier rather than per agent."""
-    issues: list[Issue] = []
+    issues: list[ManifestIssue] = []
     if tier.daily_cap > fleet.daily_total:
         issues.append(
             tier.origin.issue(
@@ -284,7 +272,7 @@ def check_tier(fleet: FleetDecl, tier: TierDecl) -> list[Issue]:
     return issues
 
 
-def check_defaults(fleet: FleetDecl) -> list[Issue]:
+def check_defaults(fleet: FleetDecl) -> list[ManifestIssue]:
     """Fleet-wide defaults that contradict themselves, reported once at spec.defaults."""
     floor, target = fleet.default_funding.floor, fleet.default_funding.target
     if floor is not None and target is not None and floor > target:
@@ -297,7 +285,7 @@ def check_defaults(fleet: FleetDecl) -> list[Issue]:
     return []
 
 
-def resolve_agent(fleet: FleetDecl, agent: AgentDecl) -> tuple[AgentSpec | None, list[Issue]]:
+def resolve_agent(fleet: FleetDecl, agent: AgentDecl) -> tuple[AgentSpec | None, list[ManifestIssue]]:
     """Apply the precedence rules to one agent.
 
     Only problems that involve the agent's own overrides (or a value nothing supplied) are
@@ -317,7 +305,7 @@ def resolve_agent(fleet: FleetDecl, agent: AgentDecl) -> tuple[AgentSpec | None,
             )
         ]
 
-    issues: list[Issue] = []
+    issues: list[ManifestIssue] = []
     daily = agent.daily_cap if agent.daily_cap is not None else tier.daily_cap
     monthly = agent.monthly_cap if agent.monthly_cap is not None else tier.monthly_cap
     if agent.daily_cap is not None and agent.daily_cap > fleet.daily_total:
@@ -336,7 +324,7 @@ def resolve_agent(fleet: FleetDecl, agent: AgentDecl) -> tuple[AgentSpec | None,
     for name, value in (("floor", floor), ("target", target)):
         if value is None:
             issues.append(
-                Issue(
+                ManifestIssue(
                     origin.file,
                     origin.line,
                     origin.field_path(f"funding.{name}"),
@@ -396,7 +384,7 @@ def resolve_agent(fleet: FleetDecl, agent: AgentDecl) -> tuple[AgentSpec | None,
 
 def _resolve_bounds(
     fleet: FleetDecl, tier: TierDecl, agent: AgentDecl, daily: Decimal
-) -> tuple[tuple[Decimal, Decimal] | None, list[Issue]]:
+) -> tuple[tuple[Decimal, Decimal] | None, list[ManifestIssue]]:
     """Rebalancing bounds: agent, else tier, else the fleet's percent of the baseline cap
     (rounded inward to the cent, and never above the fleet's daily total)."""
     policy = fleet.rebalancing
@@ -430,7 +418,7 @@ def _resolve_bounds(
 
 def _resolve_routes(
     fleet: FleetDecl, agent: AgentDecl, thresholds: tuple[int, ...]
-) -> tuple[tuple[AlertRoute, ...], list[Issue]]:
+) -> tuple[tuple[AlertRoute, ...], list[ManifestIssue]]:
     """The agent's routes (its own, else the fleet's) with thresholds and secret filled in.
 
     Reported at the agent when the routes are its own, at the fleet otherwise (once per
@@ -439,7 +427,7 @@ def _resolve_routes(
     own = agent.routes is not None
     decls = agent.routes if agent.routes is not None else fleet.routes
     where = agent.origin if own else fleet.origin
-    issues: list[Issue] = []
+    issues: list[ManifestIssue] = []
     routes: list[AlertRoute] = []
     for decl in decls:
         chosen = decl.thresholds if decl.thresholds is not None else thresholds
@@ -513,7 +501,7 @@ def _rendered_route_problem(url: str, fleet: FleetDecl, agent_id: str, threshold
     return None
 
 
-def _rendered_webhook_problem(fleet: FleetDecl, agent: AgentDecl) -> Issue | None:
+def _rendered_webhook_problem(fleet: FleetDecl, agent: AgentDecl) -> ManifestIssue | None:
     """A gateway webhook URL rendered for this agent must pass the gateway's own rules, or
     creating it fails at apply, after other writes (the template itself is checked once per
     fleet by :func:`check_gateway_webhooks`)."""
@@ -561,13 +549,13 @@ def gateway_webhook_secret(fleet: FleetDecl) -> SecretRef | None:
     return SecretRef(managed=f"{GATEWAY_WEBHOOK_SECRET_PREFIX}{fleet.name}")
 
 
-def check_gateway_webhooks(fleet: FleetDecl) -> list[Issue]:
+def check_gateway_webhooks(fleet: FleetDecl) -> list[ManifestIssue]:
     """Gateway webhooks must satisfy the gateway itself: https, public host, a secret that
     is fit to be listed in clear."""
     hooks = fleet.gateway_webhooks
     if hooks is None or not hooks.enabled:
         return []
-    issues: list[Issue] = []
+    issues: list[ManifestIssue] = []
     if hooks.allow_referenced_secret and hooks.secret is None and fleet.signing_secret is None:
         issues.append(
             fleet.origin.issue(
@@ -630,7 +618,7 @@ def resolve(
     pointing at a fleet we cannot see may well be right, so it is not reported as unknown
     (its agent ids still take part in the global uniqueness check).
     """
-    issues: list[Issue] = []
+    issues: list[ManifestIssue] = []
     by_name: dict[str, FleetDecl] = {}
     for fleet in fleets:
         first = by_name.get(fleet.name)

@@ -1,22 +1,58 @@
-"""Suite-wide guard: no API key may appear in anything a test run prints or logs.
+"""Suite-wide guards.
 
-Every test's captured stdout, stderr and log records (and any failure report) are scanned
-for the gateway's key shape. Individual tests already check the outputs they produce
-(CLI subprocesses, state databases); this catches what they did not think to check.
+- No API key may appear in anything a test run prints or logs. Every test's captured
+  stdout, stderr and log records (and any failure report) are scanned for the gateway's key
+  shape. Individual tests already check the outputs they produce (CLI subprocesses, state
+  databases); this catches what they did not think to check.
+- No test may depend on DNS (or the internet): inside the test process, a name lookup of
+  anything but ``localhost`` or an address literal fails the test. Code that resolves names
+  (alert delivery) takes an injectable resolver; tests inject one.
 """
 
 from __future__ import annotations
 
-import re
+import ipaddress
+import socket
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-KEY_SHAPE = re.compile(r"a2a_(free|starter|pro|enterprise|admin)_[0-9a-f]{24}")
+from policies.keyprint import API_KEY_PATTERN
+
 #: Deliberate fixtures (API.md's throwaway example, an all-zero key) that prove inline keys
 #: are refused; they are not secrets and appear only inside the bad-manifest corpus.
 ALLOWED = {"a2a_free_fa63aab628959ce3b1ec48a5", "a2a_free_000000000000000000000000"}
 
 _leaks: list[str] = []
+
+
+def _needs_dns(host: object) -> bool:
+    name = host.decode() if isinstance(host, bytes) else host
+    if not isinstance(name, str) or name.rstrip(".").lower() in ("", "localhost"):
+        return False
+    try:
+        ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return True
+    return False
+
+
+@pytest.fixture(autouse=True)
+def no_dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fail the test that looks a name up (the lookup itself fails at once, as NXDOMAIN)."""
+    real = socket.getaddrinfo
+    looked_up: list[str] = []
+
+    def guarded(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if _needs_dns(host):
+            looked_up.append(str(host))
+            raise socket.gaierror(socket.EAI_NONAME, "DNS is off in the test suite")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", guarded)
+    yield
+    assert not looked_up, f"the test looked up {sorted(set(looked_up))} in DNS: inject a resolver instead"
 
 
 @pytest.hookimpl(trylast=True)
@@ -25,7 +61,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.longrepr is not None:
         texts.append(str(report.longrepr))
     for text in texts:
-        for match in KEY_SHAPE.finditer(text):
+        for match in API_KEY_PATTERN.finditer(text):
             if match.group(0) not in ALLOWED:
                 _leaks.append(f"{report.nodeid} ({report.when}): key material {match.group(0)[:9]}…")
 

@@ -1,15 +1,45 @@
-"""``finops run``: the long-lived reconcile daemon and the job registry other modules plug into.
+"""``finops run``: the long-lived reconcile daemon.
 
 Public API: ``run`` (the click command), ``Daemon`` (``add_job``, ``request``,
 ``run_pending``/``step``, ``serve``), ``JobResult``, ``writer_lock``, ``DaemonMetrics``,
-``register_jobs``/``DaemonContext`` (job factories called for every ``finops run``).
+``DaemonContext`` (what the scheduled jobs of ``controller.scheduled`` are built from).
+
+The names are loaded on first use (PEP 562): importing ``controller.daemon.lock`` (the
+writer lock every writing command takes) must not load the scheduler (APScheduler) or the
+metrics server stack.
 """
 
-from controller.daemon.command import DaemonContext, register_jobs, run
-from controller.daemon.jobs import SLOT_INTERVALS, JobResult, SkipReason
-from controller.daemon.lock import WriterLocked, writer_lock
-from controller.daemon.metrics import DaemonMetrics
-from controller.daemon.scheduler import Daemon
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from controller.daemon.command import DaemonContext, run
+    from controller.daemon.jobs import SLOT_INTERVALS, JobResult, SkipReason
+    from controller.daemon.lock import WriterLocked, writer_lock
+    from controller.daemon.metrics import DaemonMetrics
+    from controller.daemon.scheduler import Daemon
+
+_HOMES = {
+    "DaemonContext": "controller.daemon.command",
+    "run": "controller.daemon.command",
+    "SLOT_INTERVALS": "controller.daemon.jobs",
+    "JobResult": "controller.daemon.jobs",
+    "SkipReason": "controller.daemon.jobs",
+    "WriterLocked": "controller.daemon.lock",
+    "writer_lock": "controller.daemon.lock",
+    "DaemonMetrics": "controller.daemon.metrics",
+    "Daemon": "controller.daemon.scheduler",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)
+
 
 __all__ = [
     "SLOT_INTERVALS",
@@ -19,7 +49,6 @@ __all__ = [
     "JobResult",
     "SkipReason",
     "WriterLocked",
-    "register_jobs",
     "run",
     "writer_lock",
 ]

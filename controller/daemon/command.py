@@ -1,7 +1,7 @@
 """``finops run``: the long-lived reconcile daemon (or one pass with ``--once``).
 
 Wiring only: take the writer lock, open the target, build the source, reconciler, metrics
-and daemon, run plugged-in job factories, serve. Exit codes follow ``controller.cliopts``:
+and daemon, add the scheduled jobs (``job_factories``), serve. Exit codes follow ``controller.cliopts``:
 0 after a graceful stop (or a clean ``--once`` pass, where a job with nothing to do counts as
 clean), 1 on errors, a failed or partial ``--once`` pass, a refused newest revision, a stop
 that had to cancel jobs after ``--stop-timeout``, or when another writer holds the state
@@ -13,24 +13,25 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import httpx
 
 from controller.cliopts import DEFAULT_PATH, TargetOptions, run_command, target_options
 from controller.daemon.lock import writer_lock
 from controller.daemon.logs import configure_logging, log_event
-from controller.daemon.metrics import CountingTransport, DaemonMetrics, MetricsServer
+from controller.daemon.metrics import DaemonMetrics, GatewayErrorCounter, MetricsServer
 from controller.daemon.passes import Reconciler
 from controller.daemon.revisions import RevisionLog
 from controller.daemon.scheduler import DEFAULT_STOP_TIMEOUT_S, Daemon
 from controller.daemon.source import DirectorySource, GitSource, ManifestSource
 from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
+from controller.services import Services
 from controller.state import StateStore
 from controller.target import Target
 from policies.spec import DesiredState
@@ -45,10 +46,14 @@ class DaemonContext:
     daemon: Daemon
     target: Target
     store: StateStore
-    sink: DirectoryKeySink
+    sink: KeyVault
     metrics: DaemonMetrics
     client_factory: Callable[[], GatewayClient]
     """A new ``GatewayClient`` (use as ``async with``) counting errors into the metrics."""
+    clock: Callable[[], float] = time.time
+    """finops' clock for the jobs (tests step it instead of sleeping)."""
+    agent_client: Callable[[str], GatewayClient] | None = None
+    """A client with an agent's own key (``Services.agent_client``), for key rotation."""
 
     def desired(self) -> DesiredState | None:
         """The last valid desired state (``None`` until a valid revision was loaded)."""
@@ -56,29 +61,21 @@ class DaemonContext:
 
 
 JobFactory = Callable[[DaemonContext], None]
-JOB_FACTORIES: list[JobFactory] = []
+"""Adds a group of jobs to a daemon: ``factory(ctx)`` calls ``ctx.daemon.add_job(...)``."""
 
 
-def register_jobs(factory: JobFactory) -> JobFactory:
-    """Decorator: ``factory(ctx)`` is called for every daemon started by ``finops run`` and
-    adds its jobs with ``ctx.daemon.add_job(...)``."""
-    JOB_FACTORIES.append(factory)
-    return factory
+def job_factories() -> tuple[JobFactory, ...]:
+    """The jobs every daemon ``finops run`` starts runs besides the reconcile pass, listed
+    explicitly (nothing registers itself on import)."""
+    from controller.scheduled import scheduled_jobs  # alerting, keys, rebalancing: loaded by `run` only
+
+    return (scheduled_jobs,)
 
 
 def git_workdir(state_dir: Path, url: str, branch: str) -> Path:
     """One clone per (URL, branch), so pointing the daemon elsewhere never reuses a clone."""
     digest = hashlib.sha256(f"{url}\0{branch}".encode()).hexdigest()[:12]
     return Path(state_dir) / "git" / digest
-
-
-def make_client_factory(target: Target, concurrency: int, metrics: DaemonMetrics) -> Callable[[], GatewayClient]:
-    def factory() -> GatewayClient:
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        transport = CountingTransport(httpx.AsyncHTTPTransport(limits=limits), metrics.gateway_errors)
-        return GatewayClient(target.url, target.api_key, concurrency=concurrency, transport=transport)
-
-    return factory
 
 
 @click.command("run")
@@ -186,17 +183,18 @@ def run(
                 return _serve(target, source, log)
 
     def _serve(target: Target, source: ManifestSource, log: logging.Logger) -> int:
-        store = StateStore(target.state_file)
-        revisions = RevisionLog(target.state_file)
         metrics = DaemonMetrics()
+        services = Services.build(target, opts, observer=GatewayErrorCounter(metrics.gateway_errors))
+        store = services.state
+        revisions = RevisionLog(target.state_file)
         server: MetricsServer | None = None
         try:
-            client_factory = make_client_factory(target, opts.concurrency, metrics)
+            client_factory = services.client
             reconciler = Reconciler(
                 target=target.name,
                 source=source,
                 store=store,
-                sink=DirectoryKeySink(target.secrets_dir(opts.secrets_dir)),
+                sink=services.vault,
                 revisions=revisions,
                 client_factory=client_factory,
                 prune=prune,
@@ -213,8 +211,10 @@ def run(
                 status_file=opts.state_dir / STATUS_FILE,
                 stop_timeout_s=stop_timeout,
             )
-            context = DaemonContext(daemon, target, store, reconciler.sink, metrics, client_factory)
-            for factory in JOB_FACTORIES:
+            context = DaemonContext(
+                daemon, target, store, services.vault, metrics, client_factory, services.clock, services.agent_client
+            )
+            for factory in job_factories():
                 factory(context)
             if metrics_port and not once:
                 try:
@@ -237,9 +237,9 @@ def run(
             if server is not None:
                 server.stop()
             revisions.close()
-            store.close()
+            services.close()
 
     run_command(main)
 
 
-__all__ = ["JOB_FACTORIES", "DaemonContext", "register_jobs", "run"]
+__all__ = ["DaemonContext", "JobFactory", "job_factories", "run"]

@@ -235,27 +235,21 @@ class MetricsServer:
         self.stop()
 
 
-class CountingTransport(httpx.AsyncBaseTransport):
-    """Counts the gateway's error answers at the transport, the client's one seam for tests
-    and instrumentation, so every request the client sends is seen, retries included.
+class GatewayErrorCounter:
+    """Counts the gateway's error answers (a ``gateway.client.ClientObserver``): the client
+    calls it from an httpx response event hook on each of its lanes, so every request it
+    sends is seen, retries included, and the client keeps its own connection lanes.
 
     404 is left out: finops asks for wallets that do not exist yet on purpose (that is how
     it learns an agent must be registered), and counting those would make the metric useless
     for alerting."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, errors: Counter) -> None:
-        self._inner = inner
+    def __init__(self, errors: Counter) -> None:
         self._errors = errors
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        try:
-            response = await self._inner.handle_async_request(request)
-        except httpx.TransportError:
-            self._errors.labels(status="transport").inc()
-            raise
+    async def on_response(self, response: httpx.Response) -> None:
         if response.status_code >= 400 and response.status_code != 404:
             self._errors.labels(status=str(response.status_code)).inc()
-        return response
 
-    async def aclose(self) -> None:
-        await self._inner.aclose()
+    def on_transport_error(self, exc: httpx.TransportError) -> None:
+        self._errors.labels(status="transport").inc()

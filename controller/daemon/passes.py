@@ -24,14 +24,14 @@ import logging
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from controller import approval
-from controller.apply import AgentResult, Applier, ApplyResult
+from controller.apply import AgentResult
 from controller.blocking import off_loop
 from controller.daemon.backoff import AgentBackoff
 from controller.daemon.jobs import ERROR, OK, PARTIAL, JobResult
@@ -41,11 +41,12 @@ from controller.daemon.revisions import RevisionLog
 from controller.daemon.source import ManifestSource, SourceError
 from controller.errors import FinopsError, ManifestError
 from controller.gateway.client import GatewayClient
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
-from controller.plan import Change, Plan
-from controller.reconcile import key_sinks, observe_and_plan, preflight
-from controller.state import PENDING, StateStore
+from controller.pipeline import PlanRefused, apply_plan, only, plan_errors_by_agent
+from controller.plan import Plan
+from controller.reconcile import observe_and_plan
+from controller.state import StateStore
 from policies.exposure import ExposureReview, exposure_of, review
 from policies.spec import DesiredState
 
@@ -167,16 +168,10 @@ def record_pass(metrics: DaemonMetrics, result: PassResult) -> None:
         metrics.agents_backoff.set(result.backoff_agents)
 
 
-def applied_kinds(changes: Sequence[Change], outcome: AgentResult) -> list[str]:
-    """The kinds of an agent's changes that took effect, in plan order.
-
-    The applier runs an agent's changes in order, notes each as applied or "skipped <kind>:
-    why" (no longer needed), and stops at the first failure, noting the rest as not
-    attempted. So the processed changes are a prefix of ``changes``."""
-    attempted_skips = [n for n in outcome.skipped if not n.endswith("(not attempted after the failure)")]
-    processed = changes[: len(outcome.applied) + len(attempted_skips)]
-    skipped = {n.split(":", 1)[0].removeprefix("skipped ").replace("-", "_") for n in attempted_skips}
-    return [c.kind.value for c in processed if c.kind.value not in skipped]
+def applied_kinds(outcome: AgentResult) -> list[str]:
+    """The kinds of an agent's changes that took effect, in plan order (from the applier's
+    typed step outcomes: skipped, failed and unknown-outcome steps do not count)."""
+    return [kind.value for kind in outcome.applied_kinds]
 
 
 class Reconciler:
@@ -188,7 +183,7 @@ class Reconciler:
         target: str,
         source: ManifestSource,
         store: StateStore,
-        sink: DirectoryKeySink,
+        sink: KeyVault,
         revisions: RevisionLog,
         client_factory: ClientFactory,
         backoff: AgentBackoff | None = None,
@@ -409,23 +404,36 @@ class Reconciler:
                 return self._result(AWAITING, "no approved manifest revision to apply yet")
             return self._result(INVALID, "no valid manifest revision to apply yet")
         applying = self.good_revision
-        async with self.client_factory() as client:
-            applier = Applier(client, self.store, self.sink, clock=self.clock, key_sink=key_sinks(desired, self.sink))
-            await applier.prepare(desired)  # known outcomes first, so the plan never races them
-            plan = preflight(await self.plan_fn(client, desired, self.target, self.store), desired, self.sink.directory)
+        now = self.clock()
+        skipped_backoff: list[str] = []
+
+        def select(plan: Plan) -> Plan:
             log_funding_limits(self.log, plan)
-            now = self.clock()
-            unobserved = {e.agent_id: f"{e.kind.value}: {e.detail}" for e in plan.errors}
-            skipped_backoff = sorted({c.agent_id for c in plan.changes if self.backoff.active(c.agent_id, now)})
-            blocked = set(skipped_backoff)
-            kept = tuple(c for c in plan.changes if c.agent_id not in blocked)
-            common: dict[str, Any] = {
+            skipped_backoff.extend(sorted({c.agent_id for c in plan.changes if self.backoff.active(c.agent_id, now)}))
+            return only(plan, lambda c: c.agent_id not in skipped_backoff)
+
+        def planned(plan: Plan) -> dict[str, Any]:
+            return {
                 "planned": len(plan.changes),
                 "backoff_skipped": tuple(skipped_backoff),
                 "held_agents": tuple(h.agent_id for h in plan.held),
             }
-            if plan.violations:
-                violations = tuple(str(v) for v in plan.violations)
+
+        async with self.client_factory() as client:
+            try:
+                run = await apply_plan(
+                    client,
+                    self.store,
+                    self.sink,
+                    desired,
+                    target=self.target,
+                    clock=self.clock,
+                    plan_fn=self.plan_fn,
+                    select=select,
+                    log_fields={"revision": applying, "by": "daemon"},
+                )
+            except PlanRefused as exc:
+                violations = tuple(str(v) for v in exc.plan.violations)
                 log_event(
                     self.log,
                     logging.ERROR,
@@ -437,25 +445,17 @@ class Reconciler:
                     "the plan breaks a guardrail; nothing was applied",
                     violations=violations,
                     backoff_agents=self._backoff_count(now),
-                    **common,
+                    **planned(exc.plan),
                 )
-            outcome: ApplyResult | None = None
-            if kept or self.store.intents(status=PENDING):
-                started_at = self.clock()
-                outcome = await applier.apply(replace(plan, changes=kept))
-                self.store.log_apply(
-                    started_at,
-                    outcome.ok,
-                    {"changes": len(kept), "writes": outcome.writes, "revision": applying, "by": "daemon"},
-                )
+        plan, outcome = run.fresh, run.result
+        common = planned(plan)
+        unobserved = plan_errors_by_agent(plan)
+        blocked = set(skipped_backoff)
         failed = dict(unobserved)
         applied: Counter[str] = Counter()
         if outcome is not None:
-            by_agent: dict[str, list[Change]] = {}
-            for change in kept:
-                by_agent.setdefault(change.agent_id, []).append(change)
             for agent_result in outcome.agents:
-                applied.update(applied_kinds(by_agent.get(agent_result.agent_id, []), agent_result))
+                applied.update(applied_kinds(agent_result))
                 if agent_result.error is not None:
                     failed[agent_result.agent_id] = agent_result.error
         self._update_backoff(desired, failed, blocked, now=self.clock())

@@ -52,6 +52,7 @@ from controller.daemon.logs import LOGGER_NAME, log_event
 from controller.daemon.metrics import DaemonMetrics
 from controller.daemon.passes import PassResult, Reconciler, record_pass
 from controller.errors import FinopsError
+from controller.exitcodes import EXIT_ERROR, EXIT_OK
 from controller.secretfile import write_secret_file
 
 MISFIRE_GRACE_TIME: float | None = None
@@ -61,8 +62,6 @@ DEFAULT_STOP_TIMEOUT_S = 90.0
 """How long SIGTERM waits for in-flight jobs before cancelling them (below the 120 s that the
 systemd unit and the Kubernetes manifest in the README give before SIGKILL)."""
 CANCEL_GRACE_S = 5.0
-EXIT_OK = 0
-EXIT_ERROR = 1
 
 JobListener = Callable[[str, JobResult], None]
 

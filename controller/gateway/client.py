@@ -31,7 +31,7 @@ import os
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import httpx
 from tenacity import (
@@ -64,6 +64,7 @@ from controller.gateway.models import (
     Webhook,
     WebhookDelivery,
 )
+from policies.keyprint import is_key_token
 from policies.money import format_money, from_gateway_number
 
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
@@ -125,6 +126,16 @@ class _Retryable(Exception):
         self.error = error
 
 
+class ClientObserver(Protocol):
+    """Instrumentation of the client (the daemon's metrics): ``on_response`` runs as an httpx
+    response event hook on every lane, retries included; ``on_transport_error`` for each
+    request that got no response at all."""
+
+    async def on_response(self, response: httpx.Response) -> None: ...
+
+    def on_transport_error(self, exc: httpx.TransportError) -> None: ...
+
+
 class GatewayClient:
     """Async client for the GreenHelix gateway REST API, used with an admin key."""
 
@@ -143,8 +154,10 @@ class GatewayClient:
         backoff_max: float = 10.0,
         settle_delays: Sequence[float] = (0.1, 0.5, 1.5),
         sleep: Sleep = asyncio.sleep,
+        observer: ClientObserver | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._observer = observer
         self._api_key = api_key
         # One single-connection client per request in flight ("lane") rather than one pool
         # of ``concurrency`` connections: httpcore 1.0 scans its whole pool on every request,
@@ -164,6 +177,8 @@ class GatewayClient:
             # an HTTP_PROXY from the environment would carry the admin key in clear to the proxy.
             "trust_env": not self.base_url.lower().startswith("http://"),
         }
+        if observer is not None:  # instrumentation through httpx's event hooks, on every lane
+            self._lane_options["event_hooks"] = {"response": [observer.on_response]}
         if transport is None:  # built once: loading the CA bundle costs ~0.1 s per client
             self._lane_options["verify"] = httpx.create_ssl_context()
         self._lanes: list[httpx.AsyncClient] = []
@@ -245,9 +260,13 @@ class GatewayClient:
                             await response.aclose()  # unread: httpcore closes the connection
                 finally:
                     self._idle_lanes.append(lane)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise Unreachable(f"cannot reach {self.base_url}: {type(exc).__name__}", method=method, path=path) from None
         except httpx.TransportError as exc:
+            if self._observer is not None:
+                self._observer.on_transport_error(exc)
+            if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+                raise Unreachable(
+                    f"cannot reach {self.base_url}: {type(exc).__name__}", method=method, path=path
+                ) from None
             raise UnknownOutcome(f"no usable response ({type(exc).__name__})", method=method, path=path) from None
         except TimeoutError:
             raise UnknownOutcome(
@@ -485,7 +504,7 @@ class GatewayClient:
         path = "/v1/register"
         data = await self._call("POST", path, body={"agent_id": agent_id}, auth=False, safe=False)
         key = self._field(data, "api_key", "POST", path)
-        if not isinstance(key, str) or not key.startswith("a2a_"):
+        if not isinstance(key, str) or not is_key_token(key):
             raise ProtocolViolation("register returned no usable api_key", method="POST", path=path)
         return Registration(
             agent_id=str(self._field(data, "agent_id", "POST", path)),
@@ -653,7 +672,7 @@ class GatewayClient:
             safe=False,
         )
         key = self._field(data, "new_key", "POST", path)
-        if not isinstance(key, str) or not key.startswith("a2a_"):
+        if not isinstance(key, str) or not is_key_token(key):
             raise ProtocolViolation("rotate returned no usable new_key", method="POST", path=path)
         expires = data.get("grace_expires_at")
         return Rotation(

@@ -11,6 +11,6 @@ schedule with durable intents, delivers it to the agent's sink, and can quaranti
   held-key health), on top of ``core`` (collaborators and plumbing) and ``model``
   (constants, errors, value types).
 
-Nothing is re-exported here, so importing ``controller.keysink`` (which apply uses) never
+Nothing is re-exported here, so importing ``controller.keys.vault`` (which apply uses) never
 pulls in the gateway client and the engine.
 """

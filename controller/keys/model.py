@@ -13,11 +13,11 @@ from controller.errors import FinopsError
 from controller.gateway.client import GatewayClient
 from controller.keys.vault import MAIN, QUARANTINE
 from controller.state.recovery import IntentKind
+from policies.rotation import GRACE_SECONDS as GRACE_SECONDS  # re-exported for the key engine
 from policies.spec import KeySinkSpec
 
 ROTATE = IntentKind.ROTATE.value  # resolved by key management (controller.state.recovery)
 """Intent kind in the state database."""
-GRACE_SECONDS = 300
 LATE_WATCH_SECONDS = 2 * GRACE_SECONDS
 """How long after concluding an interrupted rotation finops watches for it landing late (at
 least; never less than the rotate's settle time, and a watch ends only with a look at the

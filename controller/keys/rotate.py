@@ -61,7 +61,7 @@ from controller.keys.sinks import scrub
 from controller.keys.status import KeyStatusReports
 from controller.keys.vault import MAIN, QUARANTINE
 from controller.state import ABANDONED
-from policies.keyprint import key_prefix
+from policies.keyprint import is_key_token, key_prefix
 from policies.settle import settles_at
 from policies.spec import AgentSpec, DesiredState
 
@@ -118,7 +118,7 @@ class KeyManager(RotationRecovery, KeyStatusReports):
         """Adopt a key the agent already has, after proving it is a live key of that agent.
         The key is not delivered (the agent has it); its age for rotation starts now."""
         raw = raw_key.strip()
-        if not raw.startswith("a2a_") or any(c.isspace() for c in raw):
+        if not is_key_token(raw):
             raise ImportRefused(f"{agent_id}: that is not a GreenHelix API key (expected a2a_<tier>_<hex>)")
         prefix = key_prefix(raw)
         async with self._lock(agent_id):

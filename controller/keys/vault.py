@@ -27,10 +27,9 @@ from controller.secretfile import (
     write_secret_file,
 )
 from controller.secretref import protect_secret_path
-from policies.keyprint import key_prefix
+from policies.keyprint import is_key_token, key_prefix
 
 _SAFE_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,127}$")
-_KEY_SHAPE = re.compile(r"^a2a_\S+$")
 
 MAIN = "main"
 """The slot whose key is the agent's current, delivered key."""
@@ -75,7 +74,7 @@ class KeyVault:
 
     def write(self, agent_id: str, raw_key: str, slot: str = MAIN) -> str:
         """Persist the key durably; returns its gateway hash prefix."""
-        if not _KEY_SHAPE.match(raw_key):
+        if not is_key_token(raw_key):
             raise ValueError(f"refusing to store a value that is not a GreenHelix API key for {agent_id}")
         path = self.path_for(agent_id, slot)
         make_private_dirs(path.parent)
@@ -116,7 +115,7 @@ class KeyVault:
                 return raw, slot
         return None
 
-    # -- the DirectoryKeySink interface that apply and the tests use ---------------------
+    # -- the interface that apply and the tests use ---------------------
 
     def store(self, agent_id: str, raw_key: str) -> str:
         """Persist the agent's current key durably; returns its gateway hash prefix."""

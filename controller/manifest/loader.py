@@ -108,7 +108,7 @@ def load_manifests(path: str | os.PathLike[str], *, root: str | os.PathLike[str]
     resolution = resolve(
         seen.fleets, seen.groups, unchecked_fleets=frozenset(seen.unchecked_fleets), complete=seen.complete
     )
-    issues = seen.issues + [ManifestIssue(i.file, i.line, i.field, i.message) for i in resolution.issues]
+    issues = seen.issues + list(resolution.issues)
     if issues:
         raise ManifestError(_ordered(issues, [label for label, _ in files]))
     return resolution.state

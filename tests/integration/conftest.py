@@ -13,10 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
-from controller.apply import Applier, ApplyResult, FaultHook
+from controller.apply import ApplyResult, FaultHook
 from controller.gateway.client import GatewayClient
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
+from controller.pipeline import applier_for, execute
 from controller.plan import Plan
 from controller.reconcile import observe_and_plan
 from controller.sandbox.server import SandboxServer
@@ -73,7 +74,7 @@ class Harness:
 
     sandbox: SandboxServer
     store: StateStore
-    sink: DirectoryKeySink
+    sink: KeyVault
     clock: Callable[[], float] = field(default_factory=FinopsClock)
     notes: list[str] = field(default_factory=list)
     """What every ``prepare`` before a plan reported (the CLI prints these with the apply)."""
@@ -84,12 +85,18 @@ class Harness:
         kw.setdefault("backoff_max", 0.05)
         return GatewayClient(self.sandbox.url, self.sandbox.admin_key, transport=transport, **kw)
 
+    desired: DesiredState | None = None
+    """The desired state of the last ``plan``: ``apply`` delivers new keys to its sinks."""
+
     async def plan(self, desired: DesiredState, *, prune: bool = False, prepare: bool = True) -> Plan:
         """As ``finops apply`` plans: known outcomes resolved and marked webhooks adopted
         first (``Applier.prepare``), unless ``prepare=False`` (``finops plan``: read-only)."""
+        self.desired = desired
         async with self.client() as client:
             if prepare:
-                self.notes += await Applier(client, self.store, self.sink, clock=self.clock).prepare(desired)
+                self.notes += await applier_for(client, self.store, self.sink, desired, clock=self.clock).prepare(
+                    desired
+                )
             return await observe_and_plan(client, desired, "sandbox", self.store, prune=prune)
 
     async def apply(
@@ -99,8 +106,11 @@ class Harness:
         transport: httpx.AsyncBaseTransport | None = None,
         fault_hook: FaultHook | None = None,
     ) -> ApplyResult:
+        """As ``finops apply`` applies (``pipeline.execute``): guardrails checked, new keys
+        delivered to the sinks of the last planned desired state, the run in the apply log."""
         async with self.client(transport) as client:
-            return await Applier(client, self.store, self.sink, fault_hook=fault_hook, clock=self.clock).apply(plan)
+            applier = applier_for(client, self.store, self.sink, self.desired, clock=self.clock, fault_hook=fault_hook)
+            return await execute(applier, self.store, plan, clock=self.clock)
 
     def spend(self, agent: str, credits: Decimal) -> None:
         """Metered gateway spend (a ``charge`` row and the budget's usage), as an agent's
@@ -126,7 +136,7 @@ class Harness:
 @pytest.fixture
 def harness(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Harness]:
     store = StateStore(tmp_path / "state" / "state-sandbox.db")
-    yield Harness(sandbox, store, DirectoryKeySink(tmp_path / "secrets"))
+    yield Harness(sandbox, store, KeyVault(tmp_path / "secrets"))
     store.close()
 
 

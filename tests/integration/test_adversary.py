@@ -29,7 +29,7 @@ import pytest
 from controller.apply import ApplyResult
 from controller.gateway.client import MAX_RESPONSE_BYTES, GatewayClient
 from controller.gateway.errors import GatewayError
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
 from controller.plan import ChangeKind, Plan, PlanErrorKind
 from controller.sandbox.server import SandboxServer
@@ -224,17 +224,17 @@ def _drift(harness: Harness, agents: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SandboxServer, StateStore, DirectoryKeySink]]:
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SandboxServer, StateStore, KeyVault]]:
     tmp = tmp_path_factory.mktemp("adversary")
     with SandboxServer(db_path=tmp / "gateway.db") as sandbox:
         state = StateStore(tmp / "state.db")
-        yield sandbox, state, DirectoryKeySink(tmp / "secrets")
+        yield sandbox, state, KeyVault(tmp / "secrets")
         state.close()
 
 
 @pytest.fixture(scope="module")
 def read_scenario(
-    world: tuple[SandboxServer, StateStore, DirectoryKeySink], tmp_path_factory: pytest.TempPathFactory
+    world: tuple[SandboxServer, StateStore, KeyVault], tmp_path_factory: pytest.TempPathFactory
 ) -> ReadScenario:
     sandbox, state, sink = world
     agents = [*READ_CASES, *READ_CRASHES, "bystander"]
@@ -332,7 +332,7 @@ def test_a_mistyped_budget_field_is_a_clear_error_not_a_crash(read_scenario: Rea
     ],
 )
 def test_a_bad_fleet_wide_read_stops_the_run_with_a_clear_error_before_any_write(
-    world: tuple[SandboxServer, StateStore, DirectoryKeySink], tmp_path: Path, route: str, name: str
+    world: tuple[SandboxServer, StateStore, KeyVault], tmp_path: Path, route: str, name: str
 ) -> None:
     sandbox, state, sink = world
     path = {"keys": "/v1/infra/keys", "rates": "/v1/billing/exchange-rates"}[route]
@@ -346,7 +346,7 @@ def test_a_bad_fleet_wide_read_stops_the_run_with_a_clear_error_before_any_write
 
 
 def test_a_mistyped_key_listing_is_a_clear_error_not_a_crash(
-    world: tuple[SandboxServer, StateStore, DirectoryKeySink], tmp_path: Path
+    world: tuple[SandboxServer, StateStore, KeyVault], tmp_path: Path
 ) -> None:
     sandbox, state, sink = world
     body = CRASHES[("keys", "scopes-as-number")]
@@ -377,7 +377,7 @@ def write_scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WriteSc
     desired = write_fleet(tmp / "m", list(WRITE_CASES))
     with SandboxServer(db_path=tmp / "gateway.db") as sandbox:
         state = StateStore(tmp / "state.db")
-        sink = DirectoryKeySink(tmp / "secrets")
+        sink = KeyVault(tmp / "secrets")
         harness = LyingHarness(sandbox, state, sink)
         registered_first = [a for a, (route, _) in WRITE_CASES.items() if route != "register"]
         asyncio.run(harness.apply(asyncio.run(harness.plan(desired_only_many(desired, registered_first)))))

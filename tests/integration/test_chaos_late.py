@@ -29,7 +29,7 @@ import pytest
 
 from controller.errors import FinopsError
 from controller.keys.rotate import KeyManager
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
 from controller.plan import WEBHOOK_MARKER_PREFIX
 from controller.sandbox.faults import FaultConfig, FaultKind
@@ -192,7 +192,7 @@ async def one_iteration(seed: int, workdir: Path, desired: DesiredState, *, alwa
     sandbox = SandboxServer(db_path=workdir / "gateway.db", faults=config).start()
     sandbox.faults.gate_late(True)
     store = StateStore(workdir / "state" / "state.db")
-    harness = FastHarness(sandbox, store, DirectoryKeySink(workdir / "secrets"))
+    harness = FastHarness(sandbox, store, KeyVault(workdir / "secrets"))
     clock = harness.clock
     assert isinstance(clock, FinopsClock)
     held_for = 0.0

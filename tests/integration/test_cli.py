@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from policies.keyprint import contains_key_material
 from tests.integration.conftest import CANONICAL
-
-KEY_PATTERN = re.compile(r"a2a_[a-z]+_[0-9a-f]{8,}")
 
 
 def finops(
@@ -45,7 +44,7 @@ def assert_no_key_material(outputs: list[str], workdir: Path) -> None:
     secrets = [p.read_text().strip() for p in workdir.glob(".finops/**/*.key")]
     assert secrets, "expected key files to exist"
     for text in outputs:
-        assert not KEY_PATTERN.search(text), text
+        assert not contains_key_material(text), text
         for secret in secrets:
             assert secret not in text
 
@@ -198,4 +197,4 @@ def test_standalone_sandbox_prints_only_the_admin_key_fingerprint(tmp_path: Path
         proc.terminate()
         output, _ = proc.communicate(timeout=30)
     assert "admin key sha3:" in output
-    assert key not in output and not KEY_PATTERN.search(output)
+    assert key not in output and not contains_key_material(output)

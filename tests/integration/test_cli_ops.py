@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from controller.sandbox.server import SandboxServer
+from policies.keyprint import contains_key_material
 from tests.integration.conftest import CANONICAL
-from tests.integration.test_cli import KEY_PATTERN, finops
+from tests.integration.test_cli import finops
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ def test_rotate_now_replaces_the_key_old_one_lives_through_the_grace_only(
     outputs += [converged.stdout, converged.stderr]
     assert converged.returncode == 0, converged.stdout
     for text in outputs:
-        assert not KEY_PATTERN.search(text), text
+        assert not contains_key_material(text), text
         assert old not in text and new not in text
 
 
@@ -105,7 +106,7 @@ def test_freeze_stops_paid_calls_survives_apply_and_unfreeze_restores(
     after = finops(work, "plan", "--detailed-exitcode", env=env)
     assert after.returncode == 0, after.stdout
     for text in (frozen.stdout, frozen.stderr, thawed.stdout, thawed.stderr, plan.stdout):
-        assert not KEY_PATTERN.search(text)
+        assert not contains_key_material(text)
 
 
 def test_keys_import_adopts_an_agent_created_outside_finops(
@@ -155,7 +156,7 @@ def test_new_agents_keys_go_to_the_declared_command_sink(
     rotated = finops(work, "rotate", "--agent", "sum-01", "--now", env=env)
     assert rotated.returncode == 0, rotated.stdout + rotated.stderr
     assert (inbox / "sum-01").read_text() == _key(work, "sum-01")
-    assert not KEY_PATTERN.search(applied.stdout + applied.stderr + rotated.stdout + rotated.stderr)
+    assert not contains_key_material(applied.stdout + applied.stderr + rotated.stdout + rotated.stderr)
 
 
 def test_alerts_check_delivers_a_75_percent_crossing_once_signed_and_status_flags_a_down_receiver(
@@ -258,5 +259,5 @@ def test_run_once_is_one_complete_pass_for_cron(gateway: tuple[SandboxServer, Pa
     events = [json.loads(line) for line in (once.stdout + once.stderr).splitlines() if line.startswith("{")]
     finished = [(e["job"], e["result"]) for e in events if " finished" in e["msg"] and "job" in e]
     assert finished == [("reconcile", "ok"), ("alerts", "ok"), ("rotation", "ok"), ("rebalance", "ok")], events
-    assert not KEY_PATTERN.search(once.stdout + once.stderr)
+    assert not contains_key_material(once.stdout + once.stderr)
     assert finops(work, "plan", "--detailed-exitcode", env=env).returncode == 0

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
 from controller.sandbox.app import exchange_rate
 from controller.sandbox.faults import FaultConfig, FaultKind, Tripwire
@@ -83,9 +83,9 @@ class Finops:
         [path] = self.state_dir.glob("state-*.db")  # one per gateway; ours is the only one
         return StateStore(path)
 
-    def sink(self) -> DirectoryKeySink:
+    def sink(self) -> KeyVault:
         [path] = (self.state_dir / "secrets").iterdir()
-        return DirectoryKeySink(path)
+        return KeyVault(path)
 
 
 class Killer:

@@ -30,15 +30,15 @@ import pytest
 from controller.daemon.backoff import AgentBackoff, BackoffPolicy
 from controller.daemon.lock import writer_lock
 from controller.daemon.logs import configure_logging
-from controller.daemon.metrics import CountingTransport, DaemonMetrics, MetricsServer
+from controller.daemon.metrics import DaemonMetrics, GatewayErrorCounter, MetricsServer
 from controller.daemon.passes import PassResult, Reconciler
 from controller.daemon.revisions import RevisionLog
 from controller.daemon.scheduler import Daemon
 from controller.daemon.source import DirectorySource, GitSource, ManifestSource, SourceError
 from controller.sandbox.server import SandboxServer
+from policies.keyprint import contains_key_material
 from tests.integration.conftest import CANONICAL, Harness
 
-KEY_PATTERN = re.compile(r"a2a_[a-z]+_[0-9a-f]{8,}")
 WORKERS = "research-workers.yaml"
 RES01 = re.compile(r"^(?P<indent> *)- id: res-01\n", re.MULTILINE)
 
@@ -93,7 +93,7 @@ def rig_factory(harness: Harness, tmp_path: Path) -> Iterator[Callable[..., Rig]
         opened.append(revisions)
 
         def client() -> Any:
-            return harness.client(transport=CountingTransport(httpx.AsyncHTTPTransport(), metrics.gateway_errors))
+            return harness.client(observer=GatewayErrorCounter(metrics.gateway_errors))
 
         reconciler = Reconciler(
             target="sandbox",
@@ -140,7 +140,7 @@ def drift(harness: Harness, agent: str) -> None:
 
 
 def assert_no_key_material(text: str, harness: Harness) -> None:
-    assert not KEY_PATTERN.search(text)
+    assert not contains_key_material(text)
     assert harness.sandbox.admin_key not in text
     for key_file in Path(harness.sink.directory).rglob("*.key"):
         assert key_file.read_text().strip() not in text
@@ -525,7 +525,7 @@ def test_sigterm_during_a_pass_lets_it_finish_then_exits_cleanly(tmp_path: Path)
         converged = [json.loads(line) for line in again.stderr.splitlines() if line.startswith("{")]
         assert any(d["msg"].startswith("reconcile finished") and d["planned"] == 0 for d in converged)
         everything = "".join(logs.lines) + second.stderr + again.stderr
-        assert sandbox.admin_key not in everything and not KEY_PATTERN.search(everything)
+        assert sandbox.admin_key not in everything and not contains_key_material(everything)
 
 
 def test_once_refuses_invalid_manifests_with_exit_code_1(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from controller.daemon.source import DirectorySource, directory_digest
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
 from controller.sandbox.server import SandboxServer
 from controller.state import StateStore
@@ -54,7 +54,7 @@ FLEET = "research-fleet.yaml"
 def harness(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Harness]:
     """The daemon's state where the CLI finds it for this gateway (``--state-dir STATE``)."""
     store = StateStore(tmp_path / "state" / f"state-{_slug(sandbox.url)}.db")
-    yield Harness(sandbox, store, DirectoryKeySink(tmp_path / "secrets"))
+    yield Harness(sandbox, store, KeyVault(tmp_path / "secrets"))
     store.close()
 
 
@@ -377,13 +377,15 @@ def test_a_revision_above_its_own_bound_is_no_bootstrap_even_when_its_funding_is
     from click.testing import CliRunner
 
     import controller.cli as cli_module
+    import controller.services as services_module
 
     state = tmp_path / "state" / f"state-{_slug(sandbox.url)}.db"
     store = StateStore(state, clock=sandbox.clock)  # finops' funding window runs on the sandbox's clock
-    monkeypatch.setattr(cli_module, "StateStore", functools.partial(StateStore, clock=sandbox.clock))
+    # The composition root builds the state database for every command.
+    monkeypatch.setattr(services_module, "StateStore", functools.partial(StateStore, clock=sandbox.clock))
     try:
         fleet = tmp_path / "manifests"
-        earlier = Harness(sandbox, store, DirectoryKeySink(tmp_path / "secrets"), clock=sandbox.clock)
+        earlier = Harness(sandbox, store, KeyVault(tmp_path / "secrets"), clock=sandbox.clock)
         plan = asyncio.run(earlier.plan(small_fleet(fleet, ["a", "b"], "40.00")))
         assert asyncio.run(earlier.apply(plan)).ok
         assert store.last_approval() is None  # a fleet finops ran before approvals were recorded

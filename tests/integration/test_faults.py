@@ -30,7 +30,7 @@ import pytest
 from controller.apply import ApplyResult
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import GatewayError, UnknownOutcome
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
 from controller.plan import Plan, desired_alert_threshold
 from controller.sandbox.faults import ALL_KINDS, DEFAULT_KINDS, FaultConfig, FaultInjector, FaultKind, Tripwire
@@ -200,7 +200,7 @@ class Convergence:
     sandbox: SandboxServer
     desired: DesiredState
     state: StateStore
-    sink: DirectoryKeySink
+    sink: KeyVault
     plan: Plan
     rates: Mapping[str, Decimal]
     """Credits per unit of each fleet's currency, by fleet name."""
@@ -347,7 +347,7 @@ def fresh_fleet_deposits(desired: DesiredState, rates: Mapping[str, Decimal]) ->
     }
 
 
-def lost_keys(sandbox: SandboxServer, sink: DirectoryKeySink, desired: DesiredState) -> frozenset[str]:
+def lost_keys(sandbox: SandboxServer, sink: KeyVault, desired: DesiredState) -> frozenset[str]:
     """Agents with a wallet but no stored key: registered, and the one-time key never
     reached finops (a lost register response or a crash before the key was stored)."""
     return frozenset(
@@ -362,7 +362,7 @@ async def assert_converged(
     desired: DesiredState,
     *,
     state: StateStore,
-    sink: DirectoryKeySink,
+    sink: KeyVault,
     expected_deposits: Mapping[str, int] | None = None,
     checks: Sequence[Check] = (),
     skip: Sequence[Check] = (),
@@ -483,10 +483,11 @@ def faulty(tmp_path: Path) -> Iterator[Callable[[FaultConfig], FastHarness]]:
         sandbox = SandboxServer(db_path=tmp_path / f"gateway-{n}.db", faults=config).start()
         state = StateStore(tmp_path / f"state-{n}" / "state.db")
         opened.append((sandbox, state))
-        return FastHarness(sandbox, state, DirectoryKeySink(tmp_path / f"secrets-{n}"))
+        return FastHarness(sandbox, state, KeyVault(tmp_path / f"secrets-{n}"))
 
     yield make
     for sandbox, state in opened:
+        sandbox.faults.release_late(run=False)  # a failed test may leave requests at the gate
         state.close()
         sandbox.stop()
 
@@ -561,14 +562,17 @@ async def test_a_register_that_commits_after_finops_gave_up_is_reported_as_a_los
     faulty: Callable[[FaultConfig], FastHarness],
 ) -> None:
     canonical = load_manifests(CANONICAL)
+    agents = [a.agent_id for a in canonical.agents()]
     harness = faulty(FaultConfig(rate=1.0, kinds=(FaultKind.LATE,), hang=LATE_S, only=("/v1/register",)))
+    harness.sandbox.faults.gate_late(True)  # each register lands when the test says, not on a timer
     first = await harness.apply(await harness.plan(canonical))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(
-        harness.sandbox.store.get_wallet(a.agent_id) is None for a in canonical.agents()
-    ):
-        await asyncio.sleep(0.05)  # waiting for the sandbox's own state, not racing it
+    # finops' run is over and every register is still held: they land strictly after it gave up
+    assert sorted(harness.sandbox.faults.held_late()) == ["POST /v1/register"] * len(agents)
+    assert all(harness.sandbox.store.get_wallet(a) is None for a in agents)
     harness.sandbox.faults.configure(None)
+    assert harness.sandbox.faults.release_late(run=True) == len(agents)
+    harness.sandbox.wait_idle()
+    assert all(harness.sandbox.store.get_wallet(a) is not None for a in agents)
     run = await converge(harness, canonical)
     lost = lost_keys(harness.sandbox, harness.sink, canonical)
     assert lost == {a.agent_id for a in canonical.agents()}
@@ -588,11 +592,15 @@ async def test_a_webhook_create_that_commits_after_finops_gave_up_is_not_duplica
     wanted = [h.url for a in canonical.agents() for h in a.gateway_webhooks]
     assert wanted, "the canonical fleet opts into gateway webhooks"
     harness = faulty(FaultConfig(rate=1.0, kinds=(FaultKind.LATE,), hang=LATE_S, only=("POST /v1/infra/webhooks",)))
+    harness.sandbox.faults.gate_late(True)  # each create lands when the test says, not on a timer
     await harness.apply(await harness.plan(canonical))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and len(harness.sandbox.store.list_webhooks(ADMIN_AGENT_ID)) < len(wanted):
-        await asyncio.sleep(0.05)  # waiting for the sandbox's own state, not racing it
+    # finops' run is over and every create is still held: they land strictly after it gave up
+    assert harness.sandbox.faults.held_late() == ["POST /v1/infra/webhooks"] * len(wanted)
+    assert harness.sandbox.store.list_webhooks(ADMIN_AGENT_ID) == []
     harness.sandbox.faults.configure(None)
+    assert harness.sandbox.faults.release_late(run=True) == len(wanted)
+    harness.sandbox.wait_idle()
+    assert len(harness.sandbox.store.list_webhooks(ADMIN_AGENT_ID)) == len(wanted)
     await converge(harness, canonical)
     live = Counter(h.url for h in harness.sandbox.store.list_webhooks(ADMIN_AGENT_ID))
     assert {url: n for url, n in live.items() if n != 1} == {}
@@ -615,34 +623,51 @@ def test_one_agent_unreadable_during_intent_recovery_does_not_stop_the_others(
     with pytest.raises(SimulatedCrash):  # leaves sum-01's deposit intent pending
         asyncio.run(harness.apply(asyncio.run(harness.plan(canonical)), fault_hook=crash))
     next_pass(harness)  # what the crash cut short elsewhere can now be resolved
+    # How far the other agents got before the crash is a race; a cap raised out of band on
+    # res-01 (once it has one) gives the next plan work for another agent whatever it was.
+    cap = harness.sandbox.store.get_budget_cap("res-01")
+    if cap is not None and cap.daily_cap is not None and cap.monthly_cap is not None:
+        harness.sandbox.store.set_budget_cap(
+            "res-01", cap.daily_cap * 2, cap.monthly_cap * 2, cap.alert_threshold, now=harness.sandbox.clock()
+        )
     harness.sandbox.faults.configure(
         FaultConfig(rate=1.0, kinds=(FaultKind.S503,), only=("GET /v1/billing/wallets/sum-01/transactions",))
     )
     plan = asyncio.run(harness.plan(canonical))
     assert any(e.agent_id == "sum-01" for e in plan.errors) and plan.changes
+    assert any(c.agent_id == "res-01" for c in plan.changes)
     result = asyncio.run(harness.apply(plan))  # today: ServerError escapes, nothing is applied
     assert all(a.ok for a in result.agents if a.agent_id != "sum-01"), result.to_dict()
     assert [i.agent_id for i in harness.store.intents(status="pending")] == ["sum-01"]
 
 
 async def test_a_deposit_still_running_on_the_gateway_is_not_sent_again_in_the_same_run(tmp_path: Path) -> None:
-    """The first attempt is held past the client's timeout, then runs slowly (the gateway's
-    window between moving money and writing the ledger row, widened here). Re-sending the
-    key then would be a concurrent duplicate, which the gateway credits twice; the client
-    leaves the outcome unknown instead, for the next run to settle from the ledger."""
+    """The first attempt is held at the sandbox's gate past the client's timeout and its
+    ledger search, and runs only once the client has given up, slowly (the gateway's window
+    between moving money and writing the ledger row, widened here). Re-sending the key while
+    it is held or running would be a concurrent duplicate, which the gateway credits twice;
+    the client leaves the outcome unknown instead, for the next run to settle from the ledger."""
     deposit = "POST /v1/billing/wallets/finops-admin/deposit"
     key = FINOPS_DEPOSIT_PREFIX + "held"
     with SandboxServer(
-        idempotency_race_window=0.4, faults=FaultConfig(rate=1.0, kinds=(FaultKind.LATE,), hang=0.55, only=(deposit,))
+        idempotency_race_window=0.4, faults=FaultConfig(rate=1.0, kinds=(FaultKind.LATE,), hang=60, only=(deposit,))
     ) as sandbox:
-        harness = FastHarness(sandbox, StateStore(tmp_path / "state.db"), DirectoryKeySink(tmp_path / "secrets"))
-        async with harness.client() as client:
-            attempt = asyncio.create_task(client.deposit("finops-admin", Decimal("10.00"), key))
-            while sandbox.faults.total == 0:
-                await asyncio.sleep(0.01)  # the first attempt is being held: let anything after it through
-            sandbox.faults.configure(None)
-            with pytest.raises(UnknownOutcome, match="not sent again"):
-                await attempt
+        sandbox.faults.gate_late(True)
+        harness = FastHarness(sandbox, StateStore(tmp_path / "state.db"), KeyVault(tmp_path / "secrets"))
+        try:
+            async with harness.client() as client:
+                attempt = asyncio.create_task(client.deposit("finops-admin", Decimal("10.00"), key))
+                while not sandbox.faults.held_late():
+                    await asyncio.sleep(0.01)  # the first attempt is at the gate: let anything after it through
+                sandbox.faults.configure(None)
+                with pytest.raises(UnknownOutcome, match="not sent again"):
+                    await attempt
+            assert sandbox.faults.held_late() == [deposit]  # given up on, and not landed yet
+            landed = sandbox.store.list_transactions("finops-admin", limit=100, offset=0)
+            assert key not in [r.idempotency_key for r in landed]
+        finally:
+            released = sandbox.faults.release_late(run=True)  # now it lands, late
+        assert released == 1
         sandbox.wait_idle()
         wallet = sandbox.store.get_wallet("finops-admin")
         rows = sandbox.store.list_transactions("finops-admin", limit=100, offset=0)

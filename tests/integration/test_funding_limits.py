@@ -24,7 +24,7 @@ from controller.daemon.logs import configure_logging
 from controller.daemon.passes import PassResult, Reconciler
 from controller.daemon.revisions import RevisionLog
 from controller.daemon.source import DirectorySource
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
 from controller.plan import ChangeKind, Plan
 from controller.render import render_markdown, render_text
@@ -32,9 +32,10 @@ from controller.sandbox.server import SandboxServer
 from controller.sandbox.store import to_atomic
 from controller.state import StateStore
 from policies.funding_window import WINDOW_SECONDS, DeferReason
+from policies.keyprint import contains_key_material
 from policies.spec import DesiredState
 from tests.integration.conftest import CANONICAL, Harness
-from tests.integration.test_cli import KEY_PATTERN, finops
+from tests.integration.test_cli import finops
 
 RATE = Decimal(100)  # the sandbox's USD → credits rate
 
@@ -123,7 +124,7 @@ def world_factory(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Factory]:
         store = StateStore(tmp_path / "state" / f"state-{len(opened)}.db", clock=sandbox.clock)
         revisions = RevisionLog(store.path, clock=sandbox.clock)
         opened.append((store, revisions))
-        harness = Harness(sandbox, store, DirectoryKeySink(tmp_path / "secrets"))
+        harness = Harness(sandbox, store, KeyVault(tmp_path / "secrets"))
         logs = io.StringIO()
         reconciler = Reconciler(
             target="sandbox",
@@ -314,7 +315,7 @@ def test_plan_and_status_show_what_is_left_of_the_days_funding_limit(tmp_path: P
         data = json.loads(finops(work, "status", "--format", "json", env=env).stdout)
         assert data["funding"][0]["available"] == "260.00" and "cls-01" in data["flagged"]
         for text in (planned.stdout, applied.stdout, status.stdout, status.stderr):
-            assert not KEY_PATTERN.search(text)
+            assert not contains_key_material(text)
 
 
 def test_schema_documents_the_new_funding_fields(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import sqlite3
 import stat
 import sys
@@ -25,11 +24,10 @@ from controller.keys.rotate import ImportRefused, KeyManagementError, KeyManager
 from controller.keys.vault import QUARANTINE, KeyVault
 from controller.sandbox.server import SandboxServer
 from controller.state import DONE, FAILED, PENDING
-from policies.keyprint import fingerprint, key_prefix
+from policies.keyprint import contains_key_material, fingerprint, key_prefix, redact_keys
 from policies.spec import AgentSpec, DesiredState, FleetSpec, KeyPolicy, KeySinkSpec
 from tests.integration.conftest import Harness
 
-KEY_RE = re.compile(r"a2a_[A-Za-z0-9_]{8,}")
 DAY = 86_400
 
 RECEIVER = """
@@ -55,7 +53,7 @@ class SimulatedCrash(BaseException):
 
 
 def assert_clean(text: str) -> None:
-    assert KEY_RE.search(text) is None, f"key material in: {KEY_RE.sub('<KEY>', text)}"
+    assert not contains_key_material(text), f"key material in: {redact_keys(text)}"
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +74,7 @@ def no_key_material(harness: Harness, caplog: pytest.LogCaptureFixture) -> Itera
     finally:
         db.close()
     for path in harness.store.path.parent.iterdir():
-        assert KEY_RE.search(path.read_bytes().decode("latin-1")) is None, path.name
+        assert not contains_key_material(path.read_bytes().decode("latin-1")), path.name
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from controller.daemon.passes import Reconciler
 from controller.daemon.revisions import RevisionLog
 from controller.daemon.source import DirectorySource
 from controller.keys.rotate import KeyManager
-from controller.keysink import DirectoryKeySink
+from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
 from controller.plan import WEBHOOK_MARKER_PREFIX, ChangeKind
 from controller.sandbox.faults import FaultConfig, FaultKind
@@ -98,7 +98,7 @@ def gated(tmp_path: Path) -> Iterator[Callable[[str], FastHarness]]:
         sandbox.faults.gate_late(True)
         state = StateStore(tmp_path / f"state-{n}" / "state.db")
         opened.append((sandbox, state))
-        return FastHarness(sandbox, state, DirectoryKeySink(tmp_path / f"secrets-{n}"))
+        return FastHarness(sandbox, state, KeyVault(tmp_path / f"secrets-{n}"))
 
     yield make
     for sandbox, _state in opened:
@@ -461,7 +461,7 @@ def test_lost_keys_helper_sees_no_loss_on_a_clean_fleet(tmp_path: Path) -> None:
     """``lost_keys`` (used above) must be able to say "none": a sanity check of the checker."""
     with SandboxServer(db_path=tmp_path / "g.db") as sandbox:
         desired = write_repro_fleet(tmp_path / "m")
-        harness = FastHarness(sandbox, StateStore(tmp_path / "s.db"), DirectoryKeySink(tmp_path / "k"))
+        harness = FastHarness(sandbox, StateStore(tmp_path / "s.db"), KeyVault(tmp_path / "k"))
         try:
             assert asyncio.run(harness.apply(asyncio.run(harness.plan(desired)))).ok
             assert lost_keys(sandbox, harness.sink, desired) == set()

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import time
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from controller.errors import GuardrailViolation
 from controller.gateway.client import GatewayClient
 from controller.manifest.loader import load_manifests
 from controller.plan import ChangeKind, Plan
@@ -117,3 +123,48 @@ async def _plan_at(h: Harness, desired: DesiredState, at: float) -> Plan:
     async with GatewayClient(h.sandbox.url, h.sandbox.admin_key) as client:
         live = await observe(client, desired, target="sandbox", webhooks_owned=True)
     return make_plan(desired, live, build_memory(h.store, desired), now=datetime.fromtimestamp(at, UTC))
+
+
+async def test_a_rebalance_whose_plan_breaks_a_guardrail_writes_nothing_not_even_adjustments(
+    harness: Harness, manifests_dir: Path
+) -> None:
+    desired = load_manifests(manifests_dir)
+    await _converge(harness, desired)
+    before = _daily_caps(harness, desired)
+    logged = _apply_log(harness)
+    _spend(harness, "sum-01", "1.00")
+    _spend(harness, "res-01", "28.50")
+    # A funding target the gateway cannot store (in credits, at its rate) is refused at plan time.
+    fleet_file = manifests_dir / "research-fleet.yaml"
+    text = fleet_file.read_text()
+    assert 'funding: {floor: "20.00", target: "40.00"}' in text
+    fleet_file.write_text(
+        text.replace('funding: {floor: "20.00", target: "40.00"}', 'funding: {floor: "20.00", target: "999999999.00"}')
+    )
+    lowered = load_manifests(manifests_dir)
+    assert (await harness.plan(lowered)).violations
+
+    with pytest.raises(GuardrailViolation, match="rebalanced caps break a guardrail"):
+        await _rebalance(harness, lowered)
+    assert _daily_caps(harness, desired) == before
+    assert harness.store.adjustments() == {}  # not stored: the reconcile loop must not enforce it later
+    assert _apply_log(harness) == logged  # no apply ran
+
+
+async def test_a_rebalance_apply_is_in_the_apply_log(harness: Harness, manifests_dir: Path) -> None:
+    desired = load_manifests(manifests_dir)
+    await _converge(harness, desired)
+    logged = len(_apply_log(harness))
+    _spend(harness, "sum-01", "1.00")
+    _spend(harness, "res-01", "28.50")
+    run = await _rebalance(harness, desired)
+    assert run.applied is not None and run.applied.ok
+    entries = _apply_log(harness)[logged:]
+    caps_set = sum(len(a.applied_kinds) for a in run.applied.agents)
+    assert caps_set >= 2 and all(k is ChangeKind.SET_BUDGET for a in run.applied.agents for k in a.applied_kinds)
+    assert [(e["by"], e["changes"], e["writes"]) for e in entries] == [("rebalance", caps_set, caps_set)]
+
+
+def _apply_log(h: Harness) -> list[dict[str, Any]]:
+    with sqlite3.connect(h.store.path) as db:
+        return [json.loads(row[0]) for row in db.execute("SELECT summary FROM apply_log ORDER BY id")]

@@ -3,17 +3,27 @@ moves budget and the reconcile pass that follows keeps it; rotation and alerts r
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
+
+from controller.alerting.deliver import DEFAULT_POLICY
 from controller.daemon.command import DaemonContext
 from controller.daemon.source import DirectorySource
+from controller.gateway.client import GatewayClient
+from controller.gateway.errors import AuthenticationFailed
 from controller.sandbox.store import to_atomic
 from controller.scheduled import alerts_job, rebalance_job, rotation_job
 from controller.target import Target
-from tests.integration.conftest import Harness
+from tests.integration.conftest import FinopsClock, Harness
 from tests.integration.test_daemon import Rig, budget, rig_factory
+
+GATEWAY_GRACE_S = 300
+"""How long the gateway keeps accepting a rotated-out key (API.md)."""
 
 __all__ = ["rig_factory"]  # the fixture, re-exported for pytest
 
@@ -43,7 +53,18 @@ async def test_rebalance_job_moves_budget_and_the_next_reconcile_keeps_it(
     ctx = _context(rig, harness, tmp_path)
     rig.daemon.add_job("rebalance", rebalance_job(ctx, now=rig.clock), interval_s=60, jitter_s=0)
     rig.daemon.add_job("rotation", rotation_job(ctx), interval_s=3600, jitter_s=0)
-    rig.daemon.add_job("alerts", alerts_job(ctx, now=rig.clock), interval_s=60, jitter_s=0, exclusive=False)
+    looked_up: list[str] = []
+    slept: list[float] = []
+
+    async def no_such_host(host: str, port: int) -> list[str]:  # the receivers do not exist here
+        looked_up.append(host)
+        raise OSError(socket.EAI_NONAME, "Name or service not known")
+
+    async def backoff(seconds: float) -> None:  # recorded, not waited through
+        slept.append(seconds)
+
+    alerts = alerts_job(ctx, now=rig.clock, resolver=no_such_host, sleep=backoff)
+    rig.daemon.add_job("alerts", alerts, interval_s=60, jitter_s=0, exclusive=False)
     assert (await rig.step())["reconcile"].ok
     agents = ("orch-01", "res-01", "res-02", "sum-01", "cls-01")
     before = {a: budget(harness, a) for a in agents}
@@ -62,6 +83,11 @@ async def test_rebalance_job_moves_budget_and_the_next_reconcile_keeps_it(
     # so the alert is queued for retry and the job says so instead of claiming success.
     assert ran["alerts"].result == "partial" and ran["alerts"].fields["fired"] >= 1
     assert "res-01" in ran["alerts"].message and ran["alerts"].fields["pending"] >= 1
+    assert "cannot resolve alerts.example.com" in ran["alerts"].message
+    assert set(looked_up) <= {"alerts.example.com", "pager.example.com"} and "alerts.example.com" in looked_up
+    # the tries within the check backed off as the delivery policy says, without waiting
+    assert len(slept) >= DEFAULT_POLICY.attempts_per_check - 1
+    assert all(0 < seconds <= DEFAULT_POLICY.backoff_max for seconds in slept)
     # The next reconcile pass plans nothing for the caps: it does not fight the rebalancer.
     await rig.step(60)
     assert {a: budget(harness, a) for a in agents} == after
@@ -71,3 +97,38 @@ async def test_rebalance_job_moves_budget_and_the_next_reconcile_keeps_it(
     ran = await rig.step(3600)
     assert ran["rotation"].message.startswith("0 rotated")
     assert rig.sample("finops_keys_due_rotation") == 0
+
+
+async def test_the_scheduled_rotation_job_rotates_the_keys_a_week_later(
+    rig_factory: Callable[..., Rig], manifests_dir: Path, harness: Harness, tmp_path: Path
+) -> None:
+    """The job reads finops' injected clock (and the sandbox its own), so a week passes
+    without waiting: nothing is due on the day the keys were issued, every key a week on."""
+    rig = rig_factory(DirectorySource(manifests_dir))
+    assert (await rig.step())["reconcile"].ok
+    clock = FinopsClock()
+    rotate = rotation_job(replace(_context(rig, harness, tmp_path), clock=clock), now=clock)
+    agents = ("orch-01", "res-01", "res-02", "sum-01", "cls-01")
+    issued = {a: harness.sink.load(a) for a in agents}
+    assert all(issued.values())
+
+    today = await rotate()
+    assert today.ok and today.message.startswith("0 rotated"), today.message
+
+    week = 7 * 24 * 3600 + 3600
+    clock.advance(week)
+    harness.sandbox.clock.advance(week)
+    later = await rotate()
+    assert later.ok and later.message.startswith(f"{len(agents)} rotated"), later.message
+    rotated = {a: harness.sink.load(a) for a in agents}
+    assert all(rotated[a] and rotated[a] != issued[a] for a in agents)
+    harness.sandbox.clock.advance(GATEWAY_GRACE_S + 1)  # the old keys' grace at the gateway ends
+    for agent in agents:
+        new_key, old_key = rotated[agent], issued[agent]
+        assert new_key is not None and old_key is not None
+        async with GatewayClient(harness.sandbox.url, new_key) as own:
+            assert await own.get_balance(agent) is not None  # the new key is the agent's key
+        async with GatewayClient(harness.sandbox.url, old_key, max_attempts=1) as stale:
+            with pytest.raises(AuthenticationFailed):
+                await stale.get_balance(agent)
+    assert rig.sample("finops_keys_due_rotation") == 0  # none due right after rotating

@@ -32,5 +32,10 @@ def test_the_lock_is_released_on_exit_even_after_an_error(tmp_path: Path) -> Non
 
 
 def test_other_state_directories_are_independent(tmp_path: Path) -> None:
-    with writer_lock(tmp_path / "a"), writer_lock(tmp_path / "b"):
-        pass
+    with writer_lock(tmp_path / "a") as held_a, writer_lock(tmp_path / "b") as held_b:
+        assert held_a != held_b
+        assert held_a == lock_path(tmp_path / "a") and held_b == lock_path(tmp_path / "b")
+        # each lock still excludes a second writer on its own directory
+        for directory in ("a", "b"):
+            with pytest.raises(WriterLocked), writer_lock(tmp_path / directory):
+                pass  # pragma: no cover - never entered

@@ -2,50 +2,49 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
-
-from controller.apply import AgentResult
+from controller.apply import AgentResult, Applied, Failed, Skipped, SkipReason, Unknown
 from controller.daemon.passes import PassResult, applied_kinds
-from controller.plan import Change, ChangeArgs, ChangeKind, RegisterArgs, SetBudgetArgs, TopUpArgs
+from controller.plan import ChangeKind
 
-D = Decimal
-ARGS: dict[ChangeKind, ChangeArgs] = {
-    ChangeKind.REGISTER: RegisterArgs(D("500.00")),
-    ChangeKind.TOP_UP: TopUpArgs(D("10.00"), D("0.00"), D("5.00"), D("10.00"), "finops-topup-x"),
-    ChangeKind.SET_BUDGET: SetBudgetArgs(D("1.00"), D("2.00"), D("0.8")),
-}
-
-
-def change(kind: ChangeKind) -> Change:
-    return Change(kind=kind, fleet="research", agent_id="res-01", reason="", diff=(), args=ARGS[kind])
-
-
-ALL = [change(ChangeKind.REGISTER), change(ChangeKind.TOP_UP), change(ChangeKind.SET_BUDGET)]
+REGISTER, TOP_UP, SET_BUDGET = ChangeKind.REGISTER, ChangeKind.TOP_UP, ChangeKind.SET_BUDGET
 
 
 def test_every_change_of_a_successful_agent_counts() -> None:
-    outcome = AgentResult("res-01", applied=["registered", "deposited", "budget set"])
-    assert applied_kinds(ALL, outcome) == ["register", "top_up", "set_budget"]
+    outcome = AgentResult("res-01", [Applied(REGISTER, "registered"), Applied(TOP_UP, "d"), Applied(SET_BUDGET, "b")])
+    assert applied_kinds(outcome) == ["register", "top_up", "set_budget"]
+    assert outcome.ok
 
 
 def test_a_top_up_found_unneeded_does_not_count() -> None:
-    outcome = AgentResult("res-01", applied=["registered", "budget set"], skipped=["skipped top-up: balance is now 80"])
-    assert applied_kinds(ALL, outcome) == ["register", "set_budget"]
+    outcome = AgentResult(
+        "res-01",
+        [
+            Applied(REGISTER, "registered"),
+            Skipped(TOP_UP, SkipReason.NO_LONGER_NEEDED, "whatever the wording"),
+            Applied(SET_BUDGET, "budget set"),
+        ],
+    )
+    assert applied_kinds(outcome) == ["register", "set_budget"]
+    assert outcome.ok and outcome.skipped == ["whatever the wording"]
 
 
 def test_changes_after_a_failure_do_not_count() -> None:
     outcome = AgentResult(
         "res-01",
-        applied=["registered"],
-        skipped=["set_budget (not attempted after the failure)"],
-        error="top_up: gateway 403 forbidden",
+        [
+            Applied(REGISTER, "registered"),
+            Failed(TOP_UP, "gateway 403 forbidden"),
+            Skipped(SET_BUDGET, SkipReason.AFTER_FAILURE, "set_budget (not attempted after the failure)"),
+        ],
     )
-    assert applied_kinds(ALL, outcome) == ["register"]
+    assert applied_kinds(outcome) == ["register"]
+    assert outcome.error == "top_up: gateway 403 forbidden"
 
 
-def test_a_failure_on_the_first_change_counts_nothing() -> None:
-    outcome = AgentResult("res-01", skipped=["top_up (not attempted after the failure)"], error="register: lost")
-    assert applied_kinds(ALL[:2], outcome) == []
+def test_an_unknown_outcome_is_an_error_and_counts_nothing() -> None:
+    outcome = AgentResult("res-01", [Unknown(REGISTER, "lost", "register:res-01")])
+    assert applied_kinds(outcome) == []
+    assert outcome.error == "register: lost" and not outcome.ok
 
 
 def test_the_job_result_carries_what_an_operator_needs() -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from controller.keys.rotate import GRACE_SECONDS, HeldKeyHealth
+from controller.keys.rotate import HeldKeyHealth
 from controller.keys.store import KeyLedger
+from policies.rotation import GRACE_SECONDS
 
 
 class Clock:

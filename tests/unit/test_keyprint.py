@@ -8,7 +8,16 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.keyprint import MIN_SECRET_RUN, REDACTED, looks_like_key_material, redact_keys, secret_part
+from policies.keyprint import (
+    API_KEY_PATTERN,
+    MIN_SECRET_RUN,
+    REDACTED,
+    contains_key_material,
+    is_key_token,
+    looks_like_key_material,
+    redact_keys,
+    secret_part,
+)
 
 TIERS = st.sampled_from(["free", "starter", "pro", "enterprise"])
 SECRETS = st.text(alphabet="0123456789abcdef", min_size=24, max_size=24)
@@ -78,3 +87,21 @@ def test_key_material_detection_for_secret_values() -> None:
     assert looks_like_key_material("pro_fa63aab628959ce3b1ec48a5\n")
     assert looks_like_key_material("prefix a2a_")
     assert not looks_like_key_material("9f" * 32)  # a generated signing secret
+
+
+@given(TIERS, SECRETS, TEXT, TEXT)
+def test_a_key_anywhere_is_key_material_and_a_whole_key_token(tier: str, secret: str, before: str, after: str) -> None:
+    key = f"a2a_{tier}_{secret}"
+    assert is_key_token(key) and API_KEY_PATTERN.fullmatch(key)
+    assert contains_key_material(f"{before} {key} {after}")
+    assert contains_key_material(f"{before} {tier}_{secret} {after}")  # without its a2a_
+    assert redact_keys(f"{before} {key} {after}") != f"{before} {key} {after}"
+
+
+def test_what_is_not_a_key_token_or_key_material() -> None:
+    # (a trailing line break too: the vault writes the key plus one, and must not double it)
+    for value in ("", "a2a_", "a2a_free_00 11", "a2a_free_0011\n", " a2a_x", "free_0011"):
+        assert not is_key_token(value), value
+    # a description of the format, a fingerprint, an idempotency key: nothing to redact
+    for text in ("expected a2a_<tier>_<hex>", "key sha3:705a7926", "finops-topup-" + "ab" * 20):
+        assert not contains_key_material(text) and redact_keys(text) == text, text

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
-from controller.apply import AgentResult, ApplyResult
+from controller.apply import AgentResult, Applied, ApplyResult, Failed, StepOutcome
 from controller.errors import ConfigError, ManifestIssue
 from controller.manifest.schema import Money, port_problem
 from controller.observe import LiveAgent
@@ -148,7 +148,8 @@ def test_plans_and_apply_results_escape_every_string_they_show() -> None:
         assert "evil\\x1b[2J" in text
     row = next(line for line in render_markdown(hostile).splitlines() if line.startswith("| + |"))
     assert row.count(" | ") == 4 and "\\| extra column" in row  # a '|' in a value opens no column
-    result = ApplyResult([AgentResult("res-01", applied=[HOSTILE], error=HOSTILE)], writes=1, reads=0)
+    outcomes: list[StepOutcome] = [Applied(ChangeKind.REGISTER, HOSTILE), Failed(ChangeKind.TOP_UP, HOSTILE)]
+    result = ApplyResult([AgentResult("res-01", outcomes)], writes=1, reads=0)
     out = render_apply_text(result)
     assert "\x1b" not in out and "\u202e" not in out and out.count("\n") == 2  # two lines + verdict
 
