@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from enum import Enum
 from typing import Any
 
@@ -36,7 +35,6 @@ from controller.plan import (
     ChangeKind,
     Plan,
     marked_owner,
-    secret_ref_from_args,
     webhook_owners,
 )
 from controller.secretref import SecretUnavailable, managed_secret_dir, resolve_secret
@@ -46,6 +44,7 @@ from policies.currency import SIGNUP_BONUS_CREDITS
 from policies.funding import top_up_amount
 from policies.funding_window import FundingKind, bonus_ref
 from policies.money import format_money
+from policies.plan_types import CreateWebhookArgs, DeleteWebhookArgs, SetBudgetArgs, TopUpArgs
 from policies.settle import SETTLE_SECONDS, is_settled, parse_settle_seconds, settles_at
 from policies.spec import DesiredState
 
@@ -421,7 +420,8 @@ class Applier:
         recovered = await self.recover_intents()
         by_agent: dict[str, list[Change]] = {}
         for change in plan.changes:
-            if change.kind is ChangeKind.CREATE_WEBHOOK and (change.agent_id, change.args["url"]) in self._adopted:
+            args = change.args
+            if isinstance(args, CreateWebhookArgs) and (change.agent_id, args.url) in self._adopted:
                 continue  # the plan predates recovery, which found this webhook on the gateway
             by_agent.setdefault(change.agent_id, []).append(change)
         results = await self._apply_agents(list(by_agent.items()))
@@ -565,17 +565,17 @@ class Applier:
         """Deposit with the plan's key: one key per funding epoch (``policies.funding``),
         whatever the balance did since the plan, so no two decisions of an epoch can land."""
         agent = change.agent_id
-        args = change.args
-        planned = Decimal(args["amount"])
-        expected = Decimal(args["expected_balance"])
-        key = args["idempotency_key"]
+        args = change.args_as(TopUpArgs)
+        planned = args.amount
+        expected = args.expected_balance
+        key = args.idempotency_key
         balance = await self.client.get_balance(agent)  # re-observe right before moving money
         if balance is None:
             raise AgentStepError(f"{agent} has no wallet; cannot top up")
         if balance == expected:
             amount, adjusted = planned, ""
         else:
-            amount = min(top_up_amount(balance, Decimal(args["floor"]), Decimal(args["target"])), planned)
+            amount = min(top_up_amount(balance, args.floor, args.target), planned)
             if amount <= 0:
                 return Skipped(
                     change.kind,
@@ -626,10 +626,8 @@ class Applier:
             )
 
     async def _set_budget(self, change: Change) -> str:
-        args = change.args
-        daily = Decimal(args["daily_cap"]) if "daily_cap" in args else None
-        monthly = Decimal(args["monthly_cap"]) if "monthly_cap" in args else None
-        threshold = Decimal(args["alert_threshold"])
+        args = change.args_as(SetBudgetArgs)
+        daily, monthly, threshold = args.daily_cap, args.monthly_cap, args.alert_threshold
         await self.client.set_budget(change.agent_id, daily_cap=daily, monthly_cap=monthly, alert_threshold=threshold)
         self.store.record_budget_write(
             change.agent_id, BudgetWrite(daily_cap=daily, monthly_cap=monthly, alert_threshold=threshold)
@@ -639,17 +637,17 @@ class Applier:
         return f"budget set: {fields}{lifted}"
 
     async def _create_webhook(self, change: Change) -> str:
-        args = change.args
+        args = change.args_as(CreateWebhookArgs)
         agent = change.agent_id
         try:
-            secret = resolve_secret(secret_ref_from_args(args), managed_dir=managed_secret_dir(self.store.path))
+            secret = resolve_secret(args.secret, managed_dir=managed_secret_dir(self.store.path))
         except SecretUnavailable as exc:
             raise AgentStepError(str(exc)) from None
-        payload = {"fleet": change.fleet, "url": args["url"], "events": args["events"]}
-        intent_key = f"create_webhook:{agent}:{args['url']}"
+        payload = {"fleet": change.fleet, "url": args.url, "events": ",".join(args.events)}
+        intent_key = f"create_webhook:{agent}:{args.url}"
         self.store.begin_intent(intent_key, "create_webhook", agent, payload, sent_at=self._clock())
         try:
-            hook = await self.client.create_webhook(args["url"], args["events"].split(","), secret, [agent])
+            hook = await self.client.create_webhook(args.url, list(args.events), secret, [agent])
         except GatewayError as exc:
             if refused(exc):
                 self.store.finish_intent(intent_key, FAILED, "refused by the gateway")
@@ -671,7 +669,7 @@ class Applier:
         return f"webhook {hook.id} created for {hook.url}"
 
     async def _delete_webhook(self, change: Change) -> str:
-        hook_id = change.args["webhook_id"]
+        hook_id = change.args_as(DeleteWebhookArgs).webhook_id
         if hook_id not in self.store.managed_webhooks():
             # Not in state: delete only what the live gateway object proves is finops'
             # (marked for this agent's fleet, filtered to exactly this agent).

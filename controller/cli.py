@@ -307,7 +307,7 @@ def apply(
             # not touched (their plan is unknown) and the run says so and exits 1.
             err(
                 f"{len(chosen.errors)} agent(s) could not be observed and were left unchanged:\n  "
-                + "\n  ".join(chosen.errors)
+                + "\n  ".join(map(str, chosen.errors))
             )
             return EXIT_ERROR
         return EXIT_OK if result is None or result.ok else EXIT_ERROR

@@ -12,20 +12,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
-from controller.gateway.models import BudgetStatus, KeyRecord, Webhook
-from policies.currency import CREDITS, to_credits
-from policies.funding import DEPOSIT_KEY_PREFIX, NO_DEPOSIT_EPOCH, top_up_amount
+from policies.currency import CREDITS
+from policies.funding import DEPOSIT_KEY_PREFIX, NO_DEPOSIT_EPOCH, needs_top_up
 from policies.funding_window import ChargeTotal, LedgerRow, in_window, matters, parse_ledger_time
+from policies.live import NEW_WALLET_ANCHOR, LiveAgent, LiveFleet
 from policies.spec import AgentSpec, DesiredState
 
-NEW_WALLET_ANCHOR = NO_DEPOSIT_EPOCH
-"""A wallet that does not exist yet has no finops deposit: the same epoch as an existing
-wallet finops never funded, so registering it in between does not change the key."""
+__all__ = ["NEW_WALLET_ANCHOR", "LedgerRead", "LiveAgent", "LiveFleet", "observe", "observe_agent", "read_ledger"]
+
 LEDGER_PAGE = 100
 """Ledger rows per read; the first page is always read whole, so finops' newest deposit is
 searched in at least the newest 100 rows (an older one is still known from finops' own
@@ -33,44 +32,6 @@ records, ``StateStore.last_deposit_ids``)."""
 LEDGER_MAX_PAGES = 5
 """At most 500 ledger rows per agent and pass (5 reads): enough for a day of an agent that
 is not busy; a busier ledger is read partially and said so (``ledger_complete``)."""
-
-
-@dataclass(frozen=True)
-class LiveAgent:
-    """What the gateway shows for one agent. ``exists`` is false when it has no wallet."""
-
-    agent_id: str
-    exists: bool
-    balance: Decimal | None = None
-    budget: BudgetStatus | None = None
-    ledger_anchor: str | None = None
-    """Ledger id of finops' newest landed deposit among the rows read, or
-    ``NO_DEPOSIT_EPOCH``; read only when a top-up may be needed (else ``None``)."""
-    ledger: tuple[LedgerRow, ...] | None = None
-    """The last 24 h of the ledger (newest first) but its metered charges, read only when a
-    top-up is considered."""
-    ledger_complete: bool = True
-    """False when the 24 h did not fit in ``LEDGER_MAX_PAGES`` pages: outflow is a lower bound."""
-    charges: ChargeTotal | None = None
-    """The ledger's ``charge`` rows of the last 24 h, summed, against the budget's spend."""
-    error: str | None = None
-    """Why this agent could not be observed; the planner skips it and reports it."""
-
-
-@dataclass(frozen=True)
-class LiveFleet:
-    """One observation of the gateway, the planner's only view of the world."""
-
-    target: str
-    agents: Mapping[str, LiveAgent]
-    rates: Mapping[str, Decimal]
-    """Credits per unit of each fleet currency."""
-    key_agents: frozenset[str] = frozenset()
-    """Every agent id that holds a key on the gateway."""
-    admin_agents: frozenset[str] = frozenset()
-    keys: tuple[KeyRecord, ...] = field(default=())
-    webhooks: tuple[Webhook, ...] | None = None
-    """The admin key's own webhooks; ``None`` when no fleet opted in (not read)."""
 
 
 @dataclass(frozen=True)
@@ -115,9 +76,7 @@ async def observe_agent(client: GatewayClient, spec: AgentSpec, rate: Decimal, n
     if balance is None:
         return LiveAgent(agent_id=spec.agent_id, exists=False, ledger_anchor=NEW_WALLET_ANCHOR)
     budget = await client.get_budget(spec.agent_id)
-    floor = to_credits(spec.funding_floor, rate)
-    target = to_credits(spec.funding_target, rate)
-    if top_up_amount(balance, floor, target) > 0:
+    if needs_top_up(spec, balance, rate):
         read = await read_ledger(client, spec.agent_id, time.time() if now is None else now)
         return LiveAgent(
             agent_id=spec.agent_id,

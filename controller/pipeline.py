@@ -65,12 +65,8 @@ class PipelineRun:
 
 def plan_errors_by_agent(plan: Plan) -> dict[str, str]:
     """The agents the plan could not cover (could not be observed, held back by the
-    preflight…), with why. The one place that reads ``Plan.errors``' ``"agent: why"`` form."""
-    out: dict[str, str] = {}
-    for error in plan.errors:
-        agent, _, why = error.partition(":")
-        out[agent] = why.strip()
-    return out
+    preflight…), with why, from the typed ``PlanError`` values."""
+    return {e.agent_id: f"{e.kind.value}: {e.detail}" for e in plan.errors}
 
 
 def applier_for(

@@ -19,7 +19,7 @@ from controller.gateway.client import GatewayClient
 from controller.keys.sinks import KeySink, sink_for
 from controller.keys.vault import KeyVault
 from controller.observe import observe
-from controller.plan import ChangeKind, Memory, Plan, make_plan
+from controller.plan import ChangeKind, Memory, Plan, PlanError, PlanErrorKind, make_plan
 from controller.secretfile import make_private_dirs
 from controller.secretref import (
     SecretRefused,
@@ -166,8 +166,11 @@ def preflight(plan: Plan, desired: DesiredState, key_store: Path) -> Plan:
         errors=(
             *plan.errors,
             *(
-                f"{agent}: not registered: {why}; the gateway shows a new agent's key only once, "
-                "so registering now would lose it"
+                PlanError(
+                    agent,
+                    PlanErrorKind.NOT_REGISTERED,
+                    f"{why}; the gateway shows a new agent's key only once, so registering now would lose it",
+                )
                 for agent, why in sorted(held_back.items())
             ),
         ),

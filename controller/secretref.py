@@ -16,7 +16,6 @@ again at every resolve.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import secrets
@@ -28,6 +27,7 @@ from pathlib import Path
 from controller.errors import ConfigError
 from controller.secretfile import read_secret_file, write_secret_file
 from policies.keyprint import looks_like_key_material
+from policies.keyprint import secret_fingerprint as secret_fingerprint
 from policies.spec import SecretRef
 
 ADMIN_KEY_ENV = "GREENHELIX_API_KEY"
@@ -170,8 +170,3 @@ def resolve_secret(
     if not value:
         raise SecretUnavailable(f"signing secret: file {path} is empty")
     return _checked_value(value, f"file {path}")
-
-
-def secret_fingerprint(value: str) -> str:
-    """A short, non-reversible label for a secret, for plans and status (never the value)."""
-    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:12]

@@ -338,7 +338,8 @@ class Excess:
 
     def __str__(self) -> str:
         if self.dimension == AGENTS:
-            return f"fleet {self.fleet}: +{self.increase:f} agent(s), {self.allowed:f} allowed unattended"
+            # Counts: whole numbers however they were read back (a plan file has "+6.00").
+            return f"fleet {self.fleet}: +{int(self.increase)} agent(s), {int(self.allowed)} allowed unattended"
         if self.dimension == CURRENCY:
             return f"fleet {self.fleet}: its currency changed (amounts cannot be compared)"
         return (

@@ -6,7 +6,9 @@ import hashlib
 from collections.abc import Iterable
 from decimal import Decimal
 
+from policies.currency import to_credits
 from policies.money import ZERO
+from policies.spec import AgentSpec
 
 DEPOSIT_KEY_PREFIX = "finops-topup-"
 """Every deposit finops makes carries an ``Idempotency-Key`` with this prefix; the gateway
@@ -25,6 +27,18 @@ def top_up_amount(balance: Decimal, floor: Decimal, target: Decimal) -> Decimal:
     if balance >= floor:
         return ZERO
     return max(ZERO, target - balance)
+
+
+def wanted_top_up(spec: AgentSpec, balance: Decimal, rate: Decimal) -> Decimal:
+    """Credits an agent's declared floor and target call for at this balance (``rate``:
+    credits per unit of the fleet currency). The one place "needs a top-up" is decided:
+    observe reads the ledger exactly when this is positive, and the planner deposits it
+    (bounded further by the funding window)."""
+    return top_up_amount(balance, to_credits(spec.funding_floor, rate), to_credits(spec.funding_target, rate))
+
+
+def needs_top_up(spec: AgentSpec, balance: Decimal, rate: Decimal) -> bool:
+    return wanted_top_up(spec, balance, rate) > 0
 
 
 def funding_epoch(last_deposit_ids: Iterable[int | None]) -> str:

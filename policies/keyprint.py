@@ -123,3 +123,9 @@ def redact_keys(text: str, known: Iterable[str] = (), replacement: str = REDACTE
 
         text = _HEX_RUN.sub(scrub_run, text)
     return text
+
+
+def secret_fingerprint(value: str) -> str:
+    """A short, non-reversible label for a secret (a webhook signing secret), for plans and
+    status (never the value)."""
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:12]

@@ -9,20 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
+from policies.live import BudgetStatus, KeyRecord, Webhook
 
-@dataclass(frozen=True)
-class BudgetStatus:
-    """``GET .../budget``. Caps are ``None`` when unset; the gateway never returns
-    ``alert_threshold`` here, so it cannot be observed (finops remembers what it wrote)."""
-
-    daily_cap: Decimal | None
-    monthly_cap: Decimal | None
-    daily_spend: Decimal
-    monthly_spend: Decimal
-    daily_pct: float
-    monthly_pct: float
-    alert_triggered: bool
-    cap_exceeded: bool
+__all__ = [
+    "BudgetStatus",
+    "DepositResult",
+    "KeyRecord",
+    "Registration",
+    "Rotation",
+    "Transaction",
+    "Webhook",
+    "WebhookDelivery",
+]
 
 
 @dataclass(frozen=True)
@@ -60,18 +58,6 @@ class Transaction:
 
 
 @dataclass(frozen=True)
-class KeyRecord:
-    """A row of ``GET /v1/infra/keys``; the only handle is the hash prefix."""
-
-    key_hash_prefix: str
-    agent_id: str
-    tier: str
-    scopes: tuple[str, ...]
-    created_at: str
-    revoked: bool
-
-
-@dataclass(frozen=True)
 class Rotation:
     """``POST /v1/infra/keys/rotate``: the new key is shown once; the old one keeps working
     until ``grace_expires_at`` (unix seconds)."""
@@ -82,22 +68,6 @@ class Rotation:
 
     def __repr__(self) -> str:  # keep the key out of reprs, logs and tracebacks
         return f"Rotation(agent_id={self.agent_id!r}, grace_expires_at={self.grace_expires_at})"
-
-
-@dataclass(frozen=True)
-class Webhook:
-    """A row of ``GET /v1/infra/webhooks`` (only the caller's own, active ones). The gateway
-    returns the signing secret in clear; it is kept out of ``repr``."""
-
-    id: str
-    url: str
-    event_types: tuple[str, ...]
-    filter_agent_ids: tuple[str, ...] | None
-    secret: str
-    created_at: str
-
-    def __repr__(self) -> str:
-        return f"Webhook(id={self.id!r}, url={self.url!r}, event_types={self.event_types!r})"
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from controller.gateway.client import MAX_RESPONSE_BYTES, GatewayClient
 from controller.gateway.errors import GatewayError
 from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
-from controller.plan import ChangeKind, Plan
+from controller.plan import ChangeKind, Plan, PlanErrorKind
 from controller.sandbox.server import SandboxServer
 from controller.state import StateStore
 from policies.spec import DesiredState
@@ -290,15 +290,16 @@ def test_a_bad_read_makes_the_agent_unobservable_and_nothing_is_written_for_it(
     read_scenario: ReadScenario, agent: str
 ) -> None:
     route, _ = READ_CASES[agent]
-    errors = [e for e in read_scenario.plan.errors if e.startswith(f"{agent}:")]
+    errors = [e for e in read_scenario.plan.errors if e.agent_id == agent]
     assert len(errors) == 1, read_scenario.plan.errors
-    assert "could not observe: gateway" in errors[0] and f"/{agent}/{route}" in errors[0]
+    assert errors[0].kind is PlanErrorKind.UNOBSERVED
+    assert errors[0].detail.startswith("gateway") and f"/{agent}/{route}" in errors[0].detail
     assert not [c for c in read_scenario.plan.changes if c.agent_id == agent]
     assert read_scenario.adversary.writes_for(agent) == []
 
 
 def test_bad_reads_leave_the_rest_of_the_fleet_planned_and_write_nothing(read_scenario: ReadScenario) -> None:
-    assert not [e for e in read_scenario.plan.errors if e.startswith("bystander:")]
+    assert not [e for e in read_scenario.plan.errors if e.agent_id == "bystander"]
     kinds = {c.kind for c in read_scenario.plan.changes if c.agent_id == "bystander"}
     assert kinds == {ChangeKind.TOP_UP, ChangeKind.SET_BUDGET}
     assert read_scenario.result.ok, read_scenario.result.to_dict()

@@ -105,7 +105,7 @@ def test_crash_around_a_deposit_converges_without_double_funding(
     canonical = unlimited(canonical)
     first = asyncio.run(harness.plan(canonical))
     key = next(
-        c.args["idempotency_key"] for c in first.changes if c.kind is ChangeKind.TOP_UP and c.agent_id == "sum-01"
+        c.args.idempotency_key for c in first.changes if c.kind is ChangeKind.TOP_UP and c.agent_id == "sum-01"
     )
     crashed_apply(harness, canonical, point, "sum-01")
     assert "sum-01" in [i.agent_id for i in harness.store.intents(status="pending", kind="deposit")]
@@ -127,7 +127,7 @@ def test_crash_around_a_deposit_converges_without_double_funding(
         retry = asyncio.run(harness.plan(canonical))  # resolved first (as `finops apply` does), then planned
         assert any("sum-01: deposit" in note and "never landed" in note for note in harness.notes)
         top_up = next(c for c in retry.changes if c.kind is ChangeKind.TOP_UP and c.agent_id == "sum-01")
-        assert top_up.args["idempotency_key"] == key  # the same epoch, the same key
+        assert top_up.args.idempotency_key == key  # the same epoch, the same key
         result = asyncio.run(harness.apply(retry))
     else:
         assert any("had landed" in note for note in result.recovered)
@@ -174,7 +174,7 @@ async def test_saved_deposit_key_is_reused_after_a_crash_before_sending(
 ) -> None:
     first = await harness.plan(canonical)
     second = await harness.plan(canonical)
-    keys = [c.args["idempotency_key"] for c in first.changes if c.kind is ChangeKind.TOP_UP]
-    assert keys == [c.args["idempotency_key"] for c in second.changes if c.kind is ChangeKind.TOP_UP]
+    keys = [c.args.idempotency_key for c in first.changes if c.kind is ChangeKind.TOP_UP]
+    assert keys == [c.args.idempotency_key for c in second.changes if c.kind is ChangeKind.TOP_UP]
     assert len(set(keys)) == len(keys)
     assert Decimal(first.summary()["top_up_credits"]) == sum(TARGET_CREDITS.values()) - 5 * Decimal("500")

@@ -405,7 +405,7 @@ async def test_a_deposit_of_unknown_outcome_counts_until_proven_not_landed(
     [window] = settled.funding
     assert window.used == Decimal("4000.00")  # released: proven never landed
     # The same decisions again (same funding epoch, same key), each counted once.
-    assert [c.args["amount"] for c in settled.changes if c.kind is ChangeKind.TOP_UP] == ["1500.00", "1500.00"]
+    assert [str(c.args.amount) for c in settled.changes if c.kind is ChangeKind.TOP_UP] == ["1500.00", "1500.00"]
     assert window.planned == Decimal("3000.00") and not settled.deferred
 
     second = await world.harness.apply(settled)

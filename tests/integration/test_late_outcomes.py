@@ -151,7 +151,7 @@ async def test_the_issue_repro_a_late_deposit_is_never_made_twice(
     desired = write_repro_fleet(tmp_path / "m")
     harness = gated("/deposit")
     first_plan = await harness.plan(desired)
-    keys = {c.agent_id: c.args["idempotency_key"] for c in first_plan.changes if c.kind is ChangeKind.TOP_UP}
+    keys = {c.agent_id: c.args.idempotency_key for c in first_plan.changes if c.kind is ChangeKind.TOP_UP}
     first = await harness.apply(first_plan)
     await wait_held(harness, 2)
     assert all(a.error and "deposit" in a.error for a in first.agents), first.to_dict()
@@ -189,9 +189,9 @@ async def test_a_late_deposit_proven_lost_after_the_settle_time_is_made_once_wit
     desired = write_repro_fleet(tmp_path / "m")
     harness = gated("/deposit")
     keys = {
-        c.agent_id: c.args["idempotency_key"]
+        c.agent_id: c.args.idempotency_key
         for c in (await harness.plan(desired)).changes
-        if c.args.get("idempotency_key")
+        if getattr(c.args, "idempotency_key", None)
     }
     await harness.apply(await harness.plan(desired))
     await wait_held(harness, 2)
@@ -207,7 +207,7 @@ async def test_a_late_deposit_proven_lost_after_the_settle_time_is_made_once_wit
     clock(harness).advance(2)  # past the settle time: a fresh look still finds nothing
     plan = await harness.plan(desired)
     assert any("never landed" in note for note in harness.notes)
-    retried = {c.agent_id: c.args["idempotency_key"] for c in plan.changes if c.kind is ChangeKind.TOP_UP}
+    retried = {c.agent_id: c.args.idempotency_key for c in plan.changes if c.kind is ChangeKind.TOP_UP}
     assert retried == keys  # one decision, one key, whatever the ledger did (the bonus landed)
     assert (await harness.apply(plan)).ok
     for agent in AGENTS:
@@ -359,7 +359,8 @@ async def test_only_provably_finops_webhooks_are_adopted(gated: Callable[[str], 
             create([f"{WEBHOOK_MARKER_PREFIX}other-fleet"], ["res-01"]),
         ]
     plan = await harness.plan(canonical)
-    assert [(c.kind, c.args.get("webhook_id")) for c in plan.changes] == [(ChangeKind.DELETE_WEBHOOK, duplicate)]
+    deletes = [(c.kind, getattr(c.args, "webhook_id", None)) for c in plan.changes]
+    assert deletes == [(ChangeKind.DELETE_WEBHOOK, duplicate)]
     assert (
         any(duplicate in w and "adopted" in w for w in plan.warnings) or duplicate in harness.store.managed_webhooks()
     )

@@ -81,7 +81,7 @@ async def test_busy_agent_borrows_from_idle_one_total_unchanged_and_reconcile_ke
         http.put("/v1/billing/wallets/res-01/budget", json={"daily_cap": "9000.00", "monthly_cap": "60000.00"})
     drift = await harness.plan(desired)
     [change] = [c for c in drift.changes if c.kind is ChangeKind.SET_BUDGET]
-    assert change.agent_id == "res-01" and change.args["daily_cap"] == f"{after['res-01'] * RATE:.2f}"
+    assert change.agent_id == "res-01" and str(change.args.daily_cap) == f"{after['res-01'] * RATE:.2f}"
     assert "rebalanc" in change.reason
 
 

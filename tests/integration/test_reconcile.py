@@ -88,7 +88,7 @@ async def test_spent_wallet_below_floor_is_topped_up_to_target_once(harness: Har
     harness.spend("cls-01", Decimal("2500.00"))  # metered spend (a withdrawal is not refunded: test_funding_limits)
     plan = await harness.plan(canonical)
     [change] = plan.changes
-    assert change.kind is ChangeKind.TOP_UP and change.args["amount"] == "2500.00"
+    assert change.kind is ChangeKind.TOP_UP and str(change.args.amount) == "2500.00"
     assert (await harness.apply(plan)).ok
     assert balance(harness, "cls-01") == TARGET_CREDITS["cls-01"]
     assert len(deposits(harness, "cls-01")) == 2  # the initial funding and this top-up, with distinct keys

@@ -108,7 +108,7 @@ async def test_removed_agent_webhook_is_pruned_only_when_asked_and_foreign_hooks
     pruning = await harness.plan(desired, prune=True)
     deletes = [c for c in pruning.changes if c.kind is ChangeKind.DELETE_WEBHOOK]
     assert [c.agent_id for c in deletes] == ["cls-01"]
-    assert deletes[0].args["webhook_id"] != lookalike["id"]
+    assert deletes[0].args.webhook_id != lookalike["id"]
     assert (await harness.apply(pruning)).ok
     left = {h["id"] for h in _hooks(harness)}
     assert foreign["id"] in left and lookalike["id"] in left

@@ -8,8 +8,11 @@ from policies.funding import (
     NO_DEPOSIT_EPOCH,
     deposit_idempotency_key,
     funding_epoch,
+    needs_top_up,
     top_up_amount,
+    wanted_top_up,
 )
+from policies.spec import AgentSpec
 
 cents = st.decimals(min_value=0, max_value=10**7, places=2, allow_nan=False, allow_infinity=False)
 
@@ -63,3 +66,24 @@ def test_a_landed_deposit_starts_a_new_epoch_and_a_new_key(first: int, gap: int)
     after = deposit_idempotency_key("f", "a", funding_epoch([first, first + gap]))
     assert before != after
     assert deposit_idempotency_key("f", "a", funding_epoch([])) == deposit_idempotency_key("f", "a", NO_DEPOSIT_EPOCH)
+
+
+def _spec(floor: str, target: str) -> AgentSpec:
+    return AgentSpec("a", "f", "t", Decimal("1"), Decimal("1"), Decimal(floor), Decimal(target), ())
+
+
+@given(cents, st.sampled_from([Decimal("1"), Decimal("100"), Decimal("0.5")]))
+def test_one_decision_of_needs_a_top_up_in_credits_for_observe_and_planner(balance: Decimal, rate: Decimal) -> None:
+    """``observe`` reads the ledger exactly when ``needs_top_up``; the planner deposits
+    ``wanted_top_up``: both are the floor/target rule on the credit amounts."""
+    spec = _spec("40.00", "75.00")
+    floor, target = Decimal("40.00") * rate, Decimal("75.00") * rate
+    wanted = wanted_top_up(spec, balance, rate)
+    assert wanted == top_up_amount(balance, floor, target)
+    assert needs_top_up(spec, balance, rate) is (wanted > 0) is (balance < floor)
+
+
+def test_needs_a_top_up_at_the_floor_boundary() -> None:
+    spec = _spec("40.00", "75.00")
+    assert not needs_top_up(spec, Decimal("4000.00"), Decimal("100"))
+    assert wanted_top_up(spec, Decimal("3999.99"), Decimal("100")) == Decimal("3500.01")

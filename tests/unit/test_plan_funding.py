@@ -49,7 +49,7 @@ def test_funding_in_the_last_24_h_cuts_the_top_up_and_defers_the_rest() -> None:
     state = with_limit("100.00", agent("res-01"))
     plan = make_plan(state, live(poor("res-01")), memory, now=WHEN)
     [change] = [c for c in plan.changes if c.kind is ChangeKind.TOP_UP]
-    assert change.args["amount"] == "6000.00"  # 10000 limit - 4000 used; 6500 wanted
+    assert str(change.args.amount) == "6000.00"  # 10000 limit - 4000 used; 6500 wanted
     [window] = plan.funding
     assert (window.limit, window.used, window.planned, window.left) == (D("10000.00"), D("4000.00"), D("6000.00"), 0)
     [deferred] = plan.deferred
@@ -57,13 +57,13 @@ def test_funding_in_the_last_24_h_cuts_the_top_up_and_defers_the_rest() -> None:
     full = make_plan(with_limit("1000.00", agent("res-01")), live(poor("res-01")), memory, now=WHEN)
     [uncut] = [c for c in full.changes if c.kind is ChangeKind.TOP_UP]
     # One funding decision, one key (the funding epoch's), cut or not: they can never both land.
-    assert uncut.args["amount"] == "6500.00" and uncut.args["idempotency_key"] == change.args["idempotency_key"]
+    assert str(uncut.args.amount) == "6500.00" and uncut.args.idempotency_key == change.args.idempotency_key
 
 
 def test_funding_older_than_24_h_no_longer_counts() -> None:
     memory = replace(CONVERGED_MEMORY, funding_events=(deposit("k1", "10000.00", WINDOW_SECONDS),))
     plan = make_plan(with_limit("100.00", agent("res-01")), live(poor("res-01")), memory, now=WHEN)
-    assert [c.args["amount"] for c in plan.changes if c.kind is ChangeKind.TOP_UP] == ["6500.00"]
+    assert [str(c.args.amount) for c in plan.changes if c.kind is ChangeKind.TOP_UP] == ["6500.00"]
     assert not plan.deferred
 
 
@@ -91,7 +91,9 @@ def test_registrations_count_their_signup_bonus_and_wait_when_it_does_not_fit() 
 def test_the_per_run_ceiling_counts_signup_bonuses() -> None:
     agents = [agent(f"new-{i}", floor="1.00", target="2.00") for i in range(3)]
     plan = make_plan(
-        desired(*agents, ceiling="0.00"), live(*[LiveAgent(a.agent_id, exists=False) for a in agents]), Memory()
+        desired(*agents, ceiling="0.00"), live(*[LiveAgent(a.agent_id, exists=False) for a in agents]),
+        Memory(),
+        now=WHEN,
     )
     [violation] = plan.violations
     assert violation.rule == "funding-ceiling" and "15.00 USD" in violation.message
@@ -114,14 +116,14 @@ def test_unexplained_outflow_is_refunded_up_to_the_declared_limit() -> None:
     ledger = (LedgerRow(D("-6500.00"), "withdrawal", None, NOW - 30),)
     plan = make_plan(desired(spec), live(poor("res-01", ledger=ledger)), CONVERGED_MEMORY, now=WHEN)
     [top_up] = [c for c in plan.changes if c.kind is ChangeKind.TOP_UP]
-    assert top_up.args["amount"] == "1500.00"  # 8000 allowed - 6500 already gone
+    assert str(top_up.args.amount) == "1500.00"  # 8000 allowed - 6500 already gone
     assert not plan.outflow[0].refunding_stopped
 
 
 def test_metered_spend_is_not_unexplained() -> None:
     ledger = tuple(LedgerRow(D("-100.00"), "charge", None, NOW - i) for i in range(65))
     plan = make_plan(desired(agent("res-01")), live(poor("res-01", ledger=ledger)), CONVERGED_MEMORY, now=WHEN)
-    assert not plan.outflow and [c.args["amount"] for c in plan.changes] == ["6500.00"]
+    assert not plan.outflow and [str(c.args.amount) for c in plan.changes] == ["6500.00"]
 
 
 def test_ledger_shows_finops_credits_a_fresh_state_does_not_know() -> None:
@@ -131,7 +133,7 @@ def test_ledger_shows_finops_credits_a_fresh_state_does_not_know() -> None:
     )
     plan = make_plan(with_limit("50.00", agent("res-01")), live(poor("res-01", ledger=ledger)), Memory(), now=WHEN)
     assert plan.funding[0].used == D("3500.00")
-    assert [c.args["amount"] for c in plan.changes if c.kind is ChangeKind.TOP_UP] == ["1500.00"]
+    assert [str(c.args.amount) for c in plan.changes if c.kind is ChangeKind.TOP_UP] == ["1500.00"]
     memory = Memory(funding_events=(deposit("finops-topup-abc", "3000.00", 600),))
     again = make_plan(with_limit("50.00", agent("res-01")), live(poor("res-01", ledger=ledger)), memory, now=WHEN)
     assert again.funding[0].used == D("3500.00")  # the same deposit seen twice counts once

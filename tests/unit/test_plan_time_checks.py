@@ -17,7 +17,7 @@ from controller.apply import AgentResult, Applied, ApplyResult, Failed, StepOutc
 from controller.errors import ConfigError, ManifestIssue
 from controller.manifest.schema import Money, port_problem
 from controller.observe import LiveAgent
-from controller.plan import ChangeKind, Memory, make_plan
+from controller.plan import ChangeKind, Memory, PlanErrorKind, make_plan
 from controller.render import render_apply_text, render_markdown, render_text
 from controller.target import open_target
 from policies.currency import to_credits
@@ -25,7 +25,7 @@ from policies.display import escape_controls, escape_lines
 from policies.guardrails import check_gateway_range
 from policies.money import GATEWAY_MAX_AMOUNT, GATEWAY_MAX_DEPOSIT, out_of_gateway_range
 from policies.spec import GatewayWebhookSpec, SecretRef
-from tests.unit.test_plan import agent, desired, live
+from tests.unit.test_plan import WHEN, agent, desired, live
 
 D = Decimal
 NEW = LiveAgent("res-01", exists=False, ledger_anchor="new")
@@ -62,7 +62,7 @@ def test_caps_beyond_the_gateway_range_at_the_live_rate_refuse_the_plan_before_a
     """A 1e9 USD monthly cap validates (it fits in USD) but is 1e11 credits at 100 per USD:
     registering the agent and then failing to cap it is exactly what must not happen."""
     huge = agent("res-01", monthly="1000000000.00")
-    plan = make_plan(desired(huge, total="2000000000.00"), live(NEW), Memory())
+    plan = make_plan(desired(huge, total="2000000000.00"), live(NEW), Memory(), now=WHEN)
     assert plan.changes == ()  # not even the register
     (violation,) = plan.violations
     assert violation.rule == "amount-range" and "res-01: monthly cap in credits 100000000000.00" in violation.message
@@ -70,9 +70,9 @@ def test_caps_beyond_the_gateway_range_at_the_live_rate_refuse_the_plan_before_a
 
 def test_a_top_up_over_the_per_deposit_limit_is_refused_not_split() -> None:
     rich = agent("res-01", floor="20000000.00", target="20000000.00")  # 2e9 credits
-    plan = make_plan(desired(rich, ceiling="90000000.00"), live(NEW), Memory())
+    plan = make_plan(desired(rich, ceiling="90000000.00"), live(NEW), Memory(), now=WHEN)
     top_up = next(c for c in plan.changes if c.kind is ChangeKind.TOP_UP)
-    assert D(top_up.args["amount"]) > GATEWAY_MAX_DEPOSIT
+    assert top_up.args.amount > GATEWAY_MAX_DEPOSIT
     assert [v.rule for v in plan.violations] == ["deposit-limit"]
     assert "over the gateway's per-deposit maximum 1000000000.00" in plan.violations[0].message
 
@@ -82,6 +82,7 @@ def test_the_admin_agent_is_never_capped_or_funded() -> None:
         desired(agent("ops-admin"), agent("res-01")),
         live(LiveAgent("ops-admin", exists=True, balance=D("0.00")), NEW, admins=frozenset({"ops-admin"})),
         Memory(),
+        now=WHEN,
     )
     assert all(c.agent_id != "ops-admin" for c in plan.changes)
     assert [v.rule for v in plan.violations] == ["admin-agent"]
@@ -100,12 +101,13 @@ def test_an_unusable_webhook_secret_is_a_plan_error_for_that_agent_only() -> Non
     memory = Memory(secret_problems={secret: "signing secret: cannot read /etc: is a directory, not a regular file"})
     fleet = live(NEW)
     fleet = type(fleet)(**{**fleet.__dict__, "webhooks": ()})
-    plan = make_plan(desired(hooked), fleet, memory)
+    plan = make_plan(desired(hooked), fleet, memory, now=WHEN)
     assert ChangeKind.CREATE_WEBHOOK not in [c.kind for c in plan.changes]
     assert [c.kind for c in plan.changes] == [ChangeKind.REGISTER, ChangeKind.SET_BUDGET, ChangeKind.TOP_UP]
-    assert plan.errors == (
+    assert [str(e) for e in plan.errors] == [
         "res-01: gateway webhook not planned: signing secret: cannot read /etc: is a directory, not a regular file",
-    )
+    ]
+    assert [(e.agent_id, e.kind) for e in plan.errors] == [("res-01", PlanErrorKind.WEBHOOK_NOT_PLANNED)]
 
 
 # --- escaping ----------------------------------------------------------------------------------
@@ -131,7 +133,7 @@ def test_error_lines_escape_what_the_manifest_said() -> None:
 
 
 def test_plans_and_apply_results_escape_every_string_they_show() -> None:
-    plan = make_plan(desired(agent("res-01")), live(NEW), Memory())
+    plan = make_plan(desired(agent("res-01")), live(NEW), Memory(), now=WHEN)
     change = plan.changes[0]
     hostile = type(plan)(
         **{
