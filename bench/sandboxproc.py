@@ -17,7 +17,7 @@ from types import TracebackType
 
 import httpx
 
-from controller.secretfile import read_secret_file
+from controller.io.secretfile import read_secret_file
 
 _LISTENING = re.compile(r"listening on (http://[^\s,]+)")
 _START_TIMEOUT_S = 30.0

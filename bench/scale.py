@@ -45,11 +45,11 @@ import httpx
 from bench.fleetgen import write_fleet
 from bench.rawload import encode_get, hammer
 from bench.sandboxproc import SandboxProcess
-from controller.apply import Applier
 from controller.gateway.client import GatewayClient
 from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
-from controller.reconcile import observe_and_plan
+from controller.reconcile.apply import Applier
+from controller.reconcile.decide import observe_and_plan
 from controller.state import StateStore
 
 REPO = Path(__file__).resolve().parent.parent

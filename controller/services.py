@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from controller.gateway.client import ClientObserver, GatewayClient
+from controller.io.target import Target
 from controller.keys.vault import KeyVault
 from controller.state import StateStore
-from controller.target import Target
 
 if TYPE_CHECKING:
-    from controller.cliopts import TargetOptions
+    from controller.cli.options import TargetOptions
     from controller.keys.rotate import KeyManager
 
 AGENT_CLIENT_ATTEMPTS = 3

@@ -1,6 +1,6 @@
 """One observation of the gateway: the planner's only view of the world, as pure values.
 
-``controller.observe`` reads the gateway into these; ``controller.gateway.models`` re-exports
+``controller.reconcile.observe`` reads the gateway into these; ``controller.gateway.models`` re-exports
 the gateway value models the planner reads (``BudgetStatus``, ``KeyRecord``, ``Webhook``).
 """
 

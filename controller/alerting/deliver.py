@@ -38,7 +38,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from controller.alerting.guard import AddressRefused, GuardedTransport, Resolver, system_resolver
 from controller.alerting.store import DELIVERED, GAVE_UP, REFUSED, AlertStore, OutboxRow
 from controller.errors import ConfigError
-from controller.secretref import resolve_secret
+from controller.io.secretref import resolve_secret
 from policies.alerts import ALERT_ID_HEADER, SIGNATURE_HEADER, redact_url, sign
 from policies.spec import SecretRef
 from policies.urls import check_url_safety

@@ -2,7 +2,7 @@
 
 Public API: ``run`` (the click command), ``Daemon`` (``add_job``, ``request``,
 ``run_pending``/``step``, ``serve``), ``JobResult``, ``writer_lock``, ``DaemonMetrics``,
-``DaemonContext`` (what the scheduled jobs of ``controller.scheduled`` are built from).
+``DaemonContext`` (what the scheduled jobs of ``controller.daemon.scheduled`` are built from).
 
 The names are loaded on first use (PEP 562): importing ``controller.daemon.lock`` (the
 writer lock every writing command takes) must not load the scheduler (APScheduler) or the

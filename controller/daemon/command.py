@@ -1,7 +1,7 @@
 """``finops run``: the long-lived reconcile daemon (or one pass with ``--once``).
 
 Wiring only: take the writer lock, open the target, build the source, reconciler, metrics
-and daemon, add the scheduled jobs (``job_factories``), serve. Exit codes follow ``controller.cliopts``:
+and daemon, add the scheduled jobs (``job_factories``), serve. Exit codes follow ``controller.cli.options``:
 0 after a graceful stop (or a clean ``--once`` pass, where a job with nothing to do counts as
 clean), 1 on errors, a failed or partial ``--once`` pass, a refused newest revision, a stop
 that had to cancel jobs after ``--stop-timeout``, or when another writer holds the state
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from controller.cliopts import DEFAULT_PATH, TargetOptions, run_command, target_options
+from controller.cli.options import DEFAULT_PATH, TargetOptions, run_command, target_options
 from controller.daemon.lock import writer_lock
 from controller.daemon.logs import configure_logging, log_event
 from controller.daemon.metrics import DaemonMetrics, GatewayErrorCounter, MetricsServer
@@ -30,10 +30,10 @@ from controller.daemon.scheduler import DEFAULT_STOP_TIMEOUT_S, Daemon
 from controller.daemon.source import DirectorySource, GitSource, ManifestSource
 from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
+from controller.io.target import Target
 from controller.keys.vault import KeyVault
 from controller.services import Services
 from controller.state import StateStore
-from controller.target import Target
 from policies.spec import DesiredState
 
 STATUS_FILE = "daemon-status.json"
@@ -67,7 +67,7 @@ JobFactory = Callable[[DaemonContext], None]
 def job_factories() -> tuple[JobFactory, ...]:
     """The jobs every daemon ``finops run`` starts runs besides the reconcile pass, listed
     explicitly (nothing registers itself on import)."""
-    from controller.scheduled import scheduled_jobs  # alerting, keys, rebalancing: loaded by `run` only
+    from controller.daemon.scheduled import scheduled_jobs  # alerting, keys, rebalancing: loaded by `run` only
 
     return (scheduled_jobs,)
 

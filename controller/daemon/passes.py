@@ -30,9 +30,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from controller import approval
-from controller.apply import AgentResult
-from controller.blocking import off_loop
 from controller.daemon.backoff import AgentBackoff
 from controller.daemon.jobs import ERROR, OK, PARTIAL, JobResult
 from controller.daemon.logs import log_event
@@ -41,13 +38,16 @@ from controller.daemon.revisions import RevisionLog
 from controller.daemon.source import ManifestSource, SourceError
 from controller.errors import FinopsError, ManifestError
 from controller.gateway.client import GatewayClient
+from controller.io.blocking import off_loop
 from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
-from controller.pipeline import PlanRefused, apply_plan, only, plan_errors_by_agent
-from controller.plan import Plan
-from controller.reconcile import observe_and_plan
+from controller.reconcile import approval
+from controller.reconcile.apply import AgentResult
+from controller.reconcile.decide import observe_and_plan
+from controller.reconcile.pipeline import PlanRefused, apply_plan, only, plan_errors_by_agent
 from controller.state import StateStore
 from policies.exposure import ExposureReview, exposure_of, review
+from policies.plan_types import Plan
 from policies.spec import DesiredState
 
 REFUSED = "refused"

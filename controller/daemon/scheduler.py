@@ -53,7 +53,7 @@ from controller.daemon.metrics import DaemonMetrics
 from controller.daemon.passes import PassResult, Reconciler, record_pass
 from controller.errors import FinopsError
 from controller.exitcodes import EXIT_ERROR, EXIT_OK
-from controller.secretfile import write_secret_file
+from controller.io.secretfile import write_secret_file
 
 MISFIRE_GRACE_TIME: float | None = None
 """Late runs are never dropped; see the module docstring."""

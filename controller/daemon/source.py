@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from controller.blocking import off_loop
 from controller.daemon.logs import redact
 from controller.errors import FinopsError, ManifestError
+from controller.io.blocking import off_loop
+from controller.io.safefile import TooLarge, read_bounded
 from controller.manifest.loader import MAX_FILE_BYTES, manifest_files
-from controller.safefile import TooLarge, read_bounded
 from policies.urls import is_loopback_host
 
 GIT_TIMEOUT_S = 120.0

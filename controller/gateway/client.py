@@ -173,7 +173,7 @@ class GatewayClient:
                 "Accept-Encoding": "identity",
             },
             "limits": httpx.Limits(max_connections=1, max_keepalive_connections=1),
-            # Plain http is allowed only to loopback (or by explicit opt-in, controller/target.py):
+            # Plain http is allowed only to loopback (or by explicit opt-in, controller/io/target.py):
             # an HTTP_PROXY from the environment would carry the admin key in clear to the proxy.
             "trust_env": not self.base_url.lower().startswith("http://"),
         }

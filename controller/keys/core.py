@@ -41,7 +41,7 @@ class KeyManagerCore:
         command_timeout: float = DEFAULT_COMMAND_TIMEOUT_S,
         settle_seconds: float | None = None,
     ) -> None:
-        from controller.apply import configured_settle_seconds  # apply is the settle time's owner
+        from controller.reconcile.apply import configured_settle_seconds  # apply is the settle time's owner
 
         self.client = client
         self.store = store

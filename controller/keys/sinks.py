@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Protocol
 
 from controller.errors import FinopsError
+from controller.io.secretfile import write_secret_file
 from controller.keys.vault import KeyVault, key_path
 from controller.manifest.keyscan import REDACTED, looks_like_key, redact
-from controller.secretfile import write_secret_file
 from policies.keyprint import contains_secret_fragment, fingerprint, redact_keys
 from policies.spec import KeySinkSpec
 

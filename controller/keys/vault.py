@@ -6,7 +6,7 @@ Layout (the same as before key management existed, so existing secrets dirs keep
     <dir>/<agent>.key              the agent's current key (0600)
     <dir>/quarantine/<agent>.key   a key finops holds but does not deliver (emergency stop)
 
-Every write is atomic and fsynced (``controller.secretfile``) before the caller moves on.
+Every write is atomic and fsynced (``controller.io.secretfile``) before the caller moves on.
 The directory is created 0700 whatever the umask, and refused (``UnsafeSecretPath``) when
 another user could write to it or it is a symlink; a key file that is not finops' own
 regular 0600 file is refused before it is read. The check runs when the vault is opened,
@@ -19,14 +19,14 @@ import os
 import re
 from pathlib import Path
 
-from controller.secretfile import (
+from controller.io.secretfile import (
     check_private_dir,
     check_private_file,
     make_private_dirs,
     read_secret_file,
     write_secret_file,
 )
-from controller.secretref import protect_secret_path
+from controller.io.secretref import protect_secret_path
 from policies.keyprint import is_key_token, key_prefix
 
 _SAFE_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,127}$")

@@ -20,8 +20,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 from yaml.nodes import ScalarNode
 
-from controller import safefile
 from controller.errors import ManifestError, ManifestIssue
+from controller.io import safefile
 from controller.manifest import keyscan
 from controller.manifest.messages import allowed_fields, message_for, show
 from controller.manifest.nodes import Document, Loc, dotted, line_of, locate, parse_yaml

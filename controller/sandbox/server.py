@@ -19,13 +19,13 @@ from types import TracebackType
 import uvicorn
 
 from controller.errors import ConfigError
+from controller.io.secretfile import read_secret_file, write_secret_file
 from controller.sandbox.app import create_app
 from controller.sandbox.clock import MutableClock
 from controller.sandbox.faults import AbortableH11Protocol, FaultConfig, FaultInjector
 from controller.sandbox.gateway import WebhookDeliverer
 from controller.sandbox.records import WalletExists, hash_key
 from controller.sandbox.store import SandboxStore as SandboxStore
-from controller.secretfile import read_secret_file, write_secret_file
 from policies.keyprint import fingerprint
 
 ADMIN_AGENT_ID = "finops-admin"

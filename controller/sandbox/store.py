@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from controller.io.secretfile import private_file
 from controller.sandbox.records import (
     ATOMIC_PER_CREDIT,
     DEFAULT_SCOPES,
@@ -52,7 +53,6 @@ from controller.sandbox.records import (
     to_atomic,
 )
 from controller.sandbox.stats import RequestStats
-from controller.secretfile import private_file
 
 _RATE_EVENT_HORIZON_S = 3600.0
 _RATE_PURGE_EVERY = 5000

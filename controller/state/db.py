@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controller.errors import ConfigError
-from controller.secretfile import private_file
+from controller.io.secretfile import private_file
 
 BUSY_TIMEOUT_MS = 30_000
 """How long a writer waits for another connection's write transaction (daemon + CLI)."""

@@ -23,7 +23,7 @@ class IntentKind(StrEnum):
 
 class Resolver(StrEnum):
     APPLY = "apply"
-    """``controller.apply.Applier.recover_intents``: ledger rows, wallets, webhooks."""
+    """``controller.reconcile.apply.Applier.recover_intents``: ledger rows, wallets, webhooks."""
     KEYS = "keys"
     """``controller.keys.rotate.KeyManager.recover``: vault, live key list, orphans."""
 

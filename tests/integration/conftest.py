@@ -13,16 +13,16 @@ from typing import Any
 import httpx
 import pytest
 
-from controller.apply import ApplyResult, FaultHook
 from controller.gateway.client import GatewayClient
 from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
-from controller.pipeline import applier_for, execute
-from controller.plan import Plan
-from controller.reconcile import observe_and_plan
+from controller.reconcile.apply import ApplyResult, FaultHook
+from controller.reconcile.decide import observe_and_plan
+from controller.reconcile.pipeline import applier_for, execute
 from controller.sandbox.server import SandboxServer
 from controller.sandbox.store import to_atomic
 from controller.state import StateStore
+from policies.plan_types import Plan
 from policies.settle import SETTLE_SECONDS
 from policies.spec import DesiredState
 

@@ -26,14 +26,14 @@ from typing import Any
 import httpx
 import pytest
 
-from controller.apply import ApplyResult
 from controller.gateway.client import MAX_RESPONSE_BYTES, GatewayClient
 from controller.gateway.errors import GatewayError
 from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
-from controller.plan import ChangeKind, Plan, PlanErrorKind
+from controller.reconcile.apply import ApplyResult
 from controller.sandbox.server import SandboxServer
 from controller.state import StateStore
+from policies.plan_types import ChangeKind, Plan, PlanErrorKind
 from policies.spec import DesiredState
 from tests.integration.conftest import Harness
 from tests.integration.test_faults import assert_converged, converge

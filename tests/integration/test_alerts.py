@@ -99,7 +99,7 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture
 def secret_file(tmp_path: Path) -> Path:
     # Not in tmp_path/"secrets": that is the harness's key store, which no secret reference
-    # may name (controller.secretref refuses it).
+    # may name (controller.io.secretref refuses it).
     return tmp_path / "alert-secrets" / "alert-signing.secret"
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from controller.apply import Applied, Skipped, SkipReason
 from controller.daemon.passes import applied_kinds
-from controller.plan import ChangeKind
+from controller.reconcile.apply import Applied, Skipped, SkipReason
 from controller.sandbox.store import to_atomic
+from policies.plan_types import ChangeKind
 from policies.spec import DesiredState
 from tests.integration.conftest import Harness
 

@@ -19,7 +19,7 @@ import pytest
 from _pytest.mark.structures import ParameterSet
 from click.testing import CliRunner, Result
 
-from controller.cli import cli
+from controller.cli.app import cli
 from controller.sandbox.server import SandboxServer
 from tests.unit.test_manifest_loader import CASES, case_header, expected_lines, materialize_case
 

@@ -31,11 +31,11 @@ from controller.errors import FinopsError
 from controller.keys.rotate import KeyManager
 from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
-from controller.plan import WEBHOOK_MARKER_PREFIX
 from controller.sandbox.faults import FaultConfig, FaultKind
 from controller.sandbox.server import ADMIN_AGENT_ID, SandboxServer
 from controller.state import StateStore
 from policies.keyprint import key_prefix
+from policies.plan_types import WEBHOOK_MARKER_PREFIX
 from policies.settle import SETTLE_SECONDS
 from policies.spec import DesiredState
 from tests.integration.conftest import CANONICAL, FinopsClock

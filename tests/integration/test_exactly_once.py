@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from controller.keys.rotate import KeyManager
-from controller.plan import ChangeKind
-from controller.status import FleetStatus, fleet_status
+from controller.reconcile.status import FleetStatus, fleet_status
+from policies.plan_types import ChangeKind
 from policies.spec import DesiredState
 from tests.integration.conftest import FinopsClock, Harness
 from tests.integration.test_reconcile import TARGET_CREDITS, balance, deposits

@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 
 from controller.daemon.source import DirectorySource, directory_digest
+from controller.io.target import _slug
 from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
 from controller.sandbox.server import SandboxServer
 from controller.state import StateStore
-from controller.target import _slug
 from policies.keyprint import fingerprint
 from policies.spec import DesiredState
 from tests.integration import test_daemon as daemon_tests
@@ -329,7 +329,7 @@ def test_a_confirmed_interactive_apply_is_recorded_as_an_approval(
 
     from click.testing import CliRunner
 
-    import controller.cli as cli_module
+    import controller.cli.app as cli_module
 
     shutil.copytree(CANONICAL, tmp_path / "manifests")
     raise_funding(tmp_path / "manifests")  # above the bound even at bootstrap: 4925 + … > 500
@@ -376,7 +376,7 @@ def test_a_revision_above_its_own_bound_is_no_bootstrap_even_when_its_funding_is
     bootstrap baseline, or the same apply a day later would register the agent unreviewed."""
     from click.testing import CliRunner
 
-    import controller.cli as cli_module
+    import controller.cli.app as cli_module
     import controller.services as services_module
 
     state = tmp_path / "state" / f"state-{_slug(sandbox.url)}.db"

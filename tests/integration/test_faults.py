@@ -27,12 +27,11 @@ from typing import Any
 import httpx
 import pytest
 
-from controller.apply import ApplyResult
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import GatewayError, UnknownOutcome
 from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
-from controller.plan import Plan, desired_alert_threshold
+from controller.reconcile.apply import ApplyResult
 from controller.sandbox.faults import ALL_KINDS, DEFAULT_KINDS, FaultConfig, FaultInjector, FaultKind, Tripwire
 from controller.sandbox.server import ADMIN_AGENT_ID, SandboxServer
 from controller.sandbox.store import from_atomic
@@ -40,6 +39,8 @@ from controller.state import StateStore
 from policies.currency import SIGNUP_BONUS_CREDITS, to_credits
 from policies.funding import top_up_amount
 from policies.keyprint import key_prefix
+from policies.plan_types import Plan
+from policies.planner import desired_alert_threshold
 from policies.spec import AgentSpec, DesiredState
 from tests.integration.conftest import CANONICAL, FinopsClock, Harness
 

@@ -20,19 +20,19 @@ from pathlib import Path
 import httpx
 import pytest
 
+from controller.cli.views import render_markdown, render_text
 from controller.daemon.logs import configure_logging
 from controller.daemon.passes import PassResult, Reconciler
 from controller.daemon.revisions import RevisionLog
 from controller.daemon.source import DirectorySource
 from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
-from controller.plan import ChangeKind, Plan
-from controller.render import render_markdown, render_text
 from controller.sandbox.server import SandboxServer
 from controller.sandbox.store import to_atomic
 from controller.state import StateStore
 from policies.funding_window import WINDOW_SECONDS, DeferReason
 from policies.keyprint import contains_key_material
+from policies.plan_types import ChangeKind, Plan
 from policies.spec import DesiredState
 from tests.integration.conftest import CANONICAL, Harness
 from tests.integration.test_cli import finops

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from controller.errors import ConfigError
-from controller.target import check_gateway_url
+from controller.io.target import check_gateway_url
 from tests.integration.conftest import CANONICAL
 from tests.integration.hostile import HostileServer
 from tests.integration.test_cli import finops

@@ -14,8 +14,8 @@ import pytest
 
 from controller.gateway.client import GatewayClient
 from controller.keys.rotate import RotationError
+from controller.reconcile.status import fleet_status
 from controller.state import ABANDONED, FAILED, PENDING
-from controller.status import fleet_status
 from policies.keyprint import key_prefix
 from tests.integration.conftest import Harness
 from tests.integration.test_keys import (  # noqa: F401  (fixtures: admin, no_key_material)

@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from controller.gateway.client import GatewayClient
-from controller.holds import freeze
 from controller.keys.rotate import KeyManager, RotationError
 from controller.keys.vault import QUARANTINE, KeyVault
+from controller.reconcile.holds import freeze
 from controller.sandbox.server import SandboxServer
 from controller.state import ABANDONED, PENDING
 from policies.keyprint import key_prefix

@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 from controller.gateway.client import GatewayClient
-from controller.holds import freeze, unfreeze
 from controller.keys.rotate import ImportRefused, KeyManagementError, KeyManager, RotationError
 from controller.keys.vault import QUARANTINE, KeyVault
+from controller.reconcile.holds import freeze, unfreeze
 from controller.sandbox.server import SandboxServer
 from controller.state import DONE, FAILED, PENDING
 from policies.keyprint import contains_key_material, fingerprint, key_prefix, redact_keys

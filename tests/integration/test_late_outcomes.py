@@ -26,19 +26,19 @@ from typing import Any
 import httpx
 import pytest
 
-from controller.apply import AUTO_HOLD_REASON
 from controller.daemon.passes import Reconciler
 from controller.daemon.revisions import RevisionLog
 from controller.daemon.source import DirectorySource
 from controller.keys.rotate import KeyManager
 from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
-from controller.plan import WEBHOOK_MARKER_PREFIX, ChangeKind
+from controller.reconcile.apply import AUTO_HOLD_REASON
+from controller.reconcile.status import fleet_status
 from controller.sandbox.faults import FaultConfig, FaultKind
 from controller.sandbox.server import ADMIN_AGENT_ID, SandboxServer
 from controller.sandbox.store import from_atomic
 from controller.state import PENDING, StateStore
-from controller.status import fleet_status
+from policies.plan_types import WEBHOOK_MARKER_PREFIX, ChangeKind
 from policies.spec import DesiredState
 from tests.integration.conftest import CANONICAL, FinopsClock
 from tests.integration.test_faults import (

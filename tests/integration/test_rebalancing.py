@@ -14,9 +14,9 @@ import pytest
 from controller.errors import GuardrailViolation
 from controller.gateway.client import GatewayClient
 from controller.manifest.loader import load_manifests
-from controller.plan import ChangeKind, Plan
-from controller.rebalancer import RebalanceRun, run_rebalance
+from controller.reconcile.rebalancer import RebalanceRun, run_rebalance
 from controller.sandbox.store import to_atomic
+from policies.plan_types import ChangeKind, Plan
 from policies.spec import DesiredState
 from tests.integration.conftest import Harness
 
@@ -116,9 +116,9 @@ async def test_adjustments_expire_when_spend_ages_out_and_after_24h(harness: Har
 async def _plan_at(h: Harness, desired: DesiredState, at: float) -> Plan:
     from datetime import UTC, datetime
 
-    from controller.observe import observe
-    from controller.plan import make_plan
-    from controller.reconcile import build_memory
+    from controller.reconcile.decide import build_memory
+    from controller.reconcile.observe import observe
+    from policies.planner import make_plan
 
     async with GatewayClient(h.sandbox.url, h.sandbox.admin_key) as client:
         live = await observe(client, desired, target="sandbox", webhooks_owned=True)

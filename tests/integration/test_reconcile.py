@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from controller.gateway.errors import NotAdmin
-from controller.plan import ChangeKind
 from policies.keyprint import key_prefix
+from policies.plan_types import ChangeKind
 from policies.spec import DesiredState
 from tests.integration.conftest import Harness
 
@@ -122,7 +122,7 @@ async def test_a_non_admin_key_is_refused_with_a_clear_message(harness: Harness,
     with httpx.Client(base_url=harness.sandbox.url) as http:
         agent_key = http.post("/v1/register", json={"agent_id": "someone"}).json()["api_key"]
     from controller.gateway.client import GatewayClient
-    from controller.observe import observe
+    from controller.reconcile.observe import observe
 
     async with GatewayClient(harness.sandbox.url, agent_key) as client:
         with pytest.raises(NotAdmin, match="not admin-scoped") as info:

@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
+from controller.io.secretfile import read_secret_file
 from controller.sandbox.server import MutableClock, SandboxServer, provision_admin_key
 from controller.sandbox.store import SandboxStore
-from controller.secretfile import read_secret_file
 from policies.keyprint import key_prefix
 
 T0 = 1_800_000_000.0

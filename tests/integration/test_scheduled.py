@@ -13,12 +13,12 @@ import pytest
 
 from controller.alerting.deliver import DEFAULT_POLICY
 from controller.daemon.command import DaemonContext
+from controller.daemon.scheduled import alerts_job, rebalance_job, rotation_job
 from controller.daemon.source import DirectorySource
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed
+from controller.io.target import Target
 from controller.sandbox.store import to_atomic
-from controller.scheduled import alerts_job, rebalance_job, rotation_job
-from controller.target import Target
 from tests.integration.conftest import FinopsClock, Harness
 from tests.integration.test_daemon import Rig, budget, rig_factory
 

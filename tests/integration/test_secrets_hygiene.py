@@ -23,13 +23,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from controller.io.secretfile import UnsafeSecretPath
+from controller.io.secretref import SecretRefused, SecretUnavailable, protect_secret_path, resolve_secret
 from controller.keys.sinks import CommandSink, DeliveryError
 from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
-from controller.reconcile import secret_fingerprints
+from controller.reconcile.decide import secret_fingerprints
 from controller.sandbox.server import SandboxServer
-from controller.secretfile import UnsafeSecretPath
-from controller.secretref import SecretRefused, SecretUnavailable, protect_secret_path, resolve_secret
 from policies.keyprint import MIN_SECRET_RUN, secret_part
 from policies.spec import SecretRef
 from tests.integration.conftest import CANONICAL, Harness

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from controller.io.secretref import managed_secret_dir
 from controller.manifest.loader import load_manifests
-from controller.plan import ChangeKind, webhook_marker
-from controller.secretref import managed_secret_dir
+from policies.plan_types import ChangeKind, webhook_marker
 from tests.integration.conftest import Harness
 
 

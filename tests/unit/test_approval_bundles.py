@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from controller.approval import materialize, read_bundle
 from controller.daemon.source import directory_digest
 from controller.errors import FinopsError
 from controller.manifest.loader import load_manifests
+from controller.reconcile.approval import materialize, read_bundle
 from controller.state import StateStore
 from policies.exposure import exposure_of
 

@@ -25,7 +25,7 @@ def test_importing_the_cli_loads_no_server_scheduler_or_sandbox() -> None:
 def test_the_probe_sees_them_when_a_command_that_uses_them_is_resolved() -> None:
     """The check above is not vacuous: resolving ``run`` loads the daemon's stack."""
     loaded = _loaded_after(
-        "import click, controller.cli\ncontroller.cli.cli.get_command(click.Context(controller.cli.cli), 'run')"
+        "import click, controller.cli.app as app\napp.cli.get_command(click.Context(app.cli), 'run')"
     )
     assert "apscheduler" in loaded and "controller.daemon.command" in loaded
 
@@ -33,7 +33,7 @@ def test_the_probe_sees_them_when_a_command_that_uses_them_is_resolved() -> None
 def test_every_lazy_command_resolves_to_the_command_of_that_name() -> None:
     import click
 
-    from controller.cli import LazyGroup, cli
+    from controller.cli.app import LazyGroup, cli
 
     ctx = click.Context(cli)
     for name in LazyGroup.LAZY:

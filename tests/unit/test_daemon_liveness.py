@@ -13,9 +13,9 @@ import time
 import httpx
 import pytest
 
-from controller.blocking import off_loop
 from controller.daemon.jobs import JOB_DEADLINE_FLOOR_S, JobResult, SkipReason, job_deadline
 from controller.daemon.metrics import MetricsServer
+from controller.io.blocking import off_loop
 from tests.unit.test_daemon_scheduler import FakeClock, FakeReconciler, make
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from controller.apply import AgentResult, Applied, Failed, Skipped, SkipReason, Unknown
 from controller.daemon.passes import PassResult, applied_kinds
-from controller.plan import ChangeKind
+from controller.reconcile.apply import AgentResult, Applied, Failed, Skipped, SkipReason, Unknown
+from policies.plan_types import ChangeKind
 
 REGISTER, TOP_UP, SET_BUDGET = ChangeKind.REGISTER, ChangeKind.TOP_UP, ChangeKind.SET_BUDGET
 

@@ -5,9 +5,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from controller.gateway.models import BudgetStatus
-from controller.observe import LiveAgent, LiveFleet
-from controller.plan import ChangeKind, Memory, PlanError, PlanErrorKind, make_plan, plan_from_dict, plan_to_dict
+from controller.reconcile.observe import LiveAgent, LiveFleet
 from controller.state import BudgetWrite
+from policies.plan_types import ChangeKind, PlanError, PlanErrorKind, plan_from_dict, plan_to_dict
+from policies.planner import Memory, make_plan
 from policies.spec import AgentSpec, DesiredState, FleetSpec
 
 WHEN = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)

@@ -6,10 +6,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from controller.observe import LiveAgent
-from controller.plan import ChangeKind, Memory, make_plan, plan_from_dict, plan_to_dict
-from controller.render import render_markdown, render_text
+from controller.cli.views import render_markdown, render_text
+from controller.reconcile.observe import LiveAgent
 from policies.funding_window import WINDOW_SECONDS, DeferReason, FundingEvent, FundingKind, LedgerRow, bonus_ref
+from policies.plan_types import ChangeKind, plan_from_dict, plan_to_dict
+from policies.planner import Memory, make_plan
 from policies.spec import AgentSpec, DesiredState
 from tests.unit.test_plan import CONVERGED_MEMORY, agent, budget, desired, live
 

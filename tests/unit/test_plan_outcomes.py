@@ -9,19 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from controller.gateway.models import Webhook
-from controller.observe import LiveAgent
-from controller.plan import (
-    ChangeKind,
-    Memory,
-    make_plan,
-    marked_owner,
-    plan_from_dict,
-    plan_to_dict,
-    webhook_marker,
-    webhook_owners,
-)
+from controller.reconcile.observe import LiveAgent
 from controller.state import PENDING, BudgetWrite, Hold, Intent, ManagedWebhook
 from policies.funding import deposit_idempotency_key
+from policies.plan_types import ChangeKind, plan_from_dict, plan_to_dict, webhook_marker
+from policies.planner import Memory, make_plan, marked_owner, webhook_owners
 from policies.settle import SETTLE_SECONDS, is_settled, parse_settle_seconds
 from tests.unit.test_plan import WHEN, agent, budget, desired, live
 

@@ -13,17 +13,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
-from controller.apply import AgentResult, Applied, ApplyResult, Failed, StepOutcome
+from controller.cli.views import render_apply_text, render_markdown, render_text
 from controller.errors import ConfigError, ManifestIssue
+from controller.io.target import open_target
 from controller.manifest.schema import Money, port_problem
-from controller.observe import LiveAgent
-from controller.plan import ChangeKind, Memory, PlanErrorKind, make_plan
-from controller.render import render_apply_text, render_markdown, render_text
-from controller.target import open_target
+from controller.reconcile.apply import AgentResult, Applied, ApplyResult, Failed, StepOutcome
+from controller.reconcile.observe import LiveAgent
 from policies.currency import to_credits
 from policies.display import escape_controls, escape_lines
 from policies.guardrails import check_gateway_range
 from policies.money import GATEWAY_MAX_AMOUNT, GATEWAY_MAX_DEPOSIT, out_of_gateway_range
+from policies.plan_types import ChangeKind, PlanErrorKind
+from policies.planner import Memory, make_plan
 from policies.spec import GatewayWebhookSpec, SecretRef
 from tests.unit.test_plan import WHEN, agent, desired, live
 

@@ -1,6 +1,6 @@
 """Properties of the pure planner (``policies.planner.make_plan``) over arbitrary desired and
 live fleets, against a small model of the gateway (what each change does to a wallet, a
-budget and finops' records, as ``controller.apply`` does it on the real gateway):
+budget and finops' records, as ``controller.reconcile.apply`` does it on the real gateway):
 
 - applying a plan to the model and planning again yields no changes (convergence in one
   apply), and planning twice from the same inputs gives the same plan (no hidden input);
@@ -56,7 +56,7 @@ class World:
     next_tx: int = 1000
 
     def observe(self, desired: DesiredState) -> LiveFleet:
-        """Like ``controller.observe``: the ledger is read exactly when a top-up is needed."""
+        """Like ``controller.reconcile.observe``: the ledger is read exactly when a top-up is needed."""
         agents: dict[str, LiveAgent] = {}
         for spec in desired.agents():
             w = self.wallets.get(spec.agent_id)
@@ -74,7 +74,7 @@ class World:
         return LiveFleet(target="model", agents=agents, rates={"USD": self.rate})
 
     def apply(self, plan: Plan, at: float) -> None:
-        """Every change as the gateway and ``controller.apply`` carry it out (all succeed)."""
+        """Every change as the gateway and ``controller.reconcile.apply`` carry it out (all succeed)."""
         m = self.memory
         budget_writes, holds = dict(m.budget_writes), dict(m.holds)
         events, last = list(m.funding_events), dict(m.last_deposits)

@@ -26,15 +26,11 @@ def test_importing_the_pure_core_loads_no_mechanism() -> None:
 
 def test_the_mechanism_re_exports_the_same_pure_values() -> None:
     import controller.gateway.models as models
-    import controller.observe as observe
-    import controller.plan as plan
+    import controller.reconcile.observe as observe
     import controller.state as state
     import policies.live as live
-    import policies.plan_types as plan_types
-    import policies.planner as planner
     import policies.records as records
 
     assert (models.Webhook, models.BudgetStatus, models.KeyRecord) == (live.Webhook, live.BudgetStatus, live.KeyRecord)
     assert (observe.LiveAgent, observe.LiveFleet) == (live.LiveAgent, live.LiveFleet)
     assert (state.Hold, state.Intent, state.BudgetWrite) == (records.Hold, records.Intent, records.BudgetWrite)
-    assert (plan.Plan, plan.Change, plan.make_plan) == (plan_types.Plan, plan_types.Change, planner.make_plan)

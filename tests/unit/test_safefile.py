@@ -14,11 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller import safefile
 from controller.errors import ManifestError, ManifestIssue
+from controller.io import safefile
+from controller.io.secretfile import MAX_SECRET_BYTES, read_secret_file
 from controller.manifest import load_manifests
 from controller.manifest.loader import MAX_FILE_BYTES
-from controller.secretfile import MAX_SECRET_BYTES, read_secret_file
 from tests.unit.test_manifest_loader import FLEET_HEAD
 
 GROUP = (

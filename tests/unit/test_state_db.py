@@ -239,8 +239,8 @@ def test_each_table_is_read_and_written_only_by_its_repository() -> None:
 
 def test_every_intent_kind_has_one_resolver_and_an_unowned_kind_is_refused_before_writing(tmp_path: Path) -> None:
     from controller.keys.rotate import ROTATE
-    from controller.plan import INTENT_BLOCKS
     from controller.state.recovery import RESOLVERS, IntentKind, Resolver, UnknownIntentKind, kinds_resolved_by
+    from policies.plan_types import INTENT_BLOCKS
 
     assert set(RESOLVERS) == set(IntentKind)
     # apply resolves exactly the kinds whose pending intents withhold a planned change

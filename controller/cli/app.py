@@ -16,9 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import click
 
-from controller import approval
-from controller.apply import ApplyResult
-from controller.cliopts import (
+from controller.cli.options import (
     DEFAULT_PATH,
     EXIT_CHANGES,
     EXIT_ERROR,
@@ -29,19 +27,21 @@ from controller.cliopts import (
     run_command,
     target_options,
 )
+from controller.cli.views import RENDERERS, render_apply_text, render_text
 from controller.daemon.lock import writer_lock
 from controller.errors import ConfigError, FinopsError, StalePlanError
+from controller.io.safefile import read_text_bounded
+from controller.io.secretfile import make_private_dirs, write_secret_file
+from controller.io.target import Target
 from controller.manifest.schema import manifest_json_schema
-from controller.pipeline import apply_plan
-from controller.plan import Plan, changes_equal, plan_from_dict, plan_to_dict
-from controller.reconcile import observe_and_plan
-from controller.render import RENDERERS, render_apply_text, render_text
-from controller.safefile import read_text_bounded
-from controller.secretfile import make_private_dirs, write_secret_file
+from controller.reconcile import approval
+from controller.reconcile.apply import ApplyResult
+from controller.reconcile.decide import observe_and_plan
+from controller.reconcile.pipeline import apply_plan
 from controller.services import Services, open_services
 from controller.state import StateStore
-from controller.target import Target
 from policies.exposure import exposure_of
+from policies.plan_types import Plan, changes_equal, plan_from_dict, plan_to_dict
 from policies.spec import DesiredState
 
 if TYPE_CHECKING:
@@ -68,13 +68,13 @@ class LazyGroup(click.Group):
 
     LAZY: ClassVar[dict[str, str]] = {
         "run": "controller.daemon.command:run",
-        "status": "controller.cli_status:status",
-        "alerts": "controller.cli_status:alerts",
-        "rotate": "controller.cli_keys:rotate",
-        "keys": "controller.cli_keys:keys",
-        "freeze": "controller.cli_keys:freeze_command",
-        "unfreeze": "controller.cli_keys:unfreeze_command",
-        "approve": "controller.cli_approve:approve",
+        "status": "controller.cli.status:status",
+        "alerts": "controller.cli.status:alerts",
+        "rotate": "controller.cli.keys:rotate",
+        "keys": "controller.cli.keys:keys",
+        "freeze": "controller.cli.keys:freeze_command",
+        "unfreeze": "controller.cli.keys:unfreeze_command",
+        "approve": "controller.cli.approve:approve",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -327,7 +327,7 @@ def rebalance(
     opts: TargetOptions,
 ) -> None:
     """Move unused daily budget from idle agents to busy ones now (fleet totals unchanged)."""
-    from controller.rebalancer import RebalanceRun, run_rebalance
+    from controller.reconcile.rebalancer import RebalanceRun, run_rebalance
 
     def run() -> int:
         desired = load(path)

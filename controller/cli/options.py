@@ -18,8 +18,8 @@ import click
 
 from controller.errors import ConfigError, FinopsError, ManifestError
 from controller.exitcodes import EXIT_CHANGES, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
+from controller.io.target import Target, open_target
 from controller.manifest.loader import load_manifests
-from controller.target import Target, open_target
 from policies.display import escape_lines
 from policies.spec import DesiredState
 

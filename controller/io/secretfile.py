@@ -156,8 +156,8 @@ def read_secret_file(path: Path) -> str:
     """Read a secret file, stripping the trailing newline editors and ``echo`` add.
 
     Only a regular file is read, at most ``MAX_SECRET_BYTES``: a FIFO, a device, a
-    directory or a huge file is an ``OSError`` (``controller.safefile.UnsafeFile``) naming
+    directory or a huge file is an ``OSError`` (``controller.io.safefile.UnsafeFile``) naming
     the file, never a hang or a memory blow-up."""
-    from controller.safefile import read_text_bounded
+    from controller.io.safefile import read_text_bounded
 
     return read_text_bounded(path, MAX_SECRET_BYTES).strip()

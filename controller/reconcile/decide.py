@@ -14,14 +14,9 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from controller.apply import configured_settle_seconds
 from controller.gateway.client import GatewayClient
-from controller.keys.sinks import KeySink, sink_for
-from controller.keys.vault import KeyVault
-from controller.observe import observe
-from controller.plan import ChangeKind, Memory, Plan, PlanError, PlanErrorKind, make_plan
-from controller.secretfile import make_private_dirs
-from controller.secretref import (
+from controller.io.secretfile import make_private_dirs
+from controller.io.secretref import (
     SecretRefused,
     SecretUnavailable,
     check_secret_ref,
@@ -29,8 +24,14 @@ from controller.secretref import (
     resolve_secret,
     secret_fingerprint,
 )
+from controller.keys.sinks import KeySink, sink_for
+from controller.keys.vault import KeyVault
+from controller.reconcile.apply import configured_settle_seconds
+from controller.reconcile.observe import observe
 from controller.state import PENDING, Adjustment, StateStore
 from policies.alerts import redact_url
+from policies.plan_types import ChangeKind, Plan, PlanError, PlanErrorKind
+from policies.planner import Memory, make_plan
 from policies.spec import DesiredState, SecretRef
 
 

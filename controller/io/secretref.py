@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from controller.errors import ConfigError
-from controller.secretfile import read_secret_file, write_secret_file
+from controller.io.secretfile import read_secret_file, write_secret_file
 from policies.keyprint import looks_like_key_material
 from policies.keyprint import secret_fingerprint as secret_fingerprint
 from policies.spec import SecretRef

@@ -14,10 +14,10 @@ from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Any, TypeVar
 
-from controller.apply import ApplyResult
-from controller.plan import Change, ChangeKind, FundingWindow, Plan, plan_to_dict
+from controller.reconcile.apply import ApplyResult
 from policies.display import escape_controls
 from policies.money import format_money
+from policies.plan_types import Change, ChangeKind, FundingWindow, Plan, plan_to_dict
 
 T = TypeVar("T")
 

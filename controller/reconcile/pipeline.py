@@ -23,13 +23,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from controller.apply import Applier, ApplyResult, FaultHook
 from controller.errors import GuardrailViolation
 from controller.gateway.client import GatewayClient
 from controller.keys.vault import KeyVault
-from controller.plan import Plan
-from controller.reconcile import key_sinks, observe_and_plan, preflight
+from controller.reconcile.apply import Applier, ApplyResult, FaultHook
+from controller.reconcile.decide import key_sinks, observe_and_plan, preflight
 from controller.state import StateStore
+from policies.plan_types import Plan
 from policies.spec import DesiredState
 
 PlanFn = Callable[[GatewayClient, DesiredState, str, StateStore], Awaitable[Plan]]

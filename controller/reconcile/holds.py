@@ -17,9 +17,9 @@ from typing import Protocol
 
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import GatewayError
-from controller.plan import desired_alert_threshold
 from controller.state import BudgetWrite, StateStore
 from policies.currency import to_credits
+from policies.planner import desired_alert_threshold
 from policies.rotation import GRACE_SECONDS
 from policies.spec import AgentSpec
 

@@ -15,15 +15,15 @@ from typing import TypeVar
 
 import click
 
-from controller.cliopts import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, TargetOptions, load, run_command, target_options
+from controller.cli.options import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, TargetOptions, load, run_command, target_options
 from controller.daemon.lock import writer_lock
 from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
-from controller.holds import RESIDUAL_EXPOSURE, HoldResult, freeze, unfreeze
+from controller.io.target import Target
 from controller.keys.rotate import KeyManager
+from controller.reconcile.holds import RESIDUAL_EXPOSURE, HoldResult, freeze, unfreeze
 from controller.services import Services
 from controller.state import StateStore
-from controller.target import Target
 from policies.currency import CREDITS
 from policies.spec import AgentSpec, DesiredState
 

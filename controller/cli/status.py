@@ -9,10 +9,10 @@ import time
 import click
 
 from controller.alerting.engine import check_alerts
-from controller.approval import approval_status
-from controller.cli_keys import Session, with_session
-from controller.cliopts import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, TargetOptions, load, run_command, target_options
-from controller.status import fleet_status, render_status
+from controller.cli.keys import Session, with_session
+from controller.cli.options import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, TargetOptions, load, run_command, target_options
+from controller.reconcile.approval import approval_status
+from controller.reconcile.status import fleet_status, render_status
 
 
 @click.command()

@@ -27,24 +27,26 @@ from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import Conflict, GatewayError, ProtocolViolation, UnknownOutcome, Unreachable
 from controller.gateway.models import Webhook
+from controller.io.secretref import SecretUnavailable, managed_secret_dir, resolve_secret
 from controller.keys.sinks import DeliveryError, KeySink
 from controller.keys.vault import KeyVault
-from controller.plan import (
-    INTENT_BLOCKS,
-    Change,
-    ChangeKind,
-    Plan,
-    marked_owner,
-    webhook_owners,
-)
-from controller.secretref import SecretUnavailable, managed_secret_dir, resolve_secret
 from controller.state import ABANDONED, DONE, FAILED, PENDING, BudgetWrite, Intent, ManagedWebhook, StateStore
 from controller.state.recovery import Resolver, resolver_of
 from policies.currency import SIGNUP_BONUS_CREDITS
 from policies.funding import top_up_amount
 from policies.funding_window import FundingKind, bonus_ref
 from policies.money import format_money
-from policies.plan_types import CreateWebhookArgs, DeleteWebhookArgs, SetBudgetArgs, TopUpArgs
+from policies.plan_types import (
+    INTENT_BLOCKS,
+    Change,
+    ChangeKind,
+    CreateWebhookArgs,
+    DeleteWebhookArgs,
+    Plan,
+    SetBudgetArgs,
+    TopUpArgs,
+)
+from policies.planner import marked_owner, webhook_owners
 from policies.settle import SETTLE_SECONDS, is_settled, parse_settle_seconds, settles_at
 from policies.spec import DesiredState
 

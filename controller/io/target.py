@@ -22,9 +22,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from controller.errors import ConfigError
+from controller.io.secretfile import make_private_dirs, read_secret_file
+from controller.io.secretref import protect_secret_path
 from controller.manifest.schema import port_problem
-from controller.secretfile import make_private_dirs, read_secret_file
-from controller.secretref import protect_secret_path
 from policies.urls import is_loopback_host
 
 DEFAULT_STATE_DIR = Path(".finops")
@@ -118,7 +118,7 @@ def open_target(
 ) -> Iterator[Target]:
     state = Path(state_dir or os.environ.get("FINOPS_STATE_DIR") or DEFAULT_STATE_DIR)
     url = gateway or os.environ.get("GREENHELIX_URL")
-    # finops' own key material: no secret reference may name it (controller.secretref)
+    # finops' own key material: no secret reference may name it (controller.io.secretref)
     for protected in (state / "secrets", state / "sandbox", *([Path(api_key_file)] if api_key_file else [])):
         protect_secret_path(protected)
     if url:

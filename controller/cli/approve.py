@@ -14,10 +14,10 @@ from typing import Any
 
 import click
 
-from controller import approval
-from controller.cli_keys import Session, with_session
-from controller.cliopts import EXIT_OK, TargetOptions, load, run_command, target_options
+from controller.cli.keys import Session, with_session
+from controller.cli.options import EXIT_OK, TargetOptions, load, run_command, target_options
 from controller.errors import ConfigError
+from controller.reconcile import approval
 from controller.state import Approval, PendingRevision
 from policies.exposure import Exposure, exposure_of, review
 

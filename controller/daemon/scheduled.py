@@ -16,7 +16,7 @@ from controller.daemon.command import DaemonContext
 from controller.daemon.jobs import JobFn, JobResult, SkipReason
 from controller.keys.rotate import KeyManager
 from controller.keys.vault import KeyVault
-from controller.rebalancer import run_rebalance
+from controller.reconcile.rebalancer import run_rebalance
 from policies.spec import DesiredState
 
 REBALANCE_TICK_S = 60.0

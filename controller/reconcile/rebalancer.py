@@ -14,15 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from controller.apply import ApplyResult
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
 from controller.keys.vault import KeyVault
-from controller.pipeline import apply_plan, only
-from controller.plan import ChangeKind, Plan
-from controller.reconcile import observe_and_plan
+from controller.reconcile.apply import ApplyResult
+from controller.reconcile.decide import observe_and_plan
+from controller.reconcile.pipeline import apply_plan, only
 from controller.state import Adjustment, StateStore
 from policies.currency import CREDITS, from_credits
+from policies.plan_types import ChangeKind, Plan
 from policies.rebalance import AgentBudget, Rebalance, RebalancePolicy, rebalance
 from policies.spec import DesiredState, FleetSpec
 

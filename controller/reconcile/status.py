@@ -19,14 +19,15 @@ from controller.alerting.engine import alert_state, delivery_status
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import GatewayError
 from controller.keys.rotate import KeyManager
-from controller.observe import LiveFleet, observe
-from controller.plan import ChangeKind, Plan, funding_window_to_dict, make_plan
-from controller.reconcile import build_memory
+from controller.reconcile.decide import build_memory
+from controller.reconcile.observe import LiveFleet, observe
 from controller.state import FAILED, StateStore
 from policies.alerts import redact_url
 from policies.currency import from_credits
 from policies.display import escape_controls
 from policies.money import format_money
+from policies.plan_types import ChangeKind, Plan, funding_window_to_dict
+from policies.planner import make_plan
 from policies.spec import DesiredState
 
 
