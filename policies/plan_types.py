@@ -352,6 +352,18 @@ class OutflowFlag:
 
 
 @dataclass(frozen=True)
+class Unverified:
+    """A desired value the gateway cannot report and finops has no record of writing (a
+    fresh state directory): it may well be in place, so it is not planned as a change; it
+    is written with the agent's next budget write (the caps carry it)."""
+
+    fleet: str
+    agent_id: str
+    field: str
+    desired: str
+
+
+@dataclass(frozen=True)
 class Plan:
     target: str
     created_at: str
@@ -380,6 +392,8 @@ class Plan:
     exposure: ExposureReview | None = None
     """The spending authority the manifests grant, per fleet, against the exposure a person
     last approved, and whether the increase needs ``finops approve`` (see policies.exposure)."""
+    unverified: tuple[Unverified, ...] = ()
+    """Desired values finops can neither read back nor find a record of writing."""
     format_version: int = PLAN_FORMAT_VERSION
 
     @property
@@ -407,6 +421,7 @@ class Plan:
             "errors": len(self.errors),
             "exposure_increase": bool(self.exposure and self.exposure.increases),
             "approval_required": bool(self.exposure and self.exposure.requires_approval),
+            "unverified": len(self.unverified),
         }
 
 
@@ -482,6 +497,9 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             for f in plan.outflow
         ],
         "exposure": plan.exposure.to_dict() if plan.exposure is not None else None,
+        "unverified": [
+            {"fleet": u.fleet, "agent_id": u.agent_id, "field": u.field, "desired": u.desired} for u in plan.unverified
+        ],
         "summary": plan.summary(),
     }
 
@@ -581,6 +599,10 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
             for f in data.get("unexplained_outflow", ())
         ),
         exposure=ExposureReview.from_dict(data["exposure"]) if data.get("exposure") else None,
+        unverified=tuple(
+            Unverified(str(u["fleet"]), str(u["agent_id"]), str(u["field"]), str(u["desired"]))
+            for u in data.get("unverified", ())
+        ),
     )
 
 

@@ -63,6 +63,7 @@ from policies.plan_types import (
     RegisterArgs,
     SetBudgetArgs,
     TopUpArgs,
+    Unverified,
     webhook_marker,
 )
 from policies.records import Adjustment, BudgetWrite, Hold, Intent, ManagedWebhook
@@ -313,6 +314,11 @@ def _plan_budget(
         "alert_threshold": str(remembered.alert_threshold) if remembered else None,
     }
     diff = field_diff(have, want)
+    if remembered is None and all(d.field in UNOBSERVABLE_BUDGET_FIELDS for d in diff):
+        # Only what the gateway cannot report, and no record of writing it (a fresh state
+        # directory): unverified, not a change (``unverified_fields``); the caps' next write
+        # carries it.
+        diff = ()
     if diff:
         unobservable_only = all(d.field == "alert_threshold" for d in diff)
         reason = (
@@ -320,8 +326,6 @@ def _plan_budget(
             if hold is not None and hold.auto
             else f"held by operator ({hold.reason}): caps stay at 0 until `finops unfreeze`"
             if held and hold is not None and not unobservable_only
-            else "the gateway cannot report alert_threshold and finops has no record of writing it"
-            if unobservable_only and remembered is None
             else f"caps differ from the manifest plus today's rebalancing ({adjustment.explanation})"
             if adjustment is not None and not unobservable_only
             else "caps differ from the manifest"
@@ -339,6 +343,22 @@ def _plan_budget(
             )
         )
     return changes
+
+
+UNOBSERVABLE_BUDGET_FIELDS = frozenset({"alert_threshold"})
+"""Budget fields the gateway accepts but never reports back (API.md)."""
+
+
+def unverified_fields(
+    fleet: FleetSpec, spec: AgentSpec, live: LiveAgent, memory: Memory, planned: Sequence[Change]
+) -> list[Unverified]:
+    """What finops cannot verify for an existing agent: a field the gateway cannot report,
+    with no record of finops writing it, and no budget write planned that would carry it."""
+    if not live.exists or spec.agent_id in memory.budget_writes:
+        return []
+    if any(c.kind is ChangeKind.SET_BUDGET for c in planned):
+        return []
+    return [Unverified(fleet.name, spec.agent_id, "alert_threshold", str(desired_alert_threshold(spec)))]
 
 
 def _webhook_fp(hook: Webhook) -> str:
@@ -388,6 +408,60 @@ def webhook_owners(
     return out
 
 
+def live_managed_secrets(
+    desired: DesiredState, hooks: Sequence[Webhook], managed: Mapping[str, ManagedWebhook]
+) -> dict[SecretRef, frozenset[str]]:
+    """Per finops-generated (managed) webhook secret the manifests use, the distinct secrets
+    its finops-owned live webhooks carry (``webhook_owners``, filtered to exactly their
+    agent). The gateway lists webhook secrets in clear to the admin key, so a managed secret
+    whose file is lost (a fresh state directory) is re-derivable from them when they agree."""
+    fleet_of = {spec.agent_id: fleet.name for fleet in desired.fleets for spec in fleet.agents}
+    ref_of = {
+        (spec.agent_id, hook.url): hook.secret
+        for spec in desired.agents()
+        for hook in spec.gateway_webhooks
+        if hook.secret.managed is not None
+    }
+    owners = webhook_owners(hooks, managed, fleet_of)
+    out: dict[SecretRef, set[str]] = {ref: set() for ref in ref_of.values()}
+    for hook in hooks:
+        record = owners.get(hook.id)
+        if record is None or hook.filter_agent_ids != (record.agent_id,) or not hook.secret:
+            continue
+        ref = ref_of.get((record.agent_id, hook.url))
+        if ref is None:
+            # An owned hook at an older URL still proves the fleet's secret.
+            refs = {r for (agent, _), r in ref_of.items() if agent == record.agent_id}
+            ref = next(iter(refs)) if len(refs) == 1 else None
+        if ref is not None:
+            out[ref].add(hook.secret)
+    return {ref: frozenset(values) for ref, values in out.items()}
+
+
+def _effective_fingerprints(
+    desired: DesiredState, live_hooks: Sequence[Webhook], memory: Memory, out: _WebhookPlan
+) -> dict[SecretRef, str | None]:
+    """``memory.secret_fingerprints``, with each managed secret finops has no file for (a
+    fresh state directory) taken from the live webhooks when they all carry one secret:
+    apply adopts that secret (``Applier.prepare``) instead of generating a new one."""
+    fps = dict(memory.secret_fingerprints)
+    missing = {r for r, fp in fps.items() if fp is None and r.managed is not None and r not in memory.secret_problems}
+    if not missing:
+        return fps
+    for ref, values in live_managed_secrets(desired, live_hooks, memory.managed_webhooks).items():
+        if ref not in missing or not values:
+            continue
+        if len(values) == 1:
+            fps[ref] = secret_fingerprint(next(iter(values)))
+        else:
+            out.warnings.append(
+                f"{ref.describe()} is not in finops' state and its finops-owned webhooks on the gateway carry "
+                f"{len(values)} different secrets: not guessing which; a new secret is generated on apply and "
+                "every one of those webhooks is replaced"
+            )
+    return fps
+
+
 def _plan_webhooks(desired: DesiredState, live: LiveFleet, memory: Memory, *, prune: bool) -> _WebhookPlan:
     """Gateway webhooks: create missing, replace what differs (the gateway has no update),
     remove duplicates, prune only what finops owns. Ownership: finops' state *and* the
@@ -400,6 +474,7 @@ def _plan_webhooks(desired: DesiredState, live: LiveFleet, memory: Memory, *, pr
     fleet_of = {spec.agent_id: fleet.name for fleet in desired.fleets for spec in fleet.agents}
     owners = webhook_owners(live.webhooks, memory.managed_webhooks, fleet_of)
     owned = {w.id: w for w in live.webhooks if w.id in owners}
+    memory = replace(memory, secret_fingerprints=_effective_fingerprints(desired, live.webhooks, memory, out))
     for hook_id in sorted(set(owners) - set(memory.managed_webhooks)):
         out.warnings.append(
             f"webhook {_describe(owned[hook_id])} carries finops' marker for {owners[hook_id].agent_id} but is not "
@@ -552,6 +627,7 @@ def make_plan(desired: DesiredState, live: LiveFleet, memory: Memory, *, now: da
     windows: list[FundingWindow] = []
     deferred: list[Deferred] = []
     outflow: list[OutflowFlag] = []
+    unverified: list[Unverified] = []
     for fleet in desired.fleets:
         rate = live.rates[fleet.currency]
         fleets.append(FleetInfo(fleet.name, fleet.currency, rate, len(fleet.agents)))
@@ -567,6 +643,7 @@ def make_plan(desired: DesiredState, live: LiveFleet, memory: Memory, *, now: da
                 violations += refused
                 continue
             by_agent[spec.agent_id] = _plan_agent(fleet, spec, agent, rate, memory, when.timestamp())
+            unverified += unverified_fields(fleet, spec, agent, memory, by_agent[spec.agent_id])
         bounded = _bound_funding(fleet, rate, by_agent, live, memory, when.timestamp())
         windows.append(bounded.window)
         deferred += bounded.deferred
@@ -624,6 +701,7 @@ def make_plan(desired: DesiredState, live: LiveFleet, memory: Memory, *, now: da
         deferred=tuple(deferred),
         outflow=tuple(outflow),
         exposure=review(memory.approved_exposure, exposure_of(desired)),
+        unverified=tuple(unverified),
     )
 
 

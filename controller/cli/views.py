@@ -152,6 +152,14 @@ def exposure_lines(plan: Plan) -> list[str]:
     return out
 
 
+def _unverified_lines(plan: Plan) -> list[str]:
+    return [
+        f"{u.agent_id}: {u.field} = {u.desired} (the gateway cannot report it and this state has no record of "
+        "writing it; written with the agent's next budget change)"
+        for u in plan.unverified
+    ]
+
+
 def render_text(plan: Plan, style: Style = _plain) -> str:
     plan = escaped(plan)
     lines: list[str] = []
@@ -191,6 +199,8 @@ def render_text(plan: Plan, style: Style = _plain) -> str:
         lines.append(style(f"# HELD     {h}", fg="magenta", bold=True))
     for b in _blocked_lines(plan):
         lines.append(style(f"# BLOCKED  {b}", fg="magenta"))
+    for u in _unverified_lines(plan):
+        lines.append(style(f"? unverified {u}", dim=True))
     for hook in plan.unmanaged_webhooks:
         lines.append(f"Unmanaged webhook on the admin key (left alone): {hook}")
     if plan.unmanaged_agents:
@@ -235,6 +245,7 @@ def render_markdown(plan: Plan) -> str:
         ("Held (emergency stop)", _held_lines(plan)),
         ("Withheld until an unknown outcome is resolved", _blocked_lines(plan)),
         ("Warnings", plan.warnings),
+        ("Unverified (the gateway cannot report them; not changes)", _unverified_lines(plan)),
         ("Unmanaged webhooks (left alone)", list(plan.unmanaged_webhooks)),
         ("Unmanaged agents (left alone)", [f"`{a}`" for a in plan.unmanaged_agents]),
     ):

@@ -123,6 +123,42 @@ def _check_private(path: Path) -> None:
         )
 
 
+def _link_new_secret(path: Path, value: str) -> bool:
+    """Create ``path`` holding ``value`` (0600, atomic) unless it exists. Linked into place
+    so that of two processes creating it at once, the first wins and both sign with the
+    same secret (a rename would let the second overwrite it). True if this call created it."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.new")
+    write_secret_file(tmp, value + "\n")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+def managed_secret_missing(ref: SecretRef, managed_dir: Path) -> bool:
+    """A finops-generated secret whose file does not exist (yet)."""
+    return (
+        ref.managed is not None
+        and _MANAGED_NAME.match(ref.managed) is not None
+        and not os.path.lexists(Path(managed_dir) / f"{ref.managed}.secret")
+    )
+
+
+def adopt_managed_secret(ref: SecretRef, value: str, managed_dir: Path) -> bool:
+    """Store ``value`` as the finops-generated secret ``ref`` when its file is missing (the
+    gateway lists webhook secrets in clear, so a lost one is re-derived from finops' own
+    live webhooks rather than replaced). Never overwrites an existing file; refuses a value
+    shaped like an API key. True if the file was created by this call."""
+    if not managed_secret_missing(ref, managed_dir) or not value or len(value) > MAX_SECRET_BYTES:
+        return False
+    _checked_value(value, f"the live webhooks' secret for {ref.describe()}")
+    assert ref.managed is not None
+    return _link_new_secret(Path(managed_dir) / f"{ref.managed}.secret", value)
+
+
 def resolve_secret(
     ref: SecretRef, *, create: bool = True, managed_dir: Path | None = None, protected: Iterable[Path] = ()
 ) -> str:
@@ -147,16 +183,7 @@ def resolve_secret(
         generate = ref.generate
     if not path.exists():
         if generate and create:
-            # Link into place so that of two processes generating at once, the first wins and
-            # both sign with the same secret (a rename would let the second overwrite it).
-            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.new")
-            write_secret_file(tmp, secrets.token_hex(32) + "\n")
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink(missing_ok=True)
+            _link_new_secret(path, secrets.token_hex(32))
         elif ref.managed is not None:
             raise SecretUnavailable(f"signing secret: finops generates {path} on the first apply")
         else:

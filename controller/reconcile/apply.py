@@ -27,7 +27,13 @@ from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import Conflict, GatewayError, ProtocolViolation, UnknownOutcome, Unreachable
 from controller.gateway.models import Webhook
-from controller.io.secretref import SecretUnavailable, managed_secret_dir, resolve_secret
+from controller.io.secretref import (
+    SecretUnavailable,
+    adopt_managed_secret,
+    managed_secret_dir,
+    managed_secret_missing,
+    resolve_secret,
+)
 from controller.keys.sinks import DeliveryError, KeySink
 from controller.keys.vault import KeyVault
 from controller.state import ABANDONED, DONE, FAILED, PENDING, BudgetWrite, Intent, ManagedWebhook, StateStore
@@ -35,6 +41,7 @@ from controller.state.recovery import Resolver, resolver_of
 from policies.currency import SIGNUP_BONUS_CREDITS
 from policies.funding import top_up_amount
 from policies.funding_window import FundingKind, bonus_ref
+from policies.keyprint import secret_fingerprint
 from policies.money import format_money
 from policies.plan_types import (
     INTENT_BLOCKS,
@@ -46,7 +53,7 @@ from policies.plan_types import (
     SetBudgetArgs,
     TopUpArgs,
 )
-from policies.planner import marked_owner, webhook_owners
+from policies.planner import live_managed_secrets, marked_owner, webhook_owners
 from policies.settle import SETTLE_SECONDS, is_settled, parse_settle_seconds, settles_at
 from policies.spec import DesiredState
 
@@ -274,6 +281,7 @@ class Applier:
         notes = await self.recover_intents()
         if desired is not None:
             notes += await self.adopt_webhooks(desired)
+            notes += await self.adopt_managed_secrets(desired)
         self._recovered = notes
         return notes
 
@@ -316,7 +324,11 @@ class Applier:
             amount = intent.payload.get("amount")
             if tx is not None:
                 self.store.note_funding(
-                    intent.intent_key, agent, str(intent.payload.get("fleet", "")), FundingKind.DEPOSIT, tx.amount,
+                    intent.intent_key,
+                    agent,
+                    str(intent.payload.get("fleet", "")),
+                    FundingKind.DEPOSIT,
+                    tx.amount,
                     landed=True,
                 )
                 self.store.finish_intent(intent.intent_key, DONE, f"landed as transaction {tx.id}", ref=str(tx.id))
@@ -399,6 +411,33 @@ class Applier:
                 self.store.record_webhook(record)
                 notes.append(
                     f"{record.agent_id}: webhook {hook_id} carries finops' marker but was not in finops' state; adopted"
+                )
+        return notes
+
+    async def adopt_managed_secrets(self, desired: DesiredState) -> list[str]:
+        """Re-derive each finops-generated webhook secret whose file is missing (a fresh
+        state directory) from finops' own live webhooks, when they all carry one secret
+        (``plan.live_managed_secrets``): stored (atomic, 0600) so the plan keeps those
+        webhooks instead of generating a new secret and replacing every one. Disagreeing
+        webhooks are left to the plan (it warns, and generates)."""
+        managed_dir = managed_secret_dir(self.store.path)
+        refs = {h.secret for s in desired.agents() for h in s.gateway_webhooks}
+        if not any(managed_secret_missing(ref, managed_dir) for ref in refs):
+            return []
+        live = live_managed_secrets(desired, await self.client.list_webhooks(), self.store.managed_webhooks())
+        notes = []
+        for ref, values in sorted(live.items(), key=lambda item: str(item[0].managed)):
+            if len(values) != 1 or not managed_secret_missing(ref, managed_dir):
+                continue
+            try:
+                adopted = adopt_managed_secret(ref, next(iter(values)), managed_dir)
+            except SecretUnavailable as exc:
+                notes.append(f"{ref.describe()}: not adopted from the gateway ({exc})")
+                continue
+            if adopted:
+                notes.append(
+                    f"{ref.describe()}: was not in finops' state; adopted from finops' own webhooks on the gateway "
+                    f"(fingerprint {secret_fingerprint(next(iter(values)))})"
                 )
         return notes
 

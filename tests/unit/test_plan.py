@@ -100,10 +100,33 @@ def test_cap_drift_plans_only_the_drifted_field() -> None:
     assert set(change.args.wire()) == {"daily_cap", "monthly_cap", "alert_threshold"}
 
 
-def test_unobservable_threshold_is_written_once_then_remembered() -> None:
-    [change] = make_plan(desired(agent("res-01")), live(converged_agent()), Memory(), now=WHEN).changes
+def test_unobservable_threshold_without_a_record_is_unverified_not_a_change() -> None:
+    # A fresh state directory against a converged gateway: the caps match, and the gateway
+    # cannot report alert_threshold. Not a change (CI would see phantom drift forever).
+    plan = make_plan(desired(agent("res-01")), live(converged_agent()), Memory(), now=WHEN)
+    assert plan.empty
+    [u] = plan.unverified
+    assert (u.fleet, u.agent_id, u.field, u.desired) == ("research", "res-01", "alert_threshold", "0.75")
+    assert plan.summary()["unverified"] == 1
+    assert plan_from_dict(json.loads(json.dumps(plan_to_dict(plan)))).unverified == plan.unverified
+
+
+def test_unobservable_threshold_with_a_differing_record_is_a_change() -> None:
+    memory = Memory(budget_writes={"res-01": BudgetWrite(D("3000.00"), D("60000.00"), D("0.90"))})
+    plan = make_plan(desired(agent("res-01")), live(converged_agent()), memory, now=WHEN)
+    [change] = plan.changes
     assert change.kind is ChangeKind.SET_BUDGET
-    assert "cannot report alert_threshold" in change.reason
+    assert [(d.field, d.before, d.after) for d in change.diff] == [("alert_threshold", "0.90", "0.75")]
+    assert plan.unverified == ()
+
+
+def test_caps_change_without_a_record_carries_the_threshold() -> None:
+    drifted = LiveAgent("res-01", exists=True, balance=D("7500.00"), budget=budget("9999.00", "60000.00"))
+    plan = make_plan(desired(agent("res-01")), live(drifted), Memory(), now=WHEN)
+    [change] = plan.changes
+    assert {d.field for d in change.diff} == {"daily_cap", "alert_threshold"}
+    assert change.args.wire()["alert_threshold"] == "0.75"
+    assert plan.unverified == ()  # the write settles it
 
 
 def test_balance_between_floor_and_target_is_left_alone() -> None:
