@@ -478,7 +478,7 @@ def _plan_webhooks(desired: DesiredState, live: LiveFleet, memory: Memory, *, pr
     for hook_id in sorted(set(owners) - set(memory.managed_webhooks)):
         out.warnings.append(
             f"webhook {_describe(owned[hook_id])} carries finops' marker for {owners[hook_id].agent_id} but is not "
-            "in finops' state (a create whose answer was lost): adopted as finops' own"
+            "in this state database (a fresh state, or a create whose answer was lost): adopted as finops' own"
         )
     claimed: set[str] = set()
     for fleet in desired.fleets:
