@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +31,26 @@ from policies.spec import DesiredState
 
 REPO = Path(__file__).resolve().parents[2]
 CANONICAL = REPO / "manifests"
+
+
+def run_cli(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, stdin: str | None = None, umask: int = 0o022
+) -> subprocess.CompletedProcess[str]:
+    """The real ``finops`` CLI in a subprocess, without the caller's gateway or finops
+    environment (``env`` adds to it)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GREENHELIX_", "FINOPS_"))}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "controller.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=stdin,
+        umask=umask,
+        check=False,
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ directory, embedded sandbox, real processes, exit codes checked."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import stat
@@ -15,23 +14,13 @@ from pathlib import Path
 import pytest
 
 from policies.keyprint import contains_key_material
-from tests.integration.conftest import CANONICAL
+from tests.integration.conftest import CANONICAL, run_cli
 
 
 def finops(
     cwd: Path, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GREENHELIX_", "FINOPS_"))}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "controller.cli", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        input=stdin,
-    )
+    return run_cli(cwd, *args, env=env, stdin=stdin)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from controller.reconcile.decide import secret_fingerprints
 from controller.sandbox.server import SandboxServer
 from policies.keyprint import MIN_SECRET_RUN, secret_part
 from policies.spec import SecretRef
-from tests.integration.conftest import CANONICAL, Harness
+from tests.integration.conftest import CANONICAL, Harness, run_cli
 
 KEY = "a2a_free_fa63aab628959ce3b1ec48a5"
 OTHER_UID = 4242
@@ -45,17 +45,7 @@ def mode(path: Path) -> int:
 def run_finops(
     cwd: Path, *args: str, env: dict[str, str] | None = None, umask: int = 0o022
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GREENHELIX_", "FINOPS_"))}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "controller.cli", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        umask=umask,
-    )
+    return run_cli(cwd, *args, env=env, umask=umask)
 
 
 @pytest.fixture
