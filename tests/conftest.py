@@ -74,3 +74,54 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             for leak in sorted(set(_leaks)):
                 reporter.write_line(f"  {leak}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# -- a real PostgreSQL server --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """The URL of a PostgreSQL server for the whole session: ``FINOPS_TEST_PG_URL`` when set
+    (``.ci/run`` starts one), else a throwaway cluster started here. Without server binaries
+    the PostgreSQL tests are skipped on a developer machine and fail in CI (``CI`` set)."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tests import pgserver
+
+    url = os.environ.get("FINOPS_TEST_PG_URL")
+    if url:
+        yield url
+        return
+    # Not under pytest's tmp dir: its 0700 parents are closed to the unprivileged server user.
+    directory = Path(tempfile.mkdtemp(prefix="finops-pg-"))
+    try:
+        url = pgserver.start(directory)
+    except pgserver.PostgresUnavailable as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"no PostgreSQL server: {exc}")
+    try:
+        yield url
+    finally:
+        pgserver.stop(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A fresh, empty database on the session's server for this test (dropped afterwards)."""
+    import uuid
+
+    import psycopg
+    from psycopg import sql
+
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    base, _, _ = pg_server.rpartition("/")
+    yield f"{base}/{name}"
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
