@@ -53,7 +53,7 @@ class Services:
             client,
             self.state,
             self.vault,
-            state_path=self.state.path,
+            state_path=self.state.location,
             clock=self.clock,
             agent_client_factory=self.agent_client,
         )
@@ -73,7 +73,7 @@ class Services:
         """The services for ``target`` as the command-line options configure them."""
         return cls(
             target=target,
-            state=StateStore(target.state_file),
+            state=StateStore(target.state_location),
             vault=KeyVault(target.secrets_dir(opts.secrets_dir)),
             clock=clock,
             concurrency=opts.concurrency,

@@ -25,6 +25,7 @@ from controller.alerting.store import PENDING, AlertStore, Attempt, FiredAlert, 
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import GatewayError
 from controller.gateway.models import BudgetStatus
+from controller.state.location import StateLocation, as_location
 from policies.alerts import (
     AlertEvent,
     BudgetReading,
@@ -112,7 +113,7 @@ async def _read_budgets(client: GatewayClient, specs: list[AgentSpec]) -> tuple[
 async def check_alerts(
     client: GatewayClient,
     desired: DesiredState,
-    state_path: Path,
+    state_path: Path | StateLocation,
     *,
     now: Clock,
     transport: httpx.AsyncBaseTransport | None = None,
@@ -195,26 +196,26 @@ def _by_agent(items: list[T]) -> dict[str, list[T]]:
     return out
 
 
-def delivery_status(state_path: Path) -> Mapping[str, list[RouteStatus]]:
+def delivery_status(state_path: Path | StateLocation) -> Mapping[str, list[RouteStatus]]:
     """Per agent, each alert route's last attempt, consecutive failed attempts and queue
     counts. Reads only; an absent state file means nothing was ever sent."""
-    if not Path(state_path).exists():
+    if not as_location(state_path).exists():
         return {}
     with AlertStore(state_path) as store:
         return _by_agent(store.route_statuses())
 
 
-def alert_state(state_path: Path) -> Mapping[str, list[FiredAlert]]:
+def alert_state(state_path: Path | StateLocation) -> Mapping[str, list[FiredAlert]]:
     """Per agent, the (window, threshold) slots currently fired, with their alert ids."""
-    if not Path(state_path).exists():
+    if not as_location(state_path).exists():
         return {}
     with AlertStore(state_path) as store:
         return _by_agent(store.fired())
 
 
-def delivery_log(state_path: Path, alert_id: str | None = None) -> list[Attempt]:
+def delivery_log(state_path: Path | StateLocation, alert_id: str | None = None) -> list[Attempt]:
     """Every delivery attempt (URLs redacted), oldest first."""
-    if not Path(state_path).exists():
+    if not as_location(state_path).exists():
         return []
     with AlertStore(state_path) as store:
         return store.log(alert_id)

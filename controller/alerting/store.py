@@ -15,7 +15,6 @@ go; logs and status only ever show ``redact_url`` forms.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -24,7 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from controller.state.db import connect
+from controller.state.db import Database, connect
+from controller.state.location import StateLocation, as_location
 from policies.alerts import SlotKey, SlotState
 from policies.spec import SecretRef
 
@@ -111,7 +111,7 @@ def _secret_ref(text: str) -> SecretRef:
 class AlertTx:
     """The writes of one check's decision, inside one ``BEGIN IMMEDIATE`` transaction."""
 
-    def __init__(self, db: sqlite3.Connection, at: float) -> None:
+    def __init__(self, db: Database, at: float) -> None:
         self._db = db
         self._at = at
 
@@ -137,6 +137,9 @@ class AlertTx:
     def forget_agents_except(self, agent_ids: Iterable[str]) -> None:
         """The manifests are the inventory: slots of agents no longer declared go."""
         keep = sorted(set(agent_ids))
+        if not keep:
+            self._db.execute("DELETE FROM alert_slots")
+            return
         marks = ",".join("?" * len(keep))
         self._db.execute(f"DELETE FROM alert_slots WHERE agent_id NOT IN ({marks})", keep)
 
@@ -156,23 +159,23 @@ class AlertTx:
         """Queue one delivery; a refused URL is recorded as refused (with its reason in the
         log) instead of pending. Returns the row id, or ``None`` if it was already queued."""
         cur = self._db.execute(
-            "INSERT OR IGNORE INTO alert_outbox (alert_id, agent_id, event_type, route, url, allow_insecure,"
+            "INSERT INTO alert_outbox (alert_id, agent_id, event_type, route, url, allow_insecure,"
             " secret_ref, body, status, last_error, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (alert_id, url) DO NOTHING RETURNING id",
             (alert_id, agent_id, event_type, route, url, int(allow_insecure), _secret_json(secret), body,
              REFUSED if refused else PENDING, refused or "", self._at, self._at),
         )  # fmt: skip
-        if cur.rowcount == 0:
+        row = cur.fetchone()
+        if row is None:
             return None
-        row_id = cur.lastrowid
-        assert row_id is not None
+        row_id = int(row[0])
         if refused:
             _log(self._db, row_id, alert_id, agent_id, route, route, self._at, ok=False, code=None, error=refused)
         return row_id
 
 
 def _log(
-    db: sqlite3.Connection,
+    db: Database,
     outbox_id: int,
     alert_id: str,
     agent_id: str,
@@ -191,7 +194,7 @@ def _log(
     )
 
 
-def _load_slots(db: sqlite3.Connection) -> dict[SlotKey, SlotState]:
+def _load_slots(db: Database) -> dict[SlotKey, SlotState]:
     rows = db.execute(
         "SELECT agent_id, budget_window, threshold, fired, episodes, alert_id, fired_at FROM alert_slots"
     ).fetchall()
@@ -201,10 +204,11 @@ def _load_slots(db: sqlite3.Connection) -> dict[SlotKey, SlotState]:
 class AlertStore:
     """Access to the alert tables; every method commits before it returns."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | StateLocation) -> None:
+        self.location = as_location(path)
+        self.path = self.location.file
         self._lock = threading.Lock()
-        self._db = connect(self.path)
+        self._db = connect(self.location)
 
     def __enter__(self) -> Self:
         return self
@@ -220,14 +224,8 @@ class AlertStore:
     def decide(self, at: float) -> Iterator[AlertTx]:
         """Read slots, decide and queue in one write transaction, so two concurrent checks
         cannot both fire the same crossing (the second sees the first's fired slot)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield AlertTx(self._db, at)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, self._db.transaction() as db:
+            yield AlertTx(db, at)
 
     def slots(self) -> dict[SlotKey, SlotState]:
         with self._lock:
@@ -252,19 +250,13 @@ class AlertStore:
 
     def record_attempt(self, row: OutboxRow, url: str, at: float, *, ok: bool, code: int | None, error: str) -> None:
         """Log one attempt (``url`` already redacted) and count it on the row."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                _log(self._db, row.id, row.alert_id, row.agent_id, row.route, url, at, ok=ok, code=code, error=error)
-                self._db.execute(
-                    "UPDATE alert_outbox SET attempts = attempts + 1, last_code = ?, last_error = ?, updated_at = ?"
-                    " WHERE id = ?",
-                    (code, error, at, row.id),
-                )
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, self._db.transaction() as db:
+            _log(db, row.id, row.alert_id, row.agent_id, row.route, url, at, ok=ok, code=code, error=error)
+            db.execute(
+                "UPDATE alert_outbox SET attempts = attempts + 1, last_code = ?, last_error = ?, updated_at = ?"
+                " WHERE id = ?",
+                (code, error, at, row.id),
+            )
 
     def set_status(self, row_id: int, status: str, at: float, error: str | None = None) -> None:
         with self._lock:

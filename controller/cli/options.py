@@ -42,6 +42,8 @@ class TargetOptions:
     concurrency: int
     allow_insecure_http: bool = False
     """Permit a plain ``http://`` gateway URL to a non-loopback host (the admin key in clear)."""
+    state_url: str | None = None
+    """A shared PostgreSQL state database; ``None``: the SQLite file under ``state_dir``."""
 
     def open_target(self) -> AbstractContextManager[Target]:
         """The gateway these options name (or the embedded sandbox); see ``open_target``."""
@@ -50,6 +52,7 @@ class TargetOptions:
             api_key_file=self.api_key_file,
             state_dir=self.state_dir,
             allow_insecure_http=self.allow_insecure_http,
+            state_url=self.state_url,
         )
 
 
@@ -65,9 +68,12 @@ def target_options(fn: F) -> F:
         secrets_dir: Path | None,
         concurrency: int,
         allow_insecure_http: bool,
+        state_url: str | None,
         **kwargs: Any,
     ) -> Any:
-        opts = TargetOptions(gateway, api_key_file, state_dir, secrets_dir, concurrency, allow_insecure_http)
+        opts = TargetOptions(
+            gateway, api_key_file, state_dir, secrets_dir, concurrency, allow_insecure_http, state_url or None
+        )
         return fn(*args, opts=opts, **kwargs)
 
     command: Callable[..., Any] = wrapper
@@ -93,6 +99,15 @@ def target_options(fn: F) -> F:
             show_default=True,
             type=click.Path(path_type=Path),
             help="Where finops keeps its state (env FINOPS_STATE_DIR).",
+        ),
+        click.option(
+            "--state-url",
+            envvar="FINOPS_STATE_URL",
+            default=None,
+            metavar="URL",
+            help="Keep finops' state in a shared PostgreSQL database (postgresql://HOST/DB; env "
+            "FINOPS_STATE_URL) instead of the SQLite file under --state-dir. Put the password in "
+            "PGPASSFILE or PGPASSWORD, not in the URL.",
         ),
         click.option(
             "--secrets-dir",

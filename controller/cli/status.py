@@ -67,7 +67,9 @@ def check(
         desired = load(path)
 
         async def go(s: Session) -> int:
-            result = await check_alerts(s.client, desired, s.store.path, now=time.time, held=frozenset(s.store.holds()))
+            result = await check_alerts(
+                s.client, desired, s.store.location, now=time.time, held=frozenset(s.store.holds())
+            )
             if fmt == "json":
                 click.echo(json.dumps(result.to_dict(), indent=2))
             else:

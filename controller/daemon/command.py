@@ -186,7 +186,7 @@ def run(
         metrics = DaemonMetrics()
         services = Services.build(target, opts, observer=GatewayErrorCounter(metrics.gateway_errors))
         store = services.state
-        revisions = RevisionLog(target.state_file)
+        revisions = RevisionLog(target.state_location)
         server: MetricsServer | None = None
         try:
             client_factory = services.client

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controller.state.db import connect
+from controller.state.location import StateLocation, as_location
 
 APPLIED = "applied"
 INVALID = "invalid"
@@ -36,10 +37,10 @@ class RevisionRecord:
 
 
 class RevisionLog:
-    def __init__(self, db_path: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, db_path: Path | StateLocation, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = connect(Path(db_path))
+        self._db = connect(as_location(db_path))
 
     def close(self) -> None:
         with self._lock:
@@ -52,7 +53,7 @@ class RevisionLog:
             self._db.execute(
                 "INSERT INTO revisions (revision, source, status, first_seen, last_seen, passes, last_ok, "
                 "last_changes) VALUES (?,?,?,?,?,1,?,?) ON CONFLICT(revision) DO UPDATE SET status=excluded.status, "
-                "last_seen=excluded.last_seen, passes=passes+1, last_ok=excluded.last_ok, "
+                "last_seen=excluded.last_seen, passes=revisions.passes+1, last_ok=excluded.last_ok, "
                 "last_changes=excluded.last_changes, detail=''",
                 (revision, source, APPLIED, now, now, int(ok), changes),
             )

@@ -41,7 +41,7 @@ def alerts_job(
             result = await check_alerts(
                 client,
                 desired,
-                ctx.store.path,
+                ctx.store.location,
                 now=now,
                 held=frozenset(ctx.store.holds()),
                 resolver=resolver,
@@ -67,7 +67,7 @@ def rotation_job(ctx: DaemonContext, now: Callable[[], float] = time.time) -> Jo
                 client,
                 ctx.store,
                 KeyVault(ctx.sink.directory),
-                state_path=ctx.store.path,
+                state_path=ctx.store.location,
                 clock=now,
                 agent_client_factory=ctx.agent_client,
             )

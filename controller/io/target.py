@@ -25,6 +25,7 @@ from controller.errors import ConfigError
 from controller.io.secretfile import make_private_dirs, read_secret_file
 from controller.io.secretref import protect_secret_path
 from controller.manifest.schema import port_problem
+from controller.state.location import StateLocation, check_state_url
 from policies.urls import is_loopback_host
 
 DEFAULT_STATE_DIR = Path(".finops")
@@ -40,10 +41,17 @@ class Target:
     api_key: str = field(repr=False)
     embedded: bool
     state_dir: Path
+    state_url: str | None = field(default=None, repr=False)
+    """A shared PostgreSQL database (``--state-url``); ``None``: the SQLite file."""
 
     @property
     def state_file(self) -> Path:
+        """The SQLite database; with ``state_url``, the local anchor of machine-local files."""
         return self.state_dir / f"state-{self.name}.db"
+
+    @property
+    def state_location(self) -> StateLocation:
+        return StateLocation(self.state_file, url=self.state_url)
 
     def secrets_dir(self, override: Path | None) -> Path:
         return override if override is not None else self.state_dir / "secrets" / self.name
@@ -115,8 +123,10 @@ def open_target(
     api_key_file: str | None = None,
     state_dir: Path | None = None,
     allow_insecure_http: bool = False,
+    state_url: str | None = None,
 ) -> Iterator[Target]:
     state = Path(state_dir or os.environ.get("FINOPS_STATE_DIR") or DEFAULT_STATE_DIR)
+    state_url = check_state_url(state_url) if state_url else None
     url = gateway or os.environ.get("GREENHELIX_URL")
     # finops' own key material: no secret reference may name it (controller.io.secretref)
     for protected in (state / "secrets", state / "sandbox", *([Path(api_key_file)] if api_key_file else [])):
@@ -124,7 +134,8 @@ def open_target(
     if url:
         check_gateway_url(url, allow_insecure_http=allow_insecure_http)
         target = Target(
-            name=_slug(url), url=url.rstrip("/"), api_key=_api_key(api_key_file), embedded=False, state_dir=state
+            name=_slug(url), url=url.rstrip("/"), api_key=_api_key(api_key_file), embedded=False, state_dir=state,
+            state_url=state_url,
         )
         protect_secret_path(target.state_file)
         yield target
@@ -134,6 +145,13 @@ def open_target(
     sandbox_dir = state / "sandbox"
     make_private_dirs(sandbox_dir)
     with SandboxServer(db_path=sandbox_dir / "gateway.db", admin_key_file=sandbox_dir / "admin.key") as server:
-        target = Target(name="sandbox", url=server.url, api_key=server.admin_key, embedded=True, state_dir=state)
+        target = Target(
+            name="sandbox",
+            url=server.url,
+            api_key=server.admin_key,
+            embedded=True,
+            state_dir=state,
+            state_url=state_url,
+        )
         protect_secret_path(target.state_file)
         yield target

@@ -22,6 +22,7 @@ from controller.keys.sinks import DEFAULT_COMMAND_TIMEOUT_S, KeySink, sink_for
 from controller.keys.store import KeyLedger
 from controller.keys.vault import KeyVault
 from controller.state import PENDING, Intent, StateStore
+from controller.state.location import StateLocation
 from policies.spec import KeySinkSpec
 
 
@@ -34,7 +35,7 @@ class KeyManagerCore:
         store: StateStore,
         vault: KeyVault,
         *,
-        state_path: Path,
+        state_path: Path | StateLocation,
         clock: Callable[[], float] = time.time,
         fault_hook: FaultHook | None = None,
         agent_client_factory: AgentClientFactory | None = None,

@@ -18,6 +18,7 @@ from pathlib import Path
 from controller.state import keys
 from controller.state.db import connect
 from controller.state.keys import HeldKey as HeldKey  # re-exported: the ledger returns it
+from controller.state.location import StateLocation, as_location
 
 Clock = Callable[[], float]
 
@@ -35,11 +36,12 @@ class Orphan:
 class KeyLedger:
     """Thread-safe; every write commits at once."""
 
-    def __init__(self, state_path: Path, *, clock: Clock = time.time) -> None:
-        self.path = Path(state_path)
+    def __init__(self, state_path: Path | StateLocation, *, clock: Clock = time.time) -> None:
+        self.location = as_location(state_path)
+        self.path = self.location.file
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = connect(self.path)
+        self._db = connect(self.location)
 
     def close(self) -> None:
         with self._lock:
@@ -67,7 +69,8 @@ class KeyLedger:
         with self._lock:
             for prefix in prefixes:
                 cur = self._db.execute(
-                    "INSERT INTO keys_orphans VALUES (?,?,?,?) ON CONFLICT(agent_id, key_prefix) DO NOTHING",
+                    "INSERT INTO keys_orphans (agent_id, key_prefix, detected_at, detail) VALUES (?,?,?,?) "
+                    "ON CONFLICT(agent_id, key_prefix) DO NOTHING",
                     (agent_id, prefix, now, detail),
                 )
                 if cur.rowcount:
@@ -81,7 +84,8 @@ class KeyLedger:
         now = self._clock()
         with self._lock:
             self._db.execute(
-                "INSERT INTO keys_rotation_sent VALUES (?,?,?) ON CONFLICT(agent_id, key_prefix) DO NOTHING",
+                "INSERT INTO keys_rotation_sent (agent_id, key_prefix, first_sent_at) VALUES (?,?,?) "
+                "ON CONFLICT(agent_id, key_prefix) DO NOTHING",
                 (agent_id, key_prefix, now),
             )
             row = self._db.execute(
@@ -111,7 +115,8 @@ class KeyLedger:
         any live key of the agent outside ``known`` (and not explained later) is an orphan."""
         with self._lock:
             self._db.execute(
-                "INSERT INTO keys_late_watch VALUES (?,?,?,?) ON CONFLICT(agent_id, intent_key) DO UPDATE SET "
+                "INSERT INTO keys_late_watch (agent_id, intent_key, known, until) VALUES (?,?,?,?) "
+                "ON CONFLICT(agent_id, intent_key) DO UPDATE SET "
                 "known=excluded.known, until=excluded.until",
                 (agent_id, intent_key, json.dumps(sorted(set(known))), until),
             )

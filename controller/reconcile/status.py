@@ -134,8 +134,8 @@ async def fleet_status(
     deferred: dict[str, list[str]] = {}
     for d in plan.deferred:
         deferred.setdefault(d.agent_id, []).append(d.message)
-    routes = delivery_status(store.path)
-    fired = alert_state(store.path)
+    routes = delivery_status(store.location)
+    fired = alert_state(store.location)
     key_status = {k.agent_id: k for k in keys.key_status(desired)}
     try:
         key_health = await keys.held_key_health(desired)

@@ -1,28 +1,178 @@
-"""The one state database: its connection policy, schema version and forward migrations.
+"""The one state database: its connection policy, schema version and forward migrations,
+on either backend.
 
 Every part of finops that keeps state (intents, budget writes, holds, webhooks,
 adjustments, funding events, exposure approvals, key ledger, alerts, revisions) opens the
-same SQLite file through :func:`connect`, so there is one place that sets the PRAGMAs and
-one numbered list of schema steps. A file is brought forward on open; a file written by a
-newer finops (a higher ``schema_version``) is refused rather than misread.
+same database through :func:`connect`: an embedded SQLite file (the default) or a shared
+PostgreSQL database (``StateLocation.url``). There is one place that sets the connection
+policy and one numbered list of schema steps. A database is brought forward on open; one
+written by a newer finops (a higher ``schema_version``) is refused rather than misread.
+
+Repositories speak one SQL: ``?`` placeholders, ``INSERT … ON CONFLICT``, ``RETURNING``,
+``IS [NOT] DISTINCT FROM`` (SQLite >= 3.39 and PostgreSQL both understand it); the
+:class:`Database` wrapper turns placeholders into psycopg's ``%s``. Schema text is written
+once in SQLite's types and translated for PostgreSQL (``REAL`` -> ``DOUBLE PRECISION``,
+``BLOB`` -> ``BYTEA``, ``AUTOINCREMENT`` -> ``BIGSERIAL``).
+
+PostgreSQL and two finops versions: every finops connection holds a *shared* advisory lock
+on the schema for its whole life; a migration needs the *exclusive* one, so a newer finops
+never changes the schema under an older one still running (it waits up to
+``MIGRATION_LOCK_TIMEOUT_S`` and then says so), and an older finops refuses a newer schema.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 import sqlite3
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from controller.errors import ConfigError
 from controller.io.secretfile import private_file
+from controller.state.location import POSTGRESQL, SQLITE, StateLocation, as_location
 
 BUSY_TIMEOUT_MS = 30_000
 """How long a writer waits for another connection's write transaction (daemon + CLI)."""
 
 
+MIGRATION_LOCK_TIMEOUT_S = 30
+"""How long a migration waits for other finops processes (older versions) to disconnect."""
+CONNECT_TIMEOUT_S = 10
+
+LOCK_NAMESPACE = 0x66696E6F
+"""``pg_advisory_lock(namespace, object)``: finops' locks, apart from other applications'."""
+LOCK_SCHEMA = 1
+"""Shared by every connected finops; exclusive for a migration."""
+LOCK_WRITER = 2
+"""The writer lock (``controller.state.lock``): one daemon or apply at a time."""
+
+
 class SchemaTooNew(ConfigError):
-    """The state file was written by a newer finops: reading it could lose an intent."""
+    """The state database was written by a newer finops: reading it could lose an intent."""
+
+
+class StateUnavailable(ConfigError):
+    """The state database cannot be reached (PostgreSQL down, wrong URL, auth refused)."""
+
+
+class Cursor(Protocol):
+    """What a statement returns on either backend."""
+
+    @property
+    def rowcount(self) -> int: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+
+
+@functools.lru_cache(maxsize=512)
+def _pg_sql(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _pg_ddl(script: str) -> str:
+    script = re.sub(r"INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY", script)
+    script = re.sub(r"\bREAL\b", "DOUBLE PRECISION", script)
+    return re.sub(r"\bBLOB\b", "BYTEA", script)
+
+
+class Database:
+    """One connection to the state database, SQLite or PostgreSQL, behind one small API:
+    ``execute``/``executemany`` (autocommit outside a transaction) and ``transaction()``
+    (``BEGIN IMMEDIATE`` on SQLite: writers queue on the busy timeout; a plain transaction
+    on PostgreSQL). Callers serialise threads themselves (each repository has a lock). A
+    PostgreSQL connection that broke is re-opened at the next statement outside a
+    transaction (the daemon survives a database restart); inside one, the error surfaces."""
+
+    def __init__(self, location: StateLocation, raw: Any, dialect: str) -> None:
+        self.location = location
+        self.dialect = dialect
+        self._raw = raw
+        self._in_tx = False
+        self._reconnect_lock = threading.Lock()
+
+    # -- statements --------------------------------------------------------------
+
+    def _conn(self) -> Any:
+        if self.dialect == POSTGRESQL and not self._in_tx and self._raw.closed:
+            with self._reconnect_lock:
+                if self._raw.closed:
+                    self._raw = _pg_open(self.location)
+        return self._raw
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        if self.dialect == POSTGRESQL:
+            cur: Cursor = _pg_call(self.location, lambda: self._conn().execute(_pg_sql(sql), tuple(params)))
+            return cur
+        cur = self._raw.execute(sql, tuple(params))
+        return cur
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if not rows:
+            return
+        if self.dialect == POSTGRESQL:
+            _pg_call(self.location, lambda: self._conn().cursor().executemany(_pg_sql(sql), [tuple(r) for r in rows]))
+        else:
+            self._raw.executemany(sql, [tuple(r) for r in rows])
+
+    def ddl(self, script: str) -> None:
+        """Run schema text written in SQLite's types (translated for PostgreSQL)."""
+        text = _pg_ddl(script) if self.dialect == POSTGRESQL else script
+        for statement in _split(text):
+            if self.dialect == POSTGRESQL:
+                self._conn().execute(statement)
+            else:
+                self._raw.execute(statement)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Database]:
+        """Everything inside commits together or not at all."""
+        if self._in_tx:  # nested: part of the outer transaction
+            yield self
+            return
+        if self.dialect == POSTGRESQL:
+            conn = self._conn()
+            self._in_tx = True
+            try:
+                with _pg_errors(self.location), conn.transaction():
+                    yield self
+            finally:
+                self._in_tx = False
+            return
+        self._raw.execute("BEGIN IMMEDIATE")
+        self._in_tx = True
+        try:
+            yield self
+        except BaseException:
+            self._in_tx = False
+            self._raw.execute("ROLLBACK")
+            raise
+        self._in_tx = False
+        self._raw.execute("COMMIT")
+
+    def table_exists(self, name: str) -> bool:
+        if self.dialect == POSTGRESQL:
+            return bool(self.execute("SELECT to_regclass(?) IS NOT NULL", (name,)).fetchone()[0])
+        return self.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+
+    def columns(self, table: str) -> set[str]:
+        if self.dialect == POSTGRESQL:
+            rows = self.execute("SELECT column_name FROM information_schema.columns WHERE table_name=?", (table,))
+            return {r[0] for r in rows.fetchall()}
+        return {row[1] for row in self._raw.execute(f"PRAGMA table_info({table})")}
+
+    @property
+    def raw(self) -> Any:
+        """The driver connection (advisory locks and tests only)."""
+        return self._conn()
+
+    def close(self) -> None:
+        self._raw.close()
 
 
 _BASELINE = """
@@ -219,19 +369,22 @@ _COLUMNS_ADDED = {
 """Columns added before the schema was versioned: a state file from before gets them."""
 
 
-def _baseline(db: sqlite3.Connection) -> None:
+def _baseline(db: Database) -> None:
     """Version 1: every table as finops wrote them before the schema had a version (a file
     of that time already has some or all of them: ``IF NOT EXISTS``, missing columns added)."""
-    for statement in _split(_BASELINE):
-        db.execute(statement)
+    db.ddl(_BASELINE)
+    if db.dialect == POSTGRESQL:
+        # SQLite's implicit rowid orders bundles stored in the same instant; PostgreSQL gets it.
+        db.ddl("ALTER TABLE revision_bundles ADD COLUMN IF NOT EXISTS rowid BIGSERIAL")
+        db.ddl("ALTER TABLE revisions ADD COLUMN IF NOT EXISTS rowid BIGSERIAL")
     for table, columns in _COLUMNS_ADDED.items():
-        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        have = db.columns(table)
         for name, decl in columns:
             if name not in have:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
 
-def _one_key_table(db: sqlite3.Connection) -> None:
+def _one_key_table(db: Database) -> None:
     """Version 2: the key finops holds per agent is one fact in one table (``keys_held``).
     Before, ``apply`` wrote registrations to ``agent_keys`` and key management its own
     record to ``keys_held``; for each agent the newer record wins (both were written
@@ -255,7 +408,7 @@ def _one_key_table(db: sqlite3.Connection) -> None:
 class Migration:
     version: int
     what: str
-    step: Callable[[sqlite3.Connection], None]
+    step: Callable[[Database], None]
 
 
 MIGRATIONS: Sequence[Migration] = (
@@ -273,66 +426,156 @@ def _split(script: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
-def schema_version(db: sqlite3.Connection) -> int:
-    db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+def schema_version(db: Database) -> int:
+    db.ddl("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def _read_version(db: sqlite3.Connection) -> int | None:
-    """The file's version without writing, ``None`` when it has no version table yet."""
-    if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'").fetchone() is None:
+def _read_version(db: Database) -> int | None:
+    """The database's version without writing, ``None`` when it has no version table yet."""
+    if not db.table_exists("schema_version"):
         return None
     row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def migrate(db: sqlite3.Connection, path: Path | str = "state database") -> int:
-    """Bring ``db`` to :data:`SCHEMA_VERSION`; each step commits with its version row, so a
-    crash mid-way resumes at the step that did not commit. Returns the version."""
-    current = _read_version(db)  # no write lock when the file is already current
-    if current is None:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            current = schema_version(db)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-    if current > SCHEMA_VERSION:
-        raise SchemaTooNew(
-            f"{path}: schema version {current} was written by a newer finops (this one knows up to "
-            f"{SCHEMA_VERSION}); refusing to open it. Run the newer finops, or restore a backup."
-        )
+def _too_new(current: int, where: object) -> SchemaTooNew:
+    return SchemaTooNew(
+        f"{where}: schema version {current} was written by a newer finops (this one knows up to "
+        f"{SCHEMA_VERSION}); refusing to open it. Run the newer finops, or restore a backup."
+    )
+
+
+def _migrate_pg(db: Database, where: object) -> int:
+    """All missing steps in one transaction (PostgreSQL's DDL is transactional) under the
+    exclusive schema lock. Another finops holding its shared side (an older version still
+    running) makes this wait, re-reading the version meanwhile: a replica that migrated
+    first is not waited for."""
+    deadline = time.monotonic() + MIGRATION_LOCK_TIMEOUT_S
+    while True:
+        with db.transaction():
+            got = db.execute("SELECT pg_try_advisory_xact_lock(?, ?)", (LOCK_NAMESPACE, LOCK_SCHEMA)).fetchone()[0]
+            if got:
+                now = schema_version(db)
+                if now > SCHEMA_VERSION:
+                    raise _too_new(now, where)
+                for migration in MIGRATIONS:
+                    if migration.version > now:
+                        migration.step(db)
+                        db.execute("INSERT INTO schema_version (version) VALUES (?)", (migration.version,))
+                return SCHEMA_VERSION
+        current = _read_version(db)
+        if current is not None and current > SCHEMA_VERSION:
+            raise _too_new(current, where)
+        if current == SCHEMA_VERSION:
+            return SCHEMA_VERSION
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"{where}: the schema needs migrating to version {SCHEMA_VERSION}, but another finops process "
+                f"(an older version?) stayed connected for {MIGRATION_LOCK_TIMEOUT_S} s; stop the older finops "
+                "processes, then start this one again"
+            )
+        time.sleep(0.2)
+
+
+def migrate(db: Database, where: object = "state database") -> int:
+    """Bring ``db`` to :data:`SCHEMA_VERSION`. On SQLite each step commits with its version
+    row (``BEGIN IMMEDIATE`` serialises processes), so a crash mid-way resumes at the step
+    that did not commit. Returns the version."""
+    current = _read_version(db)  # no write lock when the database is already current
+    if current is not None and current > SCHEMA_VERSION:
+        raise _too_new(current, where)
+    if current == SCHEMA_VERSION:
+        return SCHEMA_VERSION
+    if db.dialect == POSTGRESQL:
+        return _migrate_pg(db, where)
     for migration in MIGRATIONS:
-        if migration.version <= current:
+        if current is not None and migration.version <= current:
             continue
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if schema_version(db) < migration.version:  # another process may have run it meanwhile
+        with db.transaction():
+            now = schema_version(db)  # another process may have run it meanwhile
+            if now > SCHEMA_VERSION:
+                raise _too_new(now, where)
+            if now < migration.version:
                 migration.step(db)
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (migration.version,))
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
     return SCHEMA_VERSION
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """The one connection policy: a 0600 file (0700 directories) whatever the umask, WAL,
-    ``synchronous=FULL`` (a committed intent survives power loss), a busy timeout so the
-    daemon and a CLI command wait for each other instead of failing, foreign keys on,
-    autocommit mode (callers open ``BEGIN IMMEDIATE`` themselves), usable from threads
-    (callers serialise with a lock). The schema is brought forward before it is returned."""
-    path = Path(path)
-    private_file(path)
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+def _pg_call(location: StateLocation, fn: Callable[[], Any]) -> Any:
+    with _pg_errors(location):
+        return fn()
+
+
+@contextmanager
+def _pg_errors(location: StateLocation) -> Iterator[None]:
+    """psycopg's operational errors (server gone, lock timeout) as one finops error that
+    names the database without its password; programming errors stay bugs."""
+    import psycopg
+
     try:
-        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA foreign_keys=ON")
+        yield
+    except psycopg.errors.LockNotAvailable:
+        raise StateUnavailable(f"state database {location}: a lock was not granted in time") from None
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StateUnavailable(f"state database {location} is unavailable: {_strip_secrets(first)}") from None
+
+
+def _strip_secrets(message: str) -> str:
+    return re.sub(r"password=\S+", "password=***", re.sub(r"://([^:/@\s]+):[^@\s]+@", r"://\1:***@", message))
+
+
+def _pg_open(location: StateLocation) -> Any:
+    import psycopg
+
+    assert location.url is not None
+    with _pg_errors(location):
+        conn = psycopg.connect(
+            location.url,
+            autocommit=True,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            application_name="finops",
+            # A dead peer is noticed by the server within a minute, not after two hours of TCP.
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+        )
+    return conn
+
+
+def connect(where: Path | StateLocation) -> Database:
+    """The one connection policy, brought to the current schema before it is returned.
+
+    SQLite: a 0600 file (0700 directories) whatever the umask, WAL, ``synchronous=FULL``
+    (a committed intent survives power loss), a busy timeout so the daemon and a CLI
+    command wait for each other instead of failing, foreign keys on, usable from threads.
+    PostgreSQL: autocommit outside explicit transactions, TCP keepalives, a connect
+    timeout, the shared schema lock held for the connection's life."""
+    location = as_location(where)
+    if location.backend == POSTGRESQL:
+        db = Database(location, _pg_open(location), POSTGRESQL)
+        try:
+            migrate(db, location)
+            db.execute("SELECT pg_advisory_lock_shared(?, ?)", (LOCK_NAMESPACE, LOCK_SCHEMA))
+            version = _read_version(db)
+            if version is not None and version > SCHEMA_VERSION:  # migrated by a newer one meanwhile
+                raise _too_new(version, location)
+        except BaseException:
+            db.close()
+            raise
+        return db
+    path = location.file
+    private_file(path)
+    raw = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    db = Database(location, raw, SQLITE)
+    try:
+        raw.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        raw.execute("PRAGMA journal_mode=WAL")
+        raw.execute("PRAGMA synchronous=FULL")
+        raw.execute("PRAGMA foreign_keys=ON")
         migrate(db, path)
     except BaseException:
         db.close()

@@ -8,8 +8,11 @@ through the functions here, so no other module writes SQL against the table.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from controller.state.db import Database
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class HeldKey:
 
 
 def record_key(
-    db: sqlite3.Connection, agent_id: str, key_prefix: str, origin: str, now: float, *, rotated: bool = False,
+    db: Database, agent_id: str, key_prefix: str, origin: str, now: float, *, rotated: bool = False,
     reason: str | None = None,
 ) -> None:  # fmt: skip
     """finops now holds ``key_prefix`` for the agent; its age starts now. ``rotated`` marks
@@ -35,7 +38,7 @@ def record_key(
     db.execute(
         "INSERT INTO keys_held (agent_id, key_prefix, origin, since, last_rotated_at, last_reason, updated_at) "
         "VALUES (?,?,?,?,?,?,?) ON CONFLICT(agent_id) DO UPDATE SET "
-        "last_reason=CASE WHEN ? IS NOT NULL THEN excluded.last_reason "
+        "last_reason=CASE WHEN CAST(? AS TEXT) IS NOT NULL THEN excluded.last_reason "
         "WHEN keys_held.key_prefix=excluded.key_prefix THEN keys_held.last_reason ELSE '' END, "
         "key_prefix=excluded.key_prefix, origin=excluded.origin, since=excluded.since, "
         "last_rotated_at=COALESCE(excluded.last_rotated_at, keys_held.last_rotated_at), "
@@ -44,12 +47,12 @@ def record_key(
     )
 
 
-def held_keys(db: sqlite3.Connection) -> dict[str, HeldKey]:
+def held_keys(db: Database) -> dict[str, HeldKey]:
     rows = db.execute(
         "SELECT agent_id, key_prefix, origin, since, last_rotated_at, last_reason FROM keys_held"
     ).fetchall()
     return {r[0]: HeldKey(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows}
 
 
-def key_prefixes(db: sqlite3.Connection) -> dict[str, str]:
+def key_prefixes(db: Database) -> dict[str, str]:
     return {r[0]: r[1] for r in db.execute("SELECT agent_id, key_prefix FROM keys_held").fetchall()}

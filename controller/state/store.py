@@ -1,4 +1,5 @@
-"""finops' own durable memory, one SQLite file per gateway target.
+"""finops' own durable memory: one database per gateway target (a SQLite file, or a shared
+PostgreSQL database: ``controller.state.db``).
 
 The gateway is the source of truth for everything it can show; this store holds only what
 it cannot: intents written *before* non-idempotent steps (so a crash is recovered by
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from controller.state import keys
-from controller.state.db import connect
+from controller.state.db import Database, connect
+from controller.state.location import StateLocation, as_location
 from controller.state.recovery import check_kind
 from policies.exposure import Exposure, ExposureReview
 from policies.funding_window import WINDOW_SECONDS, FundingEvent, FundingKind
@@ -59,26 +60,22 @@ def _dec(value: str | None) -> Decimal | None:
 class StateStore:
     """Thread-safe access to the state database; every write commits immediately."""
 
-    def __init__(self, path: Path, *, clock: Clock = time.time) -> None:
-        self.path = Path(path)
+    def __init__(self, where: Path | StateLocation, *, clock: Clock = time.time) -> None:
+        self.location = as_location(where)
+        self.path = self.location.file
+        """SQLite: the database file; PostgreSQL: the machine-local anchor (generated secrets)."""
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = connect(self.path)  # 0600, WAL, synchronous=FULL, schema brought forward
+        self._db = connect(self.location)  # SQLite: 0600, WAL, synchronous=FULL; schema brought forward
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self) -> Iterator[Database]:
+        with self._lock, self._db.transaction() as db:
+            yield db
 
     # -- budgets ---------------------------------------------------------------
 
@@ -147,11 +144,13 @@ class StateStore:
         """Per agent, the ledger id of finops' newest deposit known to have landed."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT agent_id, MAX(CAST(ref AS INTEGER)) FROM intents "
-                "WHERE kind='deposit' AND status=? AND ref IS NOT NULL GROUP BY agent_id",
-                (DONE,),
+                "SELECT agent_id, ref FROM intents WHERE kind='deposit' AND status=? AND ref IS NOT NULL", (DONE,)
             ).fetchall()
-        return {r[0]: int(r[1]) for r in rows if r[1] is not None}
+        newest: dict[str, int] = {}
+        for agent_id, ref in rows:
+            if str(ref).isdigit():
+                newest[agent_id] = max(newest.get(agent_id, 0), int(ref))
+        return newest
 
     def intents(self, *, status: str | None = None, kind: str | None = None) -> list[Intent]:
         query = "SELECT intent_key, kind, agent_id, payload, status, detail, created_at, sent_at, ref FROM intents"
@@ -230,7 +229,9 @@ class StateStore:
     def record_webhook(self, hook: ManagedWebhook) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO managed_webhooks VALUES (?,?,?,?,?)",
+                "INSERT INTO managed_webhooks (webhook_id, agent_id, fleet, url, created_at) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(webhook_id) DO UPDATE SET agent_id=excluded.agent_id, fleet=excluded.fleet, "
+                "url=excluded.url, created_at=excluded.created_at",
                 (hook.webhook_id, hook.agent_id, hook.fleet, hook.url, self._clock()),
             )
 
@@ -252,7 +253,9 @@ class StateStore:
         with self._tx() as db:
             db.execute("DELETE FROM rebalance_adjustments WHERE fleet=?", (fleet,))
             db.executemany(
-                "INSERT OR REPLACE INTO rebalance_adjustments VALUES (?,?,?,?,?)",
+                "INSERT INTO rebalance_adjustments (agent_id, fleet, amount, explanation, computed_at) "
+                "VALUES (?,?,?,?,?) ON CONFLICT(agent_id) DO UPDATE SET fleet=excluded.fleet, "
+                "amount=excluded.amount, explanation=excluded.explanation, computed_at=excluded.computed_at",
                 [(a.agent_id, a.fleet, str(a.amount), a.explanation, a.computed_at) for a in adjustments],
             )
 
@@ -389,7 +392,7 @@ class StateStore:
     def clear_pending(self, *, except_revision: str | None = None) -> None:
         """Forget revisions superseded by a newer one (only the newest can be waiting)."""
         with self._tx() as db:
-            db.execute("DELETE FROM exposure_pending WHERE revision IS NOT ?", (except_revision,))
+            db.execute("DELETE FROM exposure_pending WHERE revision IS DISTINCT FROM ?", (except_revision,))
 
     def pending_revisions(self) -> list[PendingRevision]:
         """Newest first."""
@@ -418,7 +421,8 @@ class StateStore:
         payload = json.dumps({name: base64.b64encode(data).decode() for name, data in sorted(files.items())})
         with self._tx() as db:
             db.execute(
-                "INSERT INTO revision_bundles VALUES (?,?,?) ON CONFLICT(revision) DO UPDATE SET "
+                "INSERT INTO revision_bundles (revision, files, stored_at) VALUES (?,?,?) "
+                "ON CONFLICT(revision) DO UPDATE SET "
                 "stored_at=excluded.stored_at",
                 (revision, payload, self._clock()),
             )

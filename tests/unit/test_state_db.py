@@ -19,7 +19,9 @@ from controller.alerting.store import AlertStore
 from controller.daemon.revisions import APPLIED, RevisionLog
 from controller.keys.store import KeyLedger
 from controller.state import DONE, PENDING, SCHEMA_VERSION, SchemaTooNew, StateStore
-from controller.state.db import MIGRATIONS, connect, schema_version
+from controller.state.db import MIGRATIONS, Database, connect
+from controller.state.db import schema_version as _schema_version
+from controller.state.location import StateLocation
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "state_pre_i10.sql"
 """``iterdump`` of a state file written by finops at 6652281 (all four old wrappers)."""
@@ -41,6 +43,15 @@ def _tables(path: Path) -> set[str]:
         return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     finally:
         db.close()
+
+
+def schema_version(raw: sqlite3.Connection) -> int:
+    return _schema_version(_wrap(raw))
+
+
+def _wrap(raw: sqlite3.Connection) -> Database:
+    """A raw SQLite connection behind the state layer's ``Database`` API."""
+    return Database(StateLocation(Path("state.db")), raw, "sqlite")
 
 
 def test_a_state_file_from_before_the_schema_version_is_migrated_with_every_fact_kept(tmp_path: Path) -> None:
@@ -142,7 +153,7 @@ def test_every_repository_gets_the_one_connection_policy_and_a_private_file(tmp_
         os.umask(old)
     try:
         for part in parts:
-            db: sqlite3.Connection = part._db  # the policy is a property of each connection
+            db: sqlite3.Connection = part._db.raw  # the policy is a property of each connection
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
             assert db.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
@@ -232,7 +243,7 @@ def test_each_table_is_read_and_written_only_by_its_repository() -> None:
     assert seen == set(owner_of)  # every table is used by its owner: the regex finds real SQL
     db = sqlite3.connect(":memory:")
     for migration in MIGRATIONS:
-        migration.step(db)
+        migration.step(_wrap(db))
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert tables - {"sqlite_sequence"} == set(owner_of)  # every table has exactly one owner
 
@@ -266,7 +277,7 @@ def test_a_migration_interrupted_half_way_leaves_the_file_at_the_previous_versio
     path = _old_file(tmp_path)
     baseline, merge = state_db.MIGRATIONS[0], state_db.MIGRATIONS[1]
 
-    def crash(db: sqlite3.Connection) -> None:
+    def crash(db: Database) -> None:
         merge.step(db)  # the step's writes are done...
         raise KeyboardInterrupt  # ...and the process dies before its version row commits
 
