@@ -61,7 +61,7 @@ def _demote() -> tuple[Callable[[], None] | None, int | None, int | None]:
 
 def _run(args: list[str], log: Path | None = None) -> None:
     drop, _, _ = _demote()
-    out = subprocess.run(args, preexec_fn=drop, capture_output=True, text=True, timeout=120, cwd="/")  # noqa: PLW1509
+    out = subprocess.run(args, preexec_fn=drop, capture_output=True, text=True, timeout=120, cwd="/")
     if out.returncode != 0:
         tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
         raise RuntimeError(f"{' '.join(args[:2])} failed ({out.returncode}): {out.stderr[-2000:]}\n{tail}")
