@@ -36,14 +36,21 @@ class Services:
     concurrency: int = 32
     observer: ClientObserver | None = None
     """Instrumentation hooked into every client built here (the daemon's error metric)."""
+    fence: Callable[[], None] | None = None
+    """The writer lock's check (``controller.state.lock``), run before every gateway write
+    of every client built here: a process that lost the lock writes nothing more."""
 
     def client(self) -> GatewayClient:
         """A client with the target's admin key (use as ``async with``)."""
-        return GatewayClient(self.target.url, self.target.api_key, concurrency=self.concurrency, observer=self.observer)
+        return GatewayClient(
+            self.target.url, self.target.api_key, concurrency=self.concurrency, observer=self.observer, fence=self.fence
+        )
 
     def agent_client(self, api_key: str) -> GatewayClient:
         """A client authenticating with an agent's own key (key rotation's verification)."""
-        return GatewayClient(self.target.url, api_key, max_attempts=AGENT_CLIENT_ATTEMPTS, observer=self.observer)
+        return GatewayClient(
+            self.target.url, api_key, max_attempts=AGENT_CLIENT_ATTEMPTS, observer=self.observer, fence=self.fence
+        )
 
     def key_manager(self, client: GatewayClient) -> KeyManager:
         """Key management over ``client``, on these services' state, vault and clock."""
@@ -69,6 +76,7 @@ class Services:
         *,
         clock: Callable[[], float] = time.time,
         observer: ClientObserver | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> Services:
         """The services for ``target`` as the command-line options configure them."""
         return cls(
@@ -78,6 +86,7 @@ class Services:
             clock=clock,
             concurrency=opts.concurrency,
             observer=observer,
+            fence=fence,
         )
 
 
@@ -88,9 +97,10 @@ def open_services(
     *,
     clock: Callable[[], float] = time.time,
     observer: ClientObserver | None = None,
+    fence: Callable[[], None] | None = None,
 ) -> Iterator[Services]:
     """``Services.build``, closed on exit."""
-    services = Services.build(target, opts, clock=clock, observer=observer)
+    services = Services.build(target, opts, clock=clock, observer=observer, fence=fence)
     try:
         yield services
     finally:

@@ -28,7 +28,6 @@ from controller.cli.options import (
     target_options,
 )
 from controller.cli.views import RENDERERS, render_apply_text, render_text
-from controller.daemon.lock import writer_lock
 from controller.errors import ConfigError, FinopsError, StalePlanError
 from controller.io.safefile import read_text_bounded
 from controller.io.secretfile import make_private_dirs, write_secret_file
@@ -290,11 +289,13 @@ def apply(
             except (ValueError, KeyError, TypeError) as exc:
                 raise ConfigError(f"{plan_file} is not a finops plan file: {exc}") from None
         with (
-            writer_lock(opts.state_dir, purpose="finops apply"),
+            opts.writer_lock("finops apply") as lock,
             opts.open_target() as target,
         ):
+            # Observed and planned only now, with the lock held: a second apply acts on
+            # what the first one left, never on a plan made before it.
             _banner(target, fmt)
-            with open_services(target, opts) as services:
+            with open_services(target, opts, fence=lock.check) as services:
                 chosen, result = asyncio.run(_apply(desired, services, saved, auto_approve, fmt, prune, path))
         if fmt == "json":
             click.echo(
@@ -332,11 +333,11 @@ def rebalance(
     def run() -> int:
         desired = load(path)
         with (
-            writer_lock(opts.state_dir, purpose="finops rebalance") if not dry_run else contextlib.nullcontext(),
+            opts.writer_lock("finops rebalance") if not dry_run else contextlib.nullcontext() as lock,
             opts.open_target() as target,
         ):
             _banner(target, fmt)
-            services = Services.build(target, opts)
+            services = Services.build(target, opts, fence=lock.check if lock is not None else None)
             store = services.state
 
             async def go() -> RebalanceRun:

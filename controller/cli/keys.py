@@ -16,7 +16,6 @@ from typing import TypeVar
 import click
 
 from controller.cli.options import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, TargetOptions, load, run_command, target_options
-from controller.daemon.lock import writer_lock
 from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
 from controller.io.target import Target
@@ -53,22 +52,24 @@ def with_session(
     """``writer`` names a command that writes: it then takes the one-writer lock (a running
     daemon or another apply makes it fail fast, naming the holder)."""
     with contextlib.ExitStack() as guard:
+        fence = None
         if writer is not None:
-            guard.enter_context(writer_lock(opts.state_dir, purpose=writer))
-        return _with_target(opts, fn, quiet_banner)
+            fence = guard.enter_context(opts.writer_lock(writer)).check
+        return _with_target(opts, fn, quiet_banner, fence)
 
 
 def _with_target(
     opts: TargetOptions,
     fn: Callable[[Session], Awaitable[T]],
     quiet_banner: bool,
+    fence: Callable[[], None] | None = None,
 ) -> T:
     with opts.open_target() as target:
         click.echo(target.banner(), err=quiet_banner)
 
         async def go() -> T:
             async with AsyncExitStack() as stack:
-                services = Services.build(target, opts)
+                services = Services.build(target, opts, fence=fence)
                 stack.callback(services.close)
                 client = await stack.enter_async_context(services.client())
                 keys = services.key_manager(client)

@@ -20,10 +20,14 @@ from controller.errors import ConfigError, FinopsError, ManifestError
 from controller.exitcodes import EXIT_CHANGES, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from controller.io.target import Target, open_target
 from controller.manifest.loader import load_manifests
+from controller.state.location import StateLocation
+from controller.state.lock import WriterLock, writer_lock
 from policies.display import escape_lines
 from policies.spec import DesiredState
 
 DEFAULT_PATH = "manifests"
+DEFAULT_PG_LOCK_WAIT_S = 300.0
+"""Two applies from two machines queue instead of failing (the second plans after the first)."""
 
 __all__ = ["DEFAULT_PATH", "EXIT_CHANGES", "EXIT_ERROR", "EXIT_OK", "TargetOptions", "err", "load", "run_command"]
 
@@ -44,6 +48,16 @@ class TargetOptions:
     """Permit a plain ``http://`` gateway URL to a non-loopback host (the admin key in clear)."""
     state_url: str | None = None
     """A shared PostgreSQL state database; ``None``: the SQLite file under ``state_dir``."""
+    lock_timeout: float | None = None
+    """How long a writer waits for the writer lock (``None``: PostgreSQL 300 s, SQLite 0)."""
+
+    def writer_lock(self, purpose: str) -> AbstractContextManager[WriterLock]:
+        """The writer lock of the state these options name (``controller.state.lock``)."""
+        location = StateLocation(self.state_dir / "finops.lock", url=self.state_url)
+        wait = self.lock_timeout
+        if wait is None:
+            wait = DEFAULT_PG_LOCK_WAIT_S if self.state_url else 0.0
+        return writer_lock(location, self.state_dir, purpose=purpose, wait=wait, on_wait=_tell_waiting)
 
     def open_target(self) -> AbstractContextManager[Target]:
         """The gateway these options name (or the embedded sandbox); see ``open_target``."""
@@ -69,10 +83,18 @@ def target_options(fn: F) -> F:
         concurrency: int,
         allow_insecure_http: bool,
         state_url: str | None,
+        lock_timeout: float | None,
         **kwargs: Any,
     ) -> Any:
         opts = TargetOptions(
-            gateway, api_key_file, state_dir, secrets_dir, concurrency, allow_insecure_http, state_url or None
+            gateway,
+            api_key_file,
+            state_dir,
+            secrets_dir,
+            concurrency,
+            allow_insecure_http,
+            state_url or None,
+            lock_timeout,
         )
         return fn(*args, opts=opts, **kwargs)
 
@@ -110,6 +132,16 @@ def target_options(fn: F) -> F:
             "PGPASSFILE or PGPASSWORD, not in the URL.",
         ),
         click.option(
+            "--lock-timeout",
+            envvar="FINOPS_LOCK_TIMEOUT",
+            default=None,
+            type=click.FloatRange(0, 86_400),
+            metavar="SECONDS",
+            help="How long a writing command waits for another finops' writer lock (env FINOPS_LOCK_TIMEOUT; "
+            f"default: {DEFAULT_PG_LOCK_WAIT_S:g} s with --state-url, 0 with the SQLite file). A running daemon's "
+            "lock is never waited for.",
+        ),
+        click.option(
             "--secrets-dir",
             envvar="FINOPS_SECRETS_DIR",
             default=None,
@@ -135,6 +167,10 @@ def target_options(fn: F) -> F:
     for option in reversed(options):
         command = option(command)
     return cast(F, command)
+
+
+def _tell_waiting(message: str) -> None:
+    click.echo(f"finops: {escape_lines(message)}", err=True)
 
 
 def err(message: str) -> None:

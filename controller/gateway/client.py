@@ -42,8 +42,9 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from controller.errors import ConfigError
+from controller.errors import ConfigError, FinopsError
 from controller.gateway.errors import (
+    Fenced,
     GatewayError,
     NotAdmin,
     NotFound,
@@ -155,9 +156,13 @@ class GatewayClient:
         settle_delays: Sequence[float] = (0.1, 0.5, 1.5),
         sleep: Sleep = asyncio.sleep,
         observer: ClientObserver | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._observer = observer
+        self._fence = fence
+        """Called before every write request; raises if this process may no longer write
+        (``controller.state.lock.WriterLock.check``: the writer lock was lost)."""
         self._api_key = api_key
         # One single-connection client per request in flight ("lane") rather than one pool
         # of ``concurrency`` connections: httpcore 1.0 scans its whole pool on every request,
@@ -244,6 +249,11 @@ class GatewayClient:
         content = json.dumps(body).encode() if body is not None else None
         if content is not None:
             req_headers["Content-Type"] = "application/json"
+        if method != "GET" and self._fence is not None:
+            try:
+                await asyncio.to_thread(self._fence)
+            except FinopsError as exc:
+                raise Fenced(str(exc), method=method, path=path) from None
         self.calls["read" if method == "GET" else "write"] += 1
         try:
             async with self._slots:
@@ -374,6 +384,8 @@ class GatewayClient:
                     try:
                         resp = await self._send(method, path, body=body, params=params, headers=headers, auth=auth)
                         self._raise_for(method, path, resp)
+                    except Fenced:
+                        raise
                     except (RateLimited, Unreachable) as exc:
                         raise _Retryable(exc) from None
                     except (ServerError, UnknownOutcome) as exc:

@@ -78,6 +78,11 @@ class Unreachable(GatewayError):
     """The gateway could not be reached (connect error, DNS, TLS)."""
 
 
+class Fenced(Unreachable):
+    """Not sent: this finops lost the writer lock (``controller.state.lock``), so it makes no
+    further gateway write. Never retried; the request provably did not leave the process."""
+
+
 class UnknownOutcome(GatewayError):
     """A non-idempotent write may or may not have happened (timeout, dropped response).
 
