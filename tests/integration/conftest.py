@@ -156,6 +156,19 @@ class Harness:
             http.post("/_sandbox/stats/reset").raise_for_status()
 
 
+def state_rows(store: StateStore) -> Iterator[tuple[str, tuple[Any, ...]]]:
+    """Every row of every table of finops' state database, on either backend (for scans
+    that prove no key material was stored)."""
+    db = store._db
+    if db.dialect == "postgresql":
+        query = "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+    else:
+        query = "SELECT name FROM sqlite_master WHERE type='table'"
+    for (table,) in db.execute(query).fetchall():
+        for row in db.execute(f"SELECT * FROM {table}").fetchall():  # names come from the catalogue
+            yield table, tuple(row)
+
+
 @pytest.fixture
 def harness(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Harness]:
     store = StateStore(tmp_path / "state" / "state-sandbox.db")

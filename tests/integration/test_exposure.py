@@ -58,6 +58,11 @@ def harness(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Harness]:
     store.close()
 
 
+def _state_url(store: StateStore) -> list[str]:
+    """The CLI on the harness's state backend (``tests/integration/test_on_postgresql.py``)."""
+    return ["--state-url", store.location.url] if store.location.url else []
+
+
 def finops(
     harness: Harness, tmp_path: Path, *args: str, stdin: str | None = None, key_file: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -71,6 +76,7 @@ def finops(
         str(tmp_path / "state"),
         "--secrets-dir",
         str(tmp_path / "secrets"),
+        *_state_url(harness.store),
     ]
     return subprocess.run(
         [sys.executable, "-m", "controller.cli", *args, *target],
@@ -336,6 +342,7 @@ def test_a_confirmed_interactive_apply_is_recorded_as_an_approval(
     monkeypatch.setattr(cli_module, "sys", SimpleNamespace(stdin=SimpleNamespace(isatty=lambda: True)))
     args = ["apply", "manifests", "--gateway", harness.sandbox.url, "--api-key-file", str(tmp_path / "admin.key")]
     args += ["--state-dir", str(tmp_path / "state"), "--secrets-dir", str(tmp_path / "secrets")]
+    args += _state_url(harness.store)
     result = CliRunner().invoke(cli_module.cli, args, input="yes\n")
     assert result.exit_code == 0, result.output
     assert "answering yes approves dir:" in result.output

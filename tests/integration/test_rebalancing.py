@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -166,5 +165,5 @@ async def test_a_rebalance_apply_is_in_the_apply_log(harness: Harness, manifests
 
 
 def _apply_log(h: Harness) -> list[dict[str, Any]]:
-    with sqlite3.connect(h.store.path) as db:
-        return [json.loads(row[0]) for row in db.execute("SELECT summary FROM apply_log ORDER BY id")]
+    rows = h.store._db.execute("SELECT summary FROM apply_log ORDER BY id").fetchall()  # either backend
+    return [json.loads(row[0]) for row in rows]
