@@ -173,3 +173,23 @@ def test_a_waiting_writer_gives_up_at_once_behind_a_daemon_and_names_it(pg_url: 
         daemon.release()
     with writer_lock(location, tmp_path, purpose="finops apply", wait=0) as lock:
         assert lock.held()
+
+
+def test_freeze_never_waits_for_the_writer_lock_and_the_writer_sees_the_hold(
+    gateway: tuple[SandboxServer, dict[str, str]], pg_url: str, tmp_path: Path
+) -> None:
+    _, env = gateway
+    env = {**env, "FINOPS_STATE_URL": pg_url}
+    ops = _machine(tmp_path, "operator")
+    assert run_cli(ops, "apply", "--auto-approve", env=env).returncode == 0
+    daemon = try_writer_lock(StateLocation(tmp_path / "x.db", url=pg_url), purpose="finops run")  # another machine
+    assert daemon is not None
+    try:
+        frozen = run_cli(ops, "freeze", "res-02", "--reason", "loop", env=env)  # while a daemon writes
+        assert frozen.returncode == 0, frozen.stdout + frozen.stderr
+        blocked = run_cli(_machine(tmp_path, "laptop"), "apply", "--auto-approve", env=env)
+        assert blocked.returncode == 1 and "finops run" in blocked.stderr  # never queued behind a daemon
+    finally:
+        daemon.release()
+    after = run_cli(_machine(tmp_path, "ci"), "plan", "--detailed-exitcode", env=env)  # a hold is shared state
+    assert after.returncode == 0 and "HELD" in after.stdout and "res-02" in after.stdout, after.stdout

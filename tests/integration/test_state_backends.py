@@ -251,3 +251,35 @@ def test_unreachable_database_and_urls_never_show_the_password(tmp_path: Path) -
         with pytest.raises(Exception, match="state URL") as refused:
             check_state_url(bad)
         assert "pw@" not in str(refused.value)
+
+
+def test_a_newer_finops_waits_for_an_older_one_to_disconnect_before_migrating(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two finops versions never corrupt each other: every connection holds the schema lock
+    shared; a migration needs it exclusive, so it never runs under a connected older finops."""
+    from controller.state import db as state_db
+
+    location = StateLocation(tmp_path / "x.db", url=pg_url)
+    older = StateStore(location)  # running, at today's schema
+    added = state_db.Migration(SCHEMA_VERSION + 1, "a column of tomorrow", lambda db: db.ddl(
+        "ALTER TABLE holds ADD COLUMN tomorrow TEXT"
+    ))  # fmt: skip
+    monkeypatch.setattr(state_db, "MIGRATIONS", (*state_db.MIGRATIONS, added))
+    monkeypatch.setattr(state_db, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(state_db, "MIGRATION_LOCK_TIMEOUT_S", 1)
+    try:
+        with pytest.raises(Exception, match="stop the older finops processes"):
+            StateStore(location)
+        assert "tomorrow" not in older._db.columns("holds")  # nothing changed under it
+        older.set_hold("a", "still works")
+    finally:
+        older.close()
+    newer = StateStore(location)  # the older one is gone: the migration runs
+    try:
+        assert "tomorrow" in newer._db.columns("holds") and set(newer.holds()) == {"a"}
+    finally:
+        newer.close()
+    monkeypatch.undo()
+    with pytest.raises(SchemaTooNew):  # and today's finops now refuses the newer schema
+        StateStore(location)
