@@ -193,3 +193,30 @@ def test_freeze_never_waits_for_the_writer_lock_and_the_writer_sees_the_hold(
         daemon.release()
     after = run_cli(_machine(tmp_path, "ci"), "plan", "--detailed-exitcode", env=env)  # a hold is shared state
     assert after.returncode == 0 and "HELD" in after.stdout and "res-02" in after.stdout, after.stdout
+
+
+def test_a_ci_runner_needs_only_a_read_only_database_role_to_plan(
+    gateway: tuple[SandboxServer, dict[str, str]], pg_url: str, tmp_path: Path
+) -> None:
+    """`finops plan` reads the shared state and writes nothing to it: a SELECT-only role is
+    enough (what a pull-request job should hold); a write attempt with it would fail."""
+    _, env = gateway
+    ops = _machine(tmp_path, "operator")
+    assert run_cli(ops, "apply", "--auto-approve", env={**env, "FINOPS_STATE_URL": pg_url}).returncode == 0
+    role = f"ci_{os.getpid()}"
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    try:
+        read_only = pg_url.replace("://finops@", f"://{role}@")
+        assert read_only != pg_url
+        ci_env = {**env, "FINOPS_STATE_URL": read_only}
+        plan = run_cli(_machine(tmp_path, "ci"), "plan", "--detailed-exitcode", env=ci_env)
+        assert plan.returncode == 0, plan.stdout + plan.stderr
+        assert "No changes" in plan.stdout
+        refused = run_cli(_machine(tmp_path, "ci2"), "freeze", "res-01", env=ci_env)
+        assert refused.returncode != 0  # the role cannot record a hold
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
