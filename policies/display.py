@@ -32,3 +32,30 @@ def escape_controls(text: str) -> str:
 def escape_lines(text: str) -> str:
     """:func:`escape_controls` on each line of ``text`` (the line breaks themselves stay)."""
     return "\n".join(escape_controls(line) for line in text.split("\n"))
+
+
+_MARKDOWN_ESCAPES = {
+    "&": "&amp;",
+    "<": "&lt;",
+    ">": "&gt;",
+    "@": "&#64;",
+    "\\": "\\\\",
+    "`": "\\`",
+    "*": "\\*",
+    "_": "\\_",
+    "[": "\\[",
+    "]": "\\]",
+    "|": "\\|",
+    "~": "\\~",
+    "#": "\\#",
+}
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` as inert GitHub-flavoured markdown inline content, one line: controls and
+    bidi overrides as with :func:`escape_controls`; ``& < >`` as entities (no HTML, no
+    autolink, no closing a ``<details>``); ``@`` as an entity (no mention pings a team from a
+    PR comment); and the characters that open emphasis, code, links, tables, strikethrough or
+    headings backslash-escaped (a ``|`` opens no table column). It renders as ``text``
+    itself, control characters shown escaped."""
+    return "".join(_MARKDOWN_ESCAPES.get(ch, ch) for ch in escape_controls(text))
