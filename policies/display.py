@@ -58,4 +58,16 @@ def escape_markdown(text: str) -> str:
     PR comment); and the characters that open emphasis, code, links, tables, strikethrough or
     headings backslash-escaped (a ``|`` opens no table column). It renders as ``text``
     itself, control characters shown escaped."""
-    return "".join(_MARKDOWN_ESCAPES.get(ch, ch) for ch in escape_controls(text))
+    out = "".join(_MARKDOWN_ESCAPES.get(ch, ch) for ch in escape_controls(text))
+    # At the start of a list item a value could open a block: a nested list ("1. ", "- ",
+    # "+ "), a thematic break ("---") or, after leading spaces, an indented code block.
+    stripped = out.lstrip(" ")
+    if len(stripped) < len(out):
+        out = "&#32;" + out[1:]
+    elif out[:1] in ("-", "+"):
+        out = "\\" + out
+    else:
+        digits = len(out) - len(out.lstrip("0123456789"))
+        if digits and out[digits : digits + 1] in (".", ")"):
+            out = out[:digits] + "\\" + out[digits:]
+    return out

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 from enum import StrEnum
 
-from policies.currency import CREDITS, from_credits, to_credits
+from policies.currency import CREDITS, from_credits
 from policies.money import format_money
 
 APPROX = "≈"
@@ -88,7 +88,10 @@ class Units:
         """Whether ``credits`` converts to the fleet currency without rounding."""
         if self.is_credits or not credits.is_finite():
             return True
-        return to_credits(from_credits(credits, self.rate), self.rate) == credits
+        value = from_credits(credits, self.rate)
+        with localcontext() as ctx:
+            ctx.prec = 80
+            return value.is_finite() and value * self.rate == credits
 
     def currency_text(self, credits: Decimal) -> str:
         """The fleet-currency figure alone (``≈`` when rounded), without the unit."""

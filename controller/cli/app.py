@@ -32,6 +32,7 @@ from controller.cli.options import (
 from controller.cli.views import (
     DEFAULT_MARKER,
     DEFAULT_MAX_CHARS,
+    MIN_MAX_CHARS,
     RENDERERS,
     marker_comment,
     render_apply_text,
@@ -71,6 +72,12 @@ def _marker(ctx: click.Context, param: click.Parameter, value: str) -> str:
         marker_comment(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _max_chars(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if 0 < value < MIN_MAX_CHARS:
+        raise click.BadParameter(f"0 (no limit) or at least {MIN_MAX_CHARS}")
     return value
 
 
@@ -168,6 +175,7 @@ def schema() -> None:
 @click.option(
     "--max-chars",
     type=click.IntRange(min=0),
+    callback=_max_chars,
     default=DEFAULT_MAX_CHARS,
     show_default=True,
     help="Markdown (and the GITHUB_STEP_SUMMARY copy): at most N characters; fleets that do not fit are "

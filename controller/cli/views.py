@@ -243,6 +243,8 @@ def render_json(plan: Plan) -> str:
 DEFAULT_MAX_CHARS = 60_000
 """GitHub refuses a comment over 65,536 characters; the default leaves room for a workflow's
 own text around the plan."""
+MIN_MAX_CHARS = 1_000
+"""Below this a plan could not even say that it was cut."""
 DEFAULT_MARKER = "finops-plan"
 MARKER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 """A marker name: it goes inside an HTML comment, so it can never hold ``-->``."""
@@ -458,6 +460,8 @@ def render_markdown(
     in one line each, and a note points to the full plan (``artifact_hint``: where a workflow
     keeps it, e.g. an artifact URL). Everything from manifests or the gateway is escaped
     (``policies.display.escape_markdown``): it can open no HTML, link, mention or column."""
+    if 0 < max_chars < MIN_MAX_CHARS:
+        raise ValueError(f"max_chars must be 0 (no limit) or at least {MIN_MAX_CHARS}, not {max_chars}")
     head = "\n".join(_summary(plan, marker)) + "\n"
     named = _fleet_blocks(plan)
     other = _other_block(plan)
@@ -471,7 +475,7 @@ def render_markdown(
     left_out: list[str] = []
     for name, block in named:
         if left_out:
-            left_out.append(f"{name}: {block.changes} change(s) not shown")
+            left_out.append(f"{name}: {block.changes} change(s) not shown" if block.changes else f"{name} not shown")
             continue
         text = block.full()
         if len(text) + 1 <= budget:
@@ -485,7 +489,7 @@ def render_markdown(
             shown += count
             left_out.append(f"{name}: {block.changes - count} of its {block.changes} change(s) not shown")
         else:
-            left_out.append(f"{name}: {block.changes} change(s) not shown")
+            left_out.append(f"{name}: {block.changes} change(s) not shown" if block.changes else f"{name} not shown")
     if not left_out:
         return head + "\n".join(out)
     note = [
