@@ -22,7 +22,7 @@ from controller.reconcile.apply import ApplyResult
 from policies.display import escape_controls, escape_markdown
 from policies.money import format_money
 from policies.plan_exposure import FleetExposureChange, signed
-from policies.plan_types import Change, ChangeKind, FundingWindow, Plan, plan_to_dict
+from policies.plan_types import Change, ChangeKind, FundingWindow, Plan, TopUpArgs, plan_to_dict
 from policies.units import Units, show_change
 
 T = TypeVar("T")
@@ -104,9 +104,19 @@ def summary_line(plan: Plan) -> str:
         return "No changes. The gateway matches the manifests."
     return (
         f"Plan: {s['changes']} change(s) for {s['agents_changed']} agent(s): {s['register']} to register, "
-        f"{s['top_up']} top-up(s) totalling {s['top_up_credits']} credits, {s['set_budget']} budget update(s), "
+        f"{s['top_up']} top-up(s) totalling {_top_up_total(plan)}, {s['set_budget']} budget update(s), "
         f"{s['create_webhook']} webhook(s) to create, {s['delete_webhook']} to delete."
     )
+
+
+def _top_up_total(plan: Plan) -> str:
+    """In the fleets' currency when they share one (credits alongside), else in credits."""
+    total = sum((c.args.amount for c in plan.changes if isinstance(c.args, TopUpArgs)), Decimal("0.00"))
+    units = {(f.currency, f.rate_to_credits) for f in plan.fleets}
+    if len(units) == 1:
+        [(currency, rate)] = units
+        return Units(currency, rate).amount(total)
+    return f"{format_money(total)} credits"
 
 
 def _held_lines(plan: Plan) -> list[str]:
@@ -130,11 +140,12 @@ def _blocked_lines(plan: Plan) -> list[str]:
 def funding_line(w: FundingWindow) -> str:
     """``used / limit, left`` of a fleet's rolling 24 h funding limit, currency and credits."""
     c = w.currency
+    credits = f"({format_money(w.used)} + {format_money(w.planned)} of {format_money(w.limit)} credits)"
     return (
         f"funding in the last 24 h: {format_money(w.in_currency(w.used))} used + "
         f"{format_money(w.in_currency(w.planned))} planned of {format_money(w.in_currency(w.limit))} {c}; "
-        f"{format_money(w.in_currency(w.left))} {c} left "
-        f"({format_money(w.used)} + {format_money(w.planned)} of {format_money(w.limit)} credits)"
+        f"{format_money(w.in_currency(w.left))} {c} left"
+        + ("" if Units(c, w.rate_to_credits).is_credits else f" {credits}")
     )
 
 
