@@ -51,6 +51,8 @@ LOCK_SCHEMA = 1
 """Shared by every connected finops; exclusive for a migration."""
 LOCK_WRITER = 2
 """The writer lock (``controller.state.lock``): one daemon or apply at a time."""
+LOCK_TRANSACTION = 3
+"""Held for each write transaction: PostgreSQL transactions serialise like SQLite's."""
 
 
 class SchemaTooNew(ConfigError):
@@ -102,7 +104,13 @@ class Database:
         if self.dialect == POSTGRESQL and not self._in_tx and self._raw.closed:
             with self._reconnect_lock:
                 if self._raw.closed:
-                    self._raw = _pg_open(self.location)
+                    raw = _pg_open(self.location)
+                    try:
+                        _pg_join(raw, self.location)  # the same session rules as the first connection
+                    except BaseException:
+                        raw.close()
+                        raise
+                    self._raw = raw
         return self._raw
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
@@ -140,6 +148,10 @@ class Database:
             self._in_tx = True
             try:
                 with _pg_errors(self.location), conn.transaction():
+                    # One write transaction at a time across every finops on this database, as
+                    # SQLite's BEGIN IMMEDIATE gives: a read-decide-write inside a transaction
+                    # (alert slots, hold precedence) never interleaves with another's.
+                    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, LOCK_TRANSACTION))
                     yield self
             finally:
                 self._in_tx = False
@@ -546,6 +558,20 @@ def _pg_open(location: StateLocation) -> Any:
     return conn
 
 
+def _pg_join(raw: Any, location: StateLocation) -> None:
+    """Hold the schema lock shared for the session's life (a newer finops cannot migrate
+    under it), then make sure the schema is not newer than this finops (one may have
+    migrated while this session was away)."""
+    with _pg_errors(location):
+        raw.execute("SELECT pg_advisory_lock_shared(%s, %s)", (LOCK_NAMESPACE, LOCK_SCHEMA))
+        row = raw.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    version = int(row[0]) if row and row[0] is not None else 0
+    if version > SCHEMA_VERSION:
+        raise _too_new(version, location)
+    if version < SCHEMA_VERSION:
+        raise ConfigError(f"{location}: schema version {version}, expected {SCHEMA_VERSION}: open it again to migrate")
+
+
 def connect(where: Path | StateLocation) -> Database:
     """The one connection policy, brought to the current schema before it is returned.
 
@@ -559,10 +585,7 @@ def connect(where: Path | StateLocation) -> Database:
         db = Database(location, _pg_open(location), POSTGRESQL)
         try:
             migrate(db, location)
-            db.execute("SELECT pg_advisory_lock_shared(?, ?)", (LOCK_NAMESPACE, LOCK_SCHEMA))
-            version = _read_version(db)
-            if version is not None and version > SCHEMA_VERSION:  # migrated by a newer one meanwhile
-                raise _too_new(version, location)
+            _pg_join(db.raw, location)
         except BaseException:
             db.close()
             raise
