@@ -240,7 +240,11 @@ def _next_steps(source: StateLocation, target: StateLocation) -> list[str]:
             "on this machine, not rows: keep this --state-dir here (or move those files with it).",
         ]
     else:
-        steps.append(f"Use it with --state-dir {target.file.parent} (file state-<target>.db) or keep it as a backup.")
+        where = target.file.parent
+        if target.file.name.startswith("state-") and target.file.suffix == ".db":
+            steps.append(f"finops uses it with --state-dir {where} (and no --state-url).")
+        else:
+            steps.append(f"Kept as a backup; to run finops on it, name it {where}/state-<target>.db.")
     return steps
 
 

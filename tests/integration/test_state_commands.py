@@ -75,7 +75,9 @@ def fill_every_table(location: StateLocation) -> None:
             ManagedWebhook("whk-extra", "cls-01", "research", f"https://u:{TOKEN}@hooks.example.com/x?token={TOKEN}")
         )
         store.begin_intent("deposit:cls-01:manual", "deposit", "cls-01", {"amount": "5.00", "fleet": "research"})
-        store.replace_adjustments("research", [Adjustment("res-01", "research", Decimal("-1.25"), f"idle; {FAKE_KEY}", 1.0)])
+        store.replace_adjustments(
+            "research", [Adjustment("res-01", "research", Decimal("-1.25"), f"idle; {FAKE_KEY}", 1.0)]
+        )
         nothing = Exposure.from_dict({"fleets": []})
         store.record_pending("deadbeefcafe", "git", nothing, review(None, nothing))
         for n in range(3):
