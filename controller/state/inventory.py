@@ -1,8 +1,10 @@
 """What finops remembers, as a value (``finops state show``): read offline from the state
 database alone, no gateway and no admin key.
 
-Read-only. The repositories (``StateStore``, ``KeyLedger``, ``AlertStore``, ``RevisionLog``)
-are used where they have the method; counts and bounded "latest N" lists are queried here.
+Read-only. Every row comes through its table's repository (``StateStore``, ``KeyLedger``,
+``AlertStore``, ``RevisionLog``); the only SQL here is schema-level: rows per table, counted
+for every table alike (as ``state migrate`` reports them), so a table added later by a
+migration is at least counted.
 Nothing secret comes out: keys only as fingerprints (``sha3:`` + the prefix finops stores),
 URLs without user-info and with query values elided, free text (reasons, errors, intent
 keys, which may embed a webhook URL) through the same URL and key redaction, intent payloads
@@ -11,7 +13,6 @@ reduced to their amount and fleet, manifest bundles and alert bodies counted, ne
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,10 +25,9 @@ from controller.daemon.revisions import RevisionLog
 from controller.keys.store import KeyLedger
 from controller.state.db import Database
 from controller.state.location import StateLocation
-from controller.state.store import PENDING, StateStore
+from controller.state.store import PENDING, Intent, StateStore
 from controller.state.transfer import finops_tables, row_counts
 from policies.alerts import redact_url
-from policies.funding_window import WINDOW_SECONDS
 from policies.keyprint import redact_keys
 
 Scalar = str | int | float | bool | None
@@ -113,14 +113,6 @@ def _age(now: float, at: float | None) -> int | None:
     return None if at is None else max(0, int(now - at))
 
 
-def _payload(text: str) -> Mapping[str, Any]:
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _limited(items: Sequence[Mapping[str, Scalar]], limit: int) -> tuple[tuple[Mapping[str, Scalar], ...], int]:
     return tuple(items[:limit]), max(0, len(items) - limit)
 
@@ -136,33 +128,19 @@ class _Reader:
         self._ledger = KeyLedger(location, clock=lambda: now)
         self._alerts = AlertStore(location)
         self._revisions = RevisionLog(location, clock=lambda: now)
+        self.rows = row_counts(db, finops_tables(db))
+        """Rows per table: a schema-level count (as ``state migrate`` reports), no table's SQL."""
 
     def close(self) -> None:
         for repo in (self._store, self._ledger, self._alerts, self._revisions):
             repo.close()
 
-    def _count(self, sql: str, params: Sequence[Any] = ()) -> int:
-        return int(self.db.execute(sql, params).fetchone()[0])
-
     # -- sections ------------------------------------------------------------------------
 
     def intents(self) -> Section:
-        by_status = {
-            str(s): int(n)
-            for s, n in self.db.execute("SELECT status, COUNT(*) FROM intents GROUP BY status").fetchall()
-        }
-        pending = [
-            self._intent_item(i.intent_key, i.kind, i.agent_id, i.status, i.created_at, i.sent_at, i.payload, i.detail)
-            for i in self._store.intents(status=PENDING)
-        ]
-        recent_rows = self.db.execute(
-            "SELECT intent_key, kind, agent_id, status, created_at, sent_at, payload, detail FROM intents "
-            "WHERE status <> ? ORDER BY updated_at DESC LIMIT ?",
-            (PENDING, self.limit),
-        ).fetchall()
-        recent = [
-            self._intent_item(k, kind, a, s, c, sent, _payload(p), d) for k, kind, a, s, c, sent, p, d in recent_rows
-        ]
+        by_status = self._store.intent_counts()
+        pending = [self._intent_item(i) for i in self._store.intents(status=PENDING)]
+        recent = [self._intent_item(i) for i in self._store.recent_intents(self.limit)]
         shown_pending, more = _limited(pending, self.limit)
         room = max(0, self.limit - len(shown_pending))
         resolved = sum(n for s, n in by_status.items() if s != PENDING)
@@ -181,29 +159,19 @@ class _Reader:
             notes,
         )
 
-    def _intent_item(
-        self,
-        key: str,
-        kind: str,
-        agent: str,
-        status: str,
-        created_at: float,
-        sent_at: float | None,
-        payload: Mapping[str, Any],
-        detail: str,
-    ) -> dict[str, Scalar]:
+    def _intent_item(self, intent: Intent) -> dict[str, Scalar]:
         item: dict[str, Scalar] = {
-            "status": status,
-            "kind": kind,
-            "agent": agent,
-            "age_s": _age(self.now, created_at),
-            "sent_ago_s": _age(self.now, sent_at),
-            "intent": safe_text(key),
+            "status": intent.status,
+            "kind": intent.kind,
+            "agent": intent.agent_id,
+            "age_s": _age(self.now, intent.created_at),
+            "sent_ago_s": _age(self.now, intent.sent_at),
+            "intent": safe_text(intent.intent_key),
         }
         for name in ("amount", "fleet"):  # the payload's other fields may name sinks, URLs
-            if isinstance(payload.get(name), str):
-                item[name] = safe_text(payload[name], 40)
-        item["detail"] = safe_text(detail)
+            if isinstance(intent.payload.get(name), str):
+                item[name] = safe_text(intent.payload[name], 40)
+        item["detail"] = safe_text(intent.detail)
         return item
 
     def holds(self) -> Section:
@@ -280,12 +248,11 @@ class _Reader:
         return Section("adjustments", "Rebalancing adjustments of daily caps", {"agents": len(items)}, shown, more)
 
     def funding(self) -> Section:
-        since = self.now - WINDOW_SECONDS
         totals: dict[tuple[str, str], tuple[int, Decimal]] = {}
         for event in self._store.funding_events(now=self.now):
             n, credits = totals.get((event.fleet, event.kind.value), (0, Decimal(0)))
             totals[(event.fleet, event.kind.value)] = (n + 1, credits + event.credits)
-        unknown = self._count("SELECT COUNT(*) FROM funding_events WHERE at > ? AND status = 'unknown'", (since,))
+        unknown = self._store.unknown_funding(now=self.now)
         items: list[dict[str, Scalar]] = [
             {"fleet": f, "kind": k, "events": n, "credits": str(c)} for (f, k), (n, c) in sorted(totals.items())
         ]
@@ -299,7 +266,7 @@ class _Reader:
             {
                 "events_24h": sum(n for n, _ in totals.values()),
                 "unknown_outcome": unknown,
-                "kept": self._count("SELECT COUNT(*) FROM funding_events"),
+                "kept": self.rows["funding_events"],
             },
             shown,
             more,
@@ -317,7 +284,7 @@ class _Reader:
             "outbox_delivered": self._alerts.count(DELIVERED),
             "outbox_gave_up": self._alerts.count(GAVE_UP),
             "outbox_refused": self._alerts.count(REFUSED),
-            "delivery_log": self._count("SELECT COUNT(*) FROM alert_delivery_log"),
+            "delivery_log": self.rows["alert_delivery_log"],
             "routes": len(routes),
             "routes_failing": len(failing),
         }
@@ -339,7 +306,7 @@ class _Reader:
 
     def revisions(self) -> Section:
         history = self._revisions.history(self.limit)
-        total = self._count("SELECT COUNT(*) FROM revisions")
+        total = self.rows["revisions"]
         items = [
             {
                 "revision": safe_text(r.revision, 80),
@@ -352,7 +319,7 @@ class _Reader:
             }
             for r in history
         ]
-        bundles = self._count("SELECT COUNT(*) FROM revision_bundles")
+        bundles = self.rows["revision_bundles"]
         return Section(
             "revisions",
             "Manifest revisions the daemon applied or refused (newest first)",
@@ -364,7 +331,7 @@ class _Reader:
     def approvals(self) -> Section:
         waiting = self._store.pending_revisions()
         approvals = self._store.approvals(self.limit)
-        total = self._count("SELECT COUNT(*) FROM exposure_approvals")
+        total = self.rows["exposure_approvals"]
         items: list[dict[str, Scalar]] = [
             {
                 "state": "waiting",
@@ -429,14 +396,14 @@ class _Reader:
         counts = {
             "held": len(held),
             "orphans": len(orphans),
-            "late_watches": self._count("SELECT COUNT(*) FROM keys_late_watch"),
-            "rotations_sent": self._count("SELECT COUNT(*) FROM keys_rotation_sent"),
+            "late_watches": self.rows["keys_late_watch"],
+            "rotations_sent": self.rows["keys_rotation_sent"],
         }
         notes = ("key material is never in the state database: only fingerprints (the gateway's key_hash_prefix)",)
         return Section("keys", "Keys finops holds (fingerprints only) and orphaned keys", counts, shown, more, notes)
 
     def tables(self) -> Section:
-        counts = row_counts(self.db, finops_tables(self.db))
+        counts = self.rows
         items: list[dict[str, Scalar]] = [{"table": table, "rows": rows} for table, rows in counts.items()]
         return Section("tables", "Rows per table", {"tables": len(counts), "rows": sum(counts.values())}, tuple(items))
 
