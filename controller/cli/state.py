@@ -8,6 +8,8 @@ import contextlib
 import functools
 import json
 import os
+import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -30,6 +32,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _PG_SCHEMES = ("postgresql://", "postgres://")
 _SQLITE_SCHEME = "sqlite://"
+_SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def state_options(fn: F) -> F:
@@ -99,9 +102,37 @@ def _missing(location: StateLocation) -> ConfigError:
     )
 
 
+def _check_file(location: StateLocation) -> None:
+    """A SQLite location the user named must be a regular file (or not exist yet): never a
+    device, a FIFO (opening it would hang) or a directory."""
+    if location.backend != SQLITE:
+        return
+    try:
+        mode = os.stat(location.file).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot use {location.file} as a state file: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{location.file} is not a regular file; a SQLite state location must be one")
+    try:
+        with open(location.file, "rb") as fh:  # before connect() tightens its mode or writes to it
+            header = fh.read(len(_SQLITE_HEADER))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the state file {location.file}: {exc.strerror}") from None
+    if header and header != _SQLITE_HEADER:
+        raise ConfigError(f"{location.file} is not a SQLite database (a finops state file); refusing to touch it")
+
+
 @contextmanager
 def _open(location: StateLocation) -> Iterator[Database]:
-    db = connect(location)
+    _check_file(location)
+    try:
+        db = connect(location)
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"{location.file} is not a finops state database: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot open the state file {location.file}: {exc.strerror or exc}") from None
     try:
         yield db
     finally:
@@ -286,6 +317,8 @@ def migrate(to: str, source_text: str | None, force: bool, fmt: str, location: S
         target = parse_location(to, location.file)
         if _same(source, target):
             raise ConfigError(f"source and target are the same state ({source}); nothing to copy")
+        for where in (source, target):
+            _check_file(where)
         if not source.exists():
             raise _missing(source)
         with contextlib.ExitStack() as stack:

@@ -273,6 +273,15 @@ def test_refusals_before_anything_is_copied(applied: Path, pg_url: str, tmp_path
     other = finops(workdir, "state", "migrate", "--to", "mysql://h/db")
     assert other.returncode == 1 and "not a state location" in other.stderr
 
+    device = finops(workdir, "state", "migrate", "--to", "/dev/null")
+    assert device.returncode == 1 and "not a regular file" in device.stderr
+    manifest = workdir / "manifests" / "research-fleet.yaml"
+    manifest.chmod(0o644)
+    text = manifest.read_bytes()
+    wrong = finops(workdir, "state", "migrate", "--to", str(manifest))
+    assert wrong.returncode == 1 and "not a SQLite database" in wrong.stderr
+    assert manifest.read_bytes() == text and manifest.stat().st_mode & 0o777 == 0o644  # untouched
+
     with sqlite3.connect(sqlite_state(workdir).file) as conn:
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION + 1,))
     newer = finops(workdir, "state", "migrate", "--to", pg_url)
