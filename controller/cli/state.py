@@ -19,13 +19,13 @@ from typing import Any, TypeVar, cast
 import click
 
 from controller.cli.options import EXIT_ERROR, EXIT_OK, err, run_command
-from controller.daemon.lock import writer_lock
 from controller.errors import ConfigError
 from controller.io.target import target_name
 from controller.state.db import Database, connect
 from controller.state.inventory import DEFAULT_LIMIT, SECTIONS, Scalar, StateSummary, summarize
 from controller.state.location import POSTGRESQL, SQLITE, StateLocation, check_state_url
-from controller.state.transfer import CopyMismatch, MigrationReport, copy_state, stored_version, take_pg_writer_lock
+from controller.state.lock import writer_lock
+from controller.state.transfer import CopyMismatch, MigrationReport, copy_state, stored_version
 from policies.display import escape_controls
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -322,16 +322,17 @@ def migrate(to: str, source_text: str | None, force: bool, fmt: str, location: S
         if not source.exists():
             raise _missing(source)
         with contextlib.ExitStack() as stack:
-            # No daemon or apply may write while the copy reads (nor into the target).
-            locked: set[Path] = set()
+            # The writer lock of both sides (flock or PostgreSQL advisory lock; fails at once
+            # when a daemon or an apply holds it): nobody writes while the copy reads, nor into
+            # the target. Two SQLite files in one directory share that directory's lock.
+            locked: set[str] = set()
             for where in (source, target):
-                if where.backend == SQLITE and where.file.parent.resolve() not in locked:
-                    locked.add(where.file.parent.resolve())
-                    stack.enter_context(writer_lock(where.file.parent, purpose="finops state migrate"))
+                key = where.url or str(where.file.parent.resolve())
+                if key not in locked:
+                    locked.add(key)
+                    stack.enter_context(writer_lock(where, where.file.parent, purpose="finops state migrate"))
             src = stack.enter_context(_open(source))
-            take_pg_writer_lock(src, "source")
             dst = stack.enter_context(_open(target))
-            take_pg_writer_lock(dst, "target")
             try:
                 report = copy_state(src, dst, force=force)
             except CopyMismatch as exc:

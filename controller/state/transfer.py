@@ -30,7 +30,7 @@ from decimal import Decimal
 from typing import Any
 
 from controller.errors import ConfigError, FinopsError
-from controller.state.db import LOCK_NAMESPACE, LOCK_WRITER, SCHEMA_VERSION, Database
+from controller.state.db import SCHEMA_VERSION, Database
 from controller.state.location import POSTGRESQL, SQLITE
 
 BATCH_ROWS = 500
@@ -199,20 +199,6 @@ def stored_version(db: Database) -> int:
         return 0
     row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
     return int(row[0]) if row and row[0] is not None else 0
-
-
-def take_pg_writer_lock(db: Database, role: str) -> None:
-    """Hold the PostgreSQL writer lock on ``db``'s connection (released when it closes), or
-    fail at once: a daemon or apply writing to that database would change it mid-copy.
-    Same key as ``controller.state.lock``'s writer lock (``LOCK_NAMESPACE``, ``LOCK_WRITER``)."""
-    if db.dialect != POSTGRESQL:
-        return
-    got = db.execute("SELECT pg_try_advisory_lock(?, ?)", (LOCK_NAMESPACE, LOCK_WRITER)).fetchone()[0]
-    if not got:
-        raise ConfigError(
-            f"the {role} {db.location} is in use by a finops writer (a daemon or an apply holds its writer "
-            "lock); stop it first (or: source and target are the same database)"
-        )
 
 
 @contextmanager

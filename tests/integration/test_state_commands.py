@@ -260,7 +260,7 @@ def test_refusals_before_anything_is_copied(applied: Path, pg_url: str, tmp_path
         connect(StateLocation(tmp_path / "x.db", url=pg_url)).close()
         holder.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_NAMESPACE, LOCK_WRITER))
         busy = finops(workdir, "state", "migrate", "--to", pg_url)
-    assert busy.returncode == 1 and "in use by a finops writer" in busy.stderr
+    assert busy.returncode == 1 and "is held by" in busy.stderr and "only one daemon or apply" in busy.stderr
 
     missing = finops(workdir, "state", "migrate", "--gateway", "https://gw.example.com", "--to", pg_url)
     assert missing.returncode == 1
