@@ -22,7 +22,7 @@ from controller.cli.options import EXIT_ERROR, EXIT_OK, err, run_command
 from controller.errors import ConfigError
 from controller.io.target import target_name
 from controller.state.db import Database, connect
-from controller.state.inventory import DEFAULT_LIMIT, SECTIONS, Scalar, StateSummary, summarize
+from controller.state.inventory import DEFAULT_LIMIT, SECTIONS, Scalar, StateSummary, safe_text, summarize
 from controller.state.location import POSTGRESQL, SQLITE, StateLocation, check_state_url
 from controller.state.lock import writer_lock
 from controller.state.transfer import CopyMismatch, MigrationReport, copy_state, stored_version
@@ -139,6 +139,19 @@ def _open(location: StateLocation) -> Iterator[Database]:
         db.close()
 
 
+@contextmanager
+def _database_errors(what: str) -> Iterator[None]:
+    """A database's refusal (no privilege, a value it cannot hold, a constraint) as one
+    line, redacted, instead of a traceback; the transaction it happened in was rolled back."""
+    import psycopg
+
+    try:
+        yield
+    except (psycopg.Error, sqlite3.Error) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"{what}: {type(exc).__name__}: {safe_text(first)}") from None
+
+
 @click.group()
 def state() -> None:
     """What finops remembers (intents, holds, webhooks, keys' fingerprints, …): show it, move it."""
@@ -221,7 +234,7 @@ def show(fmt: str, sections: tuple[str, ...], limit: int, location: StateLocatio
     def run() -> int:
         if not location.exists():
             raise _missing(location)
-        with _open(location) as db:
+        with _database_errors(f"reading {location} failed"), _open(location) as db:
             summary = summarize(
                 location, db, now=time.time(), sections=sections or SECTIONS, limit=limit, version=stored_version(db)
             )
@@ -321,7 +334,10 @@ def migrate(to: str, source_text: str | None, force: bool, fmt: str, location: S
             _check_file(where)
         if not source.exists():
             raise _missing(source)
-        with contextlib.ExitStack() as stack:
+        with (
+            _database_errors(f"copying {source} to {target} failed (rolled back: nothing was copied)"),
+            contextlib.ExitStack() as stack,
+        ):
             # The writer lock of both sides (flock or PostgreSQL advisory lock; fails at once
             # when a daemon or an apply holds it): nobody writes while the copy reads, nor into
             # the target. Two SQLite files in one directory share that directory's lock.

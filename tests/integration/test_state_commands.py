@@ -5,6 +5,7 @@ test)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -339,3 +340,31 @@ def test_show_needs_no_gateway_and_no_key(applied: Path) -> None:
     shown = finops(workdir, "state", "show", "--gateway", "https://gw.invalid", "--section", "holds")
     assert shown.returncode == 0, shown.stderr
     assert "state-gw.invalid.db" in shown.stdout and "incident 7" in shown.stdout
+
+
+def test_a_read_only_database_role_can_show_and_back_up_the_state(applied: Path, pg_url: str) -> None:
+    """Neither command writes to the state it reads: a SELECT-only role (a CI job's, a backup
+    job's) can show the shared state and copy it to a file."""
+    workdir = applied
+    assert finops(workdir, "state", "migrate", "--to", pg_url).returncode == 0
+    role = f"ro_{os.getpid()}"
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    try:
+        read_only = re.sub(r"://[^@/]+@", f"://{role}@", pg_url)
+        assert read_only != pg_url
+        shown = finops(workdir, "state", "show", "--state-url", read_only)
+        assert shown.returncode == 0, shown.stderr
+        assert "res-02" in shown.stdout and "incident 7" in shown.stdout
+        backup = workdir / "backup.db"
+        copied = finops(workdir, "state", "migrate", "--state-url", read_only, "--to", str(backup))
+        assert copied.returncode == 0, copied.stdout + copied.stderr
+        assert remembered(StateLocation(backup)) == remembered(sqlite_state(workdir))
+        denied = finops(workdir, "state", "migrate", "--from", str(backup), "--to", read_only, "--force")
+        assert denied.returncode == 1 and "Traceback" not in denied.stderr  # cannot write with that role
+        assert "InsufficientPrivilege" in denied.stderr and "rolled back" in denied.stderr
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
