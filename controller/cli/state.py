@@ -360,7 +360,7 @@ def migrate(to: str, source_text: str | None, force: bool, fmt: str, location: S
         else:
             click.echo(render_report(report))
             for line in _next_steps(source, target):
-                click.echo(line)
+                click.echo(escape_controls(line))
         return EXIT_OK
 
     run_command(run)
