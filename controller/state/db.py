@@ -178,6 +178,32 @@ class Database:
             return {r[0] for r in rows.fetchall()}
         return {row[1] for row in self._raw.execute(f"PRAGMA table_info({table})")}
 
+    def tables(self) -> list[str]:
+        """The tables of the database (finops' own schema), sorted."""
+        if self.dialect == POSTGRESQL:
+            rows = self.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
+                "AND table_type = 'BASE TABLE'"
+            ).fetchall()
+        else:
+            rows = self.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite^_%' ESCAPE '^'"
+            ).fetchall()
+        return sorted(str(r[0]) for r in rows)
+
+    def stream(self, sql: str, params: Sequence[Any] = (), *, size: int = 500) -> Iterator[tuple[Any, ...]]:
+        """The rows of a query without holding the whole result in memory (a table copy).
+        On PostgreSQL the connection runs nothing else until the iteration ends."""
+        if self.dialect == POSTGRESQL:
+            with _pg_errors(self.location):
+                for row in self._conn().cursor().stream(_pg_sql(sql), tuple(params), size=size):
+                    yield tuple(row)
+            return
+        cur = self._raw.execute(sql, tuple(params))
+        while batch := cur.fetchmany(size):
+            for row in batch:
+                yield tuple(row)
+
     @property
     def raw(self) -> Any:
         """The driver connection (advisory locks and tests only)."""

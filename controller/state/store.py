@@ -181,6 +181,22 @@ class StateStore:
             for r in rows
         ]
 
+    def intent_counts(self) -> dict[str, int]:
+        """How many intents there are per status (``finops state show``)."""
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM intents GROUP BY status").fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def recent_intents(self, limit: int) -> list[Intent]:
+        """The ``limit`` most recently updated resolved (not pending) intents, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT intent_key, kind, agent_id, payload, status, detail, created_at, sent_at, ref FROM intents "
+                "WHERE status <> ? ORDER BY updated_at DESC LIMIT ?",
+                (PENDING, limit),
+            ).fetchall()
+        return [Intent(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], r[7], r[8]) for r in rows]
+
     # -- keys ------------------------------------------------------------------
 
     def record_key(self, agent_id: str, key_prefix: str, source: str) -> None:
@@ -304,6 +320,15 @@ class StateStore:
                 (since,),
             ).fetchall()
         return [FundingEvent(r[0], r[1], r[2], FundingKind(r[3]), Decimal(r[4]), r[5]) for r in rows]
+
+    def unknown_funding(self, *, now: float | None = None) -> int:
+        """Credits of unknown outcome within the rolling window (they count against the limit)."""
+        since = (self._clock() if now is None else now) - WINDOW_SECONDS
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM funding_events WHERE at > ? AND status = ?", (since, FUNDING_UNKNOWN)
+            ).fetchone()
+        return int(row[0])
 
     # -- history ---------------------------------------------------------------
 
