@@ -25,6 +25,7 @@ from controller.state.location import StateLocation, as_location
 from controller.state.recovery import check_kind
 from policies.exposure import Exposure, ExposureReview
 from policies.funding_window import WINDOW_SECONDS, FundingEvent, FundingKind
+from policies.keyprint import redact_keys
 from policies.records import Adjustment as Adjustment
 from policies.records import Approval as Approval
 from policies.records import BudgetWrite as BudgetWrite
@@ -217,7 +218,9 @@ class StateStore:
 
     def set_hold(self, agent_id: str, reason: str, *, auto: bool = False) -> None:
         """An operator hold replaces an automatic one; an automatic hold never replaces (or
-        weakens) an operator's."""
+        weakens) an operator's. The reason is free text from a person: anything shaped like
+        a key is redacted before it is stored (plans, status and logs print the reason)."""
+        reason = redact_keys(reason)
         with self._tx() as db:
             db.execute(
                 "INSERT INTO holds (agent_id, reason, held_at, auto) VALUES (?,?,?,?) "

@@ -76,6 +76,8 @@ def test_intents_budget_writes_holds_webhooks_adjustments(location: StateLocatio
         store.set_hold("a", "auto again", auto=True)  # never replaces an operator's hold
         assert store.holds()["a"].reason == "operator" and not store.holds()["a"].auto
         assert store.clear_auto_hold("a") is False and store.clear_hold("a") is True and store.holds() == {}
+        store.set_hold("b", "pasted a2a_free_" + "0123456789abcdef01234567" + " by mistake")
+        assert "0123456789abcdef" not in store.holds()["b"].reason  # never stored, never printed
 
         store.record_webhook(ManagedWebhook("wh1", "a", "f", "https://x/1"))
         store.record_webhook(ManagedWebhook("wh1", "a", "f", "https://x/2"))  # replaced, not duplicated
