@@ -181,7 +181,10 @@ class UnexplainedBalance:
     def message(self, rate: Decimal, currency: str) -> str:
         parts = []
         if self.other_credits > 0:
-            parts.append(f"{_money(self.other_credits, rate, currency)} came in from other than finops in 24 h")
+            parts.append(
+                f"{_money(self.other_credits, rate, currency)} came in within 24 h from deposits or credits "
+                "this finops did not make"
+            )
         if self.overshoot > 0:
             parts.append(
                 f"finops-keyed deposits landed {_money(self.overshoot, rate, currency)} above the target "
@@ -233,10 +236,14 @@ class UnrecognisedDeposit:
         what = f"{_money(self.amount, rate, currency)} ({self.tx_type}, ledger id {self.ledger_id}, {_iso(self.at)})"
         if self.origin is DepositOrigin.FINOPS_OTHER_STATE:
             how = "this fleet's key derivation" if self.key_verified else "finops' key shape"
+            since = (
+                "which registered this agent"
+                if self.covers_from == 0
+                else f"which has been funding this agent since ledger id {self.covers_from}"
+            )
             return (
-                f"DEPOSIT BY ANOTHER FINOPS: {what} carries {how} but is not in this state, which has been funding "
-                f"this agent since ledger id {self.covers_from}: another finops with another state funds it "
-                "(a possible double funding; share one state, see `--state-url`)"
+                f"DEPOSIT BY ANOTHER FINOPS: {what} carries {how} but is not in this state, {since}: another "
+                "finops with another state funds it (a possible double funding; share one state, see `--state-url`)"
             )
         return f"DEPOSIT NOT BY FINOPS: {what} carries no finops idempotency key: someone else funded this agent"
 

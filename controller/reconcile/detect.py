@@ -47,6 +47,9 @@ class Detection:
     """Findings of declared agents."""
     other: list[Finding] = field(default_factory=list)
     """Findings of agents the manifests no longer declare, and checks that could not run."""
+    ledger_complete: dict[str, bool] = field(default_factory=dict)
+    """Per agent whose ledger was read: whether the whole lookback fit in the pages read
+    (a busy agent's is read in part; what was found is then a lower bound)."""
 
     def add(self, declared: set[str], finding: Finding) -> None:
         if finding.agent_id is not None and finding.agent_id in declared:
@@ -133,6 +136,7 @@ async def detect(
         if isinstance(window, GatewayError):
             found.add(declared, NotChecked(spec.agent_id, "ledger", str(window)))
             continue
+        found.ledger_complete[spec.agent_id] = window.complete
         fleet = fleet_of[spec.agent_id]
         own = own_funding(spec.agent_id, intents, refs.get(spec.agent_id, ()))
         for deposit in unrecognised_deposits(spec.agent_id, fleet.name, window.credits, own, now):

@@ -29,6 +29,7 @@ from controller.reconcile.observe import LiveFleet, observe
 from controller.state import FAILED, StateStore
 from policies.alerts import redact_url
 from policies.currency import CREDITS, from_credits
+from policies.detect import UnresolvedIntent
 from policies.display import escape_controls
 from policies.money import format_money
 from policies.plan_types import ChangeKind, Plan, funding_window_to_dict
@@ -59,6 +60,8 @@ class AgentStatus:
     """For code: what detection found (``policies.detect``), typed."""
     rate: Decimal = Decimal(1)
     """Credits per unit of the fleet's currency (findings show money in both)."""
+    ledger_complete: bool | None = None
+    """Whether detection read the whole lookback of the ledger (``None``: not read)."""
 
     def add_finding(self, finding: Finding) -> None:
         self.findings.append(finding)
@@ -184,11 +187,12 @@ async def fleet_status(
                 out.append(row)
                 continue
             if not agent.exists:
-                if not row.findings:
+                if not any(isinstance(f, UnresolvedIntent) and f.intent_kind == "register" for f in row.findings):
                     row.flags.append("NOT REGISTERED: run `finops apply`")
                 out.append(row)
                 continue
             assert agent.balance is not None and agent.budget is not None
+            row.ledger_complete = detection.ledger_complete.get(spec.agent_id)
             budget = agent.budget
             row.balance = format_money(from_credits(agent.balance, rate))
             row.spent_today = format_money(from_credits(budget.daily_spend, rate))
@@ -293,6 +297,8 @@ def render_status(status: FleetStatus) -> str:
             lines.append(f"{'':12}   alert {ep['route']}: {state}{when}")
         for hook in a.gateway_webhooks:
             lines.append(f"{'':12}   gateway webhook {hook['webhook_id']}: {hook.get('last') or hook.get('note')}")
+        if a.ledger_complete is False:
+            lines.append(f"{'':12}   ledger: the last 24 h did not fit in the pages read; findings are a lower bound")
         if a.key:
             due = a.key.get("next_due")
             lines.append(f"{'':12}   key {a.key.get('fingerprint') or '(none held)'}; next rotation {due or '-'}")

@@ -239,7 +239,6 @@ async def test_a_double_funding_is_flagged_from_either_state_and_from_a_fresh_on
     assert "DEPOSIT BY ANOTHER FINOPS" in text and "possible double funding" in text
     credits = format_money(amount)
     assert f"{credits} credits ({format_money(amount / RATE)} USD) of it is not explained" in text
-    print(text)
 
     fresh = other_finops(harness, tmp_path / "fresh")
     try:

@@ -1,0 +1,333 @@
+"""``policies.detect``: the pure decisions behind ``finops status``' findings."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from controller.gateway.client import _snapshot_balance
+from controller.state import DONE, PENDING
+from policies.detect import (
+    INTENT_DONE,
+    INTENT_PENDING,
+    LOOKBACK_SECONDS,
+    DepositOrigin,
+    DuplicateWebhooks,
+    LedgerCredit,
+    NotChecked,
+    OwnFunding,
+    UnexplainedBalance,
+    classify_deposit,
+    duplicate_marked_webhooks,
+    is_finops_key,
+    key_verified,
+    own_funding,
+    unexplained_balance,
+    unrecognised_deposits,
+    unresolved_intents,
+)
+from policies.funding import NO_DEPOSIT_EPOCH, deposit_idempotency_key
+from policies.funding_window import bonus_ref
+from policies.live import Webhook
+from policies.plan_types import webhook_marker
+from policies.records import Intent, ManagedWebhook
+
+NOW = 1_800_000_000.0
+KEY = deposit_idempotency_key("fleet", "a", NO_DEPOSIT_EPOCH)
+
+cents = st.integers(min_value=1, max_value=10**9).map(lambda n: Decimal(n).scaleb(-2))
+ids = st.integers(min_value=1, max_value=10**6)
+recent = st.floats(min_value=NOW - LOOKBACK_SECONDS + 1, max_value=NOW + 60)
+names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=20)
+
+
+def row(
+    id: int,
+    amount: str | Decimal,
+    *,
+    key: str | None = None,
+    tx: str = "deposit",
+    at: float | None = NOW - 60,
+    new_balance: str | Decimal | None = None,
+) -> LedgerCredit:
+    nb = Decimal(new_balance) if new_balance is not None else None
+    return LedgerCredit(id, Decimal(amount), tx, key, at, nb)
+
+
+def intent(kind: str, agent: str, key: str, *, status: str = "done", ref: str | None = None) -> Intent:
+    return Intent(key, kind, agent, {}, status, "", NOW - 100, NOW - 100, ref)
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@given(names, names, st.one_of(st.just(NO_DEPOSIT_EPOCH), ids.map(str)))
+def test_every_derived_deposit_key_has_finops_shape_and_verifies(fleet: str, agent: str, epoch: str) -> None:
+    key = deposit_idempotency_key(fleet, agent, epoch)
+    assert is_finops_key(key)
+    epochs = [int(epoch)] if epoch != NO_DEPOSIT_EPOCH else []
+    assert key_verified(key, fleet, agent, epochs)
+    assert not key_verified(key, fleet + "x", agent, epochs)
+    assert not key_verified(key, fleet, agent + "x", epochs)
+
+
+def test_near_misses_are_not_finops_keys() -> None:
+    assert not is_finops_key(None)
+    assert not is_finops_key(KEY.upper())
+    assert not is_finops_key(KEY[:-1])
+    assert not is_finops_key(KEY + "0")
+    assert not is_finops_key(KEY + "\n")
+
+
+# --------------------------------------------------------------------------- deposits
+
+
+def test_classification() -> None:
+    own = OwnFunding(keys=frozenset({KEY}), ledger_ids=frozenset({10}), covers_from=10)
+    other = deposit_idempotency_key("fleet", "a", "10")
+    assert classify_deposit(row(10, "5.00"), own) is DepositOrigin.OWN  # by ref
+    assert classify_deposit(row(99, "5.00", key=KEY), own) is DepositOrigin.OWN  # by key (pending intent)
+    assert classify_deposit(row(11, "5.00", key=other), own) is DepositOrigin.FINOPS_OTHER_STATE
+    assert classify_deposit(row(9, "5.00", key=other), own) is DepositOrigin.FINOPS_UNRECORDED  # before this state
+    assert classify_deposit(row(11, "5.00", key=other), OwnFunding()) is DepositOrigin.FINOPS_UNRECORDED  # fresh
+    assert classify_deposit(row(11, "5.00"), own) is DepositOrigin.FOREIGN
+    assert classify_deposit(row(11, "5.00", key="anything"), OwnFunding()) is DepositOrigin.FOREIGN
+
+
+@given(st.lists(st.tuples(ids, cents, st.booleans()), max_size=30, unique_by=lambda t: t[0]))
+def test_a_fresh_state_never_flags_finops_keyed_deposits_and_always_flags_the_rest(
+    rows: list[tuple[int, Decimal, bool]],
+) -> None:
+    ledger = [
+        row(i, amount, key=deposit_idempotency_key("f", "a", str(i - 1)) if ours else None) for i, amount, ours in rows
+    ]
+    found = unrecognised_deposits("a", "f", ledger, OwnFunding(), NOW)
+    assert {d.ledger_id for d in found} == {i for i, _, ours in rows if not ours}
+    assert all(d.origin is DepositOrigin.FOREIGN and d.finops_key is None for d in found)
+    # A state that registered the agent knows every finops deposit to it: the rest is another finops'.
+    covering = OwnFunding(covers_from=0)
+    flagged = unrecognised_deposits("a", "f", ledger, covering, NOW)
+    assert {d.ledger_id for d in flagged} == {i for i, _, _ in rows}
+    assert [d.ledger_id for d in flagged] == sorted(d.ledger_id for d in flagged)
+
+
+def test_the_signup_bonus_other_credits_and_old_rows_are_not_flagged_deposits() -> None:
+    ledger = [
+        row(1, "500.00", tx="signup_bonus"),
+        row(2, "3.00", tx="payment_received"),
+        row(3, "4.00", at=NOW - LOOKBACK_SECONDS - 1),
+        row(4, "-2.00", tx="withdrawal"),
+        row(5, "7.00", tx="auto_reload"),
+    ]
+    found = unrecognised_deposits("a", "f", ledger, OwnFunding(covers_from=0), NOW)
+    assert [(d.ledger_id, d.tx_type) for d in found] == [(5, "auto_reload")]
+
+
+def test_a_row_without_a_readable_time_counts() -> None:
+    [found] = unrecognised_deposits("a", "f", [row(3, "4.00", at=None)], OwnFunding(), NOW)
+    assert found.at is None and found.to_dict(Decimal(100), "USD")["at"] is None
+
+
+def test_own_funding_from_state_records() -> None:
+    intents = [
+        intent("deposit", "a", "k1", ref="40"),
+        intent("deposit", "a", "k2", status="pending"),
+        intent("deposit", "a", "k3", status="abandoned"),
+        intent("deposit", "b", "k4", ref="7"),
+        intent("register", "b", "register:b"),
+        intent("register", "a", "register:a", status="abandoned"),
+    ]
+    a = own_funding("a", intents, [bonus_ref("a")])
+    assert a == OwnFunding(frozenset({"k1", "k2", "k3", bonus_ref("a")}), frozenset({40}), 40)
+    assert own_funding("b", intents, []).covers_from == 0  # it registered b
+    assert own_funding("c", intents, []) == OwnFunding()
+
+
+def test_intent_status_values_match_the_state_store() -> None:
+    assert (INTENT_PENDING, INTENT_DONE) == (PENDING, DONE)
+
+
+# --------------------------------------------------------------------------- balance
+
+target_st = st.integers(min_value=0, max_value=10**7).map(lambda n: Decimal(n).scaleb(-2))
+
+
+@given(target_st, st.lists(st.tuples(cents, st.integers(min_value=0, max_value=10**6)), max_size=20))
+def test_finops_deposits_that_land_at_or_below_target_explain_any_balance_up_to_it(
+    target: Decimal, deposits: list[tuple[Decimal, int]]
+) -> None:
+    """finops tops up *to* the target: a balance at or below it is never a finding, and
+    deposits that left the balance at or below the target explain nothing above it."""
+    ledger = [
+        row(
+            i + 1,
+            amount,
+            key=deposit_idempotency_key("f", "a", str(i)),
+            new_balance=max(Decimal(0), target - Decimal(below).scaleb(-2)),
+        )
+        for i, (amount, below) in enumerate(deposits)
+    ]
+    for own in (OwnFunding(), OwnFunding(keys=frozenset(r.idempotency_key or "" for r in ledger))):
+        assert unexplained_balance("a", target, target, ledger, own, NOW) is None
+        assert unexplained_balance("a", target + Decimal("123.45"), target, ledger, own, NOW) is None
+
+
+@given(
+    target_st,
+    cents,
+    st.lists(
+        st.tuples(cents, st.sampled_from(["deposit", "auto_reload", "payment_received", "signup_bonus"])), max_size=10
+    ),
+    st.lists(st.tuples(cents, cents), max_size=10),
+    st.booleans(),
+)
+def test_the_unexplained_part_is_bounded_by_the_excess_and_by_what_came_from_elsewhere(
+    target: Decimal,
+    excess: Decimal,
+    others: list[tuple[Decimal, str]],
+    finops: list[tuple[Decimal, Decimal]],
+    complete: bool,
+) -> None:
+    ledger = [row(1000 + i, amount, tx=tx) for i, (amount, tx) in enumerate(others)]
+    ledger += [
+        row(i + 1, amount, key=deposit_idempotency_key("f", "a", str(i)), new_balance=target + above)
+        for i, (amount, above) in enumerate(finops)
+    ]
+    balance = target + excess
+    found = unexplained_balance("a", balance, target, ledger, OwnFunding(), NOW, complete=complete)
+    elsewhere = sum((a for a, tx in others if tx != "signup_bonus"), Decimal(0))
+    overshoot = sum((min(a, above) for a, above in finops), Decimal(0))
+    if elsewhere + overshoot == 0:
+        assert found is None
+        return
+    assert isinstance(found, UnexplainedBalance)
+    assert found.unexplained == min(excess, elsewhere + overshoot)
+    assert 0 < found.unexplained <= found.excess == excess
+    assert (found.other_credits, found.overshoot, found.complete) == (elsewhere, overshoot, complete)
+    as_dict = found.to_dict(Decimal(100), "USD")
+    json.dumps(as_dict)
+    assert as_dict["unexplained_credits"] == str(found.unexplained.quantize(Decimal("0.01")))
+
+
+@given(target_st, cents, cents)
+def test_rows_older_than_the_lookback_explain_nothing_and_flag_nothing(
+    target: Decimal, excess: Decimal, amount: Decimal
+) -> None:
+    old = [
+        row(1, amount, at=NOW - LOOKBACK_SECONDS),
+        row(2, amount, key=KEY, new_balance=target + amount, at=NOW - LOOKBACK_SECONDS - 5),
+    ]
+    assert unexplained_balance("a", target + excess, target, old, OwnFunding(covers_from=0), NOW) is None
+    assert unrecognised_deposits("a", "f", old, OwnFunding(covers_from=0), NOW) == []
+
+
+def test_the_measured_double_funding() -> None:
+    """Two deposits 18 ms apart with different keys: 10 → 75, then 75 → 140 (target 75)."""
+    first = deposit_idempotency_key("f", "a", NO_DEPOSIT_EPOCH)
+    second = deposit_idempotency_key("f", "a", "1")
+    ledger = [
+        row(2, "65.00", key=second, new_balance="140.00", at=NOW - 10.0),
+        row(1, "65.00", key=first, new_balance="75.00", at=NOW - 10.018),
+    ]
+    # The state that made the first deposit: the second is another finops'.
+    made_first = OwnFunding(frozenset({first}), frozenset({1}), 1)
+    [other] = unrecognised_deposits("a", "f", ledger, made_first, NOW)
+    assert (other.ledger_id, other.origin, other.key_verified) == (2, DepositOrigin.FINOPS_OTHER_STATE, True)
+    for own in (made_first, OwnFunding(frozenset({second}), frozenset({2}), 2), OwnFunding()):
+        found = unexplained_balance("a", Decimal("140.00"), Decimal("75.00"), ledger, own, NOW)
+        assert found is not None and found.unexplained == Decimal("65.00"), own
+    msg = found.message(Decimal(100), "USD")
+    assert "65.00 credits (0.65 USD) of it is not explained" in msg
+
+
+# --------------------------------------------------------------------------- webhooks
+
+
+def hook(id: str, events: tuple[str, ...], agents: tuple[str, ...] | None) -> Webhook:
+    return Webhook(id, "https://h.example.com/x", events, agents, "s" * 16, "2026-01-01T00:00:00+00:00")
+
+
+def test_duplicate_marked_webhooks() -> None:
+    mark = webhook_marker("research")
+    hooks = [
+        hook("whk-1", (mark, "billing.deposit"), ("a",)),
+        hook("whk-2", (webhook_marker("other"),), ("a",)),  # another fleet's marker: still finops'
+        hook("whk-3", ("billing.deposit",), ("b",)),  # unmarked: not finops'
+        hook("whk-4", (mark,), ("b",)),
+        hook("whk-5", (mark,), ("b", "c")),  # filtered to two agents, not recorded: for neither
+        hook("whk-6", (mark,), None),  # recorded in state for c
+        hook("whk-7", (mark,), ("c",)),
+    ]
+    managed = {"whk-6": ManagedWebhook("whk-6", "c", "research", "https://h.example.com/x")}
+    assert duplicate_marked_webhooks(hooks, managed) == [
+        DuplicateWebhooks("a", ("whk-1", "whk-2")),
+        DuplicateWebhooks("c", ("whk-6", "whk-7")),
+    ]
+    assert duplicate_marked_webhooks(hooks[:1] + hooks[3:4], {}) == []
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.booleans()), max_size=12))
+def test_an_agent_is_flagged_exactly_when_it_has_two_or_more_marked_hooks(spec: list[tuple[str, bool]]) -> None:
+    hooks = [
+        hook(f"whk-{i}", (webhook_marker("f"),) if marked else ("x",), (agent,))
+        for i, (agent, marked) in enumerate(spec)
+    ]
+    found = {d.agent_id: len(d.webhook_ids) for d in duplicate_marked_webhooks(hooks, {})}
+    counts: dict[str, int] = {}
+    for agent, marked in spec:
+        counts[agent] = counts.get(agent, 0) + int(marked)
+    assert found == {a: n for a, n in counts.items() if n > 1}
+
+
+# --------------------------------------------------------------------------- intents
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["deposit", "register", "create_webhook", "rotate"]),
+            st.sampled_from(["pending", "done", "abandoned", "failed"]),
+            st.floats(min_value=0, max_value=10 * 86_400),
+            st.one_of(st.none(), st.floats(min_value=0, max_value=10 * 86_400)),
+        ),
+        max_size=15,
+    ),
+    st.floats(min_value=0, max_value=86_400),
+)
+def test_unresolved_intents_are_every_pending_one_with_age_and_settle_state(
+    rows: list[tuple[str, str, float, float | None]], settle: float
+) -> None:
+    intents = [
+        Intent(f"k{i}", kind, "a", {}, status, "", NOW - age, None if sent is None else NOW - sent)
+        for i, (kind, status, age, sent) in enumerate(rows)
+    ]
+    found = unresolved_intents(intents, NOW, settle)
+    assert len(found) == sum(1 for _, status, _, _ in rows if status == "pending")
+    for u in found:
+        assert u.age_seconds >= 0
+        assert u.past_settle == (NOW - u.sent_at > settle)
+        text = u.message(Decimal(1), "CREDITS")
+        assert text.startswith("ROTATION INTERRUPTED" if u.intent_kind == "rotate" else "UNKNOWN OUTCOME")
+        assert ("past its settle time" in text) == u.past_settle
+        json.dumps(u.to_dict(Decimal(1), "CREDITS"))
+    assert [u.created_at for u in found] == sorted(u.created_at for u in found)
+    assert unresolved_intents(intents, NOW, settle, agents=()) == []
+
+
+def test_not_checked_is_a_finding_with_its_reason() -> None:
+    finding = NotChecked("a", "ledger", "503 from the gateway")
+    assert finding.to_dict(Decimal(1), "CREDITS")["kind"] == "not-checked"
+    assert "ledger could not be read (503 from the gateway)" in finding.message(Decimal(1), "CREDITS")
+
+
+# --------------------------------------------------------------------------- the gateway's snapshot
+
+
+def test_snapshot_balance_is_read_when_present_and_ignored_when_odd() -> None:
+    assert _snapshot_balance('{"new_balance": "140.00"}') == Decimal("140.00")
+    assert _snapshot_balance({"new_balance": 140.0}) == Decimal("140.00")
+    for odd in (None, "", "not json", "[]", '{"new_balance": "abc"}', '{"other": 1}', 5, "[" * 3000, "[" * 5000):
+        assert _snapshot_balance(odd) is None
