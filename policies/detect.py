@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 from policies.currency import from_credits
 from policies.funding import DEPOSIT_KEY_PREFIX, NO_DEPOSIT_EPOCH, deposit_idempotency_key
 from policies.live import Webhook
-from policies.money import ZERO, format_money
+from policies.money import CENT, ZERO, format_money
 from policies.plan_types import WEBHOOK_MARKER_PREFIX
 from policies.records import Intent, ManagedWebhook
 from policies.settle import is_settled, settles_at
@@ -90,6 +90,10 @@ class LedgerCredit:
     """Unix seconds, ``None`` when the gateway's timestamp was unreadable."""
     new_balance: Decimal | None = None
     """The balance this row left, from its result snapshot (keyed deposits only)."""
+    later_sum: Decimal = ZERO
+    """The sum of every ledger row newer than this one (charges and debits included)."""
+    later_rows: int = 0
+    """How many ledger rows are newer than this one."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,8 @@ FLAGGED_ORIGINS = frozenset({DepositOrigin.FINOPS_OTHER_STATE, DepositOrigin.FOR
 class UnexplainedBalance:
     """The balance is above the funding target by ``excess``; ``unexplained`` of it is not
     explained by finops' own deposits (``other_credits`` came from elsewhere in the
-    lookback, ``overshoot`` is what finops-keyed deposits landed above the target)."""
+    lookback, ``overshoot`` is what finops-keyed deposits landed above the target,
+    ``unledgered`` what the balance gained that no ledger row shows)."""
 
     agent_id: str
     balance: Decimal
@@ -164,6 +169,7 @@ class UnexplainedBalance:
     unexplained: Decimal
     other_credits: Decimal
     overshoot: Decimal
+    unledgered: Decimal
     complete: bool
     """False when the lookback did not fit in the ledger pages read: a lower bound."""
 
@@ -171,7 +177,15 @@ class UnexplainedBalance:
 
     def to_dict(self, rate: Decimal, currency: str) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind.value, "agent_id": self.agent_id, "currency": currency}
-        for name in ("balance", "target", "excess", "unexplained", "other_credits", "overshoot"):
+        for name in (
+            "balance",
+            "target",
+            "excess",
+            "unexplained",
+            "other_credits",
+            "overshoot",
+            "unledgered",
+        ):
             credits: Decimal = getattr(self, name)
             out[f"{name}_credits"] = format_money(credits)
             out[name] = format_money(from_credits(credits, rate))
@@ -184,6 +198,11 @@ class UnexplainedBalance:
             parts.append(
                 f"{_money(self.other_credits, rate, currency)} came in within 24 h from deposits or credits "
                 "this finops did not make"
+            )
+        if self.unledgered > 0:
+            parts.append(
+                f"the balance gained {_money(self.unledgered, rate, currency)} that no ledger row shows (concurrent "
+                "deposits with one idempotency key: the gateway moves the money each time and records it once)"
             )
         if self.overshoot > 0:
             parts.append(
@@ -416,6 +435,7 @@ def unexplained_balance(
     if excess <= 0:
         return None
     other, overshoot = ZERO, ZERO
+    snapshots: list[LedgerCredit] = []
     for row in rows:
         if row.amount <= 0 or row.tx_type == SIGNUP_BONUS_TX_TYPE or not in_lookback(row.at, now):
             continue
@@ -424,10 +444,38 @@ def unexplained_balance(
             other += row.amount
         elif row.new_balance is not None:
             overshoot += min(row.amount, max(ZERO, row.new_balance - target))
-    unexplained = min(excess, other + overshoot)
+        if row.new_balance is not None:
+            snapshots.append(row)
+    unledgered = unledgered_credits(balance, snapshots)
+    unexplained = min(excess, other + overshoot + unledgered)
     if unexplained <= 0:
         return None
-    return UnexplainedBalance(agent_id, balance, target, excess, unexplained, other, overshoot, complete)
+    return UnexplainedBalance(agent_id, balance, target, excess, unexplained, other, overshoot, unledgered, complete)
+
+
+def unledgered_credits(balance: Decimal, snapshots: Iterable[LedgerCredit]) -> Decimal:
+    """What the balance gained that no ledger row shows. A row's snapshot says the balance
+    it left; that balance plus every newer row must be the next snapshot's balance, and at
+    the end the balance now. Each segment that ends higher than its rows explain (by more
+    than a cent per row: rows are rounded to the cent) is money moved without a ledger row:
+    the gateway's race on concurrent deposits with one idempotency key (API.md §9). Only
+    gains count; a segment that ends lower (a debit without a row, a row that landed after
+    the balance was read) is not this finding."""
+    ordered = sorted((r for r in snapshots if r.new_balance is not None), key=lambda r: r.id)
+    total = ZERO
+    for i, older in enumerate(ordered):
+        newer = ordered[i + 1] if i + 1 < len(ordered) else None
+        assert older.new_balance is not None
+        if newer is None:
+            end, between, rows = balance, older.later_sum, older.later_rows
+        else:
+            assert newer.new_balance is not None
+            end = newer.new_balance
+            between = older.later_sum - newer.later_sum
+            rows = older.later_rows - newer.later_rows
+        gain = end - (older.new_balance + between) - CENT * (rows + 1)
+        total += max(ZERO, gain)
+    return total
 
 
 def duplicate_marked_webhooks(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
@@ -62,6 +63,7 @@ async def read_credits(client: GatewayClient, agent_id: str, now: float) -> Ledg
     """The ledger's credits (amount > 0) back to the lookback, at most ``LEDGER_MAX_PAGES``
     pages; a quiet agent takes one request."""
     out: list[LedgerCredit] = []
+    later_sum, later_rows = Decimal("0.00"), 0  # every row newer than the current one
     for page in range(LEDGER_MAX_PAGES):
         batch = await client.transactions(agent_id, limit=LEDGER_PAGE, offset=page * LEDGER_PAGE)
         reached_end = False
@@ -71,7 +73,12 @@ async def read_credits(client: GatewayClient, agent_id: str, now: float) -> Ledg
                 reached_end = True
                 break
             if tx.amount > 0:
-                out.append(LedgerCredit(tx.id, tx.amount, tx.tx_type, tx.idempotency_key, at, tx.new_balance))
+                out.append(
+                    LedgerCredit(
+                        tx.id, tx.amount, tx.tx_type, tx.idempotency_key, at, tx.new_balance, later_sum, later_rows
+                    )
+                )
+            later_sum, later_rows = later_sum + tx.amount, later_rows + 1
         if reached_end or len(batch) < LEDGER_PAGE:
             return LedgerWindow(tuple(out), True)
     return LedgerWindow(tuple(out), False)
