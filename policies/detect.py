@@ -456,8 +456,8 @@ def unexplained_balance(
 def unledgered_credits(balance: Decimal, snapshots: Iterable[LedgerCredit]) -> Decimal:
     """What the balance gained that no ledger row shows. A row's snapshot says the balance
     it left; that balance plus every newer row must be the next snapshot's balance, and at
-    the end the balance now. Each segment that ends higher than its rows explain (by more
-    than a cent per row: rows are rounded to the cent) is money moved without a ledger row:
+    the end the balance now. A segment that ends higher than its rows explain (by more than
+    a cent per row: the gateway rounds each row to the cent) gained money without a row:
     the gateway's race on concurrent deposits with one idempotency key (API.md §9). Only
     gains count; a segment that ends lower (a debit without a row, a row that landed after
     the balance was read) is not this finding."""
@@ -473,8 +473,9 @@ def unledgered_credits(balance: Decimal, snapshots: Iterable[LedgerCredit]) -> D
             end = newer.new_balance
             between = older.later_sum - newer.later_sum
             rows = older.later_rows - newer.later_rows
-        gain = end - (older.new_balance + between) - CENT * (rows + 1)
-        total += max(ZERO, gain)
+        gain = end - (older.new_balance + between)
+        if gain > CENT * (rows + 1):
+            total += gain
     return total
 
 

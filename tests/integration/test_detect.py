@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -400,3 +402,50 @@ async def test_a_late_landing_of_finops_own_deposit_is_pending_not_foreign(
     clock.advance(30)
     assert (await h.plan(desired)).empty  # resolves both intents from the ledger
     assert all(a.findings == [] for a in (await status_of(h, desired)).agents)
+
+
+def test_concurrent_deposits_with_one_key_are_flagged_though_the_ledger_shows_one(tmp_path: Path) -> None:
+    """Two finops (or a retry racing a late request) send one deposit key at once: the
+    gateway moves the money twice and writes one ledger row (API.md §9). Both think one
+    deposit landed; the ledger looks clean; the deposit's result snapshot gives it away."""
+    desired = write_fleet(tmp_path / "m")
+    with SandboxServer(
+        db_path=tmp_path / "gw.db", admin_key_file=tmp_path / "admin.key", idempotency_race_window=0.5
+    ) as server:
+        h = Harness(server, StateStore(tmp_path / "state" / "state.db"), KeyVault(tmp_path / "secrets"))
+        try:
+            asyncio.run(converge(h, desired))
+            h.spend("det-a", balance(h, "det-a") - FLOOR + Decimal("1.00"))
+            plan = asyncio.run(h.plan(desired))
+            [top_up] = [c for c in plan.changes if c.kind is ChangeKind.TOP_UP]
+            key, amount = top_up.args.idempotency_key, top_up.args.amount
+            started = balance(h, "det-a")
+            twins: list[threading.Thread] = []
+
+            def twin(point: str, agent: str) -> None:
+                """Right before finops sends it, the same deposit goes out from elsewhere."""
+                if point != "before_deposit" or agent != "det-a":
+                    return
+                thread = threading.Thread(target=admin_deposit, args=(h, "det-a", amount, key))
+                thread.start()
+                twins.append(thread)
+                deadline = time.monotonic() + 5
+                while balance(h, "det-a") == started and time.monotonic() < deadline:
+                    time.sleep(0.005)  # its money has moved; its ledger row is not written yet
+
+            result = asyncio.run(h.apply(plan, fault_hook=twin))
+            for thread in twins:
+                thread.join(10)
+            assert result.ok, result.to_dict()
+            assert balance(h, "det-a") == TARGET + amount  # credited twice...
+            keyed = [
+                r for r in server.store.list_transactions("det-a", limit=100, offset=0) if r.idempotency_key == key
+            ]
+            assert len(keyed) == 1  # ...one ledger row
+            assert asyncio.run(h.plan(desired)).empty
+            [found] = findings(asyncio.run(status_of(h, desired)), "det-a")
+            assert isinstance(found, UnexplainedBalance)
+            assert (found.unledgered, found.unexplained, found.other_credits) == (amount, amount, 0)
+            assert "that no ledger row shows" in found.message(RATE, "USD")
+        finally:
+            h.store.close()
