@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -39,16 +39,18 @@ from typing import Any, ClassVar
 
 from policies.currency import from_credits
 from policies.funding import DEPOSIT_KEY_PREFIX, NO_DEPOSIT_EPOCH, deposit_idempotency_key
+from policies.funding_window import WINDOW_SECONDS
 from policies.live import Webhook
 from policies.money import CENT, ZERO, format_money
 from policies.plan_types import WEBHOOK_MARKER_PREFIX
 from policies.records import Intent, ManagedWebhook
 from policies.settle import is_settled, settles_at
 
-LOOKBACK_SECONDS = 86_400
-"""How far back the ledger is examined: the rolling 24 h of the funding window and of the
-gateway's daily budget. ``finops status --strict`` run at least daily sees every deposit;
-a finding about a deposit clears 24 h after it landed."""
+LOOKBACK_SECONDS = WINDOW_SECONDS
+"""How far back the ledger is examined: the rolling 24 h of the funding window (the ledger
+read that observation makes for a top-up is the same read) and of the gateway's daily
+budget. ``finops status --strict`` run at least daily sees every deposit; a finding about a
+deposit clears 24 h after it landed (or once the balance is back at or below the target)."""
 
 DEPOSIT_TX_TYPES = frozenset({"deposit", "auto_reload"})
 """Ledger rows that put money in from outside the gateway (the signup bonus is expected)."""
@@ -94,6 +96,26 @@ class LedgerCredit:
     """The sum of every ledger row newer than this one (charges and debits included)."""
     later_rows: int = 0
     """How many ledger rows are newer than this one."""
+
+
+@dataclass
+class CreditCollector:
+    """Collects ``LedgerCredit`` rows while the ledger is read newest first, keeping each
+    row's ``later_sum``/``later_rows`` exact: feed it every row of the lookback, in order."""
+
+    credits: list[LedgerCredit] = field(default_factory=list)
+    later_sum: Decimal = ZERO
+    later_rows: int = 0
+
+    def add(
+        self, id: int, amount: Decimal, tx_type: str, key: str | None, at: float | None, new_balance: Decimal | None
+    ) -> None:
+        if amount > 0:
+            self.credits.append(
+                LedgerCredit(id, amount, tx_type, key, at, new_balance, self.later_sum, self.later_rows)
+            )
+        self.later_sum += amount
+        self.later_rows += 1
 
 
 @dataclass(frozen=True)

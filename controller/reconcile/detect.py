@@ -1,8 +1,9 @@
 """The reads behind ``finops status``' detection of what cannot be prevented
-(``policies.detect`` decides): per existing agent one paged read of its ledger back to the
-lookback (one request on a quiet agent), the admin key's webhooks (one listing, unless
-observation already made it), and the state's intents and funding records. Reads only;
-works with any state backend through the ``StateDB`` protocol.
+(``policies.detect`` decides): per existing agent one read of its ledger back to the
+lookback (``observe.read_ledger``: one request on a quiet agent; none more when observation
+already read it for a top-up), the admin key's webhooks (one listing, unless observation
+already made it), and the state's intents and funding records. Reads only; works with any
+state backend through the ``StateDB`` protocol.
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
-from controller.reconcile.observe import LEDGER_MAX_PAGES, LEDGER_PAGE
+from controller.reconcile.observe import read_ledger
 from controller.state.interface import StateDB
 from policies.currency import to_credits
 from policies.detect import (
@@ -22,14 +22,12 @@ from policies.detect import (
     LedgerCredit,
     NotChecked,
     duplicate_marked_webhooks,
-    in_lookback,
     own_funding,
     unexplained_balance,
     unrecognised_deposits,
     unresolved_intents,
 )
 from policies.detect import Finding as Finding
-from policies.funding_window import parse_ledger_time
 from policies.live import LiveFleet
 from policies.spec import AgentSpec, DesiredState
 
@@ -59,31 +57,6 @@ class Detection:
             self.other.append(finding)
 
 
-async def read_credits(client: GatewayClient, agent_id: str, now: float) -> LedgerWindow:
-    """The ledger's credits (amount > 0) back to the lookback, at most ``LEDGER_MAX_PAGES``
-    pages; a quiet agent takes one request."""
-    out: list[LedgerCredit] = []
-    later_sum, later_rows = Decimal("0.00"), 0  # every row newer than the current one
-    for page in range(LEDGER_MAX_PAGES):
-        batch = await client.transactions(agent_id, limit=LEDGER_PAGE, offset=page * LEDGER_PAGE)
-        reached_end = False
-        for tx in batch:
-            at = parse_ledger_time(tx.created_at)
-            if not in_lookback(at, now):
-                reached_end = True
-                break
-            if tx.amount > 0:
-                out.append(
-                    LedgerCredit(
-                        tx.id, tx.amount, tx.tx_type, tx.idempotency_key, at, tx.new_balance, later_sum, later_rows
-                    )
-                )
-            later_sum, later_rows = later_sum + tx.amount, later_rows + 1
-        if reached_end or len(batch) < LEDGER_PAGE:
-            return LedgerWindow(tuple(out), True)
-    return LedgerWindow(tuple(out), False)
-
-
 async def _ledgers(
     client: GatewayClient, specs: Sequence[AgentSpec], now: float
 ) -> dict[str, LedgerWindow | GatewayError]:
@@ -94,7 +67,8 @@ async def _ledgers(
     async def worker() -> None:
         for spec in pending:
             try:
-                out[spec.agent_id] = await read_credits(client, spec.agent_id, now)
+                read = await read_ledger(client, spec.agent_id, now)
+                out[spec.agent_id] = LedgerWindow(read.credits, read.complete)
             except (AuthenticationFailed, NotAdmin):
                 raise
             except GatewayError as exc:
@@ -133,7 +107,13 @@ async def detect(
     existing = [
         s for s in desired.agents() if (a := live.agents.get(s.agent_id)) is not None and a.exists and not a.error
     ]
-    windows = await _ledgers(client, existing, now)
+    # Observation already read the ledger of an agent it considered topping up: reused.
+    windows: dict[str, LedgerWindow | GatewayError] = {
+        s.agent_id: LedgerWindow(credits, live.agents[s.agent_id].ledger_complete)
+        for s in existing
+        if (credits := live.agents[s.agent_id].credits) is not None
+    }
+    windows |= await _ledgers(client, [s for s in existing if s.agent_id not in windows], now)
     refs: dict[str, set[str]] = {}
     for event in store.funding_events(now=now):
         refs.setdefault(event.agent_id, set()).add(event.ref)
@@ -157,4 +137,4 @@ async def detect(
     return found
 
 
-__all__ = ["Detection", "Finding", "LedgerWindow", "detect", "read_credits"]
+__all__ = ["Detection", "Finding", "LedgerWindow", "detect"]

@@ -145,6 +145,13 @@ async def test_a_clean_converged_fleet_has_no_findings(harness: Harness, tmp_pat
     by_route = harness.stats()["by_route"]
     ledger_reads = sum(n for route, n in by_route.items() if route.endswith("/transactions"))
     assert ledger_reads == len(AGENTS), by_route
+    # An agent below its floor: observation reads its ledger for the top-up, detection
+    # reuses that read (still one ledger read per agent).
+    harness.spend("det-b", balance(harness, "det-b") - FLOOR + Decimal("1.00"))
+    harness.reset_stats()
+    assert all(a.findings == [] for a in (await status_of(harness, desired)).agents)
+    by_route = harness.stats()["by_route"]
+    assert sum(n for route, n in by_route.items() if route.endswith("/transactions")) == len(AGENTS), by_route
     # A fresh state (a CI runner) sees finops' deposits by their key shape: nothing either.
     fresh = other_finops(harness, tmp_path / "fresh")
     try:
