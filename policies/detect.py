@@ -123,32 +123,43 @@ class OwnFunding:
     """What this state knows of finops' own deposits to one agent."""
 
     keys: frozenset[str] = frozenset()
-    """Idempotency keys of its deposit intents (any status) and funding events."""
+    """Idempotency keys of its deposits (funding events, unresolved deposit intents)."""
     ledger_ids: frozenset[int] = frozenset()
-    """Ledger ids its deposits landed as (intent refs)."""
+    """Ledger ids its deposits landed as, where known (its newest landed deposit)."""
     covers_from: int | None = None
     """The ledger id from which this state would have recorded every finops deposit to the
     agent: 0 when it registered the agent, else its first recorded deposit's ledger id;
     ``None`` when it never funded the agent (a fresh state cannot tell)."""
 
 
-def own_funding(agent_id: str, intents: Iterable[Intent], funding_refs: Iterable[str]) -> OwnFunding:
-    """``OwnFunding`` of one agent from this state's intents (every status: a pending one's
-    key identifies its row if it landed) and funding-event refs (``agent_id``'s only)."""
+def own_funding(
+    agent_id: str,
+    *,
+    intents: Iterable[Intent],
+    funding_refs: Iterable[str],
+    last_deposit_id: int | None,
+    rows: Sequence[LedgerCredit],
+) -> OwnFunding:
+    """``OwnFunding`` of one agent from what this state keeps in bounded form: its intents
+    (the unresolved ones, whose key identifies their row if it landed, and registrations),
+    its funding events' refs (the keys of its recent deposits), the ledger id of its newest
+    landed deposit (``StateDB.last_deposit_ids``), and the ledger rows read. The state has
+    been funding the agent from its registration (when this state made it) or else from its
+    earliest deposit that is either in ``rows`` or is ``last_deposit_id``."""
     keys: set[str] = set(funding_refs)
-    ids: set[int] = set()
     registered = False
     for intent in intents:
         if intent.agent_id != agent_id:
             continue
         if intent.kind == "deposit":
             keys.add(intent.intent_key)
-            if intent.ref is not None and intent.ref.isdigit():
-                ids.add(int(intent.ref))
         elif intent.kind == "register" and intent.status == INTENT_DONE:
             registered = True
-    covers_from = 0 if registered else (min(ids) if ids else None)
-    return OwnFunding(frozenset(keys), frozenset(ids), covers_from)
+    ids = frozenset({last_deposit_id} if last_deposit_id is not None else ())
+    seen = [r.id for r in rows if r.id in ids or (r.idempotency_key is not None and r.idempotency_key in keys)]
+    firsts = [*seen, *ids]
+    covers_from = 0 if registered else (min(firsts) if firsts else None)
+    return OwnFunding(frozenset(keys), ids, covers_from)
 
 
 # --------------------------------------------------------------------------- findings

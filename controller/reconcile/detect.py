@@ -18,7 +18,9 @@ from controller.reconcile.observe import read_ledger
 from controller.state.interface import StateDB
 from policies.currency import to_credits
 from policies.detect import (
+    INTENT_DONE,
     INTENT_PENDING,
+    LOOKBACK_SECONDS,
     LedgerCredit,
     NotChecked,
     duplicate_marked_webhooks,
@@ -29,6 +31,7 @@ from policies.detect import (
 )
 from policies.detect import Finding as Finding
 from policies.live import LiveFleet
+from policies.records import Intent
 from policies.spec import AgentSpec, DesiredState
 
 
@@ -89,9 +92,19 @@ async def detect(
 ) -> Detection:
     declared = {s.agent_id for s in desired.agents()}
     found = Detection()
-    intents = store.intents()
-    for unresolved in unresolved_intents((i for i in intents if i.status == INTENT_PENDING), now, settle_seconds):
+    # Bounded reads of the state (its full intent history grows without end): the unresolved
+    # intents, one registration per agent, the deposits of the last two funding windows (a
+    # late landing can lag its first attempt), each agent's newest landed deposit.
+    pending = store.intents(status=INTENT_PENDING)
+    for unresolved in unresolved_intents(pending, now, settle_seconds):
         found.add(declared, unresolved)
+    intents_of: dict[str, list[Intent]] = {}
+    for intent in [*pending, *store.intents(status=INTENT_DONE, kind="register")]:
+        intents_of.setdefault(intent.agent_id, []).append(intent)
+    refs: dict[str, set[str]] = {}
+    for event in [*store.funding_events(now=now), *store.funding_events(now=now - LOOKBACK_SECONDS)]:
+        refs.setdefault(event.agent_id, set()).add(event.ref)
+    last_deposits = store.last_deposit_ids()
 
     hooks = live.webhooks
     if hooks is None:
@@ -114,9 +127,6 @@ async def detect(
         if (credits := live.agents[s.agent_id].credits) is not None
     }
     windows |= await _ledgers(client, [s for s in existing if s.agent_id not in windows], now)
-    refs: dict[str, set[str]] = {}
-    for event in store.funding_events(now=now):
-        refs.setdefault(event.agent_id, set()).add(event.ref)
     fleet_of = {spec.agent_id: fleet for fleet in desired.fleets for spec in fleet.agents}
     for spec in existing:
         window = windows[spec.agent_id]
@@ -125,7 +135,13 @@ async def detect(
             continue
         found.ledger_complete[spec.agent_id] = window.complete
         fleet = fleet_of[spec.agent_id]
-        own = own_funding(spec.agent_id, intents, refs.get(spec.agent_id, ()))
+        own = own_funding(
+            spec.agent_id,
+            intents=intents_of.get(spec.agent_id, ()),
+            funding_refs=refs.get(spec.agent_id, ()),
+            last_deposit_id=last_deposits.get(spec.agent_id),
+            rows=window.credits,
+        )
         for deposit in unrecognised_deposits(spec.agent_id, fleet.name, window.credits, own, now):
             found.add(declared, deposit)
         balance = live.agents[spec.agent_id].balance

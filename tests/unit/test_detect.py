@@ -135,17 +135,31 @@ def test_a_row_without_a_readable_time_counts() -> None:
 
 def test_own_funding_from_state_records() -> None:
     intents = [
-        intent("deposit", "a", "k1", ref="40"),
-        intent("deposit", "a", "k2", status="pending"),
-        intent("deposit", "a", "k3", status="abandoned"),
-        intent("deposit", "b", "k4", ref="7"),
+        intent("deposit", "a", "k-pending", status="pending"),
+        intent("deposit", "b", "k-b", status="pending"),
         intent("register", "b", "register:b"),
-        intent("register", "a", "register:a", status="abandoned"),
+        intent("register", "a", "register:a", status="abandoned"),  # someone else registered a
     ]
-    a = own_funding("a", intents, [bonus_ref("a")])
-    assert a == OwnFunding(frozenset({"k1", "k2", "k3", bonus_ref("a")}), frozenset({40}), 40)
-    assert own_funding("b", intents, []).covers_from == 0  # it registered b
-    assert own_funding("c", intents, []) == OwnFunding()
+    before, after = deposit_idempotency_key("f", "a", "1"), deposit_idempotency_key("f", "a", "50")
+    rows = [
+        row(60, "1.00", key=after),
+        row(50, "1.00", key="k-pending"),
+        row(45, "1.00", key="k-recent"),
+        row(30, "1.00", key=before),
+    ]
+    a = own_funding("a", intents=intents, funding_refs=["k-recent", bonus_ref("a")], last_deposit_id=45, rows=rows)
+    assert a == OwnFunding(frozenset({"k-pending", "k-recent", bonus_ref("a")}), frozenset({45}), 45)
+    assert [classify_deposit(r, a) for r in rows] == [
+        DepositOrigin.FINOPS_OTHER_STATE,  # after this state's first deposit to a: another finops'
+        DepositOrigin.OWN,
+        DepositOrigin.OWN,
+        DepositOrigin.FINOPS_UNRECORDED,  # before it: this state cannot know
+    ]
+    # Its newest landed deposit is older than every row read: it covers the whole window.
+    old = own_funding("a", intents=[], funding_refs=[], last_deposit_id=7, rows=rows)
+    assert old.covers_from == 7
+    assert own_funding("b", intents=intents, funding_refs=[], last_deposit_id=None, rows=rows).covers_from == 0
+    assert own_funding("c", intents=intents, funding_refs=[], last_deposit_id=None, rows=rows) == OwnFunding()
 
 
 def test_intent_status_values_match_the_state_store() -> None:
