@@ -51,7 +51,7 @@ RATE = Decimal(100)  # the sandbox's credits per USD
 FLOOR, TARGET = Decimal("1000.00"), Decimal("2000.00")  # 10 / 20 USD in credits
 
 
-def write_fleet(directory: Path) -> DesiredState:
+def write_fleet(directory: Path, agents: tuple[str, ...] = AGENTS) -> DesiredState:
     """Two agents, floor 10 / target 20 USD, caps well above the spend these tests make."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "detect.yaml").write_text(
@@ -71,7 +71,7 @@ def write_fleet(directory: Path) -> DesiredState:
                 "  tiers:",
                 '    worker: {dailyCap: "100.00", monthlyCap: "1000.00"}',
                 "  agents:",
-                *(f"    - {{id: {a}, tier: worker}}" for a in AGENTS),
+                *(f"    - {{id: {a}, tier: worker}}" for a in agents),
                 "",
             ]
         ),
@@ -353,6 +353,11 @@ def test_an_intent_left_by_a_crash_is_flagged_with_its_age_and_settle_time(harne
         assert "past its settle time (600 s, FINOPS_SETTLE_SECONDS)" in found.message(RATE, "USD")
     finally:
         late.close()
+    # Its agent removed from the manifests: still flagged, as the fleet's (`--strict` fails).
+    without = asyncio.run(status_of(harness, write_fleet(tmp_path / "m2", ("det-b",))))
+    assert [(type(f), f.agent_id) for f in without.findings] == [(UnresolvedIntent, "det-a")]
+    assert without.needs_attention and "! det-a (not declared): UNKNOWN OUTCOME" in render_status(without)
+    assert without.to_dict()["findings"][0]["intent_kind"] == "deposit"
     # An apply inside the settle time cannot conclude anything: still pending, still flagged.
     blocked = asyncio.run(harness.plan(desired))
     assert [b.agent_id for b in blocked.blocked] == ["det-a"]
