@@ -6,10 +6,10 @@ hands them in; ``finops status`` shows the typed findings and ``--strict`` fails
 
 * **Ledger deposits finops did not make** (``classify_deposit``), within the lookback
   (``LOOKBACK_SECONDS``, the rolling 24 h). A deposit is finops' own when this state
-  recorded it (its idempotency key is a deposit intent's or funding event's key, or its
-  ledger id an intent's ref). A deposit that carries finops' key shape but is not in this
-  state is finops-made elsewhere: when this state was already funding the agent at that
-  point of the ledger (it registered the agent, or recorded an earlier deposit to it), it
+  recorded it (its idempotency key is a funding event's or an unresolved deposit intent's,
+  or its ledger id the newest landed deposit's). A deposit that carries finops' key shape
+  but is not in this state is finops-made elsewhere: when this state was already funding the
+  agent at that point of the ledger (it registered the agent, or an earlier deposit is its), it
   is **another finops with another state** (a possible double funding); otherwise this
   state cannot know (a fresh state, a CI runner) and it is not flagged. Anything else is
   a **foreign** deposit. The signup bonus is expected and never flagged.
@@ -19,7 +19,9 @@ hands them in; ``finops status`` shows the typed findings and ``--strict`` fails
   credits that are not finops' deposits nor the signup bonus (foreign deposits, another
   finops', payments in), plus what finops-keyed deposits landed above the target (the
   balance each deposit left is in its ledger row's result snapshot): a deposit that lands
-  above the target was computed from a balance that another deposit had already raised.
+  above the target was computed from a balance that another deposit had already raised;
+  plus what the balance gained that no ledger row shows (``unledgered_credits``: concurrent
+  deposits with one key are credited each time and booked once).
 * **More than one finops-marked webhook for an agent** (``duplicate_marked_webhooks``).
 * **Intents left unresolved** (``unresolved_intents``): age, and whether the settle time
   has passed (then only a look at the gateway, by the next apply or rotate, resolves it).
