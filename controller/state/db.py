@@ -138,8 +138,11 @@ class Database:
                 self._raw.execute(statement)
 
     @contextmanager
-    def transaction(self) -> Iterator[Database]:
-        """Everything inside commits together or not at all."""
+    def transaction(self, *, snapshot: bool = False) -> Iterator[Database]:
+        """Everything inside commits together or not at all. ``snapshot``: a read-only
+        transaction that sees one consistent snapshot (PostgreSQL ``REPEATABLE READ, READ
+        ONLY``, which writes nothing and so takes no write lock; SQLite holds its write lock
+        as for any transaction, which keeps writers out while it reads)."""
         if self._in_tx:  # nested: part of the outer transaction
             yield self
             return
@@ -151,7 +154,10 @@ class Database:
                     # One write transaction at a time across every finops on this database, as
                     # SQLite's BEGIN IMMEDIATE gives: a read-decide-write inside a transaction
                     # (alert slots, hold precedence) never interleaves with another's.
-                    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, LOCK_TRANSACTION))
+                    if snapshot:
+                        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    else:
+                        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, LOCK_TRANSACTION))
                     yield self
             finally:
                 self._in_tx = False

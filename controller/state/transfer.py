@@ -205,9 +205,7 @@ def stored_version(db: Database) -> int:
 def _snapshot(db: Database) -> Iterator[None]:
     """A consistent read of the whole source: SQLite's ``BEGIN IMMEDIATE`` also keeps every
     other writer out (they wait on the busy timeout); PostgreSQL reads one snapshot."""
-    with db.transaction():
-        if db.dialect == POSTGRESQL:
-            db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    with db.transaction(snapshot=True):
         yield
 
 
