@@ -9,9 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from policies.funding import NO_DEPOSIT_EPOCH
 from policies.funding_window import ChargeTotal, LedgerRow
+
+if TYPE_CHECKING:
+    from policies.detect import LedgerCredit
 
 __all__ = ["NEW_WALLET_ANCHOR", "BudgetStatus", "KeyRecord", "LiveAgent", "LiveFleet", "Webhook"]
 
@@ -81,6 +85,9 @@ class LiveAgent:
     """False when the 24 h did not fit in ``LEDGER_MAX_PAGES`` pages: outflow is a lower bound."""
     charges: ChargeTotal | None = None
     """The ledger's ``charge`` rows of the last 24 h, summed, against the budget's spend."""
+    credits: tuple[LedgerCredit, ...] | None = None
+    """The last 24 h's rows that put money in, with ids and balance snapshots, read with
+    ``ledger`` (``status``' detection reuses them instead of reading the ledger again)."""
     error: str | None = None
     """Why this agent could not be observed; the planner skips it and reports it."""
 

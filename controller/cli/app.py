@@ -99,6 +99,7 @@ class LazyGroup(click.Group):
         "freeze": "controller.cli.keys:freeze_command",
         "unfreeze": "controller.cli.keys:unfreeze_command",
         "approve": "controller.cli.approve:approve",
+        "state": "controller.cli.state:state",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -18,7 +18,12 @@ from controller.reconcile.status import fleet_status, render_status
 @click.command()
 @click.argument("path", default=DEFAULT_PATH, required=False)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.option("--strict", is_flag=True, help="Exit 1 when any agent is flagged (for monitoring checks).")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Exit 1 when anything is flagged or detected: drift, unexplained balances or deposits, duplicate "
+    "finops webhooks, unresolved intents (for monitoring checks).",
+)
 @target_options
 def status(
     path: str,
@@ -40,7 +45,7 @@ def status(
                 click.echo(render_status(result))
                 for line in approvals.lines():
                     click.echo(line)
-            return EXIT_ERROR if strict and (result.flagged or approvals.flagged) else EXIT_OK
+            return EXIT_ERROR if strict and (result.needs_attention or approvals.flagged) else EXIT_OK
 
         return with_session(opts, go, quiet_banner=fmt == "json")
 

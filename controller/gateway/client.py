@@ -119,6 +119,28 @@ def _problem_code(body: Mapping[str, Any]) -> str:
     return str(code) if code else ""
 
 
+_SNAPSHOT_MAX_CHARS = 4096
+"""A result snapshot is a small JSON object; anything longer is not read (bounded work)."""
+
+
+def _snapshot_balance(snapshot: object) -> Decimal | None:
+    """``new_balance`` from a ledger row's ``result_snapshot`` (a JSON string, or an object),
+    or ``None``: it is extra evidence, never required, so an odd one is ignored, not fatal."""
+    if isinstance(snapshot, str):
+        if len(snapshot) > _SNAPSHOT_MAX_CHARS:
+            return None
+        try:
+            snapshot = json.loads(snapshot)
+        except (ValueError, RecursionError):
+            return None
+    if not isinstance(snapshot, dict) or snapshot.get("new_balance") is None:
+        return None
+    try:
+        return from_gateway_number(snapshot["new_balance"])
+    except ValueError:
+        return None
+
+
 class _Retryable(Exception):
     """Internal marker so tenacity retries exactly what our rules call safe."""
 
@@ -602,6 +624,7 @@ class GatewayClient:
                     tx_type=str(row.get("tx_type") or row.get("type") or ""),
                     idempotency_key=key if isinstance(key, str) else None,
                     created_at=str(row.get("created_at", "")),
+                    new_balance=_snapshot_balance(row.get("result_snapshot")),
                 )
             )
         return out

@@ -55,6 +55,9 @@ class Transaction:
     tx_type: str
     idempotency_key: str | None
     created_at: str
+    new_balance: Decimal | None = None
+    """The balance the row left, from its ``result_snapshot`` (the gateway keeps one for keyed
+    deposits and withdrawals: the response it replays); ``None`` when absent or unreadable."""
 
 
 @dataclass(frozen=True)

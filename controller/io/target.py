@@ -70,6 +70,13 @@ def _slug(url: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", host) or "gateway"
 
 
+def target_name(gateway: str | None) -> str:
+    """The name the target's state goes by (``state-<name>.db``), as ``open_target`` names it,
+    without an API key or a sandbox: for commands that read or copy state offline."""
+    url = gateway or os.environ.get("GREENHELIX_URL")
+    return _slug(url) if url else "sandbox"
+
+
 def _api_key(key_file: str | None) -> str:
     path = key_file or os.environ.get("GREENHELIX_API_KEY_FILE")
     if path:

@@ -18,6 +18,7 @@ from decimal import Decimal
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
 from policies.currency import CREDITS
+from policies.detect import CreditCollector, LedgerCredit
 from policies.funding import DEPOSIT_KEY_PREFIX, NO_DEPOSIT_EPOCH, needs_top_up
 from policies.funding_window import ChargeTotal, LedgerRow, in_window, matters, parse_ledger_time
 from policies.live import NEW_WALLET_ANCHOR, LiveAgent, LiveFleet
@@ -45,6 +46,9 @@ class LedgerRead:
     complete: bool
     charges: Decimal
     charge_rows: int
+    credits: tuple[LedgerCredit, ...] = ()
+    """The rows of the last 24 h that put money in, newest first, with ids and balance
+    snapshots (``policies.detect``: what ``status`` examines)."""
 
 
 async def read_ledger(client: GatewayClient, agent_id: str, now: float) -> LedgerRead:
@@ -52,6 +56,7 @@ async def read_ledger(client: GatewayClient, agent_id: str, now: float) -> Ledge
     rows: list[LedgerRow] = []
     anchor: str | None = None
     charges, charge_rows = Decimal("0.00"), 0
+    credits = CreditCollector()
     for page in range(LEDGER_MAX_PAGES):
         batch = await client.transactions(agent_id, limit=LEDGER_PAGE, offset=page * LEDGER_PAGE)
         if anchor is None:
@@ -61,14 +66,19 @@ async def read_ledger(client: GatewayClient, agent_id: str, now: float) -> Ledge
             LedgerRow(tx.amount, tx.tx_type, tx.idempotency_key, parse_ledger_time(tx.created_at)) for tx in batch
         ]
         recent = [r for r in page_rows if r.at is None or in_window(r.at, now)]
+        for tx, r in zip(batch, page_rows, strict=True):
+            if r.at is None or in_window(r.at, now):
+                credits.add(tx.id, tx.amount, r.tx_type, tx.idempotency_key, r.at, tx.new_balance)
         rows += [r for r in recent if matters(r)]
         for r in recent:
             if not matters(r) and r.amount < 0:
                 charges, charge_rows = charges - r.amount, charge_rows + 1
         oldest = page_rows[-1].at if page_rows else None
         if len(batch) < LEDGER_PAGE or (oldest is not None and not in_window(oldest, now)):
-            return LedgerRead(tuple(rows), anchor or NO_DEPOSIT_EPOCH, True, charges, charge_rows)
-    return LedgerRead(tuple(rows), anchor or NO_DEPOSIT_EPOCH, False, charges, charge_rows)
+            return LedgerRead(
+                tuple(rows), anchor or NO_DEPOSIT_EPOCH, True, charges, charge_rows, tuple(credits.credits)
+            )
+    return LedgerRead(tuple(rows), anchor or NO_DEPOSIT_EPOCH, False, charges, charge_rows, tuple(credits.credits))
 
 
 async def observe_agent(client: GatewayClient, spec: AgentSpec, rate: Decimal, now: float | None = None) -> LiveAgent:
@@ -87,6 +97,7 @@ async def observe_agent(client: GatewayClient, spec: AgentSpec, rate: Decimal, n
             ledger=read.rows,
             ledger_complete=read.complete,
             charges=ChargeTotal(read.charges, read.charge_rows, budget.daily_spend),
+            credits=read.credits,
         )
     return LiveAgent(agent_id=spec.agent_id, exists=True, balance=balance, budget=budget)
 

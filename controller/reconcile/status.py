@@ -4,7 +4,10 @@ Per agent: balance, spend in the rolling 24 h, the live daily cap and % used, th
 which have fired, every alert endpoint's last delivery (finops' own log; the gateway's log
 for opted-in gateway webhooks), the key's fingerprint and rotation, and flags for what needs
 a human: cap drift (an agent can raise its own cap), failing alert endpoints (a receiver
-that is down is a silent budget breach), holds, orphaned or due keys. Reads only.
+that is down is a silent budget breach), holds, orphaned or due keys, and what finops cannot
+prevent but must show (``controller.reconcile.detect``, typed ``findings``): a balance above
+its target that finops' deposits do not explain, ledger deposits finops did not make, more
+than one finops-marked webhook for an agent, and intents left unresolved. Reads only.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from controller.alerting.engine import alert_state, delivery_status
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import GatewayError
 from controller.keys.rotate import KeyManager
+from controller.reconcile.apply import configured_settle_seconds
 from controller.reconcile.decide import build_memory
+from controller.reconcile.detect import Finding, detect
 from controller.reconcile.observe import LiveFleet, observe
 from controller.state import FAILED, StateStore
 from policies.alerts import redact_url
 from policies.currency import CREDITS, from_credits
+from policies.detect import UnresolvedIntent
 from policies.display import escape_controls
 from policies.money import format_money
 from policies.plan_types import ChangeKind, Plan, funding_window_to_dict
@@ -49,13 +55,26 @@ class AgentStatus:
     key: dict[str, Any] = field(default_factory=dict)
     held: str | None = None
     flags: list[str] = field(default_factory=list)
+    """For people: one line per thing that needs a human (findings' messages included)."""
     error: str | None = None
     credits: dict[str, str] = field(default_factory=dict)
     """``balance``, ``spent_today``, ``daily_cap`` in gateway credits (the fields above are
     in ``currency``)."""
+    findings: list[Finding] = field(default_factory=list)
+    """For code: what detection found (``policies.detect``), typed."""
+    rate: Decimal = Decimal(1)
+    """Credits per unit of the fleet's currency (findings show money in both)."""
+    ledger_complete: bool | None = None
+    """Whether detection read the whole lookback of the ledger (``None``: not read)."""
+
+    def add_finding(self, finding: Finding) -> None:
+        self.findings.append(finding)
+        self.flags.append(finding.message(self.rate, self.currency))
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = {k: v for k, v in self.__dict__.items() if k not in ("findings", "rate")}
+        out["findings"] = [f.to_dict(self.rate, self.currency) for f in self.findings]
+        return out
 
 
 @dataclass
@@ -65,10 +84,18 @@ class FleetStatus:
     unmanaged_agents: list[str]
     funding: list[dict[str, Any]] = field(default_factory=list)
     """Per fleet: the rolling 24 h funding limit, used and left (``funding_window_to_dict``)."""
+    findings: list[Finding] = field(default_factory=list)
+    """Findings of no declared agent (an undeclared agent's unresolved intent, a check that
+    could not run)."""
 
     @property
     def flagged(self) -> list[AgentStatus]:
-        return [a for a in self.agents if a.flags or a.error]
+        return [a for a in self.agents if a.flags or a.error or a.findings]
+
+    @property
+    def needs_attention(self) -> bool:
+        """What ``status --strict`` exits 1 on."""
+        return bool(self.flagged or self.findings)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +103,7 @@ class FleetStatus:
             "agents": [a.to_dict() for a in self.agents],
             "unmanaged_agents": self.unmanaged_agents,
             "funding": self.funding,
+            "findings": [f.to_dict(Decimal(1), CREDITS) for f in self.findings],
             "flagged": [a.agent_id for a in self.flagged],
         }
 
@@ -119,15 +147,6 @@ def _cap_drift(plan: Plan, agent_id: str) -> str | None:
     return None
 
 
-def _unknown_outcomes(plan: Plan, agent_id: str) -> list[str]:
-    return [
-        f"UNKNOWN OUTCOME: a {b.kind.value} sent {b.sent_at} may still land; none is repeated until it is "
-        f"resolved from the gateway (concluded not landed at {b.settles_at} at the latest)"
-        for b in plan.blocked
-        if b.agent_id == agent_id
-    ]
-
-
 async def fleet_status(
     client: GatewayClient, desired: DesiredState, store: StateStore, keys: KeyManager, *, target: str
 ) -> FleetStatus:
@@ -137,6 +156,7 @@ async def fleet_status(
     )
     memory = build_memory(store, desired)
     plan = make_plan(desired, live, memory, now=datetime.fromtimestamp(now, UTC))
+    detection = await detect(client, desired, store, live, now=now, settle_seconds=configured_settle_seconds())
     outflow = {f.agent_id: f for f in plan.outflow}
     deferred: dict[str, list[str]] = {}
     for d in plan.deferred:
@@ -165,17 +185,21 @@ async def fleet_status(
         rate = live.rates[fleet.currency]
         for spec in fleet.agents:
             agent = live.agents.get(spec.agent_id)
-            row = AgentStatus(spec.agent_id, fleet.name, fleet.currency, bool(agent and agent.exists))
+            row = AgentStatus(spec.agent_id, fleet.name, fleet.currency, bool(agent and agent.exists), rate=rate)
             row.thresholds = spec.alert_thresholds
+            for finding in detection.by_agent.get(spec.agent_id, ()):
+                row.add_finding(finding)
             if agent is None or agent.error:
                 row.error = agent.error if agent else "not observed"
                 out.append(row)
                 continue
             if not agent.exists:
-                row.flags += _unknown_outcomes(plan, spec.agent_id) or ["NOT REGISTERED: run `finops apply`"]
+                if not any(isinstance(f, UnresolvedIntent) and f.intent_kind == "register" for f in row.findings):
+                    row.flags.append("NOT REGISTERED: run `finops apply`")
                 out.append(row)
                 continue
             assert agent.balance is not None and agent.budget is not None
+            row.ledger_complete = detection.ledger_complete.get(spec.agent_id)
             budget = agent.budget
             row.balance = format_money(from_credits(agent.balance, rate))
             row.spent_today = format_money(from_credits(budget.daily_spend, rate))
@@ -196,7 +220,6 @@ async def fleet_status(
             drift = _cap_drift(plan, spec.agent_id)
             if drift:
                 row.flags.append(drift)
-            row.flags += _unknown_outcomes(plan, spec.agent_id)
             flow = outflow.get(spec.agent_id)
             if flow is not None:
                 row.flags.append(
@@ -255,13 +278,15 @@ async def fleet_status(
                         row.flags.append(health.flag)
                 elif key.managed and key.fingerprint is not None and key_health_error:
                     row.flags.append(f"HELD KEY NOT CHECKED: cannot list keys on the gateway ({key_health_error})")
-                if key.pending_rotation:
-                    row.flags.append(
-                        "ROTATION INTERRUPTED: its outcome is unknown; a `finops rotate` or daemon pass resolves it "
-                        "once it is seen landing or its settle time has passed (no new rotation until then)"
-                    )
+                # An interrupted rotation (``key.pending_rotation``) is its unresolved intent's finding.
             out.append(row)
-    return FleetStatus(live.target, out, list(plan.unmanaged_agents), [funding_window_to_dict(w) for w in plan.funding])
+    return FleetStatus(
+        live.target,
+        out,
+        list(plan.unmanaged_agents),
+        [funding_window_to_dict(w) for w in plan.funding],
+        detection.other,
+    )
 
 
 def _currencies(status: FleetStatus) -> str:
@@ -289,6 +314,8 @@ def render_status(status: FleetStatus) -> str:
             lines.append(f"{'':12}   alert {ep['route']}: {state}{when}")
         for hook in a.gateway_webhooks:
             lines.append(f"{'':12}   gateway webhook {hook['webhook_id']}: {hook.get('last') or hook.get('note')}")
+        if a.ledger_complete is False:
+            lines.append(f"{'':12}   ledger: the last 24 h did not fit in the pages read; findings are a lower bound")
         if a.key:
             due = a.key.get("next_due")
             lines.append(f"{'':12}   key {a.key.get('fingerprint') or '(none held)'}; next rotation {due or '-'}")
@@ -302,10 +329,19 @@ def render_status(status: FleetStatus) -> str:
         )
     if status.unmanaged_agents:
         lines.append("Unmanaged agents on the gateway: " + ", ".join(status.unmanaged_agents))
+    for finding in status.findings:
+        who = f"{finding.agent_id} (not declared)" if finding.agent_id else "fleet"
+        lines.append(f"! {who}: {finding.message(Decimal(1), CREDITS)}")
     flagged = status.flagged
     lines.append(
         f"{len(status.agents)} agent(s); "
-        + (f"{len(flagged)} need attention: {', '.join(a.agent_id for a in flagged)}" if flagged else "all clear")
+        + (
+            f"{len(flagged)} need attention: {', '.join(a.agent_id for a in flagged)}"
+            if flagged
+            else "other findings above need attention"
+            if status.findings
+            else "all clear"
+        )
         + f". Amounts in each fleet's currency ({_currencies(status)}); thresholds and use in % of the daily cap; "
         "spend is the gateway's rolling 24 h window."
     )

@@ -1,15 +1,21 @@
-"""finops' one state database (one SQLite file per gateway target).
+"""finops' one state database per gateway target: an embedded SQLite file (the default) or a
+shared PostgreSQL database (``--state-url``), behind one API.
 
-- ``db``: the connection policy, the ``schema_version`` table and the forward migrations;
+- ``location``: where the state lives (``StateLocation``: a SQLite path or a PostgreSQL URL);
+- ``db``: ``Database`` (one SQL dialect over both drivers), the connection policy, the
+  ``schema_version`` table and the forward migrations;
+- ``lock`` / ``flock``: the writer lock (PostgreSQL advisory lock, or ``flock`` for SQLite),
+  which is also the fence checked before every gateway write;
 - ``store``: ``StateStore``, the repositories of the reconcile loop (intents, budget
   writes, holds, webhooks, adjustments, funding events, approvals, bundles, apply log);
 - ``keys``: the one table of keys finops holds (used by ``StateStore`` and the key ledger);
 - ``recovery``: the registry of resolvers for interrupted steps (intent kind -> resolver);
-- ``interface``: ``StateDB``, the protocol a second backend implements.
+- ``interface``: ``StateDB`` and the other repository protocols.
 
 The key ledger (``controller.keys.store``), alert memory (``controller.alerting.store``)
 and revision log (``controller.daemon.revisions``) keep their own repositories but open the
-file through ``db.connect`` and have their tables created by ``db``'s migrations.
+database through ``db.connect`` and have their tables created by ``db``'s migrations. Every
+repository runs unchanged on both backends (``tests/integration/test_state_backends.py``).
 """
 
 from typing import TYPE_CHECKING

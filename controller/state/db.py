@@ -51,6 +51,8 @@ LOCK_SCHEMA = 1
 """Shared by every connected finops; exclusive for a migration."""
 LOCK_WRITER = 2
 """The writer lock (``controller.state.lock``): one daemon or apply at a time."""
+LOCK_TRANSACTION = 3
+"""Held for each write transaction: PostgreSQL transactions serialise like SQLite's."""
 
 
 class SchemaTooNew(ConfigError):
@@ -102,7 +104,13 @@ class Database:
         if self.dialect == POSTGRESQL and not self._in_tx and self._raw.closed:
             with self._reconnect_lock:
                 if self._raw.closed:
-                    self._raw = _pg_open(self.location)
+                    raw = _pg_open(self.location)
+                    try:
+                        _pg_join(raw, self.location)  # the same session rules as the first connection
+                    except BaseException:
+                        raw.close()
+                        raise
+                    self._raw = raw
         return self._raw
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
@@ -130,8 +138,11 @@ class Database:
                 self._raw.execute(statement)
 
     @contextmanager
-    def transaction(self) -> Iterator[Database]:
-        """Everything inside commits together or not at all."""
+    def transaction(self, *, snapshot: bool = False) -> Iterator[Database]:
+        """Everything inside commits together or not at all. ``snapshot``: a read-only
+        transaction that sees one consistent snapshot (PostgreSQL ``REPEATABLE READ, READ
+        ONLY``, which writes nothing and so takes no write lock; SQLite holds its write lock
+        as for any transaction, which keeps writers out while it reads)."""
         if self._in_tx:  # nested: part of the outer transaction
             yield self
             return
@@ -140,6 +151,13 @@ class Database:
             self._in_tx = True
             try:
                 with _pg_errors(self.location), conn.transaction():
+                    # One write transaction at a time across every finops on this database, as
+                    # SQLite's BEGIN IMMEDIATE gives: a read-decide-write inside a transaction
+                    # (alert slots, hold precedence) never interleaves with another's.
+                    if snapshot:
+                        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    else:
+                        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, LOCK_TRANSACTION))
                     yield self
             finally:
                 self._in_tx = False
@@ -165,6 +183,32 @@ class Database:
             rows = self.execute("SELECT column_name FROM information_schema.columns WHERE table_name=?", (table,))
             return {r[0] for r in rows.fetchall()}
         return {row[1] for row in self._raw.execute(f"PRAGMA table_info({table})")}
+
+    def tables(self) -> list[str]:
+        """The tables of the database (finops' own schema), sorted."""
+        if self.dialect == POSTGRESQL:
+            rows = self.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
+                "AND table_type = 'BASE TABLE'"
+            ).fetchall()
+        else:
+            rows = self.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite^_%' ESCAPE '^'"
+            ).fetchall()
+        return sorted(str(r[0]) for r in rows)
+
+    def stream(self, sql: str, params: Sequence[Any] = (), *, size: int = 500) -> Iterator[tuple[Any, ...]]:
+        """The rows of a query without holding the whole result in memory (a table copy).
+        On PostgreSQL the connection runs nothing else until the iteration ends."""
+        if self.dialect == POSTGRESQL:
+            with _pg_errors(self.location):
+                for row in self._conn().cursor().stream(_pg_sql(sql), tuple(params), size=size):
+                    yield tuple(row)
+            return
+        cur = self._raw.execute(sql, tuple(params))
+        while batch := cur.fetchmany(size):
+            for row in batch:
+                yield tuple(row)
 
     @property
     def raw(self) -> Any:
@@ -546,6 +590,20 @@ def _pg_open(location: StateLocation) -> Any:
     return conn
 
 
+def _pg_join(raw: Any, location: StateLocation) -> None:
+    """Hold the schema lock shared for the session's life (a newer finops cannot migrate
+    under it), then make sure the schema is not newer than this finops (one may have
+    migrated while this session was away)."""
+    with _pg_errors(location):
+        raw.execute("SELECT pg_advisory_lock_shared(%s, %s)", (LOCK_NAMESPACE, LOCK_SCHEMA))
+        row = raw.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    version = int(row[0]) if row and row[0] is not None else 0
+    if version > SCHEMA_VERSION:
+        raise _too_new(version, location)
+    if version < SCHEMA_VERSION:
+        raise ConfigError(f"{location}: schema version {version}, expected {SCHEMA_VERSION}: open it again to migrate")
+
+
 def connect(where: Path | StateLocation) -> Database:
     """The one connection policy, brought to the current schema before it is returned.
 
@@ -559,10 +617,7 @@ def connect(where: Path | StateLocation) -> Database:
         db = Database(location, _pg_open(location), POSTGRESQL)
         try:
             migrate(db, location)
-            db.execute("SELECT pg_advisory_lock_shared(?, ?)", (LOCK_NAMESPACE, LOCK_SCHEMA))
-            version = _read_version(db)
-            if version is not None and version > SCHEMA_VERSION:  # migrated by a newer one meanwhile
-                raise _too_new(version, location)
+            _pg_join(db.raw, location)
         except BaseException:
             db.close()
             raise

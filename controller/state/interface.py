@@ -1,11 +1,11 @@
 """The state database as an interface: what the rest of finops may ask of it.
 
-``StateDB`` is the reconcile loop's memory (``controller.state.store.StateStore`` is the
-SQLite implementation); ``KeyLedgerRepo`` and ``RevisionRepo`` are the key-management and
-daemon repositories on the same database. A second backend (PostgreSQL) implements these
-protocols with the same semantics; every write commits before it returns, and the
-schema-version rules of ``controller.state.db`` (forward migrations on open, refuse a newer
-schema) apply to it too. mypy checks that the SQLite classes conform (see ``__init__``).
+``StateDB`` is the reconcile loop's memory (``controller.state.store.StateStore``);
+``KeyLedgerRepo`` and ``RevisionRepo`` are the key-management and daemon repositories on the
+same database. The implementations run on SQLite and PostgreSQL alike through
+``controller.state.db.Database``; every write commits before it returns, and the
+schema-version rules (forward migrations on open, refuse a newer schema) apply to both.
+mypy checks that the classes conform (see ``__init__``).
 """
 
 from __future__ import annotations

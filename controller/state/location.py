@@ -9,9 +9,10 @@ the machine-local anchor for what stays on this machine (generated secret files 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from controller.errors import ConfigError
 
@@ -20,17 +21,28 @@ POSTGRESQL = "postgresql"
 _SCHEMES = ("postgresql", "postgres")
 
 
+_SECRET_PARAM = re.compile(r"pass|secret|token|key$", re.IGNORECASE)
+"""Query parameters whose value is hidden: libpq's ``password`` and ``sslpassword`` (a
+``postgresql://h/db?password=…`` URL is valid), and anything named like a credential."""
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced (safe for logs, errors and ``status``)."""
+    """The URL with any password replaced, in the user-info or in the query string (safe for
+    logs, errors and ``status``)."""
     try:
         parts = urlsplit(url)
+        password = parts.password
     except ValueError:
         return "<unparseable state URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit((parts.scheme, f"{user}:***@{netloc}", parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    if password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
+    query = "&".join(
+        f"{name}=***" if sep and _SECRET_PARAM.search(unquote(name)) else f"{name}{sep}{value}"
+        for name, sep, value in (p.partition("=") for p in parts.query.split("&") if p)
+    )
+    fragment = "***" if parts.fragment else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
 
 
 @dataclass(frozen=True)

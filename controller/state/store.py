@@ -25,6 +25,7 @@ from controller.state.location import StateLocation, as_location
 from controller.state.recovery import check_kind
 from policies.exposure import Exposure, ExposureReview
 from policies.funding_window import WINDOW_SECONDS, FundingEvent, FundingKind
+from policies.keyprint import redact_keys
 from policies.records import Adjustment as Adjustment
 from policies.records import Approval as Approval
 from policies.records import BudgetWrite as BudgetWrite
@@ -181,6 +182,22 @@ class StateStore:
             for r in rows
         ]
 
+    def intent_counts(self) -> dict[str, int]:
+        """How many intents there are per status (``finops state show``)."""
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM intents GROUP BY status").fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def recent_intents(self, limit: int) -> list[Intent]:
+        """The ``limit`` most recently updated resolved (not pending) intents, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT intent_key, kind, agent_id, payload, status, detail, created_at, sent_at, ref FROM intents "
+                "WHERE status <> ? ORDER BY updated_at DESC LIMIT ?",
+                (PENDING, limit),
+            ).fetchall()
+        return [Intent(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], r[7], r[8]) for r in rows]
+
     # -- keys ------------------------------------------------------------------
 
     def record_key(self, agent_id: str, key_prefix: str, source: str) -> None:
@@ -201,7 +218,9 @@ class StateStore:
 
     def set_hold(self, agent_id: str, reason: str, *, auto: bool = False) -> None:
         """An operator hold replaces an automatic one; an automatic hold never replaces (or
-        weakens) an operator's."""
+        weakens) an operator's. The reason is free text from a person: anything shaped like
+        a key is redacted before it is stored (plans, status and logs print the reason)."""
+        reason = redact_keys(reason)
         with self._tx() as db:
             db.execute(
                 "INSERT INTO holds (agent_id, reason, held_at, auto) VALUES (?,?,?,?) "
@@ -304,6 +323,15 @@ class StateStore:
                 (since,),
             ).fetchall()
         return [FundingEvent(r[0], r[1], r[2], FundingKind(r[3]), Decimal(r[4]), r[5]) for r in rows]
+
+    def unknown_funding(self, *, now: float | None = None) -> int:
+        """Credits of unknown outcome within the rolling window (they count against the limit)."""
+        since = (self._clock() if now is None else now) - WINDOW_SECONDS
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM funding_events WHERE at > ? AND status = ?", (since, FUNDING_UNKNOWN)
+            ).fetchone()
+        return int(row[0])
 
     # -- history ---------------------------------------------------------------
 

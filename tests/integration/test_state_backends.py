@@ -76,6 +76,8 @@ def test_intents_budget_writes_holds_webhooks_adjustments(location: StateLocatio
         store.set_hold("a", "auto again", auto=True)  # never replaces an operator's hold
         assert store.holds()["a"].reason == "operator" and not store.holds()["a"].auto
         assert store.clear_auto_hold("a") is False and store.clear_hold("a") is True and store.holds() == {}
+        store.set_hold("b", "pasted a2a_free_" + "0123456789abcdef01234567" + " by mistake")
+        assert "0123456789abcdef" not in store.holds()["b"].reason  # never stored, never printed
 
         store.record_webhook(ManagedWebhook("wh1", "a", "f", "https://x/1"))
         store.record_webhook(ManagedWebhook("wh1", "a", "f", "https://x/2"))  # replaced, not duplicated
@@ -283,3 +285,40 @@ def test_a_newer_finops_waits_for_an_older_one_to_disconnect_before_migrating(
     monkeypatch.undo()
     with pytest.raises(SchemaTooNew):  # and today's finops now refuses the newer schema
         StateStore(location)
+
+
+def test_write_transactions_of_two_processes_never_interleave(location: StateLocation) -> None:
+    """The alert check reads slots, decides and queues in one transaction: a second finops
+    (another machine, on PostgreSQL) must not read the slots before the first one commits,
+    or both would fire the same crossing. Both backends serialise write transactions."""
+    first, second = AlertStore(location), AlertStore(location)
+    slot = SlotKey("a", "daily", 90)
+    inside, release = threading.Event(), threading.Event()
+    seen: list[dict[SlotKey, SlotState]] = []
+
+    def deciding() -> None:
+        with first.decide(at=1.0) as tx:
+            tx.save_slots({slot: SlotState(True, 1, "al1", 1.0)}, [])
+            inside.set()
+            release.wait(10)
+
+    def also_deciding() -> None:
+        with second.decide(at=2.0) as tx:
+            seen.append(tx.slots())
+
+    try:
+        a = threading.Thread(target=deciding)
+        a.start()
+        assert inside.wait(10)
+        b = threading.Thread(target=also_deciding)
+        b.start()
+        b.join(0.5)
+        assert b.is_alive() and seen == []  # waits for the first transaction...
+        release.set()
+        a.join(10)
+        b.join(10)
+        assert seen == [{slot: SlotState(True, 1, "al1", 1.0)}]  # ...and then sees its decision
+    finally:
+        release.set()
+        first.close()
+        second.close()
