@@ -222,7 +222,7 @@ def _manifest_path(value: str) -> str:
     if ".." in value.replace("\\", "/").split("/"):
         raise ValueError(
             f"{value!r}: '..' is not allowed (a relative path names a place inside finops' state directory); "
-            "write a plain absolute path for a file elsewhere"
+            "write a plain absolute path for a place elsewhere"
         )
     return value
 
