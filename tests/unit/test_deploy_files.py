@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -607,3 +608,32 @@ def test_systemd_analyze_security_rates_the_unit_at_most_3(tmp_path: Path) -> No
         pytest.skip("this systemd-analyze has no --offline (systemd < 250)")
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= 3.0, result.stdout
+
+
+def _verify(unit: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", "--recursive-errors=no", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_verify_knows_every_directive(tmp_path: Path) -> None:
+    """Every key is one systemd knows and every value parses (a misspelt hardening directive
+    is only a warning to systemd, and the service would run without it)."""
+    finops = Path(sys.executable).parent / "finops"  # ExecStart must name an existing program
+    copy = tmp_path / "finops.service"
+    copy.write_text(UNIT.read_text().replace("/opt/finops/.venv/bin/finops", str(finops)))
+    result = _verify(copy)
+    output = result.stdout + result.stderr
+    if "--recursive-errors" in output:
+        pytest.skip("this systemd-analyze has no --recursive-errors (systemd < 250)")
+    assert result.returncode == 0 and "ignoring" not in output, output
+    # The check is not a no-op: a misspelt directive and a bad value are reported.
+    bad = tmp_path / "bad.service"
+    bad.write_text(f"[Service]\nExecStart={finops}\nProtectSytem=strict\nNoNewPrivileges=maybe\n")
+    reported = _verify(bad)
+    assert "Unknown key 'ProtectSytem'" in reported.stderr and "bad.service:4:" in reported.stderr
