@@ -154,6 +154,8 @@ def test_every_pod_meets_the_restricted_pod_security_standard(variant: Variant) 
         types = set(volume) - {"name"}
         assert types <= PSS_VOLUME_TYPES, f"{variant.name}: volume {volume['name']} is {types}"
     assert pod.get("automountServiceAccountToken") is False  # finops never calls the Kubernetes API
+    if "fsGroup" in pod_ctx:  # "Always" would make key files group-writable on every mount
+        assert pod_ctx.get("fsGroupChangePolicy") == "OnRootMismatch"
     for c in containers(pod):
         ctx = c.get("securityContext", {})
         where = f"{variant.name}/{c['name']}"
