@@ -639,3 +639,25 @@ def test_systemd_analyze_verify_knows_every_directive(tmp_path: Path) -> None:
     bad.write_text(f"[Service]\nExecStart={finops}\nProtectSytem=strict\nNoNewPrivileges=maybe\n")
     reported = _verify(bad)
     assert "Unknown key 'ProtectSytem'" in reported.stderr and "bad.service:4:" in reported.stderr
+
+
+def test_finops_commands_named_in_comments_exist() -> None:
+    """A comment telling the operator to run `finops …` names a real command and real flags."""
+    files = [DOCKERFILE, UNIT, *(DEPLOY / "systemd").glob("*.example"), *KUBERNETES.rglob("*.yaml")]
+    named = [
+        (path, m.group(1))
+        for path in files
+        for m in re.finditer(r"`finops ([^`]+)`", path.read_text())
+    ]
+    assert named  # the Dockerfile names `finops run --git`
+    for path, invocation in named:
+        argv = shlex.split(invocation)
+        ctx = click.Context(cli, info_name="finops")
+        command: click.Command | None = cli
+        while isinstance(command, click.Group) and argv and not argv[0].startswith("-"):
+            command = command.get_command(ctx, argv.pop(0))
+            assert command is not None, f"{path.name}: `finops {invocation}` names no command"
+        flags = {o for p in command.params for o in p.opts + p.secondary_opts} if command else set()
+        for word in argv:
+            if word.startswith("--"):
+                assert word.split("=")[0] in flags, f"{path.name}: `finops {invocation}`: no flag {word}"
