@@ -102,7 +102,7 @@ def validate(path: str) -> None:
     """Check manifests offline: every error with file, line and field."""
 
     def run() -> int:
-        desired = load(path)
+        desired = load(path, None)  # offline: relative paths stay as written
         agents = len(desired.agents())
         click.echo(f"OK: {len(desired.fleets)} fleet(s), {agents} agent(s) in {path}")
         return EXIT_OK
@@ -142,7 +142,7 @@ def plan(
     """Show what apply would change (reads only)."""
 
     def run() -> int:
-        desired = load(path)
+        desired = load(path, opts.state_dir)
         with opts.open_target() as target:
             _banner(target, fmt)
             with open_services(target, opts) as services:
@@ -278,7 +278,7 @@ def apply(
     """Make the live fleet match the manifests; continues past one agent's failure."""
 
     def run() -> int:
-        desired = load(path)
+        desired = load(path, opts.state_dir)
         saved = None
         if plan_file is not None:
             try:
@@ -332,7 +332,7 @@ def rebalance(
     from controller.reconcile.rebalancer import RebalanceRun, run_rebalance
 
     def run() -> int:
-        desired = load(path)
+        desired = load(path, opts.state_dir)
         with (
             opts.writer_lock("finops rebalance") if not dry_run else contextlib.nullcontext() as lock,
             opts.open_target() as target,

@@ -102,7 +102,7 @@ def rotate(
     """Rotate agents' keys that are due (or all selected ones with --now), zero-downtime."""
 
     def run() -> int:
-        desired = load(path)
+        desired = load(path, opts.state_dir)
 
         async def go(s: Session) -> int:
             result = await s.keys.rotate_due(desired, agents=list(agents) or None, force=force)
@@ -187,7 +187,7 @@ def freeze_command(
     """Emergency stop: caps to 0, wallet frozen, key rotated into quarantine, operator hold."""
 
     def run() -> int:
-        spec = _spec(load(path), agent_id)
+        spec = _spec(load(path, opts.state_dir), agent_id)
 
         async def go(s: Session) -> int:
             result = await freeze(s.client, s.store, s.keys, spec, reason)
@@ -213,7 +213,7 @@ def unfreeze_command(
     """Lift an operator hold: fresh key to the sink, wallet unfrozen, manifest caps restored."""
 
     def run() -> int:
-        desired = load(path)
+        desired = load(path, opts.state_dir)
         spec = _spec(desired, agent_id)
         currency = desired.fleet(spec.fleet).currency
 

@@ -195,7 +195,9 @@ def run_command(fn: Callable[[], int]) -> None:
     sys.exit(int(code))
 
 
-def load(path: str) -> DesiredState:
+def load(path: str, state_dir: Path | None) -> DesiredState:
+    """The manifests at ``path``; with ``state_dir`` (every command that acts on a gateway),
+    relative secret files and sink directories resolved against it (``controller.manifest.paths``)."""
     if not Path(path).exists():
         raise ConfigError(f"manifest path {path!r} does not exist")
-    return load_manifests(path)
+    return load_manifests(path, state_dir=state_dir)
