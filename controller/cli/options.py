@@ -44,6 +44,8 @@ class TargetOptions:
     """Permit a plain ``http://`` gateway URL to a non-loopback host (the admin key in clear)."""
     state_url: str | None = None
     """A shared PostgreSQL state database; ``None``: the SQLite file under ``state_dir``."""
+    key_store: str | None = None
+    """``directory`` or ``database`` (``controller.keys.selection``); ``None``: by the state."""
 
     def open_target(self) -> AbstractContextManager[Target]:
         """The gateway these options name (or the embedded sandbox); see ``open_target``."""
@@ -69,10 +71,18 @@ def target_options(fn: F) -> F:
         concurrency: int,
         allow_insecure_http: bool,
         state_url: str | None,
+        key_store: str | None,
         **kwargs: Any,
     ) -> Any:
         opts = TargetOptions(
-            gateway, api_key_file, state_dir, secrets_dir, concurrency, allow_insecure_http, state_url or None
+            gateway,
+            api_key_file,
+            state_dir,
+            secrets_dir,
+            concurrency,
+            allow_insecure_http,
+            state_url or None,
+            key_store=key_store or None,
         )
         return fn(*args, opts=opts, **kwargs)
 
@@ -115,6 +125,16 @@ def target_options(fn: F) -> F:
             default=None,
             type=click.Path(path_type=Path),
             help="Directory for agents' keys, one 0600 file each (default STATE_DIR/secrets/TARGET).",
+        ),
+        click.option(
+            "--key-store",
+            envvar="FINOPS_KEY_STORE",
+            default=None,
+            type=click.Choice(["directory", "database"]),
+            help="Where finops keeps agents' keys (env FINOPS_KEY_STORE): 'directory' (one 0600 file each "
+            "under --secrets-dir) or 'database' (sealed in the state database under the key-encryption key "
+            "in FINOPS_KEY_ENCRYPTION_KEY_FILE, so another machine can take over). Default: 'database' with "
+            "--state-url, else 'directory'.",
         ),
         click.option(
             "--concurrency",
