@@ -552,3 +552,66 @@ def test_apply_seals_keys_and_a_second_machine_rotates_them(
     for text in outputs:
         assert not contains_key_material(text), text[-500:]
     assert_no_plaintext(all_rows(location), [*keys.values(), new])
+
+
+def test_cli_generate_kek_import_dir_and_rewrap(sandbox: SandboxServer, tmp_path: Path) -> None:
+    """On SQLite: keys registered in the directory store are moved into the database store,
+    used there, and re-wrapped under a new key-encryption key, all through the CLI."""
+    work = tmp_path / "w"
+    shutil.copytree(CANONICAL, work / "manifests")
+    outputs: list[str] = []
+
+    def finops(*args: str, kek: Path | None = None, umask: int = 0o022) -> subprocess.CompletedProcess[str]:
+        result = run_cli(work, *args, env=_cli_env(sandbox, kek), umask=umask)
+        outputs.extend([result.stdout, result.stderr])
+        return result
+
+    made = finops("keys", "generate-kek", "keks/old", umask=0o000)
+    old_path = work / "keks" / "old"
+    assert made.returncode == 0, made.stderr
+    assert oct(old_path.stat().st_mode & 0o777) == oct(0o600) and oct(old_path.parent.stat().st_mode & 0o777) == oct(
+        0o700
+    )
+    old = load_kek(old_path)
+    assert old.id in made.stdout and old_path.read_text().strip() not in made.stdout + made.stderr
+    again = finops("keys", "generate-kek", "keks/old")
+    assert again.returncode == 1 and "already exists" in again.stderr and load_kek(old_path).id == old.id
+
+    assert finops("apply", "--auto-approve").returncode == 0  # the directory store (SQLite's default)
+    [secrets] = list((work / ".finops" / "secrets").iterdir())
+    before = (secrets / "res-01.key").read_text().strip()
+
+    unmoved = finops("rotate", "--now", "--agent", "res-01", "--key-store", "database", kek=old_path)
+    assert unmoved.returncode == 1 and "import-dir" in unmoved.stderr
+
+    moved = finops("keys", "import-dir", kek=old_path)
+    assert moved.returncode == 0, moved.stderr
+    declared = [a.agent_id for a in load_manifests(CANONICAL).agents() if a.keys.manage]
+    assert f"Imported {len(declared)} key(s)" in moved.stdout
+    assert "Imported 0 key(s)" in finops("keys", "import-dir", kek=old_path).stdout  # idempotent
+
+    rotated = finops("rotate", "--now", "--agent", "res-01", "--key-store", "database", kek=old_path)
+    assert rotated.returncode == 0, rotated.stderr
+    after = (secrets / "res-01.key").read_text().strip()  # the default sink's copy
+    assert after != before
+    location = StateLocation(next((work / ".finops").glob("state-*.db")))
+    sealed = vault(location, old, secrets)
+    assert sealed.load("res-01") == after
+    sealed.close()
+
+    assert finops("keys", "generate-kek", "keks/new").returncode == 0
+    new_path = work / "keks" / "new"
+    rewrapped = finops("keys", "rewrap", "--new-key-file", str(new_path), kek=old_path)
+    assert rewrapped.returncode == 0, rewrapped.stderr
+    assert f"Re-wrapped {len(declared)} sealed key(s) from {old.id} to {load_kek(new_path).id}" in rewrapped.stdout
+    rerun = finops("keys", "rewrap", "--new-key-file", str(new_path), kek=old_path)
+    assert rerun.returncode == 0 and "Re-wrapped 0 sealed key(s)" in rerun.stdout
+
+    stale = finops("rotate", "--now", "--agent", "res-01", "--key-store", "database", kek=old_path)
+    assert stale.returncode == 1 and old.id in stale.stderr and load_kek(new_path).id in stale.stderr
+    fresh = finops("rotate", "--now", "--agent", "res-01", "--key-store", "database", kek=new_path)
+    assert fresh.returncode == 0, fresh.stderr
+
+    for text in outputs:
+        assert not contains_key_material(text), text[-500:]
+    assert_no_plaintext(all_rows(location), [before, after])
