@@ -222,3 +222,26 @@ def test_sealed_record_repr_holds_no_bytes() -> None:
     record = seal(new_kek(), "a", "main", KEY)
     text = repr(record)
     assert isinstance(record, SealedRecord) and record.ciphertext.hex()[:16] not in text and "b'" not in text
+
+
+def test_the_kek_file_is_never_a_secret_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller.io.secretref import SecretRefused, check_secret_ref, resolve_secret
+    from policies.spec import SecretRef
+
+    path = _kek_file(tmp_path / "kek")
+    link = tmp_path / "alias.secret"
+    link.symlink_to(path)
+    monkeypatch.setenv("FINOPS_KEY_ENCRYPTION_KEY_FILE", str(path))
+    for ref in (SecretRef(file=str(path)), SecretRef(file=str(link)), SecretRef(env="FINOPS_KEY_ENCRYPTION_KEY_FILE")):
+        assert check_secret_ref(ref) is not None
+        with pytest.raises(SecretRefused):
+            resolve_secret(ref)
+
+
+def test_a_sink_command_never_gets_the_kek_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller.keys.sinks import CommandSink
+
+    monkeypatch.setenv("FINOPS_KEY_ENCRYPTION_KEY_FILE", "/run/secrets/kek")
+    monkeypatch.setenv("UNRELATED", "kept")
+    env = CommandSink(("true",))._env("a", KEY)
+    assert "FINOPS_KEY_ENCRYPTION_KEY_FILE" not in env and env["UNRELATED"] == "kept"
