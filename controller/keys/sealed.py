@@ -40,7 +40,7 @@ from controller.keys.envelope import (
 )
 from controller.keys.vault import MAIN, QUARANTINE, SLOTS, KeyVault, key_path
 from controller.state.db import Database, connect
-from controller.state.location import StateLocation, as_location
+from controller.state.location import POSTGRESQL, StateLocation, as_location
 from policies.keyprint import key_prefix
 
 _COLUMNS = "agent_id, slot, ciphertext, nonce, wrapped_key, wrap_nonce, kek_id, key_prefix, format"
@@ -79,6 +79,14 @@ def _params(record: SealedRecord, now: float) -> tuple[Any, ...]:
         record.format,
         now,
     )
+
+
+def _durable(db: Database) -> None:
+    """Inside a transaction: its commit waits for the WAL flush even where the server runs
+    with ``synchronous_commit=off`` (a key the gateway showed once must not be lost to a
+    database crash after finops moved on)."""
+    if db.dialect == POSTGRESQL:
+        db.execute("SET LOCAL synchronous_commit TO on")
 
 
 def _checked(agent_id: str, slot: str) -> None:
@@ -159,6 +167,7 @@ class SealedVault:
         if unseal(self._kek, record) != raw_key:  # pragma: no cover - checked, not assumed
             raise ConfigError(f"sealing {agent_id}'s key did not round-trip; nothing was stored")
         with self._lock, self._db.transaction():
+            _durable(self._db)
             self._db.execute(_UPSERT, _params(record, self._clock()))
         return record.key_prefix
 
@@ -249,6 +258,7 @@ class SealedVault:
             records.append(record)
         now = self._clock()
         with self._lock, self._db.transaction():
+            _durable(self._db)
             for record in records:
                 self._db.execute(_UPSERT, _params(record, now))
         return [r.key_prefix for r in records]
@@ -286,8 +296,9 @@ def rewrap_all(
     db = connect(as_location(location))
     try:
         with db.transaction():
-            if db.dialect == "postgresql":
+            if db.dialect == POSTGRESQL:
                 db.execute("LOCK TABLE sealed_keys IN SHARE ROW EXCLUSIVE MODE")
+            _durable(db)
             rows = [_record(r) for r in db.execute(f"SELECT {_COLUMNS} FROM sealed_keys").fetchall()]
             unknown: dict[str, int] = {}
             for r in rows:

@@ -7,7 +7,8 @@ current raw key, so finops must keep it, and it is shown once, so it must surviv
 database under a key-encryption key, so that another machine can take over). Which one a
 command uses is decided once, in ``controller.keys.selection``.
 
-The directory store's layout (the same as before key management existed, so existing secrets dirs keep working)::
+The directory store's layout (the same as before key management existed, so existing
+secrets dirs keep working)::
 
     <dir>/<agent>.key              the agent's current key (0600)
     <dir>/quarantine/<agent>.key   a key finops holds but does not deliver (emergency stop)

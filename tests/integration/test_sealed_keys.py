@@ -456,6 +456,7 @@ def test_plaintext_never_reaches_postgresql_its_dump_or_its_log(
             fh.seek(start)
             text = fh.read().decode("utf-8", "replace")
         assert "sealed_keys" in text, "statement logging was not on: the scan would prove nothing"
+        assert "SET LOCAL synchronous_commit TO on" in text  # each key write waits for its WAL flush
         assert_no_plaintext([text], keys)
     pg_dump = shutil.which("pg_dump") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_dump"))), None)
     if pg_dump is not None:
