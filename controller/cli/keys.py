@@ -1,5 +1,6 @@
 """Operator commands for keys and emergency stops: ``rotate``, ``keys import``,
-``keys generate-kek``, ``keys rewrap``, ``keys import-dir``, ``freeze``, ``unfreeze``.
+``keys generate-kek``, ``keys rewrap``, ``keys import-dir``, ``keys export-dir``, ``freeze``,
+``unfreeze``.
 Registered on the main group by ``controller.cli``."""
 
 from __future__ import annotations
@@ -234,6 +235,49 @@ def rewrap_command(new_key_file: Path, opts: TargetOptions) -> None:
     run_command(run)
 
 
+def _copy_between_stores(opts: TargetOptions, directory: Path | None, *, into_database: bool) -> int:
+    """``keys import-dir`` / ``keys export-dir``: one copy between the directory store and
+    the database store, under the writer lock (see ``controller.keys.sealed.copy_keys``)."""
+    from controller.keys.envelope import kek_from_env
+    from controller.keys.sealed import SealedVault, copy_keys
+    from controller.keys.vault import KeyVault
+
+    kek = kek_from_env()
+    verb = "import-dir" if into_database else "export-dir"
+    with writer_lock(opts.state_dir, purpose=f"finops keys {verb}"), opts.open_target() as target:
+        click.echo(target.banner(), err=True)
+        secrets_dir = target.secrets_dir(opts.secrets_dir)
+        folder = directory if directory is not None else secrets_dir
+        if into_database and not folder.is_dir():
+            raise ConfigError(f"{folder} is not a directory; name the directory store with --from DIR")
+        files = KeyVault(folder)
+        store = StateStore(target.state_location)
+        sealed = SealedVault(target.state_location, kek, sink_directory=secrets_dir)
+        try:
+            held = store.key_prefixes()
+            result = copy_keys(files, sealed, held) if into_database else copy_keys(sealed, files, held)
+        finally:
+            sealed.close()
+            store.close()
+    replaced = {(agent, slot): old for agent, slot, old in result.replaced}
+    for agent, slot, prefix in result.copied:
+        old = replaced.get((agent, slot))
+        note = f" (replaced sha3:{old}: finops' state holds sha3:{prefix})" if old else ""
+        click.echo(click.style("copied   ", fg="green") + f"{agent} ({slot}) sha3:{prefix}{note}")
+    if into_database:
+        click.echo(
+            f"Imported {len(result.copied)} key(s) from {folder} into the database key store under {kek.id}; "
+            f"{len(result.same)} were already there. The files were left in place: once every machine runs with "
+            "--key-store database, remove them (they are plaintext keys)."
+        )
+    else:
+        click.echo(
+            f"Exported {len(result.copied)} key(s) from the database key store into {folder}; {len(result.same)} "
+            "were already there. The sealed rows were left in place; run with --key-store directory from now on."
+        )
+    return EXIT_OK
+
+
 @keys.command("import-dir")
 @click.option(
     "--from",
@@ -246,36 +290,22 @@ def rewrap_command(new_key_file: Path, opts: TargetOptions) -> None:
 def import_dir(source: Path | None, opts: TargetOptions) -> None:
     """Copy every key of a directory store into the database store (one transaction); the
     files are left in place."""
+    run_command(lambda: _copy_between_stores(opts, source, into_database=True))
 
-    def run() -> int:
-        from controller.keys.envelope import kek_from_env
-        from controller.keys.sealed import SealedVault, import_directory
-        from controller.keys.vault import KeyVault
 
-        kek = kek_from_env()
-        with writer_lock(opts.state_dir, purpose="finops keys import-dir"), opts.open_target() as target:
-            click.echo(target.banner(), err=True)
-            directory = source if source is not None else target.secrets_dir(opts.secrets_dir)
-            if not directory.is_dir():
-                raise ConfigError(f"{directory} is not a directory; name the directory store with --from DIR")
-            files = KeyVault(directory)
-            store = StateStore(target.state_location)
-            sealed = SealedVault(target.state_location, kek, sink_directory=target.secrets_dir(opts.secrets_dir))
-            try:
-                result = import_directory(files, sealed, store.key_prefixes())
-            finally:
-                sealed.close()
-                store.close()
-        for agent, slot, prefix in result.imported:
-            click.echo(click.style("imported ", fg="green") + f"{agent} ({slot}) sha3:{prefix}")
-        click.echo(
-            f"Imported {len(result.imported)} key(s) from {directory} into the database key store under "
-            f"{kek.id}; {len(result.same)} were already there. The files were left in place: once every machine "
-            "runs with --key-store database, remove them (they are plaintext keys)."
-        )
-        return EXIT_OK
-
-    run_command(run)
+@keys.command("export-dir")
+@click.option(
+    "--to",
+    "dest",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="The directory store to copy into (default: --secrets-dir, i.e. STATE_DIR/secrets/TARGET).",
+)
+@target_options
+def export_dir(dest: Path | None, opts: TargetOptions) -> None:
+    """Copy every key of the database store into a directory store (one 0600 file each), to
+    go back to --key-store directory; the sealed rows are left in place."""
+    run_command(lambda: _copy_between_stores(opts, dest, into_database=False))
 
 
 def _print_hold(result: HoldResult) -> None:

@@ -15,8 +15,8 @@ the directory store's fsync). A store opened with rows under another KEK is refu
 first gateway write instead of believing keys lost.
 
 ``rewrap_all`` re-wraps every data key under a new KEK in one transaction (``finops keys
-rewrap``); ``import_directory`` copies a directory store into this one (``finops keys
-import-dir``).
+rewrap``); ``copy_keys`` moves keys between a directory store and this one (``finops keys
+import-dir`` / ``export-dir``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from controller.keys.envelope import (
     seal,
     unseal,
 )
-from controller.keys.vault import MAIN, QUARANTINE, SLOTS, KeyVault, key_path
+from controller.keys.vault import MAIN, QUARANTINE, SLOTS, KeyStore, key_path
 from controller.state.db import Database, connect
 from controller.state.location import POSTGRESQL, StateLocation, as_location
 from policies.keyprint import key_prefix
@@ -332,45 +332,57 @@ def rewrap_all(
 
 
 @dataclass(frozen=True)
-class ImportResult:
-    imported: list[tuple[str, str, str]]
-    """``(agent, slot, prefix)`` written."""
+class CopyResult:
+    copied: list[tuple[str, str, str]]
+    """``(agent, slot, prefix)`` written to the destination."""
     same: list[tuple[str, str, str]]
-    """Already in the database store with the same key."""
+    """Already in the destination with the same key."""
+    replaced: list[tuple[str, str, str]]
+    """``(agent, slot, old prefix)``: the destination held another key, and finops' state
+    says the source's key is the one it holds (included in ``copied`` too)."""
 
 
-def import_directory(source: KeyVault, dest: SealedVault, held: dict[str, str] | None = None) -> ImportResult:
-    """Copy every key of the directory store ``source`` into ``dest`` in one transaction.
-    A key the database store already holds is skipped; a *different* key already held for
-    the same agent and slot refuses the whole import (nothing written), naming both
-    fingerprints and the one finops' state says it holds (``held``: agent -> prefix)."""
-    have = dest.prefixes()
+def copy_keys(source: KeyStore, dest: KeyStore, held: dict[str, str] | None = None) -> CopyResult:
+    """Copy every key of ``source`` into ``dest`` (``finops keys import-dir`` / ``export-dir``).
+
+    A key ``dest`` already holds is skipped. Where ``dest`` holds a *different* key for the
+    same agent and slot, the source's key replaces it only when it is the key finops' state
+    records as held (``held``: agent -> prefix, ``keys_held``); otherwise the whole copy is
+    refused before anything is written, naming the fingerprints. Into the database store
+    the copy is one transaction; into a directory, one atomic file per key."""
     todo: list[tuple[str, str, str]] = []
     same: list[tuple[str, str, str]] = []
+    replaced: list[tuple[str, str, str]] = []
     conflicts: list[str] = []
+    recorded = held or {}
     for agent, slot in source.entries():
         raw = source.read(agent, slot)
         if raw is None:
             continue
         prefix = key_prefix(raw)
-        current = have.get((agent, slot))
+        current = dest.read(agent, slot)
         if current is None:
             todo.append((agent, slot, raw))
-        elif current == prefix:
+        elif key_prefix(current) == prefix:
             same.append((agent, slot, prefix))
+        elif recorded.get(agent) == prefix:
+            todo.append((agent, slot, raw))
+            replaced.append((agent, slot, key_prefix(current)))
         else:
-            recorded = (held or {}).get(agent)
-            note = f"; finops' state records sha3:{recorded} as held" if recorded else ""
-            conflicts.append(f"{agent} ({slot}): directory sha3:{prefix}, database sha3:{current}{note}")
+            note = f"; finops' state records sha3:{recorded[agent]} as held" if agent in recorded else ""
+            conflicts.append(f"{agent} ({slot}): copying sha3:{prefix} over sha3:{key_prefix(current)}{note}")
     if conflicts:
         raise ConfigError(
-            "the directory store and the database store hold different keys for: "
+            "the two key stores hold different keys, and finops' state does not say the copied one is held, for: "
             + "; ".join(conflicts)
-            + ". Nothing was imported; keep the one that is live on the gateway (`finops keys import AGENT` with "
-            "--key-store database imports one key after checking it)"
+            + ". Nothing was copied; find the key that is live on the gateway and import it with "
+            "`finops keys import AGENT` (which checks it) into the store you keep"
         )
-    prefixes = dest.write_many(todo)
-    return ImportResult([(a, s, p) for (a, s, _), p in zip(todo, prefixes, strict=True)], same)
+    if isinstance(dest, SealedVault):
+        prefixes = dest.write_many(todo)
+    else:
+        prefixes = [dest.write(agent, raw, slot) for agent, slot, raw in todo]
+    return CopyResult([(a, s, p) for (a, s, _), p in zip(todo, prefixes, strict=True)], same, replaced)
 
 
-__all__ = ["SLOTS", "ImportResult", "RewrapResult", "SealedVault", "import_directory", "rewrap_all"]
+__all__ = ["SLOTS", "CopyResult", "RewrapResult", "SealedVault", "copy_keys", "rewrap_all"]

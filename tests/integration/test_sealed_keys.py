@@ -23,7 +23,7 @@ from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
 from controller.keys.envelope import KekMismatch, KeyEncryptionKey, SealedKeyCorrupt, generate_kek_text, load_kek
 from controller.keys.rotate import KeyManager
-from controller.keys.sealed import SealedVault, import_directory, rewrap_all
+from controller.keys.sealed import SealedVault, copy_keys, rewrap_all
 from controller.keys.selection import DATABASE, DIRECTORY, chosen_kind, open_key_store
 from controller.keys.vault import MAIN, QUARANTINE, KeyVault
 from controller.manifest.loader import load_manifests
@@ -263,7 +263,7 @@ def test_rewrap_is_one_transaction(location: StateLocation, kek: KeyEncryptionKe
 # --------------------------------------------------------------- moving and selecting
 
 
-def test_import_directory_copies_every_key_once_and_refuses_conflicts(
+def test_copying_between_stores_once_with_conflicts_settled_by_the_state(
     location: StateLocation, kek: KeyEncryptionKey, tmp_path: Path
 ) -> None:
     files = KeyVault(tmp_path / "dir-store")
@@ -272,16 +272,27 @@ def test_import_directory_copies_every_key_once_and_refuses_conflicts(
     files.write("agent-b", QUARANTINED, QUARANTINE)
     v = vault(location, kek, tmp_path / "dir-store")
     try:
-        result = import_directory(files, v)
-        assert sorted((a, s) for a, s, _ in result.imported) == files.entries() and result.same == []
+        result = copy_keys(files, v)
+        assert sorted((a, s) for a, s, _ in result.copied) == files.entries() and result.same == []
         assert v.entries() == files.entries() and v.read("agent-b", QUARANTINE) == QUARANTINED
-        again = import_directory(files, v)
-        assert again.imported == [] and len(again.same) == 4
-        files.store("agent-c", "a2a_free_" + "e5" * 12)
+        again = copy_keys(files, v)
+        assert again.copied == [] and len(again.same) == 4
+        newer = "a2a_free_" + "e5" * 12
+        files.store("agent-c", newer)
+        # The state says the database's key is held: the directory's differing key is refused.
         with pytest.raises(ConfigError, match="agent-c") as info:
-            import_directory(files, v, {"agent-c": key_prefix(KEYS["agent-c"])})
+            copy_keys(files, v, {"agent-c": key_prefix(KEYS["agent-c"])})
         assert f"sha3:{key_prefix(KEYS['agent-c'])} as held" in str(info.value)
         assert v.load("agent-c") == KEYS["agent-c"]  # nothing written
+        # The state says the directory's key is held: it replaces the stale one.
+        replaced = copy_keys(files, v, {"agent-c": key_prefix(newer)})
+        assert replaced.replaced == [("agent-c", MAIN, key_prefix(KEYS["agent-c"]))]
+        assert v.load("agent-c") == newer
+        # And back: the database store into an empty directory store, quarantine included.
+        out = KeyVault(tmp_path / "exported")
+        exported = copy_keys(v, out)
+        assert out.entries() == v.entries() and out.read("agent-b", QUARANTINE) == QUARANTINED
+        assert len(exported.copied) == 4 and out.load("agent-c") == newer
     finally:
         v.close()
 
@@ -612,6 +623,15 @@ def test_cli_generate_kek_import_dir_and_rewrap(sandbox: SandboxServer, tmp_path
     assert stale.returncode == 1 and old.id in stale.stderr and load_kek(new_path).id in stale.stderr
     fresh = finops("rotate", "--now", "--agent", "res-01", "--key-store", "database", kek=new_path)
     assert fresh.returncode == 0, fresh.stderr
+
+    # Back to the directory store (a new directory): every key comes back and is usable there.
+    exported = finops("keys", "export-dir", "--to", str(work / "back"), kek=new_path)
+    assert exported.returncode == 0, exported.stderr
+    assert f"Exported {len(declared)} key(s)" in exported.stdout
+    latest = (work / "back" / "res-01.key").read_text().strip()
+    back = finops("rotate", "--now", "--agent", "res-01", "--key-store", "directory", "--secrets-dir", "back")
+    assert back.returncode == 0, back.stderr
+    assert (work / "back" / "res-01.key").read_text().strip() != latest
 
     for text in outputs:
         assert not contains_key_material(text), text[-500:]
