@@ -124,7 +124,8 @@ def target_options(fn: F) -> F:
             envvar="FINOPS_SECRETS_DIR",
             default=None,
             type=click.Path(path_type=Path),
-            help="Directory for agents' keys, one 0600 file each (default STATE_DIR/secrets/TARGET).",
+            help="Directory for agents' keys, one 0600 file each (default STATE_DIR/secrets/TARGET); with "
+            "--key-store database, where a directory sink without a path delivers copies.",
         ),
         click.option(
             "--key-store",
