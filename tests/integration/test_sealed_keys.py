@@ -636,3 +636,27 @@ def test_cli_generate_kek_import_dir_and_rewrap(sandbox: SandboxServer, tmp_path
     for text in outputs:
         assert not contains_key_material(text), text[-500:]
     assert_no_plaintext(all_rows(location), [before, after])
+
+
+def test_the_daemon_registers_into_the_database_store(pg_url: str, sandbox: SandboxServer, tmp_path: Path) -> None:
+    """``finops run --once`` with shared state: the reconcile pass seals each new agent's key
+    and the rotation job (which reuses the daemon's key store) runs on it."""
+    work = tmp_path / "w"
+    shutil.copytree(CANONICAL, work / "manifests")
+    kek_path = kek_file(tmp_path / "kek")
+    ran = run_cli(work, "run", "--once", "manifests", "--state-url", pg_url, env=_cli_env(sandbox, kek_path))
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert "rotation finished: 0 rotated, 0 failed" in ran.stdout + ran.stderr
+    assert not contains_key_material(ran.stdout + ran.stderr)
+    sealed = vault(StateLocation(tmp_path / "unused.db", url=pg_url), load_kek(kek_path), tmp_path / "probe")
+    try:
+        declared = sorted(a.agent_id for a in load_manifests(CANONICAL).agents() if a.keys.manage)
+        assert [agent for agent, slot in sealed.entries() if slot == MAIN] == declared
+        for agent in declared:
+            raw = sealed.load(agent) or ""
+            answer = httpx.get(
+                f"{sandbox.url}/v1/billing/wallets/{agent}/balance", headers={"Authorization": f"Bearer {raw}"}
+            )
+            assert answer.status_code == 200
+    finally:
+        sealed.close()
