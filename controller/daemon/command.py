@@ -31,7 +31,7 @@ from controller.daemon.source import DirectorySource, GitSource, ManifestSource
 from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
 from controller.io.target import Target
-from controller.keys.vault import KeyVault
+from controller.keys.vault import KeyStore
 from controller.services import Services
 from controller.state import StateStore
 from policies.spec import DesiredState
@@ -46,7 +46,7 @@ class DaemonContext:
     daemon: Daemon
     target: Target
     store: StateStore
-    sink: KeyVault
+    sink: KeyStore
     metrics: DaemonMetrics
     client_factory: Callable[[], GatewayClient]
     """A new ``GatewayClient`` (use as ``async with``) counting errors into the metrics."""

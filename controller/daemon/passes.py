@@ -39,7 +39,7 @@ from controller.daemon.source import ManifestSource, SourceError
 from controller.errors import FinopsError, ManifestError
 from controller.gateway.client import GatewayClient
 from controller.io.blocking import off_loop
-from controller.keys.vault import KeyVault
+from controller.keys.vault import KeyStore
 from controller.manifest.loader import load_manifests
 from controller.reconcile import approval
 from controller.reconcile.apply import AgentResult
@@ -183,7 +183,7 @@ class Reconciler:
         target: str,
         source: ManifestSource,
         store: StateStore,
-        sink: KeyVault,
+        sink: KeyStore,
         revisions: RevisionLog,
         client_factory: ClientFactory,
         backoff: AgentBackoff | None = None,

@@ -448,6 +448,29 @@ def _one_key_table(db: Database) -> None:
     db.execute("DROP TABLE agent_keys")
 
 
+def _sealed_keys(db: Database) -> None:
+    """Version 3: the database key store (``controller.keys.sealed``): per agent and slot the
+    key encrypted under its own data key, the data key wrapped under the key-encryption key
+    (whose id is stored, never the key itself), and the key's gateway prefix."""
+    db.ddl(
+        """
+        CREATE TABLE IF NOT EXISTS sealed_keys (
+            agent_id TEXT NOT NULL,
+            slot TEXT NOT NULL,
+            ciphertext BLOB NOT NULL,
+            nonce BLOB NOT NULL,
+            wrapped_key BLOB NOT NULL,
+            wrap_nonce BLOB NOT NULL,
+            kek_id TEXT NOT NULL,
+            key_prefix TEXT NOT NULL,
+            format INTEGER NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (agent_id, slot)
+        );
+        """
+    )
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -458,6 +481,7 @@ class Migration:
 MIGRATIONS: Sequence[Migration] = (
     Migration(1, "baseline: the tables of the unversioned state file", _baseline),
     Migration(2, "one table for the key finops holds per agent", _one_key_table),
+    Migration(3, "the database key store: agents' keys sealed under a key-encryption key", _sealed_keys),
 )
 """Forward only, numbered from 1, each run once in its own transaction. Add a step at the
 end; never edit one that has shipped."""

@@ -42,7 +42,7 @@ PSS_VOLUME_TYPES = {
     "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret",
 }  # fmt: skip
 """The volume types the "restricted" Pod Security Standard allows."""
-PENDING_ENV = {"FINOPS_KEY_ENCRYPTION_KEY_FILE": "the database key store (issue 11 item 5), built on another branch"}
+PENDING_ENV: dict[str, str] = {}
 """finops environment variables the deploy files set before the code reading them is merged."""
 
 
