@@ -7,6 +7,7 @@ apply, not at plan).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -122,7 +123,32 @@ async def observe_and_plan(
     now = store.now()  # one clock for the funding window: the one its events are stamped with
     live = await observe(client, desired, target=target, webhooks_owned=bool(store.managed_webhooks()), now=now)
     memory = build_memory(store, desired, adjustments=adjustments)
-    return make_plan(desired, live, memory, prune=prune, now=datetime.fromtimestamp(now, UTC))
+    plan = make_plan(desired, live, memory, prune=prune, now=datetime.fromtimestamp(now, UTC))
+    if store.location.shared and (local := machine_local_secrets(desired)):
+        plan = dataclasses.replace(plan, warnings=(*plan.warnings, shared_state_secret_warning(local)))
+    return plan
+
+
+def machine_local_secrets(desired: DesiredState) -> list[str]:
+    """Alert signing secrets that finops generates into a file when it is missing: on
+    several machines sharing one state, each would generate its own (receivers would see
+    alerts signed with another secret after a failover)."""
+    found = {
+        route.secret.file
+        for agent in desired.agents()
+        for route in agent.alert_routes
+        if route.secret.generate and route.secret.file and route.secret.managed is None
+    }
+    return sorted(f for f in found if f)
+
+
+def shared_state_secret_warning(files: list[str]) -> str:
+    return (
+        "the state is shared (--state-url) but alert signing secrets are generated per machine ("
+        + ", ".join(files)
+        + "): every machine that finds the file missing generates its own, so receivers would reject alerts "
+        "after a failover; give every machine the same file (a mounted secret) or use {env: NAME}"
+    )
 
 
 def key_sinks(desired: DesiredState, vault: KeyStore) -> Callable[[str], KeySink | None]:

@@ -87,6 +87,8 @@ def test_a_ci_runner_sharing_the_state_plans_nothing_for_a_rebalanced_and_a_froz
     plan = run_cli(ci, "plan", "--detailed-exitcode", env=env)
     assert plan.returncode == 0, plan.stdout + plan.stderr
     assert "HELD" in plan.stdout and "cls-01" in plan.stdout  # the hold is known from the shared state
+    # The canonical fleet generates its alert signing secret: on shared state that is said plainly.
+    assert "alert signing secrets are generated per machine" in plan.stdout
     assert not (ci / ".finops" / "secrets").exists() or not any((ci / ".finops" / "secrets").rglob("*.key"))
 
     # The same runner with its own SQLite state would see the rebalanced caps as drift: the
