@@ -223,6 +223,7 @@ _OWNERS = {
     "controller/keys/store.py": ("keys_rotation_sent", "keys_late_watch", "keys_orphans"),
     "controller/alerting/store.py": ("alert_slots", "alert_outbox", "alert_delivery_log"),
     "controller/daemon/revisions.py": ("revisions",),
+    "controller/daemon/replicas.py": ("daemon_replicas",),
 }  # fmt: skip
 
 
