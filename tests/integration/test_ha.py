@@ -1,0 +1,279 @@
+"""High availability: several ``finops run`` replicas on one PostgreSQL state (a real
+server, ``pg_url``), against a real sandbox, as real subprocesses.
+
+- exactly one replica is active, the others stand by (``/readyz`` and ``finops_leader``);
+- the active one SIGKILLed mid-pass (a sandbox tripwire fires on its N-th write): the
+  standby takes over within 30 s and converges the fleet with exact balances, one deposit
+  per agent, no duplicate webhook and no pending intent left;
+- the active one's lock session terminated (``pg_terminate_backend``, what a lost database
+  connection amounts to): it is fenced (no gateway write arrives from it afterwards, the
+  writes it still had queued are refused by the fence), exits 1, and the standby takes over;
+- a client whose lock is lost sends nothing (the fence, in-process).
+
+Replicas share a secrets directory (as a shared volume would); each has its own state
+directory. ``FINOPS_SETTLE_SECONDS=2``: an outcome the dead leader left unknown is resolved
+by the new one from the ledger, 2 s after it was sent (the sandbox answers in milliseconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from controller.daemon.replicas import Role, replica_statuses
+from controller.gateway.client import GatewayClient
+from controller.gateway.errors import Fenced
+from controller.keys.vault import KeyVault
+from controller.manifest.loader import load_manifests
+from controller.sandbox.app import exchange_rate
+from controller.sandbox.faults import Tripwire
+from controller.sandbox.server import SandboxServer
+from controller.state import PENDING, StateStore
+from controller.state.location import StateLocation
+from controller.state.lock import try_writer_lock
+from policies.keyprint import contains_key_material
+from tests.integration.conftest import CANONICAL
+from tests.integration.haproc import (
+    LeaderKiller,
+    ReplicaProcess,
+    WriteProxy,
+    terminate_lock_session,
+    wait_until,
+)
+from tests.integration.test_crash import at_most_once
+from tests.integration.test_faults import assert_converged, fresh_fleet_deposits, write_generated_fleet
+
+AGENTS = 24
+KILL_AT_WRITE = 17
+FAILOVER_LIMIT_S = 30.0
+ENV = {"FINOPS_SETTLE_SECONDS": "2"}
+
+
+def _pair(tmp_path: Path, sandbox: SandboxServer, pg_url: str, manifests: Path, **kw: object) -> list[ReplicaProcess]:
+    assert sandbox.admin_key_file is not None
+    gateways = kw.pop("gateways", [sandbox.url, sandbox.url])
+    assert isinstance(gateways, list)
+    return [
+        ReplicaProcess(
+            name,
+            tmp_path / name,
+            gateway,
+            sandbox.admin_key_file,
+            pg_url,
+            manifests,
+            tmp_path / "secrets",
+            env=dict(ENV),
+            **kw,  # type: ignore[arg-type]
+        )
+        for name, gateway in zip(("a", "b"), gateways, strict=True)
+    ]
+
+
+def _standing_by(replica: ReplicaProcess) -> bool:
+    ready = replica.readyz()
+    return ready is not None and ready[0] == 200 and "standby" in ready[1] and replica.leader() == 0
+
+
+def _converged_since(replica: ReplicaProcess, since: float) -> bool:
+    """A pass completed after ``since`` and planned nothing: the fleet is converged."""
+    m = replica.metrics()
+    return (
+        m.get("finops_leader") == 1
+        and m.get("finops_last_reconcile_success_timestamp_seconds", 0.0) > since
+        and m.get("finops_drift_changes") == 0
+    )
+
+
+def _no_key_material(*replicas: ReplicaProcess) -> None:
+    for replica in replicas:
+        assert not contains_key_material(replica.text()), f"{replica.name}'s log shows key material"
+
+
+def test_sigkill_of_the_active_replica_mid_pass_the_standby_takes_over_and_converges_exactly(
+    tmp_path: Path, pg_url: str
+) -> None:
+    desired = load_manifests(write_generated_fleet(tmp_path / "manifests", AGENTS))
+    due = fresh_fleet_deposits(desired, {"swarm": exchange_rate("USD", "CREDITS")})
+    location = StateLocation(tmp_path / "anchor.db", url=pg_url)
+    with SandboxServer(db_path=tmp_path / "gateway.db", admin_key_file=tmp_path / "admin.key") as sandbox:
+        replicas = _pair(tmp_path, sandbox, pg_url, tmp_path / "manifests", interval=3.0)
+        gate = try_writer_lock(location, purpose="test: keeps every replica standing by")
+        assert gate is not None
+        try:
+            for replica in replicas:
+                replica.start()
+            # Both stand by while someone else holds the lock: ready, not leader, no write.
+            for replica in replicas:
+                wait_until(lambda r=replica: _standing_by(r), 60, f"{replica.name} standing by")
+            assert sandbox.stats["writes"] == 0
+            killer = LeaderKiller(pg_url, replicas)
+            sandbox.faults.arm(Tripwire(KILL_AT_WRITE, killer, commit=True))
+            gate.release()  # one of them takes the lock and starts a full pass ...
+            assert killer.fired.wait(60), "the tripwire never fired"
+            assert killer.killed is not None and killer.at is not None, "the lock holder was not a replica"
+            sandbox.faults.disarm()
+            dead, kill_at = killer.killed, killer.at
+            survivor = next(r for r in replicas if r is not dead)
+            assert dead.proc is not None and dead.proc.wait(30) == -signal.SIGKILL
+
+            # ... the standby takes over and completes a pass within the limit.
+            wait_until(
+                lambda: survivor.metrics().get("finops_last_reconcile_success_timestamp_seconds", 0.0) > kill_at,
+                FAILOVER_LIMIT_S + 5,
+                "the standby's first completed pass",
+            )
+            first_pass = survivor.metrics()["finops_last_reconcile_success_timestamp_seconds"]
+            assert first_pass - kill_at < FAILOVER_LIMIT_S, f"failover took {first_pass - kill_at:.1f} s"
+            assert survivor.leader() == 1
+            ready = survivor.readyz()
+            assert ready is not None and "active" in ready[1]
+            # Never more than the due deposits, even mid-way; then converged.
+            assert not at_most_once(sandbox, desired, exchange_rate("USD", "CREDITS"), due)
+            wait_until(lambda: _converged_since(survivor, kill_at), 60, "a pass that planned nothing")
+            assert survivor.stop() == 0
+        finally:
+            gate.release()
+            for replica in replicas:
+                replica.kill()
+        sandbox.wait_idle()
+        state = StateStore(location)
+        try:
+            convergence = asyncio.run(
+                assert_converged(
+                    sandbox, desired, state=state, sink=KeyVault(tmp_path / "secrets"), expected_deposits=due
+                )
+            )
+            on_record = {i.agent_id for i in state.intents(kind="register", status="failed")}
+            assert convergence.lost_keys <= on_record, "a key lost to the kill is not on record"
+            assert state.intents(status=PENDING) == []
+        finally:
+            state.close()
+        rows = {r.pid: r for r in replica_statuses(location)}
+        assert rows[survivor.pid].role is Role.STOPPED and rows[survivor.pid].last_pass_result in ("ok", "partial")
+        assert rows[dead.pid].role is Role.ACTIVE  # SIGKILL left its last word; the lock said otherwise
+        takeover = [d for d in survivor.logs() if d["msg"].startswith("took the writer lock")]
+        assert len(takeover) == 1
+        _no_key_material(*replicas)
+    print(f"failover (kill -> first completed pass): {first_pass - kill_at:.2f} s")
+
+
+def test_a_replica_that_loses_its_lock_session_is_fenced_and_the_standby_takes_over(
+    tmp_path: Path, pg_url: str
+) -> None:
+    desired = load_manifests(CANONICAL)
+    location = StateLocation(tmp_path / "anchor.db", url=pg_url)
+    with (
+        SandboxServer(db_path=tmp_path / "gateway.db", admin_key_file=tmp_path / "admin.key") as sandbox,
+        WriteProxy(sandbox.url) as proxy_a,
+        WriteProxy(sandbox.url) as proxy_b,
+    ):
+        proxies = [proxy_a, proxy_b]
+        replicas = _pair(
+            tmp_path,
+            sandbox,
+            pg_url,
+            CANONICAL,
+            gateways=[proxy_a.url, proxy_b.url],
+            interval=3.0,
+            extra=("--concurrency", "2"),
+        )
+        gate = try_writer_lock(location, purpose="test: keeps every replica standing by")
+        assert gate is not None
+        try:
+            for replica in replicas:
+                replica.start()
+            for replica in replicas:
+                wait_until(lambda r=replica: _standing_by(r), 60, f"{replica.name} standing by")
+            for proxy in proxies:
+                proxy.holding = True
+            gate.release()
+            # The leader's first writes are held at its proxy (both lanes busy, more queued).
+            held = wait_until(lambda: next((p for p in proxies if p.held >= 2), None), 60, "two held writes")
+            leader = replicas[proxies.index(held)]
+            standby = next(r for r in replicas if r is not leader)
+            other = proxies[1 - proxies.index(held)]
+            other.release()  # the standby's proxy forwards everything
+            assert leader.leader() == 1 and standby.leader() == 0
+            status = standby.readyz()
+            assert status is not None and status[0] == 200 and "standby" in status[1]
+
+            cut_at = time.time()
+            assert terminate_lock_session(pg_url) == 1
+            wait_until(lambda: "fenced" in (leader.readyz() or (0, ""))[1], 30, "the leader to notice")
+            assert leader.leader() == 0
+            held.release()  # the held writes fail (503, never forwarded): the queued ones now try
+            assert leader.proc is not None and leader.proc.wait(60) == 1
+            late = [w for w in held.writes if w[0] > cut_at]
+            assert late == [], f"the fenced replica still wrote: {late}"
+            text = leader.text()
+            assert "lost the writer lock" in text
+            assert "no further gateway write" in text  # a queued write was refused by the fence
+
+            wait_until(lambda: standby.leader() == 1, FAILOVER_LIMIT_S, "the standby to take over")
+            wait_until(lambda: _converged_since(standby, cut_at), 60, "the new leader's converged pass")
+            assert standby.stop() == 0
+        finally:
+            gate.release()
+            for replica in replicas:
+                replica.kill()
+        sandbox.wait_idle()
+        state = StateStore(location)
+        try:
+            asyncio.run(assert_converged(sandbox, desired, state=state, sink=KeyVault(tmp_path / "secrets")))
+            assert state.intents(status=PENDING) == []
+        finally:
+            state.close()
+        rows = {r.pid: r for r in replica_statuses(location)}
+        assert rows[leader.pid].role is Role.FENCED and "lost the writer lock" in rows[leader.pid].detail
+        _no_key_material(*replicas)
+
+
+async def test_a_client_whose_writer_lock_is_lost_sends_no_write(
+    tmp_path: Path, pg_url: str, sandbox: SandboxServer
+) -> None:
+    location = StateLocation(tmp_path / "anchor.db", url=pg_url)
+    lock = try_writer_lock(location, purpose="finops run")
+    assert lock is not None
+    try:
+        async with GatewayClient(sandbox.url, sandbox.admin_key, fence=lock.check) as client:
+            assert lock.held()
+            sandbox.reset_stats()
+            assert terminate_lock_session(pg_url) == 1
+            with pytest.raises(Fenced, match="writer lock"):
+                await client.register("fenced-agent")
+            assert sandbox.stats["writes"] == 0 and sandbox.store.get_wallet("fenced-agent") is None
+            assert not lock.held()
+            # A second finops takes the lock; the first stays fenced for good.
+            again = try_writer_lock(location, purpose="finops run")
+            assert again is not None
+            again.release()
+            with pytest.raises(Fenced):
+                await client.deposit("fenced-agent", Decimal("1.00"), "k1")
+            assert sandbox.stats["writes"] == 0
+    finally:
+        lock.release()
+
+
+def test_once_with_shared_state_refuses_to_run_beside_an_active_daemon(tmp_path: Path, pg_url: str) -> None:
+    location = StateLocation(tmp_path / "anchor.db", url=pg_url)
+    lock = try_writer_lock(location, purpose="finops run")
+    assert lock is not None
+    try:
+        from tests.integration.conftest import run_cli
+
+        result = run_cli(
+            tmp_path, "run", str(CANONICAL), "--once", "--state-url", pg_url, env={"FINOPS_LOCK_TIMEOUT": "30"}
+        )
+        assert result.returncode == 1
+        assert "finops run" in result.stderr and f"pid {os.getpid()}" in result.stderr
+        with psycopg.connect(pg_url) as conn:  # refused before the state was even opened
+            assert conn.execute("SELECT to_regclass('intents')").fetchone() == (None,)
+    finally:
+        lock.release()
