@@ -18,8 +18,11 @@ by the new one from the ledger, 2 s after it was sent (the sandbox answers in mi
 from __future__ import annotations
 
 import asyncio
+import http.server
 import os
+import shutil
 import signal
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -27,6 +30,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from controller.alerting import alert_state
 from controller.daemon.replicas import Role, replica_statuses
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import Fenced
@@ -36,15 +40,18 @@ from controller.manifest.loader import load_manifests
 from controller.sandbox.app import exchange_rate
 from controller.sandbox.faults import Tripwire
 from controller.sandbox.server import SandboxServer
+from controller.sandbox.store import to_atomic
 from controller.state import PENDING, StateStore
 from controller.state.location import StateLocation
 from controller.state.lock import try_writer_lock
+from policies.alerts import ALERT_ID_HEADER
 from policies.keyprint import contains_key_material, key_prefix
 from tests.integration.conftest import CANONICAL, run_cli
 from tests.integration.haproc import (
     LeaderKiller,
     ReplicaProcess,
     WriteProxy,
+    lock_holder_pid,
     terminate_lock_session,
     wait_until,
 )
@@ -360,3 +367,118 @@ def test_a_rotation_cut_by_the_kill_is_resumed_by_the_new_leader(tmp_path: Path,
 async def _authenticates(sandbox: SandboxServer, agent: str, key: str) -> bool:
     async with GatewayClient(sandbox.url, key) as client:
         return await client.get_balance(agent) is not None
+
+
+class HoldingReceiver:
+    """A loopback alert receiver that holds the first delivery until ``release`` is set, then
+    answers 204 to it and to every later one, recording each request's alert id and body."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, bytes]] = []
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                outer.requests.append((self.path, self.headers.get(ALERT_ID_HEADER, ""), body))
+                if not outer.arrived.is_set():
+                    outer.arrived.set()
+                    outer.release.wait(60)
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_alert_crossing_is_decided_once_and_redelivered_identically_after_a_failover(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The leader dies while its delivery of a crossing is at the receiver (the POST arrived,
+    the answer never reaches it). The new leader decides no second crossing (the slot is in
+    the shared state) and finishes the delivery from the shared outbox: the same alert id, the
+    same signed bytes, so the receiver deduplicates it (delivery is at-least-once: a request
+    whose answer was lost cannot be known to have arrived)."""
+    receiver = HoldingReceiver()
+    manifests = tmp_path / "manifests"
+    shutil.copytree(CANONICAL, manifests)
+    fleet = manifests / "research-fleet.yaml"
+    text = fleet.read_text()
+    text = text.replace(
+        "signingSecret: {file: .finops/alert-signing.secret, generate: true}",
+        "signingSecret: {env: ALERT_SECRET}\n    allowInsecure: true",
+    )
+    text = text.replace(
+        "https://alerts.example.com/research/{agent}/{threshold}", receiver.url + "/{agent}/{threshold}"
+    )
+    text = text.replace(
+        "https://pager.example.com/finops/{fleet}?agent={agent}&window={window}", receiver.url + "/page"
+    )
+    fleet.write_text(text)
+    location = StateLocation(tmp_path / "anchor.db", url=pg_url)
+    try:
+        with SandboxServer(db_path=tmp_path / "gateway.db", admin_key_file=tmp_path / "admin.key") as sandbox:
+            env = {
+                "GREENHELIX_URL": sandbox.url,
+                "GREENHELIX_API_KEY_FILE": str(sandbox.admin_key_file),
+                "FINOPS_STATE_URL": pg_url,
+                "FINOPS_STATE_DIR": str(tmp_path / "operator"),
+                "ALERT_SECRET": "s3cret-for-tests",
+            }
+            applied = run_cli(
+                tmp_path, "apply", "--auto-approve", str(manifests), "--secrets-dir", str(tmp_path / "secrets"), env=env
+            )
+            assert applied.returncode == 0, applied.stderr
+            cap = Decimal("15.00") * exchange_rate("USD", "CREDITS")  # cls-01: 15.00 USD a day
+            sandbox.store.record_usage_and_charge(
+                "cls-01", "best_match", to_atomic(cap * Decimal("0.8")), None, now=sandbox.clock()
+            )  # 80 % of the daily cap: the 75 % threshold is crossed
+            replicas = _pair(tmp_path, sandbox, pg_url, manifests)
+            for replica in replicas:
+                replica.env["ALERT_SECRET"] = "s3cret-for-tests"
+            gate = try_writer_lock(location, purpose="test: keeps every replica standing by")
+            assert gate is not None
+            try:
+                for replica in replicas:
+                    replica.start()
+                for replica in replicas:
+                    wait_until(lambda r=replica: _standing_by(r), 60, f"{replica.name} standing by")
+                gate.release()
+                assert receiver.arrived.wait(60), "the leader never delivered the crossing"
+                leader_pid = lock_holder_pid(pg_url)
+                leader = next(r for r in replicas if r.pid == leader_pid)
+                survivor = next(r for r in replicas if r is not leader)
+                os.kill(leader.pid, signal.SIGKILL)  # its delivery is at the receiver, unanswered
+                assert leader.proc is not None and leader.proc.wait(30) == -signal.SIGKILL
+                receiver.release.set()
+                done = wait_until(
+                    lambda: next((d for d in survivor.logs() if d["msg"].startswith("alerts finished")), None),
+                    60,
+                    "the new leader's alert check",
+                )
+                assert survivor.stop() == 0
+            finally:
+                gate.release()
+                for replica in replicas:
+                    replica.kill()
+    finally:
+        receiver.close()
+    assert done["result"] == "ok" and done["fired"] == 0 and done["delivered"] == 1, done  # no second crossing decided
+    assert [path for path, _, _ in receiver.requests] == ["/cls-01/75", "/cls-01/75"]
+    (_, first_id, first_body), (_, again_id, again_body) = receiver.requests
+    assert first_id and first_id == again_id and first_body == again_body
+    fired = alert_state(location)
+    assert [f.alert_id for f in fired["cls-01"]] == [first_id]
