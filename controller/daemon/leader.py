@@ -149,10 +149,13 @@ class Replica:
                 try:
                     lock = await asyncio.to_thread(self._acquire, self.location)
                 except FinopsError as exc:
+                    if self._poll_error is None:  # logged when it starts failing, not every poll
+                        log_event(self.log, logging.WARNING, "standby: cannot reach the state database", error=str(exc))
                     self._poll_error = str(exc)[:300]
-                    log_event(self.log, logging.WARNING, "standby: cannot reach the state database", error=str(exc))
                     lock = None
                 else:
+                    if self._poll_error is not None:
+                        log_event(self.log, logging.INFO, "standby: the state database answers again")
                     self._polled_at = self._clock()
                     self._poll_error = None
                 if lock is not None:
@@ -190,9 +193,8 @@ class Replica:
         try:
             self.registry.heartbeat(Role.STANDBY)
             active = self.registry.active()
-        except FinopsError as exc:
-            self._poll_error = str(exc)[:300]
-            return
+        except FinopsError:
+            return  # the status rows are for people; the lock poll decides readiness
         if active is not None:
             ago = max(0.0, self._clock() - active.heartbeat_at)
             self._active_hint = f"{active.replica_id} (heard from {ago:.0f}s ago)"

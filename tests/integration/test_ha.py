@@ -27,6 +27,7 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
@@ -482,3 +483,49 @@ def test_an_alert_crossing_is_decided_once_and_redelivered_identically_after_a_f
     assert first_id and first_id == again_id and first_body == again_body
     fired = alert_state(location)
     assert [f.alert_id for f in fired["cls-01"]] == [first_id]
+
+
+class HeldReads(httpx.AsyncBaseTransport):
+    """Forwards to the sandbox; a balance read waits until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.reading = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/balance"):
+            self.reading.set()
+            await self.release.wait()
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_write_queued_behind_a_busy_slot_is_fenced_when_its_turn_comes(sandbox: SandboxServer) -> None:
+    """The fence is checked when the write's slot is free, right before it leaves: a write
+    that waited behind a slow request never goes out on a check made before the lock was lost."""
+    lost = threading.Event()
+    checks: list[bool] = []
+
+    def fence() -> None:
+        checks.append(lost.is_set())
+        if lost.is_set():
+            raise Fenced("the writer lock was lost: no further gateway write")
+
+    transport = HeldReads()
+    async with GatewayClient(sandbox.url, sandbox.admin_key, transport=transport, concurrency=1, fence=fence) as client:
+        read = asyncio.create_task(client.get_balance("finops-admin"))
+        await transport.reading.wait()  # the only slot is busy
+        write = asyncio.create_task(client.register("queued-agent"))
+        await asyncio.sleep(0.05)  # the write is queued for the slot (nothing to observe but time)
+        assert checks == []  # not checked while it waits: a check now would be stale when it leaves
+        sandbox.reset_stats()
+        lost.set()  # the lock is lost while the write waits
+        transport.release.set()
+        await read
+        with pytest.raises(Fenced):
+            await write
+    assert checks == [True]
+    assert sandbox.stats["writes"] == 0 and sandbox.store.get_wallet("queued-agent") is None
