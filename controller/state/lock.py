@@ -9,8 +9,8 @@ write; ``finops freeze`` deliberately never waits for it.
   (``controller.daemon.lock``); the kernel drops it when the holder dies.
 - **PostgreSQL state** (many machines): a session-level PostgreSQL advisory lock
   (``pg_advisory_lock``) on a connection of its own. PostgreSQL releases it when that
-  session ends: the holder exits, is SIGKILLed, or its connection dies (TCP keepalives on
-  both sides notice a vanished peer within about 25 s).
+  session ends: the holder exits, is SIGKILLed, or its connection dies (the lock's session
+  sets the server's TCP keepalives so that a vanished holder is noticed within about 11 s).
 
 A holder can *lose* the PostgreSQL lock while it runs (its connection dropped, an operator
 terminated the session). So the lock is also a **fence**: :meth:`WriterLock.check` proves,
@@ -142,9 +142,10 @@ def _pg_connect(location: StateLocation, purpose: str) -> Any:
             # A send that gets no TCP acknowledgement fails instead of hanging for minutes.
             tcp_user_timeout=2 * CHECK_TIMEOUT_S * 1000,
             # The server's side of the session: a vanished client (network partition) is
-            # noticed within about 25 s, and its lock released for a standby to take.
+            # noticed within about 11 s, and its lock released for a standby to take. Safe
+            # however short: a holder that cannot reach the server fails its next check.
             options=f"-c statement_timeout={CHECK_TIMEOUT_S * 1000} -c idle_session_timeout=0 "
-            "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
+            "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3",
         )
 
 
