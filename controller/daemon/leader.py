@@ -108,7 +108,9 @@ class Replica:
 
     def readiness(self) -> tuple[bool, str]:
         role, jobs = self.role, self.jobs
-        if role is Role.ACTIVE and jobs is not None:
+        if role is Role.ACTIVE:
+            if jobs is None:
+                return False, "active: starting the jobs"
             ready, why = jobs.ready()
             return ready, f"active: {why}"
         if role is Role.FENCED:
