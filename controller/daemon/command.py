@@ -223,19 +223,24 @@ def run(
                 log_event(log, logging.INFO, target.banner())
                 source = _source()
                 metrics = DaemonMetrics()
-                with (
-                    ReplicaRegistry(target.state_location, ReplicaIdentity.current()) as registry,
-                    _assemble(target, source, log, metrics, fence=fence, registry=registry) as daemon,
-                ):
-                    registry.forget_stale()
-                    registry.heartbeat(Role.ACTIVE)
-                    server = _metrics_server(metrics, daemon.ready, daemon.healthy, log) if not once else None
-                    try:
-                        return asyncio.run(daemon.serve(once=once))
-                    finally:
-                        if server is not None:
-                            server.stop()
-                        registry.heartbeat(Role.STOPPED)
+                # A --once pass (cron) is not a replica: it leaves no row behind.
+                registry = None if once else ReplicaRegistry(target.state_location, ReplicaIdentity.current())
+                try:
+                    with _assemble(target, source, log, metrics, fence=fence, registry=registry) as daemon:
+                        if registry is not None:
+                            registry.forget_stale()
+                            registry.heartbeat(Role.ACTIVE)
+                        server = _metrics_server(metrics, daemon.ready, daemon.healthy, log) if not once else None
+                        try:
+                            return asyncio.run(daemon.serve(once=once))
+                        finally:
+                            if server is not None:
+                                server.stop()
+                            if registry is not None:
+                                registry.heartbeat(Role.STOPPED)
+                finally:
+                    if registry is not None:
+                        registry.close()
 
     def _source() -> ManifestSource:
         if git_url:
@@ -301,7 +306,7 @@ def run(
         metrics: DaemonMetrics,
         *,
         fence: Callable[[], None] | None,
-        registry: ReplicaRegistry,
+        registry: ReplicaRegistry | None,
     ) -> Iterator[Daemon]:
         """The daemon with its jobs, every gateway client of it fenced by ``fence``."""
         services = Services.build(target, opts, observer=GatewayErrorCounter(metrics.gateway_errors), fence=fence)
@@ -330,7 +335,8 @@ def run(
                 status_file=opts.state_dir / STATUS_FILE,
                 stop_timeout_s=stop_timeout,
             )
-            daemon.status_hooks.append(_status_recorder(registry, daemon))
+            if registry is not None:
+                daemon.status_hooks.append(_status_recorder(registry, daemon))
             context = DaemonContext(
                 daemon,
                 target,
