@@ -529,3 +529,24 @@ async def test_a_write_queued_behind_a_busy_slot_is_fenced_when_its_turn_comes(s
             await write
     assert checks == [True]
     assert sandbox.stats["writes"] == 0 and sandbox.store.get_wallet("queued-agent") is None
+
+
+def test_a_standby_stops_at_once_on_sigterm_and_writes_nothing(tmp_path: Path, pg_url: str) -> None:
+    location = StateLocation(tmp_path / "anchor.db", url=pg_url)
+    with SandboxServer(db_path=tmp_path / "gateway.db", admin_key_file=tmp_path / "admin.key") as sandbox:
+        replica = _pair(tmp_path, sandbox, pg_url, CANONICAL)[0]
+        gate = try_writer_lock(location, purpose="finops run")  # another daemon is active
+        assert gate is not None
+        try:
+            replica.start()
+            wait_until(lambda: _standing_by(replica), 60, "the replica standing by")
+            ready = replica.readyz()
+            assert ready is not None and ready[0] == 200
+            assert replica.stop(timeout=30) == 0
+        finally:
+            gate.release()
+            replica.kill()
+        assert sandbox.stats["writes"] == 0
+    (row,) = replica_statuses(location)
+    assert (row.pid, row.role, row.active_since, row.last_pass_at) == (replica.pid, Role.STOPPED, None, None)
+    assert any(d["msg"] == "shutdown complete" and d.get("role") == "standby" for d in replica.logs())
