@@ -136,7 +136,7 @@ def validate(path: str, fmt: str) -> None:
 
     def run() -> int:
         try:
-            desired = load(path)
+            desired = load(path, None)  # offline: relative paths stay as written
         except ManifestError as exc:
             if fmt == "github":
                 for issue in exc.issues:
@@ -214,7 +214,7 @@ def plan(
     that file, whatever --format says."""
 
     def run() -> int:
-        desired = load(path)
+        desired = load(path, opts.state_dir)
         with opts.open_target() as target:
             _banner(target, fmt)
             with open_services(target, opts) as services:
@@ -362,7 +362,7 @@ def apply(
     """Make the live fleet match the manifests; continues past one agent's failure."""
 
     def run() -> int:
-        desired = load(path)
+        desired = load(path, opts.state_dir)
         saved = None
         if plan_file is not None:
             try:
@@ -416,7 +416,7 @@ def rebalance(
     from controller.reconcile.rebalancer import RebalanceRun, run_rebalance
 
     def run() -> int:
-        desired = load(path)
+        desired = load(path, opts.state_dir)
         with (
             opts.writer_lock("finops rebalance") if not dry_run else contextlib.nullcontext() as lock,
             opts.open_target() as target,

@@ -102,7 +102,7 @@ def _from_path(revision: str, path: str) -> tuple[str, Exposure]:
             f"{path} is at revision {now}, not {revision}: review it again (`finops plan {path}`) and approve "
             "the revision you reviewed"
         )
-    desired = load(path)
+    desired = load(path, None)  # its exposure only: no secret or sink is used
     if approval.path_revision(root) != revision:
         raise ConfigError(f"{path} changed while it was being read; approve again")
     return path, exposure_of(desired)

@@ -1,5 +1,7 @@
-"""Operator commands for keys and emergency stops: ``rotate``, ``keys import``, ``freeze``,
-``unfreeze``. Registered on the main group by ``controller.cli``."""
+"""Operator commands for keys and emergency stops: ``rotate``, ``keys import``,
+``keys generate-kek``, ``keys rewrap``, ``keys import-dir``, ``keys export-dir``, ``freeze``,
+``unfreeze``.
+Registered on the main group by ``controller.cli``."""
 
 from __future__ import annotations
 
@@ -7,10 +9,12 @@ import asyncio
 import contextlib
 import getpass
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import click
@@ -102,7 +106,7 @@ def rotate(
     """Rotate agents' keys that are due (or all selected ones with --now), zero-downtime."""
 
     def run() -> int:
-        desired = load(path)
+        desired = load(path, opts.state_dir)
 
         async def go(s: Session) -> int:
             result = await s.keys.rotate_due(desired, agents=list(agents) or None, force=force)
@@ -166,6 +170,145 @@ def import_key(
     run_command(run)
 
 
+@keys.command("generate-kek")
+@click.argument("file", type=click.Path(path_type=Path))
+def generate_kek(file: Path) -> None:
+    """Write a new key-encryption key (32 random bytes, base64) to FILE, 0600, never
+    overwriting an existing file; prints only its id."""
+
+    def run() -> int:
+        from controller.io.secretfile import make_private_dirs
+        from controller.keys.envelope import generate_kek_text, load_kek
+
+        make_private_dirs(file.parent)
+        try:
+            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise ConfigError(f"{file} already exists; finops never overwrites a key-encryption key") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot create {file}: {exc.strerror}") from None
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, (generate_kek_text() + "\n").encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        click.echo(
+            f"wrote key-encryption key {load_kek(file).id} to {file} (0600); keep a copy offline: sealed keys "
+            "cannot be opened without it"
+        )
+        return EXIT_OK
+
+    run_command(run)
+
+
+@keys.command("rewrap")
+@click.option(
+    "--new-key-file",
+    "new_key_file",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The new key-encryption key (the current one is read from FINOPS_KEY_ENCRYPTION_KEY_FILE).",
+)
+@target_options
+def rewrap_command(new_key_file: Path, opts: TargetOptions) -> None:
+    """Re-wrap every sealed key under a new key-encryption key, in one transaction."""
+
+    def run() -> int:
+        from controller.keys.envelope import kek_from_env, load_kek
+        from controller.keys.sealed import rewrap_all
+
+        old = kek_from_env()
+        new = load_kek(new_key_file)
+        with opts.writer_lock("finops keys rewrap"), opts.open_target() as target:
+            click.echo(target.banner(), err=True)
+            result = rewrap_all(target.state_location, old, new)
+        click.echo(
+            f"Re-wrapped {result.rewrapped} sealed key(s) from {result.old_id} to {result.new_id}; "
+            f"{result.already} already under {result.new_id} (verified); {result.total} in all."
+        )
+        click.echo(
+            f"Now point FINOPS_KEY_ENCRYPTION_KEY_FILE at {new_key_file} on every machine, then destroy the old key "
+            "(backups of the state database taken before this still need the old key)."
+        )
+        return EXIT_OK
+
+    run_command(run)
+
+
+def _copy_between_stores(opts: TargetOptions, directory: Path | None, *, into_database: bool) -> int:
+    """``keys import-dir`` / ``keys export-dir``: one copy between the directory store and
+    the database store, under the writer lock (see ``controller.keys.sealed.copy_keys``)."""
+    from controller.keys.envelope import kek_from_env
+    from controller.keys.sealed import SealedVault, copy_keys
+    from controller.keys.vault import KeyVault
+
+    kek = kek_from_env()
+    verb = "import-dir" if into_database else "export-dir"
+    with opts.writer_lock(f"finops keys {verb}"), opts.open_target() as target:
+        click.echo(target.banner(), err=True)
+        secrets_dir = target.secrets_dir(opts.secrets_dir)
+        folder = directory if directory is not None else secrets_dir
+        if into_database and not folder.is_dir():
+            raise ConfigError(f"{folder} is not a directory; name the directory store with --from DIR")
+        files = KeyVault(folder)
+        store = StateStore(target.state_location)
+        sealed = SealedVault(target.state_location, kek, sink_directory=secrets_dir)
+        try:
+            held = store.key_prefixes()
+            result = copy_keys(files, sealed, held) if into_database else copy_keys(sealed, files, held)
+        finally:
+            sealed.close()
+            store.close()
+    replaced = {(agent, slot): old for agent, slot, old in result.replaced}
+    for agent, slot, prefix in result.copied:
+        old = replaced.get((agent, slot))
+        note = f" (replaced sha3:{old}: finops' state holds sha3:{prefix})" if old else ""
+        click.echo(click.style("copied   ", fg="green") + f"{agent} ({slot}) sha3:{prefix}{note}")
+    if into_database:
+        click.echo(
+            f"Imported {len(result.copied)} key(s) from {folder} into the database key store under {kek.id}; "
+            f"{len(result.same)} were already there. The files were left in place: once every machine runs with "
+            "--key-store database, remove them (they are plaintext keys)."
+        )
+    else:
+        click.echo(
+            f"Exported {len(result.copied)} key(s) from the database key store into {folder}; {len(result.same)} "
+            "were already there. The sealed rows were left in place; run with --key-store directory from now on."
+        )
+    return EXIT_OK
+
+
+@keys.command("import-dir")
+@click.option(
+    "--from",
+    "source",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="The directory store to copy from (default: --secrets-dir, i.e. STATE_DIR/secrets/TARGET).",
+)
+@target_options
+def import_dir(source: Path | None, opts: TargetOptions) -> None:
+    """Copy every key of a directory store into the database store (one transaction); the
+    files are left in place."""
+    run_command(lambda: _copy_between_stores(opts, source, into_database=True))
+
+
+@keys.command("export-dir")
+@click.option(
+    "--to",
+    "dest",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="The directory store to copy into (default: --secrets-dir, i.e. STATE_DIR/secrets/TARGET).",
+)
+@target_options
+def export_dir(dest: Path | None, opts: TargetOptions) -> None:
+    """Copy every key of the database store into a directory store (one 0600 file each), to
+    go back to --key-store directory; the sealed rows are left in place."""
+    run_command(lambda: _copy_between_stores(opts, dest, into_database=False))
+
+
 def _print_hold(result: HoldResult) -> None:
     for step in result.steps:
         click.echo(click.style("done     ", fg="green") + step)
@@ -187,7 +330,7 @@ def freeze_command(
     """Emergency stop: caps to 0, wallet frozen, key rotated into quarantine, operator hold."""
 
     def run() -> int:
-        spec = _spec(load(path), agent_id)
+        spec = _spec(load(path, opts.state_dir), agent_id)
 
         async def go(s: Session) -> int:
             result = await freeze(s.client, s.store, s.keys, spec, reason)
@@ -213,7 +356,7 @@ def unfreeze_command(
     """Lift an operator hold: fresh key to the sink, wallet unfrozen, manifest caps restored."""
 
     def run() -> int:
-        desired = load(path)
+        desired = load(path, opts.state_dir)
         spec = _spec(desired, agent_id)
         currency = desired.fleet(spec.fleet).currency
 

@@ -50,6 +50,8 @@ class TargetOptions:
     """A shared PostgreSQL state database; ``None``: the SQLite file under ``state_dir``."""
     lock_timeout: float | None = None
     """How long a writer waits for the writer lock (``None``: PostgreSQL 300 s, SQLite 0)."""
+    key_store: str | None = None
+    """``directory`` or ``database`` (``controller.keys.selection``); ``None``: by the state."""
 
     def writer_lock(self, purpose: str) -> AbstractContextManager[WriterLock]:
         """The writer lock of the state these options name (``controller.state.lock``)."""
@@ -84,6 +86,7 @@ def target_options(fn: F) -> F:
         allow_insecure_http: bool,
         state_url: str | None,
         lock_timeout: float | None,
+        key_store: str | None,
         **kwargs: Any,
     ) -> Any:
         opts = TargetOptions(
@@ -95,6 +98,7 @@ def target_options(fn: F) -> F:
             allow_insecure_http,
             state_url or None,
             lock_timeout,
+            key_store=key_store or None,
         )
         return fn(*args, opts=opts, **kwargs)
 
@@ -146,7 +150,18 @@ def target_options(fn: F) -> F:
             envvar="FINOPS_SECRETS_DIR",
             default=None,
             type=click.Path(path_type=Path),
-            help="Directory for agents' keys, one 0600 file each (default STATE_DIR/secrets/TARGET).",
+            help="Directory for agents' keys, one 0600 file each (default STATE_DIR/secrets/TARGET); with "
+            "--key-store database, where a directory sink without a path delivers copies.",
+        ),
+        click.option(
+            "--key-store",
+            envvar="FINOPS_KEY_STORE",
+            default=None,
+            type=click.Choice(["directory", "database"]),
+            help="Where finops keeps agents' keys (env FINOPS_KEY_STORE): 'directory' (one 0600 file each "
+            "under --secrets-dir) or 'database' (sealed in the state database under the key-encryption key "
+            "in FINOPS_KEY_ENCRYPTION_KEY_FILE, so another machine can take over). Default: 'database' with "
+            "--state-url, else 'directory'.",
         ),
         click.option(
             "--concurrency",
@@ -195,7 +210,9 @@ def run_command(fn: Callable[[], int]) -> None:
     sys.exit(int(code))
 
 
-def load(path: str) -> DesiredState:
+def load(path: str, state_dir: Path | None) -> DesiredState:
+    """The manifests at ``path``; with ``state_dir`` (every command that acts on a gateway),
+    relative secret files and sink directories resolved against it (``controller.manifest.paths``)."""
     if not Path(path).exists():
         raise ConfigError(f"manifest path {path!r} does not exist")
-    return load_manifests(path)
+    return load_manifests(path, state_dir=state_dir)

@@ -34,7 +34,7 @@ def status(
     """Per agent: balance, 24 h spend, cap, % used, alerts and their endpoints, key; flags drift."""
 
     def run() -> int:
-        desired = load(path)
+        desired = load(path, opts.state_dir)
 
         async def go(s: Session) -> int:
             result = await fleet_status(s.client, desired, s.store, s.keys, target=s.target.name)
@@ -69,7 +69,7 @@ def check(
     """Evaluate every agent's thresholds once and deliver due alerts (and earlier undelivered ones)."""
 
     def run() -> int:
-        desired = load(path)
+        desired = load(path, opts.state_dir)
 
         async def go(s: Session) -> int:
             result = await check_alerts(

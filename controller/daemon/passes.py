@@ -39,7 +39,7 @@ from controller.daemon.source import ManifestSource, SourceError
 from controller.errors import FinopsError, ManifestError
 from controller.gateway.client import GatewayClient
 from controller.io.blocking import off_loop
-from controller.keys.vault import KeyVault
+from controller.keys.vault import KeyStore
 from controller.manifest.loader import load_manifests
 from controller.reconcile import approval
 from controller.reconcile.apply import AgentResult
@@ -183,7 +183,7 @@ class Reconciler:
         target: str,
         source: ManifestSource,
         store: StateStore,
-        sink: KeyVault,
+        sink: KeyStore,
         revisions: RevisionLog,
         client_factory: ClientFactory,
         backoff: AgentBackoff | None = None,
@@ -218,11 +218,17 @@ class Reconciler:
 
     # ------------------------------------------------------------------ manifests
 
+    @property
+    def state_dir(self) -> Path:
+        """Relative paths in manifests resolve here (``controller.manifest.paths``): the
+        directory of the state file (with PostgreSQL, of its machine-local anchor)."""
+        return self.store.location.file.parent
+
     async def _load(self, revision: str) -> DesiredState:
         """Off the event loop: the loop must stay free to handle signals and other jobs."""
         path = await self.source.checkout(revision)
         root = getattr(self.source, "manifest_root", None)  # test doubles may not have one
-        return await off_loop(load_manifests, path, root=root)
+        return await off_loop(load_manifests, path, root=root, state_dir=self.state_dir)
 
     def _issues(self, exc: ManifestError) -> tuple[str, ...]:
         return tuple(self.source.shorten(str(issue)) for issue in exc.issues)
@@ -361,7 +367,9 @@ class Reconciler:
                 if files is None:
                     raise SourceError(f"no stored copy of {last.revision}'s manifests")
                 with tempfile.TemporaryDirectory(prefix="finops-bundle-") as tmp:
-                    desired = load_manifests(approval.materialize(files, Path(tmp) / "manifests"))
+                    desired = load_manifests(
+                        approval.materialize(files, Path(tmp) / "manifests"), state_dir=self.state_dir
+                    )
         except (ManifestError, SourceError) as exc:
             log_event(
                 self.log,

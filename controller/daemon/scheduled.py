@@ -15,7 +15,6 @@ from controller.alerting.guard import Resolver, system_resolver
 from controller.daemon.command import DaemonContext
 from controller.daemon.jobs import JobFn, JobResult, SkipReason
 from controller.keys.rotate import KeyManager
-from controller.keys.vault import KeyVault
 from controller.reconcile.rebalancer import run_rebalance
 from policies.spec import DesiredState
 
@@ -46,6 +45,7 @@ def alerts_job(
                 held=frozenset(ctx.store.holds()),
                 resolver=resolver,
                 sleep=sleep,
+                fence=ctx.fence,
             )
         fields = {k: v for k, v in result.to_dict().items() if isinstance(v, int)}
         if result.ok:
@@ -66,7 +66,7 @@ def rotation_job(ctx: DaemonContext, now: Callable[[], float] = time.time) -> Jo
             keys = KeyManager(
                 client,
                 ctx.store,
-                KeyVault(ctx.sink.directory),
+                ctx.sink,
                 state_path=ctx.store.location,
                 clock=now,
                 agent_client_factory=ctx.agent_client,

@@ -126,6 +126,19 @@ def private_file(path: Path) -> None:
         os.close(fd)
 
 
+def why_not_writable(directory: Path) -> str | None:
+    """Why a secret file could not be written in ``directory`` (created 0700 if missing);
+    ``None`` when a probe file could be created and removed there."""
+    try:
+        make_private_dirs(Path(directory))
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".finops-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"not writable ({exc.strerror or exc})"
+    return None
+
+
 def write_secret_file(path: Path, content: str) -> None:
     """Atomically replace ``path`` with ``content``, mode 0600, durable on return."""
     path = Path(path)

@@ -5,7 +5,8 @@ Manifests live in git, so a signing secret is never written in one; this is the 
 place that turns a reference into bytes. Values never appear in messages.
 
 A reference may never name finops' own key material: the admin key's variables
-(``GREENHELIX_API_KEY``, ``GREENHELIX_API_KEY_FILE``), the admin key file, the key store
+(``GREENHELIX_API_KEY``, ``GREENHELIX_API_KEY_FILE``), the admin key file, the
+key-encryption key's file (``FINOPS_KEY_ENCRYPTION_KEY_FILE``), the key store
 (secrets directory), the embedded sandbox's files or the state database, nor any value that
 is shaped like a GreenHelix API key (an agent's key file copied anywhere, a sink directory).
 A referenced file must be a regular file readable by its owner only (0600/0400): a file
@@ -32,7 +33,9 @@ from policies.spec import SecretRef
 
 ADMIN_KEY_ENV = "GREENHELIX_API_KEY"
 ADMIN_KEY_FILE_ENV = "GREENHELIX_API_KEY_FILE"
-PROTECTED_ENV = frozenset({ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV})
+KEK_FILE_ENV = "FINOPS_KEY_ENCRYPTION_KEY_FILE"
+"""Names the key-encryption key of the database key store (``controller.keys.envelope``)."""
+PROTECTED_ENV = frozenset({ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV, KEK_FILE_ENV})
 """Environment variables a secret reference may never name."""
 
 MAX_SECRET_BYTES = 4096
@@ -60,9 +63,10 @@ def protect_secret_path(path: Path) -> None:
 
 def protected_paths(extra: Iterable[Path] = ()) -> frozenset[Path]:
     paths = {Path(os.path.realpath(p)) for p in extra}
-    key_file = os.environ.get(ADMIN_KEY_FILE_ENV)
-    if key_file:
-        paths.add(Path(os.path.realpath(key_file)))
+    for name in (ADMIN_KEY_FILE_ENV, KEK_FILE_ENV):
+        key_file = os.environ.get(name)
+        if key_file:
+            paths.add(Path(os.path.realpath(key_file)))
     with _protected_lock:
         return frozenset(paths | _protected)
 

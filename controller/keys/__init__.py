@@ -1,7 +1,11 @@
 """Managed agent keys: finops holds each managed agent's current raw key, rotates it on
 schedule with durable intents, delivers it to the agent's sink, and can quarantine it.
 
-- ``vault``: finops' own key store (a directory of 0600 files, plus a quarantine area).
+- ``vault``: ``KeyStore`` (what finops asks of a key store) and ``KeyVault``, the directory
+  store (a directory of 0600 files, plus a quarantine area);
+- ``sealed``: ``SealedVault``, the database store (keys sealed in the state database, so a
+  standby can take over), with ``envelope`` (AES-256-GCM envelope encryption under the
+  key-encryption key) and ``selection`` (which store a command uses: ``--key-store``).
 - ``sinks``: delivery to the agent (a directory or a command that reads the key on stdin).
 - ``store``: rotation times and orphaned-key reports in the state database (never keys).
 - ``rotate``: ``KeyManager``, the rotation engine's entry points (rotate, quarantine,

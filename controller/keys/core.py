@@ -20,7 +20,7 @@ from controller.keys.model import (
 )
 from controller.keys.sinks import DEFAULT_COMMAND_TIMEOUT_S, KeySink, sink_for
 from controller.keys.store import KeyLedger
-from controller.keys.vault import KeyVault
+from controller.keys.vault import KeyStore
 from controller.state import PENDING, Intent, StateStore
 from controller.state.location import StateLocation
 from policies.spec import KeySinkSpec
@@ -33,7 +33,7 @@ class KeyManagerCore:
         self,
         client: GatewayClient,
         store: StateStore,
-        vault: KeyVault,
+        vault: KeyStore,
         *,
         state_path: Path | StateLocation,
         clock: Callable[[], float] = time.time,

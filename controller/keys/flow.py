@@ -133,7 +133,7 @@ class RotationFlow(LateWatches):
                 ) from None
             self._hook("after_deliver", agent)
         else:
-            where = f"quarantine ({self.vault.path_for(agent, QUARANTINE)})"
+            where = f"quarantine ({self.vault.describe(agent, QUARANTINE)})"
         await self._verify(intent_key, agent, new)
         if source == QUARANTINE and target == MAIN:
             self.vault.clear(agent, QUARANTINE)

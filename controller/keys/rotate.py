@@ -150,7 +150,7 @@ class KeyManager(RotationRecovery, KeyStatusReports):
                 self.ledger.watch_late(agent_id, intent.intent_key, rows, until)
         log.info("%s: imported key %s", agent_id, key_fp(prefix))
         return (
-            f"{agent_id}: imported key {key_fp(prefix)} into {self.vault.path_for(agent_id)}; "
+            f"{agent_id}: imported key {key_fp(prefix)} into {self.vault.describe(agent_id)}; "
             "it is rotated on its schedule from now on"
         )
 

@@ -1,7 +1,9 @@
 """Delivering a new key to the agent that uses it (``KeySinkSpec``).
 
-- ``directory`` with no path: finops' own key store is the agent's key file, so the vault
-  write already delivered it. With a path: an extra atomic 0600 copy ``<path>/<agent>.key``.
+- ``directory`` with no path: with the directory store, finops' own key store is the
+  agent's key file, so the vault write already delivered it; with the database store (which
+  has no files), an atomic 0600 copy in the secrets directory (``--secrets-dir``) of the
+  machine that stored the key. With a path: an extra atomic 0600 copy ``<path>/<agent>.key``.
 - ``command``: an argv that gets the key on stdin, never in argv or the environment (both
   are visible to other local users in ``/proc``). It gets ``FINOPS_AGENT_ID`` and
   ``FINOPS_KEY_FINGERPRINT``. Its stdout is discarded, since a command may echo its input;
@@ -24,7 +26,7 @@ from typing import Protocol
 
 from controller.errors import FinopsError
 from controller.io.secretfile import write_secret_file
-from controller.keys.vault import KeyVault, key_path
+from controller.keys.vault import KeyStore, key_path
 from controller.manifest.keyscan import REDACTED, looks_like_key, redact
 from policies.keyprint import contains_secret_fragment, fingerprint, redact_keys
 from policies.spec import KeySinkSpec
@@ -33,8 +35,9 @@ DEFAULT_COMMAND_TIMEOUT_S = 30.0
 STDERR_LIMIT = 400
 """Characters of a failed command's stderr kept in the error (its tail, after redaction)."""
 
-#: Never handed to a sink command: the admin key would let it manage every agent.
-_WITHHELD_ENV = frozenset({"GREENHELIX_API_KEY"})
+#: Never handed to a sink command: the admin key would let it manage every agent, and the
+#: key-encryption key's file opens every sealed key.
+_WITHHELD_ENV = frozenset({"GREENHELIX_API_KEY", "FINOPS_KEY_ENCRYPTION_KEY_FILE"})
 
 
 class DeliveryError(FinopsError):
@@ -57,22 +60,21 @@ def scrub(text: str, raw_key: str | None = None) -> str:
 
 @dataclass(frozen=True)
 class DirectorySink:
-    """``<directory>/<agent>.key``; the vault's own directory means "already delivered"."""
+    """``<directory>/<agent>.key``; the vault's own file means "already delivered"."""
 
-    vault: KeyVault
+    vault: KeyStore
     directory: Path | None = None
 
     def target(self, agent_id: str) -> Path:
-        if self.directory is None:
-            return self.vault.path_for(agent_id)
-        return key_path(self.directory, agent_id)
+        return key_path(self.directory if self.directory is not None else self.vault.sink_directory, agent_id)
 
     def describe(self) -> str:
-        return f"directory {self.directory if self.directory is not None else self.vault.directory}"
+        return f"directory {self.directory if self.directory is not None else self.vault.sink_directory}"
 
     async def deliver(self, agent_id: str, raw_key: str) -> str:
         target = self.target(agent_id)
-        if target.resolve() == self.vault.path_for(agent_id).resolve():
+        own = self.vault.key_file(agent_id)
+        if own is not None and target.resolve() == own.resolve():
             return f"{target} (finops' key store)"
         try:
             write_secret_file(target, raw_key + "\n")
@@ -132,7 +134,7 @@ class CommandSink:
         return what
 
 
-def sink_for(spec: KeySinkSpec, vault: KeyVault, *, command_timeout: float = DEFAULT_COMMAND_TIMEOUT_S) -> KeySink:
+def sink_for(spec: KeySinkSpec, vault: KeyStore, *, command_timeout: float = DEFAULT_COMMAND_TIMEOUT_S) -> KeySink:
     if spec.kind == "command":
         return CommandSink(tuple(spec.command), timeout=command_timeout)
     if spec.kind == "directory":

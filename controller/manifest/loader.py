@@ -25,6 +25,7 @@ from controller.io import safefile
 from controller.manifest import keyscan
 from controller.manifest.messages import allowed_fields, message_for, show
 from controller.manifest.nodes import Document, Loc, dotted, line_of, locate, parse_yaml
+from controller.manifest.paths import anchor_relative_paths
 from controller.manifest.schema import (
     API_VERSION,
     KINDS,
@@ -82,8 +83,17 @@ class _Collected:
     issues: list[ManifestIssue] = field(default_factory=list)
 
 
-def load_manifests(path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None) -> DesiredState:
+def load_manifests(
+    path: str | os.PathLike[str],
+    *,
+    root: str | os.PathLike[str] | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
+) -> DesiredState:
     """Read, validate and resolve the manifests at ``path`` (a directory or one file).
+
+    With ``state_dir`` (every command that acts on a gateway), relative secret files and
+    sink directories are made absolute under it (``controller.manifest.paths``); without it
+    (``validate``, offline) they stay as written.
 
     File names in errors are ``path`` joined with the file's place under it, so a relative
     ``path`` gives paths relative to the working directory, as the user typed them.
@@ -111,6 +121,8 @@ def load_manifests(path: str | os.PathLike[str], *, root: str | os.PathLike[str]
     issues = seen.issues + list(resolution.issues)
     if issues:
         raise ManifestError(_ordered(issues, [label for label, _ in files]))
+    if state_dir is not None:
+        return anchor_relative_paths(resolution.state, Path(state_dir))
     return resolution.state
 
 

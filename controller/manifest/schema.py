@@ -209,6 +209,24 @@ def _default_alert_events() -> list[ALERT_EVENT_NAMES]:
     return ["budget.threshold"]
 
 
+def _manifest_path(value: str) -> str:
+    """A file or directory path in a manifest: absolute, or relative to finops' state
+    directory and staying inside it (``controller.manifest.paths``)."""
+    if "\x00" in value:
+        raise ValueError("a path must not contain a NUL character")
+    if value.startswith("~"):
+        raise ValueError(
+            f"{value!r}: '~' is not expanded here; write an absolute path, or a path relative to finops' "
+            "state directory"
+        )
+    if ".." in value.replace("\\", "/").split("/"):
+        raise ValueError(
+            f"{value!r}: '..' is not allowed (a relative path names a place inside finops' state directory); "
+            "write a plain absolute path for a place elsewhere"
+        )
+    return value
+
+
 class SecretRef(_Model):
     """A secret by reference, never inline: ``env: NAME`` or ``file: PATH``; ``generate:
     true`` (with ``file``) creates a random secret there if the file is missing."""
@@ -216,6 +234,11 @@ class SecretRef(_Model):
     env: EnvName | None = None
     file: str | None = Field(default=None, min_length=1)
     generate: bool = False
+
+    @field_validator("file")
+    @classmethod
+    def _file_path(cls, value: str | None) -> str | None:
+        return value if value is None else _manifest_path(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> SecretRef:
@@ -289,6 +312,14 @@ class KeySink(_Model):
 
     directory: str | None = Field(default=None, min_length=1)
     command: list[Annotated[str, StringConstraints(min_length=1)]] | None = Field(default=None, min_length=1)
+
+    @field_validator("directory")
+    @classmethod
+    def _directory_path(cls, value: str | None) -> str | None:
+        """``~`` stays allowed here (sinks have always expanded it); ``..`` does not."""
+        if value is None or value.startswith("~"):
+            return value
+        return _manifest_path(value)
 
     @model_validator(mode="after")
     def _one_kind(self) -> KeySink:

@@ -36,7 +36,7 @@ from controller.io.secretref import (
     resolve_secret,
 )
 from controller.keys.sinks import DeliveryError, KeySink
-from controller.keys.vault import KeyVault
+from controller.keys.vault import KeyStore
 from controller.state import ABANDONED, DONE, FAILED, PENDING, BudgetWrite, Intent, ManagedWebhook, StateStore
 from controller.state.recovery import Resolver, resolver_of
 from policies.currency import CREDITS, SIGNUP_BONUS_CREDITS
@@ -249,7 +249,7 @@ class Applier:
         self,
         client: GatewayClient,
         store: StateStore,
-        sink: KeyVault,
+        sink: KeyStore,
         *,
         fault_hook: FaultHook | None = None,
         clock: Callable[[], float] = time.time,

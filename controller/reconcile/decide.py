@@ -7,15 +7,15 @@ apply, not at plan).
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from controller.gateway.client import GatewayClient
-from controller.io.secretfile import make_private_dirs
+from controller.io.secretfile import why_not_writable
 from controller.io.secretref import (
     SecretRefused,
     SecretUnavailable,
@@ -25,7 +25,7 @@ from controller.io.secretref import (
     secret_fingerprint,
 )
 from controller.keys.sinks import KeySink, sink_for
-from controller.keys.vault import KeyVault
+from controller.keys.vault import KeyStore
 from controller.reconcile.apply import configured_settle_seconds
 from controller.reconcile.observe import observe
 from controller.state import PENDING, Adjustment, StateStore
@@ -123,10 +123,35 @@ async def observe_and_plan(
     now = store.now()  # one clock for the funding window: the one its events are stamped with
     live = await observe(client, desired, target=target, webhooks_owned=bool(store.managed_webhooks()), now=now)
     memory = build_memory(store, desired, adjustments=adjustments)
-    return make_plan(desired, live, memory, prune=prune, now=datetime.fromtimestamp(now, UTC))
+    plan = make_plan(desired, live, memory, prune=prune, now=datetime.fromtimestamp(now, UTC))
+    if store.location.shared and (local := machine_local_secrets(desired)):
+        plan = dataclasses.replace(plan, warnings=(*plan.warnings, shared_state_secret_warning(local)))
+    return plan
 
 
-def key_sinks(desired: DesiredState, vault: KeyVault) -> Callable[[str], KeySink | None]:
+def machine_local_secrets(desired: DesiredState) -> list[str]:
+    """Alert signing secrets that finops generates into a file when it is missing: on
+    several machines sharing one state, each would generate its own (receivers would see
+    alerts signed with another secret after a failover)."""
+    found = {
+        route.secret.file
+        for agent in desired.agents()
+        for route in agent.alert_routes
+        if route.secret.generate and route.secret.file and route.secret.managed is None
+    }
+    return sorted(f for f in found if f)
+
+
+def shared_state_secret_warning(files: list[str]) -> str:
+    return (
+        "the state is shared (--state-url) but alert signing secrets are generated per machine ("
+        + ", ".join(files)
+        + "): every machine that finds the file missing generates its own, so receivers would reject alerts "
+        "after a failover; give every machine the same file (a mounted secret) or use {env: NAME}"
+    )
+
+
+def key_sinks(desired: DesiredState, vault: KeyStore) -> Callable[[str], KeySink | None]:
     """Each managed agent's declared sink (manifest ``keys.sink``), for ``Applier`` to hand a
     newly registered agent's key to, after it is safe in finops' key store."""
     specs = {a.agent_id: a for a in desired.agents()}
@@ -138,27 +163,40 @@ def key_sinks(desired: DesiredState, vault: KeyVault) -> Callable[[str], KeySink
     return lookup
 
 
-def preflight(plan: Plan, desired: DesiredState, key_store: Path) -> Plan:
+def preflight(plan: Plan, desired: DesiredState, key_store: KeyStore) -> Plan:
     """Checks on finops' own side, after planning and before the first write.
 
     The gateway shows a new agent's key exactly once, in the register response: if finops'
     key store (or the agent's ``directory`` sink) cannot be written, registering would lose
     that key for good. Such agents are taken out of the plan (all their changes) and
-    reported as errors; every other agent is applied as planned."""
+    reported as errors; every other agent is applied as planned. With the database key
+    store, a ``directory`` sink without a path delivers to ``key_store.sink_directory``
+    (the store has no files), which is checked like any sink directory."""
     registering = sorted({c.agent_id for c in plan.changes if c.kind is ChangeKind.REGISTER})
     if not registering:
         return plan
     specs = {a.agent_id: a for a in desired.agents()}
     held_back: dict[str, str] = {}
-    store_problem = _not_writable(key_store)
+    store_problem = key_store.unwritable()
+    default_sink: str | None = None
     for agent in registering:
         spec = specs.get(agent)
         sink = spec.keys.sink if spec is not None else None
-        sink_problem = _not_writable(Path(sink.path)) if sink and sink.kind == "directory" and sink.path else None
+        sink_problem = None
+        if sink and sink.kind == "directory" and sink.path:
+            sink_problem = _not_writable(Path(sink.path))
+            if sink_problem:
+                sink_problem = f"key sink directory {sink.path}: {sink_problem}"
+        elif spec is not None and spec.keys.manage and sink is not None and sink.kind == "directory":
+            # The database store is not the agent's key file: the default sink writes a copy.
+            if default_sink is None and key_store.key_file(agent) is None:
+                problem = _not_writable(key_store.sink_directory)
+                default_sink = f"key sink directory {key_store.sink_directory}: {problem}" if problem else ""
+            sink_problem = default_sink or None
         if store_problem:
-            held_back[agent] = f"finops' key store {key_store}: {store_problem}"
-        elif sink_problem and sink is not None:
-            held_back[agent] = f"key sink directory {sink.path}: {sink_problem}"
+            held_back[agent] = store_problem
+        elif sink_problem:
+            held_back[agent] = sink_problem
     if not held_back:
         return plan
     return replace(
@@ -180,11 +218,4 @@ def preflight(plan: Plan, desired: DesiredState, key_store: Path) -> Plan:
 
 def _not_writable(directory: Path) -> str | None:
     """Why a key file could not be written in ``directory`` (created 0700 if missing)."""
-    try:
-        make_private_dirs(directory)
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".finops-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        return f"not writable ({exc.strerror or exc})"
-    return None
+    return why_not_writable(directory)

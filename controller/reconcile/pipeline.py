@@ -25,7 +25,7 @@ from typing import Any
 
 from controller.errors import GuardrailViolation
 from controller.gateway.client import GatewayClient
-from controller.keys.vault import KeyVault
+from controller.keys.vault import KeyStore
 from controller.reconcile.apply import Applier, ApplyResult, FaultHook
 from controller.reconcile.decide import key_sinks, observe_and_plan, preflight
 from controller.state import StateStore
@@ -72,7 +72,7 @@ def plan_errors_by_agent(plan: Plan) -> dict[str, str]:
 def applier_for(
     client: GatewayClient,
     store: StateStore,
-    vault: KeyVault,
+    vault: KeyStore,
     desired: DesiredState | None,
     *,
     clock: Callable[[], float] = time.time,
@@ -112,7 +112,7 @@ async def execute(
 async def apply_plan(
     client: GatewayClient,
     store: StateStore,
-    vault: KeyVault,
+    vault: KeyStore,
     desired: DesiredState,
     *,
     target: str,
@@ -130,8 +130,8 @@ async def apply_plan(
     notes = tuple(await applier.prepare(desired))
     planner: PlanFn = plan_fn or (lambda c, d, t, s: observe_and_plan(c, d, t, s, prune=prune))
     raw = await planner(client, desired, target, store)
-    fresh = preflight(raw, desired, vault.directory)
-    chosen = fresh if select is None else preflight(select(raw), desired, vault.directory)
+    fresh = preflight(raw, desired, vault)
+    chosen = fresh if select is None else preflight(select(raw), desired, vault)
     check_guardrails(chosen, refusal=refusal, whole=fresh)
     if gate is not None:
         waited = gate(fresh, chosen)

@@ -16,7 +16,7 @@ from decimal import Decimal
 
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
-from controller.keys.vault import KeyVault
+from controller.keys.vault import KeyStore
 from controller.reconcile.apply import ApplyResult
 from controller.reconcile.decide import observe_and_plan
 from controller.reconcile.pipeline import apply_plan, only
@@ -129,7 +129,7 @@ async def run_rebalance(
     client: GatewayClient,
     desired: DesiredState,
     store: StateStore,
-    sink: KeyVault,
+    sink: KeyStore,
     target: str,
     *,
     dry_run: bool,

@@ -448,6 +448,54 @@ def _one_key_table(db: Database) -> None:
     db.execute("DROP TABLE agent_keys")
 
 
+def _sealed_keys(db: Database) -> None:
+    """Version 3: the database key store (``controller.keys.sealed``): per agent and slot the
+    key encrypted under its own data key, the data key wrapped under the key-encryption key
+    (whose id is stored, never the key itself), and the key's gateway prefix."""
+    db.ddl(
+        """
+        CREATE TABLE IF NOT EXISTS sealed_keys (
+            agent_id TEXT NOT NULL,
+            slot TEXT NOT NULL,
+            ciphertext BLOB NOT NULL,
+            nonce BLOB NOT NULL,
+            wrapped_key BLOB NOT NULL,
+            wrap_nonce BLOB NOT NULL,
+            kek_id TEXT NOT NULL,
+            key_prefix TEXT NOT NULL,
+            format INTEGER NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (agent_id, slot)
+        );
+        """
+    )
+
+
+_DAEMON_REPLICAS = """
+CREATE TABLE IF NOT EXISTS daemon_replicas (
+    replica_id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    active_since REAL,
+    last_pass_at REAL,
+    last_pass_result TEXT,
+    last_success_at REAL,
+    detail TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS daemon_replicas_heartbeat ON daemon_replicas(heartbeat_at);
+"""
+
+
+def _daemon_replicas(db: Database) -> None:
+    """Version 4: each ``finops run`` replica's role, heartbeat and last pass
+    (``controller.daemon.replicas``), readable from any machine that shares the state."""
+    db.ddl(_DAEMON_REPLICAS)
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -458,6 +506,8 @@ class Migration:
 MIGRATIONS: Sequence[Migration] = (
     Migration(1, "baseline: the tables of the unversioned state file", _baseline),
     Migration(2, "one table for the key finops holds per agent", _one_key_table),
+    Migration(3, "the database key store: agents' keys sealed under a key-encryption key", _sealed_keys),
+    Migration(4, "daemon replicas: role, heartbeat and last pass of each finops run", _daemon_replicas),
 )
 """Forward only, numbered from 1, each run once in its own transaction. Add a step at the
 end; never edit one that has shipped."""

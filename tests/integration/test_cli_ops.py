@@ -173,7 +173,7 @@ def test_alerts_check_delivers_a_75_percent_crossing_once_signed_and_status_flag
         fleet = work / "manifests" / "research-fleet.yaml"
         text = fleet.read_text()
         text = text.replace(
-            "signingSecret: {file: .finops/alert-signing.secret, generate: true}",
+            "signingSecret: {file: alert-signing.secret, generate: true}",
             "signingSecret: {env: ALERT_SECRET}\n    allowInsecure: true",
         )
         text = text.replace(

@@ -60,7 +60,8 @@ def harness(sandbox: SandboxServer, tmp_path: Path) -> Iterator[Harness]:
 
 def _state_url(store: StateStore) -> list[str]:
     """The CLI on the harness's state backend (``tests/integration/test_on_postgresql.py``)."""
-    return ["--state-url", store.location.url] if store.location.url else []
+    # The harness keeps agents' keys in a directory store: the CLI uses the same one.
+    return ["--state-url", store.location.url, "--key-store", "directory"] if store.location.url else []
 
 
 def finops(

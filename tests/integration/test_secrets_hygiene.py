@@ -171,7 +171,7 @@ async def test_plan_refuses_a_reference_into_a_sink_directory_before_any_write(
     text = fleet.read_text()
     text = text.replace("    # sink: {directory: /run/agent-keys}", f"    sink: {{directory: {sink}}}")
     text = text.replace(
-        "signingSecret: {file: .finops/alert-signing.secret, generate: true}",
+        "signingSecret: {file: alert-signing.secret, generate: true}",
         f"signingSecret: {{file: {sink}/res-01.key}}",
     )
     fleet.write_text(text)

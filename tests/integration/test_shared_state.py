@@ -33,10 +33,25 @@ TRIALS = 200 if os.environ.get("FINOPS_STRESS") else 20
 RATE = Decimal(100)
 
 
+def _kek(where: Path) -> str:
+    """The key-encryption key every machine shares (agents' keys are sealed in the state)."""
+    path = where / "kek"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, os.urandom(32))
+        os.close(fd)
+    return str(path)
+
+
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[tuple[SandboxServer, dict[str, str]]]:
     with SandboxServer(db_path=tmp_path / "gw.db", admin_key_file=tmp_path / "admin.key") as server:
-        yield server, {"GREENHELIX_URL": server.url, "GREENHELIX_API_KEY_FILE": str(tmp_path / "admin.key")}
+        yield server, {
+            "GREENHELIX_URL": server.url,
+            "GREENHELIX_API_KEY_FILE": str(tmp_path / "admin.key"),
+            "FINOPS_KEY_ENCRYPTION_KEY_FILE": _kek(tmp_path),
+        }
 
 
 def _machine(root: Path, name: str) -> Path:
@@ -72,6 +87,8 @@ def test_a_ci_runner_sharing_the_state_plans_nothing_for_a_rebalanced_and_a_froz
     plan = run_cli(ci, "plan", "--detailed-exitcode", env=env)
     assert plan.returncode == 0, plan.stdout + plan.stderr
     assert "HELD" in plan.stdout and "cls-01" in plan.stdout  # the hold is known from the shared state
+    # The canonical fleet generates its alert signing secret: on shared state that is said plainly.
+    assert "alert signing secrets are generated per machine" in plan.stdout
     assert not (ci / ".finops" / "secrets").exists() or not any((ci / ".finops" / "secrets").rglob("*.key"))
 
     # The same runner with its own SQLite state would see the rebalanced caps as drift: the
@@ -112,6 +129,7 @@ def test_two_applies_from_two_machines_sharing_postgresql_never_double_fund(
                     "GREENHELIX_URL": server.url,
                     "GREENHELIX_API_KEY_FILE": str(root / "admin.key"),
                     "FINOPS_STATE_URL": f"{base}/{name}",
+                    "FINOPS_KEY_ENCRYPTION_KEY_FILE": _kek(root),
                 }
                 first, second = (_launch(_machine(root, m), env) for m in ("laptop", "ci"))
                 outs = [p.communicate(timeout=120) for p in (first, second)]
@@ -185,9 +203,13 @@ def test_freeze_never_waits_for_the_writer_lock_and_the_writer_sees_the_hold(
     daemon = try_writer_lock(StateLocation(tmp_path / "x.db", url=pg_url), purpose="finops run")  # another machine
     assert daemon is not None
     try:
-        frozen = run_cli(ops, "freeze", "res-02", "--reason", "loop", env=env)  # while a daemon writes
+        # An operator's laptop, while a daemon writes: the key is in the shared (sealed) store,
+        # so the laptop rotates it into quarantine although it never registered it.
+        laptop = _machine(tmp_path, "laptop")
+        frozen = run_cli(laptop, "freeze", "res-02", "--reason", "loop", env=env)
         assert frozen.returncode == 0, frozen.stdout + frozen.stderr
-        blocked = run_cli(_machine(tmp_path, "laptop"), "apply", "--auto-approve", env=env)
+        assert "PROBLEM" not in frozen.stdout
+        blocked = run_cli(laptop, "apply", "--auto-approve", env=env)
         assert blocked.returncode == 1 and "finops run" in blocked.stderr  # never queued behind a daemon
     finally:
         daemon.release()

@@ -37,7 +37,7 @@ async def test_apply_creates_one_marked_webhook_per_agent_then_nothing(harness: 
     generated = managed_secret_dir(harness.store.path) / "gateway-webhook-research.secret"
     assert generated.stat().st_mode & 0o777 == 0o600
     assert {h["secret"] for h in hooks} == {generated.read_text().strip()}
-    alert_secret = Path(".finops/alert-signing.secret")
+    alert_secret = Path("alert-signing.secret")  # the harness loads without a state directory: cwd
     assert not alert_secret.exists() or alert_secret.read_text().strip() not in {h["secret"] for h in hooks}
 
     harness.reset_stats()

@@ -70,7 +70,7 @@ def _money(text: str) -> Decimal:
 def _agent(
     agent_id: str, tier: str, daily: str, monthly: str, floor: str, target: str, role: str, file: str, line: int
 ) -> AgentSpec:
-    secret = SecretRef(file=".finops/alert-signing.secret", generate=True)
+    secret = SecretRef(file="alert-signing.secret", generate=True)
     return AgentSpec(
         agent_id=agent_id,
         fleet="research",

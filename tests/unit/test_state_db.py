@@ -221,8 +221,10 @@ _OWNERS = {
     ),
     "controller/state/keys.py": ("keys_held",),
     "controller/keys/store.py": ("keys_rotation_sent", "keys_late_watch", "keys_orphans"),
+    "controller/keys/sealed.py": ("sealed_keys",),
     "controller/alerting/store.py": ("alert_slots", "alert_outbox", "alert_delivery_log"),
     "controller/daemon/revisions.py": ("revisions",),
+    "controller/daemon/replicas.py": ("daemon_replicas",),
 }  # fmt: skip
 
 
