@@ -84,6 +84,9 @@ class ReplicaProcess:
         env = clean_env() | {
             "FINOPS_STATE_DIR": str(self.workdir / "state"),
             "FINOPS_STATE_URL": self.state_url,
+            # The replicas share one secrets directory (a shared volume); the database key store
+            # (the default with shared state) is exercised by tests/integration/test_sealed_keys.py.
+            "FINOPS_KEY_STORE": "directory",
             "GREENHELIX_URL": self.gateway,
             "GREENHELIX_API_KEY_FILE": str(self.api_key_file),
             **self.env,

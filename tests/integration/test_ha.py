@@ -276,7 +276,8 @@ def test_once_with_shared_state_refuses_to_run_beside_an_active_daemon(tmp_path:
     assert lock is not None
     try:
         result = run_cli(
-            tmp_path, "run", str(CANONICAL), "--once", "--state-url", pg_url, env={"FINOPS_LOCK_TIMEOUT": "30"}
+            tmp_path, "run", str(CANONICAL), "--once", "--state-url", pg_url,
+            env={"FINOPS_LOCK_TIMEOUT": "30", "FINOPS_KEY_STORE": "directory"},
         )
         assert result.returncode == 1
         assert "finops run" in result.stderr and f"pid {os.getpid()}" in result.stderr
@@ -296,6 +297,7 @@ def test_a_rotation_cut_by_the_kill_is_resumed_by_the_new_leader(tmp_path: Path,
             "GREENHELIX_URL": sandbox.url,
             "GREENHELIX_API_KEY_FILE": str(sandbox.admin_key_file),
             "FINOPS_STATE_URL": pg_url,
+            "FINOPS_KEY_STORE": "directory",
             "FINOPS_STATE_DIR": str(tmp_path / "operator"),
         }
         applied = run_cli(
@@ -418,8 +420,14 @@ def test_an_alert_crossing_is_decided_once_and_redelivered_identically_after_a_f
     shutil.copytree(CANONICAL, manifests)
     fleet = manifests / "research-fleet.yaml"
     text = fleet.read_text()
+    for old in (
+        "signingSecret: {file: alert-signing.secret, generate: true}",
+        "https://alerts.example.com/research/{agent}/{threshold}",
+        "https://pager.example.com/finops/{fleet}?agent={agent}&window={window}",
+    ):
+        assert old in text, f"the canonical fleet changed: {old!r} is gone (the edits below would be no-ops)"
     text = text.replace(
-        "signingSecret: {file: .finops/alert-signing.secret, generate: true}",
+        "signingSecret: {file: alert-signing.secret, generate: true}",
         "signingSecret: {env: ALERT_SECRET}\n    allowInsecure: true",
     )
     text = text.replace(
@@ -436,6 +444,7 @@ def test_an_alert_crossing_is_decided_once_and_redelivered_identically_after_a_f
                 "GREENHELIX_URL": sandbox.url,
                 "GREENHELIX_API_KEY_FILE": str(sandbox.admin_key_file),
                 "FINOPS_STATE_URL": pg_url,
+            "FINOPS_KEY_STORE": "directory",
                 "FINOPS_STATE_DIR": str(tmp_path / "operator"),
                 "ALERT_SECRET": "s3cret-for-tests",
             }
