@@ -35,6 +35,8 @@ from controller.alerting import alert_state
 from controller.daemon.replicas import Role, replica_statuses
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import Fenced
+from controller.keys.envelope import generate_kek_text, load_kek
+from controller.keys.sealed import SealedVault
 from controller.keys.store import KeyLedger
 from controller.keys.vault import KeyVault
 from controller.manifest.loader import load_manifests
@@ -69,6 +71,8 @@ def _pair(tmp_path: Path, sandbox: SandboxServer, pg_url: str, manifests: Path, 
     assert sandbox.admin_key_file is not None
     gateways = kw.pop("gateways", [sandbox.url, sandbox.url])
     assert isinstance(gateways, list)
+    extra_env = kw.pop("env", {})
+    assert isinstance(extra_env, dict)
     return [
         ReplicaProcess(
             name,
@@ -78,7 +82,7 @@ def _pair(tmp_path: Path, sandbox: SandboxServer, pg_url: str, manifests: Path, 
             pg_url,
             manifests,
             tmp_path / "secrets",
-            env=dict(ENV),
+            env={**ENV, **extra_env},
             **kw,  # type: ignore[arg-type]
         )
         for name, gateway in zip(("a", "b"), gateways, strict=True)
@@ -111,8 +115,13 @@ def test_sigkill_of_the_active_replica_mid_pass_the_standby_takes_over_and_conve
     desired = load_manifests(write_generated_fleet(tmp_path / "manifests", AGENTS))
     due = fresh_fleet_deposits(desired, {"swarm": exchange_rate("USD", "CREDITS")})
     location = StateLocation(tmp_path / "anchor.db", url=pg_url)
+    # The production configuration: agents' keys sealed in the shared state, one KEK file.
+    kek_file = tmp_path / "kek"
+    kek_file.write_text(generate_kek_text())
+    kek_file.chmod(0o600)
+    sealed = {"FINOPS_KEY_STORE": "database", "FINOPS_KEY_ENCRYPTION_KEY_FILE": str(kek_file)}
     with SandboxServer(db_path=tmp_path / "gateway.db", admin_key_file=tmp_path / "admin.key") as sandbox:
-        replicas = _pair(tmp_path, sandbox, pg_url, tmp_path / "manifests", interval=3.0)
+        replicas = _pair(tmp_path, sandbox, pg_url, tmp_path / "manifests", interval=3.0, env=sealed)
         gate = try_writer_lock(location, purpose="test: keeps every replica standing by")
         assert gate is not None
         try:
@@ -153,17 +162,17 @@ def test_sigkill_of_the_active_replica_mid_pass_the_standby_takes_over_and_conve
                 replica.kill()
         sandbox.wait_idle()
         state = StateStore(location)
+        vault = SealedVault(location, load_kek(kek_file), sink_directory=tmp_path / "secrets")
         try:
             convergence = asyncio.run(
-                assert_converged(
-                    sandbox, desired, state=state, sink=KeyVault(tmp_path / "secrets"), expected_deposits=due
-                )
+                assert_converged(sandbox, desired, state=state, sink=vault, expected_deposits=due)
             )
             on_record = {i.agent_id for i in state.intents(kind="register", status="failed")}
             assert convergence.lost_keys <= on_record, "a key lost to the kill is not on record"
             assert state.intents(status=PENDING) == []
         finally:
             state.close()
+            vault.close()
         rows = {r.pid: r for r in replica_statuses(location)}
         assert rows[survivor.pid].role is Role.STOPPED and rows[survivor.pid].last_pass_result in ("ok", "partial")
         assert rows[dead.pid].role is Role.ACTIVE  # SIGKILL left its last word; the lock said otherwise
