@@ -32,3 +32,42 @@ def escape_controls(text: str) -> str:
 def escape_lines(text: str) -> str:
     """:func:`escape_controls` on each line of ``text`` (the line breaks themselves stay)."""
     return "\n".join(escape_controls(line) for line in text.split("\n"))
+
+
+_MARKDOWN_ESCAPES = {
+    "&": "&amp;",
+    "<": "&lt;",
+    ">": "&gt;",
+    "@": "&#64;",
+    "\\": "\\\\",
+    "`": "\\`",
+    "*": "\\*",
+    "_": "\\_",
+    "[": "\\[",
+    "]": "\\]",
+    "|": "\\|",
+    "~": "\\~",
+    "#": "\\#",
+}
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` as inert GitHub-flavoured markdown inline content, one line: controls and
+    bidi overrides as with :func:`escape_controls`; ``& < >`` as entities (no HTML, no
+    autolink, no closing a ``<details>``); ``@`` as an entity (no mention pings a team from a
+    PR comment); and the characters that open emphasis, code, links, tables, strikethrough or
+    headings backslash-escaped (a ``|`` opens no table column). It renders as ``text``
+    itself, control characters shown escaped."""
+    out = "".join(_MARKDOWN_ESCAPES.get(ch, ch) for ch in escape_controls(text))
+    # At the start of a list item a value could open a block: a nested list ("1. ", "- ",
+    # "+ "), a thematic break ("---") or, after leading spaces, an indented code block.
+    stripped = out.lstrip(" ")
+    if len(stripped) < len(out):
+        out = "&#32;" + out[1:]
+    elif out[:1] in ("-", "+"):
+        out = "\\" + out
+    else:
+        digits = len(out) - len(out.lstrip("0123456789"))
+        if digits and out[digits : digits + 1] in (".", ")"):
+            out = out[:digits] + "\\" + out[digits:]
+    return out

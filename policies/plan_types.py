@@ -2,7 +2,9 @@
 ``apply`` consumes, and their stable JSON form (``plan_to_dict`` / ``plan_from_dict``, the
 format of ``--format json`` and of saved plan files). Pure values, no I/O.
 
-All amounts in ``Change.args`` are gateway credits; the fleet currency is for display.
+All amounts in ``Change.args`` and ``FieldDiff`` values are gateway credits (thresholds a
+ratio); the fleet currency is for display (``policies.units``), and the JSON form carries both,
+labelled. Additions to the JSON never change ``format_version``; a change of meaning would.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from policies.exposure import ExposureReview
 from policies.funding_window import DeferReason
 from policies.guardrails import Violation
 from policies.money import format_money
+from policies.plan_exposure import CapMove, PlanExposureChange, exposure_change
 from policies.spec import SecretRef
+from policies.units import DiffUnit, Units, parse_decimal, percent_number, unit_of
 
 PLAN_FORMAT_VERSION = 1
 
@@ -47,6 +51,29 @@ class FieldDiff:
     field: str
     before: str | None
     after: str | None
+
+    @property
+    def unit(self) -> DiffUnit:
+        """What ``before``/``after`` measure: credits (caps, balance), a ratio
+        (``alert_threshold``) or text (``policies.units.FIELD_UNITS``)."""
+        return unit_of(self.field)
+
+
+def field_diff_to_dict(d: FieldDiff, units: Units | None) -> dict[str, Any]:
+    """A diff as JSON: ``before``/``after`` as planned (credits, ratio), its ``unit``, and the
+    same values in the units a person reads, labelled: ``currency`` with
+    ``before_in_currency``/``after_in_currency`` (rounded half-even to the cent) for credits,
+    ``before_percent``/``after_percent`` for a ratio."""
+    out: dict[str, Any] = {"field": d.field, "before": d.before, "after": d.after, "unit": d.unit.value}
+    b, a = parse_decimal(d.before), parse_decimal(d.after)
+    if d.unit is DiffUnit.CREDITS and units is not None:
+        out["currency"] = units.currency
+        out["before_in_currency"] = format_money(units.in_currency(b)) if b is not None else None
+        out["after_in_currency"] = format_money(units.in_currency(a)) if a is not None else None
+    elif d.unit is DiffUnit.RATIO:
+        out["before_percent"] = percent_number(b) if b is not None else None
+        out["after_percent"] = percent_number(a) if a is not None else None
+    return out
 
 
 def _wire_money(value: Decimal) -> str:
@@ -400,6 +427,39 @@ class Plan:
     def empty(self) -> bool:
         return not self.changes
 
+    def units(self, fleet: str) -> Units | None:
+        """The fleet's currency and rate, as this plan observed it (``None``: not in the plan)."""
+        for f in self.fleets:
+            if f.name == fleet:
+                return Units(f.currency, f.rate_to_credits)
+        return None
+
+    def exposure_change(self) -> PlanExposureChange:
+        """What applying this plan changes in spending authority, per fleet
+        (``policies.plan_exposure``): caps live → planned from the changes themselves,
+        funding and agents from the review against the last approved revision."""
+        registered: dict[str, list[str]] = {}
+        deposits: dict[str, Decimal] = {}
+        for c in self.changes:
+            if c.kind is ChangeKind.REGISTER:
+                registered.setdefault(c.fleet, []).append(c.agent_id)
+            if c.credits_in:
+                deposits[c.fleet] = deposits.get(c.fleet, Decimal("0.00")) + c.credits_in
+        new_wallets = {a for ids in registered.values() for a in ids}
+        moves = []
+        for c in self.changes:
+            if c.kind is not ChangeKind.SET_BUDGET:
+                continue
+            for d in c.diff:
+                after = parse_decimal(d.after)
+                if d.field in ("daily_cap", "monthly_cap") and after is not None:
+                    moves.append(
+                        CapMove(c.fleet, c.agent_id, d.field, parse_decimal(d.before), after, c.agent_id in new_wallets)
+                    )
+        units = {f.name: Units(f.currency, f.rate_to_credits) for f in self.fleets}
+        unobserved = any(e.kind is PlanErrorKind.UNOBSERVED for e in self.errors)
+        return exposure_change(units, moves, deposits, registered, self.exposure, complete=not unobserved)
+
     def summary(self) -> dict[str, Any]:
         counts = Counter(c.kind.value for c in self.changes)
         top_up = sum((c.args.amount for c in self.changes if isinstance(c.args, TopUpArgs)), Decimal(0))
@@ -422,6 +482,7 @@ class Plan:
             "exposure_increase": bool(self.exposure and self.exposure.increases),
             "approval_required": bool(self.exposure and self.exposure.requires_approval),
             "unverified": len(self.unverified),
+            "exposure_change": self.exposure_change().to_dict(),
         }
 
 
@@ -450,7 +511,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                 "fleet": c.fleet,
                 "agent_id": c.agent_id,
                 "reason": c.reason,
-                "diff": [{"field": d.field, "before": d.before, "after": d.after} for d in c.diff],
+                "diff": [field_diff_to_dict(d, plan.units(c.fleet)) for d in c.diff],
                 "args": c.args.wire(),
             }
             for c in plan.changes

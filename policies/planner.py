@@ -69,6 +69,7 @@ from policies.plan_types import (
 from policies.records import Adjustment, BudgetWrite, Hold, Intent, ManagedWebhook
 from policies.settle import SETTLE_SECONDS, settles_at
 from policies.spec import AgentSpec, DesiredState, FleetSpec, GatewayWebhookSpec, SecretRef
+from policies.units import Units
 
 
 @dataclass(frozen=True)
@@ -226,11 +227,7 @@ def _plan_agent(
                 kind=ChangeKind.TOP_UP,
                 fleet=fleet.name,
                 agent_id=spec.agent_id,
-                reason=(
-                    f"balance {format_money(balance)} < floor {format_money(floor)} credits: "
-                    f"top up to target {format_money(target)} "
-                    f"(+{format_money(from_credits(amount, rate))} {fleet.currency})"
-                ),
+                reason=top_up_reason(Units(fleet.currency, rate), balance, floor, target, amount),
                 diff=(FieldDiff("balance", format_money(balance), format_money(balance + amount)),),
                 args=TopUpArgs(
                     amount=amount.quantize(CENT),
@@ -242,6 +239,21 @@ def _plan_agent(
             )
         )
     return changes
+
+
+def top_up_reason(units: Units, balance: Decimal, floor: Decimal, target: Decimal, amount: Decimal) -> str:
+    """``balance 1.00 < floor 40.00 USD: top up to target 75.00 USD (+74.00 USD = 7400.00
+    credits)``: the fleet currency first, the credits deposited alongside."""
+    if units.is_credits:
+        return (
+            f"balance {format_money(balance)} < floor {format_money(floor)} credits: "
+            f"top up to target {format_money(target)} (+{format_money(amount)} credits)"
+        )
+    c, cur = units.currency_text, units.currency
+    return (
+        f"balance {c(balance)} < floor {c(floor)} {cur}: top up to target {c(target)} {cur} "
+        f"(+{c(amount)} {cur} = {format_money(amount)} credits)"
+    )
 
 
 def _confirm_caps(fleet: FleetSpec, spec: AgentSpec, want: Mapping[str, str | None], hold: Hold) -> Change:
@@ -742,7 +754,7 @@ def _bound_funding(
         flags.append(flag)
         allowance = outflow_allowance(limit, unexplained)
         changes[agent_id] = [
-            _clip_top_up(fleet, c, allowance, DeferReason.UNEXPLAINED_OUTFLOW, deferred, _outflow_why(flag, rate))
+            _clip_top_up(fleet, rate, c, allowance, DeferReason.UNEXPLAINED_OUTFLOW, deferred, _outflow_why(flag, rate))
             if c.kind is ChangeKind.TOP_UP
             else c
             for c in changes[agent_id]
@@ -785,7 +797,7 @@ def _bound_funding(
             continue
         current = changes[change.agent_id]
         if change in current:
-            clipped = _clip_top_up(fleet, change, grant, DeferReason.FLEET_DAILY_LIMIT, deferred, why)
+            clipped = _clip_top_up(fleet, rate, change, grant, DeferReason.FLEET_DAILY_LIMIT, deferred, why)
             current[current.index(change)] = clipped
             changes[change.agent_id] = [c for c in current if not _is_empty_top_up(c)]
     window = FundingWindow(fleet.name, fleet.currency, rate, limit, used, planned)
@@ -823,13 +835,20 @@ def _is_empty_top_up(change: Change) -> bool:
 
 
 def _clip_top_up(
-    fleet: FleetSpec, change: Change, most: Decimal, reason: DeferReason, deferred: list[Deferred], why: str
+    fleet: FleetSpec,
+    rate: Decimal,
+    change: Change,
+    most: Decimal,
+    reason: DeferReason,
+    deferred: list[Deferred],
+    why: str,
 ) -> Change:
     """The top-up cut to ``most`` credits (``0.00``: dropped by the caller), the rest deferred."""
     args = change.args_as(TopUpArgs)
     amount = args.amount
     if amount <= most:
         return change
+    units = Units(fleet.currency, rate)
     granted = max(Decimal("0.00"), most)
     deferred.append(
         Deferred(
@@ -839,8 +858,8 @@ def _clip_top_up(
             amount - granted,
             reason,
             (
-                f"top-up of {format_money(amount)} credits "
-                + (f"cut to {format_money(granted)}" if granted else "not planned")
+                f"top-up of {units.amount(amount)} "
+                + (f"cut to {units.amount(granted)}" if granted else "not planned")
                 + f": {why}"
             ),
         )
@@ -852,7 +871,7 @@ def _clip_top_up(
     # decision, so it and the full one can never both land.
     return replace(
         change,
-        reason=f"{change.reason}; cut to {format_money(granted)} credits ({reason.value})",
+        reason=f"{change.reason}; cut to {units.amount(granted)} ({reason.value})",
         diff=(FieldDiff("balance", format_money(balance), format_money(balance + granted)),),
         args=replace(args, amount=granted.quantize(CENT)),
     )

@@ -10,12 +10,14 @@ import asyncio
 import contextlib
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import click
 
+from controller.cli.github import STEP_SUMMARY_ENV, annotation, append_step_summary, plain_annotation
 from controller.cli.options import (
     DEFAULT_PATH,
     EXIT_CHANGES,
@@ -27,8 +29,17 @@ from controller.cli.options import (
     run_command,
     target_options,
 )
-from controller.cli.views import RENDERERS, render_apply_text, render_text
-from controller.errors import ConfigError, FinopsError, StalePlanError
+from controller.cli.views import (
+    DEFAULT_MARKER,
+    DEFAULT_MAX_CHARS,
+    MIN_MAX_CHARS,
+    RENDERERS,
+    marker_comment,
+    render_apply_text,
+    render_markdown,
+    render_text,
+)
+from controller.errors import ConfigError, FinopsError, ManifestError, StalePlanError
 from controller.io.safefile import read_text_bounded
 from controller.io.secretfile import make_private_dirs, write_secret_file
 from controller.io.target import Target
@@ -54,6 +65,20 @@ FIFO, a runaway file) from hanging ``apply --plan`` or exhausting its memory."""
 async def _plan(desired: DesiredState, services: Services, prune: bool) -> Plan:
     async with services.client() as client:
         return await observe_and_plan(client, desired, services.target.name, services.state, prune=prune)
+
+
+def _marker(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        marker_comment(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _max_chars(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if 0 < value < MIN_MAX_CHARS:
+        raise click.BadParameter(f"0 (no limit) or at least {MIN_MAX_CHARS}")
+    return value
 
 
 def _banner(target: Target, fmt: str) -> None:
@@ -98,11 +123,29 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("path", default=DEFAULT_PATH, required=False)
-def validate(path: str) -> None:
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "github"]),
+    default="text",
+    show_default=True,
+    help="github: also print each error as a GitHub Actions annotation (::error file=…,line=…::…) on stdout.",
+)
+def validate(path: str, fmt: str) -> None:
     """Check manifests offline: every error with file, line and field."""
 
     def run() -> int:
-        desired = load(path, None)  # offline: relative paths stay as written
+        try:
+            desired = load(path, None)  # offline: relative paths stay as written
+        except ManifestError as exc:
+            if fmt == "github":
+                for issue in exc.issues:
+                    click.echo(annotation(issue))
+            raise
+        except FinopsError as exc:
+            if fmt == "github":
+                click.echo(plain_annotation(str(exc)))
+            raise
         agents = len(desired.agents())
         click.echo(f"OK: {len(desired.fleets)} fleet(s), {agents} agent(s) in {path}")
         return EXIT_OK
@@ -130,6 +173,29 @@ def schema() -> None:
     default=None,
     help="Also save the plan to FILE for `finops apply --plan FILE`.",
 )
+@click.option(
+    "--max-chars",
+    type=click.IntRange(min=0),
+    callback=_max_chars,
+    default=DEFAULT_MAX_CHARS,
+    show_default=True,
+    help="Markdown (and the GITHUB_STEP_SUMMARY copy): at most N characters; fleets that do not fit are "
+    "summarised and the rest points to the full plan. 0: no limit.",
+)
+@click.option(
+    "--artifact-hint",
+    default=None,
+    metavar="TEXT",
+    help="Markdown: where the full plan is kept (e.g. the workflow artifact's URL), shown when it is truncated.",
+)
+@click.option(
+    "--marker",
+    default=DEFAULT_MARKER,
+    show_default=True,
+    callback=_marker,
+    help="Markdown: the name in its first line, <!-- NAME -->, by which a workflow finds and updates one "
+    "sticky PR comment (one per target, e.g. finops-plan-prod).",
+)
 @target_options
 def plan(
     path: str,
@@ -137,9 +203,15 @@ def plan(
     fmt: str,
     detailed_exitcode: bool,
     out: Path | None,
+    max_chars: int,
+    artifact_hint: str | None,
+    marker: str,
     opts: TargetOptions,
 ) -> None:
-    """Show what apply would change (reads only)."""
+    """Show what apply would change (reads only).
+
+    With GITHUB_STEP_SUMMARY set (GitHub Actions), the markdown plan is also appended to
+    that file, whatever --format says."""
 
     def run() -> int:
         desired = load(path, opts.state_dir)
@@ -147,10 +219,22 @@ def plan(
             _banner(target, fmt)
             with open_services(target, opts) as services:
                 result = asyncio.run(_plan(desired, services, prune))
+
+        def markdown() -> str:
+            return render_markdown(result, max_chars=max_chars, artifact_hint=artifact_hint, marker=marker)
+
         if fmt == "text":
             click.echo(render_text(result, click.style))
+        elif fmt == "markdown":
+            click.echo(markdown(), nl=False)
         else:
             click.echo(RENDERERS[fmt](result))
+        summary_file = os.environ.get(STEP_SUMMARY_ENV)
+        if summary_file:
+            try:
+                append_step_summary(summary_file, markdown())
+            except OSError as exc:
+                err(f"could not write the job summary to {summary_file} ({STEP_SUMMARY_ENV}): {exc.strerror or exc}")
         if out is not None:
             write_secret_file(out, json.dumps(plan_to_dict(result), indent=2) + "\n")  # 0600, atomic
             click.echo(f"finops: plan saved to {out}", err=True)

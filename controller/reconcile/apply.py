@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from enum import Enum
 from typing import Any
 
@@ -38,7 +39,7 @@ from controller.keys.sinks import DeliveryError, KeySink
 from controller.keys.vault import KeyStore
 from controller.state import ABANDONED, DONE, FAILED, PENDING, BudgetWrite, Intent, ManagedWebhook, StateStore
 from controller.state.recovery import Resolver, resolver_of
-from policies.currency import SIGNUP_BONUS_CREDITS
+from policies.currency import CREDITS, SIGNUP_BONUS_CREDITS
 from policies.funding import top_up_amount
 from policies.funding_window import FundingKind, bonus_ref
 from policies.keyprint import secret_fingerprint
@@ -56,6 +57,7 @@ from policies.plan_types import (
 from policies.planner import live_managed_secrets, marked_owner, webhook_owners
 from policies.settle import SETTLE_SECONDS, is_settled, parse_settle_seconds, settles_at
 from policies.spec import DesiredState
+from policies.units import Units, show_change
 
 SETTLE_ENV_VAR = "FINOPS_SETTLE_SECONDS"
 
@@ -272,6 +274,8 @@ class Applier:
         the run capped, or held."""
         self._recovered: list[str] | None = None
         """Notes of ``prepare``/``recover_intents`` once run (each runs once per Applier)."""
+        self._units: dict[str, Units] = {}
+        """Each fleet's currency and rate, from the plan being applied (for people's notes)."""
 
     # ------------------------------------------------------------------ recovery
 
@@ -457,6 +461,7 @@ class Applier:
     # ------------------------------------------------------------------ apply
 
     async def apply(self, plan: Plan) -> ApplyResult:
+        self._units = {f.name: Units(f.currency, f.rate_to_credits) for f in plan.fleets}
         before = dict(self.client.calls)
         recovered = await self.recover_intents()
         by_agent: dict[str, list[Change]] = {}
@@ -621,9 +626,11 @@ class Applier:
                 return Skipped(
                     change.kind,
                     SkipReason.NO_LONGER_NEEDED,
-                    f"skipped top-up: balance is now {format_money(balance)}, no longer below the floor",
+                    f"skipped top-up: balance is now {self._units_of(change.fleet).amount(balance)}, "
+                    "no longer below the floor",
                 )
-            adjusted = f" (balance moved {format_money(expected)} → {format_money(balance)} since the plan)"
+            moved = self._units_of(change.fleet).change(expected, balance)
+            adjusted = f" (balance moved {moved} since the plan)"
         payload = {"amount": format_money(amount), "fleet": change.fleet}
         self.store.begin_intent(key, "deposit", agent, payload, sent_at=self._clock())
         self._hook("before_deposit", agent)
@@ -652,8 +659,15 @@ class Applier:
         ref = str(deposit.transaction_id) if deposit.transaction_id is not None else None
         self.store.finish_intent(key, DONE, f"transaction {deposit.transaction_id}", ref=ref)
         how = " (recovered from the ledger after a lost response)" if deposit.recovered else ""
-        balance_now = format_money(deposit.new_balance)
-        return Applied(change.kind, f"deposited {format_money(amount)} credits → balance {balance_now}{adjusted}{how}")
+        units = self._units_of(change.fleet)
+        return Applied(
+            change.kind,
+            f"deposited {units.amount(amount)} → balance {units.amount(deposit.new_balance)}{adjusted}{how}",
+        )
+
+    def _units_of(self, fleet: str) -> Units:
+        """The fleet's currency for people's notes (credits alone when the plan lacks it)."""
+        return self._units.get(fleet) or Units(CREDITS, Decimal(1))
 
     def _bonus(self, agent: str, fleet: str, *, landed: bool | None) -> None:
         """The signup bonus of a registration finops makes counts as finops' credit:
@@ -674,7 +688,9 @@ class Applier:
             change.agent_id, BudgetWrite(daily_cap=daily, monthly_cap=monthly, alert_threshold=threshold)
         )
         lifted = "; finops' automatic hold lifted" if self.store.clear_auto_hold(change.agent_id) else ""
-        fields = ", ".join(f"{d.field} {d.before or 'none'} → {d.after}" for d in change.diff) or "confirmed"
+        units = self._units_of(change.fleet)
+        fields = ", ".join(f"{d.field} {show_change(d.unit, d.before, d.after, units)}" for d in change.diff)
+        fields = fields or "confirmed"
         return f"budget set: {fields}{lifted}"
 
     async def _create_webhook(self, change: Change) -> str:

@@ -35,6 +35,7 @@ from policies.money import format_money
 from policies.plan_types import ChangeKind, Plan, funding_window_to_dict
 from policies.planner import make_plan
 from policies.spec import DesiredState
+from policies.units import show_change
 
 
 @dataclass
@@ -56,6 +57,9 @@ class AgentStatus:
     flags: list[str] = field(default_factory=list)
     """For people: one line per thing that needs a human (findings' messages included)."""
     error: str | None = None
+    credits: dict[str, str] = field(default_factory=dict)
+    """``balance``, ``spent_today``, ``daily_cap`` in gateway credits (the fields above are
+    in ``currency``)."""
     findings: list[Finding] = field(default_factory=list)
     """For code: what detection found (``policies.detect``), typed."""
     rate: Decimal = Decimal(1)
@@ -135,8 +139,11 @@ def _cap_drift(plan: Plan, agent_id: str) -> str | None:
         if change.agent_id == agent_id and change.kind is ChangeKind.SET_BUDGET:
             caps = [d for d in change.diff if d.field in ("daily_cap", "monthly_cap")]
             if caps:
-                what = ", ".join(f"{d.field} live {d.before or 'none'} vs desired {d.after}" for d in caps)
-                return f"CAP DRIFT: {what} credits (an agent can raise its own cap); the next reconcile restores it"
+                units = plan.units(change.fleet)
+                what = ", ".join(
+                    f"{d.field} live → desired {show_change(d.unit, d.before, d.after, units)}" for d in caps
+                )
+                return f"CAP DRIFT: {what} (an agent can raise its own cap); the next reconcile restores it"
     return None
 
 
@@ -196,8 +203,10 @@ async def fleet_status(
             budget = agent.budget
             row.balance = format_money(from_credits(agent.balance, rate))
             row.spent_today = format_money(from_credits(budget.daily_spend, rate))
+            row.credits = {"balance": format_money(agent.balance), "spent_today": format_money(budget.daily_spend)}
             if budget.daily_cap is not None:
                 row.daily_cap = format_money(from_credits(budget.daily_cap, rate))
+                row.credits["daily_cap"] = format_money(budget.daily_cap)
                 if budget.daily_cap > 0:
                     pct = (budget.daily_spend / budget.daily_cap * 100).quantize(Decimal("0.1"))
                     row.percent_used = str(pct)
@@ -280,6 +289,14 @@ async def fleet_status(
     )
 
 
+def _currencies(status: FleetStatus) -> str:
+    return "; ".join(
+        f"{w['fleet']}: {w['currency']}"
+        + ("" if w["currency"] == CREDITS else f", 1 {w['currency']} = {w['rate_to_credits']} credits")
+        for w in status.funding
+    )
+
+
 def render_status(status: FleetStatus) -> str:
     lines = [f"{'agent':<12} {'balance':>10} {'24h spend':>10} {'daily cap':>10} {'used':>7}  thresholds  fired"]
     for a in status.agents:
@@ -325,6 +342,7 @@ def render_status(status: FleetStatus) -> str:
             if status.findings
             else "all clear"
         )
-        + ". Amounts in each fleet's currency; spend is the gateway's rolling 24 h window."
+        + f". Amounts in each fleet's currency ({_currencies(status)}); thresholds and use in % of the daily cap; "
+        "spend is the gateway's rolling 24 h window."
     )
     return "\n".join(escape_controls(line) for line in lines)

@@ -38,7 +38,11 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """The real ``finops`` CLI in a subprocess, without the caller's gateway or finops
     environment (``env`` adds to it)."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GREENHELIX_", "FINOPS_"))}
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GREENHELIX_", "FINOPS_")) and k != "GITHUB_STEP_SUMMARY"  # not the CI job's own
+    }
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "controller.cli", *args],

@@ -86,8 +86,9 @@ def test_quick_start_journey(workdir: Path) -> None:
 def test_markdown_plan_is_a_pr_comment(workdir: Path) -> None:
     result = finops(workdir, "plan", "--format", "markdown")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("### finops plan")
-    assert "| + | `orch-01` | register |" in result.stdout
+    # The marker comment first (a workflow updates one sticky comment by it), then the title.
+    assert result.stdout.startswith("<!-- finops-plan -->\n### finops plan")
+    assert "| + | orch-01 | register |" in result.stdout
 
 
 def test_saved_plan_applies_and_is_refused_once_stale(workdir: Path) -> None:

@@ -20,7 +20,7 @@ from controller.manifest.schema import Money, port_problem
 from controller.reconcile.apply import AgentResult, Applied, ApplyResult, Failed, StepOutcome
 from controller.reconcile.observe import LiveAgent
 from policies.currency import to_credits
-from policies.display import escape_controls, escape_lines
+from policies.display import escape_controls, escape_lines, escape_markdown
 from policies.guardrails import check_gateway_range
 from policies.money import GATEWAY_MAX_AMOUNT, GATEWAY_MAX_DEPOSIT, out_of_gateway_range
 from policies.plan_types import ChangeKind, PlanErrorKind
@@ -146,7 +146,9 @@ def test_plans_and_apply_results_escape_every_string_they_show() -> None:
     )
     for text in (render_text(hostile), render_markdown(hostile)):
         assert "\x1b" not in text and "\r" not in text and "\u202e" not in text and "\x9b" not in text
-        assert "evil\\x1b[2J" in text
+    assert "evil\\x1b[2J" in render_text(hostile)
+    # Markdown also escapes what markdown would interpret ('[' opens a link, '\\' escapes).
+    assert escape_markdown(HOSTILE) in render_markdown(hostile) and "evil\\\\x1b\\[2J" in render_markdown(hostile)
     row = next(line for line in render_markdown(hostile).splitlines() if line.startswith("| + |"))
     assert row.count(" | ") == 4 and "\\| extra column" in row  # a '|' in a value opens no column
     outcomes: list[StepOutcome] = [Applied(ChangeKind.REGISTER, HOSTILE), Failed(ChangeKind.TOP_UP, HOSTILE)]
