@@ -140,7 +140,17 @@ def validate(path: str) -> None:
 
 @cli.command()
 def schema() -> None:
-    """Print the manifest JSON Schema (for editors and CI linters)."""
+    """Print the manifest JSON Schema (for editors and CI linters).
+
+    Save it next to the manifests and point editors at it with the yaml-language-server
+    modeline as the first line of each manifest:
+
+    \b
+      finops schema > manifests/finops.schema.json
+      # yaml-language-server: $schema=./finops.schema.json
+
+    The schema checks each document's shape; `finops validate` remains the authority
+    (cross-document rules such as tier references and budgets)."""
     click.echo(json.dumps(manifest_json_schema(), indent=2))
 
 

@@ -39,7 +39,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "finops validate manifests/prod.yaml  # one file",
     ),
     "finops schema": (
-        "finops schema > finops.schema.json",
+        "finops schema > manifests/finops.schema.json",
         "# then, first line of a manifest: # yaml-language-server: $schema=./finops.schema.json",
     ),
     "finops plan": (

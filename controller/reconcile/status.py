@@ -376,8 +376,8 @@ def _cut(line: str, width: int = SUMMARY_WIDTH) -> str:
 def render_summary(status: FleetStatus, *, limit: int = SUMMARY_LINES) -> str:
     """``finops status`` without ``--all``: one screenful whatever the fleet's size. Counts
     first, then the agents that need a look (could not be observed, flagged, at their cap,
-    alerts fired; the most used first) with up to three flags each, in at most ``limit``
-    lines, then the per-fleet
+    alerts fired; the most used first) with up to three flags each (one each when they would
+    not fit), in at most ``limit`` lines, then the per-fleet
     funding and what else was found, each cut to a line; the rest is counted with a pointer
     to ``--all``."""
     agents = status.agents
@@ -387,16 +387,18 @@ def render_summary(status: FleetStatus, *, limit: int = SUMMARY_LINES) -> str:
     fleets = sorted({a.fleet for a in agents})
     notable = sorted((a for a in agents if a.error or a.flags or a.findings or a.at_cap or a.fired), key=_summary_order)
     lines = [
-        f"{len(agents)} agent(s) in {len(fleets)} fleet(s) on {status.target}: {len(flagged)} need attention "
-        f"({len(errors)} not observed), {len(at_cap)} at or over the daily cap, {len(fired)} with alerts fired, "
-        f"{len(agents) - len(notable)} within their caps with nothing flagged."
+        _cut(f"{len(agents)} agent(s) in {len(fleets)} fleet(s) on {status.target}:"),
+        f"  {len(flagged)} need attention ({len(errors)} not observed), {len(at_cap)} at or over the daily cap, "
+        f"{len(fired)} with alerts fired, {len(agents) - len(notable)} fine.",
     ]
     if notable:
         lines.append(f"{'agent':<12} {'balance':>10} {'24h spend':>10} {'daily cap':>10} {'used':>7}  fired")
     shown = 0
     budget = limit
+    # Few agents to show: up to three flags each; many: one each, so more agents fit.
+    per_agent = SUMMARY_FLAGS if sum(1 + min(len(a.flags), SUMMARY_FLAGS) for a in notable) <= limit else 1
     for a in notable:
-        flags = a.flags[:SUMMARY_FLAGS]
+        flags = a.flags[:per_agent]
         if shown and 1 + len(flags) > budget:
             break
         budget -= 1 + len(flags)
@@ -439,8 +441,6 @@ def render_summary(status: FleetStatus, *, limit: int = SUMMARY_LINES) -> str:
         lines.append(_cut(f"! {who}: {finding.message(Decimal(1), CREDITS)}"))
     if len(status.findings) > 3:
         lines.append(f"… {len(status.findings) - 3} more finding(s): `finops status --all`")
-    lines.append(
-        f"{len(agents)} agent(s); {_verdict(status)}. Amounts in each fleet's currency; spend is the gateway's "
-        "rolling 24 h window."
-    )
-    return "\n".join(escape_controls(line) for line in lines)
+    lines.append(f"{len(agents)} agent(s); {_verdict(status)}.")
+    lines.append("Amounts in each fleet's currency; spend is the gateway's rolling 24 h window.")
+    return "\n".join(_cut(escape_controls(line)) for line in lines)
