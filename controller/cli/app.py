@@ -403,7 +403,7 @@ def apply(
             )
         desired = load(path, opts.state_dir)
         saved = _read_plan_file(plan_path) if plan_path is not None else None
-        progress = ApplyProgress(sys.stderr, color=click.get_current_context().color)
+        progress = ApplyProgress.on_stderr(color=click.get_current_context().color)
         with (
             opts.writer_lock("finops apply") as lock,
             opts.open_target() as target,

@@ -3,6 +3,7 @@ when stderr is a terminal (a pipe, a CI log or ``--format json`` output never se
 
 from __future__ import annotations
 
+import sys
 from typing import Any, TextIO
 
 import click
@@ -21,6 +22,11 @@ class ApplyProgress:
         self._color = color
         self._min = min_agents
         self._bar: Any = None
+
+    @classmethod
+    def on_stderr(cls, *, color: bool | None = None) -> ApplyProgress:
+        """On the process' stderr as it is now (click's test runner swaps it)."""
+        return cls(sys.stderr, color=color)
 
     @property
     def shown(self) -> bool:
