@@ -15,6 +15,9 @@ import pytest
 
 from tests.integration.conftest import CANONICAL
 from tests.integration.test_cli import finops
+from tests.unit.test_cli_conventions import JSON_OUTPUTS
+
+JSON_OUTPUTS_TESTED = {name.removeprefix("finops ") for name in JSON_OUTPUTS}
 
 
 @pytest.fixture
@@ -136,10 +139,14 @@ def test_every_json_output_has_a_format_version(workdir: Path) -> None:
         "alerts check": ["alerts", "check", "--format", "json"],
         "rotate": ["rotate", "--format", "json"],
         "rebalance": ["rebalance", "--dry-run", "--format", "json"],
+        "approve": ["approve", "--show", "--format", "json"],
+        "state show": ["state", "show", "--format", "json"],
+        "state migrate": ["state", "migrate", "--to", str(workdir / "backup.db"), "--format", "json"],
     }.items():
         done = finops(workdir, *args)
         assert done.returncode == 0, (name, done.stdout, done.stderr)
         outputs[name] = json.loads(done.stdout)  # stdout is exactly one JSON document
+    assert set(outputs) == JSON_OUTPUTS_TESTED
     for name, doc in outputs.items():
         assert doc.get("format_version") == 1, name
     assert {a["agent_id"] for a in outputs["status"]["agents"]} == {"orch-01", "res-01", "res-02", "sum-01", "cls-01"}

@@ -218,3 +218,31 @@ def test_completion_completes_commands_and_options() -> None:
 
 def test_completion_refuses_an_unknown_shell() -> None:
     assert_usage_error(invoke(["completion", "tcsh"]), "Invalid value")
+
+
+JSON_OUTPUTS = {
+    "finops plan",
+    "finops apply",
+    "finops status",
+    "finops alerts check",
+    "finops rotate",
+    "finops rebalance",
+    "finops approve",
+    "finops state show",
+    "finops state migrate",
+}
+"""Commands with ``--format json``: each is checked for ``format_version`` in
+tests/integration/test_cli_conventions.py."""
+
+
+def test_every_json_output_is_known_to_the_format_version_test() -> None:
+    with_json = {
+        name
+        for name, (_, command) in zip(IDS, COMMANDS, strict=True)
+        for p in command.params
+        if isinstance(p, click.Option)
+        and "--format" in p.opts  # not `run --log-format json` (logs)
+        and isinstance(p.type, click.Choice)
+        and "json" in p.type.choices
+    }
+    assert with_json == JSON_OUTPUTS
