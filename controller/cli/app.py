@@ -32,7 +32,7 @@ from controller.cli.options import (
 from controller.cli.progress import ApplyProgress
 from controller.cli.views import RENDERERS, render_apply_text, render_text
 from controller.errors import ConfigError, FinopsError, StalePlanError
-from controller.io.safefile import read_text_bounded
+from controller.io.safefile import iter_chunks, read_text_bounded
 from controller.io.secretfile import make_private_dirs, write_secret_file
 from controller.io.target import Target
 from controller.manifest.schema import manifest_json_schema
@@ -326,8 +326,9 @@ def is_saved_plan(path: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        with path.open("rb") as f:
-            head = f.read(64).lstrip()
+        # Opened as finops opens every input (regular files only: a FIFO swapped in after
+        # the check cannot hang it), the first bytes only unless it looks like JSON.
+        head = b"".join(iter_chunks(path, 64)).lstrip()
         if not head.startswith(b"{"):
             return False
         doc = json.loads(read_text_bounded(path, MAX_PLAN_FILE_BYTES))

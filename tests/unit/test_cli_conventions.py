@@ -4,6 +4,7 @@ present"), --help has examples, --no-color / NO_COLOR, shell completion."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -246,3 +247,17 @@ def test_every_json_output_is_known_to_the_format_version_test() -> None:
         and "json" in p.type.choices
     }
     assert with_json == JSON_OUTPUTS
+
+
+def test_a_saved_plan_is_told_apart_from_manifests(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"format_version": 1, "target": "sandbox", "basis": "ab", "changes": []}')
+    json_manifest = tmp_path / "fleet.json"
+    json_manifest.write_text('{"apiVersion": "finops.greenhelix.net/v1", "kind": "Fleet", "changes": []}')
+    yaml_manifest = tmp_path / "fleet.yaml"
+    yaml_manifest.write_text("apiVersion: finops.greenhelix.net/v1\nkind: Fleet\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # nobody writes to it: opening it for reading would hang
+    assert app.is_saved_plan(plan)
+    for not_a_plan in (tmp_path, json_manifest, yaml_manifest, fifo, tmp_path / "missing.json"):
+        assert not app.is_saved_plan(not_a_plan), not_a_plan
