@@ -44,8 +44,10 @@ SUMMARY_LINES = 36
 of the counts, funding, findings and verdict (a few lines each, also bounded)."""
 SUMMARY_FLAGS = 3
 """Flags shown per agent in the summary (the rest are counted)."""
-SUMMARY_WIDTH = 118
-"""Summary lines longer than this are cut (``--all`` shows them whole)."""
+SUMMARY_WIDTH = 120
+"""The terminal width the summary's row budget assumes."""
+SUMMARY_ROWS_PER_LINE = 3
+"""A summary line longer than this many terminal rows is cut (``--all`` shows it whole)."""
 
 
 @dataclass
@@ -369,17 +371,27 @@ def _summary_order(a: AgentStatus) -> tuple[int, Decimal, str]:
     return rank, -used, a.agent_id
 
 
-def _cut(line: str, width: int = SUMMARY_WIDTH) -> str:
+def _cut(line: str, width: int) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _clip(line: str) -> str:
+    """A summary line, whole up to ``SUMMARY_ROWS_PER_LINE`` terminal rows."""
+    return _cut(line, SUMMARY_WIDTH * SUMMARY_ROWS_PER_LINE)
+
+
+def screen_rows(line: str, width: int = SUMMARY_WIDTH) -> int:
+    """Terminal rows ``line`` takes on a ``width``-column terminal."""
+    return max(1, -(-len(line) // width))
 
 
 def render_summary(status: FleetStatus, *, limit: int = SUMMARY_LINES) -> str:
     """``finops status`` without ``--all``: one screenful whatever the fleet's size. Counts
     first, then the agents that need a look (could not be observed, flagged, at their cap,
     alerts fired; the most used first) with up to three flags each (one each when they would
-    not fit), in at most ``limit`` lines, then the per-fleet
-    funding and what else was found, each cut to a line; the rest is counted with a pointer
-    to ``--all``."""
+    not fit), in at most ``limit`` terminal rows, then each fleet's funding and what else was
+    found (a few lines each); the rest is counted with a pointer to ``--all``. No line is
+    longer than ``SUMMARY_ROWS_PER_LINE`` rows (``--all`` shows them whole)."""
     agents = status.agents
     flagged, at_cap = status.flagged, status.at_cap
     errors = [a for a in agents if a.error]
@@ -387,7 +399,7 @@ def render_summary(status: FleetStatus, *, limit: int = SUMMARY_LINES) -> str:
     fleets = sorted({a.fleet for a in agents})
     notable = sorted((a for a in agents if a.error or a.flags or a.findings or a.at_cap or a.fired), key=_summary_order)
     lines = [
-        _cut(f"{len(agents)} agent(s) in {len(fleets)} fleet(s) on {status.target}:"),
+        f"{len(agents)} agent(s) in {len(fleets)} fleet(s) on {status.target}:",
         f"  {len(flagged)} need attention ({len(errors)} not observed), {len(at_cap)} at or over the daily cap, "
         f"{len(fired)} with alerts fired, {len(agents) - len(notable)} fine.",
     ]
@@ -396,51 +408,51 @@ def render_summary(status: FleetStatus, *, limit: int = SUMMARY_LINES) -> str:
     shown = 0
     budget = limit
     # Few agents to show: up to three flags each; many: one each, so more agents fit.
-    per_agent = SUMMARY_FLAGS if sum(1 + min(len(a.flags), SUMMARY_FLAGS) for a in notable) <= limit else 1
+    per_agent = SUMMARY_FLAGS if sum(1 + min(len(a.flags), SUMMARY_FLAGS) for a in notable) <= limit // 2 else 1
     for a in notable:
-        flags = a.flags[:per_agent]
-        if shown and 1 + len(flags) > budget:
-            break
-        budget -= 1 + len(flags)
-        shown += 1
         if a.error:
-            lines.append(_cut(f"{a.agent_id:<12} could not observe: {a.error}"))
-            continue
-        used = f"{a.percent_used}%" if a.percent_used is not None else "-"
-        lines.append(
-            _cut(
+            block = [f"{a.agent_id:<12} could not observe: {a.error}"]
+        else:
+            used = f"{a.percent_used}%" if a.percent_used is not None else "-"
+            block = [
                 f"{a.agent_id:<12} {a.balance or '-':>10} {a.spent_today or '-':>10} {a.daily_cap or '-':>10} "
                 f"{used:>7}  {', '.join(a.fired) or '-'}" + ("  AT CAP" if a.at_cap else "")
-            )
-        )
-        for i, flag in enumerate(flags):
-            more = len(a.flags) - len(flags)
-            tail = f" (+{more} more: --all)" if more and i == len(flags) - 1 else ""
-            lines.append(_cut(f"{'':12}   ! {flag}", SUMMARY_WIDTH - len(tail)) + tail)
+            ]
+            flags = a.flags[:per_agent]
+            for i, flag in enumerate(flags):
+                more = len(a.flags) - len(flags)
+                tail = f" (+{more} more: --all)" if more and i == len(flags) - 1 else ""
+                block.append(_cut(f"{'':12}   ! {escape_controls(flag)}", SUMMARY_WIDTH * 2 - len(tail)) + tail)
+        block = [_clip(escape_controls(line)) for line in block]
+        rows = sum(map(screen_rows, block))
+        if shown and rows > budget:
+            break
+        budget -= rows
+        shown += 1
+        lines += block
     if len(notable) > shown:
         lines.append(
             f"… and {len(notable) - shown} more agent(s) flagged, at their cap or with alerts fired: "
             "`finops status --all` lists every agent"
         )
-    shown_funding = status.funding[:5]
+    shown_funding = status.funding[:3]
     for w in shown_funding:
         lines.append(
-            _cut(
-                f"Fleet {w['fleet']} funding, rolling 24 h: {w['used']} of {w['limit']} {w['currency']} used, "
-                f"{w['available']} left; the next reconcile would put in {w['planned']}"
-            )
+            f"Fleet {w['fleet']} funding, rolling 24 h: {w['used']} of {w['limit']} {w['currency']} used, "
+            f"{w['available']} left ({w['used_credits']} of {w['limit_credits']} credits); "
+            f"the next reconcile would put in {w['planned']}"
         )
     if len(status.funding) > len(shown_funding):
         lines.append(f"… funding of {len(status.funding) - len(shown_funding)} more fleet(s): `finops status --all`")
     if status.unmanaged_agents:
         names = ", ".join(status.unmanaged_agents[:5])
         extra = f" and {len(status.unmanaged_agents) - 5} more" if len(status.unmanaged_agents) > 5 else ""
-        lines.append(_cut(f"{len(status.unmanaged_agents)} unmanaged agent(s) on the gateway: {names}{extra}"))
-    for finding in status.findings[:3]:
+        lines.append(f"{len(status.unmanaged_agents)} unmanaged agent(s) on the gateway: {names}{extra}")
+    for finding in status.findings[:2]:
         who = f"{finding.agent_id} (not declared)" if finding.agent_id else "fleet"
-        lines.append(_cut(f"! {who}: {finding.message(Decimal(1), CREDITS)}"))
-    if len(status.findings) > 3:
-        lines.append(f"… {len(status.findings) - 3} more finding(s): `finops status --all`")
+        lines.append(f"! {who}: {finding.message(Decimal(1), CREDITS)}")
+    if len(status.findings) > 2:
+        lines.append(f"… {len(status.findings) - 2} more finding(s): `finops status --all`")
     lines.append(f"{len(agents)} agent(s); {_verdict(status)}.")
     lines.append("Amounts in each fleet's currency; spend is the gateway's rolling 24 h window.")
-    return "\n".join(_cut(escape_controls(line)) for line in lines)
+    return "\n".join(_clip(escape_controls(line)) for line in lines)
