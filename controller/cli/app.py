@@ -1,7 +1,8 @@
 """The ``finops`` command line. Exit codes are decided here and only here.
 
-0 success / no changes; 1 error (including any failed agent or refused plan); 2 changes
-present (``plan --detailed-exitcode``), as Terraform does.
+0 success / no changes; 1 error (including usage errors, any failed agent or refused
+plan); 2 changes present (``plan --detailed-exitcode``) only, as Terraform does
+(``controller.exitcodes``, ``controller.cli.conventions``).
 """
 
 from __future__ import annotations
