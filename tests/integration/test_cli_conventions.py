@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import CANONICAL
+from controller.reconcile.apply import AgentResult
+from controller.reconcile.pipeline import apply_plan
+from policies.spec import DesiredState
+from tests.integration.conftest import CANONICAL, Harness
 from tests.integration.test_cli import finops
 from tests.unit.test_cli_conventions import JSON_OUTPUTS
 
@@ -162,3 +165,21 @@ def test_status_summary_and_all(workdir: Path) -> None:
     assert everything.returncode == 0
     # --all has every agent's detail lines (keys, alert endpoints); the summary does not.
     assert everything.stdout.count("next rotation") == 5 and "next rotation" not in summary.stdout
+
+
+async def test_the_pipeline_tells_progress_each_agent_as_it_is_done(harness: Harness, canonical: DesiredState) -> None:
+    # What drives `apply`'s progress bar: one call per agent with changes, with its result.
+    done: list[AgentResult] = []
+    async with harness.client() as client:
+        run = await apply_plan(
+            client,
+            harness.store,
+            harness.sink,
+            canonical,
+            target="sandbox",
+            clock=harness.clock,
+            on_agent_done=done.append,
+        )
+    assert run.result is not None and run.result.ok
+    assert sorted(r.agent_id for r in done) == sorted({c.agent_id for c in run.chosen.changes})
+    assert len(done) == 5 and done == [r for r in done if r in run.result.agents]
