@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from controller.errors import FinopsError
 from controller.exitcodes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from policies.display import escape_lines
 
@@ -188,6 +189,9 @@ def run_main(
     except KeyboardInterrupt:
         _error("interrupted")
         sys.exit(EXIT_INTERRUPTED)
+    except FinopsError as exc:  # a command that does not go through ``run_command``
+        _error(str(exc))
+        sys.exit(EXIT_ERROR)
     except OSError as exc:
         if exc.errno == errno.EPIPE:  # the reader went away (`finops plan | head`)
             _silence_stdout()

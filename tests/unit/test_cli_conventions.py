@@ -18,6 +18,7 @@ from click.testing import CliRunner, Result
 import controller.cli.app as app
 from controller.cli.app import cli
 from controller.cli.conventions import EXAMPLES
+from controller.errors import ConfigError
 from controller.exitcodes import EXIT_ERROR
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -261,3 +262,13 @@ def test_a_saved_plan_is_told_apart_from_manifests(tmp_path: Path) -> None:
     assert app.is_saved_plan(plan)
     for not_a_plan in (tmp_path, json_manifest, yaml_manifest, fifo, tmp_path / "missing.json"):
         assert not app.is_saved_plan(not_a_plan), not_a_plan
+
+
+def test_a_finops_error_outside_run_command_is_its_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused() -> dict[str, object]:
+        raise ConfigError("the schema is not available here")
+
+    monkeypatch.setattr(app, "manifest_json_schema", refused)
+    result = invoke(["schema"])
+    assert result.exit_code == EXIT_ERROR
+    assert result.stderr == "Error: the schema is not available here\n"
