@@ -37,7 +37,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from controller.alerting.guard import AddressRefused, GuardedTransport, Resolver, system_resolver
 from controller.alerting.store import DELIVERED, GAVE_UP, REFUSED, AlertStore, OutboxRow
-from controller.errors import ConfigError
+from controller.errors import ConfigError, FinopsError
 from controller.io.secretref import resolve_secret
 from policies.alerts import ALERT_ID_HEADER, SIGNATURE_HEADER, redact_url, sign
 from policies.spec import SecretRef
@@ -79,6 +79,9 @@ class Outcome(Enum):
     FAILED = "failed"
     GAVE_UP = "gave_up"
     REFUSED = "refused"
+    FENCED = "fenced"
+    """This finops lost the writer lock: nothing more is sent; the row stays pending for
+    the replica that holds it now."""
 
 
 @dataclass
@@ -88,7 +91,9 @@ class DeliveryReport:
     gave_up: int = 0
     refused: int = 0
     deferred: int = 0
-    """Not attempted this check because the same receiver was down."""
+    """Not attempted this check because the same receiver was down (or this finops was fenced)."""
+    fenced: bool = False
+    """Stopped sending because the writer lock was lost (``fence`` raised)."""
     errors: list[str] = field(default_factory=list)
     """One line per failed delivery: agent, redacted URL, what went wrong."""
 
@@ -138,9 +143,12 @@ class Deliverer:
         policy: DeliveryPolicy,
         sleep: Sleep = asyncio.sleep,
         insecure_http: httpx.AsyncClient | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> None:
         """``http`` sends to routes under the URL rules; ``insecure_http`` (default: the
-        same client) to routes with ``allowInsecure``."""
+        same client) to routes with ``allowInsecure``. ``fence`` (the writer lock's check)
+        runs before every attempt: once it raises, nothing more is sent."""
+        self._fence = fence
         self._store = store
         self._http = http
         self._insecure_http = insecure_http if insecure_http is not None else http
@@ -159,7 +167,7 @@ class Deliverer:
         async def one_origin(rows: list[OutboxRow]) -> None:
             async with slots:
                 for i, row in enumerate(rows):
-                    if await self.deliver(row) is Outcome.RECEIVER_DOWN:
+                    if await self.deliver(row) in (Outcome.RECEIVER_DOWN, Outcome.FENCED):
                         self.report.deferred += len(rows) - i - 1
                         return
 
@@ -206,6 +214,8 @@ class Deliverer:
         try:
             async for attempt in retrying:
                 with attempt:
+                    if not await self._may_send():
+                        return Outcome.FENCED
                     tries += 1
                     await self._post(row, shown, headers)
         except (_Retry, _Rejected) as exc:
@@ -252,6 +262,18 @@ class Deliverer:
             raise _Retry(error)
         raise _Rejected(error)
 
+    async def _may_send(self) -> bool:
+        if self._fence is None:
+            return True
+        if not self.report.fenced:
+            try:
+                await asyncio.to_thread(self._fence)
+            except FinopsError as exc:
+                self.report.fenced = True
+                self.report.errors.append(f"alerts not sent: {exc}")
+                logger.error("alert delivery stopped: %s", exc)
+        return not self.report.fenced
+
     def _attempt(self, row: OutboxRow, shown: str, *, ok: bool, code: int | None, error: str) -> None:
         self._store.record_attempt(row, shown, self._now(), ok=ok, code=code, error=error)
         if not ok:
@@ -282,6 +304,7 @@ async def deliver_pending(
     policy: DeliveryPolicy = DEFAULT_POLICY,
     sleep: Sleep = asyncio.sleep,
     resolver: Resolver = system_resolver,
+    fence: Callable[[], None] | None = None,
 ) -> DeliveryReport:
     """Try every pending outbox row once (with in-check retries); see the module doc.
 
@@ -307,5 +330,7 @@ async def deliver_pending(
         client(strict) as http,
         client(insecure) as insecure_http,
     ):
-        deliverer = Deliverer(store, http, now=now, policy=policy, sleep=sleep, insecure_http=insecure_http)
+        deliverer = Deliverer(
+            store, http, now=now, policy=policy, sleep=sleep, insecure_http=insecure_http, fence=fence
+        )
         return await deliverer.run()

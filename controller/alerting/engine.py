@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -121,6 +121,7 @@ async def check_alerts(
     policy: DeliveryPolicy = DEFAULT_POLICY,
     sleep: Sleep = asyncio.sleep,
     resolver: Resolver = system_resolver,
+    fence: Callable[[], None] | None = None,
 ) -> AlertCheckResult:
     """Evaluate every declared agent's thresholds and deliver due alerts (module doc).
 
@@ -128,6 +129,8 @@ async def check_alerts(
     their state, and alerts queued before the hold are still delivered. Amounts are in
     gateway credits, the unit caps are enforced in. ``transport`` is the receivers' httpx
     transport (tests inject faults there); the gateway is reached through ``client``.
+    ``fence`` (the writer lock's check) runs before crossings are decided and before every
+    delivery attempt: a finops that lost the lock decides and sends nothing more.
     """
     specs = {a.agent_id: a for a in desired.agents()}
     to_read = [s for s in specs.values() if s.agent_id not in held]
@@ -135,6 +138,8 @@ async def check_alerts(
     result = AlertCheckResult(
         evaluated=len(readings), held=tuple(sorted(held & specs.keys())), agent_errors=agent_errors
     )
+    if fence is not None:
+        await asyncio.to_thread(fence)
     at = now()
     with AlertStore(state_path) as store:
         with store.decide(at) as tx:
@@ -177,7 +182,7 @@ async def check_alerts(
         result.recovered = sum(1 for e in evaluation.events if e.type == ALERT_EVENT_RECOVERED)
         store.prune(at - policy.retention)
         report = await deliver_pending(
-            store, now=now, transport=transport, policy=policy, sleep=sleep, resolver=resolver
+            store, now=now, transport=transport, policy=policy, sleep=sleep, resolver=resolver, fence=fence
         )
         result.pending = store.count(PENDING)
     result.delivered = report.delivered

@@ -11,6 +11,7 @@ import click
 from controller.alerting.engine import check_alerts
 from controller.cli.keys import Session, with_session
 from controller.cli.options import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, TargetOptions, load, run_command, target_options
+from controller.cli.where import state_status
 from controller.reconcile.approval import approval_status
 from controller.reconcile.status import fleet_status, render_status, render_summary
 
@@ -52,13 +53,21 @@ def status(
         async def go(s: Session) -> int:
             result = await fleet_status(s.client, desired, s.store, s.keys, target=s.target.name)
             approvals = approval_status(s.store, desired, path)
+            where = state_status(s.target.state_location, now=time.time())
             if fmt == "json":
-                click.echo(json.dumps({**result.to_dict(), "approval": approvals.to_dict()}, indent=2))
+                click.echo(
+                    json.dumps(
+                        {**result.to_dict(), "approval": approvals.to_dict(), "state": where.to_dict()}, indent=2
+                    )
+                )
             else:
                 click.echo(render_status(result) if show_all else render_summary(result))
                 for line in approvals.lines():
                     click.echo(line)
-            return EXIT_ERROR if strict and (result.needs_attention or approvals.flagged) else EXIT_OK
+                for line in where.lines():
+                    click.echo(line)
+            flagged = result.needs_attention or approvals.flagged or bool(where.flags)
+            return EXIT_ERROR if strict and flagged else EXIT_OK
 
         return with_session(opts, go, quiet_banner=fmt == "json")
 

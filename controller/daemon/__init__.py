@@ -3,6 +3,9 @@
 Public API: ``run`` (the click command), ``Daemon`` (``add_job``, ``request``,
 ``run_pending``/``step``, ``serve``), ``JobResult``, ``writer_lock``, ``DaemonMetrics``,
 ``DaemonContext`` (what the scheduled jobs of ``controller.daemon.scheduled`` are built from).
+With shared PostgreSQL state, several replicas run; ``controller.daemon.leader`` decides which
+one is active (the writer lock) and ``controller.daemon.replicas`` records each one's role,
+heartbeat and last pass in the state database.
 
 The names are loaded on first use (PEP 562): importing ``controller.daemon.lock`` (the
 writer lock every writing command takes) must not load the scheduler (APScheduler) or the

@@ -4,39 +4,52 @@ Wiring only: take the writer lock, open the target, build the source, reconciler
 and daemon, add the scheduled jobs (``job_factories``), serve. Exit codes follow ``controller.cli.options``:
 0 after a graceful stop (or a clean ``--once`` pass, where a job with nothing to do counts as
 clean), 1 on errors, a failed or partial ``--once`` pass, a refused newest revision, a stop
-that had to cancel jobs after ``--stop-timeout``, or when another writer holds the state
-directory.
+that had to cancel jobs after ``--stop-timeout``, when another writer holds the state
+directory, or when a replica lost the writer lock (fenced).
+
+With shared PostgreSQL state (``--state-url``) and no ``--once``, the process is one of
+several replicas (``controller.daemon.leader``): it stands by until it holds the writer
+lock, then runs the daemon with every gateway write fenced by the lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
 from controller.cli.options import DEFAULT_PATH, TargetOptions, run_command, target_options
-from controller.daemon.lock import writer_lock
+from controller.daemon.leader import DEFAULT_POLL_S, Replica
 from controller.daemon.logs import configure_logging, log_event
-from controller.daemon.metrics import DaemonMetrics, GatewayErrorCounter, MetricsServer
+from controller.daemon.metrics import DaemonMetrics, GatewayErrorCounter, MetricsServer, Readiness
 from controller.daemon.passes import Reconciler
+from controller.daemon.replicas import ReplicaIdentity, ReplicaRegistry, Role
 from controller.daemon.revisions import RevisionLog
 from controller.daemon.scheduler import DEFAULT_STOP_TIMEOUT_S, Daemon
 from controller.daemon.source import DirectorySource, GitSource, ManifestSource
 from controller.errors import ConfigError
+from controller.exitcodes import EXIT_ERROR, EXIT_OK
 from controller.gateway.client import GatewayClient
 from controller.io.target import Target
 from controller.keys.vault import KeyStore
 from controller.services import Services
 from controller.state import StateStore
+from controller.state.lock import DAEMON_PURPOSE
 from policies.spec import DesiredState
 
 STATUS_FILE = "daemon-status.json"
+ONCE_PURPOSE = "finops single pass (run --once)"
+"""The writer lock's purpose for ``run --once``: unlike a daemon's (``DAEMON_PURPOSE``), an
+apply may queue behind it, as behind another apply."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,9 @@ class DaemonContext:
     """finops' clock for the jobs (tests step it instead of sleeping)."""
     agent_client: Callable[[str], GatewayClient] | None = None
     """A client with an agent's own key (``Services.agent_client``), for key rotation."""
+    fence: Callable[[], None] | None = None
+    """The writer lock's check (raises once the lock is lost): every gateway client above
+    runs it before each write; jobs with other side effects (alert delivery) call it too."""
 
     def desired(self) -> DesiredState | None:
         """The last valid desired state (``None`` until a valid revision was loaded)."""
@@ -70,6 +86,21 @@ def job_factories() -> tuple[JobFactory, ...]:
     from controller.daemon.scheduled import scheduled_jobs  # alerting, keys, rebalancing: loaded by `run` only
 
     return (scheduled_jobs,)
+
+
+def _status_recorder(registry: ReplicaRegistry, daemon: Daemon) -> Callable[[dict[str, Any]], None]:
+    """Records each pass in this replica's row of the state database."""
+
+    def record(status: dict[str, Any]) -> None:
+        last = daemon.last_pass
+        registry.record_pass(
+            result=last.result if last is not None else "none",
+            at=daemon.clock(),
+            last_success_at=daemon.last_success_at,
+            status=status,
+        )
+
+    return record
 
 
 def git_workdir(state_dir: Path, url: str, branch: str) -> Path:
@@ -144,6 +175,15 @@ def git_workdir(state_dir: Path, url: str, branch: str) -> Path:
     help="Seconds SIGTERM/SIGINT waits for in-flight jobs before cancelling them.",
 )
 @click.option(
+    "--standby-poll",
+    type=click.FloatRange(min=0.1, max=60),
+    default=DEFAULT_POLL_S,
+    show_default=True,
+    envvar="FINOPS_STANDBY_POLL",
+    help="With --state-url (several replicas): seconds between a standby's attempts to take the writer lock, "
+    "and between the active replica's proofs that it still holds it.",
+)
+@click.option(
     "--once",
     is_flag=True,
     help="Run one complete pass and exit: 0 when every job succeeded or had nothing to do; for cron and CI.",
@@ -162,6 +202,7 @@ def run(
     log_format: str,
     prune: bool,
     stop_timeout: float,
+    standby_poll: float,
     once: bool,
     opts: TargetOptions,
 ) -> None:
@@ -171,23 +212,106 @@ def run(
         if git_url and path:
             raise ConfigError("give either a manifest PATH or --git URL, not both")
         log = configure_logging(log_format)
-        with writer_lock(opts.state_dir, purpose="finops run"):
-            source: ManifestSource
-            if git_url:
-                source = GitSource(git_url, branch, git_path, git_workdir(opts.state_dir, git_url, branch))
-            else:
-                source = DirectorySource(Path(path or DEFAULT_PATH))
+        if opts.state_url and not once:
+            return _replicated(log)  # one of several replicas: stand by until it holds the lock
+        # SQLite: the flock, failing fast as ever. PostgreSQL --once: like apply, it waits
+        # for another apply (--lock-timeout) but never queues behind an active daemon.
+        with opts.writer_lock(ONCE_PURPOSE if opts.state_url else DAEMON_PURPOSE) as lock:
+            fence = lock.check if lock.backend != "flock" else None
             with opts.open_target() as target:
                 log = configure_logging(log_format, secrets=[target.api_key])
                 log_event(log, logging.INFO, target.banner())
-                return _serve(target, source, log)
+                source = _source()
+                metrics = DaemonMetrics()
+                # A --once pass (cron) is not a replica: it leaves no row behind.
+                registry = None if once else ReplicaRegistry(target.state_location, ReplicaIdentity.current())
+                try:
+                    with _assemble(target, source, log, metrics, fence=fence, registry=registry) as daemon:
+                        if registry is not None:
+                            registry.forget_stale()
+                            registry.heartbeat(Role.ACTIVE)
+                        server = _metrics_server(metrics, daemon.ready, daemon.healthy, log) if not once else None
+                        try:
+                            return asyncio.run(daemon.serve(once=once))
+                        finally:
+                            if server is not None:
+                                server.stop()
+                            if registry is not None:
+                                registry.heartbeat(Role.STOPPED)
+                finally:
+                    if registry is not None:
+                        registry.close()
 
-    def _serve(target: Target, source: ManifestSource, log: logging.Logger) -> int:
-        metrics = DaemonMetrics()
-        services = Services.build(target, opts, observer=GatewayErrorCounter(metrics.gateway_errors))
+    def _source() -> ManifestSource:
+        if git_url:
+            return GitSource(git_url, branch, git_path, git_workdir(opts.state_dir, git_url, branch))
+        return DirectorySource(Path(path or DEFAULT_PATH))
+
+    def _replicated(log: logging.Logger) -> int:
+        """Shared PostgreSQL state: stand by, take over when the lock is free, exit when it is lost."""
+        with opts.open_target() as target:
+            log = configure_logging(log_format, secrets=[target.api_key])
+            log_event(log, logging.INFO, target.banner())
+            source = _source()
+            metrics = DaemonMetrics()
+            identity = ReplicaIdentity.current()
+            with ReplicaRegistry(target.state_location, identity) as registry:
+                registry.forget_stale()
+                replica = Replica(
+                    target.state_location, metrics=metrics, registry=registry, poll_s=standby_poll, log=log
+                )
+                server = _metrics_server(metrics, replica.readiness, replica.liveness, log)
+                log_event(log, logging.INFO, "replica started as a standby", replica=identity.replica_id)
+                try:
+                    return asyncio.run(_lead(target, source, log, metrics, registry, replica))
+                finally:
+                    if server is not None:
+                        server.stop()
+
+    async def _lead(
+        target: Target,
+        source: ManifestSource,
+        log: logging.Logger,
+        metrics: DaemonMetrics,
+        registry: ReplicaRegistry,
+        replica: Replica,
+    ) -> int:
+        lock = await replica.wait_for_lock()
+        if lock is None:
+            log_event(log, logging.INFO, "shutdown complete", exit_code=int(EXIT_OK), role="standby")
+            return EXIT_OK
+        try:
+            with _assemble(target, source, log, metrics, fence=lock.check, registry=registry) as daemon:
+                replica.activate(daemon)
+                watchdog = asyncio.create_task(replica.watch(lock))
+                try:
+                    code = await daemon.serve()
+                finally:
+                    watchdog.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watchdog
+            if replica.fenced_reason is not None:
+                log_event(log, logging.ERROR, "exiting: this replica was fenced", reason=replica.fenced_reason)
+                return EXIT_ERROR
+            replica.stopped()
+            return code
+        finally:
+            lock.release()
+
+    @contextmanager
+    def _assemble(
+        target: Target,
+        source: ManifestSource,
+        log: logging.Logger,
+        metrics: DaemonMetrics,
+        *,
+        fence: Callable[[], None] | None,
+        registry: ReplicaRegistry | None,
+    ) -> Iterator[Daemon]:
+        """The daemon with its jobs, every gateway client of it fenced by ``fence``."""
+        services = Services.build(target, opts, observer=GatewayErrorCounter(metrics.gateway_errors), fence=fence)
         store = services.state
         revisions = RevisionLog(target.state_location)
-        server: MetricsServer | None = None
         try:
             client_factory = services.client
             reconciler = Reconciler(
@@ -211,33 +335,39 @@ def run(
                 status_file=opts.state_dir / STATUS_FILE,
                 stop_timeout_s=stop_timeout,
             )
+            if registry is not None:
+                daemon.status_hooks.append(_status_recorder(registry, daemon))
             context = DaemonContext(
-                daemon, target, store, services.vault, metrics, client_factory, services.clock, services.agent_client
+                daemon,
+                target,
+                store,
+                services.vault,
+                metrics,
+                client_factory,
+                services.clock,
+                services.agent_client,
+                fence,
             )
             for factory in job_factories():
                 factory(context)
-            if metrics_port and not once:
-                try:
-                    server = MetricsServer(
-                        metrics, daemon.ready, liveness=daemon.healthy, host=metrics_host, port=metrics_port
-                    ).start()
-                except OSError as exc:
-                    raise ConfigError(
-                        f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc.strerror}"
-                    ) from None
-                log_event(
-                    log,
-                    logging.INFO,
-                    "metrics endpoint listening",
-                    url=server.url,
-                    paths=["/metrics", "/healthz", "/readyz"],
-                )
-            return asyncio.run(daemon.serve(once=once))
+            yield daemon
         finally:
-            if server is not None:
-                server.stop()
             revisions.close()
             services.close()
+
+    def _metrics_server(
+        metrics: DaemonMetrics, readiness: Readiness, liveness: Readiness, log: logging.Logger
+    ) -> MetricsServer | None:
+        if not metrics_port:
+            return None
+        try:
+            server = MetricsServer(metrics, readiness, liveness=liveness, host=metrics_host, port=metrics_port).start()
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc.strerror}") from None
+        log_event(
+            log, logging.INFO, "metrics endpoint listening", url=server.url, paths=["/metrics", "/healthz", "/readyz"]
+        )
+        return server
 
     run_command(main)
 

@@ -110,6 +110,17 @@ class DaemonMetrics:
             ["fleet", "dimension"],
             registry=r,
         )
+        self.leader = Gauge(
+            "finops_leader",
+            "1 while this replica holds the writer lock and runs the jobs (active), 0 while it stands by.",
+            registry=r,
+        )
+        self.leader_transitions = Counter(
+            "finops_leader_transitions_total",
+            "Role changes of this replica, by the role entered (active, fenced: lost the writer lock).",
+            ["to"],
+            registry=r,
+        )
         self._revision: str | None = None
         self._revision_lock = threading.Lock()
         self._exposure_series: set[tuple[str, str]] = set()

@@ -45,6 +45,7 @@ def alerts_job(
                 held=frozenset(ctx.store.holds()),
                 resolver=resolver,
                 sleep=sleep,
+                fence=ctx.fence,
             )
         fields = {k: v for k, v in result.to_dict().items() if isinstance(v, int)}
         if result.ok:

@@ -121,6 +121,9 @@ class Daemon:
         self._signals = 0
         self.listeners: list[JobListener] = []
         """Called as ``listener(job_name, result)`` after every job run (tests, hooks)."""
+        self.status_hooks: list[Callable[[dict[str, Any]], None]] = []
+        """Called with ``status()`` after every reconcile pass, besides the status file
+        (the replica's row in the state database: ``controller.daemon.replicas``)."""
         self.last_pass: PassResult | None = None
         self.last_success_at: float | None = None
         self.last_results: dict[str, JobResult] = {}
@@ -377,6 +380,13 @@ class Daemon:
         }
 
     def _write_status(self) -> None:
+        if self.status_hooks:
+            status = self.status()
+            for hook in list(self.status_hooks):
+                try:
+                    hook(status)
+                except Exception as exc:  # status is for people: never fail a pass over it
+                    log_event(self.log, logging.WARNING, "cannot record the daemon status", error=str(exc)[:300])
         if self.status_file is None:
             return
         try:
@@ -409,8 +419,11 @@ class Daemon:
             )
         return scheduler
 
-    def stop(self) -> None:
-        """Begin a graceful shutdown: start nothing new, let in-flight jobs finish."""
+    def stop(self, *, timeout_s: float | None = None) -> None:
+        """Begin a graceful shutdown: start nothing new, let in-flight jobs finish (within
+        ``timeout_s``, default ``stop_timeout_s``; then they are cancelled)."""
+        if timeout_s is not None:
+            self.stop_timeout_s = min(self.stop_timeout_s, float(timeout_s))
         self._stopping = True
         if self._stop_event is not None:
             self._stop_event.set()

@@ -271,14 +271,16 @@ class GatewayClient:
         content = json.dumps(body).encode() if body is not None else None
         if content is not None:
             req_headers["Content-Type"] = "application/json"
-        if method != "GET" and self._fence is not None:
-            try:
-                await asyncio.to_thread(self._fence)
-            except FinopsError as exc:
-                raise Fenced(str(exc), method=method, path=path) from None
-        self.calls["read" if method == "GET" else "write"] += 1
         try:
             async with self._slots:
+                # The fence is checked once a slot is free, right before sending: a write that
+                # waited for a slot behind slow requests never leaves on an older check.
+                if method != "GET" and self._fence is not None:
+                    try:
+                        await asyncio.to_thread(self._fence)
+                    except FinopsError as exc:
+                        raise Fenced(str(exc), method=method, path=path) from None
+                self.calls["read" if method == "GET" else "write"] += 1
                 lane = self._lane()
                 try:
                     request = lane.build_request(method, path, content=content, params=params, headers=req_headers)

@@ -471,6 +471,31 @@ def _sealed_keys(db: Database) -> None:
     )
 
 
+_DAEMON_REPLICAS = """
+CREATE TABLE IF NOT EXISTS daemon_replicas (
+    replica_id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    active_since REAL,
+    last_pass_at REAL,
+    last_pass_result TEXT,
+    last_success_at REAL,
+    detail TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS daemon_replicas_heartbeat ON daemon_replicas(heartbeat_at);
+"""
+
+
+def _daemon_replicas(db: Database) -> None:
+    """Version 4: each ``finops run`` replica's role, heartbeat and last pass
+    (``controller.daemon.replicas``), readable from any machine that shares the state."""
+    db.ddl(_DAEMON_REPLICAS)
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -482,6 +507,7 @@ MIGRATIONS: Sequence[Migration] = (
     Migration(1, "baseline: the tables of the unversioned state file", _baseline),
     Migration(2, "one table for the key finops holds per agent", _one_key_table),
     Migration(3, "the database key store: agents' keys sealed under a key-encryption key", _sealed_keys),
+    Migration(4, "daemon replicas: role, heartbeat and last pass of each finops run", _daemon_replicas),
 )
 """Forward only, numbered from 1, each run once in its own transaction. Add a step at the
 end; never edit one that has shipped."""

@@ -398,8 +398,12 @@ class _Reader:
             "orphans": len(orphans),
             "late_watches": self.rows["keys_late_watch"],
             "rotations_sent": self.rows["keys_rotation_sent"],
+            "sealed": self.rows.get("sealed_keys", 0),
         }
-        notes = ("key material is never in the state database: only fingerprints (the gateway's key_hash_prefix)",)
+        notes = (
+            "keys appear here as fingerprints only (the gateway's key_hash_prefix); with the database key store "
+            "the keys themselves are in sealed_keys, encrypted under the key-encryption key (never shown)",
+        )
         return Section("keys", "Keys finops holds (fingerprints only) and orphaned keys", counts, shown, more, notes)
 
     def tables(self) -> Section:

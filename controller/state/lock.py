@@ -9,8 +9,8 @@ write; ``finops freeze`` deliberately never waits for it.
   (``controller.daemon.lock``); the kernel drops it when the holder dies.
 - **PostgreSQL state** (many machines): a session-level PostgreSQL advisory lock
   (``pg_advisory_lock``) on a connection of its own. PostgreSQL releases it when that
-  session ends: the holder exits, is SIGKILLed, or its connection dies (TCP keepalives on
-  both sides notice a vanished peer within about 25 s).
+  session ends: the holder exits, is SIGKILLed, or its connection dies (the lock's session
+  sets the server's TCP keepalives so that a vanished holder is noticed within about 11 s).
 
 A holder can *lose* the PostgreSQL lock while it runs (its connection dropped, an operator
 terminated the session). So the lock is also a **fence**: :meth:`WriterLock.check` proves,
@@ -62,6 +62,9 @@ class WriterLock:
     def held(self) -> bool:
         return True  # a flock is held until this process closes it or dies
 
+    def mark_lost(self) -> None:
+        """Treat the lock as lost from now on (a check that got no answer in time)."""
+
     def check(self) -> None:
         if not self.held():
             raise Fenced(
@@ -84,6 +87,8 @@ class _PgWriterLock(WriterLock):
 
     def held(self) -> bool:
         """A round trip on the lock's own session: still alive and still holding it."""
+        if self._lost:  # once lost, never held again; no need to wait behind a hung check
+            return False
         with self._lock:
             if self._lost or self._conn.closed:
                 self._lost = True
@@ -100,6 +105,9 @@ class _PgWriterLock(WriterLock):
             if not row or int(row[0]) < 1:
                 self._lost = True
             return not self._lost
+
+    def mark_lost(self) -> None:
+        self._lost = True
 
     def release(self) -> None:
         with self._lock:
@@ -131,7 +139,13 @@ def _pg_connect(location: StateLocation, purpose: str) -> Any:
             keepalives_idle=10,
             keepalives_interval=5,
             keepalives_count=3,
-            options=f"-c statement_timeout={CHECK_TIMEOUT_S * 1000} -c idle_session_timeout=0",
+            # A send that gets no TCP acknowledgement fails instead of hanging for minutes.
+            tcp_user_timeout=2 * CHECK_TIMEOUT_S * 1000,
+            # The server's side of the session: a vanished client (network partition) is
+            # noticed within about 11 s, and its lock released for a standby to take. Safe
+            # however short: a holder that cannot reach the server fails its next check.
+            options=f"-c statement_timeout={CHECK_TIMEOUT_S * 1000} -c idle_session_timeout=0 "
+            "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3",
         )
 
 

@@ -8,6 +8,7 @@ real HTTP server) and the state database (a real PostgreSQL server, ``pg_url``).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -211,6 +212,9 @@ def test_freeze_never_waits_for_the_writer_lock_and_the_writer_sees_the_hold(
         assert "PROBLEM" not in frozen.stdout
         blocked = run_cli(laptop, "apply", "--auto-approve", env=env)
         assert blocked.returncode == 1 and "finops run" in blocked.stderr  # never queued behind a daemon
+        status = run_cli(laptop, "status", "--format", "json", env=env)  # who writes, seen from any machine
+        where = json.loads(status.stdout)["state"]
+        assert where["backend"] == "postgresql" and "finops run pid" in where["writer"], where
     finally:
         daemon.release()
     after = run_cli(_machine(tmp_path, "ci"), "plan", "--detailed-exitcode", env=env)  # a hold is shared state

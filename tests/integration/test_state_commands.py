@@ -20,7 +20,10 @@ import pytest
 
 from controller.alerting.store import AlertStore
 from controller.daemon.lock import writer_lock
+from controller.daemon.replicas import ReplicaIdentity, ReplicaRegistry, Role
 from controller.daemon.revisions import RevisionLog
+from controller.keys.envelope import KeyEncryptionKey
+from controller.keys.sealed import SealedVault
 from controller.keys.store import KeyLedger
 from controller.state import SCHEMA_VERSION, Adjustment, ManagedWebhook, StateStore
 from controller.state.db import LOCK_NAMESPACE, LOCK_WRITER, connect
@@ -88,6 +91,15 @@ def fill_every_table(location: StateLocation) -> None:
         ledger.watch_late("res-01", "rotate:res-01:1", {"1f40a323"}, until=2e9)
         revisions.record_applied("r1", "git", ok=True, changes=3)
         revisions.record_invalid("r2", "git", [f"bad url https://x.example.com/?token={TOKEN}"])
+        with ReplicaRegistry(location, ReplicaIdentity("host/1/abcd", "host", 1)) as replicas:
+            replicas.heartbeat(Role.STANDBY, detail="waiting")
+        sealed = SealedVault(
+            location, KeyEncryptionKey(bytes(range(32)), "test"), sink_directory=location.file.parent, check=False
+        )
+        try:
+            sealed.write("res-01", FAKE_KEY)  # ciphertext only: never shown, copied as it is
+        finally:
+            sealed.close()
         with alerts.decide(1_000.0) as tx:
             tx.save_slots({SlotKey("res-01", "daily", 80): SlotState(True, 1, "al-1", 1_000.0)}, [])
             row = tx.enqueue(
@@ -308,7 +320,7 @@ def test_show_lists_what_is_remembered_and_no_secret(backend: tuple[Path, list[s
     assert shown.returncode == 0, shown.stdout + shown.stderr
     out = shown.stdout
     assert_clean(out + shown.stderr)
-    assert "schema version 2" in out and ("postgresql" in out if options else "sqlite" in out)
+    assert f"schema version {SCHEMA_VERSION}" in out and ("postgresql" in out if options else "sqlite" in out)
     if options:
         assert ":***@" in out  # the URL is shown, its password is not
     held = remembered(sqlite_state(workdir))["held"]

@@ -224,6 +224,7 @@ _OWNERS = {
     "controller/keys/sealed.py": ("sealed_keys",),
     "controller/alerting/store.py": ("alert_slots", "alert_outbox", "alert_delivery_log"),
     "controller/daemon/revisions.py": ("revisions",),
+    "controller/daemon/replicas.py": ("daemon_replicas",),
 }  # fmt: skip
 
 
