@@ -4,9 +4,11 @@
 code   meaning
 =====  =================================================================================
 0      success; no changes (``plan``), converged, a graceful daemon stop
-1      an error: bad input, a refused plan, any failed agent, a failed or partial
-       ``run --once`` pass, another writer holds the state directory
-2      changes are pending (``plan --detailed-exitcode``), as Terraform does
+1      an error: bad input, a usage error (unknown flag, bad value, missing argument:
+       click's own 2 is mapped to 1), a refused plan, any failed agent, a failed or
+       partial ``run --once`` pass, another writer holds the state directory, an
+       unexpected exception (``controller.cli.conventions.run_main``)
+2      changes are pending (``plan --detailed-exitcode``) and nothing else, as Terraform does
 130    interrupted (Ctrl-C)
 =====  =================================================================================
 """

@@ -1,7 +1,8 @@
 """The ``finops`` command line. Exit codes are decided here and only here.
 
-0 success / no changes; 1 error (including any failed agent or refused plan); 2 changes
-present (``plan --detailed-exitcode``), as Terraform does.
+0 success / no changes; 1 error (including usage errors, any failed agent or refused
+plan); 2 changes present (``plan --detailed-exitcode``) only, as Terraform does
+(``controller.exitcodes``, ``controller.cli.conventions``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
+from controller.cli.conventions import follow_conventions, run_main
 from controller.cli.github import STEP_SUMMARY_ENV, annotation, append_step_summary, plain_annotation
 from controller.cli.options import (
     DEFAULT_PATH,
@@ -29,6 +32,7 @@ from controller.cli.options import (
     run_command,
     target_options,
 )
+from controller.cli.progress import ApplyProgress
 from controller.cli.views import (
     DEFAULT_MARKER,
     DEFAULT_MAX_CHARS,
@@ -40,7 +44,7 @@ from controller.cli.views import (
     render_text,
 )
 from controller.errors import ConfigError, FinopsError, ManifestError, StalePlanError
-from controller.io.safefile import read_text_bounded
+from controller.io.safefile import iter_chunks, read_text_bounded
 from controller.io.secretfile import make_private_dirs, write_secret_file
 from controller.io.target import Target
 from controller.manifest.schema import manifest_json_schema
@@ -56,6 +60,10 @@ from policies.spec import DesiredState
 
 if TYPE_CHECKING:
     from controller.sandbox.faults import FaultConfig
+
+APPLY_FORMAT_VERSION = 1
+"""``apply --format json``: ``{"format_version", "plan", "result"}``."""
+REBALANCE_FORMAT_VERSION = 1
 
 MAX_PLAN_FILE_BYTES = 256 * 1024 * 1024
 """A saved plan is about 1 KB per change; this bound only stops a wrong path (a device, a
@@ -108,17 +116,38 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         target = self.LAZY.get(cmd_name)
         if target is None:
-            return super().get_command(ctx, cmd_name)
+            found = super().get_command(ctx, cmd_name)
+            return None if found is None else follow_conventions(found, f"finops {cmd_name}")
         module, attr = target.split(":")
         command = getattr(importlib.import_module(module), attr)
         assert isinstance(command, click.Command) and command.name == cmd_name, target
-        return command
+        return follow_conventions(command, f"finops {cmd_name}")
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Exit codes of ``controller.cli.conventions.run_main`` (every error exits 1)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        run_main(super().main, args, prog_name, complete_var, extra)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="finops")
 def cli() -> None:
-    """finops: keep an AI-agent fleet's spending equal to what is committed in git."""
+    """finops: keep an AI-agent fleet's spending equal to what is committed in git.
+
+    Exit codes: 0 success, 1 any error (usage errors included), 2 changes present
+    (only with `plan --detailed-exitcode`), 130 interrupted. NO_COLOR or --no-color: no
+    colours; FINOPS_DEBUG=1: the traceback of an unexpected error."""
+
+
+follow_conventions(cli, "finops")
 
 
 @cli.command()
@@ -155,7 +184,17 @@ def validate(path: str, fmt: str) -> None:
 
 @cli.command()
 def schema() -> None:
-    """Print the manifest JSON Schema (for editors and CI linters)."""
+    """Print the manifest JSON Schema (for editors and CI linters).
+
+    Save it next to the manifests and point editors at it with the yaml-language-server
+    modeline as the first line of each manifest:
+
+    \b
+      finops schema > manifests/finops.schema.json
+      # yaml-language-server: $schema=./finops.schema.json
+
+    The schema checks each document's shape; `finops validate` remains the authority
+    (cross-document rules such as tier references and budgets)."""
     click.echo(json.dumps(manifest_json_schema(), indent=2))
 
 
@@ -284,6 +323,7 @@ async def _apply(
     fmt: str,
     prune: bool,
     path: str = DEFAULT_PATH,
+    progress: ApplyProgress | None = None,
 ) -> tuple[Plan, ApplyResult | None]:
     target, store = services.target, services.state
 
@@ -302,14 +342,25 @@ async def _apply(
     def gate(fresh: Plan, chosen: Plan) -> None:
         if fmt == "text":
             click.echo(render_text(chosen, click.style))
-        note = _exposure_gate(fresh, chosen, desired, target, store, path, auto_approve)
-        if chosen.empty or auto_approve:
+        # A saved plan is the approval (as in Terraform): applied without a prompt, and as
+        # unattended for the exposure gate (above the unattended bound it needs `finops approve`).
+        unattended = auto_approve or saved is not None
+        note = _exposure_gate(fresh, chosen, desired, target, store, path, unattended)
+        if chosen.empty:
             return
+        if unattended:
+            if progress is not None:
+                progress.start(chosen)
+            return
+        if fmt != "text":
+            # Never reached from the CLI (`apply` refuses JSON without either up front); kept
+            # so no caller can mix a prompt into machine-readable output.
+            raise ConfigError("refusing to prompt with --format json: pass --auto-approve or a saved plan file")
         if not sys.stdin.isatty():
             raise ConfigError("refusing to apply without confirmation: pass --auto-approve in scripts and CI")
         if note:
-            click.echo(click.style(note, bold=True))
-        answer = click.prompt("Apply these changes? Only 'yes' is accepted", default="", show_default=False)
+            click.echo(click.style(note, bold=True), err=True)
+        answer = click.prompt("Apply these changes? Only 'yes' is accepted", default="", show_default=False, err=True)
         if answer.strip() != "yes":
             raise FinopsError("apply cancelled; nothing was changed")
         if fresh.exposure is not None and (fresh.exposure.bootstrap or fresh.exposure.lines()):
@@ -322,6 +373,8 @@ async def _apply(
                 how=approval.APPLY,
                 api_key=target.api_key,
             )
+        if progress is not None:
+            progress.start(chosen)
 
     async with services.client() as client:
         run = await apply_plan(
@@ -334,45 +387,109 @@ async def _apply(
             prune=prune,
             select=select,
             gate=gate,
+            on_agent_done=progress.advance if progress is not None else None,
         )
     return run.chosen, run.result
 
 
+def _read_plan_file(plan_file: Path) -> Plan:
+    try:
+        text = read_text_bounded(plan_file, MAX_PLAN_FILE_BYTES)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the plan file {plan_file}: {exc.strerror}") from None
+    try:
+        return plan_from_dict(json.loads(text))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{plan_file} is not a finops plan file: {exc}") from None
+
+
+def is_saved_plan(path: Path) -> bool:
+    """Whether ``apply``'s positional ``path`` names a saved plan rather than manifests: a
+    regular file holding a JSON object with a plan's own keys (``format_version``,
+    ``target``, ``basis``, ``changes``; a manifest has ``apiVersion`` and ``kind``). A
+    directory, a YAML file or a JSON manifest are manifests."""
+    if not path.is_file():
+        return False
+    try:
+        # Opened as finops opens every input (regular files only: a FIFO swapped in after
+        # the check cannot hang it), the first bytes only unless it looks like JSON.
+        head = b"".join(iter_chunks(path, 64)).lstrip()
+        if not head.startswith(b"{"):
+            return False
+        doc = json.loads(read_text_bounded(path, MAX_PLAN_FILE_BYTES))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.keys() >= SAVED_PLAN_KEYS
+
+
+SAVED_PLAN_KEYS = frozenset({"format_version", "target", "basis", "changes"})
+
+
+def _apply_arguments(args: tuple[str, ...], plan_option: Path | None) -> tuple[str, Path | None]:
+    """``[PLANFILE] [PATH]`` → (manifest path, saved plan file or ``None``)."""
+    if len(args) > 2:
+        raise click.UsageError(f"at most two arguments, [PLANFILE] [PATH]; got {len(args)}")
+    plan_arg: Path | None = None
+    rest = list(args)
+    if rest and (len(rest) == 2 or is_saved_plan(Path(rest[0]))):
+        plan_arg = Path(rest.pop(0))
+        if not is_saved_plan(plan_arg):
+            raise click.BadParameter(
+                f"{plan_arg} is not a saved finops plan (make one with `finops plan --out FILE`)",
+                param_hint="PLANFILE",
+            )
+    if plan_arg is not None and plan_option is not None:
+        raise click.UsageError("give the saved plan once: either PLANFILE or --plan FILE")
+    return (rest[0] if rest else DEFAULT_PATH), plan_arg or plan_option
+
+
 @cli.command()
-@click.argument("path", default=DEFAULT_PATH, required=False)
+@click.argument("args", nargs=-1, metavar="[PLANFILE] [PATH]")
 @click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
 @click.option(
     "--plan",
     "plan_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="Apply a plan saved with `plan --out`; refused if the gateway moved since.",
+    help="Apply a plan saved with `plan --out` (same as PLANFILE): no prompt; refused if the gateway moved since.",
 )
 @click.option("--prune", is_flag=True, help="Delete gateway webhooks finops created for agents no longer declared.")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json never prompts: it needs --auto-approve or a saved plan.",
+)
 @target_options
 def apply(
-    path: str,
+    args: tuple[str, ...],
     prune: bool,
     auto_approve: bool,
     plan_file: Path | None,
     fmt: str,
     opts: TargetOptions,
 ) -> None:
-    """Make the live fleet match the manifests; continues past one agent's failure."""
+    """Make the live fleet match the manifests; continues past one agent's failure.
+
+    PLANFILE, a plan saved with `finops plan --out FILE` (a file holding a finops plan's
+    JSON), is applied without a prompt: the reviewed plan is the approval. It is refused,
+    with nothing written, if the gateway or the manifests at PATH (default: manifests)
+    changed since. Any other first argument is the manifest PATH (a directory or one file).
+    Without PLANFILE, the plan is shown and only 'yes' (read from the terminal, asked on
+    stderr) applies it; --auto-approve skips the question."""
+    path, plan_path = _apply_arguments(args, plan_file)
 
     def run() -> int:
+        if fmt == "json" and not auto_approve and plan_path is None:
+            raise ConfigError(
+                "apply --format json never prompts: pass --auto-approve, or apply a reviewed plan "
+                "(`finops plan --out plan.json`, then `finops apply plan.json --format json`); nothing was applied"
+            )
         desired = load(path, opts.state_dir)
-        saved = None
-        if plan_file is not None:
-            try:
-                text = read_text_bounded(plan_file, MAX_PLAN_FILE_BYTES)
-            except OSError as exc:
-                raise ConfigError(f"cannot read the plan file {plan_file}: {exc.strerror}") from None
-            try:
-                saved = plan_from_dict(json.loads(text))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ConfigError(f"{plan_file} is not a finops plan file: {exc}") from None
+        saved = _read_plan_file(plan_path) if plan_path is not None else None
+        progress = ApplyProgress.on_stderr(color=click.get_current_context().color)
         with (
             opts.writer_lock("finops apply") as lock,
             opts.open_target() as target,
@@ -381,10 +498,22 @@ def apply(
             # what the first one left, never on a plan made before it.
             _banner(target, fmt)
             with open_services(target, opts, fence=lock.check) as services:
-                chosen, result = asyncio.run(_apply(desired, services, saved, auto_approve, fmt, prune, path))
+                try:
+                    chosen, result = asyncio.run(
+                        _apply(desired, services, saved, auto_approve, fmt, prune, path, progress)
+                    )
+                finally:
+                    progress.close()
         if fmt == "json":
             click.echo(
-                json.dumps({"plan": plan_to_dict(chosen), "result": result.to_dict() if result else None}, indent=2)
+                json.dumps(
+                    {
+                        "format_version": APPLY_FORMAT_VERSION,
+                        "plan": plan_to_dict(chosen),
+                        "result": result.to_dict() if result else None,
+                    },
+                    indent=2,
+                )
             )
         elif result is not None:
             click.echo(render_apply_text(result, click.style))
@@ -447,6 +576,7 @@ def rebalance(
             click.echo(
                 json.dumps(
                     {
+                        "format_version": REBALANCE_FORMAT_VERSION,
                         "dry_run": dry_run,
                         "moved": str(outcome.moved),
                         "decisions": outcome.lines(),
@@ -465,6 +595,27 @@ def rebalance(
         return EXIT_OK if outcome.applied is None or outcome.applied.ok else EXIT_ERROR
 
     run_command(run)
+
+
+COMPLETION_SHELLS = ("bash", "zsh", "fish")
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(COMPLETION_SHELLS))
+@click.pass_context
+def completion(ctx: click.Context, shell: str) -> None:
+    """Print the shell completion script for SHELL (click's, driven by _FINOPS_COMPLETE).
+
+    Load it now with `eval "$(finops completion bash)"` (bash, zsh) or
+    `finops completion fish | source` (fish), or save it where your shell looks."""
+    from click.shell_completion import get_completion_class
+
+    root = ctx.find_root()
+    complete_class = get_completion_class(shell)
+    if complete_class is None:  # pragma: no cover - the choice above lists click's built-in shells
+        raise ConfigError(f"no completion for {shell}")
+    script = complete_class(root.command, {}, root.info_name or "finops", "_FINOPS_COMPLETE").source()
+    click.echo(script)
 
 
 def _faults(ctx: click.Context, param: click.Parameter, value: str | None) -> FaultConfig | None:

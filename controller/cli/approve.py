@@ -24,6 +24,10 @@ from policies.exposure import Exposure, exposure_of, review
 MIN_PREFIX = 7
 
 
+APPROVE_FORMAT_VERSION = 1
+"""``approve --format json``'s schema version (``--show`` and an approval)."""
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
@@ -58,6 +62,7 @@ def _show(session: Session, fmt: str) -> int:
     last = store.last_approval()
     if fmt == "json":
         doc = {
+            "format_version": APPROVE_FORMAT_VERSION,
             "last_approval": _approval_dict(last) if last else None,
             "pending": [
                 {
@@ -144,7 +149,16 @@ def approve(revision: str | None, path: str | None, show: bool, fmt: str, opts: 
             verdict = review(approval.approved_exposure(s.store), exposure)
             record = approval.record(s.store, name, source, exposure, how=approval.APPROVE, api_key=s.target.api_key)
             if fmt == "json":
-                click.echo(json.dumps({"approved": _approval_dict(record), "review": verdict.to_dict()}, indent=2))
+                click.echo(
+                    json.dumps(
+                        {
+                            "format_version": APPROVE_FORMAT_VERSION,
+                            "approved": _approval_dict(record),
+                            "review": verdict.to_dict(),
+                        },
+                        indent=2,
+                    )
+                )
                 return EXIT_OK
             click.echo(f"Approved {name} by {record.by_user} with admin key {record.by_key}.")
             for line in verdict.lines() or ["exposure unchanged from the previous approval"]:

@@ -33,6 +33,8 @@ from policies.spec import AgentSpec, DesiredState
 T = TypeVar("T")
 
 MAX_KEY_LINE = 4096
+ROTATE_FORMAT_VERSION = 1
+"""``rotate --format json``'s schema version."""
 """Longest stdin line ``keys import`` reads (a GreenHelix key is about 40 characters)."""
 
 
@@ -111,7 +113,7 @@ def rotate(
         async def go(s: Session) -> int:
             result = await s.keys.rotate_due(desired, agents=list(agents) or None, force=force)
             if fmt == "json":
-                click.echo(json.dumps(result.to_dict(), indent=2))
+                click.echo(json.dumps({"format_version": ROTATE_FORMAT_VERSION, **result.to_dict()}, indent=2))
             else:
                 for note in result.recovered:
                     click.echo(click.style(f"recovered: {note}", fg="cyan"))

@@ -35,6 +35,14 @@ _SQLITE_SCHEME = "sqlite://"
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
+STATE_FORMAT_VERSION = 1
+"""``state show`` and ``state migrate`` ``--format json``'s schema version."""
+
+
+def _json(doc: dict[str, Any]) -> str:
+    return json.dumps({"format_version": STATE_FORMAT_VERSION, **doc}, indent=2)
+
+
 def state_options(fn: F) -> F:
     """Which state: the same options and environment as every other command (no API key)."""
 
@@ -238,7 +246,7 @@ def show(fmt: str, sections: tuple[str, ...], limit: int, location: StateLocatio
             summary = summarize(
                 location, db, now=time.time(), sections=sections or SECTIONS, limit=limit, version=stored_version(db)
             )
-        click.echo(json.dumps(summary.to_dict(), indent=2) if fmt == "json" else render_summary(summary))
+        click.echo(_json(summary.to_dict()) if fmt == "json" else render_summary(summary))
         return EXIT_OK
 
     run_command(run)
@@ -352,11 +360,11 @@ def migrate(to: str, source_text: str | None, force: bool, fmt: str, location: S
             try:
                 report = copy_state(src, dst, force=force)
             except CopyMismatch as exc:
-                click.echo(json.dumps(exc.report.to_dict(), indent=2) if fmt == "json" else render_report(exc.report))
+                click.echo(_json(exc.report.to_dict()) if fmt == "json" else render_report(exc.report))
                 err(str(exc))
                 return EXIT_ERROR
         if fmt == "json":
-            click.echo(json.dumps(report.to_dict(), indent=2))
+            click.echo(_json(report.to_dict()))
         else:
             click.echo(render_report(report))
             for line in _next_steps(source, target):

@@ -13,7 +13,7 @@ from controller.cli.keys import Session, with_session
 from controller.cli.options import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, TargetOptions, load, run_command, target_options
 from controller.cli.where import state_status
 from controller.reconcile.approval import approval_status
-from controller.reconcile.status import fleet_status, render_status
+from controller.reconcile.status import fleet_status, render_status, render_summary
 
 
 @click.command()
@@ -25,14 +25,27 @@ from controller.reconcile.status import fleet_status, render_status
     help="Exit 1 when anything is flagged or detected: drift, unexplained balances or deposits, duplicate "
     "finops webhooks, unresolved intents (for monitoring checks).",
 )
+@click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help="Every agent with every detail (alert endpoints, keys, flags). Default: a one-screen summary, "
+    "flagged agents first. JSON always has every agent.",
+)
 @target_options
 def status(
     path: str,
     fmt: str,
     strict: bool,
+    show_all: bool,
     opts: TargetOptions,
 ) -> None:
-    """Per agent: balance, 24 h spend, cap, % used, alerts and their endpoints, key; flags drift."""
+    """Per agent: balance, 24 h spend, cap, % used, alerts and their endpoints, key; flags drift.
+
+    Without --all, one screen whatever the fleet's size: the counts, then the agents that
+    need a look (not observed, flagged, at or over their daily cap, alerts fired; most used
+    first), then a pointer to --all for the rest. "all clear" only when nothing is flagged
+    and no agent is at its cap."""
 
     def run() -> int:
         desired = load(path, opts.state_dir)
@@ -48,7 +61,7 @@ def status(
                     )
                 )
             else:
-                click.echo(render_status(result))
+                click.echo(render_status(result) if show_all else render_summary(result))
                 for line in approvals.lines():
                     click.echo(line)
                 for line in where.lines():
@@ -59,6 +72,10 @@ def status(
         return with_session(opts, go, quiet_banner=fmt == "json")
 
     run_command(run)
+
+
+ALERTS_FORMAT_VERSION = 1
+"""``alerts check --format json``'s schema version."""
 
 
 @click.group()
@@ -85,7 +102,7 @@ def check(
                 s.client, desired, s.store.location, now=time.time, held=frozenset(s.store.holds())
             )
             if fmt == "json":
-                click.echo(json.dumps(result.to_dict(), indent=2))
+                click.echo(json.dumps({"format_version": ALERTS_FORMAT_VERSION, **result.to_dict()}, indent=2))
             else:
                 for event in result.events:
                     click.echo(f"{event.type:<17} {event.agent_id:<12} {event.window} {event.threshold}% ({event.id})")

@@ -35,6 +35,8 @@ from policies.tiers import DEFAULT_THRESHOLDS
 
 API_VERSION = "finops.greenhelix.net/v1"
 KINDS = ("Fleet", "AgentGroup")
+SCHEMA_ID = "https://finops.greenhelix.net/schemas/v1/manifest.json"
+"""The schema's ``$id``: one per ``apiVersion``; an identifier, not fetched by finops."""
 CURRENCIES = ("CREDITS", "USD", "EUR", "GBP")
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -497,6 +499,7 @@ def manifest_json_schema() -> dict[str, Any]:
     schema = TypeAdapter(Manifest).json_schema(by_alias=True, mode="validation")
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
         "title": "finops manifest (Fleet or AgentGroup)",
         **schema,
     }

@@ -255,8 +255,11 @@ class Applier:
         clock: Callable[[], float] = time.time,
         key_sink: Callable[[str], KeySink | None] | None = None,
         settle_seconds: float | None = None,
+        on_agent_done: Callable[[AgentResult], None] | None = None,
     ) -> None:
         self.client = client
+        self._on_agent_done = on_agent_done or (lambda result: None)
+        """Told each agent's result as soon as it is done (a progress bar counts them)."""
         self.store = store
         self.sink = sink
         self._key_sink = key_sink or (lambda agent: None)
@@ -487,6 +490,7 @@ class Applier:
         async def worker() -> None:
             for index, (agent, changes) in pending:
                 done[index] = await self._apply_agent(agent, changes)
+                self._on_agent_done(done[index])
 
         await asyncio.gather(*(worker() for _ in range(min(self.client.concurrency, len(work)))))
         return [done[i] for i in range(len(work))]

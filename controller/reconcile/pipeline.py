@@ -26,7 +26,7 @@ from typing import Any
 from controller.errors import GuardrailViolation
 from controller.gateway.client import GatewayClient
 from controller.keys.vault import KeyStore
-from controller.reconcile.apply import Applier, ApplyResult, FaultHook
+from controller.reconcile.apply import AgentResult, Applier, ApplyResult, FaultHook
 from controller.reconcile.decide import key_sinks, observe_and_plan, preflight
 from controller.state import StateStore
 from policies.plan_types import Plan
@@ -77,11 +77,14 @@ def applier_for(
     *,
     clock: Callable[[], float] = time.time,
     fault_hook: FaultHook | None = None,
+    on_agent_done: Callable[[AgentResult], None] | None = None,
 ) -> Applier:
     """The applier every caller uses: new keys go to finops' key store, then to the agent's
     declared sink (``keys.sink``)."""
     sinks = key_sinks(desired, vault) if desired is not None else None
-    return Applier(client, store, vault, clock=clock, key_sink=sinks, fault_hook=fault_hook)
+    return Applier(
+        client, store, vault, clock=clock, key_sink=sinks, fault_hook=fault_hook, on_agent_done=on_agent_done
+    )
 
 
 def check_guardrails(plan: Plan, *, refusal: str = REFUSAL, whole: Plan | None = None) -> None:
@@ -124,9 +127,13 @@ async def apply_plan(
     refusal: str = REFUSAL,
     log_fields: Mapping[str, Any] | None = None,
     fault_hook: FaultHook | None = None,
+    on_agent_done: Callable[[AgentResult], None] | None = None,
 ) -> PipelineRun:
-    """Prepare, plan, check, apply and log (see the module docstring)."""
-    applier = applier_for(client, store, vault, desired, clock=clock, fault_hook=fault_hook)
+    """Prepare, plan, check, apply and log (see the module docstring). ``on_agent_done`` is
+    told each agent's result as it completes (progress)."""
+    applier = applier_for(
+        client, store, vault, desired, clock=clock, fault_hook=fault_hook, on_agent_done=on_agent_done
+    )
     notes = tuple(await applier.prepare(desired))
     planner: PlanFn = plan_fn or (lambda c, d, t, s: observe_and_plan(c, d, t, s, prune=prune))
     raw = await planner(client, desired, target, store)

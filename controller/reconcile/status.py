@@ -37,6 +37,19 @@ from policies.planner import make_plan
 from policies.spec import DesiredState
 from policies.units import show_change
 
+STATUS_FORMAT_VERSION = 1
+"""``status --format json``'s schema version."""
+
+SUMMARY_LINES = 36
+"""``status`` without ``--all``: at most this many lines of agents (flagged first), on top
+of the counts, funding, findings and verdict (a few lines each, also bounded)."""
+SUMMARY_FLAGS = 3
+"""Flags shown per agent in the summary (the rest are counted)."""
+SUMMARY_WIDTH = 120
+"""The terminal width the summary's row budget assumes."""
+SUMMARY_ROWS_PER_LINE = 3
+"""A summary line longer than this many terminal rows is cut (``--all`` shows it whole)."""
+
 
 @dataclass
 class AgentStatus:
@@ -71,9 +84,18 @@ class AgentStatus:
         self.findings.append(finding)
         self.flags.append(finding.message(self.rate, self.currency))
 
+    @property
+    def at_cap(self) -> bool:
+        """Spend has reached the daily cap (a cap of 0 included): the agent cannot spend now.
+        Shown as such, never as "all clear"."""
+        if self.daily_cap is not None and Decimal(self.daily_cap) == 0:
+            return True
+        return self.percent_used is not None and Decimal(self.percent_used) >= 100
+
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k not in ("findings", "rate")}
         out["findings"] = [f.to_dict(self.rate, self.currency) for f in self.findings]
+        out["at_cap"] = self.at_cap
         return out
 
 
@@ -97,14 +119,20 @@ class FleetStatus:
         """What ``status --strict`` exits 1 on."""
         return bool(self.flagged or self.findings)
 
+    @property
+    def at_cap(self) -> list[AgentStatus]:
+        return [a for a in self.agents if a.at_cap]
+
     def to_dict(self) -> dict[str, Any]:
         return {
+            "format_version": STATUS_FORMAT_VERSION,
             "target": self.target,
             "agents": [a.to_dict() for a in self.agents],
             "unmanaged_agents": self.unmanaged_agents,
             "funding": self.funding,
             "findings": [f.to_dict(Decimal(1), CREDITS) for f in self.findings],
             "flagged": [a.agent_id for a in self.flagged],
+            "at_cap": [a.agent_id for a in self.at_cap],
         }
 
 
@@ -335,14 +363,114 @@ def render_status(status: FleetStatus) -> str:
     flagged = status.flagged
     lines.append(
         f"{len(status.agents)} agent(s); "
-        + (
-            f"{len(flagged)} need attention: {', '.join(a.agent_id for a in flagged)}"
-            if flagged
-            else "other findings above need attention"
-            if status.findings
-            else "all clear"
-        )
+        + _verdict(status, ", ".join(a.agent_id for a in flagged))
         + f". Amounts in each fleet's currency ({_currencies(status)}); thresholds and use in % of the daily cap; "
         "spend is the gateway's rolling 24 h window."
     )
     return "\n".join(escape_controls(line) for line in lines)
+
+
+def _verdict(status: FleetStatus, flagged_ids: str | None = None) -> str:
+    """ "all clear" only when nothing is flagged or found and no agent is at its daily cap."""
+    flagged, at_cap = status.flagged, [a for a in status.at_cap if a not in status.flagged]
+    parts = []
+    if flagged:
+        parts.append(f"{len(flagged)} need attention" + (f": {flagged_ids}" if flagged_ids else ""))
+    if at_cap:
+        parts.append(f"{len(at_cap)} at or over the daily cap (cannot spend until the 24 h window moves)")
+    if not parts and status.findings:
+        parts.append("other findings above need attention")
+    return "; ".join(parts) or "all clear"
+
+
+def _summary_order(a: AgentStatus) -> tuple[int, Decimal, str]:
+    rank = 0 if a.error else 1 if a.flags or a.findings else 2 if a.at_cap else 3 if a.fired else 4
+    used = Decimal(a.percent_used) if a.percent_used is not None else Decimal(0)
+    return rank, -used, a.agent_id
+
+
+def _cut(line: str, width: int) -> str:
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _clip(line: str) -> str:
+    """A summary line, whole up to ``SUMMARY_ROWS_PER_LINE`` terminal rows."""
+    return _cut(line, SUMMARY_WIDTH * SUMMARY_ROWS_PER_LINE)
+
+
+def screen_rows(line: str, width: int = SUMMARY_WIDTH) -> int:
+    """Terminal rows ``line`` takes on a ``width``-column terminal."""
+    return max(1, -(-len(line) // width))
+
+
+def render_summary(status: FleetStatus, *, limit: int = SUMMARY_LINES) -> str:
+    """``finops status`` without ``--all``: one screenful whatever the fleet's size. Counts
+    first, then the agents that need a look (could not be observed, flagged, at their cap,
+    alerts fired; the most used first) with up to three flags each (one each when they would
+    not fit), in at most ``limit`` terminal rows, then each fleet's funding and what else was
+    found (a few lines each); the rest is counted with a pointer to ``--all``. No line is
+    longer than ``SUMMARY_ROWS_PER_LINE`` rows (``--all`` shows them whole)."""
+    agents = status.agents
+    flagged, at_cap = status.flagged, status.at_cap
+    errors = [a for a in agents if a.error]
+    fired = [a for a in agents if a.fired]
+    fleets = sorted({a.fleet for a in agents})
+    notable = sorted((a for a in agents if a.error or a.flags or a.findings or a.at_cap or a.fired), key=_summary_order)
+    lines = [
+        f"{len(agents)} agent(s) in {len(fleets)} fleet(s) on {status.target}:",
+        f"  {len(flagged)} need attention ({len(errors)} not observed), {len(at_cap)} at or over the daily cap, "
+        f"{len(fired)} with alerts fired, {len(agents) - len(notable)} fine.",
+    ]
+    if notable:
+        lines.append(f"{'agent':<12} {'balance':>10} {'24h spend':>10} {'daily cap':>10} {'used':>7}  fired")
+    shown = 0
+    budget = limit
+    # Few agents to show: up to three flags each; many: one each, so more agents fit.
+    per_agent = SUMMARY_FLAGS if sum(1 + min(len(a.flags), SUMMARY_FLAGS) for a in notable) <= limit // 2 else 1
+    for a in notable:
+        if a.error:
+            block = [f"{a.agent_id:<12} could not observe: {a.error}"]
+        else:
+            used = f"{a.percent_used}%" if a.percent_used is not None else "-"
+            block = [
+                f"{a.agent_id:<12} {a.balance or '-':>10} {a.spent_today or '-':>10} {a.daily_cap or '-':>10} "
+                f"{used:>7}  {', '.join(a.fired) or '-'}" + ("  AT CAP" if a.at_cap else "")
+            ]
+            flags = a.flags[:per_agent]
+            for i, flag in enumerate(flags):
+                more = len(a.flags) - len(flags)
+                tail = f" (+{more} more: --all)" if more and i == len(flags) - 1 else ""
+                block.append(_cut(f"{'':12}   ! {escape_controls(flag)}", SUMMARY_WIDTH * 2 - len(tail)) + tail)
+        block = [_clip(escape_controls(line)) for line in block]
+        rows = sum(map(screen_rows, block))
+        if shown and rows > budget:
+            break
+        budget -= rows
+        shown += 1
+        lines += block
+    if len(notable) > shown:
+        lines.append(
+            f"… and {len(notable) - shown} more agent(s) flagged, at their cap or with alerts fired: "
+            "`finops status --all` lists every agent"
+        )
+    shown_funding = status.funding[:3]
+    for w in shown_funding:
+        lines.append(
+            f"Fleet {w['fleet']} funding, rolling 24 h: {w['used']} of {w['limit']} {w['currency']} used, "
+            f"{w['available']} left ({w['used_credits']} of {w['limit_credits']} credits); "
+            f"the next reconcile would put in {w['planned']}"
+        )
+    if len(status.funding) > len(shown_funding):
+        lines.append(f"… funding of {len(status.funding) - len(shown_funding)} more fleet(s): `finops status --all`")
+    if status.unmanaged_agents:
+        names = ", ".join(status.unmanaged_agents[:5])
+        extra = f" and {len(status.unmanaged_agents) - 5} more" if len(status.unmanaged_agents) > 5 else ""
+        lines.append(f"{len(status.unmanaged_agents)} unmanaged agent(s) on the gateway: {names}{extra}")
+    for finding in status.findings[:2]:
+        who = f"{finding.agent_id} (not declared)" if finding.agent_id else "fleet"
+        lines.append(f"! {who}: {finding.message(Decimal(1), CREDITS)}")
+    if len(status.findings) > 2:
+        lines.append(f"… {len(status.findings) - 2} more finding(s): `finops status --all`")
+    lines.append(f"{len(agents)} agent(s); {_verdict(status)}.")
+    lines.append("Amounts in each fleet's currency; spend is the gateway's rolling 24 h window.")
+    return "\n".join(_clip(escape_controls(line)) for line in lines)
