@@ -72,6 +72,31 @@ class TargetOptions:
         )
 
 
+def state_dir_option() -> Callable[[F], F]:
+    """``--state-dir``, the same for every command."""
+    return click.option(
+        "--state-dir",
+        envvar="FINOPS_STATE_DIR",
+        default=".finops",
+        show_default=True,
+        type=click.Path(path_type=Path),
+        help="Where finops keeps its state (env FINOPS_STATE_DIR).",
+    )
+
+
+def state_url_option() -> Callable[[F], F]:
+    """``--state-url``, the same for every command."""
+    return click.option(
+        "--state-url",
+        envvar="FINOPS_STATE_URL",
+        default=None,
+        metavar="URL",
+        help="Keep finops' state in a shared PostgreSQL database (postgresql://HOST/DB; env "
+        "FINOPS_STATE_URL) instead of the SQLite file under --state-dir. Put the password in "
+        "PGPASSFILE or PGPASSWORD, not in the URL.",
+    )
+
+
 def target_options(fn: F) -> F:
     """Options shared by every command that talks to a gateway, passed as ``opts``."""
 
@@ -118,23 +143,8 @@ def target_options(fn: F) -> F:
             metavar="FILE",
             help="File holding the admin API key (env GREENHELIX_API_KEY_FILE; or GREENHELIX_API_KEY).",
         ),
-        click.option(
-            "--state-dir",
-            envvar="FINOPS_STATE_DIR",
-            default=".finops",
-            show_default=True,
-            type=click.Path(path_type=Path),
-            help="Where finops keeps its state (env FINOPS_STATE_DIR).",
-        ),
-        click.option(
-            "--state-url",
-            envvar="FINOPS_STATE_URL",
-            default=None,
-            metavar="URL",
-            help="Keep finops' state in a shared PostgreSQL database (postgresql://HOST/DB; env "
-            "FINOPS_STATE_URL) instead of the SQLite file under --state-dir. Put the password in "
-            "PGPASSFILE or PGPASSWORD, not in the URL.",
-        ),
+        state_dir_option(),
+        state_url_option(),
         click.option(
             "--lock-timeout",
             envvar="FINOPS_LOCK_TIMEOUT",

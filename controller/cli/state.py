@@ -18,7 +18,7 @@ from typing import Any, TypeVar, cast
 
 import click
 
-from controller.cli.options import EXIT_ERROR, EXIT_OK, err, run_command
+from controller.cli.options import EXIT_ERROR, EXIT_OK, err, run_command, state_dir_option, state_url_option
 from controller.errors import ConfigError
 from controller.io.target import target_name
 from controller.state.db import Database, connect
@@ -64,21 +64,8 @@ def state_options(fn: F) -> F:
                 help="Which gateway's state (env GREENHELIX_URL; names the file STATE_DIR/state-<host>.db). "
                 "Unset: the embedded sandbox's. Nothing is sent to it.",
             ),
-            click.option(
-                "--state-dir",
-                envvar="FINOPS_STATE_DIR",
-                default=".finops",
-                show_default=True,
-                type=click.Path(path_type=Path),
-                help="Where finops keeps its state (env FINOPS_STATE_DIR).",
-            ),
-            click.option(
-                "--state-url",
-                envvar="FINOPS_STATE_URL",
-                default=None,
-                metavar="URL",
-                help="The shared PostgreSQL state database (env FINOPS_STATE_URL) instead of the SQLite file.",
-            ),
+            state_dir_option(),
+            state_url_option(),
         ]
     ):
         command = option(command)
