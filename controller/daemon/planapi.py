@@ -49,7 +49,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from controller.errors import ConfigError, FinopsError, ManifestError
 from controller.gateway.client import GatewayClient
-from controller.io.secretfile import check_private_file, read_secret_file
+from controller.io.secretfile import check_private_file, make_private_dirs, read_secret_file
 from controller.manifest.loader import SUFFIXES, load_manifests
 from controller.reconcile.decide import observe_and_plan
 from controller.state import StateStore
@@ -185,7 +185,7 @@ def write_bundle(files: Mapping[str, bytes], directory: Path) -> None:
     following a link (there are none: the directory is new and private)."""
     for name, content in files.items():
         target = directory.joinpath(*name.split("/"))
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(target.parent)  # 0700 whatever the umask
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(content)
