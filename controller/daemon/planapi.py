@@ -308,10 +308,6 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("plan API request failed")
             self._send(500, b"internal error; see the daemon's log\n")
             return
-        if contains_key_material(payload.decode("utf-8", "replace")):
-            log.error("plan API refused to send a response holding key-shaped text")
-            self._send(500, b"internal error: the response held key-shaped text and was withheld\n")
-            return
         self._send(status, payload, ctype)
 
     def _body(self, limits: BundleLimits) -> bytes:
@@ -346,6 +342,11 @@ class _Handler(BaseHTTPRequestHandler):
         content_type: str = "text/plain; charset=utf-8",
         extra: Mapping[str, str] | None = None,
     ) -> None:
+        if contains_key_material(body.decode("utf-8", "replace")):
+            # Every answer, refusals echoing a file name included: never key-shaped text.
+            log.error("plan API withheld a response holding key-shaped text")
+            status, content_type = 500, "text/plain; charset=utf-8"
+            body = b"internal error: the response held key-shaped text and was withheld\n"
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)

@@ -313,6 +313,10 @@ def test_no_key_material_in_any_response(api: Api) -> None:
     response = api.post(pasted)
     assert response.status_code == 422
     bodies.append(response.text)
+    # A refusal that would echo a key-shaped file name withholds it.
+    named = api.post(bundle({f"{api.admin_key}.txt": "x"}))
+    assert named.status_code == 500 and "withheld" in named.text
+    bodies.append(named.text)
     assert_no_keys(api, *bodies)
 
 
@@ -414,3 +418,20 @@ def _healthy(url: str) -> bool:
         return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_slow_body_gets_408_within_the_deadline(sandbox: SandboxServer, tmp_path: Path) -> None:
+    key_file = tmp_path / "admin.key"
+    key_file.write_text(sandbox.admin_key)
+    key_file.chmod(0o600)
+    server, services = api_server(sandbox, tmp_path, BundleLimits(deadline_s=0.5))
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(
+                f"POST /v1/plan HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                "Content-Length: 1000\r\n\r\n{".encode()
+            )
+            assert sock.recv(4096).startswith(b"HTTP/1.1 408 ")  # the server stops waiting, not the test
+    finally:
+        server.stop()
+        services.close()
