@@ -163,6 +163,13 @@ def test_remote_plan_equals_local_plan_changed_then_converged(api: Api) -> None:
     )
     assert (here.returncode, there.returncode) == (2, 2), there.stderr
     assert comparable(there.stdout) == comparable(here.stdout)
+    summary = api.workdir / "summary.md"
+    in_ci = run_cli(
+        api.workdir, "plan", "manifests", "--remote", api.url, "--token-file", str(api.token_file),
+        "--format", "markdown", env={"GITHUB_STEP_SUMMARY": str(summary)},
+    )  # fmt: skip
+    assert in_ci.returncode == 0 and summary.read_text().startswith("<!-- finops-plan -->")
+    assert in_ci.stdout.startswith("<!-- finops-plan -->"), "the banner goes to stderr, as for a local plan"
     saved = api.workdir / "remote.plan.json"
     there = remote(api, "--out", str(saved))
     assert there.returncode == 0 and (saved.stat().st_mode & 0o777) == 0o600

@@ -21,10 +21,6 @@ EXAMPLES = ROOT / "examples" / "github-actions"
 WORKFLOWS = sorted(EXAMPLES.glob("*.yml"))
 PLAN_WORKFLOW = EXAMPLES / "finops-plan.yml"
 
-PENDING_FLAGS: dict[tuple[str, str], str] = {("validate", "--format"): "issue 12 item 4 (validate --format github)"}
-"""Flags the workflows use that another branch adds: skipped while the command lacks them,
-checked (value included) as soon as it has them. Empty this once both are merged."""
-
 _OPERATORS = {";", "&&", "||", "|", "&", ">", ">>", "<", "2>", "(", ")", "!"}
 
 
@@ -69,20 +65,9 @@ def check_invocation(argv: list[str]) -> click.Command:
     name, *args = argv
     command = cli.get_command(ctx, name)
     assert command is not None, f"finops has no command {name!r}"
-    known = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
-    kept: list[str] = []
-    skip = False
-    for i, word in enumerate(args):
-        if skip:
-            skip = False
-            continue
-        if (name, word) in PENDING_FLAGS and word not in known:
-            skip = i + 1 < len(args) and not args[i + 1].startswith("-")
-            continue
-        kept.append(word)
-    sub = command.make_context(name, kept, parent=ctx)
+    sub = command.make_context(name, list(args), parent=ctx)
     help_text = command.get_help(sub)
-    for word in kept:
+    for word in args:
         if word.startswith("--"):
             assert word.split("=", 1)[0] in help_text, f"`finops {name} --help` does not list {word}"
     return command
@@ -142,8 +127,10 @@ def test_the_plan_workflow_validates_plans_remotely_comments_and_gates(placehold
         assert flag in plan
     assert plan[plan.index("--format") + 1] == "markdown"
     text = PLAN_WORKFLOW.read_text()
-    assert "<!-- finops-plan -->" in text and "updateComment" in text, "one sticky comment, updated"
-    assert "GITHUB_STEP_SUMMARY" in text and "upload-artifact" in text
+    marker = plan[plan.index("--marker") + 1]
+    assert f'const marker = "<!-- {marker} -->";' in text, "the script looks for the marker the plan carries"
+    assert "updateComment" in text, "one sticky comment, updated"
+    assert "--max-chars" in plan and "upload-artifact" in text, "capped comment, full plan as an artifact"
     gate = [s for s in run_scripts(data) if "EXIT_CODE" in s][-1]
     assert "2)" in gate and "exit 1" in gate, "exit 2 (changes) passes for review, anything else fails"
 
@@ -170,7 +157,7 @@ def test_the_merge_workflow_applies_only_the_reviewed_plan_behind_an_environment
     name, job = apply_jobs[0]
     assert job["environment"] == "finops-production" and job["needs"] == "plan"
     (argv,) = [a for s in run_scripts({"jobs": {name: job}}) for a in finops_invocations(s, placeholder)]
-    assert "--plan" in argv and "--auto-approve" in argv, "apply exactly the saved plan (stale ones are refused)"
+    assert "--plan" in argv, "apply exactly the saved plan (stale ones are refused)"
     assert data["concurrency"]["cancel-in-progress"] is False
     assert jobs["plan"]["if"] == "vars.FINOPS_APPLY_MODE == 'ci'"
     assert jobs["daemon-preview"]["if"] == "vars.FINOPS_APPLY_MODE != 'ci'"
