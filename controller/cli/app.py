@@ -33,6 +33,7 @@ from controller.cli.options import (
     target_options,
 )
 from controller.cli.progress import ApplyProgress
+from controller.cli.remote import RemoteOptions, remote_options
 from controller.cli.views import (
     DEFAULT_MARKER,
     DEFAULT_MAX_CHARS,
@@ -235,6 +236,7 @@ def schema() -> None:
     help="Markdown: the name in its first line, <!-- NAME -->, by which a workflow finds and updates one "
     "sticky PR comment (one per target, e.g. finops-plan-prod).",
 )
+@remote_options
 @target_options
 def plan(
     path: str,
@@ -245,6 +247,7 @@ def plan(
     max_chars: int,
     artifact_hint: str | None,
     marker: str,
+    remote: RemoteOptions,
     opts: TargetOptions,
 ) -> None:
     """Show what apply would change (reads only).
@@ -253,11 +256,14 @@ def plan(
     that file, whatever --format says."""
 
     def run() -> int:
-        desired = load(path, opts.state_dir)
-        with opts.open_target() as target:
-            _banner(target, fmt)
-            with open_services(target, opts) as services:
-                result = asyncio.run(_plan(desired, services, prune))
+        if remote.url is not None:  # a daemon's plan API plans: no gateway key, shown as below
+            result = remote.fetch(path, fmt=fmt, prune=prune)
+        else:
+            desired = load(path, opts.state_dir)
+            with opts.open_target() as target:
+                _banner(target, fmt)
+                with open_services(target, opts) as services:
+                    result = asyncio.run(_plan(desired, services, prune))
 
         def markdown() -> str:
             return render_markdown(result, max_chars=max_chars, artifact_hint=artifact_hint, marker=marker)

@@ -18,10 +18,11 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from controller.daemon.leader import DEFAULT_POLL_S, Replica
 from controller.daemon.logs import configure_logging, log_event
 from controller.daemon.metrics import DaemonMetrics, GatewayErrorCounter, MetricsServer, Readiness
 from controller.daemon.passes import Reconciler
+from controller.daemon.planapi import PlanApi, PlanApiServer, gateway_planner, read_plan_token, tls_context
 from controller.daemon.replicas import ReplicaIdentity, ReplicaRegistry, Role
 from controller.daemon.revisions import RevisionLog
 from controller.daemon.scheduler import DEFAULT_STOP_TIMEOUT_S, Daemon
@@ -50,6 +52,16 @@ STATUS_FILE = "daemon-status.json"
 ONCE_PURPOSE = "finops single pass (run --once)"
 """The writer lock's purpose for ``run --once``: unlike a daemon's (``DAEMON_PURPOSE``), an
 apply may queue behind it, as behind another apply."""
+
+
+@dataclass(frozen=True)
+class PlanApiSettings:
+    """The plan API's listener, checked at start-up (``--plan-api-*``)."""
+
+    token: str = field(repr=False)
+    host: str
+    port: int
+    tls: ssl.SSLContext | None
 
 
 @dataclass(frozen=True)
@@ -158,6 +170,43 @@ def git_workdir(state_dir: Path, url: str, branch: str) -> Path:
     help="Address for the metrics endpoint (0.0.0.0 in a container).",
 )
 @click.option(
+    "--plan-api-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    envvar="FINOPS_PLAN_API_PORT",
+    help="Serve the plan API (POST /v1/plan: a bundle of manifests in, the plan out; never applies) on "
+    "this port, for `finops plan --remote` in CI without the gateway key (0 or unset: off).",
+)
+@click.option(
+    "--plan-api-host",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="FINOPS_PLAN_API_HOST",
+    help="Address for the plan API; any non-loopback address requires --plan-api-tls-cert/--plan-api-tls-key.",
+)
+@click.option(
+    "--plan-api-token-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="FINOPS_PLAN_API_TOKEN_FILE",
+    help="File (0600) holding the plan API's bearer token, a secret of its own (not the admin key); required "
+    "with --plan-api-port.",
+)
+@click.option(
+    "--plan-api-tls-cert",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="FINOPS_PLAN_API_TLS_CERT",
+    help="PEM certificate (chain) for serving the plan API over HTTPS.",
+)
+@click.option(
+    "--plan-api-tls-key",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="FINOPS_PLAN_API_TLS_KEY",
+    help="PEM private key (0600) of --plan-api-tls-cert.",
+)
+@click.option(
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True, envvar="FINOPS_LOG_FORMAT"
 )
 @click.option(
@@ -199,6 +248,11 @@ def run(
     git_poll_interval: float,
     metrics_port: int,
     metrics_host: str,
+    plan_api_port: int,
+    plan_api_host: str,
+    plan_api_token_file: Path | None,
+    plan_api_tls_cert: Path | None,
+    plan_api_tls_key: Path | None,
     log_format: str,
     prune: bool,
     stop_timeout: float,
@@ -211,9 +265,10 @@ def run(
     def main() -> int:
         if git_url and path:
             raise ConfigError("give either a manifest PATH or --git URL, not both")
+        plan_api = _plan_api_settings()  # a bad token or certificate fails before anything starts
         log = configure_logging(log_format)
         if opts.state_url and not once:
-            return _replicated(log)  # one of several replicas: stand by until it holds the lock
+            return _replicated(log, plan_api)  # one of several replicas: stand by until it holds the lock
         # SQLite: the flock, failing fast as ever. PostgreSQL --once: like apply, it waits
         # for another apply (--lock-timeout) but never queues behind an active daemon.
         with opts.writer_lock(ONCE_PURPOSE if opts.state_url else DAEMON_PURPOSE) as lock:
@@ -232,7 +287,8 @@ def run(
                             registry.heartbeat(Role.ACTIVE)
                         server = _metrics_server(metrics, daemon.ready, daemon.healthy, log) if not once else None
                         try:
-                            return asyncio.run(daemon.serve(once=once))
+                            with _plan_api(plan_api if not once else None, target, log):
+                                return asyncio.run(daemon.serve(once=once))
                         finally:
                             if server is not None:
                                 server.stop()
@@ -247,7 +303,36 @@ def run(
             return GitSource(git_url, branch, git_path, git_workdir(opts.state_dir, git_url, branch))
         return DirectorySource(Path(path or DEFAULT_PATH))
 
-    def _replicated(log: logging.Logger) -> int:
+    def _plan_api_settings() -> PlanApiSettings | None:
+        if not plan_api_port:
+            return None
+        if plan_api_token_file is None:
+            raise ConfigError("--plan-api-port needs --plan-api-token-file (env FINOPS_PLAN_API_TOKEN_FILE)")
+        if (plan_api_tls_cert is None) != (plan_api_tls_key is None):
+            raise ConfigError("give both --plan-api-tls-cert and --plan-api-tls-key, or neither")
+        tls = tls_context(plan_api_tls_cert, plan_api_tls_key) if plan_api_tls_cert and plan_api_tls_key else None
+        return PlanApiSettings(read_plan_token(plan_api_token_file), plan_api_host, plan_api_port, tls)
+
+    @contextmanager
+    def _plan_api(settings: PlanApiSettings | None, target: Target, log: logging.Logger) -> Iterator[None]:
+        """The plan API for the daemon's lifetime, on services of its own: it only reads (no
+        fence, no key store), so it answers on an active replica and on a standby alike."""
+        if settings is None:
+            yield
+            return
+        from controller.cli.views import RENDERERS
+
+        services = Services.build(target, opts)
+        try:
+            planner = gateway_planner(services.client, services.state, target.name)
+            api = PlanApi(settings.token, planner, state_dir=opts.state_dir, renderers=RENDERERS)
+            with PlanApiServer(api, host=settings.host, port=settings.port, tls=settings.tls) as server:
+                log_event(log, logging.INFO, "plan API listening", url=server.url, paths=["/v1/plan", "/healthz"])
+                yield
+        finally:
+            services.close()
+
+    def _replicated(log: logging.Logger, plan_api: PlanApiSettings | None) -> int:
         """Shared PostgreSQL state: stand by, take over when the lock is free, exit when it is lost."""
         with opts.open_target() as target:
             log = configure_logging(log_format, secrets=[target.api_key])
@@ -263,7 +348,9 @@ def run(
                 server = _metrics_server(metrics, replica.readiness, replica.liveness, log)
                 log_event(log, logging.INFO, "replica started as a standby", replica=identity.replica_id)
                 try:
-                    return asyncio.run(_lead(target, source, log, metrics, registry, replica))
+                    # A standby plans too: a plan needs only reads and the shared state.
+                    with _plan_api(plan_api, target, log):
+                        return asyncio.run(_lead(target, source, log, metrics, registry, replica))
                 finally:
                     if server is not None:
                         server.stop()
