@@ -248,6 +248,14 @@ class PlanApi:
                 except ManifestError as exc:
                     payload = {"format_version": 1, "errors": [_relabel(i, root) for i in exc.issues]}
                     return 422, "application/json", _json(payload)
+            if probes := referenced_secrets(desired):
+                raise BundleRefused(
+                    422,
+                    "the plan API does not read secrets a bundle names ("
+                    + ", ".join(probes[:5])
+                    + "): their fingerprints would let a token holder probe the daemon's environment and files; "
+                    "plan fleets with allowReferencedSecret locally",
+                )
             try:
                 result = self._plan(desired, prune)
             except FinopsError as exc:
@@ -261,6 +269,18 @@ class PlanApi:
             f"text/{'markdown' if fmt == 'markdown' else 'plain'}; charset=utf-8",
             (self._renderers[fmt](result) + "\n").encode(),
         )
+
+
+def referenced_secrets(desired: DesiredState) -> list[str]:
+    """Secrets a plan would read because the manifests name them (gateway webhooks with
+    ``allowReferencedSecret``: an environment variable or a file of the daemon's host),
+    described by agent; finops' own generated secrets are not among them."""
+    return sorted(
+        f"{agent.agent_id}: {hook.secret.describe()}"
+        for agent in desired.agents()
+        for hook in agent.gateway_webhooks
+        if hook.secret.managed is None
+    )
 
 
 def _json(payload: object) -> bytes:

@@ -442,3 +442,22 @@ def test_a_slow_body_gets_408_within_the_deadline(sandbox: SandboxServer, tmp_pa
     finally:
         server.stop()
         services.close()
+
+
+def test_a_bundle_cannot_make_the_daemon_read_a_secret_it_names(api: Api) -> None:
+    """A referenced gateway-webhook secret ({env}/{file}, allowReferencedSecret) would be read
+    on the daemon's host and its fingerprint returned: a token holder could probe the daemon's
+    environment (PGPASSWORD, …) and files. The plan API refuses such bundles before planning."""
+    files = {p.relative_to(CANONICAL).as_posix(): p.read_text() for p in sorted(CANONICAL.rglob("*.yaml"))}
+    fleet = files["research-fleet.yaml"]
+    for probe in ("{env: PGPASSWORD}", "{file: /etc/hostname}"):
+        edited = fleet.replace(
+            "      events: [billing.usage_recorded, billing.deposit]\n",
+            "      events: [billing.usage_recorded, billing.deposit]\n      allowReferencedSecret: true\n",
+            1,
+        ).replace("signingSecret: {file: alert-signing.secret, generate: true}", f"signingSecret: {probe}", 1)
+        assert edited.count("allowReferencedSecret: true") == 1 and probe in edited, "the canonical fleet changed"
+        response = api.post(bundle({**files, "research-fleet.yaml": edited}))
+        assert response.status_code == 422, response.text
+        assert "does not read secrets a bundle names" in response.text
+        assert "sha256:" not in response.text  # no fingerprint of anything on the daemon's host
