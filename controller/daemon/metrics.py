@@ -29,6 +29,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from controller.daemon.serving import ThreadedServer
 from policies.exposure import AGENTS, MONEY_DIMENSIONS, ExposureReview
 
 Readiness = Callable[[], tuple[bool, str]]
@@ -204,7 +205,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
 
-class MetricsServer:
+class MetricsServer(ThreadedServer):
     """``/metrics``, ``/healthz`` (``liveness()``: no job stuck past its deadline) and
     ``/readyz`` (``readiness()``).
 
@@ -219,31 +220,8 @@ class MetricsServer:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        self._server = _Server((host, port), metrics, readiness, liveness or (lambda: (True, "alive")))
-        self.host = host
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="finops-metrics", daemon=True)
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    def start(self) -> MetricsServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-        self._server.server_close()
-
-    def __enter__(self) -> MetricsServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        server = _Server((host, port), metrics, readiness, liveness or (lambda: (True, "alive")))
+        super().__init__(server, host, name="finops-metrics")
 
 
 class GatewayErrorCounter:

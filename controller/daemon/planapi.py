@@ -47,6 +47,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from controller.daemon.serving import ThreadedServer
 from controller.errors import ConfigError, FinopsError, ManifestError
 from controller.gateway.client import GatewayClient
 from controller.io.secretfile import check_private_file, make_private_dirs, read_secret_file
@@ -414,7 +415,7 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-class PlanApiServer:
+class PlanApiServer(ThreadedServer):
     """``POST /v1/plan`` and ``GET /healthz`` on ``host:port`` (``port=0``: a free port)."""
 
     def __init__(self, api: PlanApi, *, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None):
@@ -424,34 +425,11 @@ class PlanApiServer:
                 "its token would otherwise cross the network in clear"
             )
         try:
-            self._server = _Server((host, port), api, tls)
+            server = _Server((host, port), api, tls)
         except OSError as exc:
             raise ConfigError(f"cannot serve the plan API on {host}:{port}: {exc.strerror or exc}") from None
-        self.host = host
-        self.port = int(self._server.server_address[1])
         self.scheme = "https" if tls is not None else "http"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="finops-plan-api", daemon=True)
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
-
-    def start(self) -> PlanApiServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-        self._server.server_close()
-
-    def __enter__(self) -> PlanApiServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(server, host, name="finops-plan-api")
 
 
 __all__ = [
