@@ -38,7 +38,7 @@ from controller.keys.envelope import (
     seal,
     unseal,
 )
-from controller.keys.vault import MAIN, QUARANTINE, SLOTS, KeyStore, key_path
+from controller.keys.vault import MAIN, SLOTS, KeyStore, SlotAccess, key_path
 from controller.state.db import Database, connect
 from controller.state.location import POSTGRESQL, StateLocation, as_location
 from policies.keyprint import key_prefix
@@ -107,7 +107,7 @@ def _mismatch(kek: KeyEncryptionKey, others: dict[str, int], where: object) -> K
     )
 
 
-class SealedVault:
+class SealedVault(SlotAccess):
     """The database key store (``KeyStore``). Thread-safe."""
 
     kind = "database"
@@ -182,22 +182,6 @@ class SealedVault:
         with self._lock, self._db.transaction():
             cur = self._db.execute("DELETE FROM sealed_keys WHERE agent_id=? AND slot=?", (agent_id, slot))
             return cur.rowcount > 0
-
-    def is_quarantined(self, agent_id: str) -> bool:
-        return self.read(agent_id, QUARANTINE) is not None
-
-    def held(self, agent_id: str) -> tuple[str, str] | None:
-        for slot in (QUARANTINE, MAIN):
-            raw = self.read(agent_id, slot)
-            if raw is not None:
-                return raw, slot
-        return None
-
-    def store(self, agent_id: str, raw_key: str) -> str:
-        return self.write(agent_id, raw_key, MAIN)
-
-    def load(self, agent_id: str) -> str | None:
-        return self.read(agent_id, MAIN)
 
     def entries(self) -> list[tuple[str, str]]:
         with self._lock:

@@ -104,7 +104,36 @@ class KeyStore(Protocol):
     def close(self) -> None: ...
 
 
-class KeyVault:
+class SlotAccess:
+    """What every key store derives from its ``read``/``write`` of one slot: which key is
+    held (quarantine wins: it is the newer key, and the delivered one is dying in its grace
+    period), and the ``MAIN`` slot as the agent's current key."""
+
+    def read(self, agent_id: str, slot: str = MAIN) -> str | None:
+        raise NotImplementedError
+
+    def write(self, agent_id: str, raw_key: str, slot: str = MAIN) -> str:
+        raise NotImplementedError
+
+    def is_quarantined(self, agent_id: str) -> bool:
+        return self.read(agent_id, QUARANTINE) is not None
+
+    def held(self, agent_id: str) -> tuple[str, str] | None:
+        for slot in (QUARANTINE, MAIN):
+            raw = self.read(agent_id, slot)
+            if raw is not None:
+                return raw, slot
+        return None
+
+    def store(self, agent_id: str, raw_key: str) -> str:
+        """Persist the agent's current key durably; returns its gateway hash prefix."""
+        return self.write(agent_id, raw_key, MAIN)
+
+    def load(self, agent_id: str) -> str | None:
+        return self.read(agent_id, MAIN)
+
+
+class KeyVault(SlotAccess):
     """The directory store: one 0600 file per agent and slot."""
 
     kind = "directory"
@@ -192,23 +221,3 @@ class KeyVault:
             os.close(dir_fd)
         return True
 
-    def is_quarantined(self, agent_id: str) -> bool:
-        return self.read(agent_id, QUARANTINE) is not None
-
-    def held(self, agent_id: str) -> tuple[str, str] | None:
-        """The key finops currently holds for the agent and its slot (quarantine wins: it
-        is the newer key, and the delivered one is dying in its grace period)."""
-        for slot in (QUARANTINE, MAIN):
-            raw = self.read(agent_id, slot)
-            if raw is not None:
-                return raw, slot
-        return None
-
-    # -- the interface that apply and the tests use ---------------------
-
-    def store(self, agent_id: str, raw_key: str) -> str:
-        """Persist the agent's current key durably; returns its gateway hash prefix."""
-        return self.write(agent_id, raw_key, MAIN)
-
-    def load(self, agent_id: str) -> str | None:
-        return self.read(agent_id, MAIN)

@@ -48,6 +48,22 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, *, every
         time.sleep(every)
 
 
+def forward(handler: http.server.BaseHTTPRequestHandler, upstream: str, body: bytes) -> None:
+    """Send ``handler``'s request (with ``body``) to ``upstream`` and copy the answer back:
+    the test proxies' one forwarding step."""
+    skip = {"host", "content-length", "connection"}
+    headers = {k: v for k, v in handler.headers.items() if k.lower() not in skip}
+    with httpx.Client(base_url=upstream) as client:
+        resp = client.request(handler.command, handler.path, content=body, headers=headers)
+    handler.send_response(resp.status_code)
+    for key, value in resp.headers.items():
+        if key.lower() not in {"content-length", "connection", "transfer-encoding", "content-encoding"}:
+            handler.send_header(key, value)
+    handler.send_header("Content-Length", str(len(resp.content)))
+    handler.end_headers()
+    handler.wfile.write(resp.content)
+
+
 def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("GREENHELIX_", "FINOPS_"))}
 
@@ -229,17 +245,7 @@ class WriteProxy:
                         self.send_header("Content-Length", "0")
                         self.end_headers()
                         return
-                skip = {"host", "content-length", "connection"}
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
-                with httpx.Client(base_url=upstream) as client:
-                    resp = client.request(self.command, self.path, content=body, headers=headers)
-                self.send_response(resp.status_code)
-                for key, value in resp.headers.items():
-                    if key.lower() not in {"content-length", "connection", "transfer-encoding", "content-encoding"}:
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(resp.content)))
-                self.end_headers()
-                self.wfile.write(resp.content)
+                forward(self, upstream, body)
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward
 

@@ -38,6 +38,7 @@ from controller.daemon.source import DirectorySource, GitSource, ManifestSource,
 from controller.sandbox.server import SandboxServer
 from policies.keyprint import contains_key_material
 from tests.integration.conftest import CANONICAL, Harness
+from tests.integration.haproc import forward
 
 WORKERS = "research-workers.yaml"
 RES01 = re.compile(r"^(?P<indent> *)- id: res-01\n", re.MULTILINE)
@@ -410,17 +411,7 @@ class HoldingProxy:
                 if hold(self.command, self.path) and not proxy.arrived.is_set():
                     proxy.arrived.set()
                     proxy.release.wait(60)
-                skip = {"host", "content-length", "connection"}
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
-                with httpx.Client(base_url=upstream) as client:
-                    resp = client.request(self.command, self.path, content=body, headers=headers)
-                self.send_response(resp.status_code)
-                for key, value in resp.headers.items():
-                    if key.lower() not in {"content-length", "connection", "transfer-encoding", "content-encoding"}:
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(resp.content)))
-                self.end_headers()
-                self.wfile.write(resp.content)
+                forward(self, upstream, body)
 
             do_GET = do_POST = do_PUT = do_DELETE = _forward
 
