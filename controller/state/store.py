@@ -41,6 +41,10 @@ FUNDING_UNKNOWN = "unknown"
 """A credit finops sent (or is about to send) whose outcome is not known: it counts."""
 FUNDING_LANDED = "landed"
 FUNDING_KEPT_SECONDS = 30 * 86_400
+HISTORY_KEPT_SECONDS = 90 * 86_400
+"""Resolved intents and the apply log are kept 90 days, then pruned (a daemon writes a row
+per applying pass: unpruned, the state grows without bound). Pending intents are never
+pruned, nor each agent's newest landed deposit (its ledger id is the funding epoch)."""
 BUNDLES_KEPT = 20
 """Directory revisions whose manifests are kept (the newest), to re-enforce after a restart."""
 
@@ -341,6 +345,30 @@ class StateStore:
                 "INSERT INTO apply_log (started_at, finished_at, ok, summary) VALUES (?,?,?,?)",
                 (started_at, self._clock(), int(ok), json.dumps(dict(summary), sort_keys=True)),
             )
+        self.prune_history()
+
+    def prune_history(self, *, kept_seconds: float = HISTORY_KEPT_SECONDS) -> int:
+        """Forget resolved intents and apply-log rows older than ``kept_seconds``; returns how
+        many rows went. Kept whatever their age: every pending intent (it still blocks its
+        agent) and, per agent, the newest landed deposit (``last_deposit_ids``: the funding
+        epoch of the next deposit key must never move back)."""
+        cutoff = self._clock() - kept_seconds
+        newest = self.last_deposit_ids()
+        with self._tx() as db:
+            old = db.execute(
+                "SELECT intent_key, kind, agent_id, status, ref FROM intents WHERE status <> ? AND updated_at < ?",
+                (PENDING, cutoff),
+            ).fetchall()
+            doomed = [
+                str(key)
+                for key, kind, agent_id, status, ref in old
+                if not (kind == "deposit" and status == DONE and str(ref) == str(newest.get(agent_id)))
+            ]
+            for key in doomed:
+                db.execute("DELETE FROM intents WHERE intent_key=? AND status <> ?", (key, PENDING))
+            logged = db.execute("SELECT COUNT(*) FROM apply_log WHERE finished_at < ?", (cutoff,)).fetchone()
+            db.execute("DELETE FROM apply_log WHERE finished_at < ?", (cutoff,))
+        return len(doomed) + int(logged[0])
 
     # -- exposure approvals ------------------------------------------------------
 

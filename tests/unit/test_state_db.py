@@ -297,3 +297,32 @@ def test_a_migration_interrupted_half_way_leaves_the_file_at_the_previous_versio
     finally:
         store.close()
     assert "agent_keys" not in _tables(path)
+
+
+def test_old_history_is_pruned_but_pending_intents_and_each_agents_funding_epoch_are_kept(tmp_path: Path) -> None:
+    day = 86_400.0
+    now = [T0]
+    store = StateStore(tmp_path / "s.db", clock=lambda: now[0])
+    store.begin_intent("dep-a-old", "deposit", "a", {"amount": "1.00"})
+    store.finish_intent("dep-a-old", DONE, "landed", ref="7")
+    store.begin_intent("dep-a-new", "deposit", "a", {"amount": "1.00"})
+    store.finish_intent("dep-a-new", DONE, "landed", ref="9")
+    store.begin_intent("dep-b-only", "deposit", "b", {"amount": "1.00"})
+    store.finish_intent("dep-b-only", DONE, "landed", ref="3")
+    store.begin_intent("rot-a", "rotate", "a", {})
+    store.finish_intent("rot-a", "abandoned", "refused")
+    store.begin_intent("dep-c-unknown", "deposit", "c", {"amount": "1.00"})  # stays pending
+    store.log_apply(now[0], True, {"applied": 1})
+    before = store.last_deposit_ids()
+
+    now[0] = T0 + 89 * day
+    assert store.prune_history() == 0  # nothing is old enough yet
+
+    now[0] = T0 + 91 * day
+    store.log_apply(now[0], True, {"applied": 0})  # logging prunes on the way
+    left = {i.intent_key: i.status for i in store.intents()}
+    assert left == {"dep-a-new": DONE, "dep-b-only": DONE, "dep-c-unknown": PENDING}
+    assert store.last_deposit_ids() == before == {"a": 9, "b": 3}
+    store.close()
+    with sqlite3.connect(tmp_path / "s.db") as raw:
+        assert raw.execute("SELECT COUNT(*) FROM apply_log").fetchone() == (1,)  # only the row written now
