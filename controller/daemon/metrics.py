@@ -7,15 +7,24 @@ The endpoint is a stdlib ``ThreadingHTTPServer`` in a background thread: it need
 loop, so it keeps answering while a pass is busy, and it binds 127.0.0.1 unless told
 otherwise (metrics reveal fleet names and revisions; expose them deliberately).
 Amounts are exported as floats: metrics are for graphs and alerts, never for money logic.
+
+Per-agent gauges (``finops_agent_*``) come from typed snapshots (``policies.fleet_metrics.
+AgentGauges``) handed to ``update_agent_metrics``: each call replaces the whole table, so an
+agent removed from the manifests loses its series at the next update. They live in a registry
+of their own whose exposition is rendered once per update (lazily, at the first scrape after
+it) and then served from a cache: at 10,000 agents a scrape copies bytes instead of formatting
+~150,000 samples again (``bench/metrics_scale.py`` prints the figures).
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from typing import ClassVar
 
 import httpx
@@ -24,13 +33,19 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from controller.daemon.serving import ThreadedServer
 from policies.exposure import AGENTS, MONEY_DIMENSIONS, ExposureReview
+from policies.fleet_metrics import HOLD_KINDS, AgentGauges
 
 Readiness = Callable[[], tuple[bool, str]]
 
@@ -38,6 +53,125 @@ Readiness = Callable[[], tuple[bool, str]]
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 RECONCILE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+WINDOWS = ("daily", "monthly")
+"""``window`` label values of the per-agent window gauges: rolling 24 h and 30 days."""
+ALERT_DELIVERY_RESULTS = ("delivered", "failed", "gave_up", "refused")
+ALERT_EVENT_TYPES = ("budget.threshold", "budget.recovered")
+
+
+def finops_version() -> str:
+    try:
+        return package_version("finops")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+class AgentCollector(Collector):
+    """The per-agent families, from the latest snapshots (see the module doc).
+
+    Label names: ``agent``, ``fleet``, then every label name any fleet declares in
+    ``spec.metrics.labels`` (in first-declared order; an agent of a fleet that does not
+    declare one exports it empty, which Prometheus reads as absent), then ``window`` or
+    ``kind`` where the family has one. Every agent gets its ``hold_active`` series for every
+    kind (0 or 1), so the first hold is a change, not a new series."""
+
+    FAMILIES: tuple[tuple[str, str], ...] = (
+        ("finops_agent_balance_credits", "Wallet balance, in gateway credits."),
+        ("finops_agent_spend_credits", "Spend in the rolling window (daily: 24 h, monthly: 30 d), in credits."),
+        ("finops_agent_cap_credits", "The cap the gateway enforces on the window, in credits (no series: no cap)."),
+        ("finops_agent_utilization_ratio", "Spend / cap of the window (1 = at the cap; no series: no cap or cap 0)."),
+        (
+            "finops_agent_forecast_exhaustion_seconds",
+            "Projected seconds until spend reaches the window's cap (no series: no estimate).",
+        ),
+        ("finops_agent_hold_active", "1 while a hold or action of this kind is on the agent, else 0."),
+        ("finops_agent_key_age_seconds", "Age of the key finops holds for the agent (managed keys only)."),
+        (
+            "finops_agent_key_next_rotation_seconds",
+            "Seconds until the agent's key is due for rotation (negative: overdue).",
+        ),
+        ("finops_agent_observed_timestamp_seconds", "Clock time the agent's figures were read from the gateway."),
+    )
+    NAMES = tuple(name for name, _ in FAMILIES)
+
+    def __init__(self) -> None:
+        self._snapshots: tuple[AgentGauges, ...] = ()
+        self._lock = threading.Lock()
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(self)
+        self._cache: bytes | None = b""
+        self.updates = 0
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self._registry
+
+    def replace(self, snapshots: Iterable[AgentGauges]) -> None:
+        table = tuple(snapshots)
+        with self._lock:
+            self._snapshots = table
+            self._cache = None
+            self.updates += 1
+
+    def snapshots(self) -> tuple[AgentGauges, ...]:
+        with self._lock:
+            return self._snapshots
+
+    def render(self) -> bytes:
+        """The exposition of the per-agent families; formatted once per update."""
+        with self._lock:
+            if self._cache is None:
+                self._cache = generate_latest(self._registry)
+            return self._cache
+
+    def collect(self) -> Iterator[Metric]:
+        snapshots = self._snapshots
+        extra: dict[str, None] = {}
+        for snap in snapshots:
+            for name, _ in snap.labels:
+                extra.setdefault(name)
+        base = ["agent", "fleet", *extra]
+        docs = dict(self.FAMILIES)
+
+        def family(name: str, *more: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, docs[name], labels=[*base, *more])
+
+        balance = family("finops_agent_balance_credits")
+        spend = family("finops_agent_spend_credits", "window")
+        cap = family("finops_agent_cap_credits", "window")
+        ratio = family("finops_agent_utilization_ratio", "window")
+        forecast = family("finops_agent_forecast_exhaustion_seconds", "window")
+        hold = family("finops_agent_hold_active", "kind")
+        key_age = family("finops_agent_key_age_seconds")
+        key_next = family("finops_agent_key_next_rotation_seconds")
+        observed = family("finops_agent_observed_timestamp_seconds")
+        for snap in snapshots:
+            own = dict(snap.labels)
+            values = [snap.agent_id, snap.fleet, *(own.get(name, "") for name in extra)]
+            if snap.balance is not None:
+                balance.add_metric(values, float(snap.balance))
+            for window in WINDOWS:
+                reading = snap.window(window)
+                if reading is None:
+                    continue
+                labelled = [*values, window]
+                spend.add_metric(labelled, float(reading.spend))
+                if reading.cap is not None:
+                    cap.add_metric(labelled, float(reading.cap))
+                utilization = reading.utilization
+                if utilization is not None:
+                    ratio.add_metric(labelled, float(utilization))
+                if reading.forecast_exhaustion_s is not None:
+                    forecast.add_metric(labelled, reading.forecast_exhaustion_s)
+            for kind in HOLD_KINDS:
+                hold.add_metric([*values, kind], 1.0 if kind in snap.holds else 0.0)
+            if snap.key is not None:
+                key_age.add_metric(values, snap.key.age_s)
+                key_next.add_metric(values, snap.key.next_rotation_s)
+            if snap.observed_at is not None:
+                observed.add_metric(values, snap.observed_at)
+        yield from (balance, spend, cap, ratio, forecast, hold, key_age, key_next, observed)
 
 
 class DaemonMetrics:
@@ -122,6 +256,33 @@ class DaemonMetrics:
             ["to"],
             registry=r,
         )
+        self.alert_deliveries = Counter(
+            "finops_alert_deliveries_total",
+            "Alert deliveries by result (delivered, failed: will retry, gave_up, refused).",
+            ["result"],
+            registry=r,
+        )
+        self.alerts_fired = Counter(
+            "finops_alerts_total", "Alerts decided, by type (budget.threshold, budget.recovered).", ["type"], registry=r
+        )
+        self.alerts_pending = Gauge(
+            "finops_alerts_pending", "Alert deliveries still queued after the last alert check.", registry=r
+        )
+        self.alert_read_errors = Gauge(
+            "finops_alert_agents_unread", "Agents whose budget the last alert check could not read.", registry=r
+        )
+        for result in ALERT_DELIVERY_RESULTS:
+            self.alert_deliveries.labels(result=result)
+        for kind in ALERT_EVENT_TYPES:
+            self.alerts_fired.labels(type=kind)
+        self.build_info = Gauge(
+            "finops_build_info", "The running finops (value 1), by version.", ["version"], registry=r
+        )
+        self.build_info.labels(version=finops_version()).set(1)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.agents = AgentCollector()
         self._revision: str | None = None
         self._revision_lock = threading.Lock()
         self._exposure_series: set[tuple[str, str]] = set()
@@ -158,8 +319,42 @@ class DaemonMetrics:
     def set_keys_due_rotation(self, count: int) -> None:
         self.keys_due_rotation.set(count)
 
+    def record_alert_check(
+        self, *, fired: int, recovered: int, delivered: int, failed: int, gave_up: int, refused: int, pending: int,
+        unread: int,
+    ) -> None:  # fmt: skip
+        """One alert check's counts (``controller.alerting.engine.AlertCheckResult``)."""
+        self.alerts_fired.labels(type="budget.threshold").inc(fired)
+        self.alerts_fired.labels(type="budget.recovered").inc(recovered)
+        for result, count in (("delivered", delivered), ("failed", failed), ("gave_up", gave_up), ("refused", refused)):
+            self.alert_deliveries.labels(result=result).inc(count)
+        self.alerts_pending.set(pending)
+        self.alert_read_errors.set(unread)
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry) + self.agents.render()
+
+    def names(self) -> frozenset[str]:
+        """Every sample name this daemon can export (rules and dashboards are checked
+        against it): each family's samples (``_total``, ``_bucket``, ``_sum``, ``_count``…)."""
+        names: set[str] = set()
+        for registry in (self.registry, self.agents.registry):
+            for family in registry.collect():
+                names.update(sample.name for sample in family.samples)
+                if family.type == "counter":
+                    names.add(family.name + "_total")
+                elif family.type == "histogram":
+                    names.update(family.name + suffix for suffix in ("_bucket", "_sum", "_count"))
+                else:
+                    names.add(family.name)
+        return frozenset(names | set(AgentCollector.NAMES))
+
+
+def update_agent_metrics(metrics: DaemonMetrics, snapshots: Iterable[AgentGauges]) -> None:
+    """Export ``snapshots`` as the per-agent gauges, replacing every previous series: pass a
+    snapshot for every declared agent (``policies.fleet_metrics.fleet_gauges`` does), and an
+    agent no longer declared disappears from ``/metrics``."""
+    metrics.agents.replace(snapshots)
 
 
 class _Handler(BaseHTTPRequestHandler):
