@@ -210,6 +210,8 @@ class Reconciler:
         self.plan_fn: PlanFn = plan_fn or partial(observe_and_plan, prune=prune, observed=self._observed)
         self._live: tuple[LiveFleet, float] | None = None
         """The last pass's observation and its clock time (the per-agent metrics read it)."""
+        self._observed_at: dict[str, float] = {}
+        """When each agent was last read (kept while it cannot be: its staleness shows)."""
         self.clock = clock
         self.log = log or logging.getLogger("finops.daemon")
         self.desired: DesiredState | None = None
@@ -403,7 +405,8 @@ class Reconciler:
         live, observed_at = self._live if self._live is not None else (None, self.clock())
         windows: dict[str, tuple[WindowGauges, WindowGauges]] = {}
         balances: dict[str, Decimal] = {}
-        seen: dict[str, float] = {}
+        declared = {a.agent_id for a in desired.agents()}
+        seen = {agent: at for agent, at in self._observed_at.items() if agent in declared}
         for agent_id, agent in live.agents.items() if live is not None else ():
             if not agent.exists or agent.error is not None:
                 continue
@@ -418,6 +421,7 @@ class Reconciler:
                 )
         holds = {agent: frozenset({hold_kind(h.auto)}) for agent, h in self.store.holds().items()}
         keys = {agent: held.since for agent, held in self.store.held_keys().items()}
+        self._observed_at, self._live = seen, None
         return fleet_gauges(
             desired,
             now=self.clock(),
