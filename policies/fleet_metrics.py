@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -172,6 +172,10 @@ def hold_kind(auto: bool) -> str:
     return "auto" if auto else "freeze"
 
 
+def _with_forecast(window: WindowGauges, seconds: float | None) -> WindowGauges:
+    return window if seconds is None else replace(window, forecast_exhaustion_s=seconds)
+
+
 def fleet_gauges(
     desired: DesiredState,
     *,
@@ -181,12 +185,20 @@ def fleet_gauges(
     holds: Mapping[str, frozenset[str]] | None = None,
     key_since: Mapping[str, float] | None = None,
     observed_at: Mapping[str, float] | None = None,
+    forecasts: Mapping[str, tuple[float | None, float | None]] | None = None,
 ) -> tuple[AgentGauges, ...]:
     """A snapshot for every declared agent (so each has its series from the first export),
     from whatever was read: ``windows`` (daily, monthly) and ``balances`` by agent id, the
-    active ``holds`` kinds, when finops got each held key, and when each agent was read.
-    An agent missing from a mapping simply has no series for that figure."""
-    windows = windows or {}
+    active ``holds`` kinds, when finops got each held key, when each agent was read, and the
+    burn-rate ``forecasts`` (seconds to exhaust the daily and monthly cap; ``None``: no
+    estimate), which override any forecast already in ``windows``. An agent missing from a
+    mapping simply has no series for that figure."""
+    forecasts = forecasts or {}
+    windows = {
+        agent: (_with_forecast(daily, forecasts.get(agent, (None, None))[0]),
+                _with_forecast(monthly, forecasts.get(agent, (None, None))[1]))
+        for agent, (daily, monthly) in (windows or {}).items()
+    }  # fmt: skip
     balances = balances or {}
     holds = holds or {}
     key_since = key_since or {}

@@ -84,6 +84,15 @@ def test_every_declared_agent_gets_a_snapshot_with_only_declared_labels() -> Non
     assert (a2.labels, a2.balance, a2.daily, a2.holds) == ((("team", ""),), None, None, frozenset({"freeze"}))
 
 
+def test_forecasts_are_a_typed_input_per_window() -> None:
+    window = WindowGauges(Decimal("1.00"), Decimal("30.00"))
+    (snap,) = fleet_gauges(
+        _desired(_spec("a1")), now=NOW, windows={"a1": (window, window)}, forecasts={"a1": (1800.0, None)}
+    )
+    assert snap.daily is not None and snap.daily.forecast_exhaustion_s == 1800.0
+    assert snap.monthly is not None and snap.monthly.forecast_exhaustion_s is None
+
+
 def test_key_age_and_next_rotation_follow_the_declared_schedule() -> None:
     since = NOW - 86400
     weekly = agent_gauges(_spec("k"), key_since=since, now=NOW)
