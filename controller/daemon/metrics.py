@@ -119,59 +119,112 @@ class AgentCollector(Collector):
             return self._snapshots
 
     def render(self) -> bytes:
-        """The exposition of the per-agent families; formatted once per update."""
+        """The exposition of the per-agent families (Prometheus text format 0.0.4), formatted
+        once per update by ``_format``: the same series as ``collect`` (a test holds them
+        equal), without building ~150,000 sample objects at 10,000 agents."""
         with self._lock:
             if self._cache is None:
-                self._cache = generate_latest(self._registry)
+                self._cache = self._format(self._snapshots)
             return self._cache
 
-    def collect(self) -> Iterator[Metric]:
-        snapshots = self._snapshots
+    @staticmethod
+    def _label_names(snapshots: tuple[AgentGauges, ...]) -> list[str]:
         extra: dict[str, None] = {}
         for snap in snapshots:
             for name, _ in snap.labels:
                 extra.setdefault(name)
-        base = ["agent", "fleet", *extra]
-        docs = dict(self.FAMILIES)
+        return ["agent", "fleet", *extra]
 
-        def family(name: str, *more: str) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, docs[name], labels=[*base, *more])
+    @staticmethod
+    def _label_values(snap: AgentGauges, names: list[str]) -> list[str]:
+        own = dict(snap.labels)
+        return [snap.agent_id, snap.fleet, *(own.get(name, "") for name in names[2:])]
 
-        balance = family("finops_agent_balance_credits")
-        spend = family("finops_agent_spend_credits", "window")
-        cap = family("finops_agent_cap_credits", "window")
-        ratio = family("finops_agent_utilization_ratio", "window")
-        forecast = family("finops_agent_forecast_exhaustion_seconds", "window")
-        hold = family("finops_agent_hold_active", "kind")
-        key_age = family("finops_agent_key_age_seconds")
-        key_next = family("finops_agent_key_next_rotation_seconds")
-        observed = family("finops_agent_observed_timestamp_seconds")
-        for snap in snapshots:
-            own = dict(snap.labels)
-            values = [snap.agent_id, snap.fleet, *(own.get(name, "") for name in extra)]
+    @staticmethod
+    def _rows(snapshots: tuple[AgentGauges, ...]) -> Iterator[tuple[str, str | None, list[tuple[int, str, float]]]]:
+        """Per family: its name, its own label (``window``/``kind``) and its rows of
+        (snapshot index, that label's value, sample value). The one place that decides which
+        series exist; ``collect`` and ``_format`` only spell them."""
+        balance, key_age, key_next, observed, hold = [], [], [], [], []
+        spend: list[tuple[int, str, float]] = []
+        cap: list[tuple[int, str, float]] = []
+        ratio: list[tuple[int, str, float]] = []
+        forecast: list[tuple[int, str, float]] = []
+        for i, snap in enumerate(snapshots):
             if snap.balance is not None:
-                balance.add_metric(values, float(snap.balance))
+                balance.append((i, "", float(snap.balance)))
             for window in WINDOWS:
                 reading = snap.window(window)
                 if reading is None:
                     continue
-                labelled = [*values, window]
-                spend.add_metric(labelled, float(reading.spend))
+                spend.append((i, window, float(reading.spend)))
                 if reading.cap is not None:
-                    cap.add_metric(labelled, float(reading.cap))
+                    cap.append((i, window, float(reading.cap)))
                 utilization = reading.utilization
                 if utilization is not None:
-                    ratio.add_metric(labelled, float(utilization))
+                    ratio.append((i, window, float(utilization)))
                 if reading.forecast_exhaustion_s is not None:
-                    forecast.add_metric(labelled, reading.forecast_exhaustion_s)
+                    forecast.append((i, window, float(reading.forecast_exhaustion_s)))
             for kind in HOLD_KINDS:
-                hold.add_metric([*values, kind], 1.0 if kind in snap.holds else 0.0)
+                hold.append((i, kind, 1.0 if kind in snap.holds else 0.0))
             if snap.key is not None:
-                key_age.add_metric(values, snap.key.age_s)
-                key_next.add_metric(values, snap.key.next_rotation_s)
+                key_age.append((i, "", snap.key.age_s))
+                key_next.append((i, "", snap.key.next_rotation_s))
             if snap.observed_at is not None:
-                observed.add_metric(values, snap.observed_at)
-        yield from (balance, spend, cap, ratio, forecast, hold, key_age, key_next, observed)
+                observed.append((i, "", snap.observed_at))
+        yield "finops_agent_balance_credits", None, balance
+        yield "finops_agent_spend_credits", "window", spend
+        yield "finops_agent_cap_credits", "window", cap
+        yield "finops_agent_utilization_ratio", "window", ratio
+        yield "finops_agent_forecast_exhaustion_seconds", "window", forecast
+        yield "finops_agent_hold_active", "kind", hold
+        yield "finops_agent_key_age_seconds", None, key_age
+        yield "finops_agent_key_next_rotation_seconds", None, key_next
+        yield "finops_agent_observed_timestamp_seconds", None, observed
+
+    def collect(self) -> Iterator[Metric]:
+        snapshots = self._snapshots
+        names = self._label_names(snapshots)
+        values = [self._label_values(snap, names) for snap in snapshots]
+        docs = dict(self.FAMILIES)
+        for name, own, rows in self._rows(snapshots):
+            family = GaugeMetricFamily(name, docs[name], labels=[*names, *([own] if own else [])])
+            for i, label, value in rows:
+                family.add_metric([*values[i], *([label] if own else [])], value)
+            yield family
+
+    @classmethod
+    def _format(cls, snapshots: tuple[AgentGauges, ...]) -> bytes:
+        names = cls._label_names(snapshots)
+        prefixes = [
+            ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, cls._label_values(snap, names), strict=True))
+            for snap in snapshots
+        ]
+        docs = dict(cls.FAMILIES)
+        out: list[str] = []
+        for name, own, rows in cls._rows(snapshots):
+            out.append(f"# HELP {name} {_escape_help(docs[name])}\n# TYPE {name} gauge\n")
+            if own:
+                out.extend(f'{name}{{{prefixes[i]},{own}="{label}"}} {_number(value)}\n' for i, label, value in rows)
+            else:
+                out.extend(f"{name}{{{prefixes[i]}}} {_number(value)}\n" for i, _, value in rows)
+        return "".join(out).encode("utf-8")
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
 
 
 class DaemonMetrics:

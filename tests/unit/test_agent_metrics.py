@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.daemon.metrics import AgentCollector, DaemonMetrics, update_agent_metrics
@@ -188,6 +189,46 @@ def test_label_values_are_escaped_and_fleets_with_different_labels_share_a_famil
     balances = {s[1]["agent"]: s[1] for s in _samples(metrics) if s[0] == "finops_agent_balance_credits"}
     assert balances["a1"] == {"agent": "a1", "fleet": "f1", "team": nasty, "cost_center": ""}
     assert balances["a2"] == {"agent": "a2", "fleet": "f2", "team": "", "cost_center": "cc"}
+
+
+@given(
+    st.lists(
+        st.builds(
+            AgentGauges,
+            agent_id=st.text(min_size=1, max_size=12),
+            fleet=st.sampled_from(["f1", "f2"]),
+            labels=st.sampled_from([(), (("team", "a\\b\"c\nd"),), (("team", ""), ("cost_center", "x"))]),
+            balance=st.none() | st.decimals(min_value=0, max_value=10**9, places=2),
+            daily=st.none()
+            | st.builds(
+                WindowGauges,
+                spend=st.decimals(min_value=0, max_value=10**6, places=2),
+                cap=st.none() | st.decimals(min_value=0, max_value=10**6, places=2),
+                forecast_exhaustion_s=st.none() | st.floats(min_value=0, max_value=1e9),
+            ),
+            holds=st.frozensets(st.sampled_from(HOLD_KINDS)),
+            key=st.none() | st.builds(KeyAge, st.floats(0, 1e8), st.floats(-1e8, 1e8)),
+            observed_at=st.none() | st.floats(0, 2e9),
+        ),
+        max_size=6,
+        unique_by=lambda g: g.agent_id,
+    )
+)
+def test_the_fast_exposition_says_exactly_what_the_collector_says(snaps: list[AgentGauges]) -> None:
+    metrics = DaemonMetrics()
+    update_agent_metrics(metrics, snaps)
+
+    def parsed(text: str) -> set[tuple[str, frozenset[tuple[str, str]], float]]:
+        return {
+            (s.name, frozenset(s.labels.items()), s.value)
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+
+    fast = metrics.agents.render().decode()
+    reference = generate_latest(metrics.agents.registry).decode()
+    assert parsed(fast) == parsed(reference)
+    assert fast.count("# TYPE") == reference.count("# TYPE") == len(AgentCollector.NAMES)
 
 
 def test_controller_collectors_and_build_info_are_on() -> None:
