@@ -54,7 +54,18 @@ CREDITS = "CREDITS"
 """Budget statuses are in gateway credits; that is what caps are enforced in."""
 
 SIGNATURE_HEADER = "X-A2A-Signature"
+"""Legacy: hex HMAC-SHA256 of the body alone (no send time, so a captured alert can be
+replayed). Still sent beside ``X-Finops-Signature`` while receivers migrate
+(``LEGACY_SIGNATURE``); a later release stops sending it."""
 ALERT_ID_HEADER = "X-Finops-Alert-Id"
+TIMESTAMP_HEADER = "X-Finops-Timestamp"
+"""The send time of this delivery attempt, integer seconds since the epoch."""
+SIGNATURE_V1_HEADER = "X-Finops-Signature"
+"""``t=<timestamp>,v1=<hex HMAC-SHA256(secret, "<timestamp>." + body)>`` (Stripe's scheme)."""
+LEGACY_SIGNATURE = True
+"""Whether ``X-A2A-Signature`` is still sent (the documented transition)."""
+SIGNATURE_TOLERANCE_S = 300
+"""A receiver rejects an alert whose timestamp is further than this from its own clock."""
 
 
 @dataclass(frozen=True)
@@ -252,6 +263,55 @@ def sign(secret: str, body: bytes) -> str:
 
 def verify(secret: str, body: bytes, signature: str) -> bool:
     return hmac.compare_digest(sign(secret, body), signature.strip().lower())
+
+
+def signed_payload(timestamp: int, body: bytes) -> bytes:
+    """What ``v1`` signs: the send time, a dot, the raw body. Binding the time into the MAC
+    means a captured alert cannot be replayed later with a fresh ``X-Finops-Timestamp``."""
+    return str(timestamp).encode("ascii") + b"." + body
+
+
+def sign_v1(secret: str, body: bytes, timestamp: int) -> str:
+    """``X-Finops-Signature``: ``t=<timestamp>,v1=<hex HMAC-SHA256(secret, signed_payload)>``."""
+    mac = hmac.new(secret.encode("utf-8"), signed_payload(timestamp, body), hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def verify_v1(secret: str, body: bytes, header: str, *, now: float, tolerance: float = SIGNATURE_TOLERANCE_S) -> bool:
+    """The reference check (the README's receiver does the same): a well-formed header, a
+    timestamp within ``tolerance`` seconds of ``now`` (either side), and one ``v1`` that
+    matches. Replays within the tolerance are the receiver's to refuse (on the alert id)."""
+    stamps: list[str] = []
+    macs: list[str] = []
+    for part in header.split(","):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == "t":
+            stamps.append(value)
+        elif sep and key == "v1":
+            macs.append(value.lower())
+    if len(stamps) != 1 or not stamps[0].isascii() or not stamps[0].isdigit() or len(stamps[0]) > 12:
+        return False
+    timestamp = int(stamps[0])
+    if abs(now - timestamp) > tolerance:
+        return False
+    expected = sign_v1(secret, body, timestamp).rpartition("v1=")[2]
+    return any(hmac.compare_digest(expected, mac) for mac in macs)
+
+
+def signature_headers(secret: str, body: bytes, alert_id: str, *, now: float) -> dict[str, str]:
+    """The headers of one delivery attempt of ``body`` at ``now``: a fresh timestamp and
+    ``v1`` signature on every attempt (the stored body and the alert id never change), and
+    the legacy body-only signature during the transition."""
+    timestamp = int(now)
+    headers = {
+        "Content-Type": "application/json",
+        ALERT_ID_HEADER: alert_id,
+        TIMESTAMP_HEADER: str(timestamp),
+        SIGNATURE_V1_HEADER: sign_v1(secret, body, timestamp),
+    }
+    if LEGACY_SIGNATURE:
+        headers[SIGNATURE_HEADER] = sign(secret, body)
+    return headers
 
 
 _SAMPLE = {"agent": "agent", "fleet": "fleet", "threshold": 100, "window": DAILY}

@@ -183,6 +183,9 @@ class FleetSpec:
             return self.daily_funding_limit
         return self.funding_ceiling + self.daily_total
     approval: ApprovalPolicy = ApprovalPolicy()
+    metric_labels: tuple[str, ...] = ()
+    """``spec.metrics.labels``: the agents' manifest label keys exported as Prometheus labels
+    on the per-agent metrics (bounded: ``policies.fleet_metrics.MAX_METRIC_LABELS``)."""
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import TypeVar
 
+from policies.fleet_metrics import MAX_LABEL_VALUE
 from policies.issues import ManifestIssue
 from policies.money import format_money
 from policies.spec import (
@@ -191,6 +192,8 @@ class FleetDecl:
     funding_daily_limit: Decimal | None = None
     """``spec.funding.dailyLimit`` as written (``None``: the default)."""
     approval: ApprovalPolicy = field(default_factory=ApprovalPolicy)
+    metric_labels: tuple[str, ...] = ()
+    """``spec.metrics.labels``: agent label keys exported on the per-agent metrics."""
 
 
 @dataclass(frozen=True)
@@ -346,6 +349,17 @@ def resolve_agent(fleet: FleetDecl, agent: AgentDecl) -> tuple[AgentSpec | None,
         return None, issues
 
     labels = {**fleet.default_labels, **agent.labels}
+    for key in fleet.metric_labels:
+        if len(labels.get(key, "")) > MAX_LABEL_VALUE:
+            issues.append(
+                origin.issue(
+                    "id",
+                    f"label {key!r} is exported as a metric label (spec.metrics.labels) and must be at most "
+                    f"{MAX_LABEL_VALUE} characters, got {len(labels[key])}",
+                )
+            )
+    if issues:
+        return None, issues
     max_unexplained, _ = _pick(
         agent.funding.max_unexplained,
         tier.funding.max_unexplained,
@@ -715,6 +729,7 @@ def resolve(
                 rebalancing=_rebalance_settings(fleet.rebalancing),
                 daily_funding_limit=fleet.funding_daily_limit,
                 approval=fleet.approval,
+                metric_labels=fleet.metric_labels,
             )
         )
 

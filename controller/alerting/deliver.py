@@ -8,11 +8,15 @@ answer, but the row stays pending and is tried again on the next check, in case 
 receiver is being fixed. After ``max_attempts`` attempts in total the row is marked
 ``gave_up``: that is visible in ``finops status``, never silent.
 
-The exact stored bytes are sent every time, so the body and its signature are identical
-across retries and checks. Redirects are not followed (a redirect could point at an
-internal host the URL check would have refused). Once one delivery to an origin has
-exhausted its retries, the origin's other alerts wait for the next check instead of each
-spending its own backoff on a receiver that is down.
+The exact stored bytes are sent every time, so the body (and its legacy body-only
+``X-A2A-Signature``) is identical across retries and checks, with the same alert id; each
+attempt carries its own send time in ``X-Finops-Timestamp`` and an ``X-Finops-Signature``
+over that time and the body, so a receiver can refuse a stale or replayed alert.
+
+Redirects are not followed (a redirect could point at an internal host the URL check would
+have refused). Once one delivery to an origin has exhausted its retries, the origin's other
+alerts wait for the next check instead of each spending its own backoff on a receiver that
+is down.
 
 Receivers are contacted defensively: the URL rules are applied again before each send, and
 again at connect time to the addresses the host resolves to, connecting to the address that
@@ -39,7 +43,7 @@ from controller.alerting.guard import AddressRefused, GuardedTransport, Resolver
 from controller.alerting.store import DELIVERED, GAVE_UP, REFUSED, AlertStore, OutboxRow
 from controller.errors import ConfigError, FinopsError
 from controller.io.secretref import resolve_secret
-from policies.alerts import ALERT_ID_HEADER, SIGNATURE_HEADER, redact_url, sign
+from policies.alerts import redact_url, signature_headers
 from policies.spec import SecretRef
 from policies.urls import check_url_safety
 
@@ -193,11 +197,6 @@ class Deliverer:
         except ConfigError as exc:
             self._attempt(row, shown, ok=False, code=None, error=str(exc))
             return self._failed(row, shown, str(exc), remaining - 1)
-        headers = {
-            "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(secret, row.body),
-            ALERT_ID_HEADER: row.alert_id,
-        }
         budget = min(self._policy.attempts_per_check, remaining)
         tries = 0
         retrying = AsyncRetrying(
@@ -217,6 +216,7 @@ class Deliverer:
                     if not await self._may_send():
                         return Outcome.FENCED
                     tries += 1
+                    headers = signature_headers(secret, row.body, row.alert_id, now=self._now())
                     await self._post(row, shown, headers)
         except (_Retry, _Rejected) as exc:
             left = remaining - tries

@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 from controller.daemon.backoff import AgentBackoff
 from controller.daemon.jobs import ERROR, OK, PARTIAL, JobResult
 from controller.daemon.logs import log_event
-from controller.daemon.metrics import DaemonMetrics
+from controller.daemon.metrics import DaemonMetrics, update_agent_metrics
 from controller.daemon.revisions import RevisionLog
 from controller.daemon.source import ManifestSource, SourceError
 from controller.errors import FinopsError, ManifestError
@@ -47,6 +48,8 @@ from controller.reconcile.decide import observe_and_plan
 from controller.reconcile.pipeline import PlanRefused, apply_plan, only, plan_errors_by_agent
 from controller.state import StateStore
 from policies.exposure import ExposureReview, exposure_of, review
+from policies.fleet_metrics import AgentGauges, WindowGauges, fleet_gauges, hold_kind
+from policies.live import LiveFleet
 from policies.plan_types import Plan
 from policies.spec import DesiredState
 
@@ -99,6 +102,8 @@ class PassResult:
     violations: tuple[str, ...] = ()
     duration_s: float = 0.0
     awaiting: AwaitingApproval | None = None
+    gauges: tuple[AgentGauges, ...] | None = None
+    """Every declared agent's snapshot for the per-agent metrics (``None``: nothing enforced)."""
 
     @property
     def completed(self) -> bool:
@@ -166,6 +171,8 @@ def record_pass(metrics: DaemonMetrics, result: PassResult) -> None:
         metrics.set_revision(result.revision)
         metrics.agents_held.set(len(result.held_agents))
         metrics.agents_backoff.set(result.backoff_agents)
+    if result.gauges is not None:
+        update_agent_metrics(metrics, result.gauges)
 
 
 def applied_kinds(outcome: AgentResult) -> list[str]:
@@ -200,7 +207,11 @@ class Reconciler:
         self.revisions = revisions
         self.client_factory = client_factory
         self.backoff = backoff or AgentBackoff()
-        self.plan_fn: PlanFn = plan_fn or partial(observe_and_plan, prune=prune)
+        self.plan_fn: PlanFn = plan_fn or partial(observe_and_plan, prune=prune, observed=self._observed)
+        self._live: tuple[LiveFleet, float] | None = None
+        """The last pass's observation and its clock time (the per-agent metrics read it)."""
+        self._observed_at: dict[str, float] = {}
+        """When each agent was last read (kept while it cannot be: its staleness shows)."""
         self.clock = clock
         self.log = log or logging.getLogger("finops.daemon")
         self.desired: DesiredState | None = None
@@ -384,6 +395,43 @@ class Reconciler:
 
     # ------------------------------------------------------------------ the pass
 
+    def _observed(self, live: LiveFleet, now: float) -> None:
+        self._live = (live, now)
+
+    def gauges(self, desired: DesiredState) -> tuple[AgentGauges, ...]:
+        """A snapshot per declared agent from this pass's observation (taken before its
+        changes were applied: the next pass shows their effect) and the state store's holds
+        and held keys. An agent the pass could not read has no balance or window series."""
+        live, observed_at = self._live if self._live is not None else (None, self.clock())
+        windows: dict[str, tuple[WindowGauges, WindowGauges]] = {}
+        balances: dict[str, Decimal] = {}
+        declared = {a.agent_id for a in desired.agents()}
+        seen = {agent: at for agent, at in self._observed_at.items() if agent in declared}
+        for agent_id, agent in live.agents.items() if live is not None else ():
+            if not agent.exists or agent.error is not None:
+                continue
+            seen[agent_id] = observed_at
+            if agent.balance is not None:
+                balances[agent_id] = agent.balance
+            if agent.budget is not None:
+                b = agent.budget
+                windows[agent_id] = (
+                    WindowGauges(b.daily_spend, b.daily_cap),
+                    WindowGauges(b.monthly_spend, b.monthly_cap),
+                )
+        holds = {agent: frozenset({hold_kind(h.auto)}) for agent, h in self.store.holds().items()}
+        keys = {agent: held.since for agent, held in self.store.held_keys().items()}
+        self._observed_at, self._live = seen, None
+        return fleet_gauges(
+            desired,
+            now=self.clock(),
+            windows=windows,
+            balances=balances,
+            holds=holds,
+            key_since=keys,
+            observed_at=seen,
+        )
+
     async def run(self) -> PassResult:
         started = time.perf_counter()
         try:
@@ -486,6 +534,7 @@ class Reconciler:
             failed_agents=failed,
             recovered=tuple(outcome.recovered) if outcome else (),
             backoff_agents=self._backoff_count(self.clock()),
+            gauges=self.gauges(desired),
             **common,
         )
 

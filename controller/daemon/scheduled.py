@@ -47,6 +47,16 @@ def alerts_job(
                 sleep=sleep,
                 fence=ctx.fence,
             )
+        ctx.metrics.record_alert_check(
+            fired=result.fired,
+            recovered=result.recovered,
+            delivered=result.delivered,
+            failed=result.failed,
+            gave_up=result.gave_up,
+            refused=result.refused,
+            pending=result.pending,
+            unread=len(result.agent_errors),
+        )
         fields = {k: v for k, v in result.to_dict().items() if isinstance(v, int)}
         if result.ok:
             return JobResult.success(f"{result.fired} crossing(s), {result.delivered} delivered", **fields)

@@ -583,6 +583,7 @@ def _fleet_decl(label: str, doc: Document, manifest: FleetManifest) -> FleetDecl
         keys=_keys(spec.keys),
         rebalancing=_rebalancing(spec.rebalancing),
         approval=_approval(spec.approval),
+        metric_labels=tuple(spec.metrics.labels),
         name=manifest.metadata.name,
         currency=spec.currency,
         daily_total=spec.daily_budget_total,

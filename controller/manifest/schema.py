@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from policies.fleet_metrics import MAX_METRIC_LABELS, metric_label_problem
 from policies.money import GATEWAY_MAX_AMOUNT, MoneyError, parse_money
 from policies.tiers import DEFAULT_THRESHOLDS
 
@@ -425,6 +426,25 @@ class Metadata(_Model):
     labels: Labels = Field(default_factory=dict)
 
 
+def _metric_labels(keys: list[str]) -> list[str]:
+    problem = metric_label_problem(tuple(keys))
+    if problem:
+        raise ValueError(problem)
+    return keys
+
+
+class Metrics(_Model):
+    """``spec.metrics``: which of the agents' manifest labels become Prometheus labels on the
+    per-agent metrics (besides ``agent`` and ``fleet``). Undeclared labels are never exported,
+    so the series count stays bounded by the agent count."""
+
+    labels: list[Annotated[str, StringConstraints(min_length=1, max_length=63)]] = Field(
+        default_factory=list, max_length=MAX_METRIC_LABELS
+    )
+
+    _labels = field_validator("labels")(_metric_labels)
+
+
 class UnattendedIncrease(_Model):
     """How much more spending authority than a person last approved finops may apply on
     its own (daemon, ``apply --auto-approve``), in the fleet's currency. Default 0: any
@@ -453,6 +473,7 @@ class FleetSpecModel(_Model):
     keys: Keys = Field(default_factory=Keys)
     rebalancing: Rebalancing | None = None
     approval: Approval = Field(default_factory=Approval)
+    metrics: Metrics = Field(default_factory=Metrics)
     tiers: dict[Name, Tier] = Field(min_length=1, json_schema_extra={"additionalProperties": False})
     agents: list[Agent] = Field(default_factory=list)
 

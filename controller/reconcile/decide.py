@@ -30,6 +30,7 @@ from controller.reconcile.apply import configured_settle_seconds
 from controller.reconcile.observe import observe
 from controller.state import PENDING, Adjustment, StateStore
 from policies.alerts import redact_url
+from policies.live import LiveFleet
 from policies.plan_types import ChangeKind, Plan, PlanError, PlanErrorKind
 from policies.planner import Memory, make_plan
 from policies.spec import DesiredState, SecretRef
@@ -119,9 +120,13 @@ async def observe_and_plan(
     *,
     prune: bool = False,
     adjustments: Mapping[str, Adjustment] | None = None,
+    observed: Callable[[LiveFleet, float], None] | None = None,
 ) -> Plan:
+    """``observed(live, now)`` is told the observation (the daemon's per-agent metrics)."""
     now = store.now()  # one clock for the funding window: the one its events are stamped with
     live = await observe(client, desired, target=target, webhooks_owned=bool(store.managed_webhooks()), now=now)
+    if observed is not None:
+        observed(live, now)
     memory = build_memory(store, desired, adjustments=adjustments)
     plan = make_plan(desired, live, memory, prune=prune, now=datetime.fromtimestamp(now, UTC))
     if store.location.shared and (local := machine_local_secrets(desired)):

@@ -213,6 +213,11 @@ class StateStore:
         with self._lock:
             return keys.key_prefixes(self._db)
 
+    def held_keys(self) -> dict[str, keys.HeldKey]:
+        """The key finops holds per agent, with when it got it (key age, metrics)."""
+        with self._lock:
+            return keys.held_keys(self._db)
+
     # -- holds -----------------------------------------------------------------
 
     def holds(self) -> dict[str, Hold]:

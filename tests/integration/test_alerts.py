@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib.util
 import json
 import threading
 from collections.abc import Iterator, Sequence
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import httpx
@@ -20,6 +22,7 @@ from controller.alerting import DeliveryPolicy, alert_state, check_alerts, deliv
 from controller.alerting.engine import AlertCheckResult
 from controller.gateway.client import GatewayClient
 from controller.sandbox.server import SandboxServer
+from policies.alerts import SIGNATURE_HEADER, sign, verify_v1
 from policies.spec import (
     ALERT_EVENT_RECOVERED,
     ALERT_EVENT_THRESHOLD,
@@ -432,3 +435,64 @@ async def test_one_unreadable_agent_does_not_stop_the_others_and_held_agents_are
     later = await check()
     assert sorted(r.path for r in receiver.requests) == ["/res-h1", "/res-h2", "/res-h3"]
     assert later.agent_errors == {}
+
+
+# -- timestamped signatures (X-Finops-Timestamp / X-Finops-Signature) ------------------------------
+
+SNIPPET = Path(__file__).resolve().parents[2] / "examples" / "alert-receiver" / "verify_finops_alert.py"
+
+
+def _snippet_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("verify_finops_alert_it", SNIPPET)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_retries_are_re_signed_with_their_send_time_and_a_replay_is_refused(
+    harness: Harness, receiver: Receiver, secret_file: Path
+) -> None:
+    sandbox = harness.sandbox
+    key = _register(sandbox, "sig-a")
+    check = Checker(
+        sandbox,
+        _desired(["sig-a"], [_route(receiver.url + "/a", SecretRef(file=str(secret_file), generate=True))]),
+        harness.store.path,
+    )
+    _spend(sandbox, key, 8)
+    receiver.fail_next = 3  # the whole first check (3 attempts) fails
+    started = int(sandbox.clock())  # the sandbox clock runs (and is finops' clock here)
+    first = await check()
+    first_window = range(started, int(sandbox.clock()) + 1)
+    assert (first.fired, first.delivered, first.pending) == (1, 0, 1)
+    sandbox.clock.advance(600)  # the receiver is back ten minutes later
+    started = int(sandbox.clock())
+    second = await check()
+    second_window = range(started, int(sandbox.clock()) + 1)
+    assert (second.delivered, second.pending) == (1, 0)
+
+    secret = secret_file.read_text().strip()
+    requests = receiver.requests
+    assert [r.answered for r in requests] == [500, 500, 500, 204]
+    assert len({r.body for r in requests}) == 1 and len({r.headers["X-Finops-Alert-Id"] for r in requests}) == 1
+    stamps = [int(r.headers["X-Finops-Timestamp"]) for r in requests]
+    assert all(stamp in first_window for stamp in stamps[:3]) and stamps[3] in second_window
+    assert stamps[3] >= stamps[0] + 600
+    for request, stamp in zip(requests, stamps, strict=True):
+        assert request.headers["X-Finops-Signature"].startswith(f"t={stamp},v1=")
+        assert verify_v1(secret, request.body, request.headers["X-Finops-Signature"], now=stamp)
+        assert request.headers[SIGNATURE_HEADER] == sign(secret, request.body)  # the transition header
+
+    snippet = _snippet_module()
+    receiver_side = snippet.FinopsAlertVerifier(secret, clock=sandbox.clock)
+    delivered = requests[3]
+    alert = receiver_side.verify(
+        delivered.body, delivered.headers["X-Finops-Timestamp"], delivered.headers["X-Finops-Signature"]
+    )
+    assert alert["agent"] == "sig-a" and alert["id"] == delivered.headers["X-Finops-Alert-Id"]
+    captured = requests[0]  # an attacker replays the first attempt, signed ten minutes ago
+    with pytest.raises(snippet.Rejected, match="stale"):
+        receiver_side.verify(
+            captured.body, captured.headers["X-Finops-Timestamp"], captured.headers["X-Finops-Signature"]
+        )

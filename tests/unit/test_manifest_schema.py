@@ -103,7 +103,7 @@ def test_json_schema_uses_yaml_field_names_and_money_as_string_or_number() -> No
     assert re.fullmatch(MONEY_STRING_PATTERN[1:-1], "30.00")
     assert not re.fullmatch(MONEY_STRING_PATTERN[1:-1], "30.123")
     assert set(defs["FleetSpecModel"]["properties"]) == {
-        "currency", "dailyBudgetTotal", "funding", "alerts", "defaults", "keys", "rebalancing", "approval",
+        "currency", "dailyBudgetTotal", "funding", "alerts", "defaults", "keys", "rebalancing", "approval", "metrics",
         "tiers", "agents",
     }  # fmt: skip
     assert defs["FleetSpecModel"]["properties"]["tiers"]["additionalProperties"] is False
