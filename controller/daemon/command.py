@@ -278,6 +278,7 @@ def run(
                 log_event(log, logging.INFO, target.banner())
                 source = _source()
                 metrics = DaemonMetrics()
+                metrics.leader.set(1)  # it holds the writer lock: `sum(finops_leader) != 1` holds here too
                 # A --once pass (cron) is not a replica: it leaves no row behind.
                 registry = None if once else ReplicaRegistry(target.state_location, ReplicaIdentity.current())
                 try:

@@ -296,6 +296,19 @@ def test_once_with_shared_state_refuses_to_run_beside_an_active_daemon(tmp_path:
         lock.release()
 
 
+def test_a_single_daemon_on_its_own_state_reports_itself_the_leader(tmp_path: Path, sandbox: SandboxServer) -> None:
+    """Without shared state the daemon holds the (flock) writer lock from the start, so the
+    fleet-wide rule ``sum(finops_leader) != 1`` holds for it too."""
+    assert sandbox.admin_key_file is not None
+    single = ReplicaProcess(
+        "single", tmp_path / "single", sandbox.url, sandbox.admin_key_file, "", CANONICAL, tmp_path / "secrets", env=ENV
+    ).start()
+    try:
+        wait_until(lambda: single.leader() == 1, 60, "finops_leader 1 on the single daemon")
+    finally:
+        assert single.stop() == 0, single.text()
+
+
 def test_a_rotation_cut_by_the_kill_is_resumed_by_the_new_leader(tmp_path: Path, pg_url: str) -> None:
     desired = load_manifests(CANONICAL)
     agents = sorted(a.agent_id for a in desired.agents())
