@@ -53,13 +53,6 @@ bound), never guessed."""
 USAGE_READ_ATTEMPTS = 3
 """Tries at a quiet bracket of the usage reads before the agent is reported as failed."""
 
-EPILOG = """\b
-Examples:
-  finops report --period 2026-11                      # a calendar month (UTC), by fleet
-  finops report --since 30d --by label:team           # the last 30 days, one row per team
-  finops report --period 2026-11 --by agent --format csv --out 2026-11.csv   # FOCUS columns
-  finops report --since 7d --format markdown > report.md"""
-
 
 @dataclass(frozen=True)
 class TopUps:
@@ -209,7 +202,7 @@ async def read_fleet(
     return [results[i] for i in range(len(specs))]
 
 
-@click.command(epilog=EPILOG)
+@click.command()
 @click.argument("path", default=DEFAULT_PATH, required=False)
 @click.option("--period", default=None, metavar="YYYY-MM[-DD]", help="A calendar month or day (UTC).")
 @click.option(
