@@ -26,7 +26,7 @@ from controller.cli.keys import Session, with_session
 from controller.cli.options import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, TargetOptions, load, run_command, target_options
 from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
-from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
+from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin, NotFound
 from controller.io.secretfile import write_secret_file
 from policies.currency import CREDITS, to_credits
 from policies.funding_window import DEPOSIT_KEY_PREFIX, parse_ledger_time
@@ -103,7 +103,10 @@ async def top_ups(client: GatewayClient, agent_id: str, period: Period) -> TopUp
     seen: set[int] = set()
     credits, count, offset = ZERO, 0, 0
     while offset < MAX_LEDGER_ROWS:
-        rows = await client.transactions(agent_id, limit=LEDGER_PAGE, offset=offset)
+        try:
+            rows = await client.transactions(agent_id, limit=LEDGER_PAGE, offset=offset)
+        except NotFound:
+            return TopUps(credits, count, complete=True)  # no wallet (yet): nothing deposited
         oldest: float | None = None
         for row in rows:
             at = parse_ledger_time(row.created_at)
