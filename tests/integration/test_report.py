@@ -104,8 +104,11 @@ async def spend_around_the_boundary(harness: Harness, desired: DesiredState) -> 
     result = await harness.apply(plan)
     assert result.ok, result
     sandbox = harness.sandbox
-    keys = {a.agent_id: harness.sink.read(a.agent_id) for a in desired.agents()}
-    assert all(keys.values())
+    keys: dict[str, str] = {}
+    for spec in desired.agents():
+        key = harness.sink.read(spec.agent_id)
+        assert key is not None, spec.agent_id
+        keys[spec.agent_id] = key
     paid_calls(sandbox, keys["res-01"], 3)  # CURR - 2 days + 1 h
     at(sandbox, CURR - DAY + 7200)
     paid_calls(sandbox, keys["orch-01"], 7)
