@@ -149,6 +149,64 @@ def _since(text: str, now: float) -> tuple[float, float, str]:
     raise PeriodError(f"--since {text!r}: expected a duration (12h, 30d, 2w) or a day (2026-11-05), UTC")
 
 
+# --------------------------------------------------------------------------- reading a period
+
+
+@dataclass(frozen=True)
+class DayUsage:
+    """One UTC day's usage as the gateway's daily timeseries reports it (records at or
+    after the read's ``since`` only): its start (unix seconds), calls and cost (credits)."""
+
+    start: float
+    calls: int
+    cost: Decimal
+
+
+@dataclass(frozen=True)
+class UsageTotal:
+    """``GET …/usage?since=``: calls and cost (credits) of every record at or after ``since``."""
+
+    calls: int
+    cost: Decimal
+
+
+class InconsistentUsage(ValueError):
+    """The gateway's daily timeseries does not add up to its own usage total."""
+
+
+@dataclass(frozen=True)
+class PeriodUsage:
+    calls: int
+    spend: Decimal
+    daily_spend: dict[float, Decimal]
+
+
+def period_usage(days: Sequence[DayUsage], period: Period, before: UsageTotal, after: UsageTotal) -> PeriodUsage:
+    """The period's calls and spend from the daily buckets read with ``since=period.start``:
+    the days that start before ``period.end`` (a period's end is a UTC midnight, or the time
+    of the read for a period that has not ended). Exact: whole days are whole buckets, and
+    the first day holds only the records at or after the start.
+
+    ``before`` and ``after`` are ``usage(since=period.start)`` read just before and just
+    after the buckets: usage only grows, so every bucket total must lie between them. One
+    outside means the buckets are not the whole story (a capped ``limit``, a dropped day)
+    and no figure is guessed from them."""
+    calls = sum(d.calls for d in days)
+    cost = sum((d.cost for d in days), ZERO)
+    if not (before.calls <= calls <= after.calls and before.cost <= cost <= after.cost):
+        raise InconsistentUsage(
+            f"the gateway's daily timeseries ({calls} calls, {cost} credits since {iso_utc(period.start)}) does "
+            f"not add up to its usage total ({before.calls}..{after.calls} calls, {before.cost}..{after.cost} "
+            "credits): refusing to report figures that may be incomplete"
+        )
+    inside = [d for d in days if d.start < period.end]
+    daily: dict[float, Decimal] = {}
+    for d in inside:
+        if d.cost:
+            daily[d.start] = daily.get(d.start, ZERO) + d.cost
+    return PeriodUsage(sum(d.calls for d in inside), sum((d.cost for d in inside), ZERO), daily)
+
+
 # --------------------------------------------------------------------------- grouping
 
 

@@ -1,10 +1,10 @@
 """``finops report``: chargeback and showback over a period (reads only).
 
 Per agent, with at most ``--concurrency`` requests in flight (one worker per slot, like
-observe): the period's calls and spend from ``GET …/usage`` (exact for any boundary: the
-spend since the start minus the spend since the end, bracketed by two identical reads of
-the latter so that nothing landed in between), the spend per UTC day from
-``GET …/timeseries?interval=day`` (cap utilization), and finops' own deposits in the ledger
+observe): the period's calls, spend and spend per UTC day from
+``GET …/timeseries?interval=day&since=START`` (exact at the period's boundaries, which are
+UTC midnights or the time of the read), checked against ``GET …/usage?since=START`` read
+before and after it, and finops' own deposits in the ledger
 (``GET …/transactions``, the ``finops-topup-`` idempotency keys). From the state: the
 rebalancer's current adjustments and the holds. No write to the gateway or the state, no
 writer lock. A failing agent is reported (and makes the exit code 1); the others are still
@@ -36,11 +36,16 @@ from policies.report import (
     DAY_SECONDS,
     RENDERERS,
     AgentUsage,
+    DayUsage,
+    InconsistentUsage,
     Period,
     PeriodError,
+    PeriodUsage,
+    UsageTotal,
     build_report,
     parse_group_by,
     parse_period,
+    period_usage,
 )
 from policies.spec import AgentSpec, DesiredState
 
@@ -50,8 +55,6 @@ MAX_LEDGER_ROWS = 20_000
 """The most ledger rows read per agent looking for finops' deposits in the period (every
 paid call is a ledger row): past it, the top-ups are reported as incomplete (a lower
 bound), never guessed."""
-USAGE_READ_ATTEMPTS = 3
-"""Tries at a quiet bracket of the usage reads before the agent is reported as failed."""
 
 
 @dataclass(frozen=True)
@@ -61,39 +64,31 @@ class TopUps:
     complete: bool
 
 
-class UsageRaced(GatewayError):
-    """Usage kept landing between the bracketing reads of one agent."""
+class UsageMismatch(GatewayError):
+    """The gateway's timeseries and usage reads of one agent disagree."""
 
 
-async def period_usage(client: GatewayClient, agent_id: str, period: Period) -> tuple[int, Decimal]:
-    """Calls and spend (credits) recorded in ``[start, end)``, exactly.
-
-    The gateway's ``usage`` takes only ``since``: the period is ``since=start`` minus
-    ``since=end``. Both reads see the same records at or after ``end`` only if nothing
-    landed between them, which two equal reads of ``since=end`` around the other prove
-    (counts only grow)."""
-    for _ in range(USAGE_READ_ATTEMPTS):
-        after = await client.usage(agent_id, since=period.end)
-        whole = await client.usage(agent_id, since=period.start)
-        again = await client.usage(agent_id, since=period.end)
-        if after == again:
-            return whole.total_calls - after.total_calls, whole.total_cost - after.total_cost
-    raise UsageRaced(f"usage kept changing during {USAGE_READ_ATTEMPTS} reads; run the report again")
-
-
-async def daily_spend(client: GatewayClient, agent_id: str, period: Period, now: float) -> dict[float, Decimal]:
-    """Spend per UTC day within the period (keys: the day's start). The timeseries returns
-    the newest ``limit`` non-empty days at or after ``since``: asking for one per day from
-    the period's start to now returns all of them."""
+async def read_period_usage(client: GatewayClient, agent_id: str, period: Period, now: float) -> PeriodUsage:
+    """Calls, spend and spend per UTC day in the period, from the daily timeseries read
+    with ``since=period.start`` (exact at the boundaries: see ``policies.report.period_usage``),
+    checked against ``usage(since=period.start)`` read before and after it. The timeseries
+    returns the newest ``limit`` non-empty days: asking for one per day from the period's
+    first day to now returns all of them."""
     first_day = period.start - period.start % DAY_SECONDS
     limit = int((now - first_day) // DAY_SECONDS) + 2
+    before = await client.usage(agent_id, since=period.start)
     buckets = await client.timeseries(agent_id, interval="day", since=period.start, limit=limit)
-    days: dict[float, Decimal] = {}
-    for bucket in buckets:
-        start = bucket.start.timestamp()
-        if start < period.end and bucket.cost:
-            days[start] = days.get(start, ZERO) + bucket.cost
-    return days
+    after = await client.usage(agent_id, since=period.start)
+    days = [DayUsage(b.start.timestamp(), b.calls, b.cost) for b in buckets]
+    try:
+        return period_usage(
+            days,
+            period,
+            UsageTotal(before.total_calls, before.total_cost),
+            UsageTotal(after.total_calls, after.total_cost),
+        )
+    except InconsistentUsage as exc:
+        raise UsageMismatch(str(exc)) from None
 
 
 async def top_ups(client: GatewayClient, agent_id: str, period: Period) -> TopUps:
@@ -149,8 +144,7 @@ async def read_agent(
         hold=hold.reason if hold is not None else None,
     )
     try:
-        calls, spend = await period_usage(client, spec.agent_id, period)
-        days = await daily_spend(client, spec.agent_id, period, now)
+        usage = await read_period_usage(client, spec.agent_id, period, now)
         deposits = await top_ups(client, spec.agent_id, period)
     except (AuthenticationFailed, NotAdmin):
         raise
@@ -158,9 +152,9 @@ async def read_agent(
         return replace(base, error=str(exc))
     return replace(
         base,
-        calls=calls,
-        spend=spend,
-        daily_spend=days,
+        calls=usage.calls,
+        spend=usage.spend,
+        daily_spend=usage.daily_spend,
         top_ups=deposits.credits,
         top_up_count=deposits.count,
         top_ups_complete=deposits.complete,

@@ -20,12 +20,16 @@ from policies.report import (
     NO_LABEL,
     TOTAL,
     AgentUsage,
+    DayUsage,
     GroupBy,
+    InconsistentUsage,
     Period,
     PeriodError,
+    UsageTotal,
     build_report,
     parse_group_by,
     parse_period,
+    period_usage,
     render_csv,
     render_json,
     render_markdown,
@@ -303,3 +307,54 @@ def test_hostile_labels_are_inert_in_every_view() -> None:
     assert "@here" not in md and "\\|" in md
     (row,) = csv.DictReader(io.StringIO(render_csv(report)))
     assert row["x_Group"].startswith("'=")
+
+
+# --------------------------------------------------------------------------- reading a period
+
+OCT_DAYS = [DayUsage(OCT + d * DAY, 2, Decimal("0.20")) for d in range(31)]
+NEXT = [DayUsage(NOV, 5, Decimal("0.50")), DayUsage(NOV + DAY, 1, Decimal("0.10"))]
+
+
+def test_period_usage_keeps_the_days_before_the_end_only() -> None:
+    total = UsageTotal(68, Decimal("6.80"))
+    figures = period_usage([*OCT_DAYS, *NEXT], NOV_PERIOD, total, total)
+    assert (figures.calls, figures.spend) == (62, Decimal("6.20"))
+    assert len(figures.daily_spend) == 31 and NOV not in figures.daily_spend
+
+
+def test_usage_landing_during_the_read_is_tolerated() -> None:
+    figures = period_usage(
+        [*OCT_DAYS, *NEXT], NOV_PERIOD, UsageTotal(66, Decimal("6.60")), UsageTotal(70, Decimal("7.00"))
+    )
+    assert figures.spend == Decimal("6.20")
+
+
+@pytest.mark.parametrize(
+    ("days", "before", "after"),
+    [
+        (OCT_DAYS[5:], UsageTotal(62, Decimal("6.20")), UsageTotal(62, Decimal("6.20"))),  # a capped limit
+        (OCT_DAYS, UsageTotal(62, Decimal("6.30")), UsageTotal(62, Decimal("6.30"))),  # a cost that does not add up
+        (OCT_DAYS, UsageTotal(10, Decimal("1.00")), UsageTotal(10, Decimal("1.00"))),  # more than usage knows
+    ],
+)
+def test_buckets_that_do_not_add_up_to_usage_are_refused(
+    days: list[DayUsage], before: UsageTotal, after: UsageTotal
+) -> None:
+    with pytest.raises(InconsistentUsage, match="does not add up"):
+        period_usage(days, NOV_PERIOD, before, after)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 60), st.integers(0, 50), sub_cent), max_size=40, unique_by=lambda t: t[0]),
+    st.integers(1, 60),
+)
+def test_period_usage_partitions_the_days_at_the_end(rows: list[tuple[int, int, Decimal]], cut: int) -> None:
+    days = [DayUsage(OCT + d * DAY, calls, cost) for d, calls, cost in rows]
+    total = UsageTotal(sum(d.calls for d in days), sum((d.cost for d in days), Decimal(0)))
+    period = Period(OCT, OCT + cut * DAY, "x")
+    inside = period_usage(days, period, total, total)
+    outside = [d for d in days if d.start >= period.end]
+    assert inside.calls + sum(d.calls for d in outside) == total.calls
+    assert inside.spend + sum((d.cost for d in outside), Decimal(0)) == total.cost
+    assert sum(inside.daily_spend.values(), Decimal(0)) == inside.spend
