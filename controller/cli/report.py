@@ -22,12 +22,12 @@ from pathlib import Path
 
 import click
 
-from controller.cli.keys import Session, with_session
 from controller.cli.options import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, TargetOptions, load, run_command, target_options
 from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin, NotFound
 from controller.io.secretfile import write_secret_file
+from controller.services import Services, open_services
 from policies.currency import CREDITS, to_credits
 from policies.funding_window import DEPOSIT_KEY_PREFIX, parse_ledger_time
 from policies.money import ZERO
@@ -199,6 +199,11 @@ async def read_fleet(
     return [results[i] for i in range(len(specs))]
 
 
+async def _read(services: Services, desired: DesiredState, period: Period, now: float) -> list[AgentUsage]:
+    async with services.client() as client:
+        return await read_fleet(client, desired, period, now, services.state.adjustments(), services.state.holds())
+
+
 @click.command()
 @click.argument("path", default=DEFAULT_PATH, required=False)
 @click.option("--period", default=None, metavar="YYYY-MM[-DD]", help="A calendar month or day (UTC).")
@@ -258,20 +263,20 @@ def report(
     def run() -> int:
         desired = load(path, opts.state_dir)
 
-        async def go(s: Session) -> int:
-            agents = await read_fleet(s.client, desired, chosen, now, s.store.adjustments(), s.store.holds())
-            result = build_report(chosen, group_by, agents, generated_at=now)
-            text = RENDERERS[fmt](result)
-            if out is not None:
-                try:
-                    write_secret_file(out, text)
-                except OSError as exc:
-                    raise ConfigError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
-                click.echo(f"finops: report written to {out}", err=True)
-            else:
-                click.echo(text, nl=False)
-            return EXIT_OK if result.ok else EXIT_ERROR
-
-        return with_session(opts, go, quiet_banner=fmt != "text" or out is not None)
+        with opts.open_target() as target:
+            click.echo(target.banner(), err=fmt != "text" or out is not None)
+            with open_services(target, opts) as services:  # the key store is never opened
+                agents = asyncio.run(_read(services, desired, chosen, now))
+        result = build_report(chosen, group_by, agents, generated_at=now)
+        text = RENDERERS[fmt](result)
+        if out is not None:
+            try:
+                write_secret_file(out, text)
+            except OSError as exc:
+                raise ConfigError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+            click.echo(f"finops: report written to {out}", err=True)
+        else:
+            click.echo(text, nl=False)
+        return EXIT_OK if result.ok else EXIT_ERROR
 
     run_command(run)
