@@ -145,7 +145,8 @@ async def test_the_report_equals_the_sandbox_ledger_for_the_period(
         Decimal("0.10"),
         Decimal("0"),
     )
-    assert by_id["res-01"].top_ups == Decimal("7500.00")  # funded to its 75.00 USD target, in October
+    # funded to its 75.00 USD (7500 credits) target, the 500-credit signup bonus included
+    assert (by_id["res-01"].top_ups, by_id["res-01"].top_up_count) == (Decimal("7000.00"), 1)
     assert by_id["res-01"].daily_spend == {CURR - 2 * DAY: Decimal("0.30"), CURR - DAY: Decimal("0.20")}
     assert by_id["orch-01"].daily_spend == {CURR - DAY: Decimal("0.70")}
 
@@ -200,12 +201,11 @@ async def test_cli_csv_has_the_focus_headers_and_the_same_totals(
     assert tuple(rows[0]) == CSV_COLUMNS
     assert {r["ResourceId"] for r in rows} == {a.agent_id for a in desired.agents()}
     res01 = next(r for r in rows if r["ResourceId"] == "res-01")
-    assert (res01["BilledCost"], res01["BillingCurrency"], res01["x_BilledCostCredits"], res01["x_Calls"]) == (
-        "0.01",
-        "USD",
-        "0.50",
-        "5",
-    )
+    # 0.50 credits = 0.005 USD: shown half-even as 0.00 USD and declared inexact, the credits exact
+    assert (res01["BilledCost"], res01["x_BilledCostExact"], res01["BillingCurrency"]) == ("0.00", "false", "USD")
+    assert (res01["x_BilledCostCredits"], res01["x_BilledCostCreditsExact"], res01["x_Calls"]) == ("0.50", "true", "5")
+    assert (res01["x_TopUpsCredits"], res01["x_TopUps"], res01["x_TopUpCount"]) == ("7000.00", "70.00", "1")
+    assert res01["x_DailyCapCredits"] == "3000.00"
     assert (res01["ChargePeriodStart"], res01["ChargePeriodEnd"]) == (
         datetime.fromtimestamp(PREV, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         datetime.fromtimestamp(CURR, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
