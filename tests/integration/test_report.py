@@ -22,6 +22,7 @@ from controller.manifest.loader import load_manifests
 from controller.sandbox.clock import MutableClock
 from controller.sandbox.server import SandboxServer
 from policies.funding_window import DEPOSIT_KEY_PREFIX
+from policies.keyprint import contains_key_material
 from policies.report import CSV_COLUMNS, NO_LABEL, GroupBy, build_report, parse_period
 from policies.spec import DesiredState
 from tests.integration.conftest import Harness, run_cli
@@ -125,11 +126,14 @@ async def test_the_report_equals_the_sandbox_ledger_for_the_period(
 ) -> None:
     await spend_around_the_boundary(harness, desired)
     db = tmp_path / "gateway.db"
+    harness.store.set_hold("sum-01", "runaway spend")
+    harness.reset_stats()
     now = time.time()
     period = parse_period(PREV_LABEL, None, now)
     assert (period.start, period.end) == (PREV, CURR)
     async with harness.client() as client:
         agents = await read_fleet(client, desired, period, now, harness.store.adjustments(), harness.store.holds())
+    assert harness.stats()["writes"] == 0  # reads only
     by_id = {a.agent_id: a for a in agents}
     assert all(a.error is None for a in agents), [a.error for a in agents]
     for agent in agents:
@@ -155,6 +159,7 @@ async def test_the_report_equals_the_sandbox_ledger_for_the_period(
     assert list(groups) == ["lead", "worker", NO_LABEL]
     assert groups[NO_LABEL].agents == ("cls-01",)
     assert groups["worker"].spend == Decimal("0.60") and groups["lead"].spend == Decimal("0.70")
+    assert (groups["worker"].holds, groups["lead"].holds, report.total.holds) == (("sum-01",), (), ("sum-01",))
     assert report.total.spend == sum((a.spend for a in agents), Decimal(0)) == Decimal("1.30")
     # peak: the busiest UTC day of orch-01 (0.70 credits) over its 80.00 USD = 8000 credits cap
     assert groups["lead"].peak_utilization == Decimal("0.70") / Decimal("8000.00")
@@ -171,6 +176,7 @@ async def test_cli_csv_has_the_focus_headers_and_the_same_totals(
     harness: Harness, desired: DesiredState, manifests_dir: Path, tmp_path: Path
 ) -> None:
     await spend_around_the_boundary(harness, desired)
+    harness.reset_stats()
     sandbox = harness.sandbox
     args = [
         "--gateway",
@@ -219,6 +225,22 @@ async def test_cli_csv_has_the_focus_headers_and_the_same_totals(
     assert data["format_version"] == 1 and data["by"] == "fleet"
     assert data["total"]["spend_credits"] == "1.30" and data["total"]["spend"] == "0.01"
     assert data["total"]["spend_exact"] is False  # 1.30 credits is 0.013 USD: shown rounded, declared
+
+    as_text = run_cli(tmp_path, "report", str(manifests_dir), "--since", "45d", "--by", "label:role", *args)
+    assert as_text.returncode == 0, as_text.stderr
+    lines = as_text.stdout.splitlines()
+    assert any(line.startswith("Spend report last 45d") for line in lines)
+    (worker,) = [line for line in lines if line.startswith("worker")]
+    assert "0.01 USD (1.00 credits)" in worker  # res-01: 3 + 2 + 4 calls, sum-01: 1, across the boundary
+    (total,) = [line for line in lines if line.startswith("(total)")]
+    assert "1.90 credits" in total  # + orch-01's 7 calls and cls-01's 2 (cls-01 has no role: "(none)")
+    assert any(line.startswith("(none)") for line in lines)
+    keys = [p.read_text().strip() for p in (tmp_path / "secrets").rglob("*") if p.is_file()]
+    assert keys
+    for output in (as_text, as_json, done):
+        assert not contains_key_material(output.stdout + output.stderr)
+        assert not any(key in output.stdout + output.stderr for key in keys)
+    assert harness.stats()["writes"] == 0
 
     future = run_cli(tmp_path, "report", str(manifests_dir), "--period", "2999-01", *args)
     assert future.returncode == 1 and "future" in future.stderr
