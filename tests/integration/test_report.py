@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import controller.cli.report as report_cli
 from controller.cli.report import read_fleet
 from controller.manifest.loader import load_manifests
 from controller.sandbox.clock import MutableClock
@@ -268,3 +269,22 @@ async def test_a_failing_agent_is_reported_and_the_others_still_are(
     assert "FAILED sum-01" in done.stdout
     res01 = next(line for line in done.stdout.splitlines() if line.startswith("res-01"))
     assert "0.50 credits" in res01
+
+
+async def test_a_ledger_longer_than_the_bound_gives_a_declared_lower_bound(
+    harness: Harness, desired: DesiredState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """res-01's ledger, newest first: 4 charges of this month, 5 of the previous one, then
+    finops' deposit. Read 5 rows at most: the deposit is never reached, and the report says
+    its top-ups are incomplete instead of reporting 0 as if it were the whole story."""
+    await spend_around_the_boundary(harness, desired)
+    monkeypatch.setattr(report_cli, "LEDGER_PAGE", 5)
+    monkeypatch.setattr(report_cli, "MAX_LEDGER_ROWS", 5)
+    now = time.time()
+    period = parse_period(PREV_LABEL, None, now)
+    async with harness.client() as client:
+        agents = {a.agent_id: a for a in await read_fleet(client, desired, period, now, {}, {})}
+    assert (agents["res-01"].top_ups, agents["res-01"].top_ups_complete) == (Decimal(0), False)
+    assert (agents["res-02"].top_ups, agents["res-02"].top_ups_complete) == (Decimal("7000.00"), True)
+    report = build_report(period, GroupBy("agent"), list(agents.values()), generated_at=now)
+    assert not report.total.top_ups_complete and report.ok  # a lower bound, not a failure
