@@ -220,13 +220,15 @@ class GroupBy:
     def __str__(self) -> str:
         return f"label:{self.label}" if self.kind == "label" else self.kind
 
-    def key(self, agent: AgentUsage) -> str:
+    def key(self, agent: AgentUsage) -> str | None:
+        """The agent's group; ``None``: it lacks the label (shown as ``(none)``, kept apart
+        from a label whose value happens to be that text)."""
         if self.kind == "agent":
             return agent.agent_id
         if self.kind == "fleet":
             return agent.fleet
         assert self.label is not None
-        return agent.labels.get(self.label, NO_LABEL)
+        return agent.labels.get(self.label)
 
 
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62}[A-Za-z0-9])?$")
@@ -320,11 +322,11 @@ def build_report(period: Period, by: GroupBy, agents: Sequence[AgentUsage], *, g
     """Group ``agents`` (sorted by key; the ``(none)`` group last) and total them. An agent
     whose reads failed is listed in ``errors`` and in its group's ``failed``; its figures
     count nowhere."""
-    grouped: dict[str, list[AgentUsage]] = {}
+    grouped: dict[str | None, list[AgentUsage]] = {}
     for agent in agents:
         grouped.setdefault(by.key(agent), []).append(agent)
-    order = sorted(grouped, key=lambda k: (k == NO_LABEL and by.kind == "label", k))
-    groups = tuple(_group(key, grouped[key], period) for key in order)
+    order = sorted(grouped, key=lambda k: (k is None, k or ""))
+    groups = tuple(_group(NO_LABEL if key is None else key, grouped[key], period) for key in order)
     total = _group(TOTAL, list(agents), period)
     errors = {a.agent_id: a.error for a in agents if a.error is not None}
     return Report(period, by, groups, total, dict(sorted(errors.items())), generated_at)

@@ -191,6 +191,13 @@ def test_every_agent_is_in_exactly_one_group_and_unlabelled_ones_in_none(agents:
                 assert groups[expected].tags[by.label] == expected
     if by.kind == "label" and NO_LABEL in groups:
         assert report.groups[-1].key == NO_LABEL  # last, after the real values
+    assert len(report.groups) == len({by.key(a) for a in agents})
+
+
+def test_a_label_valued_like_the_none_group_is_not_merged_with_unlabelled_agents() -> None:
+    agents = [_agent("a1", labels={"team": NO_LABEL}, spend=Decimal(1)), _agent("a2", spend=Decimal(2))]
+    report = build_report(NOV_PERIOD, GroupBy("label", "team"), agents, generated_at=NOW)
+    assert [(g.agents, dict(g.tags)) for g in report.groups] == [(("a1",), {"team": NO_LABEL}), (("a2",), {})]
 
 
 @settings(max_examples=150, deadline=None)
