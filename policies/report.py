@@ -569,9 +569,12 @@ _HEADERS = ("Group", "Agents", "Calls", "Spend", "Cap use peak/mean", "Top-ups",
 
 
 def _cells(row: GroupRow) -> tuple[str, ...]:
-    use = (
-        f"{_pct(row.peak_utilization)} / {_pct(row.mean_utilization)}" if row.peak_utilization is not None else "no cap"
-    )
+    if len(row.failed) == len(row.agents):
+        use = "n/a"
+    elif row.peak_utilization is None:
+        use = "no cap"
+    else:
+        use = f"{_pct(row.peak_utilization)} / {_pct(row.mean_utilization)}"
     failed = f" ({len(row.failed)} failed)" if row.failed else ""
     return (
         row.key,
@@ -586,9 +589,13 @@ def _cells(row: GroupRow) -> tuple[str, ...]:
 
 
 def _pct(ratio: Decimal | None) -> str:
+    """A ratio as a percentage to 2 decimals (``≈`` when that rounds it)."""
     if ratio is None:
         return "-"
-    return f"{(ratio * 100).quantize(Decimal('0.1'), rounding=ROUND_HALF_EVEN)} %"
+    with localcontext() as ctx:
+        ctx.prec = 60
+        shown = (ratio * 100).quantize(CENT, rounding=ROUND_HALF_EVEN)
+        return _declared(f"{shown} %", shown == ratio * 100)
 
 
 def _title(report: Report) -> str:

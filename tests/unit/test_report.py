@@ -246,7 +246,7 @@ def test_cap_utilization_peak_is_the_busiest_day_and_mean_the_average_day() -> N
     (prod,) = report.groups
     assert prod.peak_utilization == Decimal("71.00") / Decimal("100.00")  # day 2: 40 + 31 of 100
     assert prod.mean_utilization == Decimal("81.00") / 31 / Decimal("100.00")
-    assert "71.0 % / 2.6 %" in render_text(report)
+    assert "71.00 % / ≈2.61 %" in render_text(report)
 
 
 def test_no_cap_means_no_utilization_rather_than_a_division_by_zero() -> None:
