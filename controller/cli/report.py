@@ -27,7 +27,8 @@ from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin, NotFound
 from controller.io.secretfile import write_secret_file
-from controller.services import Services, open_services
+from controller.io.target import Target
+from controller.state import StateStore
 from policies.currency import CREDITS, to_credits
 from policies.funding_window import DEPOSIT_KEY_PREFIX, parse_ledger_time
 from policies.money import ZERO
@@ -199,9 +200,24 @@ async def read_fleet(
     return [results[i] for i in range(len(specs))]
 
 
-async def _read(services: Services, desired: DesiredState, period: Period, now: float) -> list[AgentUsage]:
-    async with services.client() as client:
-        return await read_fleet(client, desired, period, now, services.state.adjustments(), services.state.holds())
+def _read(target: Target, opts: TargetOptions, desired: DesiredState, period: Period, now: float) -> list[AgentUsage]:
+    """Every agent's figures. The state is read only if there is one (a report never
+    creates it: no state, no adjustments and no holds); the key store is never opened; the
+    client carries no writer fence (it sends no write)."""
+    adjustments: dict[str, Adjustment] = {}
+    holds: dict[str, Hold] = {}
+    if target.state_location.exists():
+        store = StateStore(target.state_location)
+        try:
+            adjustments, holds = store.adjustments(), store.holds()
+        finally:
+            store.close()
+
+    async def go() -> list[AgentUsage]:
+        async with GatewayClient(target.url, target.api_key, concurrency=opts.concurrency) as client:
+            return await read_fleet(client, desired, period, now, adjustments, holds)
+
+    return asyncio.run(go())
 
 
 @click.command()
@@ -265,8 +281,7 @@ def report(
 
         with opts.open_target() as target:
             click.echo(target.banner(), err=fmt != "text" or out is not None)
-            with open_services(target, opts) as services:  # the key store is never opened
-                agents = asyncio.run(_read(services, desired, chosen, now))
+            agents = _read(target, opts, desired, chosen, now)
         result = build_report(chosen, group_by, agents, generated_at=now)
         text = RENDERERS[fmt](result)
         if out is not None:

@@ -19,9 +19,11 @@ import pytest
 
 import controller.cli.report as report_cli
 from controller.cli.report import read_fleet
+from controller.io.target import target_name
 from controller.manifest.loader import load_manifests
 from controller.sandbox.clock import MutableClock
 from controller.sandbox.server import SandboxServer
+from controller.state import StateStore
 from policies.funding_window import DEPOSIT_KEY_PREFIX
 from policies.keyprint import contains_key_material
 from policies.report import CSV_COLUMNS, NO_LABEL, GroupBy, build_report, parse_period
@@ -242,6 +244,7 @@ async def test_cli_csv_has_the_focus_headers_and_the_same_totals(
         assert not contains_key_material(output.stdout + output.stderr)
         assert not any(key in output.stdout + output.stderr for key in keys)
     assert harness.stats()["writes"] == 0
+    assert not [p for p in (tmp_path / "cli").rglob("*") if p.is_file()]  # no state was created
 
     future = run_cli(tmp_path, "report", str(manifests_dir), "--period", "2999-01", *args)
     assert future.returncode == 1 and "future" in future.stderr
@@ -256,19 +259,18 @@ async def test_a_failing_agent_is_reported_and_the_others_still_are(
         http.post(
             "/_sandbox/faults", json={"spec": "seed=1,rate=1,kinds=503,retry_after=0,only=/wallets/sum-01/usage"}
         ).raise_for_status()
-    args = [
-        "--gateway",
-        sandbox.url,
-        "--api-key-file",
-        str(tmp_path / "admin.key"),
-        "--state-dir",
-        str(tmp_path / "cli"),
-    ]
+    state_dir = tmp_path / "cli"
+    state = StateStore(state_dir / f"state-{target_name(sandbox.url)}.db")  # the CLI's state, with a hold
+    state.set_hold("res-02", "runaway spend")
+    state.close()
+    args = ["--gateway", sandbox.url, "--api-key-file", str(tmp_path / "admin.key"), "--state-dir", str(state_dir)]
     done = run_cli(tmp_path, "report", str(manifests_dir), "--period", PREV_LABEL, "--by", "agent", *args)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "FAILED sum-01" in done.stdout
-    res01 = next(line for line in done.stdout.splitlines() if line.startswith("res-01"))
-    assert "0.50 credits" in res01
+    rows = {line.split()[0]: line for line in done.stdout.splitlines() if line.startswith(("res-0", "sum-01"))}
+    assert "0.50 credits" in rows["res-01"]
+    assert rows["res-02"].endswith(" 1") and rows["res-01"].endswith(" 0")  # the Holds column, from the state
+    assert "(1 failed)" in rows["sum-01"]
 
 
 async def test_a_ledger_longer_than_the_bound_gives_a_declared_lower_bound(
