@@ -26,6 +26,7 @@ from controller.cli.options import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, TargetOpti
 from controller.errors import ConfigError
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin, NotFound
+from controller.gateway.models import Transaction
 from controller.io.secretfile import write_secret_file
 from controller.io.target import Target
 from controller.state import StateStore
@@ -92,32 +93,37 @@ async def read_period_usage(client: GatewayClient, agent_id: str, period: Period
         raise UsageMismatch(str(exc)) from None
 
 
+def _is_finops_deposit(row: Transaction) -> bool:
+    return row.tx_type == "deposit" and (row.idempotency_key or "").startswith(DEPOSIT_KEY_PREFIX) and row.amount > 0
+
+
 async def top_ups(client: GatewayClient, agent_id: str, period: Period) -> TopUps:
     """finops' deposits (``finops-topup-`` keys) whose ledger time is within the period.
     The ledger is newest first with offset paging: a row landing meanwhile shifts the pages
-    (a row read twice, deduplicated by id), never hides one."""
+    (a row read twice, deduplicated by id), never hides one. A finops deposit whose time
+    cannot be read cannot be placed: the figure is then declared incomplete."""
     seen: set[int] = set()
-    credits, count, offset = ZERO, 0, 0
+    credits, count, offset, placed_all = ZERO, 0, 0, True
     while offset < MAX_LEDGER_ROWS:
         try:
             rows = await client.transactions(agent_id, limit=LEDGER_PAGE, offset=offset)
         except NotFound:
-            return TopUps(credits, count, complete=True)  # no wallet (yet): nothing deposited
+            return TopUps(credits, count, complete=placed_all)  # no wallet (yet): nothing deposited
         oldest: float | None = None
         for row in rows:
             at = parse_ledger_time(row.created_at)
             if at is None:
-                continue  # unreadable time: not placed in any period (counted in no total)
+                placed_all = placed_all and not _is_finops_deposit(row)
+                continue
             oldest = at if oldest is None else min(oldest, at)
             if row.id in seen or not period.start <= at < period.end:
                 continue
             seen.add(row.id)
-            key = row.idempotency_key or ""
-            if row.tx_type == "deposit" and key.startswith(DEPOSIT_KEY_PREFIX) and row.amount > 0:
+            if _is_finops_deposit(row):
                 credits += row.amount
                 count += 1
         if len(rows) < LEDGER_PAGE or (oldest is not None and oldest < period.start):
-            return TopUps(credits, count, complete=True)
+            return TopUps(credits, count, complete=placed_all)
         offset += LEDGER_PAGE
     return TopUps(credits, count, complete=False)
 

@@ -9,10 +9,11 @@ import io
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -290,3 +291,58 @@ async def test_a_ledger_longer_than_the_bound_gives_a_declared_lower_bound(
     assert (agents["res-02"].top_ups, agents["res-02"].top_ups_complete) == (Decimal("7000.00"), True)
     report = build_report(period, GroupBy("agent"), list(agents.values()), generated_at=now)
     assert not report.total.top_ups_complete and report.ok  # a lower bound, not a failure
+
+
+class Rewriter(httpx.AsyncBaseTransport):
+    """The real sandbox behind a liar that edits the JSON of the answers whose path
+    contains ``fragment`` (``edit`` returns the new body)."""
+
+    def __init__(self, fragment: str, edit: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.fragment = fragment
+        self.edit = edit
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if self.fragment not in request.url.path:
+            return response
+        body = json.loads(await response.aread())
+        await response.aclose()
+        return httpx.Response(response.status_code, json=self.edit(body))
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _drop_oldest_bucket(body: dict[str, Any]) -> dict[str, Any]:
+    return {"buckets": body["buckets"][1:]}
+
+
+def _unreadable_deposit_times(body: dict[str, Any]) -> dict[str, Any]:
+    rows = body["transactions"]
+    return {"transactions": [{**r, "created_at": "yesterday"} if r["tx_type"] == "deposit" else r for r in rows]}
+
+
+@pytest.mark.parametrize(
+    ("fragment", "edit"),
+    [("/res-01/timeseries", _drop_oldest_bucket), ("/res-01/transactions", _unreadable_deposit_times)],
+)
+async def test_an_answer_that_cannot_be_the_whole_story_is_never_reported_as_a_figure(
+    harness: Harness, desired: DesiredState, fragment: str, edit: Callable[[dict[str, Any]], dict[str, Any]]
+) -> None:
+    """A timeseries missing a day (a capped ``limit``) fails the agent: it no longer adds up
+    to the gateway's usage. A finops deposit whose time cannot be read cannot be placed in or
+    out of the period: the top-ups are declared incomplete. The other agents are unaffected."""
+    await spend_around_the_boundary(harness, desired)
+    now = time.time()
+    period = parse_period(PREV_LABEL, None, now)
+    async with harness.client(Rewriter(fragment, edit)) as client:
+        agents = {a.agent_id: a for a in await read_fleet(client, desired, period, now, {}, {})}
+    res01 = agents["res-01"]
+    if "timeseries" in fragment:
+        assert res01.error is not None and "does not add up" in res01.error
+    else:
+        assert res01.error is None and not res01.top_ups_complete and res01.top_ups == Decimal(0)
+    others = [a for a in agents.values() if a.agent_id != "res-01"]
+    assert all(a.error is None and a.top_ups_complete for a in others)
+    assert agents["orch-01"].spend == Decimal("0.70")
