@@ -426,6 +426,8 @@ CSV_COLUMNS = (
     "ChargePeriodStart",
     "ChargePeriodEnd",
     "ChargeCategory",
+    "PricingCurrency",
+    "PricingCurrencyEffectiveCost",
     "ResourceId",
     "ResourceName",
     "Tags",
@@ -451,7 +453,10 @@ CSV_COLUMNS = (
     "x_FailedAgents",
 )
 """FOCUS 1.x columns where they fit, ``x_`` extensions for the rest. One row per group; no
-totals row (a FOCUS consumer sums rows: a totals row would count everything twice)."""
+totals row (a FOCUS consumer sums rows: a totals row would count everything twice).
+Gateway credits are the virtual currency FOCUS 1.2 calls the pricing currency:
+``PricingCurrency`` = ``CREDITS``, ``PricingCurrencyEffectiveCost`` = the spend in credits
+(the same figure as ``x_BilledCostCredits``), ``BillingCurrency`` = the fleet's currency."""
 
 
 def _csv_text(value: str) -> str:
@@ -470,6 +475,8 @@ def csv_row(report: Report, row: GroupRow) -> dict[str, str]:
         "ChargePeriodStart": report.period.start_iso,
         "ChargePeriodEnd": report.period.end_iso,
         "ChargeCategory": "Usage",
+        "PricingCurrency": CREDITS,
+        "PricingCurrencyEffectiveCost": credits,
         "ResourceId": _csv_text(row.key) if per_agent else "",
         "ResourceName": _csv_text(row.key) if per_agent else "",
         "Tags": json.dumps(dict(row.tags), sort_keys=True, ensure_ascii=False),

@@ -210,6 +210,7 @@ def test_csv_round_trips_through_the_csv_module(agents: list[AgentUsage], by: Gr
     assert len(rows) == len(report.groups)  # no totals row: summing the rows is the total
     for row, group in zip(rows, report.groups, strict=True):
         credits = Decimal(row["x_BilledCostCredits"])
+        assert (row["PricingCurrency"], Decimal(row["PricingCurrencyEffectiveCost"])) == ("CREDITS", credits)
         assert credits == group.spend.quantize(Decimal("0.01"))
         assert (row["x_BilledCostCreditsExact"] == "true") == (credits == group.spend)
         assert int(row["x_Calls"]) == group.calls
