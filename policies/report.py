@@ -334,7 +334,7 @@ def build_report(period: Period, by: GroupBy, agents: Sequence[AgentUsage], *, g
 
 def _group(key: str, members: list[AgentUsage], period: Period) -> GroupRow:
     ok = [a for a in members if a.error is None]
-    currencies = {(a.currency.upper(), a.rate) for a in members}
+    currencies = {(a.currency.upper(), a.rate) for a in (ok or members)}  # a failed read may lack the rate
     currency, rate = next(iter(currencies)) if len(currencies) == 1 else (CREDITS, Decimal(1))
     spend = sum((a.spend for a in ok), ZERO)
     cap = sum((a.daily_cap for a in ok), ZERO)

@@ -290,8 +290,12 @@ def test_a_group_of_fleets_in_different_currencies_is_shown_in_credits() -> None
 
 
 def test_a_failed_agent_is_reported_and_counts_nowhere() -> None:
-    agents = [_agent("a1", spend=Decimal("5.00"), calls=3), _agent("a2", spend=Decimal("9.00"), error="gateway 503")]
+    agents = [
+        _agent("a1", spend=Decimal("5.00"), calls=3),
+        _agent("a2", spend=Decimal("9.00"), rate=Decimal(1), error="gateway 503"),  # no rate could be read
+    ]
     report = build_report(NOV_PERIOD, GroupBy("fleet"), agents, generated_at=NOW)
+    assert report.groups[0].currency == "USD"  # the failed agent's missing rate does not change the group's
     assert not report.ok and report.errors == {"a2": "gateway 503"}
     assert (report.total.spend, report.total.calls, report.total.failed) == (Decimal("5.00"), 3, ("a2",))
     assert "FAILED a2: gateway 503" in render_text(report)
