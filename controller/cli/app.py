@@ -109,6 +109,7 @@ class LazyGroup(click.Group):
         "unfreeze": "controller.cli.keys:unfreeze_command",
         "approve": "controller.cli.approve:approve",
         "state": "controller.cli.state:state",
+        "report": "controller.cli.report:report",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -58,6 +58,12 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "finops rebalance --dry-run",
         "finops rebalance --format json",
     ),
+    "finops report": (
+        "finops report --period 2026-11                 # a calendar month (UTC), one row per fleet",
+        "finops report --since 30d --by label:team      # the last 30 days, one row per team",
+        "finops report --period 2026-11 --by agent --format csv --out 2026-11.csv  # FOCUS columns",
+        "finops report --since 7d --format markdown > report.md",
+    ),
     "finops sandbox": (
         "finops sandbox --port 8000",
         "finops sandbox --faults 'seed=7,rate=0.2,kinds=500+reset'",

@@ -142,6 +142,7 @@ def test_every_json_output_has_a_format_version(workdir: Path) -> None:
         "alerts check": ["alerts", "check", "--format", "json"],
         "rotate": ["rotate", "--format", "json"],
         "rebalance": ["rebalance", "--dry-run", "--format", "json"],
+        "report": ["report", "--format", "json"],
         "approve": ["approve", "--show", "--format", "json"],
         "state show": ["state", "show", "--format", "json"],
         "state migrate": ["state", "migrate", "--to", str(workdir / "backup.db"), "--format", "json"],

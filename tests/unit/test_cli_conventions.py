@@ -236,6 +236,7 @@ JSON_OUTPUTS = {
     "finops alerts check",
     "finops rotate",
     "finops rebalance",
+    "finops report",
     "finops approve",
     "finops state show",
     "finops state migrate",
