@@ -120,7 +120,7 @@ class Ladder:
         out: list[BudgetReading] = []
         for reading in readings:
             spec = self._specs.get(reading.agent_id)
-            if reading.agent_id not in escalated or spec is None:
+            if spec is None or (reading.agent_id not in escalated and not spec.escalation):
                 out.append(reading)
                 continue
             currency = self._desired.fleet(spec.fleet).currency
@@ -131,7 +131,10 @@ class Ladder:
                     errors[reading.agent_id] = f"cannot read the {currency} rate for its declared caps: {exc}"
                     continue
             caps = declared_caps(spec, memory, rates[currency], self._now())
-            self._declared[reading.agent_id] = caps
+            self._declared[reading.agent_id] = caps  # what a pause decided now is executed against
+            if reading.agent_id not in escalated:
+                out.append(reading)  # live caps, as for any agent: declared ones only while escalated
+                continue
             out.append(
                 replace(
                     reading,
