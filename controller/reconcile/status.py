@@ -257,7 +257,8 @@ async def fleet_status(
                      "since": esc.since, "release": esc.release, "how_released": esc.how_released, "cap_credits": cap}
                 )  # fmt: skip
                 held_at = f"; {esc.window} cap held at {cap} credits" if esc.action == "pause" else ""
-                row.flags.append(f"{_ESCALATED.get(esc.action, esc.action.upper())} since {esc.since} ({esc.reason}){held_at}: {esc.how_released}")
+                label = _ESCALATED.get(esc.action, esc.action.upper())
+                row.flags.append(f"{label} since {esc.since} ({esc.reason}){held_at}: {esc.how_released}")
             drift = _cap_drift(plan, spec.agent_id)
             if drift:
                 row.flags.append(drift)
