@@ -24,6 +24,7 @@ from pydantic import (
     PlainValidator,
     StringConstraints,
     TypeAdapter,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -293,14 +294,15 @@ class EscalationStep(_Model):
     action: Literal["pause", "freeze"]
     release: Literal["auto", "manual"] | None = None
 
-    @model_validator(mode="after")
-    def _freeze_is_manual(self) -> EscalationStep:
-        if self.action == "freeze" and self.release == "auto":
+    @field_validator("release")
+    @classmethod
+    def _freeze_is_manual(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value == "auto" and info.data.get("action") == "freeze":
             raise ValueError(
                 "a freeze is released only by `finops unfreeze` (its key is quarantined): use release: manual, "
                 "or action: pause for an automatic release"
             )
-        return self
+        return value
 
 
 def _one_step_per_slot(steps: list[EscalationStep] | None) -> list[EscalationStep] | None:

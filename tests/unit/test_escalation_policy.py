@@ -1,0 +1,181 @@
+"""The escalation ladder's pure decisions (``policies.escalation``): at most one action per
+crossing, release only below the re-arm level, the ratchet, caps restored = declared."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from decimal import Decimal
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policies.alerts import BudgetReading, SlotKey, SlotState, WindowReading, evaluate, rearm_below, utilization
+from policies.escalation import (
+    ACTIVE,
+    OPEN,
+    PENDING,
+    RELEASING,
+    SUPERSEDED,
+    Caps,
+    Escalation,
+    Spend,
+    decide,
+    pause_cap,
+    reason_for,
+    should_release,
+    wanted_caps,
+)
+from policies.spec import EscalationRule
+
+D = Decimal
+CAP = D("10.00")
+LADDER = (EscalationRule(90, "daily", "pause", "auto"), EscalationRule(100, "daily", "freeze", "manual"))
+DECLARED = Caps(CAP, D("100.00"))
+
+
+def reading(spend: Decimal, cap: Decimal = CAP) -> BudgetReading:
+    return BudgetReading("a", "f", (75, 90, 100), WindowReading(spend, cap), WindowReading(spend, D("100.00")))
+
+
+def pause(cap: str | None, window: str = "daily", status: str = ACTIVE, threshold: int = 90) -> Escalation:
+    return Escalation(
+        alert_id=f"x{window}{threshold}{cap}",
+        agent_id="a",
+        window=window,
+        threshold=threshold,
+        action="pause",
+        release="auto",
+        status=status,
+        reason=reason_for(threshold, window),
+        decided_at=0.0,
+        cap=None if cap is None else D(cap),
+    )
+
+
+spends = st.decimals(min_value=0, max_value=20, places=2)
+
+
+def _run(seq: list[Decimal]) -> tuple[list[Escalation], int]:
+    """Drive evaluate + decide as the engine does, with declared caps (the agent's own
+    escalations persist across checks); returns every row decided and the crossings seen."""
+    slots: dict[SlotKey, SlotState] = {}
+    rows: list[Escalation] = []
+    crossings = 0
+    for now, spend in enumerate(seq):
+        ev = evaluate([reading(spend)], slots, now=float(now))
+        slots = dict(ev.state)
+        crossings += sum(1 for e in ev.events if e.type == "budget.threshold" and e.threshold in (90, 100))
+        decision = decide(
+            ev.events,
+            {"a": LADDER},
+            [r for r in rows if r.status in (PENDING, ACTIVE, RELEASING)],
+            {"a": Spend(spend, spend)},
+            {"a": DECLARED},
+            now=float(now),
+        )
+        ids = {r.alert_id for r in rows}
+        assert not ids & {r.alert_id for r in decision.started}, "a crossing was decided twice"
+        rows += decision.started
+        released = {r.alert_id for r in decision.releasing}
+        rows = [replace(r, status="released") if r.alert_id in released else r for r in rows]
+        rows = [replace(r, status=ACTIVE) if r.status == PENDING else r for r in rows]  # executed
+    return rows, crossings
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(spends, min_size=1, max_size=30))
+def test_one_decision_per_crossing_with_a_rule_never_more(seq: list[Decimal]) -> None:
+    rows, crossings = _run(seq)
+    assert len(rows) == crossings
+    assert len({r.alert_id for r in rows}) == len(rows)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(spends, min_size=1, max_size=30))
+def test_at_most_one_freeze_in_force_and_a_pause_never_executes_beside_a_fresh_freeze(seq: list[Decimal]) -> None:
+    rows, _ = _run(seq)
+    assert sum(1 for r in rows if r.action == "freeze" and r.status in OPEN) <= 1
+    for r in rows:
+        if r.status == SUPERSEDED:
+            assert r.action == "pause" or any(o.action == "freeze" and o.alert_id != r.alert_id for o in rows)
+
+
+def test_one_check_crossing_pause_and_freeze_supersedes_the_pause() -> None:
+    ev = evaluate([reading(D("10.50"))], {}, now=1.0)
+    decision = decide(ev.events, {"a": LADDER}, [], {}, {}, now=1.0)
+    assert {(r.action, r.status) for r in decision.started} == {("pause", SUPERSEDED), ("freeze", PENDING)}
+    assert sorted(decision.actions.values()) == ["freeze", "pause"]  # both alerts still name their action
+
+
+def test_a_threshold_without_a_rule_only_alerts() -> None:
+    ev = evaluate([reading(D("8.00"))], {}, now=1.0)
+    decision = decide(ev.events, {"a": LADDER}, [], {}, {}, now=1.0)
+    assert decision.started == () and decision.actions == {}
+
+
+@settings(max_examples=300, deadline=None)
+@given(spend=spends, threshold=st.integers(min_value=1, max_value=200))
+def test_release_only_below_the_rearm_level_of_the_declared_cap(spend: Decimal, threshold: int) -> None:
+    row = pause("9.00", threshold=threshold)
+    released = should_release(row, Spend(spend, D(0)), DECLARED)
+    pct = utilization(spend, CAP)
+    assert pct is not None
+    assert released == (pct < rearm_below(threshold))
+
+
+def test_never_released_without_a_reading_a_declared_cap_or_when_manual() -> None:
+    row = pause("9.00")
+    assert not should_release(row, None, DECLARED)
+    assert not should_release(row, Spend(D(0), D(0)), Caps(None, None))
+    assert not should_release(row, Spend(D(0), D(0)), Caps(D(0), D(0)))  # a cap of 0 is not judged
+    assert not should_release(replace(row, release="manual"), Spend(D(0), D(0)), DECLARED)
+    assert not should_release(replace(row, status=RELEASING), Spend(D(0), D(0)), DECLARED)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(spends, min_size=1, max_size=20), st.sampled_from(["daily", "monthly"]))
+def test_the_ratchet_only_goes_down_and_never_to_no_cap(seq: list[Decimal], window: str) -> None:
+    open_pause = pause("20.00", window=window)
+    previous = D("20.00")
+    for spend in seq:
+        caps, lowered = wanted_caps(DECLARED, Spend(spend, spend), [open_pause])
+        cap = lowered[window]
+        assert cap is not None and D(0) <= cap <= previous
+        assert cap <= spend and cap <= (DECLARED.window(window) or cap)
+        assert caps.window(window) == cap
+        other = "monthly" if window == "daily" else "daily"
+        assert caps.window(other) == DECLARED.window(other)  # the other window is declared, exactly
+        open_pause = replace(open_pause, cap=cap)
+        previous = cap
+
+
+@given(spends, spends)
+def test_without_an_open_pause_the_caps_are_exactly_the_declared_ones(daily: Decimal, monthly: Decimal) -> None:
+    for rows in ([], [pause("1.00", status=RELEASING)], [pause("1.00", status="released")]):
+        caps, lowered = wanted_caps(DECLARED, Spend(daily, monthly), rows)
+        assert caps == DECLARED and lowered == {}
+
+
+def test_pause_cap_rounds_spend_down_to_the_cent_and_two_pauses_share_the_lowest() -> None:
+    assert pause_cap(None, D("0.905"), D("10.00")) == D("0.90")
+    assert pause_cap(D("0.50"), D("0.90"), D("10.00")) == D("0.50")
+    assert pause_cap(None, D("12.00"), D("10.00")) == D("10.00")  # never above the declared cap
+    _, lowered = wanted_caps(DECLARED, Spend(D("9.50"), D(0)), [pause("9.20"), pause("9.00", threshold=80)])
+    assert lowered == {"daily": D("9.00")}
+
+
+def test_the_recovery_that_releases_a_pause_carries_the_release_action() -> None:
+    state: dict[SlotKey, SlotState] = {}
+    ev = evaluate([reading(D("9.00"))], state, now=1.0)
+    [started] = decide(ev.events, {"a": LADDER}, [], {}, {}, now=1.0).started
+    active = replace(started, status=ACTIVE)
+    ev2 = evaluate([reading(D("1.00"))], ev.state, now=2.0)
+    decision = decide(ev2.events, {"a": LADDER}, [active], {"a": Spend(D("1.00"), D("1.00"))}, {"a": DECLARED}, now=2.0)
+    [releasing] = decision.releasing
+    recovered = {e.id: e for e in ev2.events if e.type == "budget.recovered" and e.threshold == 90}
+    [rid] = recovered
+    assert decision.actions[rid] == "release" and releasing.status == RELEASING
+
+
+def test_reason_reads_like_a_hold() -> None:
+    assert reason_for(90, "daily") == "auto: 90 % of daily cap"
