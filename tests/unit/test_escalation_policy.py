@@ -3,12 +3,15 @@ crossing, release only below the re-arm level, the ratchet, caps restored = decl
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from decimal import Decimal
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controller.manifest.loader import load_manifests
 from policies.alerts import BudgetReading, SlotKey, SlotState, WindowReading, evaluate, rearm_below, utilization
 from policies.escalation import (
     ACTIVE,
@@ -28,6 +31,7 @@ from policies.escalation import (
 from policies.spec import EscalationRule
 
 D = Decimal
+CANONICAL = Path(__file__).resolve().parents[2] / "manifests"
 CAP = D("10.00")
 LADDER = (EscalationRule(90, "daily", "pause", "auto"), EscalationRule(100, "daily", "freeze", "manual"))
 DECLARED = Caps(CAP, D("100.00"))
@@ -179,3 +183,19 @@ def test_the_recovery_that_releases_a_pause_carries_the_release_action() -> None
 
 def test_reason_reads_like_a_hold() -> None:
     assert reason_for(90, "daily") == "auto: 90 % of daily cap"
+
+
+def test_the_canonical_fleets_commented_ladder_loads_when_uncommented(tmp_path: Path) -> None:
+    """The example in manifests/ is the one the README shows: it must be valid as written."""
+    source = (CANONICAL / "research-fleet.yaml").read_text()
+    lines = source.splitlines()
+    start = lines.index("    # escalation:")
+    block = [line.replace("    # ", "    ", 1) for line in lines[start : start + 3]]
+    assert block[0] == "    escalation:"
+    shutil.copytree(CANONICAL, tmp_path / "m")
+    (tmp_path / "m" / "research-fleet.yaml").write_text("\n".join([*lines[:start], *block, *lines[start + 3 :]]))
+    desired = load_manifests(tmp_path / "m")
+    ladders = {a.agent_id: a.escalation for a in desired.agents()}
+    inherited = (EscalationRule(90, "daily", "pause", "auto"), EscalationRule(100, "daily", "freeze", "manual"))
+    assert ladders and all(ladder == inherited for ladder in ladders.values())
+    assert load_manifests(CANONICAL).agents()[0].escalation == ()  # as shipped: alerts only
