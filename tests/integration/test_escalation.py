@@ -322,3 +322,28 @@ async def test_one_check_that_crosses_pause_and_freeze_executes_only_the_freeze(
 
 def _client(sandbox: SandboxServer) -> GatewayClient:
     return GatewayClient(sandbox.url, sandbox.admin_key)
+
+
+async def test_an_agent_raising_its_own_cap_while_paused_is_put_back_by_both_the_plan_and_the_ladder(
+    sandbox: SandboxServer, store: StateStore, receiver: Receiver, tmp_path: Path
+) -> None:
+    """The gateway lets a capped agent raise its own cap (API.md §4): the pause is state in
+    finops, so the reconcile pass plans the pause cap back and the next check writes it."""
+    key = _register(sandbox)
+    checks = Checks(sandbox, store, _desired(receiver, tmp_path))
+    _paid_calls(sandbox, key, 9)
+    await checks.run()
+    with httpx.Client(base_url=sandbox.url, headers={"Authorization": f"Bearer {key}"}) as http:
+        http.put("/v1/billing/wallets/a1/budget", json={"daily_cap": "50.00", "monthly_cap": None}).raise_for_status()
+    assert _caps(sandbox) == (50, None)
+
+    async with _client(sandbox) as client:
+        plan = await observe_and_plan(client, checks.desired, "sandbox", store)
+    [change] = [c for c in plan.changes if c.kind is ChangeKind.SET_BUDGET]
+    assert change.args.wire()["daily_cap"] == "0.90" and change.args.wire()["monthly_cap"] == "100.00"
+    assert "paused by the escalation ladder" in change.reason
+
+    again = await checks.run()
+    assert again.events == () and again.ladder is not None and again.ladder.cap_writes == 1
+    assert _caps(sandbox) == (0.9, 100)
+    assert _paid_calls(sandbox, key, 1) == [402]

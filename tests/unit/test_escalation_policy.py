@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import replace
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -28,7 +29,12 @@ from policies.escalation import (
     should_release,
     wanted_caps,
 )
-from policies.spec import EscalationRule
+from policies.live import BudgetStatus as LiveBudget
+from policies.live import LiveAgent, LiveFleet
+from policies.plan_types import ChangeKind, Plan
+from policies.planner import Memory, make_plan
+from policies.records import BudgetWrite
+from policies.spec import AgentSpec, DesiredState, EscalationRule, FleetSpec
 
 D = Decimal
 CANONICAL = Path(__file__).resolve().parents[2] / "manifests"
@@ -199,3 +205,44 @@ def test_the_canonical_fleets_commented_ladder_loads_when_uncommented(tmp_path: 
     inherited = (EscalationRule(90, "daily", "pause", "auto"), EscalationRule(100, "daily", "freeze", "manual"))
     assert ladders and all(ladder == inherited for ladder in ladders.values())
     assert load_manifests(CANONICAL).agents()[0].escalation == ()  # as shipped: alerts only
+
+
+def _plan_for(escalations: tuple[Escalation, ...], live_daily: str) -> Plan:
+    spec = AgentSpec(
+        agent_id="a",
+        fleet="f",
+        tier="t",
+        daily_cap=D("30.00"),
+        monthly_cap=D("600.00"),
+        funding_floor=D("40.00"),
+        funding_target=D("75.00"),
+        alert_thresholds=(75, 90, 100),
+        escalation=LADDER,
+    )
+    desired = DesiredState((FleetSpec("f", "CREDITS", D("200.00"), D("500.00"), (spec,)),))
+    status = LiveBudget(D(live_daily), D("600.00"), D("28.00"), D("28.00"), 0, 0, False, False)
+    live = LiveFleet(
+        "sandbox", {"a": LiveAgent("a", True, D("1.00"), status, ledger_anchor="none", ledger=())}, {"CREDITS": D(1)}
+    )
+    memory = Memory(budget_writes={"a": BudgetWrite(D("30.00"), D("600.00"), D("0.75"))}, escalations=escalations)
+    return make_plan(desired, live, memory, now=datetime(2026, 11, 1, tzinfo=UTC))
+
+
+def test_the_planner_keeps_a_pause_lowers_a_raised_cap_back_and_does_not_fund_a_paused_agent() -> None:
+    unpaused = _plan_for((), "30.00")
+    assert [c.kind for c in unpaused.changes] == [ChangeKind.TOP_UP]  # the control: funded when not paused
+
+    paused = pause("27.00")
+    kept = _plan_for((paused,), "27.00")
+    assert kept.changes == ()  # the pause cap is in place: nothing to do, and no funding
+    assert [(e.action, e.cap) for e in kept.escalated] == [("pause", D("27.00"))]
+
+    raised = _plan_for((paused,), "45.00")  # the agent raised its own cap
+    [change] = raised.changes
+    assert change.kind is ChangeKind.SET_BUDGET and change.args.wire()["daily_cap"] == "27.00"
+
+    lower = _plan_for((paused,), "25.00")  # already lower (a ratchet not yet recorded): never raised
+    assert lower.changes == ()
+
+    released = _plan_for((replace(paused, status=RELEASING),), "27.00")  # release decided: declared caps
+    assert [c.args.wire()["daily_cap"] for c in released.changes if c.kind is ChangeKind.SET_BUDGET] == ["30.00"]
