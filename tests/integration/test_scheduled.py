@@ -19,9 +19,11 @@ from controller.daemon.source import DirectorySource
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed
 from controller.io.target import Target
+from controller.reconcile.status import fleet_status
 from controller.sandbox.store import to_atomic
 from tests.integration.conftest import FinopsClock, Harness
 from tests.integration.test_daemon import Rig, budget, rig_factory
+from tests.integration.test_keys import manager
 
 GATEWAY_GRACE_S = 300
 """How long the gateway keeps accepting a rotated-out key (API.md)."""
@@ -172,6 +174,14 @@ async def test_the_alerts_job_pauses_then_freezes_and_the_reconcile_pass_never_u
     assert rig.sample("finops_escalations_active", action="pause") == 1
     with httpx.Client(base_url=harness.sandbox.url, headers={"Authorization": f"Bearer {key}"}) as http:
         assert http.get("/v1/marketplace/match", params={"query": "x"}).status_code == 402
+
+    async with harness.client() as admin:
+        status = await fleet_status(
+            admin, rig.daemon.reconciler.desired, harness.store, manager(harness, admin), target="sandbox"
+        )
+    [row] = [a for a in status.agents if a.agent_id == "res-01"]
+    assert [(e["action"], e["release"]) for e in row.escalations] == [("pause", "auto")]
+    assert any(f.startswith("PAUSED since") and "below 85 % of the declared daily cap" in f for f in row.flags)
 
     ran = await rig.step(60)  # a reconcile pass and an alert check later: nothing undone, nothing redone
     assert ran["reconcile"].ok and rig.last.applied.get("set_budget", 0) == 0

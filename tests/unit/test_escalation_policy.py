@@ -246,3 +246,14 @@ def test_the_planner_keeps_a_pause_lowers_a_raised_cap_back_and_does_not_fund_a_
 
     released = _plan_for((replace(paused, status=RELEASING),), "27.00")  # release decided: declared caps
     assert [c.args.wire()["daily_cap"] for c in released.changes if c.kind is ChangeKind.SET_BUDGET] == ["30.00"]
+
+
+def test_plan_views_show_the_pause_and_how_it_is_released() -> None:
+    from controller.cli.views import render_markdown, render_text
+
+    plan = _plan_for((pause("27.00"),), "27.00")
+    text = render_text(plan)
+    assert "# ESCALATED a: paused since" in text and "(auto: 90 % of daily cap)" in text
+    assert "daily cap held at 27.00 credits" in text and "below 85 % of the declared daily cap" in text
+    manual = _plan_for((replace(pause("27.00"), release="manual"),), "27.00")
+    assert "release with \\`finops unfreeze a\\`" in render_markdown(manual)  # markdown-escaped
