@@ -33,6 +33,7 @@ from decimal import Decimal
 from controller.alerting.store import AlertTx
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import GatewayError
+from controller.reconcile.approval import judge
 from controller.reconcile.holds import QuarantineKeys, freeze
 from controller.state import BudgetWrite, StateStore
 from policies.alerts import AlertEvent, BudgetReading, Evaluation, WindowReading
@@ -108,6 +109,7 @@ class Ladder:
         self._live: dict[str, BudgetReading] = {}
         self._declared: dict[str, Caps] = {}
         self.report = LadderReport()
+        self._approval: bool | None = None
 
     async def prepare(self, readings: Sequence[BudgetReading]) -> tuple[list[BudgetReading], dict[str, str]]:
         """The readings to evaluate (declared caps for escalated agents) and per-agent errors
@@ -197,13 +199,24 @@ class Ladder:
         if not pauses or reading is None or declared is None:
             return  # not read in this check (error, or frozen before it): the next check converges
         open_pauses = [r for r in pauses if r.status in OPEN]
+        releasing = [r for r in pauses if r.status == RELEASING]
         spend = Spend(reading.daily.spend, reading.monthly.spend)
+        live = Caps(reading.daily.cap, reading.monthly.cap)
         want, lowered = wanted_caps(declared, spend, open_pauses)
+        if releasing and _raises(live, want) and not self._approved():
+            # The restore would raise caps beyond what a person approved: every pause stays in
+            # force (and keeps ratcheting) until the manifests are approved.
+            self.report.problems.append(
+                f"{agent_id}: restoring its caps waits: the manifests' spending authority is above what was "
+                "approved (`finops approve`); the pause stays"
+            )
+            open_pauses += [replace(r, status=ACTIVE) for r in releasing]
+            want, lowered = wanted_caps(declared, spend, open_pauses)
+            releasing = []
         for row in open_pauses:
             if row.cap != lowered[row.window]:
                 # Recorded before the write: the planner keeps the lower cap even if we crash now.
-                self._store.update_escalation(replace(row, cap=lowered[row.window]), expect=OPEN)
-        live = Caps(reading.daily.cap, reading.monthly.cap)
+                self._store.update_escalation(replace(row, cap=lowered[row.window]), expect=(row.status, RELEASING))
         if live != want:
             threshold = desired_alert_threshold(spec)
             await self._client.set_budget(
@@ -218,9 +231,18 @@ class Ladder:
         for row in open_pauses:
             if row.status == PENDING:
                 self._finish(replace(row, cap=lowered[row.window]), ACTIVE, "")
-        for row in pauses:
-            if row.status == RELEASING:
-                self._finish(row, RELEASED, "declared caps restored")
+        for row in releasing:
+            self._finish(row, RELEASED, "declared caps restored")
+
+    def _approved(self) -> bool:
+        """Whether caps may be raised back to the declared ones: the manifests' exposure is
+        within what a person approved (nothing approved yet: the manifests are all there
+        is, as for ``finops unfreeze``). The daemon's desired state is always accepted; a
+        CLI check may hold a revision still awaiting ``finops approve``."""
+        if self._approval is None:
+            verdict = judge(self._store, self._desired)
+            self._approval = verdict.bootstrap or not verdict.requires_approval
+        return self._approval
 
     async def _freeze(self, spec: AgentSpec, row: Escalation) -> None:
         result = await freeze(self._client, self._store, self._keys, spec, row.reason)
@@ -252,6 +274,14 @@ def declared_caps(spec: AgentSpec, memory: Memory, rate: Decimal, now: float) ->
     adj = live_adjustment(spec, memory, now)
     daily = spec.daily_cap + (adj.amount if adj else 0)
     return Caps(to_credits(daily, rate), to_credits(spec.monthly_cap, rate))
+
+
+def _raises(live: Caps, want: Caps) -> bool:
+    """Whether writing ``want`` raises a window's cap (``None`` live = no cap: not raised)."""
+    for before, after in ((live.daily, want.daily), (live.monthly, want.monthly)):
+        if before is not None and (after is None or after > before):
+            return True
+    return False
 
 
 def active_by_action(rows: Sequence[Escalation]) -> Mapping[str, int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from controller.sandbox.clock import MutableClock
 from controller.sandbox.server import SandboxServer
 from controller.state import StateStore
 from policies.escalation import ACTIVE, PENDING, RELEASED, SUPERSEDED
+from policies.exposure import exposure_of
 from policies.plan_types import ChangeKind
 from policies.spec import (
     ALERT_EVENT_RECOVERED,
@@ -346,4 +348,28 @@ async def test_an_agent_raising_its_own_cap_while_paused_is_put_back_by_both_the
     again = await checks.run()
     assert again.events == () and again.ladder is not None and again.ladder.cap_writes == 1
     assert _caps(sandbox) == (0.9, 100)
+    assert _paid_calls(sandbox, key, 1) == [402]
+
+
+async def test_a_release_never_raises_caps_beyond_what_a_person_approved(
+    sandbox: SandboxServer, store: StateStore, receiver: Receiver, tmp_path: Path
+) -> None:
+    """A CLI check reads the manifests on disk, which may hold a revision still awaiting
+    `finops approve`: restoring its higher caps waits, the pause stays."""
+    key = _register(sandbox)
+    desired = _desired(receiver, tmp_path)
+    smaller = DesiredState(
+        tuple(replace(f, agents=tuple(replace(a, daily_cap=Decimal("0.50")) for a in f.agents)) for f in desired.fleets)
+    )
+    store.record_approval("r1", "test", how="approve", by_key="k", by_user="u", before=None, after=exposure_of(smaller))
+    checks = Checks(sandbox, store, desired)
+    _paid_calls(sandbox, key, 5)
+    sandbox.clock.advance(DAY / 2)
+    _paid_calls(sandbox, key, 4)
+    await checks.run()
+    assert _caps(sandbox) == (0.9, 100)
+    sandbox.clock.advance(DAY / 2 + 1)
+    waiting = await checks.run()
+    assert waiting.ladder is not None and "restoring its caps waits" in waiting.ladder.problems[0]
+    assert not waiting.ok and _caps(sandbox) == (0.4, 100)  # ratcheted, not raised
     assert _paid_calls(sandbox, key, 1) == [402]
