@@ -66,7 +66,9 @@ def alerts_job(
         fields = {k: v for k, v in result.to_dict().items() if isinstance(v, int)}
         if result.ok:
             return JobResult.success(f"{result.fired} crossing(s), {result.delivered} delivered", **fields)
-        return JobResult.partial("; ".join([*result.agent_errors.values(), *result.delivery_errors])[:500], **fields)
+        ladder_problems = result.ladder.problems if result.ladder is not None else []
+        problems = [*result.agent_errors.values(), *result.delivery_errors, *ladder_problems]
+        return JobResult.partial("; ".join(problems)[:500], **fields)
 
     return job
 
