@@ -23,6 +23,7 @@ from controller.reconcile.holds import unfreeze
 from controller.sandbox.clock import MutableClock
 from controller.sandbox.server import SandboxServer
 from controller.state import StateStore
+from controller.state.location import StateLocation
 from policies.escalation import ACTIVE, PENDING, RELEASED, SUPERSEDED
 from policies.exposure import exposure_of
 from policies.plan_types import ChangeKind
@@ -54,9 +55,11 @@ def sandbox(tmp_path: Path) -> Iterator[SandboxServer]:
         yield server
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[StateStore]:
-    s = StateStore(tmp_path / "state" / "state.db")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
+    """Every scenario on both state backends (the decision and its execution are state)."""
+    where = tmp_path / "state" / "state.db"
+    s = StateStore(StateLocation(where, url=request.getfixturevalue("pg_url")) if request.param != "sqlite" else where)
     yield s
     s.close()
 
