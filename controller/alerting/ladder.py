@@ -14,8 +14,8 @@ One alert check runs, around the alert engine's own steps:
    first): every unfinished escalation is converged. A pending freeze runs
    ``controller.reconcile.holds.freeze`` (hold recorded first, caps 0, wallet frozen, key
    quarantined; each step idempotent), and becomes ``active`` once the hold and the zero
-   caps are in place. A paused agent's caps are written only if the live caps differ from
-   what the ladder wants (declared caps, paused windows lowered by the ratchet), so a second
+   caps are in place. A paused agent's budget is read afresh (one read per escalated agent)
+   and its caps are written only if they differ from what the ladder wants (declared caps, paused windows lowered by the ratchet), so a second
    check with nothing new writes nothing. A release restores the declared caps exactly.
 
 Writes go through the gateway client (fenced by the writer lock when there is one). A
@@ -195,13 +195,16 @@ class Ladder:
                     self._finish(row, RELEASED, "released while held: the hold keeps caps at 0")
             return
         pauses = [r for r in rows if r.action == ESCALATE_PAUSE]
-        reading, declared = self._live.get(agent_id), self._declared.get(agent_id)
-        if not pauses or reading is None or declared is None:
+        declared = self._declared.get(agent_id)
+        if not pauses or declared is None:
             return  # not read in this check (error, or frozen before it): the next check converges
+        # A fresh read, whatever the evaluation read from (a shared, age-stamped observation
+        # may predate the last cap write): the writes below depend on the caps as they are.
+        budget = await self._client.get_budget(agent_id)
         open_pauses = [r for r in pauses if r.status in OPEN]
         releasing = [r for r in pauses if r.status == RELEASING]
-        spend = Spend(reading.daily.spend, reading.monthly.spend)
-        live = Caps(reading.daily.cap, reading.monthly.cap)
+        spend = Spend(budget.daily_spend, budget.monthly_spend)
+        live = Caps(budget.daily_cap, budget.monthly_cap)
         want, lowered = wanted_caps(declared, spend, open_pauses)
         if releasing and _raises(live, want) and not self._approved():
             # The restore would raise caps beyond what a person approved: every pause stays in
