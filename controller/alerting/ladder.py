@@ -15,8 +15,9 @@ One alert check runs, around the alert engine's own steps:
    ``controller.reconcile.holds.freeze`` (hold recorded first, caps 0, wallet frozen, key
    quarantined; each step idempotent), and becomes ``active`` once the hold and the zero
    caps are in place. A paused agent's budget is read afresh (one read per escalated agent)
-   and its caps are written only if they differ from what the ladder wants (declared caps, paused windows lowered by the ratchet), so a second
-   check with nothing new writes nothing. A release restores the declared caps exactly.
+   and its caps are written only if they differ from what the ladder wants (declared caps,
+   paused windows lowered by the ratchet), so a second check with nothing new writes
+   nothing. A release restores the declared caps exactly.
 
 Writes go through the gateway client (fenced by the writer lock when there is one). A
 failure leaves the row as it was, to be converged again by the next check; a crash between
