@@ -3,10 +3,11 @@ at most once per crossing and resumed after a crash (decisions: ``policies.escal
 
 One alert check runs, around the alert engine's own steps:
 
-1. ``prepare``: for agents with an unfinished escalation, the caps the evaluation judges are
-   the *declared* ones (manifest plus today's rebalancing, in credits at the gateway's rate),
-   not the live ones: a paused window's live cap equals its spend, which would read as
-   100 % and fire every threshold up to it.
+1. ``prepare``: for agents with a ladder or an unfinished escalation, the caps the
+   evaluation judges are the *declared* ones (manifest plus today's rebalancing, in credits
+   at the gateway's rate), not the live ones: a paused window's live cap equals its spend,
+   which would read as 100 % and fire every threshold up to it, and a cap the agent raised
+   itself would let it spend past its ladder.
 2. ``decide`` (inside the alert engine's state transaction, with the slots): new
    escalations for crossings with a rule, releases of auto pauses below their re-arm level;
    the alert events get their ``action``.
@@ -113,8 +114,11 @@ class Ladder:
         self._approval: bool | None = None
 
     async def prepare(self, readings: Sequence[BudgetReading]) -> tuple[list[BudgetReading], dict[str, str]]:
-        """The readings to evaluate (declared caps for escalated agents) and per-agent errors
-        (an escalated agent whose declared caps cannot be computed is not evaluated)."""
+        """The readings to evaluate and per-agent errors. An agent with a ladder (or an
+        unfinished escalation) is judged against its declared caps, the ones finops enforces:
+        the crossing and the release use the same yardstick, and an agent that raised its own
+        cap on the gateway (API.md §4) cannot outrun its ladder. One whose declared caps
+        cannot be computed (the rate unreadable) is not evaluated."""
         self._live = {r.agent_id: r for r in readings}
         escalated = {e.agent_id for e in self._store.escalations(statuses=UNFINISHED)}
         errors: dict[str, str] = {}
@@ -134,10 +138,7 @@ class Ladder:
                     errors[reading.agent_id] = f"cannot read the {currency} rate for its declared caps: {exc}"
                     continue
             caps = declared_caps(spec, memory, rates[currency], self._now())
-            self._declared[reading.agent_id] = caps  # what a pause decided now is executed against
-            if reading.agent_id not in escalated:
-                out.append(reading)  # live caps, as for any agent: declared ones only while escalated
-                continue
+            self._declared[reading.agent_id] = caps
             out.append(
                 replace(
                     reading,

@@ -376,3 +376,23 @@ async def test_a_release_never_raises_caps_beyond_what_a_person_approved(
     assert waiting.ladder is not None and "restoring its caps waits" in waiting.ladder.problems[0]
     assert not waiting.ok and _caps(sandbox) == (0.4, 100)  # ratcheted, not raised
     assert _paid_calls(sandbox, key, 1) == [402]
+
+
+async def test_an_agent_that_raised_its_own_cap_first_cannot_outrun_its_ladder(
+    sandbox: SandboxServer, store: StateStore, receiver: Receiver, tmp_path: Path
+) -> None:
+    """A laddered agent is judged against its declared caps: raising its own cap on the
+    gateway beforehand does not move the crossing (judged against the live cap, 0.90 of 50.00
+    would be 1.8 % and nothing would fire)."""
+    key = _register(sandbox)
+    with httpx.Client(base_url=sandbox.url, headers={"Authorization": f"Bearer {key}"}) as http:
+        http.put("/v1/billing/wallets/a1/budget", json={"daily_cap": "50.00", "monthly_cap": None}).raise_for_status()
+    checks = Checks(sandbox, store, _desired(receiver, tmp_path))
+    _paid_calls(sandbox, key, 9)
+    paused = await checks.run()
+    assert [(e.threshold, e.action, e.cap) for e in paused.events] == [
+        (75, None, Decimal("1.00")),
+        (90, "pause", Decimal("1.00")),
+    ]
+    assert _caps(sandbox) == (0.9, 100)  # the pause also puts the declared monthly cap back
+    assert _paid_calls(sandbox, key, 1) == [402]
