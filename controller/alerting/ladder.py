@@ -251,9 +251,8 @@ class Ladder:
 
     async def _freeze(self, spec: AgentSpec, row: Escalation) -> None:
         result = await freeze(self._client, self._store, self._keys, spec, row.reason)
-        caps_zero = not any(p.startswith("setting caps to 0") for p in result.problems)
         detail = "; ".join(result.problems)
-        if caps_zero and spec.agent_id in self._store.holds():
+        if result.caps_zeroed and spec.agent_id in self._store.holds():
             self._finish(row, ACTIVE, detail)
             for problem in result.problems:
                 self.report.problems.append(f"{spec.agent_id}: freeze: {problem}")

@@ -44,6 +44,9 @@ class HoldResult:
     agent_id: str
     steps: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    caps_zeroed: bool = False
+    """``freeze``: the hold is recorded and both caps were written as 0 (the lever that stops
+    REST spend): the escalation ladder counts its freeze as executed from here."""
 
     @property
     def ok(self) -> bool:
@@ -63,6 +66,7 @@ async def freeze(
             spec.agent_id, daily_cap=Decimal("0"), monthly_cap=Decimal("0"), alert_threshold=threshold
         )
         store.record_budget_write(spec.agent_id, BudgetWrite(Decimal("0.00"), Decimal("0.00"), threshold))
+        result.caps_zeroed = True
         result.steps.append("daily and monthly caps set to 0.00: paid REST calls now get 402 budget_exceeded")
     except GatewayError as exc:
         result.problems.append(f"setting caps to 0 failed: {exc}")
