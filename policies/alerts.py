@@ -128,6 +128,9 @@ class AlertEvent:
     spend: Decimal
     cap: Decimal
     at: float
+    action: str | None = None
+    """What finops does besides alerting (``policies.escalation``): ``pause``/``freeze`` on
+    the crossing that triggers it, ``release`` on the recovery that lifts a pause."""
 
     @property
     def percent(self) -> Decimal:
@@ -150,7 +153,7 @@ class AlertEvent:
             "cap": format_money(self.cap),
             "currency": CREDITS,
             "time": datetime.fromtimestamp(self.at, UTC).isoformat(timespec="seconds"),
-        }
+        } | ({"action": self.action} if self.action else {})
 
     def body(self) -> bytes:
         return encode_body(self.payload())

@@ -43,7 +43,7 @@ MAX_METRIC_LABELS = 5
 MAX_LABEL_VALUE = 64
 """Longest label value exported (checked at load time, never truncated)."""
 
-HOLD_KINDS: tuple[str, ...] = ("freeze", "auto")
+HOLD_KINDS: tuple[str, ...] = ("freeze", "auto", "pause")
 """``finops_agent_hold_active{kind}``: an operator's ``finops freeze`` and finops' own
 automatic hold (a new agent whose caps could not be set yet). Other actions (the escalation
 ladder's ``pause``) extend this tuple; every kind is exported 0 or 1 for every agent, so a

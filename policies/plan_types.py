@@ -294,6 +294,24 @@ class HeldAgent:
     """finops' own hold (caps could not be set after registration), not an operator's."""
 
 
+@dataclass(frozen=True)
+class EscalatedAgent:
+    """An escalation of the ladder in force (``policies.escalation``): a pause (the window's
+    cap held at ``cap`` credits) or a freeze (an operator-style hold, also in ``held``).
+    The reconcile pass never undoes it; ``release`` says how it ends."""
+
+    agent_id: str
+    action: str
+    window: str
+    threshold: int
+    reason: str
+    since: str
+    release: str
+    """``auto`` or ``manual``."""
+    how_released: str
+    cap: Decimal | None = None
+
+
 INTENT_BLOCKS: Mapping[str, ChangeKind] = {
     "deposit": ChangeKind.TOP_UP,
     "register": ChangeKind.REGISTER,
@@ -406,6 +424,8 @@ class Plan:
     """Agents that could not be observed: the plan for them is unknown."""
     held: tuple[HeldAgent, ...] = ()
     """Agents under an operator hold (``finops freeze``): caps kept at 0, never funded."""
+    escalated: tuple[EscalatedAgent, ...] = ()
+    """The escalation ladder's pauses and freezes in force (declared agents only)."""
     unmanaged_webhooks: tuple[str, ...] = ()
     """Webhooks on the admin key that finops does not own (both ownership keys needed)."""
     rebalanced: tuple[str, ...] = ()
@@ -521,6 +541,20 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "violations": [{"rule": v.rule, "fleet": v.fleet, "message": v.message} for v in plan.violations],
         "errors": [str(e) for e in plan.errors],
         "held": [{"agent_id": h.agent_id, "reason": h.reason, "since": h.since, "auto": h.auto} for h in plan.held],
+        "escalated": [
+            {
+                "agent_id": e.agent_id,
+                "action": e.action,
+                "window": e.window,
+                "threshold": e.threshold,
+                "reason": e.reason,
+                "since": e.since,
+                "release": e.release,
+                "how_released": e.how_released,
+                "cap_credits": format_money(e.cap) if e.cap is not None else None,
+            }
+            for e in plan.escalated
+        ],
         "unmanaged_webhooks": list(plan.unmanaged_webhooks),
         "rebalanced": list(plan.rebalanced),
         "blocked": [
@@ -613,6 +647,20 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
         errors=tuple(PlanError.parse(str(e)) for e in data.get("errors", ())),
         held=tuple(
             HeldAgent(h["agent_id"], h["reason"], h["since"], bool(h.get("auto", False))) for h in data.get("held", ())
+        ),
+        escalated=tuple(
+            EscalatedAgent(
+                agent_id=str(e["agent_id"]),
+                action=str(e["action"]),
+                window=str(e["window"]),
+                threshold=int(e["threshold"]),
+                reason=str(e["reason"]),
+                since=str(e["since"]),
+                release=str(e["release"]),
+                how_released=str(e["how_released"]),
+                cap=Decimal(str(e["cap_credits"])) if e.get("cap_credits") is not None else None,
+            )
+            for e in data.get("escalated", ())
         ),
         unmanaged_webhooks=tuple(data.get("unmanaged_webhooks", ())),
         rebalanced=tuple(data.get("rebalanced", ())),

@@ -18,6 +18,7 @@ from typing import Any
 from deepdiff import DeepDiff
 
 from policies.currency import SIGNUP_BONUS_CREDITS, from_credits, to_credits
+from policies.escalation import Escalation, paused_windows
 from policies.exposure import Exposure, exposure_of, review
 from policies.funding import deposit_idempotency_key, funding_epoch, wanted_top_up
 from policies.funding_window import (
@@ -52,6 +53,7 @@ from policies.plan_types import (
     CreateWebhookArgs,
     Deferred,
     DeleteWebhookArgs,
+    EscalatedAgent,
     FieldDiff,
     FleetInfo,
     FundingWindow,
@@ -98,6 +100,9 @@ class Memory:
     """Credits finops put in over the last 24 h (``controller.state`` funding events)."""
     approved_exposure: Exposure | None = None
     """The exposure a person last approved (``None``: nothing approved yet)."""
+    escalations: tuple[Escalation, ...] = ()
+    """The escalation ladder's open escalations (``pending``/``active``): a pause keeps its
+    window's cap at the pause cap, and the agent unfunded, until it is released."""
 
 
 def unresolved_intent(memory: Memory, agent_id: str, kind: str) -> Intent | None:
@@ -181,6 +186,9 @@ def _plan_agent(
     hold = memory.holds.get(spec.agent_id)
     if hold is not None and not hold.auto:
         return _plan_held(fleet, spec, live, hold, memory)
+    pauses = paused_windows(e for e in memory.escalations if e.agent_id == spec.agent_id)
+    if pauses and live.exists:
+        return _plan_paused(fleet, spec, live, rate, memory, now, pauses)
     balance = live.balance
     if not live.exists:
         if unresolved_intent(memory, spec.agent_id, "register") is not None:
@@ -306,6 +314,33 @@ def _plan_held(fleet: FleetSpec, spec: AgentSpec, live: LiveAgent, hold: Hold, m
     return _plan_budget(fleet, spec, live, want, memory, held=True, hold=hold)
 
 
+def _plan_paused(
+    fleet: FleetSpec,
+    spec: AgentSpec,
+    live: LiveAgent,
+    rate: Decimal,
+    memory: Memory,
+    now: float,
+    pauses: Mapping[str, Decimal],
+) -> list[Change]:
+    """A paused agent (the escalation ladder): each paused window's cap is kept at its pause
+    cap (never raised: a live cap already lower stays), the other window at the declared
+    value, and the agent is not funded. Only the ladder (auto release) or ``finops
+    unfreeze`` ends a pause; this pass never restores a paused cap."""
+    adj = live_adjustment(spec, memory, now)
+    daily = spec.daily_cap + (adj.amount if adj else 0)
+    want: dict[str, str | None] = {
+        "daily_cap": _money(to_credits(daily, rate)),
+        "monthly_cap": _money(to_credits(spec.monthly_cap, rate)),
+        "alert_threshold": str(desired_alert_threshold(spec)),
+    }
+    for window, cap in sorted(pauses.items()):
+        have = None if live.budget is None else live.budget.daily_cap if window == "daily" else live.budget.monthly_cap
+        want[f"{window}_cap"] = _money(cap if have is None else min(have, cap))
+    paused = ", ".join(f"{w} cap held at {format_money(c)} credits" for w, c in sorted(pauses.items()))
+    return _plan_budget(fleet, spec, live, want, memory, held=False, paused=paused)
+
+
 def _plan_budget(
     fleet: FleetSpec,
     spec: AgentSpec,
@@ -316,6 +351,7 @@ def _plan_budget(
     held: bool,
     hold: Hold | None = None,
     adjustment: Adjustment | None = None,
+    paused: str | None = None,
 ) -> list[Change]:
     changes: list[Change] = []
     remembered = memory.budget_writes.get(spec.agent_id)
@@ -334,7 +370,9 @@ def _plan_budget(
     if diff:
         unobservable_only = all(d.field == "alert_threshold" for d in diff)
         reason = (
-            f"held by finops ({hold.reason}): declared caps first; funding resumes once they are in place"
+            f"paused by the escalation ladder ({paused}): kept until released; no funding meanwhile"
+            if paused is not None and not unobservable_only
+            else f"held by finops ({hold.reason}): declared caps first; funding resumes once they are in place"
             if hold is not None and hold.auto
             else f"held by operator ({hold.reason}): caps stay at 0 until `finops unfreeze`"
             if held and hold is not None and not unobservable_only
@@ -688,6 +726,21 @@ def make_plan(desired: DesiredState, live: LiveFleet, memory: Memory, *, now: da
         for h in sorted(memory.holds.values(), key=lambda h: h.agent_id)
         if h.agent_id in declared
     )
+    escalated = tuple(
+        EscalatedAgent(
+            agent_id=e.agent_id,
+            action=e.action,
+            window=e.window,
+            threshold=e.threshold,
+            reason=e.reason,
+            since=datetime.fromtimestamp(e.executed_at or e.decided_at, UTC).isoformat(timespec="seconds"),
+            release=e.release,
+            how_released=e.release_hint(),
+            cap=e.cap,
+        )
+        for e in sorted(memory.escalations, key=lambda e: (e.agent_id, e.decided_at))
+        if e.agent_id in declared and e.open
+    )
     warnings = [*hooks.warnings, *_key_warnings(desired, live, memory)]
     errors += hooks.errors
     rebalanced = tuple(
@@ -706,6 +759,7 @@ def make_plan(desired: DesiredState, live: LiveFleet, memory: Memory, *, now: da
         errors=tuple(errors),
         warnings=tuple(warnings),
         held=held,
+        escalated=escalated,
         unmanaged_webhooks=tuple(hooks.unmanaged),
         rebalanced=rebalanced,
         blocked=blocked_changes(desired, memory),

@@ -71,6 +71,30 @@ class AlertRoute:
         )
 
 
+ESCALATE_PAUSE = "pause"
+"""Lower the window's cap to what was already spent in it: the next paid call gets 402."""
+ESCALATE_FREEZE = "freeze"
+"""The emergency stop (``finops freeze``): caps 0, wallet frozen, key quarantined."""
+ESCALATION_ACTIONS = (ESCALATE_PAUSE, ESCALATE_FREEZE)
+RELEASE_AUTO = "auto"
+"""Released by finops when utilization of the declared cap falls below the re-arm level."""
+RELEASE_MANUAL = "manual"
+"""Released only by ``finops unfreeze``."""
+RELEASES = (RELEASE_AUTO, RELEASE_MANUAL)
+
+
+@dataclass(frozen=True)
+class EscalationRule:
+    """One step of an agent's escalation ladder: when spend crosses ``threshold`` percent of
+    the ``window``'s cap, besides alerting, ``action`` (pause or freeze), lifted per
+    ``release``."""
+
+    threshold: int
+    window: str
+    action: str
+    release: str
+
+
 @dataclass(frozen=True)
 class GatewayWebhookSpec:
     """An opt-in webhook on the gateway itself, registered with the admin key and
@@ -130,6 +154,8 @@ class AgentSpec:
     """How much may leave this wallet in 24 h other than as metered spend (withdrawals,
     payments) and still be refilled by finops (fleet currency). Default 0: an agent whose
     balance falls without matching spend is not refunded at all until a human decides."""
+    escalation: tuple[EscalationRule, ...] = ()
+    """The escalation ladder (``alerts.escalation``; default: none, alerts only)."""
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,14 @@ from policies.fleet_metrics import MAX_LABEL_VALUE
 from policies.issues import ManifestIssue
 from policies.money import format_money
 from policies.spec import (
+    RELEASE_AUTO,
+    RELEASE_MANUAL,
     WEEKLY,
     AgentSpec,
     AlertRoute,
     ApprovalPolicy,
     DesiredState,
+    EscalationRule,
     FleetSpec,
     GatewayWebhookSpec,
     KeyPolicy,
@@ -167,6 +170,8 @@ class AgentDecl:
     routes: tuple[RouteDecl, ...] | None = None
     keys: KeysDecl = KeysDecl()
     bounds: BoundsDecl = BoundsDecl()
+    escalation: tuple[EscalationRule, ...] | None = None
+    """``alerts.escalation`` (``None``: the fleet's ladder)."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,8 @@ class FleetDecl:
     approval: ApprovalPolicy = field(default_factory=ApprovalPolicy)
     metric_labels: tuple[str, ...] = ()
     """``spec.metrics.labels``: agent label keys exported on the per-agent metrics."""
+    escalation: tuple[EscalationRule, ...] = ()
+    """``spec.alerts.escalation``: the ladder every agent inherits unless it has its own."""
 
 
 @dataclass(frozen=True)
@@ -368,6 +375,8 @@ def resolve_agent(fleet: FleetDecl, agent: AgentDecl) -> tuple[AgentSpec | None,
     )
     thresholds = agent.thresholds if agent.thresholds is not None else fleet.thresholds
     routes, route_issues = _resolve_routes(fleet, agent, tuple(thresholds))
+    ladder, ladder_issues = _resolve_escalation(fleet, agent, tuple(thresholds))
+    route_issues += ladder_issues
     bounds, bound_issues = _resolve_bounds(fleet, tier, agent, daily)
     hook_issue = _rendered_webhook_problem(fleet, agent)
     route_issues += [hook_issue] if hook_issue else []
@@ -391,9 +400,37 @@ def resolve_agent(fleet: FleetDecl, agent: AgentDecl) -> tuple[AgentSpec | None,
             daily_cap_min=bounds[0] if bounds else None,
             daily_cap_max=bounds[1] if bounds else None,
             max_unexplained_per_day=max_unexplained if max_unexplained is not None else Decimal("0.00"),
+            escalation=ladder,
         ),
         [],
     )
+
+
+def _resolve_escalation(
+    fleet: FleetDecl, agent: AgentDecl, thresholds: tuple[int, ...]
+) -> tuple[tuple[EscalationRule, ...], list[ManifestIssue]]:
+    """The agent's ladder (its own, else the fleet's) with release defaults filled in
+    (pause: auto, freeze: manual). Every step's threshold must be one the agent alerts on:
+    the action rides on that threshold's alert, once per crossing."""
+    own = agent.escalation is not None
+    steps = agent.escalation if agent.escalation is not None else fleet.escalation
+    where = agent.origin if own else fleet.origin
+    rel = "alerts.escalation" if own else "spec.alerts.escalation"
+    issues: list[ManifestIssue] = []
+    ladder: list[EscalationRule] = []
+    for i, step in enumerate(steps):
+        if step.threshold not in thresholds:
+            issues.append(
+                where.issue(
+                    f"{rel}[{i}].threshold",
+                    f"escalation threshold {step.threshold} is not among agent '{agent.agent_id}' thresholds "
+                    f"{list(thresholds)}: add it to alerts.thresholds (the {step.action} rides on that alert)",
+                )
+            )
+            continue
+        release = step.release or (RELEASE_AUTO if step.action == "pause" else RELEASE_MANUAL)
+        ladder.append(EscalationRule(step.threshold, step.window, step.action, release))
+    return tuple(ladder), issues
 
 
 def _resolve_bounds(

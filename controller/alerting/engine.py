@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
@@ -37,6 +37,9 @@ from policies.alerts import (
 )
 from policies.spec import ALERT_EVENT_RECOVERED, ALERT_EVENT_THRESHOLD, AgentSpec, DesiredState
 from policies.urls import check_url_safety
+
+if TYPE_CHECKING:
+    from controller.alerting.ladder import Ladder, LadderReport
 
 logger = logging.getLogger("finops.alerts")
 
@@ -61,11 +64,14 @@ class AlertCheckResult:
     events: tuple[AlertEvent, ...] = ()
     agent_errors: dict[str, str] = field(default_factory=dict)
     delivery_errors: list[str] = field(default_factory=list)
+    ladder: LadderReport | None = None
+    """What the escalation ladder did (``None``: no ladder in this check)."""
 
     @property
     def ok(self) -> bool:
-        """Every agent was read and nothing failed to deliver in this check."""
-        return not self.agent_errors and not (self.failed or self.gave_up or self.refused)
+        """Every agent was read, every escalation converged and nothing failed to deliver."""
+        ladder_ok = self.ladder is None or not self.ladder.problems
+        return not self.agent_errors and not (self.failed or self.gave_up or self.refused) and ladder_ok
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,7 +89,7 @@ class AlertCheckResult:
             "events": [e.payload() for e in self.events],
             "agent_errors": dict(sorted(self.agent_errors.items())),
             "delivery_errors": list(self.delivery_errors),
-        }
+        } | ({"escalation": self.ladder.to_dict()} if self.ladder is not None else {})
 
 
 def _reading(spec: AgentSpec, status: BudgetStatus) -> BudgetReading:
@@ -122,6 +128,7 @@ async def check_alerts(
     sleep: Sleep = asyncio.sleep,
     resolver: Resolver = system_resolver,
     fence: Callable[[], None] | None = None,
+    ladder: Ladder | None = None,
 ) -> AlertCheckResult:
     """Evaluate every declared agent's thresholds and deliver due alerts (module doc).
 
@@ -131,10 +138,15 @@ async def check_alerts(
     transport (tests inject faults there); the gateway is reached through ``client``.
     ``fence`` (the writer lock's check) runs before crossings are decided and before every
     delivery attempt: a finops that lost the lock decides and sends nothing more.
+    ``ladder`` (``controller.alerting.ladder``) decides escalations with the slots and
+    executes them before the alerts are delivered.
     """
     specs = {a.agent_id: a for a in desired.agents()}
     to_read = [s for s in specs.values() if s.agent_id not in held]
     readings, agent_errors = await _read_budgets(client, to_read)
+    if ladder is not None:
+        readings, ladder_errors = await ladder.prepare(readings)
+        agent_errors.update(ladder_errors)
     result = AlertCheckResult(
         evaluated=len(readings), held=tuple(sorted(held & specs.keys())), agent_errors=agent_errors
     )
@@ -147,7 +159,8 @@ async def check_alerts(
             evaluation = evaluate(readings, before, now=at)
             tx.save_slots(evaluation.changed(before), evaluation.dropped(before))
             tx.forget_agents_except(specs)
-            for event in evaluation.events:
+            events = ladder.decide(tx, evaluation, at) if ladder is not None else evaluation.events
+            for event in events:
                 for route in routes_for(event, specs[event.agent_id].alert_routes):
                     url = render_url(route, event)
                     problem = check_url_safety(url, allow_insecure=route.allow_insecure)
@@ -172,14 +185,16 @@ async def check_alerts(
                         )
                     else:
                         result.queued += 1
-        for event in evaluation.events:
+        for event in events:
             logger.info(
                 "%s %s: agent %s %s %s%% of cap (threshold %s%%)",
                 event.type, event.id, event.agent_id, event.window, event.percent, event.threshold,
             )  # fmt: skip
-        result.events = evaluation.events
-        result.fired = sum(1 for e in evaluation.events if e.type == ALERT_EVENT_THRESHOLD)
-        result.recovered = sum(1 for e in evaluation.events if e.type == ALERT_EVENT_RECOVERED)
+        result.events = events
+        result.fired = sum(1 for e in events if e.type == ALERT_EVENT_THRESHOLD)
+        result.recovered = sum(1 for e in events if e.type == ALERT_EVENT_RECOVERED)
+        if ladder is not None:
+            result.ladder = await ladder.execute()  # stopping spend comes before telling about it
         store.prune(at - policy.retention)
         report = await deliver_pending(
             store, now=now, transport=transport, policy=policy, sleep=sleep, resolver=resolver, fence=fence

@@ -23,9 +23,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from controller.state import escalations
 from controller.state.db import Database, connect
 from controller.state.location import StateLocation, as_location
 from policies.alerts import SlotKey, SlotState
+from policies.escalation import UNFINISHED, Escalation, LadderDecision
 from policies.spec import SecretRef
 
 PENDING = "pending"
@@ -133,6 +135,18 @@ class AlertTx:
                 "DELETE FROM alert_slots WHERE agent_id = ? AND budget_window = ? AND threshold = ?",
                 (key.agent_id, key.window, key.threshold),
             )
+
+    def escalations(self) -> list[Escalation]:
+        """The ladder's unfinished escalations (pending, active, releasing)."""
+        return escalations.load(self._db, statuses=UNFINISHED)
+
+    def record_escalations(self, decision: LadderDecision) -> None:
+        """Persist the ladder's decision with the slots it rides on: new rows first (one per
+        crossing, never replaced), then releases of rows still open."""
+        for row in decision.started:
+            escalations.insert(self._db, row, self._at)
+        for row in decision.releasing:
+            escalations.update(self._db, row, self._at, expect=("pending", "active"))
 
     def forget_agents_except(self, agent_ids: Iterable[str]) -> None:
         """The manifests are the inventory: slots of agents no longer declared go."""

@@ -3,17 +3,20 @@ group by ``controller.cli``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
 import click
 
-from controller.alerting.engine import check_alerts
-from controller.cli.keys import Session, with_session
+from controller.alerting.engine import AlertCheckResult, check_alerts
+from controller.alerting.ladder import Ladder
+from controller.cli.keys import Session, _with_target, with_session
 from controller.cli.options import DEFAULT_PATH, EXIT_ERROR, EXIT_OK, TargetOptions, load, run_command, target_options
 from controller.cli.where import state_status
 from controller.reconcile.approval import approval_status
 from controller.reconcile.status import fleet_status, render_status, render_summary
+from controller.state.flock import WriterLocked
 
 
 @click.command()
@@ -92,14 +95,19 @@ def check(
     fmt: str,
     opts: TargetOptions,
 ) -> None:
-    """Evaluate every agent's thresholds once and deliver due alerts (and earlier undelivered ones)."""
+    """Evaluate every agent's thresholds once and deliver due alerts (and earlier undelivered ones).
+
+    Escalations (pause/freeze) are executed only with the writer lock; while a daemon or an
+    apply holds it, they are decided and recorded here and executed by that writer."""
 
     def run() -> int:
         desired = load(path, opts.state_dir)
+        writes = True
 
         async def go(s: Session) -> int:
+            ladder = Ladder(s.client, s.store, s.keys, desired, now=time.time, execute=writes)
             result = await check_alerts(
-                s.client, desired, s.store.location, now=time.time, held=frozenset(s.store.holds())
+                s.client, desired, s.store.location, now=time.time, held=frozenset(s.store.holds()), ladder=ladder
             )
             if fmt == "json":
                 click.echo(json.dumps({"format_version": ALERTS_FORMAT_VERSION, **result.to_dict()}, indent=2))
@@ -110,6 +118,7 @@ def check(
                     click.echo(click.style("error    ", fg="red") + f"{agent}: {error}")
                 for error in result.delivery_errors:
                     click.echo(click.style("FAILED   ", fg="red", bold=True) + error)
+                _echo_ladder(result)
                 click.echo(
                     f"Alerts: {result.evaluated} agent(s) evaluated, {result.fired} crossing(s), "
                     f"{result.recovered} recovery(ies), {result.delivered} delivered, {result.failed} failed, "
@@ -117,6 +126,31 @@ def check(
                 )
             return EXIT_OK if result.ok else EXIT_ERROR
 
-        return with_session(opts, go, quiet_banner=fmt == "json")
+        with contextlib.ExitStack() as guard:
+            fence = None
+            try:
+                fence = guard.enter_context(opts.writer_lock("finops alerts check")).check
+            except WriterLocked:
+                writes = False  # a daemon (or an apply) is the writer: it executes what is decided here
+            return _with_target(opts, go, fmt == "json", fence)
 
     run_command(run)
+
+
+def _echo_ladder(result: AlertCheckResult) -> None:
+    ladder = result.ladder
+    if ladder is None:
+        return
+    for event in result.events:
+        if event.action:
+            click.echo(
+                click.style("ESCALATE ", fg="yellow", bold=True)
+                + f"{event.agent_id}: {event.action} ({event.window} {event.threshold} %)"
+            )
+    for problem in ladder.problems:
+        click.echo(click.style("PROBLEM  ", fg="red", bold=True) + problem)
+    if ladder.waiting:
+        click.echo(
+            f"{ladder.waiting} escalation(s) recorded but not executed here: another finops holds the writer lock "
+            "and executes them on its next alert check."
+        )

@@ -128,6 +128,17 @@ def _held_lines(plan: Plan) -> list[str]:
     ]
 
 
+def _escalated_lines(plan: Plan) -> list[str]:
+    """The escalation ladder's pauses and freezes: the reconcile pass never undoes them."""
+    return [
+        f"{e.agent_id}: paused since {e.since} ({e.reason}); {e.window} cap held at "
+        f"{format_money(e.cap) if e.cap is not None else '?'} credits, no funding; {e.how_released}"
+        if e.action == "pause"
+        else f"{e.agent_id}: frozen since {e.since} ({e.reason}); {e.how_released}"
+        for e in plan.escalated
+    ]
+
+
 def _blocked_lines(plan: Plan) -> list[str]:
     return [
         f"{b.agent_id}: {b.kind.value} withheld: an earlier attempt (sent {b.sent_at}) has an unknown outcome "
@@ -233,6 +244,8 @@ def render_text(plan: Plan, style: Style = _plain) -> str:
         lines += [f"  {r}" for r in plan.rebalanced]
     for h in _held_lines(plan):
         lines.append(style(f"# HELD     {h}", fg="magenta", bold=True))
+    for esc in _escalated_lines(plan):
+        lines.append(style(f"# ESCALATED {esc}", fg="magenta", bold=True))
     for b in _blocked_lines(plan):
         lines.append(style(f"# BLOCKED  {b}", fg="magenta"))
     for u in _unverified_lines(plan):
@@ -398,6 +411,7 @@ def _other_block(plan: Plan) -> _Block | None:
     for title, items in (
         ("Warnings", list(plan.warnings)),
         ("Held (emergency stop)", _held_lines(plan)),
+        ("Escalated (pause or freeze by the escalation ladder)", _escalated_lines(plan)),
         ("Withheld until an unknown outcome is resolved", _blocked_lines(plan)),
         ("Rebalanced daily caps (today's adjustment on top of git's baseline)", list(plan.rebalanced)),
         ("Unmanaged webhooks (left alone)", list(plan.unmanaged_webhooks)),

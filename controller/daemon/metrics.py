@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import httpx
 from prometheus_client import (
@@ -45,6 +45,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from controller.daemon.serving import ThreadedServer
+
+if TYPE_CHECKING:
+    from controller.alerting.ladder import LadderReport
 from policies.exposure import AGENTS, MONEY_DIMENSIONS, ExposureReview
 from policies.fleet_metrics import HOLD_KINDS, AgentGauges
 
@@ -341,6 +344,24 @@ class DaemonMetrics:
         self._revision_lock = threading.Lock()
         self._exposure_series: set[tuple[str, str]] = set()
 
+        self.escalations_total = Counter(
+            "finops_escalations_total",
+            "Escalation-ladder actions by action (pause, freeze, release) and outcome (decided, executed).",
+            ["action", "outcome"],
+            registry=r,
+        )
+        self.escalations_active = Gauge(
+            "finops_escalations_active",
+            "Escalations in force (pending or active), by action (pause, freeze).",
+            ["action"],
+            registry=r,
+        )
+        for action in ("pause", "freeze"):
+            self.escalations_active.labels(action=action).set(0)
+            for outcome in ("decided", "executed"):
+                self.escalations_total.labels(action=action, outcome=outcome)
+        self.escalations_total.labels(action="release", outcome="executed")
+
     def set_revision(self, revision: str) -> None:
         """Keep exactly one ``finops_last_applied_revision_info`` series: the newest."""
         with self._revision_lock:
@@ -384,6 +405,17 @@ class DaemonMetrics:
             self.alert_deliveries.labels(result=result).inc(count)
         self.alerts_pending.set(pending)
         self.alert_read_errors.set(unread)
+
+    def record_escalations(self, report: LadderReport, active: Mapping[str, int]) -> None:
+        """One alert check's escalation-ladder counts, and the escalations now in force."""
+        for action, n in report.started.items():
+            self.escalations_total.labels(action=action, outcome="decided").inc(n)
+        for action, n in report.executed.items():
+            self.escalations_total.labels(action=action, outcome="executed").inc(n)
+        if report.released:
+            self.escalations_total.labels(action="release", outcome="executed").inc(report.released)
+        for action, n in active.items():
+            self.escalations_active.labels(action=action).set(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry) + self.agents.render()

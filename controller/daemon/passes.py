@@ -47,11 +47,12 @@ from controller.reconcile.apply import AgentResult
 from controller.reconcile.decide import observe_and_plan
 from controller.reconcile.pipeline import PlanRefused, apply_plan, only, plan_errors_by_agent
 from controller.state import StateStore
+from policies.escalation import OPEN
 from policies.exposure import ExposureReview, exposure_of, review
 from policies.fleet_metrics import AgentGauges, WindowGauges, fleet_gauges, hold_kind
 from policies.live import LiveFleet
 from policies.plan_types import Plan
-from policies.spec import DesiredState
+from policies.spec import ESCALATE_PAUSE, DesiredState
 
 REFUSED = "refused"
 INVALID = "invalid"
@@ -420,6 +421,9 @@ class Reconciler:
                     WindowGauges(b.monthly_spend, b.monthly_cap),
                 )
         holds = {agent: frozenset({hold_kind(h.auto)}) for agent, h in self.store.holds().items()}
+        for escalation in self.store.escalations(statuses=OPEN):  # the ladder's pauses (its freezes are holds)
+            if escalation.is_pause:
+                holds[escalation.agent_id] = holds.get(escalation.agent_id, frozenset()) | {ESCALATE_PAUSE}
         keys = {agent: held.since for agent, held in self.store.held_keys().items()}
         self._observed_at, self._live = seen, None
         return fleet_gauges(

@@ -12,10 +12,12 @@ from datetime import UTC, datetime
 from controller.alerting.deliver import Sleep
 from controller.alerting.engine import check_alerts
 from controller.alerting.guard import Resolver, system_resolver
+from controller.alerting.ladder import Ladder, active_by_action
 from controller.daemon.command import DaemonContext
 from controller.daemon.jobs import JobFn, JobResult, SkipReason
 from controller.keys.rotate import KeyManager
 from controller.reconcile.rebalancer import run_rebalance
+from policies.escalation import OPEN
 from policies.spec import DesiredState
 
 REBALANCE_TICK_S = 60.0
@@ -37,16 +39,30 @@ def alerts_job(
         if desired is None:
             return JobResult.skipped("no valid manifests yet", SkipReason.NOT_READY)
         async with ctx.client_factory() as client:
-            result = await check_alerts(
+            keys = KeyManager(
                 client,
-                desired,
-                ctx.store.location,
-                now=now,
-                held=frozenset(ctx.store.holds()),
-                resolver=resolver,
-                sleep=sleep,
-                fence=ctx.fence,
+                ctx.store,
+                ctx.sink,
+                state_path=ctx.store.location,
+                clock=now,
+                agent_client_factory=ctx.agent_client,
             )
+            try:
+                result = await check_alerts(
+                    client,
+                    desired,
+                    ctx.store.location,
+                    now=now,
+                    held=frozenset(ctx.store.holds()),
+                    resolver=resolver,
+                    sleep=sleep,
+                    fence=ctx.fence,
+                    ladder=Ladder(client, ctx.store, keys, desired, now=now),
+                )
+            finally:
+                keys.close()
+        if result.ladder is not None:
+            ctx.metrics.record_escalations(result.ladder, active_by_action(ctx.store.escalations(statuses=OPEN)))
         ctx.metrics.record_alert_check(
             fired=result.fired,
             recovered=result.recovered,
@@ -60,7 +76,9 @@ def alerts_job(
         fields = {k: v for k, v in result.to_dict().items() if isinstance(v, int)}
         if result.ok:
             return JobResult.success(f"{result.fired} crossing(s), {result.delivered} delivered", **fields)
-        return JobResult.partial("; ".join([*result.agent_errors.values(), *result.delivery_errors])[:500], **fields)
+        ladder_problems = result.ladder.problems if result.ladder is not None else []
+        problems = [*result.agent_errors.values(), *result.delivery_errors, *ladder_problems]
+        return JobResult.partial("; ".join(problems)[:500], **fields)
 
     return job
 

@@ -34,6 +34,7 @@ from controller.manifest.schema import (
     AgentGroupManifest,
     AlertRoute,
     Approval,
+    EscalationStep,
     FleetManifest,
     Keys,
     KeySink,
@@ -42,7 +43,7 @@ from controller.manifest.schema import (
     SecretRef,
     kind_of,
 )
-from policies.spec import ApprovalPolicy, DesiredState, KeySinkSpec
+from policies.spec import ApprovalPolicy, DesiredState, EscalationRule, KeySinkSpec
 from policies.spec import SecretRef as SecretRefSpec
 from policies.tiers import (
     AgentDecl,
@@ -443,6 +444,18 @@ def _routes(routes: Sequence[AlertRoute], rel: str) -> tuple[RouteDecl, ...]:
     )
 
 
+def _ladder(steps: Sequence[EscalationStep]) -> tuple[EscalationRule, ...]:
+    """As written; the resolver fills in the release defaults (pause: auto, freeze: manual)."""
+    return tuple(EscalationRule(s.threshold, s.window, s.action, s.release or "") for s in steps)
+
+
+def _ladder_lines(base: Loc, rel: str, count: int) -> list[tuple[str, Loc]]:
+    out: list[tuple[str, Loc]] = []
+    for i in range(count):
+        out.append((f"{rel}[{i}].threshold", (*base, *rel.split("."), i, "threshold")))
+    return out
+
+
 def _route_lines(doc: Document, base: Loc, rel: str, count: int) -> list[tuple[str, Loc]]:
     """Lines of each route's fields, keyed the way ``RouteDecl.rel`` names them."""
     out: list[tuple[str, Loc]] = []
@@ -505,6 +518,9 @@ def _agent_decls(label: str, doc: Document, agents: Sequence[Agent]) -> tuple[Ag
         origin = _origin(label, doc, base, rels)
         if own_routes:
             origin = _with_lines(origin, doc, _route_lines(doc, base, "alerts.routes", len(own_routes)))
+        own_ladder = agent.alerts.escalation if agent.alerts is not None else None
+        if own_ladder:
+            origin = _with_lines(origin, doc, _ladder_lines(base, "alerts.escalation", len(own_ladder)))
         thresholds = agent.alerts.thresholds if agent.alerts is not None else None
         decls.append(
             AgentDecl(
@@ -519,6 +535,7 @@ def _agent_decls(label: str, doc: Document, agents: Sequence[Agent]) -> tuple[Ag
                 routes=_routes(own_routes, "alerts.routes") if own_routes is not None else None,
                 keys=_keys(agent.keys),
                 bounds=_bounds(agent.rebalance),
+                escalation=_ladder(own_ladder) if own_ladder is not None else None,
             )
         )
     return tuple(decls)
@@ -561,6 +578,7 @@ def _fleet_decl(label: str, doc: Document, manifest: FleetManifest) -> FleetDecl
         doc,
         [
             *_route_lines(doc, (), "spec.alerts.routes", len(alerts.routes)),
+            *_ladder_lines((), "spec.alerts.escalation", len(alerts.escalation)),
             ("spec.alerts.gatewayWebhooks.url", ("spec", "alerts", "gatewayWebhooks", "url")),
             ("spec.alerts.gatewayWebhooks.signingSecret", ("spec", "alerts", "gatewayWebhooks", "signingSecret")),
         ],
@@ -592,6 +610,7 @@ def _fleet_decl(label: str, doc: Document, manifest: FleetManifest) -> FleetDecl
         tiers=tiers,
         agents=_agent_decls(label, doc, spec.agents),
         thresholds=tuple(spec.alerts.thresholds),
+        escalation=_ladder(alerts.escalation),
         default_funding=FundingDecl(
             spec.defaults.funding.floor, spec.defaults.funding.target, spec.defaults.funding.max_unexplained_per_day
         ),

@@ -24,6 +24,7 @@ from pydantic import (
     PlainValidator,
     StringConstraints,
     TypeAdapter,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -282,6 +283,53 @@ class GatewayWebhooks(_Model):
     _url = field_validator("url")(lambda v: _url_template(v, WEBHOOK_PLACEHOLDERS))
 
 
+class EscalationStep(_Model):
+    """One step of the escalation ladder: at ``threshold`` percent of the ``window``'s cap,
+    besides alerting, ``pause`` the agent (its cap lowered to what it already spent) or
+    ``freeze`` it (the emergency stop). ``release``: ``auto`` (pause only; lifted when
+    utilization falls below the re-arm level) or ``manual`` (``finops unfreeze``); default
+    ``auto`` for pause, ``manual`` for freeze."""
+
+    threshold: Threshold
+    window: Literal["daily", "monthly"] = "daily"
+    action: Literal["pause", "freeze"]
+    release: Literal["auto", "manual"] | None = None
+
+    @field_validator("release")
+    @classmethod
+    def _freeze_is_manual(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value == "auto" and info.data.get("action") == "freeze":
+            raise ValueError(
+                "a freeze is released only by `finops unfreeze` (its key is quarantined): use release: manual, "
+                "or action: pause for an automatic release"
+            )
+        return value
+
+
+def _one_step_per_slot(steps: list[EscalationStep] | None) -> list[EscalationStep] | None:
+    """A (window, threshold) has one action; a pause at or above a freeze could never act."""
+    if steps is None:
+        return None
+    seen: set[tuple[str, int]] = set()
+    for step in steps:
+        if (step.window, step.threshold) in seen:
+            raise ValueError(f"two escalation steps for {step.threshold} % of the {step.window} cap: keep one")
+        seen.add((step.window, step.threshold))
+    for step in steps:
+        for other in steps:
+            if (
+                step.action == "pause"
+                and other.action == "freeze"
+                and other.window == step.window
+                and other.threshold <= step.threshold
+            ):
+                raise ValueError(
+                    f"pause at {step.threshold} % of the {step.window} cap is at or above the freeze at "
+                    f"{other.threshold} %: it could never act (the ladder must escalate)"
+                )
+    return steps
+
+
 class FleetAlerts(_Model):
     """Alert thresholds (percent of each agent's caps) and where alerts go."""
 
@@ -290,8 +338,11 @@ class FleetAlerts(_Model):
     allow_insecure: bool = False
     routes: list[AlertRoute] = Field(default_factory=list)
     gateway_webhooks: GatewayWebhooks | None = None
+    escalation: list[EscalationStep] = Field(default_factory=list)
+    """Actions besides notifying, per threshold (default: none)."""
 
     _increasing = field_validator("thresholds")(_strictly_increasing)
+    _ladder = field_validator("escalation")(_one_step_per_slot)
 
 
 class AgentAlerts(_Model):
@@ -299,13 +350,16 @@ class AgentAlerts(_Model):
 
     thresholds: list[Threshold] | None = Field(default=None, min_length=1)
     routes: list[AlertRoute] | None = None
+    escalation: list[EscalationStep] | None = None
+    """Replaces the fleet's ladder (``[]``: this agent is only alerted)."""
 
     _increasing = field_validator("thresholds")(lambda v: v if v is None else _strictly_increasing(v))
+    _ladder = field_validator("escalation")(_one_step_per_slot)
 
     @model_validator(mode="after")
     def _not_empty(self) -> AgentAlerts:
-        if self.thresholds is None and self.routes is None:
-            raise ValueError("give 'thresholds' and/or 'routes' (an empty override is ambiguous)")
+        if self.thresholds is None and self.routes is None and self.escalation is None:
+            raise ValueError("give 'thresholds', 'routes' and/or 'escalation' (an empty override is ambiguous)")
         return self
 
 

@@ -30,6 +30,7 @@ from controller.reconcile.apply import configured_settle_seconds
 from controller.reconcile.observe import observe
 from controller.state import PENDING, Adjustment, StateStore
 from policies.alerts import redact_url
+from policies.escalation import OPEN
 from policies.live import LiveFleet
 from policies.plan_types import ChangeKind, Plan, PlanError, PlanErrorKind
 from policies.planner import Memory, make_plan
@@ -109,6 +110,7 @@ def build_memory(
         settle_seconds=configured_settle_seconds(),
         funding_events=tuple(store.funding_events()),
         approved_exposure=approved.exposure_after if (approved := store.last_approval()) is not None else None,
+        escalations=tuple(store.escalations(statuses=OPEN)),
     )
 
 

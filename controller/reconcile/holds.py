@@ -19,6 +19,7 @@ from controller.gateway.client import GatewayClient
 from controller.gateway.errors import GatewayError
 from controller.state import BudgetWrite, StateStore
 from policies.currency import to_credits
+from policies.escalation import UNFINISHED
 from policies.planner import desired_alert_threshold
 from policies.rotation import GRACE_SECONDS
 from policies.spec import AgentSpec
@@ -43,6 +44,9 @@ class HoldResult:
     agent_id: str
     steps: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    caps_zeroed: bool = False
+    """``freeze``: the hold is recorded and both caps were written as 0 (the lever that stops
+    REST spend): the escalation ladder counts its freeze as executed from here."""
 
     @property
     def ok(self) -> bool:
@@ -62,6 +66,7 @@ async def freeze(
             spec.agent_id, daily_cap=Decimal("0"), monthly_cap=Decimal("0"), alert_threshold=threshold
         )
         store.record_budget_write(spec.agent_id, BudgetWrite(Decimal("0.00"), Decimal("0.00"), threshold))
+        result.caps_zeroed = True
         result.steps.append("daily and monthly caps set to 0.00: paid REST calls now get 402 budget_exceeded")
     except GatewayError as exc:
         result.problems.append(f"setting caps to 0 failed: {exc}")
@@ -85,10 +90,21 @@ async def unfreeze(
     client: GatewayClient, store: StateStore, keys: QuarantineKeys | None, spec: AgentSpec, rate: Decimal
 ) -> HoldResult:
     """Reverse a freeze: a fresh key to the sink, wallet unfrozen, manifest caps restored;
-    the hold is lifted only when all of that worked, so a failure leaves the agent held."""
+    the hold is lifted only when all of that worked, so a failure leaves the agent held.
+    Also releases the escalation ladder's pauses (``release: manual``, or any not yet
+    released): for an agent that is only paused, the manifest caps are restored."""
     result = HoldResult(spec.agent_id)
     if spec.agent_id not in store.holds():
-        result.problems.append(f"{spec.agent_id} is not held")
+        if not store.escalations(statuses=UNFINISHED, agent_id=spec.agent_id):
+            result.problems.append(f"{spec.agent_id} is not held or paused")
+            return result
+        try:
+            await _restore_caps(client, store, spec, rate, result)
+        except GatewayError as exc:
+            result.problems.append(f"{exc}; the agent stays paused")
+            return result
+        store.release_escalations(spec.agent_id, "released by `finops unfreeze`")
+        result.steps.append("escalation pause released")
         return result
     if keys is not None and spec.keys.manage:
         try:
@@ -99,14 +115,23 @@ async def unfreeze(
     try:
         await client.set_frozen(spec.agent_id, False)
         result.steps.append("wallet unfrozen")
-        daily, monthly = to_credits(spec.daily_cap, rate), to_credits(spec.monthly_cap, rate)
-        threshold = desired_alert_threshold(spec)
-        await client.set_budget(spec.agent_id, daily_cap=daily, monthly_cap=monthly, alert_threshold=threshold)
-        store.record_budget_write(spec.agent_id, BudgetWrite(daily, monthly, threshold))
-        result.steps.append(f"caps restored from the manifest: daily {daily}, monthly {monthly} credits")
+        await _restore_caps(client, store, spec, rate, result)
     except GatewayError as exc:
         result.problems.append(f"{exc}; the agent stays held")
         return result
+    # Escalations first: a crash between the two leaves the hold, which keeps caps at 0.
+    if store.release_escalations(spec.agent_id, "released by `finops unfreeze`"):
+        result.steps.append("escalation ladder's pause/freeze released")
     store.clear_hold(spec.agent_id)
     result.steps.append("operator hold lifted")
     return result
+
+
+async def _restore_caps(
+    client: GatewayClient, store: StateStore, spec: AgentSpec, rate: Decimal, result: HoldResult
+) -> None:
+    daily, monthly = to_credits(spec.daily_cap, rate), to_credits(spec.monthly_cap, rate)
+    threshold = desired_alert_threshold(spec)
+    await client.set_budget(spec.agent_id, daily_cap=daily, monthly_cap=monthly, alert_threshold=threshold)
+    store.record_budget_write(spec.agent_id, BudgetWrite(daily, monthly, threshold))
+    result.steps.append(f"caps restored from the manifest: daily {daily}, monthly {monthly} credits")

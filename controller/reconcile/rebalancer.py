@@ -22,6 +22,7 @@ from controller.reconcile.decide import observe_and_plan
 from controller.reconcile.pipeline import apply_plan, only
 from controller.state import Adjustment, StateStore
 from policies.currency import CREDITS, from_credits
+from policies.escalation import OPEN
 from policies.plan_types import ChangeKind, Plan
 from policies.rebalance import AgentBudget, Rebalance, RebalancePolicy, rebalance
 from policies.spec import DesiredState, FleetSpec
@@ -141,7 +142,9 @@ async def run_rebalance(
     The rebalanced caps are planned from the proposed adjustments *before* they are stored:
     a decision whose caps break a guardrail is refused with nothing written (no adjustment
     either, so the reconcile loop does not enforce it later)."""
-    results = await decide(client, desired, frozenset(store.holds()))
+    # Held and paused agents (the escalation ladder) are not rebalanced: their caps are not theirs to lend.
+    paused = {e.agent_id for e in store.escalations(statuses=OPEN)}
+    results = await decide(client, desired, frozenset(store.holds()) | paused)
     moved = sum((r.decision.moved for r in results if r.decision is not None), Decimal("0.00"))
     if dry_run:
         return RebalanceRun(results, None, moved)

@@ -67,6 +67,8 @@ class AgentStatus:
     gateway_webhooks: list[dict[str, Any]] = field(default_factory=list)
     key: dict[str, Any] = field(default_factory=dict)
     held: str | None = None
+    escalations: list[dict[str, Any]] = field(default_factory=list)
+    """The escalation ladder's pauses and freezes in force, and how each is released."""
     flags: list[str] = field(default_factory=list)
     """For people: one line per thing that needs a human (findings' messages included)."""
     error: str | None = None
@@ -97,6 +99,9 @@ class AgentStatus:
         out["findings"] = [f.to_dict(self.rate, self.currency) for f in self.findings]
         out["at_cap"] = self.at_cap
         return out
+
+
+_ESCALATED = {"pause": "PAUSED", "freeze": "FROZEN"}
 
 
 @dataclass
@@ -245,6 +250,15 @@ async def fleet_status(
             if hold is not None:
                 row.held = hold.reason
                 row.flags.append(f"HELD since {_iso(hold.held_at)}: {hold.reason}")
+            for esc in (e for e in plan.escalated if e.agent_id == spec.agent_id):
+                cap = format_money(esc.cap) if esc.cap is not None else None
+                row.escalations.append(
+                    {"action": esc.action, "window": esc.window, "threshold": esc.threshold, "reason": esc.reason,
+                     "since": esc.since, "release": esc.release, "how_released": esc.how_released, "cap_credits": cap}
+                )  # fmt: skip
+                held_at = f"; {esc.window} cap held at {cap} credits" if esc.action == "pause" else ""
+                label = _ESCALATED.get(esc.action, esc.action.upper())
+                row.flags.append(f"{label} since {esc.since} ({esc.reason}){held_at}: {esc.how_released}")
             drift = _cap_drift(plan, spec.agent_id)
             if drift:
                 row.flags.append(drift)

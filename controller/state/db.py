@@ -496,6 +496,14 @@ def _daemon_replicas(db: Database) -> None:
     db.ddl(_DAEMON_REPLICAS)
 
 
+def _escalations(db: Database) -> None:
+    """Version 5: the escalation ladder's decisions (``controller.state.escalations``): one
+    row per crossing that carries a pause or freeze, and where its execution stands."""
+    from controller.state.escalations import TABLE
+
+    db.ddl(TABLE)
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -508,6 +516,7 @@ MIGRATIONS: Sequence[Migration] = (
     Migration(2, "one table for the key finops holds per agent", _one_key_table),
     Migration(3, "the database key store: agents' keys sealed under a key-encryption key", _sealed_keys),
     Migration(4, "daemon replicas: role, heartbeat and last pass of each finops run", _daemon_replicas),
+    Migration(5, "escalation ladder: the pause or freeze decided per crossing", _escalations),
 )
 """Forward only, numbered from 1, each run once in its own transaction. Add a step at the
 end; never edit one that has shipped."""

@@ -19,10 +19,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from controller.state import keys
+from controller.state import escalations, keys
 from controller.state.db import Database, connect
 from controller.state.location import StateLocation, as_location
 from controller.state.recovery import check_kind
+from policies.escalation import Escalation
 from policies.exposure import Exposure, ExposureReview
 from policies.funding_window import WINDOW_SECONDS, FundingEvent, FundingKind
 from policies.keyprint import redact_keys
@@ -246,6 +247,23 @@ class StateStore:
     def clear_hold(self, agent_id: str) -> bool:
         with self._tx() as db:
             return db.execute("DELETE FROM holds WHERE agent_id=?", (agent_id,)).rowcount > 0
+
+    # -- escalations (the ladder's pauses and freezes) ---------------------------
+
+    def escalations(
+        self, *, statuses: tuple[str, ...] | None = None, agent_id: str | None = None
+    ) -> list[Escalation]:
+        with self._lock:
+            return escalations.load(self._db, statuses=statuses, agent_id=agent_id)
+
+    def update_escalation(self, row: Escalation, *, expect: tuple[str, ...] | None = None) -> bool:
+        with self._tx() as db:
+            return escalations.update(db, row, self._clock(), expect=expect)
+
+    def release_escalations(self, agent_id: str, detail: str) -> int:
+        """``finops unfreeze``: every unfinished escalation of the agent ends now."""
+        with self._tx() as db:
+            return escalations.release_all(db, agent_id, self._clock(), detail)
 
     # -- managed webhooks ------------------------------------------------------
 

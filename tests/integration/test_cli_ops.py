@@ -261,3 +261,56 @@ def test_run_once_is_one_complete_pass_for_cron(gateway: tuple[SandboxServer, Pa
     assert finished == [("reconcile", "ok"), ("alerts", "ok"), ("rotation", "ok"), ("rebalance", "ok")], events
     assert not contains_key_material(once.stdout + once.stderr)
     assert finops(work, "plan", "--detailed-exitcode", env=env).returncode == 0
+
+
+def test_alerts_check_pauses_at_90_only_as_the_writer_and_unfreeze_releases_the_pause(
+    gateway: tuple[SandboxServer, Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """The canonical fleet's commented ladder, enabled: `alerts check` records the pause
+    while another finops holds the writer lock (that writer executes it), executes it once it
+    is the writer; `status` says how it ends; `unfreeze` restores the manifest's caps."""
+    from controller.state.flock import writer_lock
+
+    server, work, env = gateway
+    fleet = work / "manifests" / "research-fleet.yaml"
+    lines = fleet.read_text().splitlines()
+    start = lines.index("    # escalation:")
+    lines[start : start + 3] = [line.replace("    # ", "    ", 1) for line in lines[start : start + 3]]
+    fleet.write_text("\n".join(lines) + "\n")
+    workers = work / "manifests" / "research-workers.yaml"  # cls-01: 0.01 USD = 1.00 credit a day
+    classifier = "      tier: classifier          # 15.00/day, 300.00/month, funding from the fleet defaults"
+    assert classifier in workers.read_text()
+    workers.write_text(
+        workers.read_text().replace(
+            classifier, '      tier: classifier\n      dailyCap: "0.01"\n      monthlyCap: "3.00"'
+        )
+    )
+    assert finops(work, "apply", "--auto-approve", env=env).returncode == 0
+    key = _key(work, "cls-01")
+
+    def caps() -> tuple[object, object]:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.admin_key}"}) as http:
+            data = http.get("/v1/billing/wallets/cls-01/budget").json()
+        return data["daily_cap"], data["monthly_cap"]
+
+    declared = caps()
+    assert declared == (1, 300)
+    for _ in range(9):
+        assert _paid_call(server, key) == 200
+
+    with writer_lock(work / ".finops", purpose="finops run"):  # a daemon is the writer
+        recorded = finops(work, "alerts", "check", env=env)
+        assert "cls-01: pause (daily 90 %)" in recorded.stdout, recorded.stdout + recorded.stderr
+        assert "1 escalation(s) recorded but not executed here" in recorded.stdout
+        assert caps() == (1, 300)
+    executed = finops(work, "alerts", "check", env=env)
+    assert "pause" not in executed.stdout.split("Alerts:")[0]  # decided once, not again
+    assert caps() == (0.9, 300) and _paid_call(server, key) == 402
+
+    status = finops(work, "status", "--all", env=env)
+    assert "PAUSED since" in status.stdout and "below 85 % of the declared daily cap" in status.stdout
+
+    released = finops(work, "unfreeze", "cls-01", env=env)
+    assert released.returncode == 0, released.stdout + released.stderr
+    assert "escalation pause released" in released.stdout
+    assert caps() == declared and _paid_call(server, key) == 200

@@ -9,6 +9,7 @@ from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import pytest
 
 from controller.alerting.deliver import DEFAULT_POLICY
@@ -18,9 +19,11 @@ from controller.daemon.source import DirectorySource
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed
 from controller.io.target import Target
+from controller.reconcile.status import fleet_status
 from controller.sandbox.store import to_atomic
 from tests.integration.conftest import FinopsClock, Harness
 from tests.integration.test_daemon import Rig, budget, rig_factory
+from tests.integration.test_keys import manager
 
 GATEWAY_GRACE_S = 300
 """How long the gateway keeps accepting a rotated-out key (API.md)."""
@@ -132,3 +135,66 @@ async def test_the_scheduled_rotation_job_rotates_the_keys_a_week_later(
             with pytest.raises(AuthenticationFailed):
                 await stale.get_balance(agent)
     assert rig.sample("finops_keys_due_rotation") == 0  # none due right after rotating
+
+
+def _with_ladder(manifests_dir: Path) -> None:
+    """Uncomment the canonical fleet's 75/90/100 ladder (pause at 90, freeze at 100)."""
+    path = manifests_dir / "research-fleet.yaml"
+    lines = path.read_text().splitlines()
+    start = lines.index("    # escalation:")
+    lines[start : start + 3] = [line.replace("    # ", "    ", 1) for line in lines[start : start + 3]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+async def test_the_alerts_job_pauses_then_freezes_and_the_reconcile_pass_never_undoes_it(
+    rig_factory: Callable[..., Rig], manifests_dir: Path, harness: Harness, tmp_path: Path
+) -> None:
+    _with_ladder(manifests_dir)
+    rig = rig_factory(DirectorySource(manifests_dir))
+    ctx = _context(rig, harness, tmp_path)
+
+    async def no_such_host(host: str, port: int) -> list[str]:  # the canonical receivers do not exist
+        raise OSError(socket.EAI_NONAME, "Name or service not known")
+
+    async def no_wait(seconds: float) -> None:
+        return None
+
+    rig.daemon.add_job(
+        "alerts", alerts_job(ctx, now=rig.clock, resolver=no_such_host, sleep=no_wait), interval_s=60, jitter_s=0
+    )
+    assert (await rig.step())["reconcile"].ok
+    declared = budget(harness, "res-01")
+    key = harness.sink.load("res-01")
+    assert key is not None
+    _spend(harness, "res-01", str(Decimal("0.92") * declared / 100))  # 92 % of the daily cap
+    ran = await rig.step(60)
+    assert ran["alerts"].fields["fired"] == 2  # 75 and 90, one alert each
+    assert budget(harness, "res-01") == Decimal("0.92") * declared  # paused at what it spent
+    assert rig.sample("finops_escalations_total", action="pause", outcome="executed") == 1
+    assert rig.sample("finops_escalations_active", action="pause") == 1
+    with httpx.Client(base_url=harness.sandbox.url, headers={"Authorization": f"Bearer {key}"}) as http:
+        assert http.get("/v1/marketplace/match", params={"query": "x"}).status_code == 402
+
+    async with harness.client() as admin:
+        status = await fleet_status(
+            admin, rig.daemon.reconciler.desired, harness.store, manager(harness, admin), target="sandbox"
+        )
+    [row] = [a for a in status.agents if a.agent_id == "res-01"]
+    assert [(e["action"], e["release"]) for e in row.escalations] == [("pause", "auto")]
+    assert any(f.startswith("PAUSED since") and "below 85 % of the declared daily cap" in f for f in row.flags)
+
+    ran = await rig.step(60)  # a reconcile pass and an alert check later: nothing undone, nothing redone
+    assert ran["reconcile"].ok and rig.last.applied.get("set_budget", 0) == 0
+    assert budget(harness, "res-01") == Decimal("0.92") * declared
+    assert ran["alerts"].fields["fired"] == 0
+    assert rig.sample("finops_escalations_total", action="pause", outcome="executed") == 1
+
+    _spend(harness, "res-01", str(Decimal("0.08") * declared / 100))  # 100 % (as /v1/batch could)
+    ran = await rig.step(60)
+    assert ran["alerts"].fields["fired"] == 1
+    assert harness.store.holds()["res-01"].reason == "auto: 100 % of daily cap"
+    assert budget(harness, "res-01") == 0
+    assert rig.sample("finops_escalations_active", action="freeze") == 1
+    assert harness.sink.is_quarantined("res-01"), ran["alerts"].message  # the key rotated into quarantine
+    await rig.step(60)
+    assert budget(harness, "res-01") == 0 and rig.last.applied.get("set_budget", 0) == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from controller.state import (
 from controller.state.db import StateUnavailable, connect
 from controller.state.location import StateLocation, check_state_url, redact_url
 from policies.alerts import SlotKey, SlotState
+from policies.escalation import ACTIVE, OPEN, RELEASED, Escalation, LadderDecision
 from policies.exposure import Exposure
 from policies.funding_window import FundingKind
 from policies.spec import SecretRef
@@ -322,3 +324,32 @@ def test_write_transactions_of_two_processes_never_interleave(location: StateLoc
         release.set()
         first.close()
         second.close()
+
+
+def test_escalations_once_per_crossing_guarded_updates_and_release(location: StateLocation) -> None:
+    clock = Clock(1_000.0)
+    store = StateStore(location, clock=clock)
+    alerts = AlertStore(location)
+    try:
+        pause = Escalation(
+            "al1", "a", "daily", 90, "pause", "auto", PENDING, "auto: 90 % of daily cap", 5.0, Decimal("9.00")
+        )
+        freeze = Escalation("al2", "a", "daily", 100, "freeze", "manual", PENDING, "auto: 100 % of daily cap", 5.0)
+        with alerts.decide(at=5.0) as tx:
+            tx.record_escalations(LadderDecision(started=(pause, freeze)))
+        with alerts.decide(at=6.0) as tx:  # the same crossing again: never a second row, never replaced
+            tx.record_escalations(LadderDecision(started=(replace(pause, cap=Decimal("1.00")),)))
+            assert [e.alert_id for e in tx.escalations()] == ["al1", "al2"]
+        assert [(e.alert_id, e.cap) for e in store.escalations(statuses=OPEN)] == [
+            ("al1", Decimal("9.00")),
+            ("al2", None),
+        ]
+        active = replace(pause, status=ACTIVE, executed_at=7.0, cap=Decimal("8.50"))
+        assert store.update_escalation(active, expect=(PENDING,))
+        assert not store.update_escalation(replace(active, status=RELEASED), expect=(PENDING,))  # guarded
+        assert store.release_escalations("a", "released by `finops unfreeze`") == 2
+        assert {(e.status, e.released_at) for e in store.escalations()} == {(RELEASED, 1_000.0)}
+        assert store.escalations(statuses=OPEN) == []
+    finally:
+        alerts.close()
+        store.close()

@@ -30,6 +30,7 @@ from controller.state.db import LOCK_NAMESPACE, LOCK_WRITER, connect
 from controller.state.location import StateLocation
 from controller.state.transfer import finops_tables, row_counts
 from policies.alerts import SlotKey, SlotState
+from policies.escalation import Escalation, LadderDecision
 from policies.exposure import Exposure, review
 from policies.keyprint import API_KEY_PATTERN
 from policies.spec import SecretRef
@@ -112,6 +113,16 @@ def fill_every_table(location: StateLocation) -> None:
                 secret=SecretRef(env="FINOPS_ALERT_SECRET"),
                 body=b'{"alert": 1}',
             )
+            tx.record_escalations(
+                LadderDecision(
+                    started=(
+                        Escalation(
+                            "al-1", "res-01", "daily", 80, "pause", "auto", "released", "auto: 80 % of daily cap",
+                            1_000.0, Decimal("24.00"), executed_at=1_000.5, released_at=1_001.0,
+                        ),
+                    )
+                )
+            )  # fmt: skip
         assert row is not None
         pending = alerts.pending()[0]
         alerts.record_attempt(pending, "https://pager.example.com/…", 1_001.0, ok=False, code=503, error="503")
@@ -143,6 +154,7 @@ def remembered(location: StateLocation) -> dict[str, Any]:
             "orphans": ledger.orphans(),
             "late": ledger.late_watches(),
             "slots": alerts.slots(),
+            "escalations": store.escalations(),
             "pending_alerts": alerts.pending(),
             "delivery_log": alerts.log(),
             "revisions": revisions.history(100),

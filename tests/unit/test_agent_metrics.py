@@ -151,8 +151,9 @@ def test_hold_series_exist_for_every_agent_and_kind_and_unknown_figures_have_non
     )
     samples = _samples(metrics)
     holds = {(s[1]["agent"], s[1]["kind"]): s[2] for s in samples if s[0] == "finops_agent_hold_active"}
-    assert holds == {("a1", "freeze"): 0, ("a1", "auto"): 1, ("a2", "freeze"): 0, ("a2", "auto"): 0}
-    assert len(HOLD_KINDS) == 2
+    expected = {(agent, kind): int(agent == "a1" and kind == "auto") for agent in ("a1", "a2") for kind in HOLD_KINDS}
+    assert holds == expected
+    assert set(HOLD_KINDS) == {"freeze", "auto", "pause"}
     assert {s[0] for s in samples} == {"finops_agent_hold_active"}  # nothing else was observed
 
 

@@ -120,7 +120,7 @@ def test_canonical_manifests_resolve_to_the_research_fleet(monkeypatch: pytest.M
                 daily_total=Decimal("200.00"),
                 funding_ceiling=Decimal("500.00"),
                 agents=(
-                    _agent("orch-01", "orchestrator", "80.00", "1600.00", "100.00", "200.00", "lead", fleet_file, 104),
+                    _agent("orch-01", "orchestrator", "80.00", "1600.00", "100.00", "200.00", "lead", fleet_file, 115),
                     _agent("res-01", "researcher", "30.00", "600.00", "40.00", "75.00", "worker", workers_file, 12),
                     _agent("res-02", "researcher", "30.00", "600.00", "40.00", "75.00", "worker", workers_file, 15),
                     _agent("sum-01", "summarizer", "20.00", "400.00", "25.00", "50.00", "worker", workers_file, 18),

@@ -18,6 +18,9 @@ each ``diff`` entry ``unit`` (``credits`` | ``ratio`` | ``text``), with ``curren
 ``after_percent`` for a ratio; ``summary.exposure_change`` (the spending authority this plan
 changes). The top-up ``reason`` text (prose for people, never read back by code) now leads
 with the fleet currency: ``NEW_REASONS`` maps the golden file's sentences to today's.
+
+Issue 13 (escalation ladder) added ``escalated`` (list, after ``held``): the ladder's pauses
+and freezes in force.
 """
 
 from __future__ import annotations
@@ -229,6 +232,8 @@ def v1_with_additions(golden: dict[str, Any], *, new_reasons: bool = True) -> di
             ]
         if key == "deferred" and new_reasons:
             value = [{**d, "message": NEW_REASONS.get(d["message"], d["message"])} for d in value]
+        if key == "unmanaged_webhooks":
+            out["escalated"] = []
         if key == "summary":
             out["unverified"] = []
             value = {**value, "unverified": 0, "exposure_change": EXPOSURE_CHANGE}

@@ -220,6 +220,7 @@ _OWNERS = {
         "apply_log", "exposure_approvals", "exposure_pending", "revision_bundles",
     ),
     "controller/state/keys.py": ("keys_held",),
+    "controller/state/escalations.py": ("escalations",),
     "controller/keys/store.py": ("keys_rotation_sent", "keys_late_watch", "keys_orphans"),
     "controller/keys/sealed.py": ("sealed_keys",),
     "controller/alerting/store.py": ("alert_slots", "alert_outbox", "alert_delivery_log"),
