@@ -46,7 +46,23 @@ ALERT_EVENT_THRESHOLD = "budget.threshold"
 """Spend reached a declared threshold of a cap (once per crossing)."""
 ALERT_EVENT_RECOVERED = "budget.recovered"
 """Spend fell back below a threshold that had fired (rolling windows age spend out)."""
-ALERT_EVENTS = (ALERT_EVENT_THRESHOLD, ALERT_EVENT_RECOVERED)
+ALERT_EVENT_FORECAST = "budget.forecast"
+"""Spend is projected to reach a cap within the declared horizon (once per episode)."""
+ALERT_EVENT_ANOMALY = "budget.anomaly"
+"""Recent spend is above a declared multiple of the agent's own trailing baseline."""
+ALERT_EVENTS = (ALERT_EVENT_THRESHOLD, ALERT_EVENT_RECOVERED, ALERT_EVENT_FORECAST, ALERT_EVENT_ANOMALY)
+
+
+@dataclass(frozen=True)
+class AnomalySpec:
+    """``alerts.anomaly`` resolved: an agent is anomalous when its spend over the last
+    ``window_seconds`` is at least ``min_spend`` (fleet currency) and above ``multiple`` ×
+    its rate over the ``baseline_seconds`` before that window (``policies.anomaly``)."""
+
+    window_seconds: int = 86_400
+    baseline_seconds: int = 21 * 86_400
+    multiple: Decimal = Decimal(2)
+    min_spend: Decimal = Decimal("0.00")
 
 
 @dataclass(frozen=True)
@@ -130,6 +146,11 @@ class AgentSpec:
     """How much may leave this wallet in 24 h other than as metered spend (withdrawals,
     payments) and still be refilled by finops (fleet currency). Default 0: an agent whose
     balance falls without matching spend is not refunded at all until a human decides."""
+    forecast_horizon: int | None = None
+    """``alerts.forecastHorizon`` in seconds: ``budget.forecast`` fires when a cap is
+    projected to be reached within it (``None``: no forecast alert)."""
+    anomaly: AnomalySpec | None = None
+    """``alerts.anomaly``: ``budget.anomaly`` (``None``: not evaluated)."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +203,7 @@ class FleetSpec:
         if self.daily_funding_limit is not None:
             return self.daily_funding_limit
         return self.funding_ceiling + self.daily_total
+
     approval: ApprovalPolicy = ApprovalPolicy()
 
 

@@ -10,7 +10,7 @@ Precedence, most specific first:
 * caps: agent override, else tier;
 * funding floor / target: agent field, else tier field, else fleet defaults field;
 * labels: fleet default labels overlaid with the agent's (the agent wins);
-* alert thresholds: agent override, else the fleet's.
+* alert thresholds, forecast horizon and anomaly rule: agent override, else the fleet's.
 
 Problems are returned, never raised, so the loader can report all of them in one go.
 """
@@ -30,6 +30,7 @@ from policies.spec import (
     WEEKLY,
     AgentSpec,
     AlertRoute,
+    AnomalySpec,
     ApprovalPolicy,
     DesiredState,
     FleetSpec,
@@ -166,6 +167,10 @@ class AgentDecl:
     routes: tuple[RouteDecl, ...] | None = None
     keys: KeysDecl = KeysDecl()
     bounds: BoundsDecl = BoundsDecl()
+    forecast_horizon: int | None = None
+    """``alerts.forecastHorizon`` in seconds; ``None`` inherits the fleet's."""
+    anomaly: AnomalySpec | None = None
+    """``alerts.anomaly``; ``None`` inherits the fleet's."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,8 @@ class FleetDecl:
     funding_daily_limit: Decimal | None = None
     """``spec.funding.dailyLimit`` as written (``None``: the default)."""
     approval: ApprovalPolicy = field(default_factory=ApprovalPolicy)
+    forecast_horizon: int | None = None
+    anomaly: AnomalySpec | None = None
 
 
 @dataclass(frozen=True)
@@ -377,6 +384,8 @@ def resolve_agent(fleet: FleetDecl, agent: AgentDecl) -> tuple[AgentSpec | None,
             daily_cap_min=bounds[0] if bounds else None,
             daily_cap_max=bounds[1] if bounds else None,
             max_unexplained_per_day=max_unexplained if max_unexplained is not None else Decimal("0.00"),
+            forecast_horizon=agent.forecast_horizon if agent.forecast_horizon is not None else fleet.forecast_horizon,
+            anomaly=agent.anomaly if agent.anomaly is not None else fleet.anomaly,
         ),
         [],
     )
