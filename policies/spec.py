@@ -78,7 +78,7 @@ class AlertRoute:
     allow_insecure: bool = False
     """Permit ``http://`` and loopback/private hosts (development and tests only)."""
 
-    def render(self, *, agent: str, fleet: str, threshold: int, window: str) -> str:
+    def render(self, *, agent: str, fleet: str, threshold: int | str, window: str) -> str:
         return (
             self.url.replace("{agent}", agent)
             .replace("{fleet}", fleet)

@@ -21,7 +21,8 @@ import httpx
 
 from controller.alerting.deliver import DEFAULT_POLICY, Clock, DeliveryPolicy, Sleep, deliver_pending
 from controller.alerting.guard import Resolver, system_resolver
-from controller.alerting.store import PENDING, AlertStore, Attempt, FiredAlert, RouteStatus
+from controller.alerting.signals import SignalCache, collect_signals
+from controller.alerting.store import PENDING, AlertStore, AlertTx, Attempt, FiredAlert, RouteStatus
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import GatewayError
 from controller.gateway.models import BudgetStatus
@@ -35,7 +36,16 @@ from policies.alerts import (
     render_url,
     routes_for,
 )
-from policies.spec import ALERT_EVENT_RECOVERED, ALERT_EVENT_THRESHOLD, AgentSpec, DesiredState
+from policies.signal_alerts import SignalEvent, evaluate_signals, render_signal_url, signal_routes
+from policies.spec import (
+    ALERT_EVENT_ANOMALY,
+    ALERT_EVENT_FORECAST,
+    ALERT_EVENT_RECOVERED,
+    ALERT_EVENT_THRESHOLD,
+    AgentSpec,
+    AlertRoute,
+    DesiredState,
+)
 from policies.urls import check_url_safety
 
 logger = logging.getLogger("finops.alerts")
@@ -61,6 +71,11 @@ class AlertCheckResult:
     events: tuple[AlertEvent, ...] = ()
     agent_errors: dict[str, str] = field(default_factory=dict)
     delivery_errors: list[str] = field(default_factory=list)
+    forecasts_fired: int = 0
+    anomalies_fired: int = 0
+    history_reads: int = 0
+    """Usage-history (timeseries) requests this check made (forecasts and anomalies)."""
+    signal_events: tuple[SignalEvent, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -80,7 +95,10 @@ class AlertCheckResult:
             "deferred": self.deferred,
             "pending": self.pending,
             "held": list(self.held),
-            "events": [e.payload() for e in self.events],
+            "forecasts_fired": self.forecasts_fired,
+            "anomalies_fired": self.anomalies_fired,
+            "history_reads": self.history_reads,
+            "events": [e.payload() for e in self.events] + [e.payload() for e in self.signal_events],
             "agent_errors": dict(sorted(self.agent_errors.items())),
             "delivery_errors": list(self.delivery_errors),
         }
@@ -122,6 +140,8 @@ async def check_alerts(
     sleep: Sleep = asyncio.sleep,
     resolver: Resolver = system_resolver,
     fence: Callable[[], None] | None = None,
+    signals: SignalCache | None = None,
+    moved: frozenset[str] | None = None,
 ) -> AlertCheckResult:
     """Evaluate every declared agent's thresholds and deliver due alerts (module doc).
 
@@ -131,6 +151,12 @@ async def check_alerts(
     transport (tests inject faults there); the gateway is reached through ``client``.
     ``fence`` (the writer lock's check) runs before crossings are decided and before every
     delivery attempt: a finops that lost the lock decides and sends nothing more.
+
+    Forecast and anomaly alerts (``budget.forecast``, ``budget.anomaly``) are decided in the
+    same transaction from the same budget reads, plus each declaring agent's usage history
+    from ``signals`` (``controller.alerting.signals``: the daemon passes one cache for its
+    lifetime; without one, every declaring agent's history is read). ``moved``: the agents
+    the change feed saw spend since the last check (``None``: unknown).
     """
     specs = {a.agent_id: a for a in desired.agents()}
     to_read = [s for s in specs.values() if s.agent_id not in held]
@@ -138,9 +164,20 @@ async def check_alerts(
     result = AlertCheckResult(
         evaluated=len(readings), held=tuple(sorted(held & specs.keys())), agent_errors=agent_errors
     )
+    at = now()
+    collected = await collect_signals(
+        client,
+        specs,
+        readings,
+        signals if signals is not None else SignalCache(),
+        now=at,
+        moved=moved,
+        currencies={f.name: f.currency for f in desired.fleets},
+    )
+    result.agent_errors.update(collected.errors)
+    result.history_reads = collected.history_reads
     if fence is not None:
         await asyncio.to_thread(fence)
-    at = now()
     with AlertStore(state_path) as store:
         with store.decide(at) as tx:
             before = tx.slots()
@@ -172,6 +209,18 @@ async def check_alerts(
                         )
                     else:
                         result.queued += 1
+            before_signals = tx.signal_slots()
+            signal_eval = evaluate_signals(
+                collected.forecasts, collected.anomalies, before_signals, declared=collected.declared, now=at
+            )
+            tx.save_signal_slots(signal_eval.changed(before_signals), signal_eval.dropped(before_signals))
+            for signal in signal_eval.events:
+                _enqueue_signal(tx, result, signal, specs[signal.agent_id].alert_routes)
+        for signal in signal_eval.events:
+            logger.info("%s %s: agent %s %s %s", signal.type, signal.id, signal.agent_id, signal.window, signal.details)
+        result.signal_events = signal_eval.events
+        result.forecasts_fired = sum(1 for e in signal_eval.events if e.type == ALERT_EVENT_FORECAST)
+        result.anomalies_fired = sum(1 for e in signal_eval.events if e.type == ALERT_EVENT_ANOMALY)
         for event in evaluation.events:
             logger.info(
                 "%s %s: agent %s %s %s%% of cap (threshold %s%%)",
@@ -192,6 +241,33 @@ async def check_alerts(
     result.deferred = report.deferred
     result.delivery_errors.extend(report.errors)
     return result
+
+
+def _enqueue_signal(tx: AlertTx, result: AlertCheckResult, signal: SignalEvent, routes: tuple[AlertRoute, ...]) -> None:
+    """Queue a forecast or anomaly alert to the routes that list its type (as ``check_alerts``
+    queues threshold alerts: a refused URL is recorded, never sent)."""
+    for route in signal_routes(signal, routes):
+        url = render_signal_url(route, signal)
+        problem = check_url_safety(url, allow_insecure=route.allow_insecure)
+        refusal = f"refused: {problem}" if problem else None
+        row = tx.enqueue(
+            alert_id=signal.id,
+            agent_id=signal.agent_id,
+            event_type=signal.type,
+            route=redact_url(route.url),
+            url=url,
+            allow_insecure=route.allow_insecure,
+            secret=route.secret,
+            body=signal.body(),
+            refused=refusal,
+        )
+        if row is None:
+            continue
+        if refusal:
+            result.refused += 1
+            result.delivery_errors.append(f"{signal.agent_id}: alert {signal.id} to {redact_url(url)}: {refusal}")
+        else:
+            result.queued += 1
 
 
 def _by_agent(items: list[T]) -> dict[str, list[T]]:
