@@ -29,7 +29,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import GatewayError
-from policies.alerts import BudgetReading
+from policies.alerts import BudgetReading, WindowReading
 from policies.anomaly import AnomalyPolicy, AnomalySample
 from policies.currency import CREDITS, to_credits
 from policies.forecast import (
@@ -306,4 +306,27 @@ async def collect_signals(
             out.anomalies.append(
                 AnomalyReading(r.agent_id, r.fleet, policy, anomaly_sample(policy, history, r.daily.spend, now))
             )
+    return out
+
+
+async def read_forecasts(
+    client: GatewayClient,
+    specs: Sequence[AgentSpec],
+    budgets: Mapping[str, tuple[WindowReading, WindowReading]],
+    now: float,
+) -> dict[str, dict[str, WindowForecast] | str]:
+    """For ``finops status``: each agent that declares a forecast horizon, its daily and
+    monthly forecast from a fresh history read (the rate from the last hour of it), or why
+    there is none. ``budgets``: the agent's (daily, monthly) windows as just observed."""
+    declaring = [s for s in specs if s.forecast_horizon is not None and s.agent_id in budgets]
+    cache = SignalCache()
+    errors = await _refresh(client, declaring, cache, now, None)
+    out: dict[str, dict[str, WindowForecast] | str] = {}
+    for spec in declaring:
+        if spec.agent_id in errors:
+            out[spec.agent_id] = errors[spec.agent_id]
+            continue
+        daily, monthly = budgets[spec.agent_id]
+        reading = BudgetReading(spec.agent_id, spec.fleet, spec.alert_thresholds, daily, monthly)
+        out[spec.agent_id] = forecasts_for(reading, cache.history(spec.agent_id), cache, now)
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,12 @@ from controller.alerting.engine import AlertCheckResult
 from controller.alerting.signals import SignalCache
 from controller.alerting.store import AlertStore
 from controller.gateway.client import GatewayClient
+from controller.keys.rotate import KeyManager
+from controller.keys.vault import KeyVault
+from controller.reconcile.status import fleet_status, render_status
 from controller.sandbox.clock import MutableClock
 from controller.sandbox.server import SandboxServer
+from controller.state import StateStore
 from policies.signal_alerts import SignalKey, SignalKind
 from policies.spec import ALERT_EVENT_ANOMALY, ALERT_EVENT_FORECAST, AnomalySpec, DesiredState, SecretRef
 from tests.integration.test_alerts import POLICY, Receiver, _desired, _register, _route, _spend, _verify
@@ -197,3 +202,43 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture
 def secret_file(tmp_path: Path) -> Path:
     return tmp_path / "alert-secrets" / "alert-signing.secret"
+
+
+async def test_status_shows_the_eta_per_window(clocked: SandboxServer, secret_file: Path, tmp_path: Path) -> None:
+    """``finops status``: per window the ETA (seconds), its time, the rate and a flag when
+    it is within the horizon; from a fresh history read (the last hour's spend)."""
+    sandbox = clocked
+    key = _register(sandbox, "st-a", daily="1.00", monthly="100.00")
+    route = _route("https://alerts.example.com/x", SecretRef(file=str(secret_file), generate=True))
+    desired = _with(_desired(["st-a"], [route]), forecast_horizon=7200)
+    sandbox.clock.advance(-900)
+    _spend(sandbox, key, 2)  # 0.20 a quarter of an hour ago, in the half hour of this hour so far
+    sandbox.clock.advance(900)
+    store = StateStore(tmp_path / "state.db", clock=sandbox.clock)
+    async with GatewayClient(sandbox.url, sandbox.admin_key) as client:
+        keys = KeyManager(client, store, KeyVault(tmp_path / "keys"), state_path=store.location, clock=sandbox.clock)
+        try:
+            status = await fleet_status(client, desired, store, keys, target="sandbox")
+        finally:
+            keys.close()
+            store.close()
+    (row,) = status.agents
+    # 0.20 in the 1800 s of this hour so far ... spread over the last hour's 3600 s: 0.20/h;
+    # 0.80 left: 4 h for the daily cap, beyond the 2 h horizon: no flag.
+    assert row.forecast["daily"] == {
+        "eta_seconds": 4 * 3600, "exhausts_at": _iso(START + 4 * 3600), "rate_per_hour": "0.20",
+        "basis": "history", "within_horizon": False,
+    }  # fmt: skip
+    assert row.forecast["monthly"]["eta_seconds"] == (Decimal("99.80") / Decimal("0.20")) * 3600
+    assert not any(f.startswith("FORECAST") for f in row.flags)
+    assert (
+        "forecast: daily cap in 4h (0.20 credits/h); monthly cap in 20d19h (0.20 credits/h)"
+        in render_status(  # 499 h
+            status
+        )
+    )
+    assert row.to_dict()["forecast"] == row.forecast  # status --format json
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
