@@ -127,6 +127,34 @@ async def test_forecast_without_a_route_for_it_is_decided_but_sent_nowhere(
     assert (result.forecasts_fired, result.queued, receiver.requests) == (1, 0, [])
 
 
+async def test_a_forecast_alert_is_queued_before_delivery_and_resent_with_the_same_id(
+    clocked: SandboxServer, receiver: Receiver, secret_file: Path, tmp_path: Path
+) -> None:
+    """The decision and the queued body are committed before sending (the threshold
+    alerts' outbox): a receiver that is down gets the same bytes later, and a new finops
+    process (an empty cache, as after a crash) does not decide the episode again."""
+    sandbox, state = clocked, tmp_path / "state.db"
+    key = _register(sandbox, "fc-c")
+    route = _route(
+        receiver.url + "/fc", SecretRef(file=str(secret_file), generate=True), events=(ALERT_EVENT_FORECAST,)
+    )
+    desired = _with(_desired(["fc-c"], [route]), forecast_horizon=7200)
+    check = Check(sandbox, desired, state)
+    await check()
+    _spend(sandbox, key, 5)
+    sandbox.clock.advance(600)
+    receiver.fail_next = 100
+    down = await check()
+    assert (down.forecasts_fired, down.delivered, down.pending) == (1, 0, 1)
+    receiver.fail_next = 0
+    restarted = Check(sandbox, desired, state)  # nothing in memory: the rate comes from the history
+    sandbox.clock.advance(60)
+    later = await restarted()
+    assert (later.forecasts_fired, later.delivered, later.pending) == (0, 1, 0)
+    bodies = {r.body for r in receiver.requests}
+    assert len(bodies) == 1 and receiver.delivered[0].json()["type"] == "budget.forecast"
+
+
 async def test_anomaly_fires_once_for_a_burst_over_a_quiet_baseline(
     clocked: SandboxServer, receiver: Receiver, secret_file: Path, tmp_path: Path
 ) -> None:
