@@ -36,7 +36,7 @@ from policies.alerts import (
     render_url,
     routes_for,
 )
-from policies.signal_alerts import SignalEvent, evaluate_signals, render_signal_url, signal_routes
+from policies.signal_alerts import ForecastReading, SignalEvent, evaluate_signals, render_signal_url, signal_routes
 from policies.spec import (
     ALERT_EVENT_ANOMALY,
     ALERT_EVENT_FORECAST,
@@ -76,6 +76,8 @@ class AlertCheckResult:
     history_reads: int = 0
     """Usage-history (timeseries) requests this check made (forecasts and anomalies)."""
     signal_events: tuple[SignalEvent, ...] = ()
+    forecasts: tuple[ForecastReading, ...] = ()
+    """This check's forecasts of every agent with a forecast horizon (for metrics)."""
 
     @property
     def ok(self) -> bool:
@@ -176,6 +178,7 @@ async def check_alerts(
     )
     result.agent_errors.update(collected.errors)
     result.history_reads = collected.history_reads
+    result.forecasts = tuple(collected.forecasts)
     if fence is not None:
         await asyncio.to_thread(fence)
     with AlertStore(state_path) as store:

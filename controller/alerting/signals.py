@@ -267,7 +267,8 @@ async def collect_signals(
     ``currencies``: each fleet's currency (``minSpend`` is converted to credits at the
     gateway's rate). One agent's failure is its own: it gets no decision this check."""
     out = Signals()
-    declaring = [r for r in readings if declared_kinds(specs[r.agent_id])]
+    out.declared = {r.agent_id: declared_kinds(specs[r.agent_id]) for r in readings}  # the others' slots go
+    declaring = [r for r in readings if out.declared[r.agent_id]]
     cache.retain(a for a, s in specs.items() if declared_kinds(s))
     if not declaring:
         return out
@@ -286,7 +287,6 @@ async def collect_signals(
                 out.errors[f"rate {currency}"] = f"cannot read the {currency} exchange rate: {exc}"
     for r in declaring:
         spec = specs[r.agent_id]
-        out.declared[r.agent_id] = declared_kinds(spec)
         history = cache.history(r.agent_id)
         if spec.forecast_horizon is not None:
             out.forecasts.append(

@@ -111,6 +111,10 @@ async def test_forecast_fires_once_for_a_burst_then_rearms(
     episode2 = receiver.requests[-1].json()
     assert episode2["id"] != body["id"] and episode2["eta_seconds"] == 400  # 0.20 left at 0.30 per 600 s
 
+    check.desired = _with(check.desired, forecast_horizon=None)  # no longer declared: its slots go
+    assert (await check()).history_reads == 0
+    assert _signals(state) == {}
+
 
 async def test_forecast_without_a_route_for_it_is_decided_but_sent_nowhere(
     clocked: SandboxServer, receiver: Receiver, secret_file: Path, tmp_path: Path
