@@ -44,7 +44,6 @@ Everything here is pure: plain values in, plain values out, the clock passed in.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -61,7 +60,7 @@ DEFAULT_LOOKBACK = HOUR
 MIN_SPAN = 300
 """Readings closer together than this are too noisy to give a rate from alone."""
 
-_PRECISION = 60
+_PRECISION = 40
 _MICRO = Decimal("0.000001")
 ZERO = Decimal(0)
 
@@ -154,11 +153,11 @@ def _overlap(a0: Decimal, a1: Decimal, b0: Decimal, b1: Decimal) -> Decimal:
 
 
 def _effective_end(bucket: SpendBucket, as_of: Decimal | None) -> Decimal:
-    """The bucket holding ``as_of`` covers only its start up to the read."""
-    end = Decimal(bucket.end)
-    if as_of is not None and Decimal(bucket.start) < as_of < end:
-        return as_of
-    return end
+    """The bucket holding ``as_of`` covers only its start up to the read (at least one
+    second: a bucket read in its first instant)."""
+    if as_of is not None and bucket.start <= as_of < bucket.end:
+        return max(as_of, Decimal(bucket.start + 1))
+    return Decimal(bucket.end)
 
 
 def spent_between(
@@ -167,22 +166,23 @@ def spent_between(
     """Spend recorded in ``[start, end)``, each bucket's cost spread evenly over it (up to
     ``as_of`` for the bucket being written when it was read)."""
     s, e = _d(start), _d(end)
-    cut = _d(as_of) if as_of is not None else None
     if e <= s:
         return ZERO
+    lo, hi = math.floor(s), math.ceil(e)  # whole seconds: buckets outside are skipped without Decimal work
+    cut = _d(as_of) if as_of is not None else None
     with localcontext() as ctx:
         ctx.prec = _PRECISION
         total = ZERO
         for b in buckets:
-            b0, b1 = Decimal(b.start), _effective_end(b, cut)
-            width = b1 - b0
-            if width <= 0:
-                if s <= b0 < e:
-                    total += b.cost  # a bucket read at its very first instant: a point
+            if b.start >= hi or b.end <= lo or not b.cost:
                 continue
+            if s <= b.start and b.end <= e and (cut is None or b.end <= cut):
+                total += b.cost  # wholly inside, and complete
+                continue
+            b0, b1 = Decimal(b.start), _effective_end(b, cut)
             part = _overlap(b0, b1, s, e)
             if part > 0:
-                total += b.cost * part / width
+                total += b.cost if part == b1 - b0 else b.cost * part / (b1 - b0)
         return total
 
 
@@ -216,8 +216,10 @@ def burn_rate(
     window: int,
     lookback: int = DEFAULT_LOOKBACK,
     min_span: int = MIN_SPAN,
+    scale: Decimal | None = None,
 ) -> tuple[Decimal, Basis] | InsufficientData:
-    """Credits per second (never negative) and where it came from (module doc)."""
+    """Credits per second (never negative) and where it came from (module doc). ``scale``:
+    the history's agreement factor with the gateway's spend, if already computed."""
     if history is None:
         return InsufficientData("no usage history (the gateway's timeseries could not be read)")
     t_now = _d(now)
@@ -227,7 +229,8 @@ def burn_rate(
         if len(recent) >= 2 and _d(recent[-1].at) - _d(recent[0].at) >= min_span:
             first, last = recent[0], recent[-1]
             t0, t1 = _d(first.at), _d(last.at)
-            scale = _window_scale(history, t1, window, last.spend)
+            if scale is None:
+                scale = _window_scale(history, t1, window, last.spend)
             gross = last.spend - first.spend + aged_out(history, t0, t1, window, scale)
             return max(ZERO, gross) / (t1 - t0), Basis.READINGS
         as_of = _d(history.as_of)
@@ -253,33 +256,55 @@ def project(history: History, *, spend: Decimal, rate: Decimal, now: float, wind
 
 
 def time_to_cap(
-    history: History, *, spend: Decimal, cap: Decimal, rate: Decimal, now: float, window: int
+    history: History,
+    *,
+    spend: Decimal,
+    cap: Decimal,
+    rate: Decimal,
+    now: float,
+    window: int,
+    scale: Decimal | None = None,
 ) -> int | None:
-    """Seconds until ``P(h) ≥ cap``, rounded up; 0 if already there; ``None`` if never."""
+    """Seconds until ``P(h) ≥ cap``, rounded up; 0 if already there; ``None`` if never.
+
+    One sweep over the bucket edges (``P`` is linear between them, with slope ``rate`` minus
+    the density of what is ageing out), so it costs O(n log n) in the buckets; ``project``
+    is the definition it agrees with."""
     if spend >= cap:
         return 0
     if rate <= 0:
         return None
-    t_now = _d(now)
-    points = {ZERO, Decimal(window)}
-    for b in history.buckets:
-        for edge in (Decimal(b.start), _effective_end(b, _d(history.as_of))):
-            h = edge + window - t_now
-            if 0 < h < window:
-                points.add(h)
-    ordered = sorted(points)
     with localcontext() as ctx:
         ctx.prec = _PRECISION
-        before = project(history, spend=spend, rate=rate, now=now, window=window, ahead=ZERO)
-        for h0, h1 in itertools.pairwise(ordered):
-            after = project(history, spend=spend, rate=rate, now=now, window=window, ahead=h1)
-            if after >= cap:
-                slope = (after - before) / (h1 - h0)
-                exact = h0 + (cap - before) / slope  # slope > 0: before < cap ≤ after
+        if spend + rate * window < cap:
+            return None  # ageing out only lowers P: P(h) ≤ S + r·min(h, W)
+        t_now, as_of, w = _d(now), _d(history.as_of), Decimal(window)
+        if scale is None:
+            scale = _window_scale(history, t_now, window, spend)
+        changes: dict[Decimal, Decimal] = {}
+        oldest, newest = math.floor(t_now) - window, math.ceil(t_now)
+        for b in history.buckets:
+            if b.end <= oldest or b.start >= newest or not b.cost:
+                continue  # not in the window: nothing of it ages out in the next one
+            b0 = Decimal(b.start)
+            b1 = _effective_end(b, as_of)
+            lo, hi = max(b0 + w - t_now, ZERO), min(b1 + w - t_now, w)
+            if hi <= lo or b.cost == 0:
+                continue
+            density = scale * b.cost / (b1 - b0)
+            changes[lo] = changes.get(lo, ZERO) + density
+            changes[hi] = changes.get(hi, ZERO) - density
+        h_prev, p_prev, ageing = ZERO, spend, changes.pop(ZERO, ZERO)
+        for h in sorted({*changes, w}):
+            slope = rate - ageing
+            p_h = p_prev + slope * (h - h_prev)
+            if p_h >= cap:
+                exact = h_prev + (cap - p_prev) / slope  # slope > 0: p_prev < cap ≤ p_h
                 # To the microsecond first: a rate such as 0.03/3600 does not terminate, and
                 # its last digit must not add a whole second.
                 return math.ceil(exact.quantize(_MICRO, rounding=ROUND_HALF_EVEN))
-            before = after
+            ageing += changes.get(h, ZERO)
+            h_prev, p_prev = h, p_h
     return None
 
 
@@ -298,10 +323,12 @@ def forecast_window(
     ``Exhaustion`` with its ETA."""
     if cap is None or cap <= 0:
         return NoCap()
-    rate = burn_rate(history, readings, now=now, window=window, lookback=lookback, min_span=min_span)
+    if history is None:
+        return InsufficientData("no usage history (the gateway's timeseries could not be read)")
+    scale = _window_scale(history, _d(now), window, spend)
+    rate = burn_rate(history, readings, now=now, window=window, lookback=lookback, min_span=min_span, scale=scale)
     if isinstance(rate, InsufficientData):
         return rate
     per_second, basis = rate
-    assert history is not None  # burn_rate refuses None
-    eta = time_to_cap(history, spend=spend, cap=cap, rate=per_second, now=now, window=window)
+    eta = time_to_cap(history, spend=spend, cap=cap, rate=per_second, now=now, window=window, scale=scale)
     return Exhaustion(window, spend, cap, per_second, eta, basis)

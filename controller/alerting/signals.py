@@ -253,6 +253,39 @@ def forecasts_for(
     return out
 
 
+def _decide_inputs(
+    out: Signals,
+    declaring: Sequence[BudgetReading],
+    specs: Mapping[str, AgentSpec],
+    cache: SignalCache,
+    rates: Mapping[str, Decimal | None],
+    currencies: Mapping[str, str],
+    now: float,
+) -> None:
+    """Each declaring agent's forecasts and anomaly sample, into ``out`` (pure arithmetic)."""
+    for r in declaring:
+        spec = specs[r.agent_id]
+        history = cache.history(r.agent_id)
+        if spec.forecast_horizon is not None:
+            out.forecasts.append(
+                ForecastReading(r.agent_id, r.fleet, spec.forecast_horizon, forecasts_for(r, history, cache, now))
+            )
+        if spec.anomaly is not None:
+            rate = rates.get(currencies[spec.fleet])
+            rule = spec.anomaly
+            if rate is None:
+                out.anomalies.append(
+                    AnomalyReading(r.agent_id, r.fleet, AnomalyPolicy(1, 1, rule.multiple, rule.min_spend), None)
+                )
+                continue
+            policy = AnomalyPolicy(
+                rule.window_seconds, rule.baseline_seconds, rule.multiple, to_credits(rule.min_spend, rate)
+            )
+            out.anomalies.append(
+                AnomalyReading(r.agent_id, r.fleet, policy, anomaly_sample(policy, history, r.daily.spend, now))
+            )
+
+
 async def collect_signals(
     client: GatewayClient,
     specs: Mapping[str, AgentSpec],
@@ -285,27 +318,9 @@ async def collect_signals(
             except GatewayError as exc:
                 rates[currency] = None
                 out.errors[f"rate {currency}"] = f"cannot read the {currency} exchange rate: {exc}"
-    for r in declaring:
-        spec = specs[r.agent_id]
-        history = cache.history(r.agent_id)
-        if spec.forecast_horizon is not None:
-            out.forecasts.append(
-                ForecastReading(r.agent_id, r.fleet, spec.forecast_horizon, forecasts_for(r, history, cache, now))
-            )
-        if spec.anomaly is not None:
-            rate = rates.get(currencies[spec.fleet])
-            rule = spec.anomaly
-            if rate is None:
-                out.anomalies.append(
-                    AnomalyReading(r.agent_id, r.fleet, AnomalyPolicy(1, 1, rule.multiple, rule.min_spend), None)
-                )
-                continue
-            policy = AnomalyPolicy(
-                rule.window_seconds, rule.baseline_seconds, rule.multiple, to_credits(rule.min_spend, rate)
-            )
-            out.anomalies.append(
-                AnomalyReading(r.agent_id, r.fleet, policy, anomaly_sample(policy, history, r.daily.spend, now))
-            )
+    # Decimal arithmetic for thousands of agents: off the event loop, so the daemon's other
+    # jobs and listeners keep running while it computes.
+    await asyncio.to_thread(_decide_inputs, out, declaring, specs, cache, rates, currencies, now)
     return out
 
 
