@@ -111,12 +111,16 @@ def pack(buckets: Iterable[SpendBucket], as_of: float) -> _Packed:
         else:
             recent.append((b.start, b.seconds, atomic))
     rows = [(d, DAILY_SECONDS, a) for d, a in sorted(days.items())] + recent
-    return _Packed(
-        as_of,
-        array("q", (r[0] for r in rows)),
-        array("q", (r[1] for r in rows)),
-        array("q", (r[2] for r in rows)),
-    )
+    try:
+        return _Packed(
+            as_of,
+            array("q", (r[0] for r in rows)),
+            array("q", (r[1] for r in rows)),
+            array("q", (r[2] for r in rows)),
+        )
+    except OverflowError:
+        # Beyond 64-bit atomic units: more than the gateway can store; not a usage history.
+        raise ValueError("usage history out of range (beyond what the gateway can store)") from None
 
 
 @dataclass
@@ -215,7 +219,10 @@ async def _refresh(
         elif isinstance(result, BaseException):
             raise result
         else:
-            cache.put_history(spec.agent_id, result, now)
+            try:
+                cache.put_history(spec.agent_id, result, now)
+            except ValueError as exc:
+                errors[spec.agent_id] = f"cannot use usage history: {exc}"
     return errors
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from decimal import Decimal
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -142,3 +143,15 @@ def test_a_history_is_stale_when_missing_old_or_moved() -> None:
     assert cache.stale("a", NOW - 10, None)  # the clock went back
     cache.retain(["b"])
     assert cache.history("a") is None
+
+
+def test_a_history_beyond_what_the_gateway_can_store_is_refused_not_wrapped() -> None:
+    huge = [SpendBucket(NOW - h * HOUR, HOUR, Decimal("90000000000.00")) for h in range(100, 124)]  # one day
+    with pytest.raises(ValueError, match="out of range"):
+        pack(huge, float(NOW))
+    cache = SignalCache()
+    cache.put_history("a", [SpendBucket(NOW - HOUR, HOUR, Decimal("0.10"))], float(NOW))
+    with pytest.raises(ValueError):
+        cache.put_history("a", huge, float(NOW))
+    history = cache.history("a")
+    assert history is not None and [b.cost for b in history.buckets] == [Decimal("0.10")]  # the old one stays
