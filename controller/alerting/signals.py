@@ -6,7 +6,7 @@ alerts check, and it need not be: completed hours never change. ``SignalCache`` 
 agent that declares a forecast or an anomaly rule (no other agent is ever read):
 
 - its usage history (hourly for the last two days, per UTC day before that, as compact
-  integer arrays: about 60 buckets and 1.5 KB per agent), re-read when it is missing,
+  integer arrays: at most about 80 buckets, 3.5 KB per agent with its readings), re-read when it is missing,
   older than ``max_age`` (one hour: a new hour has completed), or when the change feed says
   the agent moved (``moved``; ``None`` = no feed: the cache's age alone decides, which is
   enough because the recent rate comes from the readings below, not from the history);
@@ -125,9 +125,15 @@ def pack(buckets: Iterable[SpendBucket], as_of: float) -> _Packed:
 
 @dataclass
 class _Readings:
-    at: list[float] = field(default_factory=list)
-    daily: list[Decimal] = field(default_factory=list)
-    monthly: list[Decimal] = field(default_factory=list)
+    """Times, and daily and monthly spend in atomic units (1e-8 credits): compact arrays."""
+
+    at: array[float] = field(default_factory=lambda: array("d"))
+    daily: array[int] = field(default_factory=lambda: array("q"))
+    monthly: array[int] = field(default_factory=lambda: array("q"))
+
+
+def _atomic(amount: Decimal) -> int:
+    return int((amount / _ATOMIC).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
 
 
 class SignalCache:
@@ -163,19 +169,23 @@ class SignalCache:
             self._readings[agent_id] = r = _Readings()  # the clock went back: start over
         keep = next((i for i, t in enumerate(r.at) if t >= at - self.lookback), len(r.at))
         del r.at[:keep], r.daily[:keep], r.monthly[:keep]
-        if len(r.at) >= 2 and r.at[-1] - r.at[-2] < self.reading_gap:
-            r.at[-1], r.daily[-1], r.monthly[-1] = at, daily, monthly
-        else:
-            r.at.append(at)
-            r.daily.append(daily)
-            r.monthly.append(monthly)
+        try:
+            values = (_atomic(daily), _atomic(monthly))
+            if len(r.at) >= 2 and r.at[-1] - r.at[-2] < self.reading_gap:
+                r.at[-1], (r.daily[-1], r.monthly[-1]) = at, values
+            else:
+                r.at.append(at)
+                r.daily.append(values[0])
+                r.monthly.append(values[1])
+        except OverflowError:  # beyond what the gateway can store: not a reading
+            self._readings[agent_id] = _Readings()
 
     def readings(self, agent_id: str, window: str) -> list[SpendReading]:
         r = self._readings.get(agent_id)
         if r is None:
             return []
         values = r.daily if window == "daily" else r.monthly
-        return [SpendReading(t, v) for t, v in zip(r.at, values, strict=True)]
+        return [SpendReading(t, Decimal(v).scaleb(-8)) for t, v in zip(r.at, values, strict=True)]
 
     def retain(self, agent_ids: Iterable[str]) -> None:
         """Forget agents no longer declared (or no longer declaring a signal)."""
