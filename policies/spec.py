@@ -46,7 +46,23 @@ ALERT_EVENT_THRESHOLD = "budget.threshold"
 """Spend reached a declared threshold of a cap (once per crossing)."""
 ALERT_EVENT_RECOVERED = "budget.recovered"
 """Spend fell back below a threshold that had fired (rolling windows age spend out)."""
-ALERT_EVENTS = (ALERT_EVENT_THRESHOLD, ALERT_EVENT_RECOVERED)
+ALERT_EVENT_FORECAST = "budget.forecast"
+"""Spend is projected to reach a cap within the declared horizon (once per episode)."""
+ALERT_EVENT_ANOMALY = "budget.anomaly"
+"""Recent spend is above a declared multiple of the agent's own trailing baseline."""
+ALERT_EVENTS = (ALERT_EVENT_THRESHOLD, ALERT_EVENT_RECOVERED, ALERT_EVENT_FORECAST, ALERT_EVENT_ANOMALY)
+
+
+@dataclass(frozen=True)
+class AnomalySpec:
+    """``alerts.anomaly`` resolved: an agent is anomalous when its spend over the last
+    ``window_seconds`` is at least ``min_spend`` (fleet currency) and above ``multiple`` ×
+    its rate over the ``baseline_seconds`` before that window (``policies.anomaly``)."""
+
+    window_seconds: int = 86_400
+    baseline_seconds: int = 21 * 86_400
+    multiple: Decimal = Decimal(2)
+    min_spend: Decimal = Decimal("0.00")
 
 
 @dataclass(frozen=True)
@@ -62,7 +78,7 @@ class AlertRoute:
     allow_insecure: bool = False
     """Permit ``http://`` and loopback/private hosts (development and tests only)."""
 
-    def render(self, *, agent: str, fleet: str, threshold: int, window: str) -> str:
+    def render(self, *, agent: str, fleet: str, threshold: int | str, window: str) -> str:
         return (
             self.url.replace("{agent}", agent)
             .replace("{fleet}", fleet)
@@ -156,6 +172,11 @@ class AgentSpec:
     balance falls without matching spend is not refunded at all until a human decides."""
     escalation: tuple[EscalationRule, ...] = ()
     """The escalation ladder (``alerts.escalation``; default: none, alerts only)."""
+    forecast_horizon: int | None = None
+    """``alerts.forecastHorizon`` in seconds: ``budget.forecast`` fires when a cap is
+    projected to be reached within it (``None``: no forecast alert)."""
+    anomaly: AnomalySpec | None = None
+    """``alerts.anomaly``: ``budget.anomaly`` (``None``: not evaluated)."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +229,7 @@ class FleetSpec:
         if self.daily_funding_limit is not None:
             return self.daily_funding_limit
         return self.funding_ceiling + self.daily_total
+
     approval: ApprovalPolicy = ApprovalPolicy()
     metric_labels: tuple[str, ...] = ()
     """``spec.metrics.labels``: the agents' manifest label keys exported as Prometheus labels

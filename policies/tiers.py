@@ -10,7 +10,7 @@ Precedence, most specific first:
 * caps: agent override, else tier;
 * funding floor / target: agent field, else tier field, else fleet defaults field;
 * labels: fleet default labels overlaid with the agent's (the agent wins);
-* alert thresholds: agent override, else the fleet's.
+* alert thresholds, forecast horizon and anomaly rule: agent override, else the fleet's.
 
 Problems are returned, never raised, so the loader can report all of them in one go.
 """
@@ -33,6 +33,7 @@ from policies.spec import (
     WEEKLY,
     AgentSpec,
     AlertRoute,
+    AnomalySpec,
     ApprovalPolicy,
     DesiredState,
     EscalationRule,
@@ -172,6 +173,10 @@ class AgentDecl:
     bounds: BoundsDecl = BoundsDecl()
     escalation: tuple[EscalationRule, ...] | None = None
     """``alerts.escalation`` (``None``: the fleet's ladder)."""
+    forecast_horizon: int | None = None
+    """``alerts.forecastHorizon`` in seconds; ``None`` inherits the fleet's."""
+    anomaly: AnomalySpec | None = None
+    """``alerts.anomaly``; ``None`` inherits the fleet's."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +206,8 @@ class FleetDecl:
     """``spec.metrics.labels``: agent label keys exported on the per-agent metrics."""
     escalation: tuple[EscalationRule, ...] = ()
     """``spec.alerts.escalation``: the ladder every agent inherits unless it has its own."""
+    forecast_horizon: int | None = None
+    anomaly: AnomalySpec | None = None
 
 
 @dataclass(frozen=True)
@@ -401,6 +408,8 @@ def resolve_agent(fleet: FleetDecl, agent: AgentDecl) -> tuple[AgentSpec | None,
             daily_cap_max=bounds[1] if bounds else None,
             max_unexplained_per_day=max_unexplained if max_unexplained is not None else Decimal("0.00"),
             escalation=ladder,
+            forecast_horizon=agent.forecast_horizon if agent.forecast_horizon is not None else fleet.forecast_horizon,
+            anomaly=agent.anomaly if agent.anomaly is not None else fleet.anomaly,
         ),
         [],
     )

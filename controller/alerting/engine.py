@@ -21,7 +21,8 @@ import httpx
 
 from controller.alerting.deliver import DEFAULT_POLICY, Clock, DeliveryPolicy, Sleep, deliver_pending
 from controller.alerting.guard import Resolver, system_resolver
-from controller.alerting.store import PENDING, AlertStore, Attempt, FiredAlert, RouteStatus
+from controller.alerting.signals import SignalCache, collect_signals
+from controller.alerting.store import PENDING, AlertStore, AlertTx, Attempt, FiredAlert, RouteStatus
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import GatewayError
 from controller.gateway.models import BudgetStatus
@@ -35,7 +36,16 @@ from policies.alerts import (
     render_url,
     routes_for,
 )
-from policies.spec import ALERT_EVENT_RECOVERED, ALERT_EVENT_THRESHOLD, AgentSpec, DesiredState
+from policies.signal_alerts import ForecastReading, SignalEvent, evaluate_signals, render_signal_url, signal_routes
+from policies.spec import (
+    ALERT_EVENT_ANOMALY,
+    ALERT_EVENT_FORECAST,
+    ALERT_EVENT_RECOVERED,
+    ALERT_EVENT_THRESHOLD,
+    AgentSpec,
+    AlertRoute,
+    DesiredState,
+)
 from policies.urls import check_url_safety
 
 if TYPE_CHECKING:
@@ -66,6 +76,13 @@ class AlertCheckResult:
     delivery_errors: list[str] = field(default_factory=list)
     ladder: LadderReport | None = None
     """What the escalation ladder did (``None``: no ladder in this check)."""
+    forecasts_fired: int = 0
+    anomalies_fired: int = 0
+    history_reads: int = 0
+    """Usage-history (timeseries) requests this check made (forecasts and anomalies)."""
+    signal_events: tuple[SignalEvent, ...] = ()
+    forecasts: tuple[ForecastReading, ...] = ()
+    """This check's forecasts of every agent with a forecast horizon (for metrics)."""
 
     @property
     def ok(self) -> bool:
@@ -86,7 +103,10 @@ class AlertCheckResult:
             "deferred": self.deferred,
             "pending": self.pending,
             "held": list(self.held),
-            "events": [e.payload() for e in self.events],
+            "forecasts_fired": self.forecasts_fired,
+            "anomalies_fired": self.anomalies_fired,
+            "history_reads": self.history_reads,
+            "events": [e.payload() for e in self.events] + [e.payload() for e in self.signal_events],
             "agent_errors": dict(sorted(self.agent_errors.items())),
             "delivery_errors": list(self.delivery_errors),
         } | ({"escalation": self.ladder.to_dict()} if self.ladder is not None else {})
@@ -129,6 +149,8 @@ async def check_alerts(
     resolver: Resolver = system_resolver,
     fence: Callable[[], None] | None = None,
     ladder: Ladder | None = None,
+    signals: SignalCache | None = None,
+    moved: frozenset[str] | None = None,
 ) -> AlertCheckResult:
     """Evaluate every declared agent's thresholds and deliver due alerts (module doc).
 
@@ -140,6 +162,12 @@ async def check_alerts(
     delivery attempt: a finops that lost the lock decides and sends nothing more.
     ``ladder`` (``controller.alerting.ladder``) decides escalations with the slots and
     executes them before the alerts are delivered.
+
+    Forecast and anomaly alerts (``budget.forecast``, ``budget.anomaly``) are decided in the
+    same transaction from the same budget reads, plus each declaring agent's usage history
+    from ``signals`` (``controller.alerting.signals``: the daemon passes one cache for its
+    lifetime; without one, every declaring agent's history is read). ``moved``: the agents
+    the change feed saw spend since the last check (``None``: unknown).
     """
     specs = {a.agent_id: a for a in desired.agents()}
     to_read = [s for s in specs.values() if s.agent_id not in held]
@@ -150,9 +178,21 @@ async def check_alerts(
     result = AlertCheckResult(
         evaluated=len(readings), held=tuple(sorted(held & specs.keys())), agent_errors=agent_errors
     )
+    at = now()
+    collected = await collect_signals(
+        client,
+        specs,
+        readings,
+        signals if signals is not None else SignalCache(),
+        now=at,
+        moved=moved,
+        currencies={f.name: f.currency for f in desired.fleets},
+    )
+    result.agent_errors.update(collected.errors)
+    result.history_reads = collected.history_reads
+    result.forecasts = tuple(collected.forecasts)
     if fence is not None:
         await asyncio.to_thread(fence)
-    at = now()
     with AlertStore(state_path) as store:
         with store.decide(at) as tx:
             before = tx.slots()
@@ -185,6 +225,18 @@ async def check_alerts(
                         )
                     else:
                         result.queued += 1
+            before_signals = tx.signal_slots()
+            signal_eval = evaluate_signals(
+                collected.forecasts, collected.anomalies, before_signals, declared=collected.declared, now=at
+            )
+            tx.save_signal_slots(signal_eval.changed(before_signals), signal_eval.dropped(before_signals))
+            for signal in signal_eval.events:
+                _enqueue_signal(tx, result, signal, specs[signal.agent_id].alert_routes)
+        for signal in signal_eval.events:
+            logger.info("%s %s: agent %s %s %s", signal.type, signal.id, signal.agent_id, signal.window, signal.details)
+        result.signal_events = signal_eval.events
+        result.forecasts_fired = sum(1 for e in signal_eval.events if e.type == ALERT_EVENT_FORECAST)
+        result.anomalies_fired = sum(1 for e in signal_eval.events if e.type == ALERT_EVENT_ANOMALY)
         for event in events:
             logger.info(
                 "%s %s: agent %s %s %s%% of cap (threshold %s%%)",
@@ -207,6 +259,33 @@ async def check_alerts(
     result.deferred = report.deferred
     result.delivery_errors.extend(report.errors)
     return result
+
+
+def _enqueue_signal(tx: AlertTx, result: AlertCheckResult, signal: SignalEvent, routes: tuple[AlertRoute, ...]) -> None:
+    """Queue a forecast or anomaly alert to the routes that list its type (as ``check_alerts``
+    queues threshold alerts: a refused URL is recorded, never sent)."""
+    for route in signal_routes(signal, routes):
+        url = render_signal_url(route, signal)
+        problem = check_url_safety(url, allow_insecure=route.allow_insecure)
+        refusal = f"refused: {problem}" if problem else None
+        row = tx.enqueue(
+            alert_id=signal.id,
+            agent_id=signal.agent_id,
+            event_type=signal.type,
+            route=redact_url(route.url),
+            url=url,
+            allow_insecure=route.allow_insecure,
+            secret=route.secret,
+            body=signal.body(),
+            refused=refusal,
+        )
+        if row is None:
+            continue
+        if refusal:
+            result.refused += 1
+            result.delivery_errors.append(f"{signal.agent_id}: alert {signal.id} to {redact_url(url)}: {refusal}")
+        else:
+            result.queued += 1
 
 
 def _by_agent(items: list[T]) -> dict[str, list[T]]:

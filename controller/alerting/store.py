@@ -26,8 +26,9 @@ from typing import Self
 from controller.state import escalations
 from controller.state.db import Database, connect
 from controller.state.location import StateLocation, as_location
-from policies.alerts import SlotKey, SlotState
+from policies.alerts import WINDOWS, SlotKey, SlotState
 from policies.escalation import UNFINISHED, Escalation, LadderDecision
+from policies.signal_alerts import SignalKey, SignalKind
 from policies.spec import SecretRef
 
 PENDING = "pending"
@@ -148,6 +149,15 @@ class AlertTx:
         for row in decision.releasing:
             escalations.update(self._db, row, self._at, expect=("pending", "active"))
 
+    def signal_slots(self) -> dict[SignalKey, SlotState]:
+        return _load_signal_slots(self._db)
+
+    def save_signal_slots(self, changed: Mapping[SignalKey, SlotState], dropped: Iterable[SignalKey]) -> None:
+        self.save_slots(
+            {SlotKey(k.agent_id, _signal_window(k), 0): v for k, v in changed.items()},
+            [SlotKey(k.agent_id, _signal_window(k), 0) for k in dropped],
+        )
+
     def forget_agents_except(self, agent_ids: Iterable[str]) -> None:
         """The manifests are the inventory: slots of agents no longer declared go."""
         keep = sorted(set(agent_ids))
@@ -208,11 +218,37 @@ def _log(
     )
 
 
+_THRESHOLD_SLOTS = f"budget_window IN ({', '.join(repr(w) for w in WINDOWS)})"
+"""Threshold slots; forecast and anomaly slots share the table (``_signal_window``)."""
+
+
 def _load_slots(db: Database) -> dict[SlotKey, SlotState]:
     rows = db.execute(
         "SELECT agent_id, budget_window, threshold, fired, episodes, alert_id, fired_at FROM alert_slots"
+        f" WHERE {_THRESHOLD_SLOTS}"
     ).fetchall()
     return {SlotKey(a, w, int(t)): SlotState(bool(f), int(e), str(i), fa) for a, w, t, f, e, i, fa in rows}
+
+
+def _signal_window(key: SignalKey) -> str:
+    """A forecast or anomaly slot is stored in ``alert_slots`` as window ``kind:window``,
+    threshold 0: the same table, transaction and pruning as threshold slots, no migration."""
+    return f"{key.kind}:{key.window}"
+
+
+def _load_signal_slots(db: Database) -> dict[SignalKey, SlotState]:
+    rows = db.execute(
+        "SELECT agent_id, budget_window, fired, episodes, alert_id, fired_at FROM alert_slots"
+        f" WHERE NOT {_THRESHOLD_SLOTS}"
+    ).fetchall()
+    out: dict[SignalKey, SlotState] = {}
+    for agent_id, stored, fired, episodes, alert_id, fired_at in rows:
+        kind, _, window = str(stored).partition(":")
+        if kind in SignalKind.__members__.values():
+            out[SignalKey(agent_id, SignalKind(kind), window)] = SlotState(
+                bool(fired), int(episodes), str(alert_id), fired_at
+            )
+    return out
 
 
 class AlertStore:
@@ -244,6 +280,10 @@ class AlertStore:
     def slots(self) -> dict[SlotKey, SlotState]:
         with self._lock:
             return _load_slots(self._db)
+
+    def signal_slots(self) -> dict[SignalKey, SlotState]:
+        with self._lock:
+            return _load_signal_slots(self._db)
 
     def pending(self) -> list[OutboxRow]:
         with self._lock:
@@ -314,7 +354,7 @@ class AlertStore:
         with self._lock:
             rows = self._db.execute(
                 "SELECT agent_id, budget_window, threshold, alert_id, fired_at FROM alert_slots WHERE fired = 1"
-                " ORDER BY agent_id, budget_window, threshold"
+                f" AND {_THRESHOLD_SLOTS} ORDER BY agent_id, budget_window, threshold"
             ).fetchall()
         return [FiredAlert(a, w, int(t), i, fa) for a, w, t, i, fa in rows]
 

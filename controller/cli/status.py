@@ -114,6 +114,8 @@ def check(
             else:
                 for event in result.events:
                     click.echo(f"{event.type:<17} {event.agent_id:<12} {event.window} {event.threshold}% ({event.id})")
+                for signal in result.signal_events:
+                    click.echo(f"{signal.type:<17} {signal.agent_id:<12} {signal.window} ({signal.id})")
                 for agent, error in sorted(result.agent_errors.items()):
                     click.echo(click.style("error    ", fg="red") + f"{agent}: {error}")
                 for error in result.delivery_errors:
@@ -121,7 +123,8 @@ def check(
                 _echo_ladder(result)
                 click.echo(
                     f"Alerts: {result.evaluated} agent(s) evaluated, {result.fired} crossing(s), "
-                    f"{result.recovered} recovery(ies), {result.delivered} delivered, {result.failed} failed, "
+                    f"{result.recovered} recovery(ies), {result.forecasts_fired} forecast(s), "
+                    f"{result.anomalies_fired} anomaly(ies), {result.delivered} delivered, {result.failed} failed, "
                     f"{result.pending} pending retry."
                 )
             return EXIT_OK if result.ok else EXIT_ERROR

@@ -13,6 +13,7 @@ from controller.alerting.deliver import Sleep
 from controller.alerting.engine import check_alerts
 from controller.alerting.guard import Resolver, system_resolver
 from controller.alerting.ladder import Ladder, active_by_action
+from controller.alerting.signals import SignalCache
 from controller.daemon.command import DaemonContext
 from controller.daemon.jobs import JobFn, JobResult, SkipReason
 from controller.keys.rotate import KeyManager
@@ -32,7 +33,11 @@ def alerts_job(
     sleep: Sleep = asyncio.sleep,
 ) -> JobFn:
     """``resolver`` (the receivers' DNS) and ``sleep`` (the delivery backoff) are injectable,
-    like the clock, so a test neither touches DNS nor waits through real backoff."""
+    like the clock, so a test neither touches DNS nor waits through real backoff. One
+    ``SignalCache`` lives as long as the job: usage histories are read about once an hour
+    per agent that declares a forecast or anomaly rule, and the spend readings of successive
+    checks give the burn rate."""
+    signals = SignalCache()
 
     async def job() -> JobResult:
         desired = ctx.desired()
@@ -58,6 +63,7 @@ def alerts_job(
                     sleep=sleep,
                     fence=ctx.fence,
                     ladder=Ladder(client, ctx.store, keys, desired, now=now),
+                    signals=signals,
                 )
             finally:
                 keys.close()

@@ -33,6 +33,7 @@ from controller.manifest.schema import (
     Agent,
     AgentGroupManifest,
     AlertRoute,
+    Anomaly,
     Approval,
     EscalationStep,
     FleetManifest,
@@ -42,8 +43,9 @@ from controller.manifest.schema import (
     Rebalancing,
     SecretRef,
     kind_of,
+    span_seconds,
 )
-from policies.spec import ApprovalPolicy, DesiredState, EscalationRule, KeySinkSpec
+from policies.spec import AnomalySpec, ApprovalPolicy, DesiredState, EscalationRule, KeySinkSpec
 from policies.spec import SecretRef as SecretRefSpec
 from policies.tiers import (
     AgentDecl,
@@ -485,6 +487,16 @@ def _rebalancing(policy: Rebalancing | None) -> RebalanceDecl | None:
     )
 
 
+def _horizon(text: str | None) -> int | None:
+    return None if text is None else span_seconds(text)
+
+
+def _anomaly(rule: Anomaly | None) -> AnomalySpec | None:
+    if rule is None:
+        return None
+    return AnomalySpec(span_seconds(rule.window), span_seconds(rule.baseline), rule.multiple, rule.min_spend)
+
+
 def _approval(approval: Approval) -> ApprovalPolicy:
     bound = approval.max_unattended_increase
     return ApprovalPolicy(bound.daily_caps, bound.monthly_caps, bound.funding, bound.agents)
@@ -536,6 +548,8 @@ def _agent_decls(label: str, doc: Document, agents: Sequence[Agent]) -> tuple[Ag
                 keys=_keys(agent.keys),
                 bounds=_bounds(agent.rebalance),
                 escalation=_ladder(own_ladder) if own_ladder is not None else None,
+                forecast_horizon=_horizon(agent.alerts.forecast_horizon) if agent.alerts is not None else None,
+                anomaly=_anomaly(agent.alerts.anomaly) if agent.alerts is not None else None,
             )
         )
     return tuple(decls)
@@ -599,6 +613,8 @@ def _fleet_decl(label: str, doc: Document, manifest: FleetManifest) -> FleetDecl
             else None
         ),
         keys=_keys(spec.keys),
+        forecast_horizon=_horizon(alerts.forecast_horizon),
+        anomaly=_anomaly(alerts.anomaly),
         rebalancing=_rebalancing(spec.rebalancing),
         approval=_approval(spec.approval),
         metric_labels=tuple(spec.metrics.labels),

@@ -172,7 +172,7 @@ PATTERN_HELP[ENV_NAME_PATTERN] = "must be an environment variable name (letters,
 EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME_PATTERN)]
 URL_PLACEHOLDERS = ("{agent}", "{fleet}", "{threshold}", "{window}")
 WEBHOOK_PLACEHOLDERS = ("{agent}", "{fleet}")
-ALERT_EVENT_NAMES = Literal["budget.threshold", "budget.recovered"]
+ALERT_EVENT_NAMES = Literal["budget.threshold", "budget.recovered", "budget.forecast", "budget.anomaly"]
 
 
 def _url_template(value: str, allowed: tuple[str, ...]) -> str:
@@ -328,6 +328,84 @@ def _one_step_per_slot(steps: list[EscalationStep] | None) -> list[EscalationSte
                     f"{other.threshold} %: it could never act (the ladder must escalate)"
                 )
     return steps
+SPAN_PATTERN = r"^[1-9][0-9]{0,5}(s|m|h|d)$"
+PATTERN_HELP[SPAN_PATTERN] = 'must be a duration such as "90m", "2h" or "21d"'
+Span = Annotated[str, StringConstraints(pattern=SPAN_PATTERN)]
+SPAN_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+HORIZON_MIN, HORIZON_MAX = 60, 30 * 86_400
+ANOMALY_WINDOW_MIN, ANOMALY_WINDOW_MAX = 3600, 7 * 86_400
+ANOMALY_BASELINE_MIN, ANOMALY_BASELINE_MAX = 86_400, 30 * 86_400
+MULTIPLE_PATTERN = r"^[0-9]+(\.[0-9]{1,2})?$"
+
+
+def span_seconds(text: str) -> int:
+    """``"90m"`` → 5400: a duration written with ``SPAN_PATTERN``."""
+    return int(text[:-1]) * SPAN_UNITS[text[-1]]
+
+
+def show_span(seconds: int) -> str:
+    """The shortest way to write ``seconds`` with ``SPAN_PATTERN`` units."""
+    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _span_within(text: str, low: int, high: int, what: str) -> str:
+    seconds = span_seconds(text)
+    if not low <= seconds <= high:
+        raise ValueError(f"{what} {text!r} must be between {show_span(low)} and {show_span(high)}")
+    return text
+
+
+def _multiple(value: object) -> Decimal:
+    """A factor such as 2 or "2.5": above 1, at most 1000, at most 2 decimals, never rounded."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f'expected a factor such as 2.0 or "2.5", got {kind_of(value)}')
+    text = repr(value) if isinstance(value, float) else str(value).strip()
+    if not re.match(MULTIPLE_PATTERN, text):
+        raise ValueError(f"multiple {text!r} must be a plain decimal with at most 2 decimals, such as 2.0")
+    factor = Decimal(text)
+    if not Decimal(1) < factor <= Decimal(1000):
+        raise ValueError(f"multiple {text} must be above 1 and at most 1000 (a multiple of the baseline rate)")
+    return factor
+
+
+Multiple = Annotated[
+    Decimal,
+    PlainValidator(_multiple),
+    WithJsonSchema({"description": "A factor above 1, e.g. 2.0", "oneOf": [{"type": "number"}, {"type": "string"}]}),
+]
+
+
+class Anomaly(_Model):
+    """``budget.anomaly``: spend over the last ``window`` above ``multiple`` × the agent's
+    own rate over the ``baseline`` before it, once at least ``minSpend`` was spent."""
+
+    window: Span = "24h"
+    baseline: Span = "21d"
+    multiple: Multiple = Decimal(2)
+    min_spend: Money
+
+    _window = field_validator("window")(
+        lambda v: _span_within(v, ANOMALY_WINDOW_MIN, ANOMALY_WINDOW_MAX, "anomaly window")
+    )
+    _baseline = field_validator("baseline")(
+        lambda v: _span_within(v, ANOMALY_BASELINE_MIN, ANOMALY_BASELINE_MAX, "anomaly baseline")
+    )
+
+    @model_validator(mode="after")
+    def _baseline_longer(self) -> Anomaly:
+        if span_seconds(self.baseline) < span_seconds(self.window):
+            raise ValueError(
+                f"baseline {self.baseline!r} is shorter than window {self.window!r}: the baseline is the agent's "
+                "normal rate, measured over a longer period before the window"
+            )
+        return self
+
+
+def _horizon(value: str | None) -> str | None:
+    return value if value is None else _span_within(value, HORIZON_MIN, HORIZON_MAX, "forecastHorizon")
 
 
 class FleetAlerts(_Model):
@@ -340,6 +418,13 @@ class FleetAlerts(_Model):
     gateway_webhooks: GatewayWebhooks | None = None
     escalation: list[EscalationStep] = Field(default_factory=list)
     """Actions besides notifying, per threshold (default: none)."""
+    forecast_horizon: Span | None = Field(
+        default=None,
+        description="budget.forecast fires when a daily or monthly cap is projected to be reached within this.",
+    )
+    anomaly: Anomaly | None = None
+
+    _horizon = field_validator("forecast_horizon")(_horizon)
 
     _increasing = field_validator("thresholds")(_strictly_increasing)
     _ladder = field_validator("escalation")(_one_step_per_slot)
@@ -352,14 +437,20 @@ class AgentAlerts(_Model):
     routes: list[AlertRoute] | None = None
     escalation: list[EscalationStep] | None = None
     """Replaces the fleet's ladder (``[]``: this agent is only alerted)."""
+    forecast_horizon: Span | None = None
+    anomaly: Anomaly | None = None
 
     _increasing = field_validator("thresholds")(lambda v: v if v is None else _strictly_increasing(v))
     _ladder = field_validator("escalation")(_one_step_per_slot)
+    _horizon = field_validator("forecast_horizon")(_horizon)
 
     @model_validator(mode="after")
     def _not_empty(self) -> AgentAlerts:
-        if self.thresholds is None and self.routes is None and self.escalation is None:
-            raise ValueError("give 'thresholds', 'routes' and/or 'escalation' (an empty override is ambiguous)")
+        if all(v is None for v in (self.thresholds, self.routes, self.escalation, self.forecast_horizon, self.anomaly)):
+            raise ValueError(
+                "give 'thresholds', 'routes', 'escalation', 'forecastHorizon' and/or 'anomaly' "
+                "(an empty override is ambiguous)"
+            )
         return self
 
 

@@ -19,6 +19,7 @@ from decimal import Decimal
 from typing import Any
 
 from controller.alerting.engine import alert_state, delivery_status
+from controller.alerting.signals import read_forecasts
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import GatewayError
 from controller.keys.rotate import KeyManager
@@ -27,10 +28,11 @@ from controller.reconcile.decide import build_memory
 from controller.reconcile.detect import Finding, detect
 from controller.reconcile.observe import LiveFleet, observe
 from controller.state import FAILED, StateStore
-from policies.alerts import redact_url
+from policies.alerts import WindowReading, redact_url
 from policies.currency import CREDITS, from_credits
 from policies.detect import UnresolvedIntent
 from policies.display import escape_controls
+from policies.forecast import Exhaustion, InsufficientData, WindowForecast
 from policies.money import format_money
 from policies.plan_types import ChangeKind, Plan, funding_window_to_dict
 from policies.planner import make_plan
@@ -81,6 +83,11 @@ class AgentStatus:
     """Credits per unit of the fleet's currency (findings show money in both)."""
     ledger_complete: bool | None = None
     """Whether detection read the whole lookback of the ledger (``None``: not read)."""
+    forecast: dict[str, Any] = field(default_factory=dict)
+    """Per window (``daily``, ``monthly``), for an agent with ``alerts.forecastHorizon``:
+    ``eta_seconds`` (``null``: never at this rate; 0: at the cap), ``exhausts_at``,
+    ``rate_per_hour`` (credits), ``basis``, ``within_horizon``; or ``no_cap`` /
+    ``insufficient_data`` (the reason); or ``error`` when the history could not be read."""
 
     def add_finding(self, finding: Finding) -> None:
         self.findings.append(finding)
@@ -196,6 +203,17 @@ async def fleet_status(
         deferred.setdefault(d.agent_id, []).append(d.message)
     routes = delivery_status(store.location)
     fired = alert_state(store.location)
+    forecasts = await read_forecasts(
+        client,
+        desired.agents(),
+        {
+            a.agent_id: (WindowReading(a.budget.daily_spend, a.budget.daily_cap),
+                         WindowReading(a.budget.monthly_spend, a.budget.monthly_cap))
+            for a in live.agents.values()
+            if a.budget is not None and not a.error
+        },
+        now,
+    )  # fmt: skip
     key_status = {k.agent_id: k for k in keys.key_status(desired)}
     try:
         key_health = await keys.held_key_health(desired)
@@ -246,6 +264,7 @@ async def fleet_status(
             else:
                 row.flags.append("NO DAILY CAP on the gateway: spend is unlimited")
             row.fired = [f"{f.window} {f.threshold}%" for f in fired.get(spec.agent_id, [])]
+            _show_forecast(row, forecasts.get(spec.agent_id), spec.forecast_horizon, now)
             hold = memory.holds.get(spec.agent_id)
             if hold is not None:
                 row.held = hold.reason
@@ -331,6 +350,63 @@ async def fleet_status(
     )
 
 
+def _forecast_dict(forecast: WindowForecast, horizon: int, now: float) -> dict[str, Any]:
+    if isinstance(forecast, InsufficientData):
+        return {"insufficient_data": forecast.reason}
+    if not isinstance(forecast, Exhaustion):
+        return {"no_cap": True}
+    eta = forecast.eta_seconds
+    return {
+        "eta_seconds": eta,
+        "exhausts_at": None if eta is None else _iso(now + eta),
+        "rate_per_hour": format_money(forecast.rate_per_hour),
+        "basis": str(forecast.basis),
+        "within_horizon": forecast.within(horizon),
+    }
+
+
+def show_duration(seconds: int) -> str:
+    """``5400`` → ``1h30m``: an ETA for people."""
+    if seconds < 60:
+        return f"{seconds}s"
+    days, rest = divmod(seconds, 86_400)
+    hours, rest = divmod(rest, 3600)
+    return "".join(f"{n}{unit}" for n, unit in ((days, "d"), (hours, "h"), (rest // 60, "m")) if n)
+
+
+def _show_forecast(
+    row: AgentStatus, forecasts: dict[str, WindowForecast] | str | None, horizon: int | None, now: float
+) -> None:
+    """``row.forecast`` and, when a cap is projected within the horizon, a flag."""
+    if forecasts is None or horizon is None:
+        return
+    if isinstance(forecasts, str):
+        row.forecast = {"error": forecasts}
+        row.flags.append(f"NO FORECAST: {forecasts}")
+        return
+    row.forecast = {window: _forecast_dict(f, horizon, now) for window, f in forecasts.items()}
+    for window, f in forecasts.items():
+        if isinstance(f, Exhaustion) and f.within(horizon) and f.eta_seconds:
+            row.flags.append(
+                f"FORECAST: {window} cap reached in about {show_duration(f.eta_seconds)} at "
+                f"{format_money(f.rate_per_hour)} credits/h (horizon {show_duration(horizon)})"
+            )
+
+
+def _forecast_line(a: AgentStatus) -> str | None:
+    parts = []
+    for window, f in a.forecast.items():
+        if not isinstance(f, dict):
+            continue
+        if "eta_seconds" in f:
+            eta = f["eta_seconds"]
+            when = "never at this rate" if eta is None else "at the cap" if eta == 0 else f"in {show_duration(eta)}"
+            parts.append(f"{window} cap {when} ({f['rate_per_hour']} credits/h)")
+        elif "insufficient_data" in f:
+            parts.append(f"{window}: not enough data")
+    return "forecast: " + "; ".join(parts) if parts else None
+
+
 def _currencies(status: FleetStatus) -> str:
     return "; ".join(
         f"{w['fleet']}: {w['currency']}"
@@ -356,6 +432,9 @@ def render_status(status: FleetStatus) -> str:
             lines.append(f"{'':12}   alert {ep['route']}: {state}{when}")
         for hook in a.gateway_webhooks:
             lines.append(f"{'':12}   gateway webhook {hook['webhook_id']}: {hook.get('last') or hook.get('note')}")
+        forecast = _forecast_line(a)
+        if forecast:
+            lines.append(f"{'':12}   {forecast}")
         if a.ledger_complete is False:
             lines.append(f"{'':12}   ledger: the last 24 h did not fit in the pages read; findings are a lower bound")
         if a.key:
