@@ -26,6 +26,7 @@ from controller.io.secretref import (
 )
 from controller.keys.sinks import KeySink, sink_for
 from controller.keys.vault import KeyStore
+from controller.observation.store import SharedRead
 from controller.reconcile.apply import configured_settle_seconds
 from controller.reconcile.observe import observe
 from controller.state import PENDING, Adjustment, StateStore
@@ -119,9 +120,16 @@ async def observe_and_plan(
     *,
     prune: bool = False,
     adjustments: Mapping[str, Adjustment] | None = None,
+    shared: SharedRead | None = None,
 ) -> Plan:
+    """``shared``: read through the daemon's observation store; agents with an unresolved
+    intent (an unknown outcome) or a hold are read authoritatively all the same."""
     now = store.now()  # one clock for the funding window: the one its events are stamped with
-    live = await observe(client, desired, target=target, webhooks_owned=bool(store.managed_webhooks()), now=now)
+    if shared is not None:
+        shared = shared.with_authoritative([*store.holds(), *(i.agent_id for i in store.intents(status=PENDING))])
+    live = await observe(
+        client, desired, target=target, webhooks_owned=bool(store.managed_webhooks()), now=now, shared=shared
+    )
     memory = build_memory(store, desired, adjustments=adjustments)
     plan = make_plan(desired, live, memory, prune=prune, now=datetime.fromtimestamp(now, UTC))
     if store.location.shared and (local := machine_local_secrets(desired)):

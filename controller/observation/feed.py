@@ -1,0 +1,118 @@
+"""The change feed and the rolling resync, driving the observation store.
+
+``FeedSync.sync`` is what a daemon job calls before reading through the store: at most once
+per ``min_gap_s`` it polls the leaderboard of call counts (one request; raised and asked
+again, a few times at most, when the answer may be cut off), marks the agents that moved
+(``policies.feed.moved_agents``) stale, and marks the rolling resync's share of this interval
+(``policies.feed.resync_due``) stale. A failed poll marks everything stale: the jobs then read
+every agent, as they did before the feed existed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from controller.gateway.client import GatewayClient
+from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
+from controller.observation.store import ObservationStore
+from policies.feed import Board, moved_agents, next_limit, resync_due
+
+logger = logging.getLogger("finops.feed")
+
+DEFAULT_RESYNC_PERIOD_S = 600.0
+MAX_RAISES = 3
+"""Extra polls with a doubled ``limit`` within one sync, when the board came back full."""
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What one sync decided; ``moved`` is ``None`` when the feed could not tell (first poll,
+    failed poll): every agent may have moved."""
+
+    polled: bool
+    moved: frozenset[str] | None
+    resynced: frozenset[str]
+    requests: int
+    error: str | None = None
+
+    @property
+    def stale(self) -> frozenset[str] | None:
+        """Every agent this sync marked stale (``None``: all)."""
+        return None if self.moved is None else self.moved | self.resynced
+
+
+class FeedSync:
+    """The feed's memory between polls: the last counts and the ``limit`` that fits."""
+
+    def __init__(
+        self,
+        store: ObservationStore,
+        *,
+        interval_s: float,
+        resync_period_s: float = DEFAULT_RESYNC_PERIOD_S,
+        min_gap_s: float | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.store = store
+        self.interval_s = interval_s
+        self.resync_period_s = resync_period_s
+        self.min_gap_s = interval_s / 2 if min_gap_s is None else min_gap_s
+        self.enabled = enabled
+        self.limit = 0
+        self.previous: Mapping[str, int] | None = None
+        self.last_sync: float | None = None
+        self.last: SyncResult | None = None
+
+    async def _poll(self, client: GatewayClient, declared: int) -> tuple[Board, int]:
+        requests = 0
+        self.limit = next_limit(self.limit, 0, True, declared)
+        for _ in range(1 + MAX_RAISES):
+            requests += 1
+            board = await client.leaderboard("calls", limit=self.limit)
+            counts = {e.agent_id: int(e.value) for e in board.entries}
+            self.limit = next_limit(self.limit, len(counts), board.complete, declared)
+            if board.complete:
+                break
+        return Board(counts, board.complete), requests
+
+    async def sync(self, client: GatewayClient, declared: Collection[str], *, force: bool = False) -> SyncResult:
+        """Poll (unless a sync ran less than ``min_gap_s`` ago) and mark what must be read."""
+        now = self.store.clock()
+        agents = frozenset(declared)
+        self.store.forget_except(agents)
+        if not force and self.last_sync is not None and now - self.last_sync < self.min_gap_s and self.last:
+            return SyncResult(False, self.last.moved, frozenset(), 0)
+        elapsed = self.interval_s if self.last_sync is None else now - self.last_sync
+        self.last_sync = now
+        board: Board | None = None
+        error: str | None = None
+        requests = 0
+        if self.enabled:
+            try:
+                board, requests = await self._poll(client, len(agents))
+            except (AuthenticationFailed, NotAdmin):
+                raise
+            except GatewayError as exc:
+                error = f"change feed poll failed, reading every agent: {exc}"
+                logger.warning("%s", error)
+        moved: frozenset[str] | None = None  # the feed cannot tell: everything may have moved
+        if board is not None and self.previous is not None:
+            moved = moved_agents(self.previous, board, agents)
+        self.store.mark_stale(agents if moved is None else moved)
+        if board is not None:
+            self.previous = board.counts
+        resynced = resync_due(
+            self.store.read_at(agents),
+            now=now,
+            interval_s=max(self.interval_s, min(elapsed, self.resync_period_s)),
+            period_s=self.resync_period_s,
+            exclude=agents if moved is None else moved,
+        )
+        self.store.mark_stale(resynced)
+        self.last = SyncResult(True, moved, resynced, requests, error)
+        return self.last
+
+
+__all__ = ["DEFAULT_RESYNC_PERIOD_S", "FeedSync", "SyncResult"]
