@@ -62,6 +62,10 @@ class AlertCheckResult:
     events: tuple[AlertEvent, ...] = ()
     agent_errors: dict[str, str] = field(default_factory=dict)
     delivery_errors: list[str] = field(default_factory=list)
+    moved: frozenset[str] | None = None
+    """The agents the daemon's change feed saw move since its last poll (``None``: unknown,
+    any may have: no feed, its first poll, or a failed one); for jobs that follow the check
+    (e.g. a forecast reading timeseries only for agents that moved)."""
 
     @property
     def ok(self) -> bool:

@@ -41,6 +41,7 @@ from controller.gateway.client import GatewayClient
 from controller.io.blocking import off_loop
 from controller.keys.vault import KeyStore
 from controller.manifest.loader import load_manifests
+from controller.observation.feed import FeedSync
 from controller.reconcile import approval
 from controller.reconcile.apply import AgentResult
 from controller.reconcile.decide import observe_and_plan
@@ -192,6 +193,7 @@ class Reconciler:
         clock: Callable[[], float] = time.time,
         log: logging.Logger | None = None,
         approver: str = "",
+        observation: FeedSync | None = None,
     ) -> None:
         self.target = target
         self.source = source
@@ -201,6 +203,11 @@ class Reconciler:
         self.client_factory = client_factory
         self.backoff = backoff or AgentBackoff()
         self.plan_fn: PlanFn = plan_fn or partial(observe_and_plan, prune=prune)
+        self._prune = prune
+        self._default_plan = plan_fn is None
+        self.observation = observation
+        """The daemon's shared observation (``controller.observation``): with it, the pass
+        reads through the store (the change feed and the resync say what is stale)."""
         self.clock = clock
         self.log = log or logging.getLogger("finops.daemon")
         self.desired: DesiredState | None = None
@@ -428,6 +435,11 @@ class Reconciler:
             }
 
         async with self.client_factory() as client:
+            plan_fn = self.plan_fn
+            if self.observation is not None and self._default_plan:
+                await self.observation.sync(client, [s.agent_id for s in desired.agents()])
+                shared = self.observation.shared(self.observation.freshness())
+                plan_fn = partial(observe_and_plan, prune=self._prune, shared=shared)
             try:
                 run = await apply_plan(
                     client,
@@ -436,7 +448,7 @@ class Reconciler:
                     desired,
                     target=self.target,
                     clock=self.clock,
-                    plan_fn=self.plan_fn,
+                    plan_fn=plan_fn,
                     select=select,
                     log_fields={"revision": applying, "by": "daemon"},
                 )
@@ -456,6 +468,9 @@ class Reconciler:
                     **planned(exc.plan),
                 )
         plan, outcome = run.fresh, run.result
+        if self.observation is not None:  # whatever the outcome: the client's write watch may not have seen it
+            for agent in {c.agent_id for c in run.chosen.changes}:
+                self.observation.store.invalidate(agent)
         common = planned(plan)
         unobserved = plan_errors_by_agent(plan)
         blocked = set(skipped_backoff)
@@ -488,6 +503,11 @@ class Reconciler:
             backoff_agents=self._backoff_count(self.clock()),
             **common,
         )
+
+    def failing(self) -> frozenset[str]:
+        """Agents with failures on record (backed off or about to retry): read
+        authoritatively by every daemon job until they succeed."""
+        return frozenset(self.backoff.snapshot(self.clock()))
 
     def _backoff_count(self, now: float) -> int:
         return self.backoff.active_count(now)

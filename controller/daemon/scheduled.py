@@ -37,6 +37,12 @@ def alerts_job(
         if desired is None:
             return JobResult.skipped("no valid manifests yet", SkipReason.NOT_READY)
         async with ctx.client_factory() as client:
+            moved: frozenset[str] | None = None
+            shared = None
+            if ctx.observation is not None:  # the change feed: only agents that moved (or are due) are read
+                sync = await ctx.observation.sync(client, [a.agent_id for a in desired.agents()])
+                moved = sync.moved
+                shared = ctx.observation.shared(ctx.observation.freshness(balance=False))
             result = await check_alerts(
                 client,
                 desired,
@@ -46,8 +52,12 @@ def alerts_job(
                 resolver=resolver,
                 sleep=sleep,
                 fence=ctx.fence,
+                shared=shared,
             )
+        result.moved = moved
         fields = {k: v for k, v in result.to_dict().items() if isinstance(v, int)}
+        if moved is not None:
+            fields["moved"] = len(moved)
         if result.ok:
             return JobResult.success(f"{result.fired} crossing(s), {result.delivered} delivered", **fields)
         return JobResult.partial("; ".join([*result.agent_errors.values(), *result.delivery_errors])[:500], **fields)
@@ -103,8 +113,12 @@ def rebalance_job(ctx: DaemonContext, now: Callable[[], float] = time.time) -> J
             declared = any(f.rebalancing is not None and f.rebalancing.enabled for f in desired.fleets)
             return JobResult.skipped("no fleet due" if declared else "no fleet declares rebalancing")
         async with ctx.client_factory() as client:
+            shared = None
+            if ctx.observation is not None:
+                await ctx.observation.sync(client, [a.agent_id for a in desired.agents()])
+                shared = ctx.observation.shared(ctx.observation.freshness())
             run = await run_rebalance(
-                client, DesiredState(due), ctx.store, ctx.sink, ctx.target.name, dry_run=False, now=now
+                client, DesiredState(due), ctx.store, ctx.sink, ctx.target.name, dry_run=False, now=now, shared=shared
             )
         for fleet in due:
             last_run[fleet.name] = at

@@ -10,13 +10,14 @@ every agent, as they did before the feed existed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
-from controller.observation.store import ObservationStore
+from controller.observation.store import Freshness, ObservationStore, SharedRead
 from policies.feed import Board, moved_agents, next_limit, resync_due
 
 logger = logging.getLogger("finops.feed")
@@ -54,8 +55,13 @@ class FeedSync:
         resync_period_s: float = DEFAULT_RESYNC_PERIOD_S,
         min_gap_s: float | None = None,
         enabled: bool = True,
+        authoritative: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         self.store = store
+        self.authoritative = authoritative
+        """The agents every job reads authoritatively (unresolved intents, holds, backoff):
+        one set for every job, so an agent's release from it is seen once."""
+        self._lock = asyncio.Lock()
         self.interval_s = interval_s
         self.resync_period_s = resync_period_s
         self.min_gap_s = interval_s / 2 if min_gap_s is None else min_gap_s
@@ -77,8 +83,23 @@ class FeedSync:
                 break
         return Board(counts, board.complete), requests
 
+    def shared(self, need: Freshness) -> SharedRead:
+        """How a job reads through the store: ``need``, and today's authoritative agents."""
+        return SharedRead(self.store, need, frozenset(self.authoritative()))
+
+    def freshness(self, *, balance: bool = True) -> Freshness:
+        """The reconcile pass's (``balance``) or the alerts job's need: whatever the feed and
+        the resync did not mark stale, and nothing older than the resync period."""
+        period = self.resync_period_s + self.interval_s
+        return Freshness(balance=period if balance else None, budget=period)
+
     async def sync(self, client: GatewayClient, declared: Collection[str], *, force: bool = False) -> SyncResult:
-        """Poll (unless a sync ran less than ``min_gap_s`` ago) and mark what must be read."""
+        """Poll (unless a sync ran less than ``min_gap_s`` ago) and mark what must be read.
+        Jobs running at once share one poll."""
+        async with self._lock:
+            return await self._sync(client, declared, force=force)
+
+    async def _sync(self, client: GatewayClient, declared: Collection[str], *, force: bool) -> SyncResult:
         now = self.store.clock()
         agents = frozenset(declared)
         self.store.forget_except(agents)
