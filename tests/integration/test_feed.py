@@ -102,7 +102,8 @@ class FeedRig:
 
     def spend(self, agent: str, calls: int) -> None:
         """Paid calls (``best_match``, 0.10 each) with the agent's own key."""
-        with httpx.Client(base_url=self.harness.sandbox.url, headers={"Authorization": f"Bearer {self.key(agent)}"}) as h:
+        auth = {"Authorization": f"Bearer {self.key(agent)}"}
+        with httpx.Client(base_url=self.harness.sandbox.url, headers=auth) as h:
             for _ in range(calls):
                 h.get("/v1/marketplace/match", params={"query": "x"}).raise_for_status()
 
