@@ -55,7 +55,7 @@ spec:
   currency: CREDITS
   dailyBudgetTotal: "100.00"
   funding:
-    perRunCeiling: "10.00"
+    perRunCeiling: "6000.00"
   alerts:
     thresholds: [75, 90, 100]
     signingSecret: {file: alert-signing.secret, generate: true}
@@ -65,7 +65,7 @@ spec:
   keys:
     manage: true
   approval:
-    maxUnattendedIncrease: {dailyCaps: "100.00", monthlyCaps: "1000.00", funding: "100.00", agents: 20}
+    maxUnattendedIncrease: {dailyCaps: "100.00", monthlyCaps: "1000.00", funding: "10000.00", agents: 20}
   defaults:
     funding: {floor: "0.00", target: "0.00"}
   tiers:
