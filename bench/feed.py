@@ -75,6 +75,7 @@ from controller.observation.watch import WriteWatch
 from controller.reconcile.apply import Applier
 from controller.reconcile.decide import observe_and_plan
 from controller.state import PENDING, StateStore
+from policies.feed import resync_count
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_REQUESTS_PER_AGENT = 0.05
@@ -84,6 +85,8 @@ CANARY_EVERY = 25
 CANARY_CALLS = 8
 """0.80 credits of a 1.00-credit daily cap: past the 75 % threshold."""
 SPEND_SHARE = 0.01
+READS_PER_RESYNCED = 2
+"""A resynced agent's balance and budget."""
 
 
 def _log(message: str) -> None:
@@ -317,17 +320,18 @@ def _child(*argv: str) -> str:
 
 
 def period_for_target(feed: DesignResult, interval: float) -> float | None:
-    """The resync period at which the feed run's requests per pass would meet the target:
-    what is not the resync (the feed poll, the moved agents, fleet-wide reads) stays, the
-    resync's share scales as 1/period."""
+    """The shortest resync period (whole minutes) at which the feed run's requests per pass
+    would meet the target with 5 % to spare: what is not the resync (the feed poll, the
+    moved agents, fleet-wide reads) stays, the resync reads ceil(N x interval / period)
+    agents, two reads each (balance and budget)."""
     per_pass = sum(feed.requests) / len(feed.requests)
-    reads_per_resynced = 2.0  # balance + budget
-    resync = reads_per_resynced * feed.resynced_per_pass
-    rest = per_pass - resync
-    budget = TARGET_REQUESTS_PER_AGENT * feed.agents - rest
-    if budget <= 0:
-        return None
-    return math.ceil(reads_per_resynced * feed.agents * interval / budget / 60) * 60
+    rest = per_pass - READS_PER_RESYNCED * feed.resynced_per_pass
+    budget = 0.95 * TARGET_REQUESTS_PER_AGENT * feed.agents
+    for minutes in range(1, 24 * 60 + 1):
+        period = 60.0 * minutes
+        if rest + READS_PER_RESYNCED * resync_count(feed.agents, interval, period) <= budget:
+            return period
+    return None
 
 
 def run_size(size: int, args: argparse.Namespace) -> list[DesignResult]:
@@ -361,7 +365,10 @@ def run_size(size: int, args: argparse.Namespace) -> list[DesignResult]:
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
-    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True))
+
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
@@ -426,14 +433,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--interval", type=float, default=60.0, help="seconds per daemon pass (alerts interval)")
     parser.add_argument("--resync-period", type=float, default=DEFAULT_RESYNC_PERIOD_S)
-    parser.add_argument("--passes", type=int, default=8, help="measured passes per design")
-    parser.add_argument("--warm-passes", type=int, default=3, help="feed passes before measuring")
+    parser.add_argument("--passes", type=int, default=None, help="measured passes per design (8; --quick: 4)")
+    parser.add_argument("--warm-passes", type=int, default=None, help="passes before measuring (3; --quick: 1)")
     parser.add_argument("--seed", type=int, default=14)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     parser.add_argument("--apply", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--design", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--canary-offset", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.passes is None:
+        args.passes = 4 if args.quick else 8
+    if args.warm_passes is None:
+        args.warm_passes = 1 if args.quick else 3
     if args.apply:
         meta = json.loads((Path(args.apply) / "meta.json").read_text())
         root = Path(args.apply)
