@@ -122,8 +122,8 @@ class FeedSync:
         if board is not None and self.previous is not None:
             moved = moved_agents(self.previous, board, agents)
         self.store.mark_stale(agents if moved is None else moved)
-        if board is not None:
-            self.previous = board.counts
+        if board is not None:  # only declared agents are remembered: the board may list many more
+            self.previous = {a: c for a, c in board.counts.items() if a in agents}
         resynced = resync_due(
             self.store.read_at(agents),
             now=now,

@@ -374,3 +374,38 @@ def test_stats_routes_are_the_sandbox_templates(harness: Harness) -> None:
         http.get("/v1/billing/wallets/nobody/budget")
         stats = http.get("/_sandbox/stats").json()
     assert BUDGET in stats["by_route"], json.dumps(stats)
+
+
+async def test_spend_through_batch_moves_the_feed_too(feed_rig: Callable[..., FeedRig]) -> None:
+    """``/v1/batch`` skips the budget check (API.md §8.2) but records usage per call: the
+    agent moves on the leaderboard and its crossing is alerted at the next run."""
+    rig = feed_rig()
+    await converged(rig)
+    calls = [{"tool": "best_match", "params": {"query": "x"}}] * 9
+    auth = {"Authorization": f"Bearer {rig.key('bot-05')}"}
+    with httpx.Client(base_url=rig.harness.sandbox.url, headers=auth) as http:
+        answer = http.post("/v1/batch", json={"calls": calls}).raise_for_status().json()
+    assert all(r["success"] for r in answer["results"])
+    await rig.step()
+    assert rig.feed.last is not None and rig.feed.last.moved is not None and "bot-05" in rig.feed.last.moved
+    assert rig.alerts() == ["/hooks/bot-05/daily/75", "/hooks/bot-05/daily/90"]
+
+
+async def test_money_moved_without_usage_is_seen_within_the_resync_period(feed_rig: Callable[..., FeedRig]) -> None:
+    """An admin's deposit is no call of the agent's: the feed cannot see it, the resync does."""
+    rig = feed_rig()
+    await converged(rig)
+    with rig.harness.admin() as http:
+        for agent in BOTS:
+            http.post(f"/v1/billing/wallets/{agent}/deposit", json={"amount": "3.00"}).raise_for_status()
+        actual = {a: Decimal(http.get(f"/v1/billing/wallets/{a}/balance").json()["balance"]) for a in BOTS}
+    seen_at: dict[str, float] = {}
+    elapsed = 0.0
+    while elapsed < PERIOD and len(seen_at) < len(BOTS):
+        await rig.step()
+        elapsed += INTERVAL
+        for agent in BOTS:
+            view = rig.store.view(agent)
+            if agent not in seen_at and view.balance is not None and view.balance.value == actual[agent]:
+                seen_at[agent] = elapsed
+    assert set(seen_at) == set(BOTS) and max(seen_at.values()) <= PERIOD
