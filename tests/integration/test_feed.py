@@ -23,7 +23,7 @@ from controller.daemon.logs import configure_logging
 from controller.daemon.metrics import DaemonMetrics, GatewayErrorCounter
 from controller.daemon.passes import Reconciler
 from controller.daemon.revisions import RevisionLog
-from controller.daemon.scheduled import alerts_job
+from controller.daemon.scheduled import alerts_job, rebalance_job
 from controller.daemon.scheduler import Daemon
 from controller.daemon.source import DirectorySource
 from controller.gateway.client import GatewayClient
@@ -64,6 +64,9 @@ spec:
       - url: RECEIVER/hooks/{agent}/{window}/{threshold}
   keys:
     manage: true
+  rebalancing:
+    enabled: true
+    interval: 1m
   approval:
     maxUnattendedIncrease: {dailyCaps: "100.00", monthlyCaps: "1000.00", funding: "10000.00", agents: 20}
   defaults:
@@ -83,6 +86,7 @@ class FeedRig:
     feed: FeedSync
     harness: Harness
     receiver: Receiver
+    ctx: DaemonContext
 
     @property
     def store(self) -> ObservationStore:
@@ -177,7 +181,7 @@ def feed_rig(harness: Harness, receiver: Receiver, tmp_path: Path) -> Iterator[C
 
         job = alerts_job(ctx, now=clock, resolver=loopback, sleep=no_backoff)
         daemon.add_job("alerts", job, interval_s=INTERVAL, jitter_s=0, exclusive=False)
-        return FeedRig(daemon, clock, feed, harness, receiver)
+        return FeedRig(daemon, clock, feed, harness, receiver, ctx)
 
     yield build
     for revisions in opened:
@@ -409,3 +413,26 @@ async def test_money_moved_without_usage_is_seen_within_the_resync_period(feed_r
             if agent not in seen_at and view.balance is not None and view.balance.value == actual[agent]:
                 seen_at[agent] = elapsed
     assert set(seen_at) == set(BOTS) and max(seen_at.values()) <= PERIOD
+
+
+async def test_rebalancing_reads_spend_through_the_shared_store(feed_rig: Callable[..., FeedRig]) -> None:
+    """The rebalance job decides from the store: a busy agent gets budget from idle ones,
+    and the job reads no budget the feed and the resync did not mark stale."""
+    rig = feed_rig()
+    rig.daemon.add_job("rebalance", rebalance_job(rig.ctx, now=rig.clock), interval_s=INTERVAL, jitter_s=0)
+    await converged(rig)
+    before = {a: _cap(rig, a) for a in AGENTS}
+    rig.spend("bot-06", 9)  # 90 %: a receiver; every other agent is idle (a donor)
+    rig.harness.reset_stats()
+    await rig.step()
+    stats = rig.harness.stats()
+    after = {a: _cap(rig, a) for a in AGENTS}
+    assert after["bot-06"] > before["bot-06"]
+    assert sum(after.values()) == sum(before.values())
+    last = rig.feed.last
+    assert last is not None and last.moved == frozenset({"bot-06", HIDDEN})
+    assert reads(stats, BUDGET) == len(last.moved | last.resynced)
+    assert reads(stats, SET_BUDGET) == sum(1 for a in AGENTS if after[a] != before[a])
+    for agent in AGENTS:  # what rebalancing wrote is not trusted from memory: read again
+        if after[agent] != before[agent]:
+            assert rig.store.due(agent, Freshness(budget=1e9), rig.clock()) == {Field.BUDGET}
