@@ -40,7 +40,7 @@ def alerts_job(
             moved: frozenset[str] | None = None
             shared = None
             if ctx.observation is not None:  # the change feed: only agents that moved (or are due) are read
-                sync = await ctx.observation.sync(client, [a.agent_id for a in desired.agents()])
+                sync = await ctx.observation.sync(client, [a.agent_id for a in desired.agents()], owner=True)
                 moved = sync.moved
                 shared = ctx.observation.shared(ctx.observation.freshness(balance=False))
             result = await check_alerts(

@@ -69,6 +69,10 @@ class FeedSync:
         self.limit = 0
         self.previous: Mapping[str, int] | None = None
         self.last_sync: float | None = None
+        """When the feed was last polled (finops' clock)."""
+        self.last_resync: float | None = None
+        self._since_owner: frozenset[str] | None = None
+        """Agents moved since the owner's last poll (``None``: unknown, e.g. never polled)."""
         self.last: SyncResult | None = None
 
     async def _poll(self, client: GatewayClient, declared: int) -> tuple[Board, int]:
@@ -93,19 +97,22 @@ class FeedSync:
         period = self.resync_period_s + self.interval_s
         return Freshness(balance=period if balance else None, budget=period)
 
-    async def sync(self, client: GatewayClient, declared: Collection[str], *, force: bool = False) -> SyncResult:
-        """Poll (unless a sync ran less than ``min_gap_s`` ago) and mark what must be read.
-        Jobs running at once share one poll."""
+    async def sync(self, client: GatewayClient, declared: Collection[str], *, owner: bool = False) -> SyncResult:
+        """Poll the feed and mark what must be read. The ``owner`` (the alerts job: the
+        latency of a crossing is its interval) polls every time and gets the agents moved
+        since its own last poll, whoever polled meanwhile; the rolling resync's share is
+        marked in its polls. Other jobs (reconcile, rebalancing) poll only when the last
+        poll is at least ``min_gap_s`` old, so a spend reaches them promptly too, and take
+        over the resync when no owner has polled for 1.5 intervals. Jobs running at once
+        share one poll."""
         async with self._lock:
-            return await self._sync(client, declared, force=force)
+            return await self._sync(client, frozenset(declared), owner=owner)
 
-    async def _sync(self, client: GatewayClient, declared: Collection[str], *, force: bool) -> SyncResult:
+    async def _sync(self, client: GatewayClient, agents: frozenset[str], *, owner: bool) -> SyncResult:
         now = self.store.clock()
-        agents = frozenset(declared)
         self.store.forget_except(agents)
-        if not force and self.last_sync is not None and now - self.last_sync < self.min_gap_s and self.last:
-            return SyncResult(False, self.last.moved, frozenset(), 0)
-        elapsed = self.interval_s if self.last_sync is None else now - self.last_sync
+        if not owner and self.last_sync is not None and now - self.last_sync < self.min_gap_s:
+            return SyncResult(False, self._since_owner, frozenset(), 0)
         self.last_sync = now
         board: Board | None = None
         error: str | None = None
@@ -124,16 +131,26 @@ class FeedSync:
         self.store.mark_stale(agents if moved is None else moved)
         if board is not None:  # only declared agents are remembered: the board may list many more
             self.previous = {a: c for a, c in board.counts.items() if a in agents}
-        resynced = resync_due(
-            self.store.read_at(agents),
-            now=now,
-            interval_s=max(self.interval_s, min(elapsed, self.resync_period_s)),
-            period_s=self.resync_period_s,
-            exclude=agents if moved is None else moved,
-        )
-        self.store.mark_stale(resynced)
-        self.last = SyncResult(True, moved, resynced, requests, error)
-        return self.last
+        if self._since_owner is not None:
+            self._since_owner = None if moved is None else self._since_owner | moved
+        resynced: frozenset[str] = frozenset()
+        lapsed = self.last_resync is None or now - self.last_resync >= 1.5 * self.interval_s
+        if owner or lapsed:
+            elapsed = self.interval_s if self.last_resync is None else now - self.last_resync
+            self.last_resync = now
+            resynced = resync_due(
+                self.store.read_at(agents),
+                now=now,
+                interval_s=min(max(elapsed, 1.0), self.resync_period_s),
+                period_s=self.resync_period_s,
+                exclude=agents if moved is None else moved,
+            )
+            self.store.mark_stale(resynced)
+        result = SyncResult(True, self._since_owner if owner else moved, resynced, requests, error)
+        if owner:
+            self._since_owner = frozenset()
+        self.last = result
+        return result
 
 
 __all__ = ["DEFAULT_RESYNC_PERIOD_S", "FeedSync", "SyncResult"]
