@@ -444,3 +444,27 @@ async def test_rebalancing_reads_spend_through_the_shared_store(feed_rig: Callab
     for agent in AGENTS:  # what rebalancing wrote is not trusted from memory: read again
         if after[agent] != before[agent]:
             assert rig.store.due(agent, Freshness(budget=1e9), rig.clock()) == {Field.BUDGET}
+
+
+async def test_the_alerts_job_gets_every_agent_moved_since_its_own_last_poll(harness: Harness) -> None:
+    """Another job's poll in between does not hide a move from the owner (what ``moved``
+    passes on to the jobs that follow the alerts run)."""
+    clock = FakeClock()
+    feed = FeedSync(ObservationStore(clock), interval_s=INTERVAL, resync_period_s=PERIOD)
+    agents = ["bot-a", "bot-b", "bot-c"]
+    async with harness.client() as client:
+        for agent in agents:
+            await client.register(agent)
+        first = await feed.sync(client, agents, owner=True)
+        assert first.moved is None  # no baseline yet: anything may have moved
+        assert (await feed.sync(client, agents, owner=True)).moved == frozenset()
+        harness.spend("bot-a", Decimal("0.10"))
+        clock.advance(INTERVAL / 2)
+        other = await feed.sync(client, agents)  # the reconcile pass, half an interval later
+        assert other.polled and other.moved == frozenset({"bot-a"})
+        harness.spend("bot-b", Decimal("0.10"))
+        clock.advance(1)
+        assert not (await feed.sync(client, agents)).polled  # polled a second ago: not again
+        owner = await feed.sync(client, agents, owner=True)
+        assert owner.moved == frozenset({"bot-a", "bot-b"})
+        assert (await feed.sync(client, agents, owner=True)).moved == frozenset()
