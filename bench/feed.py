@@ -433,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--interval", type=float, default=60.0, help="seconds per daemon pass (alerts interval)")
     parser.add_argument("--resync-period", type=float, default=DEFAULT_RESYNC_PERIOD_S)
-    parser.add_argument("--passes", type=int, default=None, help="measured passes per design (8; --quick: 4)")
+    parser.add_argument("--passes", type=int, default=None, help="measured passes per design (8; --quick: 3)")
     parser.add_argument("--warm-passes", type=int, default=None, help="passes before measuring (3; --quick: 1)")
     parser.add_argument("--seed", type=int, default=14)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
@@ -442,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--canary-offset", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.passes is None:
-        args.passes = 4 if args.quick else 8
+        args.passes = 3 if args.quick else 8
     if args.warm_passes is None:
         args.warm_passes = 1 if args.quick else 3
     if args.apply:
