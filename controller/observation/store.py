@@ -14,7 +14,6 @@ finops' injected clock; a reading is stamped with the time its read *started*.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -40,8 +39,7 @@ ALL_FIELDS: frozenset[Field] = frozenset(Field)
 
 @dataclass(frozen=True)
 class Freshness:
-    """How old (seconds) each field may be for a job; ``None``: the job does not need it.
-    ``Freshness.AUTHORITATIVE``-style reads pass 0."""
+    """How old (seconds) each field may be for a job; ``None``: the job does not need it."""
 
     balance: float | None = None
     budget: float | None = None
@@ -253,21 +251,8 @@ class SharedRead:
         return SharedRead(self.store, self.freshness, self.authoritative | frozenset(agents))
 
 
-EVERYTHING = Freshness(balance=0.0, budget=0.0)
-"""Read every field now (what ``finops plan`` by hand does, without the store)."""
-
-
-def freshness(period_s: float) -> Freshness:
-    """Both fields, at most ``period_s`` old (what the reconcile pass asks for)."""
-    return Freshness(balance=period_s, budget=period_s)
-
-
-NEVER = math.inf
-
 __all__ = [
     "ALL_FIELDS",
-    "EVERYTHING",
-    "NEVER",
     "AgentView",
     "Ensured",
     "Field",
@@ -275,5 +260,4 @@ __all__ = [
     "ObservationStore",
     "Reading",
     "SharedRead",
-    "freshness",
 ]
