@@ -15,11 +15,12 @@ a label name.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
+from policies.forecast import Exhaustion, WindowForecast
 from policies.rotation import next_rotation
 from policies.spec import AgentSpec, DesiredState
 
@@ -174,6 +175,37 @@ def hold_kind(auto: bool) -> str:
 
 def _with_forecast(window: WindowGauges, seconds: float | None) -> WindowGauges:
     return window if seconds is None else replace(window, forecast_exhaustion_s=seconds)
+
+
+def forecast_seconds(forecasts: Mapping[str, WindowForecast]) -> tuple[float | None, float | None]:
+    """(daily, monthly) seconds to exhaustion for the ``forecast`` gauges from one agent's
+    forecasts by window name: ``+Inf`` when the cap is never reached at this rate, ``None``
+    (no series) without an estimate (too little data, no cap)."""
+
+    def seconds(name: str) -> float | None:
+        found = forecasts.get(name)
+        if not isinstance(found, Exhaustion):
+            return None
+        return float("inf") if found.eta_seconds is None else float(found.eta_seconds)
+
+    return seconds("daily"), seconds("monthly")
+
+
+def with_forecasts(
+    snapshots: Iterable[AgentGauges], forecasts: Mapping[str, tuple[float | None, float | None]]
+) -> tuple[AgentGauges, ...]:
+    """``snapshots`` with the latest forecasts (from the alerts job) on their windows."""
+    out: list[AgentGauges] = []
+    for snap in snapshots:
+        daily_s, monthly_s = forecasts.get(snap.agent_id, (None, None))
+        out.append(
+            replace(
+                snap,
+                daily=None if snap.daily is None else _with_forecast(snap.daily, daily_s),
+                monthly=None if snap.monthly is None else _with_forecast(snap.monthly, monthly_s),
+            )
+        )
+    return tuple(out)
 
 
 def fleet_gauges(

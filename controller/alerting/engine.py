@@ -26,6 +26,7 @@ from controller.alerting.store import PENDING, AlertStore, AlertTx, Attempt, Fir
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import GatewayError
 from controller.gateway.models import BudgetStatus
+from controller.observation.store import SharedRead
 from controller.state.location import StateLocation, as_location
 from policies.alerts import (
     AlertEvent,
@@ -83,6 +84,10 @@ class AlertCheckResult:
     signal_events: tuple[SignalEvent, ...] = ()
     forecasts: tuple[ForecastReading, ...] = ()
     """This check's forecasts of every agent with a forecast horizon (for metrics)."""
+    moved: frozenset[str] | None = None
+    """The agents the daemon's change feed saw move since its last poll (``None``: unknown,
+    any may have: no feed, its first poll, or a failed one); for jobs that follow the check
+    (e.g. a forecast reading timeseries only for agents that moved)."""
 
     @property
     def ok(self) -> bool:
@@ -122,17 +127,37 @@ def _reading(spec: AgentSpec, status: BudgetStatus) -> BudgetReading:
     )
 
 
-async def _read_budgets(client: GatewayClient, specs: list[AgentSpec]) -> tuple[list[BudgetReading], dict[str, str]]:
-    results = await asyncio.gather(*(client.get_budget(s.agent_id) for s in specs), return_exceptions=True)
+async def _read_budgets(
+    client: GatewayClient, specs: list[AgentSpec], shared: SharedRead | None = None
+) -> tuple[list[BudgetReading], dict[str, str]]:
+    """Every agent's budget status, with ``client.concurrency`` workers (never one task per
+    agent: 10,000 pending tasks hold ~100 MB). ``shared`` (the daemon): through the shared
+    observation store, reading only budgets that are stale for the job's freshness."""
     readings: list[BudgetReading] = []
     errors: dict[str, str] = {}
-    for spec, result in zip(specs, results, strict=True):
-        if isinstance(result, GatewayError):
-            errors[spec.agent_id] = f"cannot read budget: {result}"
-        elif isinstance(result, BaseException):
-            raise result
-        else:
-            readings.append(_reading(spec, result))
+    if shared is not None:
+        ensured = await shared.store.ensure(
+            client, [s.agent_id for s in specs], shared.freshness, authoritative=shared.authoritative
+        )
+        for spec in specs:
+            view = shared.store.view(spec.agent_id)
+            if spec.agent_id in ensured.errors or view.budget is None:
+                errors[spec.agent_id] = f"cannot read budget: {ensured.errors.get(spec.agent_id, 'not read')}"
+            else:
+                readings.append(_reading(spec, view.budget.value))
+        return readings, errors
+    statuses: dict[int, BudgetStatus] = {}
+    pending = iter(enumerate(specs))
+
+    async def worker() -> None:
+        for index, spec in pending:
+            try:
+                statuses[index] = await client.get_budget(spec.agent_id)
+            except GatewayError as exc:
+                errors[spec.agent_id] = f"cannot read budget: {exc}"
+
+    await asyncio.gather(*(worker() for _ in range(min(client.concurrency, len(specs)))))
+    readings = [_reading(spec, statuses[i]) for i, spec in enumerate(specs) if i in statuses]
     return readings, errors
 
 
@@ -151,6 +176,7 @@ async def check_alerts(
     ladder: Ladder | None = None,
     signals: SignalCache | None = None,
     moved: frozenset[str] | None = None,
+    shared: SharedRead | None = None,
 ) -> AlertCheckResult:
     """Evaluate every declared agent's thresholds and deliver due alerts (module doc).
 
@@ -168,10 +194,13 @@ async def check_alerts(
     from ``signals`` (``controller.alerting.signals``: the daemon passes one cache for its
     lifetime; without one, every declaring agent's history is read). ``moved``: the agents
     the change feed saw spend since the last check (``None``: unknown).
+
+    ``shared`` (the daemon): budgets come from the shared observation store, read only
+    where stale (the change feed and the rolling resync mark them).
     """
     specs = {a.agent_id: a for a in desired.agents()}
     to_read = [s for s in specs.values() if s.agent_id not in held]
-    readings, agent_errors = await _read_budgets(client, to_read)
+    readings, agent_errors = await _read_budgets(client, to_read, shared)
     if ladder is not None:
         readings, ladder_errors = await ladder.prepare(readings)
         agent_errors.update(ladder_errors)

@@ -43,8 +43,11 @@ from controller.exitcodes import EXIT_ERROR, EXIT_OK
 from controller.gateway.client import GatewayClient
 from controller.io.target import Target
 from controller.keys.vault import KeyStore
+from controller.observation.feed import DEFAULT_RESYNC_PERIOD_S, FeedSync
+from controller.observation.store import ObservationStore
+from controller.observation.watch import WriteWatch
 from controller.services import Services
-from controller.state import StateStore
+from controller.state import PENDING, StateStore
 from controller.state.lock import DAEMON_PURPOSE
 from policies.spec import DesiredState
 
@@ -82,6 +85,9 @@ class DaemonContext:
     fence: Callable[[], None] | None = None
     """The writer lock's check (raises once the lock is lost): every gateway client above
     runs it before each write; jobs with other side effects (alert delivery) call it too."""
+    observation: FeedSync | None = None
+    """The shared observation store and its change feed (``controller.observation``): jobs
+    read agents through it (``None``: every job reads every agent itself)."""
 
     def desired(self) -> DesiredState | None:
         """The last valid desired state (``None`` until a valid revision was loaded)."""
@@ -233,6 +239,22 @@ def git_workdir(state_dir: Path, url: str, branch: str) -> Path:
     "and between the active replica's proofs that it still holds it.",
 )
 @click.option(
+    "--resync-period",
+    type=click.FloatRange(min=1),
+    default=DEFAULT_RESYNC_PERIOD_S,
+    show_default=True,
+    envvar="FINOPS_RESYNC_PERIOD",
+    help="Seconds within which every agent is re-read in full, a share each interval (the change feed "
+    "cannot see an admin's cap change, money moved by others, or the rolling window's decay).",
+)
+@click.option(
+    "--change-feed/--no-change-feed",
+    default=True,
+    show_default=True,
+    help="Re-read only agents whose call count moved on the gateway's leaderboard (plus the resync's "
+    "share); --no-change-feed reads every agent in every pass and alerts run.",
+)
+@click.option(
     "--once",
     is_flag=True,
     help="Run one complete pass and exit: 0 when every job succeeded or had nothing to do; for cron and CI.",
@@ -257,6 +279,8 @@ def run(
     prune: bool,
     stop_timeout: float,
     standby_poll: float,
+    resync_period: float,
+    change_feed: bool,
     once: bool,
     opts: TargetOptions,
 ) -> None:
@@ -396,8 +420,13 @@ def run(
         fence: Callable[[], None] | None,
         registry: ReplicaRegistry | None,
     ) -> Iterator[Daemon]:
-        """The daemon with its jobs, every gateway client of it fenced by ``fence``."""
-        services = Services.build(target, opts, observer=GatewayErrorCounter(metrics.gateway_errors), fence=fence)
+        """The daemon with its jobs, every gateway client of it fenced by ``fence``, every
+        write it makes invalidating the shared observation of the agent written to."""
+        observations = ObservationStore(time.time)
+        watch = WriteWatch(observations, [GatewayErrorCounter(metrics.gateway_errors)])
+        services = Services.build(target, opts, observer=watch, fence=fence)
+        observations.clock = services.clock
+        feed = FeedSync(observations, interval_s=interval, resync_period_s=resync_period, enabled=change_feed)
         store = services.state
         revisions = RevisionLog(target.state_location)
         try:
@@ -412,7 +441,14 @@ def run(
                 prune=prune,
                 log=log,
                 approver=target.api_key,
+                observation=feed,
             )
+
+            def authoritative() -> frozenset[str]:
+                pending = (i.agent_id for i in store.intents(status=PENDING))
+                return frozenset([*store.holds(), *pending, *reconciler.failing()])
+
+            feed.authoritative = authoritative
             daemon = Daemon(
                 reconciler,
                 metrics=metrics,
@@ -435,6 +471,7 @@ def run(
                 services.clock,
                 services.agent_client,
                 fence,
+                feed,
             )
             for factory in job_factories():
                 factory(context)

@@ -237,6 +237,8 @@ class DaemonMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.forecasts: dict[str, tuple[float | None, float | None]] = {}
+        """The alerts job's latest forecasts (``set_forecasts``), exported with the per-agent gauges."""
         r = self.registry
         self.reconcile_duration = Histogram(
             "finops_reconcile_duration_seconds",
@@ -405,6 +407,11 @@ class DaemonMetrics:
             self.alert_deliveries.labels(result=result).inc(count)
         self.alerts_pending.set(pending)
         self.alert_read_errors.set(unread)
+
+    def set_forecasts(self, forecasts: Mapping[str, tuple[float | None, float | None]]) -> None:
+        """The alerts job's latest (daily, monthly) seconds to exhaustion per agent; the
+        next per-agent update (each reconcile pass) exports them."""
+        self.forecasts = dict(forecasts)
 
     def record_escalations(self, report: LadderReport, active: Mapping[str, int]) -> None:
         """One alert check's escalation-ladder counts, and the escalations now in force."""

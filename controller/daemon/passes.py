@@ -42,6 +42,7 @@ from controller.gateway.client import GatewayClient
 from controller.io.blocking import off_loop
 from controller.keys.vault import KeyStore
 from controller.manifest.loader import load_manifests
+from controller.observation.feed import FeedSync
 from controller.reconcile import approval
 from controller.reconcile.apply import AgentResult
 from controller.reconcile.decide import observe_and_plan
@@ -49,7 +50,7 @@ from controller.reconcile.pipeline import PlanRefused, apply_plan, only, plan_er
 from controller.state import StateStore
 from policies.escalation import OPEN
 from policies.exposure import ExposureReview, exposure_of, review
-from policies.fleet_metrics import AgentGauges, WindowGauges, fleet_gauges, hold_kind
+from policies.fleet_metrics import AgentGauges, WindowGauges, fleet_gauges, hold_kind, with_forecasts
 from policies.live import LiveFleet
 from policies.plan_types import Plan
 from policies.spec import ESCALATE_PAUSE, DesiredState
@@ -173,7 +174,7 @@ def record_pass(metrics: DaemonMetrics, result: PassResult) -> None:
         metrics.agents_held.set(len(result.held_agents))
         metrics.agents_backoff.set(result.backoff_agents)
     if result.gauges is not None:
-        update_agent_metrics(metrics, result.gauges)
+        update_agent_metrics(metrics, with_forecasts(result.gauges, metrics.forecasts))
 
 
 def applied_kinds(outcome: AgentResult) -> list[str]:
@@ -200,6 +201,7 @@ class Reconciler:
         clock: Callable[[], float] = time.time,
         log: logging.Logger | None = None,
         approver: str = "",
+        observation: FeedSync | None = None,
     ) -> None:
         self.target = target
         self.source = source
@@ -213,6 +215,11 @@ class Reconciler:
         """The last pass's observation and its clock time (the per-agent metrics read it)."""
         self._observed_at: dict[str, float] = {}
         """When each agent was last read (kept while it cannot be: its staleness shows)."""
+        self._prune = prune
+        self._default_plan = plan_fn is None
+        self.observation = observation
+        """The daemon's shared observation (``controller.observation``): with it, the pass
+        reads through the store (the change feed and the resync say what is stale)."""
         self.clock = clock
         self.log = log or logging.getLogger("finops.daemon")
         self.desired: DesiredState | None = None
@@ -424,6 +431,11 @@ class Reconciler:
         for escalation in self.store.escalations(statuses=OPEN):  # the ladder's pauses (its freezes are holds)
             if escalation.is_pause:
                 holds[escalation.agent_id] = holds.get(escalation.agent_id, frozenset()) | {ESCALATE_PAUSE}
+        if self.observation is not None:  # values may come from the shared store: stamp them with their read
+            for agent_id in declared:
+                view = self.observation.store.view(agent_id)
+                if view.budget is not None:
+                    seen[agent_id] = view.budget.at
         keys = {agent: held.since for agent, held in self.store.held_keys().items()}
         self._observed_at, self._live = seen, None
         return fleet_gauges(
@@ -480,6 +492,11 @@ class Reconciler:
             }
 
         async with self.client_factory() as client:
+            plan_fn = self.plan_fn
+            if self.observation is not None and self._default_plan:
+                await self.observation.sync(client, [s.agent_id for s in desired.agents()])
+                shared = self.observation.shared(self.observation.freshness())
+                plan_fn = partial(observe_and_plan, prune=self._prune, shared=shared, observed=self._observed)
             try:
                 run = await apply_plan(
                     client,
@@ -488,7 +505,7 @@ class Reconciler:
                     desired,
                     target=self.target,
                     clock=self.clock,
-                    plan_fn=self.plan_fn,
+                    plan_fn=plan_fn,
                     select=select,
                     log_fields={"revision": applying, "by": "daemon"},
                 )
@@ -508,6 +525,9 @@ class Reconciler:
                     **planned(exc.plan),
                 )
         plan, outcome = run.fresh, run.result
+        if self.observation is not None:  # whatever the outcome: the client's write watch may not have seen it
+            for agent in {c.agent_id for c in run.chosen.changes}:
+                self.observation.store.invalidate(agent)
         common = planned(plan)
         unobserved = plan_errors_by_agent(plan)
         blocked = set(skipped_backoff)
@@ -541,6 +561,11 @@ class Reconciler:
             gauges=self.gauges(desired),
             **common,
         )
+
+    def failing(self) -> frozenset[str]:
+        """Agents with failures on record (backed off or about to retry): read
+        authoritatively by every daemon job until they succeed."""
+        return frozenset(self.backoff.snapshot(self.clock()))
 
     def _backoff_count(self, now: float) -> int:
         return self.backoff.active_count(now)

@@ -19,6 +19,7 @@ from controller.daemon.jobs import JobFn, JobResult, SkipReason
 from controller.keys.rotate import KeyManager
 from controller.reconcile.rebalancer import run_rebalance
 from policies.escalation import OPEN
+from policies.fleet_metrics import forecast_seconds
 from policies.spec import DesiredState
 
 REBALANCE_TICK_S = 60.0
@@ -44,6 +45,12 @@ def alerts_job(
         if desired is None:
             return JobResult.skipped("no valid manifests yet", SkipReason.NOT_READY)
         async with ctx.client_factory() as client:
+            moved: frozenset[str] | None = None
+            shared = None
+            if ctx.observation is not None:  # the change feed: only agents that moved (or are due) are read
+                sync = await ctx.observation.sync(client, [a.agent_id for a in desired.agents()], owner=True)
+                moved = sync.moved
+                shared = ctx.observation.shared(ctx.observation.freshness(balance=False))
             keys = KeyManager(
                 client,
                 ctx.store,
@@ -64,9 +71,13 @@ def alerts_job(
                     fence=ctx.fence,
                     ladder=Ladder(client, ctx.store, keys, desired, now=now),
                     signals=signals,
+                    moved=moved,
+                    shared=shared,
                 )
             finally:
                 keys.close()
+        result.moved = moved
+        ctx.metrics.set_forecasts({r.agent_id: forecast_seconds(r.forecasts) for r in result.forecasts})
         if result.ladder is not None:
             ctx.metrics.record_escalations(result.ladder, active_by_action(ctx.store.escalations(statuses=OPEN)))
         ctx.metrics.record_alert_check(
@@ -80,6 +91,8 @@ def alerts_job(
             unread=len(result.agent_errors),
         )
         fields = {k: v for k, v in result.to_dict().items() if isinstance(v, int)}
+        if moved is not None:
+            fields["moved"] = len(moved)
         if result.ok:
             return JobResult.success(f"{result.fired} crossing(s), {result.delivered} delivered", **fields)
         ladder_problems = result.ladder.problems if result.ladder is not None else []
@@ -137,8 +150,12 @@ def rebalance_job(ctx: DaemonContext, now: Callable[[], float] = time.time) -> J
             declared = any(f.rebalancing is not None and f.rebalancing.enabled for f in desired.fleets)
             return JobResult.skipped("no fleet due" if declared else "no fleet declares rebalancing")
         async with ctx.client_factory() as client:
+            shared = None
+            if ctx.observation is not None:
+                await ctx.observation.sync(client, [a.agent_id for a in desired.agents()])
+                shared = ctx.observation.shared(ctx.observation.freshness())
             run = await run_rebalance(
-                client, DesiredState(due), ctx.store, ctx.sink, ctx.target.name, dry_run=False, now=now
+                client, DesiredState(due), ctx.store, ctx.sink, ctx.target.name, dry_run=False, now=now, shared=shared
             )
         for fleet in due:
             last_run[fleet.name] = at

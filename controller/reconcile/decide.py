@@ -26,6 +26,7 @@ from controller.io.secretref import (
 )
 from controller.keys.sinks import KeySink, sink_for
 from controller.keys.vault import KeyStore
+from controller.observation.store import SharedRead
 from controller.reconcile.apply import configured_settle_seconds
 from controller.reconcile.observe import observe
 from controller.state import PENDING, Adjustment, StateStore
@@ -123,10 +124,17 @@ async def observe_and_plan(
     prune: bool = False,
     adjustments: Mapping[str, Adjustment] | None = None,
     observed: Callable[[LiveFleet, float], None] | None = None,
+    shared: SharedRead | None = None,
 ) -> Plan:
-    """``observed(live, now)`` is told the observation (the daemon's per-agent metrics)."""
+    """``observed(live, now)`` is told the observation (the daemon's per-agent metrics).
+    ``shared``: read through the daemon's observation store; agents with an unresolved
+    intent (an unknown outcome) or a hold are read authoritatively all the same."""
     now = store.now()  # one clock for the funding window: the one its events are stamped with
-    live = await observe(client, desired, target=target, webhooks_owned=bool(store.managed_webhooks()), now=now)
+    if shared is not None:
+        shared = shared.with_authoritative([*store.holds(), *(i.agent_id for i in store.intents(status=PENDING))])
+    live = await observe(
+        client, desired, target=target, webhooks_owned=bool(store.managed_webhooks()), now=now, shared=shared
+    )
     if observed is not None:
         observed(live, now)
     memory = build_memory(store, desired, adjustments=adjustments)

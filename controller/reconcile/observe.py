@@ -17,6 +17,7 @@ from decimal import Decimal
 
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
+from controller.observation.store import Field, SharedRead
 from policies.currency import CREDITS
 from policies.detect import CreditCollector, LedgerCredit
 from policies.funding import DEPOSIT_KEY_PREFIX, NO_DEPOSIT_EPOCH, needs_top_up
@@ -129,6 +130,42 @@ async def _observe_agents(
     return [observed[i] for i in range(len(specs))]
 
 
+async def _observe_shared(
+    client: GatewayClient,
+    specs: Sequence[AgentSpec],
+    rates: Mapping[str, Decimal],
+    now: float | None,
+    shared: SharedRead,
+) -> list[LiveAgent]:
+    """The daemon's read: balance and budget from the shared store (only stale fields are
+    read). An agent whose next step would be a non-idempotent write decided from the balance
+    (registering a missing wallet, a top-up) is observed in full, authoritatively, as
+    ``finops apply`` does: such a write is never decided on a remembered value."""
+    store = shared.store
+    ensured = await store.ensure(
+        client, [s.agent_id for s in specs], shared.freshness, authoritative=shared.authoritative
+    )
+    out: dict[str, LiveAgent] = {}
+    full: list[AgentSpec] = []
+    for spec in specs:
+        agent = spec.agent_id
+        view = store.view(agent)
+        if agent in ensured.errors:
+            out[agent] = LiveAgent(agent_id=agent, exists=False, error=ensured.errors[agent])
+        elif view.balance is None or view.budget is None:
+            full.append(spec)  # not asked for by this job's freshness: read it here
+        elif view.balance.value is None or needs_top_up(spec, view.balance.value, rates[spec.fleet]):
+            if view.balance.value is None and Field.BALANCE in ensured.read.get(agent, frozenset()):
+                out[agent] = LiveAgent(agent_id=agent, exists=False, ledger_anchor=NEW_WALLET_ANCHOR)
+            else:
+                full.append(spec)
+        else:
+            out[agent] = LiveAgent(agent_id=agent, exists=True, balance=view.balance.value, budget=view.budget.value)
+    for live in await _observe_agents(client, full, rates, now):
+        out[live.agent_id] = live
+    return [out[s.agent_id] for s in specs]
+
+
 async def observe(
     client: GatewayClient,
     desired: DesiredState,
@@ -136,17 +173,24 @@ async def observe(
     target: str,
     webhooks_owned: bool = False,
     now: float | None = None,
+    shared: SharedRead | None = None,
 ) -> LiveFleet:
     """Read everything the planner needs; concurrency is bounded by the client.
 
     Webhooks are listed (one read) when a fleet opts in or finops already owns some
-    (``webhooks_owned``), so removing the last opted-in agent can still prune its hooks."""
+    (``webhooks_owned``), so removing the last opted-in agent can still prune its hooks.
+    ``shared`` (the daemon): agents' balances and budgets come from the shared observation
+    store, read only where stale (``_observe_shared``); without it every agent is read."""
     keys = await client.list_keys()  # also proves the key is admin-scoped, before anything else
     currencies = sorted({f.currency for f in desired.fleets})
     rates = {c: await client.exchange_rate(c, CREDITS) for c in currencies}
     specs = desired.agents()
     webhooks = await client.list_webhooks() if webhooks_owned or any(s.gateway_webhooks for s in specs) else None
-    results = await _observe_agents(client, specs, {f.name: rates[f.currency] for f in desired.fleets}, now)
+    by_fleet = {f.name: rates[f.currency] for f in desired.fleets}
+    if shared is None:
+        results = await _observe_agents(client, specs, by_fleet, now)
+    else:
+        results = await _observe_shared(client, specs, by_fleet, now, shared)
     return LiveFleet(
         target=target,
         agents={a.agent_id: a for a in results},

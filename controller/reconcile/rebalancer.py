@@ -17,6 +17,7 @@ from decimal import Decimal
 from controller.gateway.client import GatewayClient
 from controller.gateway.errors import AuthenticationFailed, GatewayError, NotAdmin
 from controller.keys.vault import KeyStore
+from controller.observation.store import SharedRead
 from controller.reconcile.apply import ApplyResult
 from controller.reconcile.decide import observe_and_plan
 from controller.reconcile.pipeline import apply_plan, only
@@ -50,21 +51,43 @@ async def _spend(client: GatewayClient, agent_id: str) -> Decimal:
     return (await client.get_budget(agent_id)).daily_spend
 
 
-async def decide(client: GatewayClient, desired: DesiredState, holds: frozenset[str]) -> list[FleetRebalance]:
-    """Read each rebalanced fleet's rolling 24 h spend and decide its caps (no writes)."""
+async def decide(
+    client: GatewayClient, desired: DesiredState, holds: frozenset[str], shared: SharedRead | None = None
+) -> list[FleetRebalance]:
+    """Read each rebalanced fleet's rolling 24 h spend and decide its caps (no writes).
+    ``shared`` (the daemon): spend comes from the shared observation store."""
     out: list[FleetRebalance] = []
     for fleet in desired.fleets:
         settings = fleet.rebalancing
         if settings is None or not settings.enabled:
             continue
-        out.append(await _decide_fleet(client, fleet, holds))
+        out.append(await _decide_fleet(client, fleet, holds, shared))
     return out
 
 
-async def _decide_fleet(client: GatewayClient, fleet: FleetSpec, holds: frozenset[str]) -> FleetRebalance:
+async def _shared_spends(client: GatewayClient, fleet: FleetSpec, shared: SharedRead) -> list[Decimal | BaseException]:
+    ids = [a.agent_id for a in fleet.agents]
+    ensured = await shared.store.ensure(client, ids, shared.freshness, authoritative=shared.authoritative)
+    out: list[Decimal | BaseException] = []
+    for agent in ids:
+        view = shared.store.view(agent)
+        if agent in ensured.errors or view.budget is None:
+            out.append(GatewayError(ensured.errors.get(agent, "budget not read")))
+        else:
+            out.append(view.budget.value.daily_spend)
+    return out
+
+
+async def _decide_fleet(
+    client: GatewayClient, fleet: FleetSpec, holds: frozenset[str], shared: SharedRead | None = None
+) -> FleetRebalance:
     assert fleet.rebalancing is not None
     rate = await client.exchange_rate(fleet.currency, CREDITS)
-    spends = await asyncio.gather(*(_spend(client, a.agent_id) for a in fleet.agents), return_exceptions=True)
+    spends: list[Decimal | BaseException]
+    if shared is not None:
+        spends = await _shared_spends(client, fleet, shared)
+    else:
+        spends = list(await asyncio.gather(*(_spend(client, a.agent_id) for a in fleet.agents), return_exceptions=True))
     budgets: list[AgentBudget] = []
     errors: list[str] = []
     for spec, spend in zip(fleet.agents, spends, strict=True):
@@ -135,16 +158,18 @@ async def run_rebalance(
     *,
     dry_run: bool,
     now: Callable[[], float],
+    shared: SharedRead | None = None,
 ) -> RebalanceRun:
     """Decide, remember and write only the rebalanced caps (other drift is the reconcile
     loop's business, so an on-demand rebalance never funds or registers anything).
 
     The rebalanced caps are planned from the proposed adjustments *before* they are stored:
     a decision whose caps break a guardrail is refused with nothing written (no adjustment
-    either, so the reconcile loop does not enforce it later)."""
+    either, so the reconcile loop does not enforce it later). ``shared`` (the daemon): reads
+    through the shared observation store."""
     # Held and paused agents (the escalation ladder) are not rebalanced: their caps are not theirs to lend.
     paused = {e.agent_id for e in store.escalations(statuses=OPEN)}
-    results = await decide(client, desired, frozenset(store.holds()) | paused)
+    results = await decide(client, desired, frozenset(store.holds()) | paused, shared)
     moved = sum((r.decision.moved for r in results if r.decision is not None), Decimal("0.00"))
     if dry_run:
         return RebalanceRun(results, None, moved)
@@ -153,7 +178,7 @@ async def run_rebalance(
     fleets = {r.fleet for r in results}
 
     async def plan_fn(c: GatewayClient, d: DesiredState, t: str, s: StateStore) -> Plan:
-        return await observe_and_plan(c, d, t, s, adjustments=in_force)
+        return await observe_and_plan(c, d, t, s, adjustments=in_force, shared=shared)
 
     def gate(fresh: Plan, chosen: Plan) -> None:
         for fleet, adjustments in proposed.items():

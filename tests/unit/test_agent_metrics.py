@@ -359,3 +359,23 @@ def test_a_declared_label_value_longer_than_the_bound_is_refused_naming_the_agen
     fleet = manifests / "research-fleet.yaml"
     fleet.write_text(fleet.read_text().replace("  metrics: {labels: [role]}\n", "", 1))
     assert load_manifests(manifests).fleets[0].metric_labels == ()
+
+
+def test_the_alerts_jobs_forecasts_reach_the_window_gauges_and_never_is_infinite() -> None:
+    from policies.fleet_metrics import forecast_seconds, with_forecasts
+    from policies.forecast import Basis, Exhaustion, InsufficientData
+
+    def exhaustion(eta: int | None) -> Exhaustion:
+        return Exhaustion(86_400, Decimal("1.00"), Decimal("2.00"), Decimal("0.001"), eta, Basis.READINGS)
+
+    assert forecast_seconds({"daily": exhaustion(600), "monthly": exhaustion(None)}) == (600.0, float("inf"))
+    assert forecast_seconds({"daily": InsufficientData("no readings yet")}) == (None, None)
+
+    windows = {"a1": (WindowGauges(Decimal("1.00"), Decimal("2.00")), WindowGauges(Decimal("1.00"), None))}
+    snaps = fleet_gauges(_desired(_spec("a1"), _spec("a2")), now=NOW, windows=windows)
+    metrics = DaemonMetrics()
+    metrics.set_forecasts({"a1": (600.0, float("inf")), "a2": (60.0, None)})
+    update_agent_metrics(metrics, with_forecasts(snaps, metrics.forecasts))
+    name = "finops_agent_forecast_exhaustion_seconds"
+    forecast = {(s[1]["agent"], s[1]["window"]): s[2] for s in _samples(metrics) if s[0] == name}
+    assert forecast == {("a1", "daily"): 600.0, ("a1", "monthly"): float("inf")}  # a2 was never read: no windows
