@@ -51,6 +51,7 @@ from controller.gateway.errors import (
     Unreachable,
     error_class,
 )
+from controller.gateway.http11 import LeanTransport
 from controller.gateway.models import (
     BudgetStatus,
     DepositResult,
@@ -200,10 +201,12 @@ class GatewayClient:
         # One single-connection transport per request in flight ("lane") rather than one pool
         # of ``concurrency`` connections: httpcore 1.0 scans its whole pool on every request,
         # which made the client, not the gateway, the bottleneck (about 3x the CPU per
-        # request at 32 connections). Requests go to the lane's transport directly, not
-        # through ``httpx.AsyncClient.send``: the client layer (URL merging, cookies, auth
-        # and redirect handling finops never uses) cost about 40 % of the CPU per request.
-        # An injected transport (tests, fault injection) is the one lane everything uses.
+        # request at 32 connections). A lane is a ``LeanTransport`` (controller/gateway/http11.py,
+        # a tenth of httpcore's CPU per request), or httpx's own through an environment proxy.
+        # Requests go to the lane's transport directly, not through ``httpx.AsyncClient.send``:
+        # the client layer (URL merging, cookies, auth and redirect handling finops never
+        # uses) cost about 40 % of the CPU per request. An injected transport (tests, fault
+        # injection) is the one lane everything uses.
         self._injected = transport
         self._lane_ssl = httpx.create_ssl_context() if transport is None else None
         """Built once: loading the CA bundle costs ~0.1 s."""
@@ -254,11 +257,15 @@ class GatewayClient:
             return self._injected
         if self._idle_lanes:
             return self._idle_lanes.pop()
-        lane = httpx.AsyncHTTPTransport(
-            verify=self._lane_ssl if self._lane_ssl is not None else True,
-            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-            proxy=self._lane_proxy,
-        )
+        lane: httpx.AsyncBaseTransport
+        if self._lane_proxy is None:
+            lane = LeanTransport(ssl_context=self._lane_ssl)
+        else:  # through an environment proxy (https only): httpx's own transport
+            lane = httpx.AsyncHTTPTransport(
+                verify=self._lane_ssl if self._lane_ssl is not None else True,
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                proxy=self._lane_proxy,
+            )
         self._lanes.append(lane)
         return lane
 
