@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from decimal import Decimal
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any, Protocol, Self
 from urllib.parse import urlsplit
 
@@ -53,14 +55,20 @@ from controller.gateway.errors import (
 )
 from controller.gateway.http11 import LeanTransport
 from controller.gateway.models import (
+    LEADERBOARD_METRICS,
     BudgetStatus,
     DepositResult,
     KeyRecord,
+    Leaderboard,
+    LeaderboardEntry,
     Registration,
     Rotation,
     Transaction,
+    UsageBucket,
+    UsageSummary,
     Webhook,
     WebhookDelivery,
+    analytics_credits,
 )
 from policies.keyprint import is_key_token
 from policies.money import format_money, from_gateway_number
@@ -151,6 +159,70 @@ def _environment_proxy(base_url: str) -> str | None:
     if not proxy or bool(urllib.request.proxy_bypass(parts.hostname or "")):
         return None
     return proxy if "://" in proxy else f"http://{proxy}"
+
+
+_MAX_AGENT_ID_CHARS = 128
+"""The gateway's longest agent id (``/v1/register`` accepts 1..128 characters)."""
+
+_MAX_NUMBER_CHARS = 64
+"""A numeric field longer than this is refused before ``Decimal`` parses it (bounded work)."""
+
+_MAX_MAGNITUDE = 24
+"""Decimal exponents a numeric field may reach either way: the gateway's amounts are 64-bit
+integers of 1e-8 credit (below 1e19), its ratios and scores plain floats."""
+
+_ATOMIC_CREDIT = Decimal("0.00000001")
+"""The gateway's resolution: it stores every amount as an integer of 1e-8 credit."""
+
+_INTERVAL_SECONDS = {"hour": 3600, "day": 86400}
+
+
+def _finite_number(raw: object, what: str, path: str) -> Decimal:
+    """A JSON number or numeric string as an exact ``Decimal`` (floats through their
+    shortest repr); ``ProtocolViolation`` for anything else, NaN and infinities."""
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise ProtocolViolation(f"{what} {raw!r} is not a number", method="GET", path=path)
+    text = repr(raw) if isinstance(raw, float) else str(raw).strip()
+    if len(text) > _MAX_NUMBER_CHARS:
+        raise ProtocolViolation(f"{what} is not a plausible number ({len(text)} characters)", method="GET", path=path)
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise ProtocolViolation(f"{what} {raw!r} is not a number", method="GET", path=path) from None
+    if not value.is_finite():
+        raise ProtocolViolation(f"{what} {raw!r} is not finite", method="GET", path=path)
+    exponent = value.as_tuple().exponent
+    if value and (value.adjusted() > _MAX_MAGNITUDE or (isinstance(exponent, int) and exponent < -_MAX_MAGNITUDE)):
+        # 1e999999 is finite, yet formatting it would write a million digits
+        raise ProtocolViolation(f"{what} {raw!r} is out of any plausible range", method="GET", path=path)
+    return value
+
+
+def _since_param(since: float) -> str:
+    if isinstance(since, bool) or not isinstance(since, int | float) or not math.isfinite(since):
+        raise ValueError(f"since must be finite unix seconds, got {since!r}")
+    return repr(float(since))
+
+
+def _bucket_start(raw: object, step: int, what: str, path: str) -> datetime:
+    """A bucket's start: an ISO-8601 time with an offset (as the gateway serialises
+    ``timestamp``) or unix seconds (unserialised paths), on a whole ``step`` in UTC."""
+    try:
+        if isinstance(raw, str) and len(raw) <= _MAX_NUMBER_CHARS:
+            start = datetime.fromisoformat(raw)
+            if start.tzinfo is None:
+                raise ProtocolViolation(f"{what} timestamp {raw!r} has no UTC offset", method="GET", path=path)
+            start = start.astimezone(UTC)
+        elif isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw):
+            start = datetime.fromtimestamp(raw, UTC)
+        else:
+            raise ProtocolViolation(f"{what} timestamp {raw!r} is not a time", method="GET", path=path)
+    except (ValueError, OverflowError, OSError):
+        raise ProtocolViolation(f"{what} timestamp {raw!r} is not a time", method="GET", path=path) from None
+    seconds = start.timestamp()
+    if seconds % step:
+        raise ProtocolViolation(f"{what} timestamp {raw!r} is not the start of a bucket", method="GET", path=path)
+    return start
 
 
 class _Retryable(Exception):
@@ -250,6 +322,19 @@ class GatewayClient:
         if self._injected is not None:
             await self._injected.aclose()
 
+    async def _retire(self, lane: httpx.AsyncBaseTransport) -> None:
+        """Close a lane that got a 404 instead of reusing its connection.
+
+        GreenHelix 1.4.8 leaves a keep-alive connection broken after a 404
+        ``wallet-not-found`` (API.md; 19 of 20 later requests on it failed): a write sent
+        on it would fail after leaving, an *unknown outcome* that blocks the agent. So a
+        connection that answered any 404 never carries another request; the next request
+        opens a new one. Only 404s pay (a new connection), which observation of a new agent
+        meets once; every other answer keeps its connection. With an injected transport the
+        connections are the injector's, and this is its job."""
+        self._lanes.remove(lane)
+        await lane.aclose()
+
     def _lane(self) -> httpx.AsyncBaseTransport:
         """An idle lane, or a new one; only called under ``_slots``, so never more than
         ``concurrency`` exist."""
@@ -330,11 +415,13 @@ class GatewayClient:
                         raise Fenced(str(exc), method=method, path=path) from None
                 self.calls["read" if method == "GET" else "write"] += 1
                 lane = self._lane()
+                answered_404 = False
                 try:
                     request = self._request(method, path, content, params, headers, auth)
                     async with asyncio.timeout(self._deadline):
                         response = await lane.handle_async_request(request)
                         response.request = request
+                        answered_404 = response.status_code == 404
                         try:
                             if self._observer is not None:
                                 await self._observer.on_response(response)
@@ -342,7 +429,10 @@ class GatewayClient:
                         finally:
                             await response.aclose()  # unread: httpcore closes the connection
                 finally:
-                    self._release(lane)
+                    if answered_404 and lane is not self._injected:
+                        await self._retire(lane)
+                    else:
+                        self._release(lane)
         except httpx.TransportError as exc:
             if self._observer is not None:
                 self._observer.on_transport_error(exc)
@@ -481,7 +571,7 @@ class GatewayClient:
     def _decode(self, method: str, path: str, resp: Answer) -> Any:
         try:
             data = resp.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: hostile nesting ([[[[…)
             raise ProtocolViolation(
                 "response is not valid JSON", status=resp.status_code, method=method, path=path
             ) from None
@@ -750,6 +840,129 @@ class GatewayClient:
             raise ProtocolViolation(
                 f"the gateway confirmed caps {stored}, not {(daily_cap, monthly_cap)}", method="PUT", path=path
             )
+
+    # ------------------------------------------------------------------ usage and analytics
+
+    async def leaderboard(self, metric: str = "calls", *, limit: int) -> Leaderboard:
+        """``GET /v1/billing/leaderboard``: one free read that ranks every agent with usage.
+
+        ``limit`` has no upper bound on the gateway; ask for more than the agents you
+        expect, and check ``complete`` (fewer rows than asked: nobody was cut off). The
+        answer is validated row by row (ranks 1..n, unique ids, values that do not rise
+        down the board, at most ``limit`` rows), and its size is bounded by the client's
+        response limit before it is parsed. ``spend`` values are converted from the
+        gateway's atomic units exactly (``analytics_credits``)."""
+        if metric not in LEADERBOARD_METRICS:
+            raise ValueError(f"unknown leaderboard metric {metric!r} (known: {', '.join(LEADERBOARD_METRICS)})")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"leaderboard limit must be a positive integer, got {limit!r}")
+        path = "/v1/billing/leaderboard"
+        data = await self._call("GET", path, params={"metric": metric, "limit": limit}, safe=True)
+        rows = self._field(data, "leaderboard", "GET", path)
+        if not isinstance(rows, list):
+            raise ProtocolViolation("'leaderboard' is not a list", method="GET", path=path)
+        if len(rows) > limit:
+            raise ProtocolViolation(f"{len(rows)} leaderboard rows for a limit of {limit}", method="GET", path=path)
+        entries: list[LeaderboardEntry] = []
+        seen: set[str] = set()
+        previous: Decimal | None = None
+        for position, row in enumerate(rows, start=1):
+            if not isinstance(row, dict):
+                raise ProtocolViolation(f"leaderboard row {position} is not an object", method="GET", path=path)
+            rank = row.get("rank")
+            if isinstance(rank, bool) or rank != position:
+                raise ProtocolViolation(
+                    f"leaderboard row {position} has rank {rank!r}, expected {position}", method="GET", path=path
+                )
+            agent_id = row.get("agent_id")
+            if not isinstance(agent_id, str) or not 0 < len(agent_id) <= _MAX_AGENT_ID_CHARS:
+                raise ProtocolViolation(f"leaderboard row {position} has no usable agent_id", method="GET", path=path)
+            if agent_id in seen:
+                raise ProtocolViolation(f"agent {agent_id!r} appears twice on the leaderboard", method="GET", path=path)
+            seen.add(agent_id)
+            value = self._leaderboard_value(metric, row.get("value"), position, path)
+            if previous is not None and value > previous:
+                raise ProtocolViolation(
+                    f"leaderboard row {position} ranks {value} below {previous}: not sorted", method="GET", path=path
+                )
+            previous = value
+            entries.append(LeaderboardEntry(rank=position, agent_id=agent_id, value=value))
+        return Leaderboard(metric=metric, limit=limit, entries=tuple(entries), complete=len(entries) < limit)
+
+    @staticmethod
+    def _leaderboard_value(metric: str, raw: object, position: int, path: str) -> Decimal:
+        where = f"leaderboard row {position} value"
+        if metric == "calls":
+            if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+                raise ProtocolViolation(f"{where} {raw!r} is not a call count", method="GET", path=path)
+            return Decimal(raw)
+        value = _finite_number(raw, where, path)
+        if metric == "spend":
+            if value < 0:
+                raise ProtocolViolation(f"{where} {raw!r} is negative spend", method="GET", path=path)
+            return analytics_credits(value)
+        return value
+
+    async def timeseries(
+        self, agent_id: str, *, interval: str = "hour", since: float | None = None, limit: int = 24
+    ) -> list[UsageBucket]:
+        """``GET …/timeseries``: the agent's usage per UTC ``hour`` or ``day`` bucket,
+        oldest first; the newest ``limit`` non-empty buckets whose records are at or after
+        ``since`` (unix seconds; all time without it). Buckets without usage are absent,
+        not zero. ``cost`` is converted from the gateway's atomic units exactly."""
+        step = _INTERVAL_SECONDS.get(interval)
+        if step is None:
+            raise ValueError(f"timeseries interval must be 'hour' or 'day', got {interval!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"timeseries limit must be a positive integer, got {limit!r}")
+        params: dict[str, Any] = {"interval": interval, "limit": limit}
+        if since is not None:
+            params["since"] = _since_param(since)
+        path = self._wallet_path(agent_id, "timeseries")
+        data = await self._call("GET", path, params=params, safe=True)
+        rows = self._field(data, "buckets", "GET", path)
+        if not isinstance(rows, list):
+            raise ProtocolViolation("'buckets' is not a list", method="GET", path=path)
+        if len(rows) > limit:
+            raise ProtocolViolation(f"{len(rows)} timeseries buckets for a limit of {limit}", method="GET", path=path)
+        buckets: list[UsageBucket] = []
+        for position, row in enumerate(rows, start=1):
+            where = f"timeseries bucket {position}"
+            if not isinstance(row, dict):
+                raise ProtocolViolation(f"{where} is not an object", method="GET", path=path)
+            start = _bucket_start(row.get("timestamp"), step, where, path)
+            if buckets and start <= buckets[-1].start:
+                raise ProtocolViolation(f"{where} does not follow the one before it", method="GET", path=path)
+            calls = row.get("calls")
+            if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+                raise ProtocolViolation(f"{where} calls {calls!r} is not a count", method="GET", path=path)
+            cost = _finite_number(row.get("cost"), f"{where} cost", path)
+            if cost < 0:
+                raise ProtocolViolation(f"{where} cost {row.get('cost')!r} is negative", method="GET", path=path)
+            buckets.append(UsageBucket(start=start, calls=calls, cost=analytics_credits(cost)))
+        return buckets
+
+    async def usage(self, agent_id: str, *, since: float | None = None) -> UsageSummary:
+        """``GET …/usage``: the agent's recorded calls (free ones included) and their cost
+        in credits since ``since`` (unix seconds; all time without it). An agent without a
+        wallet has zero usage (the gateway answers zeros, not 404)."""
+        params = None if since is None else {"since": _since_param(since)}
+        path = self._wallet_path(agent_id, "usage")
+        data = await self._call("GET", path, params=params, safe=True)
+        counts: list[int] = []
+        for name in ("total_calls", "total_tokens"):
+            raw = self._field(data, name, "GET", path)
+            if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+                raise ProtocolViolation(f"{name} {raw!r} is not a count", method="GET", path=path)
+            counts.append(raw)
+        cost = _finite_number(self._field(data, "total_cost", "GET", path), "total_cost", path)
+        if cost < 0:
+            raise ProtocolViolation(f"total_cost {cost} is negative", method="GET", path=path)
+        return UsageSummary(
+            total_calls=counts[0],
+            total_cost=cost.quantize(_ATOMIC_CREDIT, rounding=ROUND_HALF_EVEN),
+            total_tokens=counts[1],
+        )
 
     # ------------------------------------------------------------------ keys
 
