@@ -178,8 +178,9 @@ class _Body(httpx.AsyncByteStream):
                 while piece := await wire.read_some(PIECE, timeout):
                     yield piece
             self._done = True
-        except (httpx.TransportError, asyncio.CancelledError, GeneratorExit):
+        except BaseException:  # broken, timed out, cancelled or abandoned: never reused
             self._reuse = False
+            self._release()
             raise
 
     async def _chunks(self, wire: _Wire, timeout: float | None) -> AsyncIterator[bytes]:
@@ -207,11 +208,13 @@ class _Body(httpx.AsyncByteStream):
             if await wire.read_until(b"\r\n", 2, timeout, "a chunk's end") != b"\r\n":
                 raise httpx.RemoteProtocolError("malformed chunk end")
 
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._lane._release(self._conn, reuse=self._done and self._reuse)
+
     async def aclose(self) -> None:
-        if self._released:
-            return
-        self._released = True
-        self._lane._release(self._conn, reuse=self._done and self._reuse)
+        self._release()
 
 
 def _parse_head(head: bytes) -> tuple[bytes, int, bytes, list[tuple[bytes, bytes]]]:

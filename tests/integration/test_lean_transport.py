@@ -1,0 +1,314 @@
+"""The client's lean HTTP/1.1 transport (controller/gateway/http11.py) against a scripted
+raw-socket server on 127.0.0.1: framing, keep-alive, reuse only when it is safe, and the
+mapping of every broken answer to httpx's error types (which the client turns into
+``Unreachable``, never sent, or ``UnknownOutcome``, may have run)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
+
+import httpx
+import pytest
+
+from controller.gateway.client import GatewayClient, _environment_proxy
+from controller.gateway.errors import GatewayError, ProtocolViolation, UnknownOutcome
+from controller.gateway.http11 import MAX_HEAD_BYTES, LeanTransport
+
+Reply = Callable[[bytes], bytes | None]
+"""Given the request head (and body), the bytes to send back; ``None``: close instead."""
+
+
+class Close(bytes):
+    """Send these bytes, then close the connection."""
+
+
+def ok(body: bytes, *extra: str) -> bytes:
+    head = ["HTTP/1.1 200 OK", "Content-Type: application/json", f"Content-Length: {len(body)}", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def chunked(*pieces: bytes, trailer: str = "") -> bytes:
+    out = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for p in pieces:
+        out += f"{len(p):x};ext=1\r\n".encode() + p + b"\r\n"
+    return out + b"0\r\n" + trailer.encode() + b"\r\n"
+
+
+class Scripted:
+    """Answers each request with the next reply; counts connections and requests."""
+
+    def __init__(self, replies: list[Reply | bytes | None], *, close_after: bool = False) -> None:
+        self.replies = list(replies)
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.close_after = close_after
+        self.closed = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while self.replies:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                request = head + (await reader.readexactly(length) if length else b"")
+                self.requests.append(request)
+                reply = self.replies.pop(0)
+                data = reply(request) if callable(reply) else reply
+                if data is None:
+                    return
+                writer.write(data)
+                await writer.drain()
+                if self.close_after or isinstance(reply, Close):
+                    return
+        finally:
+            writer.close()
+            self.closed.set()
+
+    async def __aenter__(self) -> Scripted:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+
+async def get(transport: LeanTransport, url: str, method: str = "GET", content: bytes = b"") -> httpx.Response:
+    request = httpx.Request(method, url, content=content or None, extensions={"timeout": {"read": 5, "connect": 5}})
+    response = await transport.handle_async_request(request)
+    response.request = request
+    await response.aread()
+    return response
+
+
+@pytest.fixture
+async def lane() -> AsyncIterator[LeanTransport]:
+    transport = LeanTransport()
+    yield transport
+    await transport.aclose()
+
+
+async def test_keep_alive_one_connection_for_many_requests(lane: LeanTransport) -> None:
+    async with Scripted([ok(b'{"n": %d}' % i) for i in range(5)]) as server:
+        for i in range(5):
+            response = await get(lane, server.url + f"/v1/x?i={i}")
+            assert response.status_code == 200 and response.json() == {"n": i}
+        assert server.connections == 1
+        assert server.requests[3].startswith(b"GET /v1/x?i=3 HTTP/1.1\r\n")
+        assert b"\r\nHost: 127.0.0.1:" in server.requests[0]
+
+
+async def test_a_chunked_body_is_decoded_and_the_connection_reused(lane: LeanTransport) -> None:
+    async with Scripted([chunked(b'{"a": ', b"1}", trailer="X-Trailer: y\r\n"), ok(b"{}")]) as server:
+        assert (await get(lane, server.url + "/a")).json() == {"a": 1}
+        assert (await get(lane, server.url + "/b")).json() == {}
+        assert server.connections == 1
+
+
+async def test_a_body_without_length_ends_at_close_and_the_connection_is_not_reused(lane: LeanTransport) -> None:
+    until_close = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + b'{"big": "' + b"x" * 200_000 + b'"}'
+    async with Scripted([until_close], close_after=True) as first:
+        response = await get(lane, first.url + "/a")
+        assert len(response.json()["big"]) == 200_000
+    async with Scripted([ok(b"{}"), ok(b"{}")]) as second:
+        await get(lane, second.url + "/b")
+        await get(lane, second.url + "/c")
+        assert second.connections == 1
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        ok(b"{}", "Connection: close"),
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    ],
+)
+async def test_connection_close_and_http_1_0_answers_are_not_reused(lane: LeanTransport, reply: bytes) -> None:
+    async with Scripted([reply, ok(b"{}")]) as server:
+        await get(lane, server.url + "/a")
+        await asyncio.wait_for(server.closed.wait(), 5)
+        server.closed.clear()
+        await get(lane, server.url + "/b")
+        assert server.connections == 2
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused(lane: LeanTransport) -> None:
+    async with Scripted([ok(b"{}"), ok(b"{}")], close_after=True) as server:
+        await get(lane, server.url + "/a")
+        await asyncio.wait_for(server.closed.wait(), 5)
+        conn = lane._conn
+        assert conn is not None
+        async with asyncio.timeout(5):  # wait for the loop to deliver the end of the stream
+            while not conn.wire.eof:
+                await asyncio.sleep(0)
+        response = await get(lane, server.url + "/b")
+        assert response.status_code == 200 and server.connections == 2
+
+
+async def test_unsolicited_bytes_after_an_answer_retire_the_connection(lane: LeanTransport) -> None:
+    stray = ok(b"{}") + b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n"
+    async with Scripted([stray, ok(b'{"fresh": true}')]) as server:
+        await get(lane, server.url + "/a")
+        assert (await get(lane, server.url + "/b")).json() == {"fresh": True}
+        assert server.connections == 2
+
+
+async def test_an_interim_100_answer_is_skipped(lane: LeanTransport) -> None:
+    async with Scripted([b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b'{"x": 1}')]) as server:
+        assert (await get(lane, server.url + "/a", "POST", b"{}")).json() == {"x": 1}
+        assert b"Content-Length: 2" in server.requests[0]
+
+
+@pytest.mark.parametrize(
+    ("reply", "match"),
+    [
+        (Close(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}"), "before the body was complete"),
+        (b"HTTP/1.1 2x0 OK\r\nContent-Length: 2\r\n\r\n{}", "malformed status line"),
+        (b"HTTP/2 200 OK\r\nContent-Length: 2\r\n\r\n{}", "malformed status line"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", "conflicting content-length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\n{}", "malformed content-length"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n{}", "transfer-encoding"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n{}", "transfer-encoding"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", "malformed chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n", "chunk"),
+        (b"HTTP/1.1 200 OK\r\nBad Header: x\r\nContent-Length: 2\r\n\r\n{}", "malformed header"),
+        (b"HTTP/1.1 200 OK\r\n folded: x\r\nContent-Length: 2\r\n\r\n{}", "malformed header"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "protocol switch"),
+        (None, "closed the connection"),
+    ],
+)
+async def test_broken_answers_are_protocol_errors_and_the_connection_is_dropped(
+    lane: LeanTransport, reply: bytes | None, match: str
+) -> None:
+    async with Scripted([reply, ok(b'{"after": 1}')], close_after=reply is None) as server:
+        with pytest.raises(httpx.RemoteProtocolError, match=match):
+            await get(lane, server.url + "/a")
+        assert lane._conn is None and not lane._busy
+    async with Scripted([ok(b'{"after": 1}')]) as fresh:
+        assert (await get(lane, fresh.url + "/b")).json() == {"after": 1}
+
+
+async def test_a_huge_response_head_is_refused_at_its_limit(lane: LeanTransport) -> None:
+    endless_header = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * (MAX_HEAD_BYTES * 4)
+    async with Scripted([endless_header]) as server:
+        with pytest.raises(httpx.RemoteProtocolError, match="response head longer than"):
+            await get(lane, server.url + "/a")
+        assert lane._conn is None  # dropped, with what it had buffered
+
+
+async def test_header_values_with_line_breaks_are_never_sent(lane: LeanTransport) -> None:
+    async with Scripted([ok(b"{}")]) as server:
+        request = httpx.Request("GET", server.url + "/a", headers={"X-Evil": "a\r\nInjected: 1"})
+        with pytest.raises((httpx.LocalProtocolError, httpx.InvalidURL)):
+            await lane.handle_async_request(request)
+        assert server.requests == []
+
+
+async def test_nothing_listening_is_a_connect_error() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    lane = LeanTransport()
+    with pytest.raises(httpx.ConnectError):
+        await get(lane, f"http://127.0.0.1:{port}/a")
+    await lane.aclose()
+
+
+async def test_a_silent_server_is_a_read_timeout(lane: LeanTransport) -> None:
+    async with Scripted([lambda _: b"", ok(b"{}")]) as server:
+        request = httpx.Request("GET", server.url + "/a", extensions={"timeout": {"read": 0.2, "connect": 5}})
+        with pytest.raises(httpx.ReadTimeout):
+            await lane.handle_async_request(request)
+        assert lane._conn is None
+
+
+# ----------------------------------------------------------------------------- through the client
+
+
+def client(url: str, **kw: object) -> GatewayClient:
+    async def no_sleep(_: float) -> None:
+        return None
+
+    return GatewayClient(url, "a2a_admin_" + "k" * 24, sleep=no_sleep, **kw)  # type: ignore[arg-type]
+
+
+def balance(value: str) -> bytes:
+    return ok(json.dumps({"balance": value}).encode())
+
+
+async def test_a_read_cut_mid_body_is_retried_on_a_new_connection() -> None:
+    cut = Close(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{")
+    async with Scripted([cut, balance("7.25")]) as server:
+        async with client(server.url, max_attempts=3) as gw:
+            assert await gw.get_balance("a") == Decimal("7.25")
+        assert server.connections == 2
+    async with Scripted([cut] * 3) as server:
+        async with client(server.url, max_attempts=3) as gw:
+            with pytest.raises(UnknownOutcome, match="RemoteProtocolError"):
+                await gw.get_balance("a")  # every attempt cut: an unknown, never a value
+        assert server.connections == 3
+
+
+async def test_a_deposit_cut_mid_answer_is_an_unknown_outcome_and_never_resent() -> None:
+    cut = Close(b"HTTP/1.1 200 OK\r\nContent-Length: 80\r\n\r\n{")
+    empty_ledger = ok(b'{"transactions": []}')
+    async with Scripted([cut, empty_ledger, empty_ledger, empty_ledger]) as server:
+        async with client(server.url, max_attempts=5, settle_delays=(0, 0, 0)) as gw:
+            with pytest.raises(UnknownOutcome):
+                await gw.deposit("a", Decimal("1.00"), "finops-dep-1")
+        posts = [r for r in server.requests if r.startswith(b"POST ")]
+        assert len(posts) == 1 and len(server.requests) == 4  # sent once; then only the ledger was read
+
+
+async def test_an_oversized_chunked_answer_is_refused_and_its_connection_dropped() -> None:
+    big = chunked(*([b"x" * 4096] * 64))
+    async with Scripted([big, balance("1.00")]) as server:
+        async with client(server.url, max_attempts=1, max_response_bytes=10_000) as gw:
+            with pytest.raises(ProtocolViolation, match="exceeds 10000"):
+                await gw.get_balance("a")
+            assert await gw.get_balance("a") == Decimal("1.00")
+        assert server.connections == 2
+
+
+def test_the_environment_proxy_applies_to_https_only_and_honours_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert _environment_proxy("https://gw.example") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.internal:3128")
+    assert _environment_proxy("https://gw.example") == "http://proxy.internal:3128"
+    assert _environment_proxy("http://127.0.0.1:8080") is None  # never for plain http
+    monkeypatch.setenv("NO_PROXY", ".example")
+    assert _environment_proxy("https://gw.example") is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.setenv("ALL_PROXY", "proxy.internal:3128")
+    assert _environment_proxy("https://gw.example") == "http://proxy.internal:3128"
+
+
+async def test_an_https_gateway_is_reached_through_the_environment_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As httpx's client did: the lane tunnels through ``HTTPS_PROXY`` (a CONNECT), with no
+    DNS lookup of the gateway's name on this side."""
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    refuse = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"
+    async with Scripted([refuse]) as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        async with client("https://gateway.invalid", max_attempts=1) as gw:
+            with pytest.raises(GatewayError):
+                await gw.get_balance("a")
+        assert proxy.requests and proxy.requests[0].startswith(b"CONNECT gateway.invalid:443 HTTP/1.1")
