@@ -342,17 +342,19 @@ class GatewayClient:
             return self._injected
         if self._idle_lanes:
             return self._idle_lanes.pop()
-        lane: httpx.AsyncBaseTransport
-        if self._lane_proxy is None:
-            lane = LeanTransport(ssl_context=self._lane_ssl)
-        else:  # through an environment proxy (https only): httpx's own transport
-            lane = httpx.AsyncHTTPTransport(
-                verify=self._lane_ssl if self._lane_ssl is not None else True,
-                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-                proxy=self._lane_proxy,
-            )
+        lane = self._new_lane()
         self._lanes.append(lane)
         return lane
+
+    def _new_lane(self) -> httpx.AsyncBaseTransport:
+        """A ``LeanTransport``; httpx's own transport through an environment proxy (https only)."""
+        if self._lane_proxy is None:
+            return LeanTransport(ssl_context=self._lane_ssl)
+        return httpx.AsyncHTTPTransport(
+            verify=self._lane_ssl if self._lane_ssl is not None else True,
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            proxy=self._lane_proxy,
+        )
 
     def _release(self, lane: httpx.AsyncBaseTransport) -> None:
         if lane is not self._injected:
