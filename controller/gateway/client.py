@@ -30,9 +30,10 @@ import json
 import math
 import os
 import random
+import re
 import urllib.request
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any, Protocol, Self
@@ -53,7 +54,7 @@ from controller.gateway.errors import (
     Unreachable,
     error_class,
 )
-from controller.gateway.http11 import LeanTransport
+from controller.gateway.http11 import LeanTransport, header_safe
 from controller.gateway.models import (
     LEADERBOARD_METRICS,
     BudgetStatus,
@@ -144,6 +145,13 @@ def _snapshot_balance(snapshot: object) -> Decimal | None:
         return from_gateway_number(snapshot["new_balance"])
     except ValueError:
         return None
+
+
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9._~/-]*")
+"""A path sent as is: what ``httpx.URL`` would not change (agent ids are letters, digits,
+``.``, ``_``, ``-``; anything else goes through httpx's percent-encoding)."""
+_SAFE_TOKEN = re.compile(r"[A-Za-z0-9-]+")
+_SAFE_VALUE = re.compile(r"[\x20-\x7e]*")
 
 
 def _environment_proxy(base_url: str) -> str | None:
@@ -283,14 +291,19 @@ class GatewayClient:
         self._lane_ssl = httpx.create_ssl_context() if transport is None else None
         """Built once: loading the CA bundle costs ~0.1 s."""
         self._lane_proxy = _environment_proxy(self.base_url) if transport is None else None
+        self._timeout = timeout
         self._timeouts = httpx.Timeout(timeout).as_dict()
-        self._headers: list[tuple[bytes, bytes]] = [
-            (b"Accept", b"*/*"),
-            (b"Accept-Encoding", b"identity"),
-            (b"Connection", b"keep-alive"),
-            (b"User-Agent", b"finops/0.1"),
-        ]
+        self._headers: list[tuple[bytes, bytes]] = [(b"Accept-Encoding", b"identity"), (b"User-Agent", b"finops/0.1")]
         self._auth_header = (b"Authorization", f"Bearer {api_key}".encode())
+        # The request head of a lean lane, built once: per request only the request line and
+        # the caller's few headers are added (``_lean_head``).
+        base = httpx.URL(self.base_url)
+        self._key = (base.scheme, base.host, base.port or (443 if base.scheme == "https" else 80))
+        self._base_path = base.raw_path.rstrip(b"/")
+        fixed = [(b"Host", base.netloc), *self._headers]
+        self._lean_ok = base.query == b"" and header_safe(self._auth_header[1]) and header_safe(base.netloc)
+        self._fixed_head = b"".join(n + b": " + v + b"\r\n" for n, v in fixed)
+        self._auth_line = b"Authorization: " + self._auth_header[1] + b"\r\n"
         self._lanes: list[httpx.AsyncBaseTransport] = []
         self._idle_lanes: list[httpx.AsyncBaseTransport] = []
         self._max_attempts = max_attempts
@@ -362,6 +375,34 @@ class GatewayClient:
 
     # ------------------------------------------------------------------ plumbing
 
+    def _lean_head(
+        self,
+        method: str,
+        path: str,
+        content: bytes | None,
+        params: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        auth: bool,
+    ) -> bytes | None:
+        """The request head for a lean lane, or ``None`` when this request needs httpx's URL
+        and header handling (query parameters, a path or header value outside the plain
+        safe set): those few take ``_request`` and the lane's ``handle_async_request``."""
+        if not self._lean_ok or params or _SAFE_PATH.fullmatch(path) is None:
+            return None
+        parts = [method.encode(), b" ", self._base_path, path.encode(), b" HTTP/1.1\r\n", self._fixed_head]
+        if auth:
+            parts.append(self._auth_line)
+        if content is not None:
+            parts.append(b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(content))
+        elif method in ("POST", "PUT", "PATCH"):
+            parts.append(b"Content-Length: 0\r\n")
+        for name, value in (headers or {}).items():
+            if _SAFE_TOKEN.fullmatch(name) is None or _SAFE_VALUE.fullmatch(value) is None:
+                return None
+            parts.append(f"{name}: {value}\r\n".encode())
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
     def _request(
         self,
         method: str,
@@ -419,15 +460,41 @@ class GatewayClient:
                 lane = self._lane()
                 answered_404 = False
                 try:
-                    request = self._request(method, path, content, params, headers, auth)
+                    head = self._lean_head(method, path, content, params, headers, auth)
                     async with asyncio.timeout(self._deadline):
+                        if head is not None and isinstance(lane, LeanTransport):
+                            raw = await lane.exchange(
+                                self._key,
+                                method,
+                                head,
+                                content or b"",
+                                connect_timeout=self._timeout,
+                                read_timeout=self._timeout,
+                            )
+                            answered_404 = raw.status == 404
+                            try:
+                                raw_headers = httpx.Headers(raw.headers)
+                                if self._observer is not None:
+                                    await self._observer.on_response(httpx.Response(raw.status, headers=raw_headers))
+                                reason = raw.reason.decode("ascii", errors="replace")
+                                return await self._read(raw.status, raw_headers, raw.body, reason, method, path)
+                            finally:
+                                await raw.body.aclose()  # unread: the connection is closed, not reused
+                        request = self._request(method, path, content, params, headers, auth)
                         response = await lane.handle_async_request(request)
                         response.request = request
                         answered_404 = response.status_code == 404
                         try:
                             if self._observer is not None:
                                 await self._observer.on_response(response)
-                            return await self._read(response, method, path)
+                            return await self._read(
+                                response.status_code,
+                                response.headers,
+                                response.aiter_bytes(),
+                                response.reason_phrase,
+                                method,
+                                path,
+                            )
                         finally:
                             await response.aclose()  # unread: httpcore closes the connection
                 finally:
@@ -448,20 +515,27 @@ class GatewayClient:
                 f"no complete answer within the {self._deadline:g} s request deadline", method=method, path=path
             ) from None
 
-    async def _read(self, response: httpx.Response, method: str, path: str) -> Answer:
+    async def _read(
+        self,
+        status: int,
+        headers: httpx.Headers,
+        body: AsyncIterable[bytes],
+        reason: str,
+        method: str,
+        path: str,
+    ) -> Answer:
         """The body, refused as soon as it is known to exceed the limit (declared length or
         bytes received), before it is buffered."""
-        status = response.status_code
 
         def too_big(size: str) -> ProtocolViolation:
             return ProtocolViolation(
                 f"response of {size} bytes exceeds {self._max_bytes}", status=status, method=method, path=path
             )
 
-        declared = response.headers.get("content-length", "")
+        declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self._max_bytes:
             raise too_big(declared)
-        encoding = response.headers.get("content-encoding", "").strip().lower()
+        encoding = headers.get("content-encoding", "").strip().lower()
         if encoding not in ("", "identity"):
             raise ProtocolViolation(
                 f"response is {encoding}-encoded although an uncompressed answer was asked for",
@@ -471,12 +545,12 @@ class GatewayClient:
             )
         chunks: list[bytes] = []
         size = 0
-        async for chunk in response.aiter_bytes():  # identity: the bytes as received
+        async for chunk in body:  # identity: the bytes as received
             size += len(chunk)
             if size > self._max_bytes:
                 raise too_big(f"more than {size}")
             chunks.append(chunk)
-        return Answer(status, response.headers, b"".join(chunks), response.reason_phrase)
+        return Answer(status, headers, b"".join(chunks), reason)
 
     def _raise_for(self, method: str, path: str, resp: Answer) -> None:
         if 200 <= resp.status_code < 300:

@@ -20,6 +20,7 @@ sign (end of stream, error, unsolicited bytes) that the server gave up on it.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -258,6 +259,29 @@ def _keeps_alive(version: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
     return version == b"HTTP/1.1" and b"close" not in tokens
 
 
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def header_safe(value: bytes) -> bool:
+    """No control characters (CR, LF, NUL...) that could end a header line early."""
+    return _CONTROL.search(value) is None
+
+
+class RawAnswer:
+    """An answer's status line and headers as received; ``body`` yields the rest."""
+
+    __slots__ = ("body", "headers", "reason", "status", "version")
+
+    def __init__(
+        self, status: int, reason: bytes, version: bytes, headers: list[tuple[bytes, bytes]], body: _Body
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.headers = headers
+        self.body = body
+
+
 class LeanTransport(httpx.AsyncBaseTransport):
     """One HTTP/1.1 connection, kept alive between requests; never two requests at once."""
 
@@ -285,54 +309,79 @@ class LeanTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(f"cannot connect to {host}:{port}: {type(exc).__name__}") from None
         return _Connection(key, wire)
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def exchange(
+        self,
+        key: tuple[str, str, int],
+        method: str,
+        head: bytes,
+        content: bytes,
+        *,
+        connect_timeout: float | None,
+        read_timeout: float | None,
+        close: bool = False,
+    ) -> RawAnswer:
+        """Send ``head`` (request line and headers, ending with the empty line) and
+        ``content``; return the answer once its head has arrived, its body still to read
+        (``answer.body``, which must be closed). ``close``: the request asked for
+        ``Connection: close``. The caller builds ``head`` from validated parts."""
         if self._busy:
             raise RuntimeError("a LeanTransport serves one request at a time")
-        url = request.url
-        key = (url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme, 0))
-        timeouts: dict[str, Any] = request.extensions.get("timeout", {})
         conn = self._conn
         if conn is not None and (conn.key != key or not conn.reusable()):
             conn.close()
             self._conn = conn = None
         if conn is None:
-            conn = await self._connect(key, timeouts.get("connect"))
+            conn = await self._connect(key, connect_timeout)
         self._busy = True
         self._conn = conn
         try:
-            content = request.content  # the client sends small, fully built bodies
-            target = url.raw_path
-            lines = [request.method.encode(), b" ", target, b" HTTP/1.1\r\n"]
-            for name, value in request.headers.raw:
-                if b"\r" in name or b"\n" in name or b"\r" in value or b"\n" in value:
-                    raise httpx.LocalProtocolError("header with a line break")
-                lines += [name, b": ", value, b"\r\n"]
-            lines.append(b"\r\n")
             try:
-                conn.transport.write(b"".join(lines) + content)
+                conn.transport.write(head + content if content else head)
             except (OSError, RuntimeError) as exc:
                 raise httpx.WriteError(f"cannot send: {type(exc).__name__}") from None
-            head = await conn.wire.read_until(b"\r\n\r\n", MAX_HEAD_BYTES, timeouts.get("read"), "the response head")
-            version, status, reason, headers = _parse_head(head)
+            wire = conn.wire
+            version, status, reason, headers = _parse_head(
+                await wire.read_until(b"\r\n\r\n", MAX_HEAD_BYTES, read_timeout, "the response head")
+            )
             while 100 <= status < 200:  # interim answers (100 Continue): the real one follows
                 if status == 101:
                     raise httpx.RemoteProtocolError("unexpected protocol switch")
-                head = await conn.wire.read_until(
-                    b"\r\n\r\n", MAX_HEAD_BYTES, timeouts.get("read"), "the response head"
+                version, status, reason, headers = _parse_head(
+                    await wire.read_until(b"\r\n\r\n", MAX_HEAD_BYTES, read_timeout, "the response head")
                 )
-                version, status, reason, headers = _parse_head(head)
-            framing, length = _framing(request.method, status, headers)
+            framing, length = _framing(method, status, headers)
         except BaseException:
             self._release(conn, reuse=False)
             raise
-        body = _Body(self, conn, framing, length, timeouts.get("read"))
-        if not _keeps_alive(version, headers) or request.headers.get("connection", "").lower() == "close":
+        body = _Body(self, conn, framing, length, read_timeout)
+        if close or not _keeps_alive(version, headers):
             body._reuse = False
+        return RawAnswer(status, reason, version, headers, body)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        key = (url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme, 0))
+        timeouts: dict[str, Any] = request.extensions.get("timeout", {})
+        lines = [request.method.encode(), b" ", url.raw_path, b" HTTP/1.1\r\n"]
+        for name, value in request.headers.raw:
+            if not header_safe(name) or not header_safe(value):
+                raise httpx.LocalProtocolError("header with a control character")
+            lines += [name, b": ", value, b"\r\n"]
+        lines.append(b"\r\n")
+        answer = await self.exchange(
+            key,
+            request.method,
+            b"".join(lines),
+            request.content,  # the client sends small, fully built bodies
+            connect_timeout=timeouts.get("connect"),
+            read_timeout=timeouts.get("read"),
+            close=request.headers.get("connection", "").lower() == "close",
+        )
         return httpx.Response(
-            status,
-            headers=headers,
-            stream=body,
-            extensions={"http_version": version, "reason_phrase": reason},
+            answer.status,
+            headers=answer.headers,
+            stream=answer.body,
+            extensions={"http_version": answer.version, "reason_phrase": answer.reason},
         )
 
     def _release(self, conn: _Connection, *, reuse: bool) -> None:

@@ -312,3 +312,51 @@ async def test_an_https_gateway_is_reached_through_the_environment_proxy(monkeyp
             with pytest.raises(GatewayError):
                 await gw.get_balance("a")
         assert proxy.requests and proxy.requests[0].startswith(b"CONNECT gateway.invalid:443 HTTP/1.1")
+
+
+def _head_lines(request: bytes) -> dict[str, str]:
+    head = request.split(b"\r\n\r\n", 1)[0].decode()
+    return {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head.split("\r\n")[1:])}
+
+
+async def test_the_prebuilt_head_carries_what_httpx_would_send() -> None:
+    """The lean path (a plain path, no query) and httpx's path (a query) send the same
+    headers; a body gets its type and exact length; auth=False sends no key."""
+    ledger = ok(b'{"transactions": []}')
+    deposit = ok(b'{"new_balance": "12.00", "transaction_id": 7}')
+    registered = ok(b'{"agent_id": "n", "api_key": "a2a_free_' + b"x" * 24 + b'", "tier": "free", "balance": 5}')
+    server = Scripted([balance("1.00"), ledger, deposit, registered])
+    async with server, client(server.url + "/", max_attempts=1) as gw:
+        await gw.get_balance("agent-1")
+        await gw.transactions("agent-1", limit=3)
+        await gw.deposit("agent-1", Decimal("2.00"), "finops-dep-9")
+        await gw.register("n")
+    lean, viahttpx, post, anonymous = server.requests
+    assert lean.startswith(b"GET /v1/billing/wallets/agent-1/balance HTTP/1.1\r\n")
+    assert viahttpx.startswith(b"GET /v1/billing/wallets/agent-1/transactions?limit=3&offset=0 HTTP/1.1\r\n")
+    for request in (lean, viahttpx):
+        headers = _head_lines(request)
+        assert headers["host"] == server.url.removeprefix("http://")
+        assert headers["authorization"] == "Bearer a2a_admin_" + "k" * 24
+        assert headers["accept-encoding"] == "identity" and headers["user-agent"] == "finops/0.1"
+    body = post.split(b"\r\n\r\n", 1)[1]
+    headers = _head_lines(post)
+    assert headers["content-type"] == "application/json" and headers["content-length"] == str(len(body))
+    assert headers["idempotency-key"] == "finops-dep-9"
+    assert json.loads(body) == {"amount": "2.00", "currency": "CREDITS", "description": ""}
+    assert "authorization" not in _head_lines(anonymous)
+
+
+async def test_paths_outside_the_safe_set_are_percent_encoded_by_httpx() -> None:
+    server = Scripted([balance("1.00")])
+    async with server, client(server.url, max_attempts=1) as gw:
+        await gw.get_balance("a b/ü")
+    assert server.requests[0].startswith(b"GET /v1/billing/wallets/a%20b/%C3%BC/balance HTTP/1.1\r\n")
+
+
+async def test_a_header_value_with_a_line_break_never_reaches_the_wire() -> None:
+    server = Scripted([ok(b'{"transactions": []}')] * 4)
+    async with server, client(server.url, max_attempts=1, settle_delays=(0,)) as gw:
+        with pytest.raises(UnknownOutcome):
+            await gw.deposit("a", Decimal("1.00"), "finops-dep-1\r\nX-Evil: 1")
+    assert not any(b"X-Evil" in r or r.startswith(b"POST") for r in server.requests)
