@@ -36,9 +36,11 @@ from controller.sandbox.edge import EdgeMiddleware
 from controller.sandbox.faults import FaultInjector, FaultMiddleware
 from controller.sandbox.gateway import Clock, Handler, WebhookDeliverer
 from controller.sandbox.problems import Problem, problem_response
+from controller.sandbox.quirks import QuirkCounters, WalletNotFoundBreaksConnection
 from controller.sandbox.records import DEFAULT_SCOPES
 from controller.sandbox.request import Call
 from controller.sandbox.routes.admin import SandboxAdminRoutes
+from controller.sandbox.routes.analytics import AnalyticsRoutes
 from controller.sandbox.routes.batch import BatchRoutes
 from controller.sandbox.routes.budget import BudgetRoutes
 from controller.sandbox.routes.keys import KeyRoutes
@@ -56,6 +58,7 @@ class SandboxGateway(
     PublicRoutes,
     WalletRoutes,
     BudgetRoutes,
+    AnalyticsRoutes,
     MarketplaceRoutes,
     KeyRoutes,
     WebhookRoutes,
@@ -93,11 +96,15 @@ def create_app(
     deliver: WebhookDeliverer | None = None,
     idempotency_race_window: float = 0.0,
     faults: FaultInjector | None = None,
+    wallet_404_breaks_connection: bool = True,
+    quirks: QuirkCounters | None = None,
 ) -> Starlette:
     """The sandbox ASGI app. ``clock`` (unix seconds) drives every time read; pass a
     ``MutableClock`` to move it, also over HTTP via ``POST /_sandbox/clock``. ``faults``
     (off unless configured) misbehaves on ``/v1/*`` on purpose; ``/_sandbox/faults`` shows
-    and reconfigures it."""
+    and reconfigures it. ``wallet_404_breaks_connection`` (on, like every quirk of the real
+    gateway) leaves a connection broken after a 404 wallet-not-found
+    (``controller.sandbox.quirks``); ``quirks`` counts what it did."""
     if clock is None:
         clock = MutableClock()
     injector = faults if faults is not None else FaultInjector()
@@ -122,6 +129,8 @@ def create_app(
         ("PUT", "/v1/billing/wallets/{agent_id}/budget", gw.set_budget, True),
         ("GET", "/v1/billing/wallets/{agent_id}/budget", gw.get_budget, True),
         ("GET", "/v1/billing/wallets/{agent_id}/usage", gw.usage, True),
+        ("GET", "/v1/billing/wallets/{agent_id}/timeseries", gw.timeseries, True),
+        ("GET", "/v1/billing/leaderboard", gw.leaderboard, True),
         ("GET", "/v1/billing/exchange-rates", gw.exchange_rates, True),
         ("GET", "/v1/marketplace/match", gw.best_match, True),
         ("POST", "/v1/billing/keys", gw.create_key, True),
@@ -159,7 +168,11 @@ def create_app(
     return Starlette(
         routes=routes,
         # Faults outermost: they model the network and the edge in front of the gateway.
-        middleware=[Middleware(FaultMiddleware, injector=injector), Middleware(EdgeMiddleware, stats=stats)],
+        middleware=[
+            Middleware(FaultMiddleware, injector=injector),
+            Middleware(WalletNotFoundBreaksConnection, enabled=wallet_404_breaks_connection, counters=quirks),
+            Middleware(EdgeMiddleware, stats=stats),
+        ],
         exception_handlers={HTTPException: http_error},
     )
 

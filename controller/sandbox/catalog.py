@@ -91,6 +91,8 @@ TOOLS: dict[str, Tool] = {
         Tool("set_budget_cap"),
         Tool("get_budget_status"),
         Tool("get_usage_summary"),
+        Tool("get_metrics_timeseries"),
+        Tool("get_agent_leaderboard"),
         Tool("get_exchange_rate"),
         Tool("create_api_key", rate_limit_per_hour=20),
         Tool("list_api_keys", admin_only=True),

@@ -83,6 +83,9 @@ logger = logging.getLogger("finops.sandbox.faults")
 ENV_VAR = "FINOPS_SANDBOX_FAULTS"
 ABORT_STATE_KEY = "finops.sandbox.abort"
 """Key of the transport's ``abort`` in ``scope["state"]`` (see ``AbortableH11Protocol``)."""
+CONNECTION_STATE_KEY = "finops.sandbox.connection"
+"""Key of a dict that lives as long as the connection, in every request's ``scope["state"]``
+(``controller.sandbox.quirks`` remembers there that a connection is broken)."""
 FAULTED_PREFIX = "/v1/"
 _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _PROBLEM_TYPE_BASE = "https://api.greenhelix.net/errors/"
@@ -407,12 +410,14 @@ class FaultInjector:
 
 
 class AbortableH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, plus the transport's ``abort`` in every request's
-    ``scope["state"]`` so the fault layer can close a connection without answering."""
+    """uvicorn's h11 protocol, plus the transport's ``abort`` and a per-connection state
+    dict in every request's ``scope["state"]`` (uvicorn copies that mapping per request,
+    shallowly: the dict is the connection's), so the fault layer and the gateway's
+    connection quirks can close a connection without answering."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.app_state = {**self.app_state, ABORT_STATE_KEY: transport.abort}
+        self.app_state = {**self.app_state, ABORT_STATE_KEY: transport.abort, CONNECTION_STATE_KEY: {}}
 
 
 _ANSWERS: dict[FaultKind, tuple[int, str, str]] = {
@@ -463,7 +468,7 @@ class FaultMiddleware:
             tripwire.action()
             if tripwire.commit:
                 await self.app(scope, replay, _discard)
-            await _abort(scope)
+            await abort_connection(scope)
             return
         kind = self.injector.decide(method, path, body)
         if kind is None:
@@ -478,7 +483,7 @@ class FaultMiddleware:
                 while ticket.run is None:
                     await asyncio.sleep(0.005)
                 if not ticket.run:
-                    await _abort(scope)
+                    await abort_connection(scope)
                     return
         if kind.runs:
             await self.app(scope, replay, _discard)
@@ -490,7 +495,7 @@ class FaultMiddleware:
             for message in _problem(kind, path, headers):
                 await send(message)
         else:
-            await _abort(scope)
+            await abort_connection(scope)
 
 
 async def _buffer(receive: Receive) -> tuple[bytes, Receive]:
@@ -521,7 +526,8 @@ async def _until_disconnect(receive: Receive) -> None:
         pass
 
 
-async def _abort(scope: Scope) -> None:
+async def abort_connection(scope: Scope) -> None:
+    """Close the request's connection at once, without an answer."""
     abort = scope.get("state", {}).get(ABORT_STATE_KEY)
     if abort is None:
         logger.warning("sandbox faults: this server cannot close a connection; it answers 500 instead")
@@ -535,6 +541,7 @@ async def _abort(scope: Scope) -> None:
 __all__ = [
     "ABORT_STATE_KEY",
     "ALL_KINDS",
+    "CONNECTION_STATE_KEY",
     "DEFAULT_KINDS",
     "ENV_VAR",
     "AbortableH11Protocol",
@@ -543,4 +550,5 @@ __all__ = [
     "FaultKind",
     "FaultMiddleware",
     "Tripwire",
+    "abort_connection",
 ]

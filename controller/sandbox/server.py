@@ -24,6 +24,7 @@ from controller.sandbox.app import create_app
 from controller.sandbox.clock import MutableClock
 from controller.sandbox.faults import AbortableH11Protocol, FaultConfig, FaultInjector
 from controller.sandbox.gateway import WebhookDeliverer
+from controller.sandbox.quirks import QuirkCounters
 from controller.sandbox.records import WalletExists, hash_key
 from controller.sandbox.store import SandboxStore as SandboxStore
 from policies.keyprint import fingerprint
@@ -123,7 +124,9 @@ class SandboxServer:
 
     ``faults`` (a ``FaultConfig`` or spec string, see ``controller.sandbox.faults``) makes
     it misbehave on purpose; ``sb.faults`` reconfigures, suspends and counts at run time.
-    It is off unless given here: a test's sandbox never picks up the environment.
+    It is off unless given here: a test's sandbox never picks up the environment. The real
+    gateway's quirks are on, as everywhere in the sandbox: ``sb.quirks`` counts the
+    connections a 404 wallet-not-found broke (``controller.sandbox.quirks``).
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class SandboxServer:
         idempotency_race_window: float = 0.0,
         access_log: bool = False,
         faults: FaultConfig | str | None = None,
+        wallet_404_breaks_connection: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -149,12 +153,16 @@ class SandboxServer:
         else:
             self.admin_key = mint_admin_key(self.store, now=self.clock())
         self.faults = FaultInjector(faults)
+        self.quirks = QuirkCounters()
+        """What the real gateway's connection quirks did (``controller.sandbox.quirks``)."""
         self.app = create_app(
             self.store,
             clock=self.clock,
             deliver=deliver,
             idempotency_race_window=idempotency_race_window,
             faults=self.faults,
+            wallet_404_breaks_connection=wallet_404_breaks_connection,
+            quirks=self.quirks,
         )
         self._access_log = access_log
         self._server: _Uvicorn | None = None

@@ -54,6 +54,9 @@ from controller.sandbox.records import (
 )
 from controller.sandbox.stats import RequestStats
 
+LEADERBOARD_HIDDEN_PREFIXES = ("test-", "perf-", "audit-", "stress-")
+"""Agent ids the gateway leaves off its leaderboard (case-sensitive prefixes)."""
+
 _RATE_EVENT_HORIZON_S = 3600.0
 _RATE_PURGE_EVERY = 5000
 
@@ -107,6 +110,11 @@ CREATE TABLE IF NOT EXISTS usage_records (
     created_at      REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_agent_time ON usage_records(agent_id, created_at);
+CREATE TABLE IF NOT EXISTS usage_totals (
+    agent_id TEXT PRIMARY KEY,
+    calls    INTEGER NOT NULL,
+    cost     INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS webhooks (
     id               TEXT PRIMARY KEY,
     agent_id         TEXT NOT NULL,
@@ -168,6 +176,7 @@ class SandboxStore:
             self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA foreign_keys=OFF")
         self._conn.executescript(_SCHEMA)
+        self._backfill_usage_totals()
         self._rate_inserts = 0
         self.stats = RequestStats()
 
@@ -370,11 +379,17 @@ class SandboxStore:
         """Usage row (deduplicated by the global usage key) then the charge (never
         deduplicated, never blocked by a freeze): the gateway's spend-undercount quirk."""
         with self._tx() as conn:
-            conn.execute(
+            recorded = conn.execute(
                 "INSERT OR IGNORE INTO usage_records (agent_id, function, cost, tokens, idempotency_key, "
                 "created_at) VALUES (?, ?, ?, 0, ?, ?)",
                 (agent_id, function, cost, idempotency_key, now),
-            )
+            ).rowcount
+            if recorded:
+                conn.execute(
+                    "INSERT INTO usage_totals (agent_id, calls, cost) VALUES (?, 1, ?) ON CONFLICT(agent_id) "
+                    "DO UPDATE SET calls = calls + 1, cost = cost + excluded.cost",
+                    (agent_id, cost),
+                )
             if cost > 0:
                 self._debit(conn, agent_id, cost, now, check_frozen=False)
                 self._insert_tx(conn, agent_id, -cost, "charge", f"gateway:{function}", now)
@@ -397,6 +412,50 @@ class SandboxStore:
         calls, cost, tokens = row
         assert isinstance(calls, int) and isinstance(cost, int) and isinstance(tokens, int)
         return UsageSummary(calls, cost, tokens)
+
+    def _backfill_usage_totals(self) -> None:
+        """``usage_totals`` is the running ``GROUP BY agent_id`` of ``usage_records``; a
+        database written before it existed gets it computed once, here."""
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM usage_totals LIMIT 1").fetchone() is None:
+                conn.execute(
+                    "INSERT INTO usage_totals (agent_id, calls, cost) "
+                    "SELECT agent_id, COUNT(*), SUM(cost) FROM usage_records GROUP BY agent_id"
+                )
+
+    def leaderboard(self, metric: str, limit: int) -> list[tuple[str, int]]:
+        """``(agent_id, value)`` of agents with usage, all time, best first: ``metric``
+        ``"calls"`` counts usage records, ``"spend"`` sums their cost in atomic units. Ties
+        go by agent id (the gateway's SQL leaves them unordered). Ids with a hidden prefix
+        are left out before ``limit`` applies; a negative ``limit`` is SQLite's "no limit",
+        as on the gateway. Reads the running totals, so its cost is one row per agent,
+        whatever the number of usage records."""
+        column = {"calls": "calls", "spend": "cost"}[metric]
+        hidden = " AND ".join(f"agent_id NOT GLOB '{prefix}*'" for prefix in LEADERBOARD_HIDDEN_PREFIXES)
+        rows = self._all(
+            f"SELECT agent_id, {column} FROM usage_totals WHERE {hidden} ORDER BY {column} DESC, agent_id LIMIT ?",
+            (limit,),
+        )
+        out: list[tuple[str, int]] = []
+        for agent_id, value in rows:
+            assert isinstance(agent_id, str) and isinstance(value, int)
+            out.append((agent_id, value))
+        return out
+
+    def usage_buckets(self, agent_id: str, step: int, since: float | None, limit: int) -> list[tuple[float, int, int]]:
+        """``(bucket start, calls, cost in atomic units)`` per ``step``-second bucket of the
+        agent's usage at or after ``since``: the newest ``limit`` non-empty buckets, oldest
+        first (the gateway's ``GROUP BY bucket ORDER BY bucket DESC LIMIT ?``, reversed)."""
+        rows = self._all(
+            "SELECT CAST(CAST(created_at / ? AS INTEGER) * ? AS REAL) AS bucket, COUNT(*), COALESCE(SUM(cost), 0) "
+            "FROM usage_records WHERE agent_id = ? AND created_at >= ? GROUP BY bucket ORDER BY bucket DESC LIMIT ?",
+            (step, step, agent_id, since if since is not None else float("-inf"), limit),
+        )
+        out: list[tuple[float, int, int]] = []
+        for bucket, calls, cost in reversed(rows):
+            assert isinstance(bucket, float) and isinstance(calls, int) and isinstance(cost, int)
+            out.append((bucket, calls, cost))
+        return out
 
     # ---------------------------------------------------------------- budget caps
 
@@ -736,6 +795,7 @@ __all__ = [
     "ATOMIC_PER_CREDIT",
     "DEFAULT_SCOPES",
     "KNOWN_TIERS",
+    "LEADERBOARD_HIDDEN_PREFIXES",
     "SIGNUP_BONUS_ATOMIC",
     "AmountOutOfRange",
     "BudgetCapRecord",
