@@ -6,16 +6,23 @@ mapping of every broken answer to httpx's error types (which the client turns in
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from controller.gateway.client import GatewayClient, _environment_proxy
-from controller.gateway.errors import GatewayError, ProtocolViolation, UnknownOutcome
+from controller.gateway.errors import GatewayError, ProtocolViolation, UnknownOutcome, Unreachable
 from controller.gateway.http11 import MAX_HEAD_BYTES, LeanTransport
 
 Reply = Callable[[bytes], bytes | None]
@@ -360,3 +367,67 @@ async def test_a_header_value_with_a_line_break_never_reaches_the_wire() -> None
         with pytest.raises(UnknownOutcome):
             await gw.deposit("a", Decimal("1.00"), "finops-dep-1\r\nX-Evil: 1")
     assert not any(b"X-Evil" in r or r.startswith(b"POST") for r in server.requests)
+
+
+# ----------------------------------------------------------------------------- TLS
+
+
+def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file
+
+
+class TlsServer(Scripted):
+    def __init__(self, replies: list[Reply | bytes | None], cert: Path, key: Path) -> None:
+        super().__init__(replies)
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(cert, key)
+
+    async def __aenter__(self) -> TlsServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.context)
+        self.url = f"https://localhost:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+
+@pytest.mark.parametrize("served_name", ["localhost", "other.example"])
+async def test_tls_verifies_the_gateways_certificate_and_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, served_name: str
+) -> None:
+    """The lean lanes speak TLS with the client's verifying context: a certificate for
+    another name (or from a CA not trusted) is refused before anything is sent."""
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    trusted, _ = _self_signed(tmp_path, "localhost")
+    cert, key = (
+        _self_signed(tmp_path, served_name) if served_name != "localhost" else (trusted, tmp_path / "localhost.key")
+    )
+    monkeypatch.setenv("SSL_CERT_FILE", str(trusted))  # the CA bundle httpx's context loads
+    server = TlsServer([balance("3.50"), balance("3.50")], cert, key)
+    async with server, client(server.url, max_attempts=1) as gw:
+        if served_name == "localhost":
+            assert await gw.get_balance("a") == Decimal("3.50")
+            assert await gw.get_balance("a") == Decimal("3.50")
+            assert server.connections == 1  # kept alive over TLS too
+        else:
+            with pytest.raises(Unreachable):
+                await gw.get_balance("a")
+            assert server.requests == []
