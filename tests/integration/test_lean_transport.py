@@ -13,6 +13,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -21,8 +22,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from controller.errors import FinopsError
 from controller.gateway.client import GatewayClient, _environment_proxy
-from controller.gateway.errors import GatewayError, ProtocolViolation, UnknownOutcome, Unreachable
+from controller.gateway.errors import (
+    Fenced,
+    GatewayError,
+    ProtocolViolation,
+    ServerError,
+    UnknownOutcome,
+    Unreachable,
+)
 from controller.gateway.http11 import MAX_HEAD_BYTES, LeanTransport
 
 Reply = Callable[[bytes], bytes | None]
@@ -246,11 +255,11 @@ async def test_a_silent_server_is_a_read_timeout(lane: LeanTransport) -> None:
 # ----------------------------------------------------------------------------- through the client
 
 
-def client(url: str, **kw: object) -> GatewayClient:
+def client(url: str, **kw: Any) -> GatewayClient:
     async def no_sleep(_: float) -> None:
         return None
 
-    return GatewayClient(url, "a2a_admin_" + "k" * 24, sleep=no_sleep, **kw)  # type: ignore[arg-type]
+    return GatewayClient(url, "a2a_admin_" + "k" * 24, sleep=no_sleep, **kw)
 
 
 def balance(value: str) -> bytes:
@@ -431,3 +440,73 @@ async def test_tls_verifies_the_gateways_certificate_and_name(
             with pytest.raises(Unreachable):
                 await gw.get_balance("a")
             assert server.requests == []
+
+
+# ----------------------------------------------------------------------------- retry rules on the lean path
+
+
+def problem(status: int, code: str, *extra: str) -> bytes:
+    body = json.dumps({"type": f"https://api.greenhelix.net/errors/{code}", "title": code, "detail": code}).encode()
+    head = [f"HTTP/1.1 {status} X", "Content-Type: application/problem+json", f"Content-Length: {len(body)}", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def recording_client(url: str, sleeps: list[float], **kw: Any) -> GatewayClient:
+    async def record(delay: float) -> None:
+        sleeps.append(delay)
+
+    return GatewayClient(url, "a2a_admin_" + "k" * 24, sleep=record, **kw)
+
+
+REGISTERED = ok(b'{"agent_id": "n", "api_key": "a2a_free_' + b"x" * 24 + b'", "tier": "free", "balance": 5}')
+
+
+async def test_a_read_is_retried_with_backoff_until_the_attempts_run_out() -> None:
+    sleeps: list[float] = []
+    server = Scripted([problem(503, "service-error")] * 4)
+    async with server, recording_client(server.url, sleeps, max_attempts=4, backoff_initial=0.2) as gw:
+        with pytest.raises(ServerError):
+            await gw.get_balance("a")
+    assert len(server.requests) == 4 and len(sleeps) == 3
+    for attempt, delay in enumerate(sleeps, start=1):  # exponential, with up to 1 s of jitter
+        assert 0.2 * 2 ** (attempt - 1) <= delay <= 0.2 * 2 ** (attempt - 1) + 1
+
+
+async def test_a_write_answered_5xx_is_not_sent_again() -> None:
+    sleeps: list[float] = []
+    server = Scripted([problem(503, "service-error"), REGISTERED])
+    async with server, recording_client(server.url, sleeps, max_attempts=5) as gw:
+        with pytest.raises(ServerError):
+            await gw.register("n")
+    assert len(server.requests) == 1 and sleeps == []
+
+
+async def test_a_write_refused_with_429_is_sent_again_after_retry_after() -> None:
+    sleeps: list[float] = []
+    server = Scripted([problem(429, "rate-limit-exceeded", "Retry-After: 2"), REGISTERED])
+    async with server, recording_client(server.url, sleeps, max_attempts=5) as gw:
+        registration = await gw.register("n")
+    assert registration.agent_id == "n" and len(server.requests) == 2 and sleeps == [2.0]
+
+
+async def test_a_write_to_a_gateway_not_listening_is_retried_as_never_sent() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sleeps: list[float] = []
+    async with recording_client(f"http://127.0.0.1:{port}", sleeps, max_attempts=3) as gw:
+        with pytest.raises(Unreachable):
+            await gw.register("n")
+    assert len(sleeps) == 2  # connect refused: provably not sent, so safe to repeat
+
+
+async def test_the_fence_stops_a_write_before_it_leaves() -> None:
+    def fence() -> None:
+        raise FinopsError("the writer lock was lost")
+
+    server = Scripted([balance("1.00"), REGISTERED])
+    async with server, GatewayClient(server.url, "a2a_admin_" + "k" * 24, fence=fence) as gw:
+        assert await gw.get_balance("a") == Decimal("1.00")  # reads are not fenced
+        with pytest.raises(Fenced):
+            await gw.register("n")
+    assert [r.split(b" ", 1)[0] for r in server.requests] == [b"GET"]
