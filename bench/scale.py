@@ -280,12 +280,12 @@ async def _replan(
     return len(plan.changes), phase
 
 
-def _cli_plan(sb: SandboxProcess, manifests: Path, state: Path) -> tuple[Phase, int, float]:
+def _cli_plan(sb: SandboxProcess, manifests: Path, state: Path, concurrency: int) -> tuple[Phase, int, float]:
     """``finops plan --detailed-exitcode`` as an operator runs it: (phase, exit code, peak RSS
     in MB). Exit 0 proves it found the fleet converged (2: changes, 1: error)."""
     cmd = [sys.executable, "-m", "controller.cli", "plan", str(manifests), "--gateway", sb.url]
     cmd += ["--api-key-file", str(sb.key_file), "--state-dir", str(state), "--format", "json"]
-    cmd += ["--detailed-exitcode"]
+    cmd += ["--detailed-exitcode", "--concurrency", str(concurrency)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GREENHELIX_", "FINOPS_"))}
     sb.reset_stats()
     sandbox_cpu = sb.cpu_seconds()
@@ -362,7 +362,7 @@ def run_size(
             _log(f"{agents}: re-plan {run.replan.seconds:.2f}s; again with httpx's transport")
             _, replan_httpx = asyncio.run(_replan(sb, manifests, state, concurrency, _HttpxLanes))
             _log(f"{agents}: httpx transport {replan_httpx.seconds:.2f}s; finops plan (CLI)")
-            cli_plan, cli_exit, cli_rss = _cli_plan(sb, manifests, state)
+            cli_plan, cli_exit, cli_rss = _cli_plan(sb, manifests, state, concurrency)
             _log(f"{agents}: CLI plan {cli_plan.seconds:.2f}s exit {cli_exit}; sequential baseline")
             baseline = _sequential_baseline(sb, agent_ids, min(agents, baseline_agents or agents))
             _log(f"{agents}: baseline {baseline.seconds:.2f}s; sandbox ceiling")
