@@ -395,3 +395,6 @@ class LeanTransport(httpx.AsyncBaseTransport):
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+            # asyncio closes the socket in a callback of the next loop iteration: let it run,
+            # so a closed client has no connection left open (a caller may block right after)
+            await asyncio.sleep(0)

@@ -510,3 +510,20 @@ async def test_the_fence_stops_a_write_before_it_leaves() -> None:
         with pytest.raises(Fenced):
             await gw.register("n")
     assert [r.split(b" ", 1)[0] for r in server.requests] == [b"GET"]
+
+
+async def test_a_closed_client_leaves_no_socket_open() -> None:
+    """Closing happens before ``aclose`` returns (asyncio closes sockets in a callback): a
+    caller that blocks right after (tests waiting for an idle gateway) finds nothing open."""
+    server = Scripted([balance("1.00"), balance("1.00")])
+    async with server:
+        gw = client(server.url, concurrency=2)
+        await asyncio.gather(gw.get_balance("a"), gw.get_balance("b"))
+        sockets = [
+            lane._conn.transport.get_extra_info("socket")
+            for lane in gw._lanes
+            if isinstance(lane, LeanTransport) and lane._conn
+        ]
+        assert sockets
+        await gw.aclose()
+        assert all(sock.fileno() == -1 for sock in sockets)
