@@ -627,10 +627,17 @@ def issue14_targets(big: SizeResult) -> list[tuple[bool | None, str]]:
     out: list[tuple[bool | None, str]] = [
         (
             None if fraction is None else fraction >= TARGET14_CEILING_FRACTION,
-            f"full plan (observe + plan) >= {TARGET14_CEILING_FRACTION:.0%} of the sandbox's balance+budget ceiling: "
+            f"full plan, in-process observe + plan >= {TARGET14_CEILING_FRACTION:.0%} of the sandbox's balance+budget "
+            "ceiling: "
             + ("not measured" if fraction is None else f"{big.replan.rate:,.0f} of {ceiling:,.0f} req/s")
-            + ("" if fraction is None else f" ({fraction:.0%})")
-            + ("" if cli_fraction is None else f"; the whole CLI process, start-up included: {cli_fraction:.0%}"),
+            + ("" if fraction is None else f" ({fraction:.0%})"),
+        ),
+        (
+            None if cli_fraction is None else cli_fraction >= TARGET14_CEILING_FRACTION,
+            f"full plan, a `finops plan` process (start-up, manifests, state, render included) >= "
+            f"{TARGET14_CEILING_FRACTION:.0%} of the same ceiling: "
+            + ("not measured" if cli_fraction is None or big.cli_plan is None else f"{big.cli_plan.rate:,.0f} req/s")
+            + ("" if cli_fraction is None else f" ({cli_fraction:.0%})"),
         ),
         (
             None if speedup is None or big.rtt_ms != TARGET14_RTT_MS else speedup >= TARGET14_SPEEDUP,
