@@ -387,8 +387,8 @@ class GatewayClient:
         """The request head for a lean lane, or ``None`` when this request needs httpx's URL
         and header handling (query parameters, a path or header value outside the plain
         safe set): those few take ``_request`` and the lane's ``handle_async_request``."""
-        if not self._lean_ok or params or _SAFE_PATH.fullmatch(path) is None:
-            return None
+        if not self._lean_ok or params or _SAFE_PATH.fullmatch(path) is None or "/." in path:
+            return None  # "/.": httpx removes dot segments (``..``), and so must this path
         parts = [method.encode(), b" ", self._base_path, path.encode(), b" HTTP/1.1\r\n", self._fixed_head]
         if auth:
             parts.append(self._auth_line)

@@ -364,10 +364,13 @@ async def test_the_prebuilt_head_carries_what_httpx_would_send() -> None:
 
 
 async def test_paths_outside_the_safe_set_are_percent_encoded_by_httpx() -> None:
-    server = Scripted([balance("1.00")])
+    server = Scripted([balance("1.00"), balance("1.00")])
     async with server, client(server.url, max_attempts=1) as gw:
         await gw.get_balance("a b/ü")
+        await gw.get_balance("x/../..")  # dot segments are resolved exactly as httpx resolves them
     assert server.requests[0].startswith(b"GET /v1/billing/wallets/a%20b/%C3%BC/balance HTTP/1.1\r\n")
+    expected = httpx.URL("http://h/v1/billing/wallets/x/../../balance").raw_path
+    assert server.requests[1].startswith(b"GET " + expected + b" HTTP/1.1\r\n")
 
 
 async def test_a_header_value_with_a_line_break_never_reaches_the_wire() -> None:
