@@ -341,10 +341,13 @@ class GatewayClient:
         GreenHelix 1.4.8 leaves a keep-alive connection broken after a 404
         ``wallet-not-found`` (API.md; 19 of 20 later requests on it failed): a write sent
         on it would fail after leaving, an *unknown outcome* that blocks the agent. So a
-        connection that answered any 404 never carries another request; the next request
-        opens a new one. Only 404s pay (a new connection), which observation of a new agent
-        meets once; every other answer keeps its connection. With an injected transport the
-        connections are the injector's, and this is its job."""
+        connection that answered any 404 never carries another request, twice over:
+        ``_read`` stops at the 404 body's declared length, leaving its end unread, and
+        httpcore closes a connection whose answer was closed before its end, in whatever
+        pool it lives (also an injected transport's, shared by lanes); and a lane that owns
+        its connection is retired here, which also covers a 404 without a declared length.
+        Only 404s pay (a new connection), which observing a new agent meets once; every
+        other answer keeps its connection."""
         self._lanes.remove(lane)
         await lane.aclose()
 
@@ -545,11 +548,18 @@ class GatewayClient:
             )
         chunks: list[bytes] = []
         size = 0
-        async for chunk in body:  # identity: the bytes as received
-            size += len(chunk)
-            if size > self._max_bytes:
-                raise too_big(f"more than {size}")
-            chunks.append(chunk)
+        # A 404's body is read to its declared length and no further: the answer is whole,
+        # but its end is never consumed, so closing the response closes its connection,
+        # whichever pool holds it (``_retire``; a lean lane closes an unfinished body too).
+        stop_at = int(declared) if status == 404 and declared.isdigit() else -1
+        if stop_at:
+            async for chunk in body:  # identity: the bytes as received
+                size += len(chunk)
+                if size > self._max_bytes:
+                    raise too_big(f"more than {size}")
+                chunks.append(chunk)
+                if size == stop_at:
+                    break
         return Answer(status, headers, b"".join(chunks), reason)
 
     def _raise_for(self, method: str, path: str, resp: Answer) -> None:

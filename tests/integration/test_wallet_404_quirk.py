@@ -100,6 +100,21 @@ async def test_client_writes_after_observing_missing_agents_on_one_lane(frozen_s
     assert all(deposits_of(sandbox, agent) == [2_500_000_000] for agent in agents)
 
 
+async def test_a_transport_shared_by_every_lane_never_reuses_a_404_connection(frozen_sandbox: SandboxServer) -> None:
+    """An injected transport (tests, proxies) holds one pool for all lanes, out of the
+    client's hands: the 404's connection is still closed, because its answer is read to
+    the declared length and closed before its end."""
+    sandbox = frozen_sandbox
+    shared = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+    async with GatewayClient(sandbox.url, sandbox.admin_key, transport=shared, max_attempts=1) as client:
+        for i in range(3):
+            assert await client.get_balance(f"new-{i}") is None
+            await client.register(f"new-{i}")
+            await client.deposit(f"new-{i}", Decimal("1.00"), f"shared-{i}")
+    assert sandbox.quirks.snapshot() == {"broken_connections": 3, "refused_requests": 0}
+    assert all(deposits_of(sandbox, f"new-{i}") == [100_000_000] for i in range(3))
+
+
 async def test_observe_then_apply_a_new_fleet_on_one_client_has_no_unknown_outcome(
     harness: Harness, canonical: DesiredState
 ) -> None:

@@ -19,7 +19,7 @@ from controller.sandbox.store import SandboxStore
 
 SANDBOX = Path(controller.sandbox.__file__).parent
 KEYS = Path(controller.keys.__file__).parent
-AREAS = {"public", "wallets", "budget", "marketplace", "keys", "webhooks", "batch", "admin"}
+AREAS = {"public", "wallets", "budget", "analytics", "marketplace", "keys", "webhooks", "batch", "admin"}
 
 
 def _imports(path: Path) -> set[str]:
