@@ -29,20 +29,17 @@ import asyncio
 import json
 import math
 import os
+import random
+import re
+import urllib.request
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any, Protocol, Self
+from urllib.parse import urlsplit
 
 import httpx
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
 from controller.errors import ConfigError, FinopsError
 from controller.gateway.errors import (
@@ -57,6 +54,7 @@ from controller.gateway.errors import (
     Unreachable,
     error_class,
 )
+from controller.gateway.http11 import LeanTransport, header_safe
 from controller.gateway.models import (
     LEADERBOARD_METRICS,
     BudgetStatus,
@@ -149,6 +147,28 @@ def _snapshot_balance(snapshot: object) -> Decimal | None:
         return None
 
 
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9._~/-]*")
+"""A path sent as is: what ``httpx.URL`` would not change (agent ids are letters, digits,
+``.``, ``_``, ``-``; anything else goes through httpx's percent-encoding)."""
+_SAFE_TOKEN = re.compile(r"[A-Za-z0-9-]+")
+_SAFE_VALUE = re.compile(r"[\x20-\x7e]*")
+
+
+def _environment_proxy(base_url: str) -> str | None:
+    """The proxy the environment names for ``base_url`` (``HTTPS_PROXY``, ``ALL_PROXY``,
+    minus ``NO_PROXY``), as ``httpx.AsyncClient(trust_env=True)`` would pick it. Never for
+    plain http: an ``HTTP_PROXY`` would carry the admin key in clear to the proxy (plain
+    http is allowed only to loopback or by explicit opt-in, controller/io/target.py)."""
+    parts = urlsplit(base_url)
+    if parts.scheme.lower() != "https":
+        return None
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get("https") or proxies.get("all")
+    if not proxy or bool(urllib.request.proxy_bypass(parts.hostname or "")):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
+
+
 _MAX_AGENT_ID_CHARS = 128
 """The gateway's longest agent id (``/v1/register`` accepts 1..128 characters)."""
 
@@ -214,7 +234,7 @@ def _bucket_start(raw: object, step: int, what: str, path: str) -> datetime:
 
 
 class _Retryable(Exception):
-    """Internal marker so tenacity retries exactly what our rules call safe."""
+    """Internal marker: ``_call`` retries exactly what our rules call safe."""
 
     def __init__(self, error: GatewayError) -> None:
         super().__init__(str(error))
@@ -258,37 +278,38 @@ class GatewayClient:
         """Called before every write request; raises if this process may no longer write
         (``controller.state.lock.WriterLock.check``: the writer lock was lost)."""
         self._api_key = api_key
-        # One single-connection client per request in flight ("lane") rather than one pool
+        # One single-connection transport per request in flight ("lane") rather than one pool
         # of ``concurrency`` connections: httpcore 1.0 scans its whole pool on every request,
         # which made the client, not the gateway, the bottleneck (about 3x the CPU per
-        # request at 32 connections). Lanes share one TLS context and an injected transport.
-        self._lane_options: dict[str, Any] = {
-            "base_url": self.base_url,
-            "transport": transport,
-            "timeout": timeout,
-            "headers": {
-                "Authorization": f"Bearer {api_key}",
-                "User-Agent": "finops/0.1",
-                "Accept-Encoding": "identity",
-            },
-            "limits": httpx.Limits(max_connections=1, max_keepalive_connections=1),
-            # Plain http is allowed only to loopback (or by explicit opt-in, controller/io/target.py):
-            # an HTTP_PROXY from the environment would carry the admin key in clear to the proxy.
-            "trust_env": not self.base_url.lower().startswith("http://"),
-        }
-        if observer is not None:  # instrumentation through httpx's event hooks, on every lane
-            self._lane_options["event_hooks"] = {"response": [observer.on_response]}
-        self._owns_connections = transport is None
-        """Each lane owns its one connection (closed after a 404, ``_retire``); an
-        injected transport owns its own."""
-        if transport is None:  # built once: loading the CA bundle costs ~0.1 s per client
-            self._lane_options["verify"] = httpx.create_ssl_context()
-        self._lanes: list[httpx.AsyncClient] = []
-        self._idle_lanes: list[httpx.AsyncClient] = []
+        # request at 32 connections). A lane is a ``LeanTransport`` (controller/gateway/http11.py,
+        # a tenth of httpcore's CPU per request), or httpx's own through an environment proxy.
+        # Requests go to the lane's transport directly, not through ``httpx.AsyncClient.send``:
+        # the client layer (URL merging, cookies, auth and redirect handling finops never
+        # uses) cost about 40 % of the CPU per request. An injected transport (tests, fault
+        # injection) is the one lane everything uses.
+        self._injected = transport
+        self._lane_ssl = httpx.create_ssl_context() if transport is None else None
+        """Built once: loading the CA bundle costs ~0.1 s."""
+        self._lane_proxy = _environment_proxy(self.base_url) if transport is None else None
+        self._timeout = timeout
+        self._timeouts = httpx.Timeout(timeout).as_dict()
+        self._headers: list[tuple[bytes, bytes]] = [(b"Accept-Encoding", b"identity"), (b"User-Agent", b"finops/0.1")]
+        self._auth_header = (b"Authorization", f"Bearer {api_key}".encode())
+        # The request head of a lean lane, built once: per request only the request line and
+        # the caller's few headers are added (``_lean_head``).
+        base = httpx.URL(self.base_url)
+        self._key = (base.scheme, base.host, base.port or (443 if base.scheme == "https" else 80))
+        self._base_path = base.raw_path.rstrip(b"/")
+        fixed = [(b"Host", base.netloc), *self._headers]
+        self._lean_ok = base.query == b"" and header_safe(self._auth_header[1]) and header_safe(base.netloc)
+        self._fixed_head = b"".join(n + b": " + v + b"\r\n" for n, v in fixed)
+        self._auth_line = b"Authorization: " + self._auth_header[1] + b"\r\n"
+        self._lanes: list[httpx.AsyncBaseTransport] = []
+        self._idle_lanes: list[httpx.AsyncBaseTransport] = []
         self._max_attempts = max_attempts
         self._deadline = request_deadline() if deadline is None else deadline
         self._max_bytes = max_response_bytes
-        self._wait = wait_exponential_jitter(multiplier=backoff_initial, max=backoff_max)
+        self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._settle_delays = tuple(settle_delays)
         self._sleep = sleep
@@ -311,8 +332,10 @@ class GatewayClient:
         lanes, self._lanes, self._idle_lanes = self._lanes, [], []
         for lane in lanes:
             await lane.aclose()
+        if self._injected is not None:
+            await self._injected.aclose()
 
-    async def _retire(self, lane: httpx.AsyncClient) -> None:
+    async def _retire(self, lane: httpx.AsyncBaseTransport) -> None:
         """Close a lane that got a 404 instead of reusing its connection.
 
         GreenHelix 1.4.8 leaves a keep-alive connection broken after a 404
@@ -328,23 +351,91 @@ class GatewayClient:
         self._lanes.remove(lane)
         await lane.aclose()
 
-    def _lane(self) -> httpx.AsyncClient:
+    def _lane(self) -> httpx.AsyncBaseTransport:
         """An idle lane, or a new one; only called under ``_slots``, so never more than
         ``concurrency`` exist."""
+        if self._injected is not None:
+            return self._injected
         if self._idle_lanes:
             return self._idle_lanes.pop()
-        lane = httpx.AsyncClient(**self._lane_options)
+        lane = self._new_lane()
         self._lanes.append(lane)
         return lane
 
+    def _new_lane(self) -> httpx.AsyncBaseTransport:
+        """A ``LeanTransport``; httpx's own transport through an environment proxy (https only)."""
+        if self._lane_proxy is None:
+            return LeanTransport(ssl_context=self._lane_ssl)
+        return httpx.AsyncHTTPTransport(
+            verify=self._lane_ssl if self._lane_ssl is not None else True,
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            proxy=self._lane_proxy,
+        )
+
+    def _release(self, lane: httpx.AsyncBaseTransport) -> None:
+        if lane is not self._injected:
+            self._idle_lanes.append(lane)
+
     # ------------------------------------------------------------------ plumbing
 
-    def _wait_for(self, state: RetryCallState) -> float:
-        outcome = state.outcome
-        exc = outcome.exception() if outcome is not None else None
-        if isinstance(exc, _Retryable) and exc.error.retry_after is not None:
-            return min(max(exc.error.retry_after, 0.0), self._backoff_max)
-        return float(self._wait(state))
+    def _lean_head(
+        self,
+        method: str,
+        path: str,
+        content: bytes | None,
+        params: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        auth: bool,
+    ) -> bytes | None:
+        """The request head for a lean lane, or ``None`` when this request needs httpx's URL
+        and header handling (query parameters, a path or header value outside the plain
+        safe set): those few take ``_request`` and the lane's ``handle_async_request``."""
+        if not self._lean_ok or params or _SAFE_PATH.fullmatch(path) is None or "/." in path:
+            return None  # "/.": httpx removes dot segments (``..``), and so must this path
+        parts = [method.encode(), b" ", self._base_path, path.encode(), b" HTTP/1.1\r\n", self._fixed_head]
+        if auth:
+            parts.append(self._auth_line)
+        if content is not None:
+            parts.append(b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(content))
+        elif method in ("POST", "PUT", "PATCH"):
+            parts.append(b"Content-Length: 0\r\n")
+        for name, value in (headers or {}).items():
+            if _SAFE_TOKEN.fullmatch(name) is None or _SAFE_VALUE.fullmatch(value) is None:
+                return None
+            parts.append(f"{name}: {value}\r\n".encode())
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        content: bytes | None,
+        params: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        auth: bool,
+    ) -> httpx.Request:
+        """The request ``httpx.AsyncClient.build_request`` would make from our defaults."""
+        req_headers = list(self._headers)
+        if auth:
+            req_headers.append(self._auth_header)
+        if content is not None:
+            req_headers.append((b"Content-Type", b"application/json"))
+        if headers:
+            req_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
+        url = httpx.URL(self.base_url + path, params=params) if params else httpx.URL(self.base_url + path)
+        return httpx.Request(method, url, headers=req_headers, content=content, extensions={"timeout": self._timeouts})
+
+    def _backoff(self, attempt: int, error: GatewayError) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based): the server's
+        ``Retry-After`` when it gave one (capped), else exponential backoff with jitter."""
+        if error.retry_after is not None:
+            return min(max(float(error.retry_after), 0.0), self._backoff_max)
+        try:
+            delay = self._backoff_initial * 2.0 ** (attempt - 1) + random.uniform(0, 1)
+        except OverflowError:
+            delay = self._backoff_max
+        return max(0.0, min(delay, self._backoff_max))
 
     async def _send(
         self,
@@ -358,10 +449,7 @@ class GatewayClient:
     ) -> Answer:
         """Send once and read the whole (bounded) answer within the deadline; map transport
         failures to ``Unreachable`` (never sent) or ``UnknownOutcome`` (may have run)."""
-        req_headers = dict(headers or {})
         content = json.dumps(body).encode() if body is not None else None
-        if content is not None:
-            req_headers["Content-Type"] = "application/json"
         try:
             async with self._slots:
                 # The fence is checked once a slot is free, right before sending: a write that
@@ -375,21 +463,48 @@ class GatewayClient:
                 lane = self._lane()
                 answered_404 = False
                 try:
-                    request = lane.build_request(method, path, content=content, params=params, headers=req_headers)
-                    if not auth:
-                        request.headers.pop("Authorization", None)
+                    head = self._lean_head(method, path, content, params, headers, auth)
                     async with asyncio.timeout(self._deadline):
-                        response = await lane.send(request, stream=True)
+                        if head is not None and isinstance(lane, LeanTransport):
+                            raw = await lane.exchange(
+                                self._key,
+                                method,
+                                head,
+                                content or b"",
+                                connect_timeout=self._timeout,
+                                read_timeout=self._timeout,
+                            )
+                            answered_404 = raw.status == 404
+                            try:
+                                raw_headers = httpx.Headers(raw.headers)
+                                if self._observer is not None:
+                                    await self._observer.on_response(httpx.Response(raw.status, headers=raw_headers))
+                                reason = raw.reason.decode("ascii", errors="replace")
+                                return await self._read(raw.status, raw_headers, raw.body, reason, method, path)
+                            finally:
+                                await raw.body.aclose()  # unread: the connection is closed, not reused
+                        request = self._request(method, path, content, params, headers, auth)
+                        response = await lane.handle_async_request(request)
+                        response.request = request
                         answered_404 = response.status_code == 404
                         try:
-                            return await self._read(response, method, path)
+                            if self._observer is not None:
+                                await self._observer.on_response(response)
+                            return await self._read(
+                                response.status_code,
+                                response.headers,
+                                response.aiter_bytes(),
+                                response.reason_phrase,
+                                method,
+                                path,
+                            )
                         finally:
                             await response.aclose()  # unread: httpcore closes the connection
                 finally:
-                    if answered_404 and self._owns_connections:
+                    if answered_404 and lane is not self._injected:
                         await self._retire(lane)
                     else:
-                        self._idle_lanes.append(lane)
+                        self._release(lane)
         except httpx.TransportError as exc:
             if self._observer is not None:
                 self._observer.on_transport_error(exc)
@@ -403,20 +518,27 @@ class GatewayClient:
                 f"no complete answer within the {self._deadline:g} s request deadline", method=method, path=path
             ) from None
 
-    async def _read(self, response: httpx.Response, method: str, path: str) -> Answer:
+    async def _read(
+        self,
+        status: int,
+        headers: httpx.Headers,
+        body: AsyncIterable[bytes],
+        reason: str,
+        method: str,
+        path: str,
+    ) -> Answer:
         """The body, refused as soon as it is known to exceed the limit (declared length or
         bytes received), before it is buffered."""
-        status = response.status_code
 
         def too_big(size: str) -> ProtocolViolation:
             return ProtocolViolation(
                 f"response of {size} bytes exceeds {self._max_bytes}", status=status, method=method, path=path
             )
 
-        declared = response.headers.get("content-length", "")
+        declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self._max_bytes:
             raise too_big(declared)
-        encoding = response.headers.get("content-encoding", "").strip().lower()
+        encoding = headers.get("content-encoding", "").strip().lower()
         if encoding not in ("", "identity"):
             raise ProtocolViolation(
                 f"response is {encoding}-encoded although an uncompressed answer was asked for",
@@ -428,17 +550,17 @@ class GatewayClient:
         size = 0
         # A 404's body is read to its declared length and no further: the answer is whole,
         # but its end is never consumed, so closing the response closes its connection,
-        # whichever pool holds it (``_retire``).
+        # whichever pool holds it (``_retire``; a lean lane closes an unfinished body too).
         stop_at = int(declared) if status == 404 and declared.isdigit() else -1
         if stop_at:
-            async for chunk in response.aiter_bytes():  # identity: the bytes as received
+            async for chunk in body:  # identity: the bytes as received
                 size += len(chunk)
                 if size > self._max_bytes:
                     raise too_big(f"more than {size}")
                 chunks.append(chunk)
                 if size == stop_at:
                     break
-        return Answer(status, response.headers, b"".join(chunks), response.reason_phrase)
+        return Answer(status, headers, b"".join(chunks), reason)
 
     def _raise_for(self, method: str, path: str, resp: Answer) -> None:
         if 200 <= resp.status_code < 300:
@@ -495,34 +617,42 @@ class GatewayClient:
         PUTs). Unsafe ones are repeated only after failures that prove nothing ran.
         """
 
-        def retryable(exc: BaseException) -> bool:
-            return isinstance(exc, _Retryable)
+        # No retry machinery on the way: almost every call succeeds on its first attempt,
+        # and the loop below costs nothing until an attempt fails.
+        attempt = 1
+        while True:
+            try:
+                return await self._attempt(method, path, body, params, headers, auth, safe)
+            except _Retryable as exc:
+                if attempt >= self._max_attempts:
+                    raise exc.error from None
+                delay = self._backoff(attempt, exc.error)
+            await self._sleep(delay)
+            attempt += 1
 
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(retryable),
-            stop=stop_after_attempt(self._max_attempts),
-            wait=self._wait_for,
-            sleep=self._sleep,
-            reraise=True,
-        )
+    async def _attempt(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        params: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        auth: bool,
+        safe: bool,
+    ) -> Any:
+        """One attempt: the decoded body, or ``_Retryable`` when our rules allow another."""
         try:
-            async for attempt in retrying:
-                with attempt:
-                    try:
-                        resp = await self._send(method, path, body=body, params=params, headers=headers, auth=auth)
-                        self._raise_for(method, path, resp)
-                    except Fenced:
-                        raise
-                    except (RateLimited, Unreachable) as exc:
-                        raise _Retryable(exc) from None
-                    except (ServerError, UnknownOutcome) as exc:
-                        if safe:
-                            raise _Retryable(exc) from None
-                        raise
-                    return self._decode(method, path, resp)
-        except _Retryable as exc:
-            raise exc.error from None
-        raise AssertionError("unreachable")  # pragma: no cover
+            resp = await self._send(method, path, body=body, params=params, headers=headers, auth=auth)
+            self._raise_for(method, path, resp)
+        except Fenced:
+            raise
+        except (RateLimited, Unreachable) as exc:
+            raise _Retryable(exc) from None
+        except (ServerError, UnknownOutcome) as exc:
+            if safe:
+                raise _Retryable(exc) from None
+            raise
+        return self._decode(method, path, resp)
 
     def _decode(self, method: str, path: str, resp: Answer) -> Any:
         try:
