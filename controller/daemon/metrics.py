@@ -28,7 +28,6 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import TYPE_CHECKING, ClassVar
 
-import httpx
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -45,6 +44,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from controller.daemon.serving import ThreadedServer
+from controller.gateway.client import Exchange
 
 if TYPE_CHECKING:
     from controller.alerting.ladder import LadderReport
@@ -524,9 +524,8 @@ class GatewayErrorCounter:
     def __init__(self, errors: Counter) -> None:
         self._errors = errors
 
-    async def on_response(self, response: httpx.Response) -> None:
-        if response.status_code >= 400 and response.status_code != 404:
-            self._errors.labels(status=str(response.status_code)).inc()
-
-    def on_transport_error(self, exc: httpx.TransportError) -> None:
-        self._errors.labels(status="transport").inc()
+    def on_exchange(self, exchange: Exchange) -> None:
+        if exchange.status is None:
+            self._errors.labels(status="transport").inc()
+        elif exchange.status >= 400 and exchange.status != 404:
+            self._errors.labels(status=str(exchange.status)).inc()

@@ -34,6 +34,7 @@ import re
 import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any, Protocol, Self
@@ -241,14 +242,24 @@ class _Retryable(Exception):
         self.error = error
 
 
+@dataclass(frozen=True)
+class Exchange:
+    """One request the client sent (each retry is one), as its observers are told of it."""
+
+    method: str
+    path: str
+    """The path, without the query."""
+    body: bytes | None
+    status: int | None
+    """The answer's status; ``None``: no answer at all (a transport failure or the request
+    deadline: for a write, an unknown outcome)."""
+
+
 class ClientObserver(Protocol):
-    """Instrumentation of the client (the daemon's metrics): ``on_response`` runs as an httpx
-    response event hook on every lane, retries included; ``on_transport_error`` for each
-    request that got no response at all."""
+    """Instrumentation of the client (the daemon's error metric, the observation store's
+    write watch): told of every request once its answer, or the lack of one, is known."""
 
-    async def on_response(self, response: httpx.Response) -> None: ...
-
-    def on_transport_error(self, exc: httpx.TransportError) -> None: ...
+    def on_exchange(self, exchange: Exchange) -> None: ...
 
 
 class GatewayClient:
@@ -437,6 +448,10 @@ class GatewayClient:
             delay = self._backoff_max
         return max(0.0, min(delay, self._backoff_max))
 
+    def _notify(self, method: str, path: str, body: bytes | None, status: int | None) -> None:
+        if self._observer is not None:
+            self._observer.on_exchange(Exchange(method, path, body, status))
+
     async def _send(
         self,
         method: str,
@@ -477,8 +492,7 @@ class GatewayClient:
                             answered_404 = raw.status == 404
                             try:
                                 raw_headers = httpx.Headers(raw.headers)
-                                if self._observer is not None:
-                                    await self._observer.on_response(httpx.Response(raw.status, headers=raw_headers))
+                                self._notify(method, path, content, raw.status)
                                 reason = raw.reason.decode("ascii", errors="replace")
                                 return await self._read(raw.status, raw_headers, raw.body, reason, method, path)
                             finally:
@@ -488,8 +502,7 @@ class GatewayClient:
                         response.request = request
                         answered_404 = response.status_code == 404
                         try:
-                            if self._observer is not None:
-                                await self._observer.on_response(response)
+                            self._notify(method, path, content, response.status_code)
                             return await self._read(
                                 response.status_code,
                                 response.headers,
@@ -506,14 +519,14 @@ class GatewayClient:
                     else:
                         self._release(lane)
         except httpx.TransportError as exc:
-            if self._observer is not None:
-                self._observer.on_transport_error(exc)
+            self._notify(method, path, content, None)
             if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
                 raise Unreachable(
                     f"cannot reach {self.base_url}: {type(exc).__name__}", method=method, path=path
                 ) from None
             raise UnknownOutcome(f"no usable response ({type(exc).__name__})", method=method, path=path) from None
         except TimeoutError:
+            self._notify(method, path, content, None)
             raise UnknownOutcome(
                 f"no complete answer within the {self._deadline:g} s request deadline", method=method, path=path
             ) from None

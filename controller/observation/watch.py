@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-import httpx
-
-from controller.gateway.client import ClientObserver
+from controller.gateway.client import ClientObserver, Exchange
 from controller.observation.store import ObservationStore
 
 WALLETS = "/v1/billing/wallets"
@@ -23,19 +21,19 @@ CREATES = frozenset({WALLETS, "/v1/register"})
 """Writes that name their agent in the body, not the path."""
 
 
-def written_agents(request: httpx.Request) -> tuple[str, ...] | None:
+def written_agents(method: str, path: str, body: bytes | None) -> tuple[str, ...] | None:
     """The agents a request may change the balance or budget of: ``()`` for reads and for
     writes that touch neither (keys, webhooks); ``None``: a wallet write whose agent cannot
     be told (everything must be read again)."""
-    if request.method in ("GET", "HEAD", "OPTIONS"):
+    if method in ("GET", "HEAD", "OPTIONS"):
         return ()
-    path = request.url.path.rstrip("/")
+    path = path.split("?", 1)[0].rstrip("/")
     if path in CREATES:
         try:
-            body = json.loads(request.content or b"{}")
-        except (ValueError, httpx.RequestNotRead):
+            data = json.loads(body or b"{}")
+        except ValueError:
             return None
-        agent = body.get("agent_id") if isinstance(body, dict) else None
+        agent = data.get("agent_id") if isinstance(data, dict) else None
         return (agent,) if isinstance(agent, str) and agent else None
     if path.startswith(WALLETS + "/"):
         agent = path[len(WALLETS) + 1 :].split("/", 1)[0]
@@ -53,27 +51,11 @@ class WriteWatch:
         self.store = store
         self.inner = tuple(inner)
 
-    def _invalidate(self, request: httpx.Request) -> None:
-        agents = written_agents(request)
+    def on_exchange(self, exchange: Exchange) -> None:
+        agents = written_agents(exchange.method, exchange.path, exchange.body)
         if agents is None:
             self.store.invalidate_all()
         for agent in agents or ():
             self.store.invalidate(agent)
-
-    async def on_response(self, response: httpx.Response) -> None:
-        self._invalidate(response.request)
         for observer in self.inner:
-            await observer.on_response(response)
-
-    def on_transport_error(self, exc: httpx.TransportError) -> None:
-        try:
-            request = exc.request
-        except RuntimeError:  # no request attached: nothing can be told, so everything is stale
-            self.store.invalidate_all()
-        else:
-            self._invalidate(request)
-        for observer in self.inner:
-            observer.on_transport_error(exc)
-
-
-__all__ = ["WriteWatch", "written_agents"]
+            observer.on_exchange(exchange)

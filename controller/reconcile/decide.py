@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from controller.gateway.client import GatewayClient
+from controller.io.blocking import off_loop
 from controller.io.secretfile import why_not_writable
 from controller.io.secretref import (
     SecretRefused,
@@ -138,7 +139,9 @@ async def observe_and_plan(
     if observed is not None:
         observed(live, now)
     memory = build_memory(store, desired, adjustments=adjustments)
-    plan = make_plan(desired, live, memory, prune=prune, now=datetime.fromtimestamp(now, UTC))
+    # Pure, but CPU-bound (seconds at 10,000 agents): on a thread, so the daemon's other jobs
+    # (the alerts job delivering a crossing) keep their turns on the event loop meanwhile.
+    plan = await off_loop(make_plan, desired, live, memory, prune=prune, now=datetime.fromtimestamp(now, UTC))
     if store.location.shared and (local := machine_local_secrets(desired)):
         plan = dataclasses.replace(plan, warnings=(*plan.warnings, shared_state_secret_warning(local)))
     return plan

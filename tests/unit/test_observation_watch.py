@@ -3,16 +3,9 @@ the write watch invalidates exactly those, and everything when it cannot tell.""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from controller.observation.watch import written_agents
-
-BASE = "http://127.0.0.1:8000"
-
-
-def request(method: str, path: str, body: bytes | None = None) -> httpx.Request:
-    return httpx.Request(method, BASE + path, content=body)
 
 
 @pytest.mark.parametrize(
@@ -34,4 +27,4 @@ def request(method: str, path: str, body: bytes | None = None) -> httpx.Request:
     ],
 )
 def test_written_agents(method: str, path: str, body: bytes | None, agents: tuple[str, ...] | None) -> None:
-    assert written_agents(request(method, path, body)) == agents
+    assert written_agents(method, path, body) == agents
