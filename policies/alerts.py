@@ -32,10 +32,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Generic, TypeVar
 from urllib.parse import urlsplit
 
 from policies.money import CENT, format_money
@@ -159,16 +160,25 @@ class AlertEvent:
         return encode_body(self.payload())
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    events: tuple[AlertEvent, ...]
-    state: Mapping[SlotKey, SlotState]
+K = TypeVar("K", bound=Hashable)
+E = TypeVar("E")
 
-    def changed(self, before: Mapping[SlotKey, SlotState]) -> dict[SlotKey, SlotState]:
+
+@dataclass(frozen=True)
+class SlotEvaluation(Generic[K, E]):
+    """One evaluation of a kind of slot: the events it decided and every slot's new state."""
+
+    events: tuple[E, ...]
+    state: Mapping[K, SlotState]
+
+    def changed(self, before: Mapping[K, SlotState]) -> dict[K, SlotState]:
         return {k: v for k, v in self.state.items() if before.get(k) != v}
 
-    def dropped(self, before: Mapping[SlotKey, SlotState]) -> frozenset[SlotKey]:
+    def dropped(self, before: Mapping[K, SlotState]) -> frozenset[K]:
         return frozenset(before.keys() - self.state.keys())
+
+
+Evaluation = SlotEvaluation[SlotKey, AlertEvent]
 
 
 def _percent(spend: Decimal, cap: Decimal) -> Decimal:

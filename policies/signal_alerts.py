@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 
-from policies.alerts import ARMED, CREDITS, PAYLOAD_VERSION, SlotState, encode_body
+from policies.alerts import ARMED, CREDITS, PAYLOAD_VERSION, SlotEvaluation, SlotState, encode_body
 from policies.anomaly import AnomalyPolicy, AnomalySample, has_recovered, is_anomalous, ratio
 from policies.forecast import HOUR, Exhaustion, WindowForecast
 from policies.money import format_money
@@ -112,16 +112,7 @@ class SignalEvent:
         return encode_body(self.payload())
 
 
-@dataclass(frozen=True)
-class SignalEvaluation:
-    events: tuple[SignalEvent, ...]
-    state: Mapping[SignalKey, SlotState]
-
-    def changed(self, before: Mapping[SignalKey, SlotState]) -> dict[SignalKey, SlotState]:
-        return {k: v for k, v in self.state.items() if before.get(k) != v}
-
-    def dropped(self, before: Mapping[SignalKey, SlotState]) -> frozenset[SignalKey]:
-        return frozenset(before.keys() - self.state.keys())
+SignalEvaluation = SlotEvaluation[SignalKey, SignalEvent]
 
 
 def signal_alert_id(key: SignalKey, episode: int, fired_at: float) -> str:

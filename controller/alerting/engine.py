@@ -230,30 +230,10 @@ async def check_alerts(
             tx.forget_agents_except(specs)
             events = ladder.decide(tx, evaluation, at) if ladder is not None else evaluation.events
             for event in events:
-                for route in routes_for(event, specs[event.agent_id].alert_routes):
-                    url = render_url(route, event)
-                    problem = check_url_safety(url, allow_insecure=route.allow_insecure)
-                    refusal = f"refused: {problem}" if problem else None
-                    row = tx.enqueue(
-                        alert_id=event.id,
-                        agent_id=event.agent_id,
-                        event_type=event.type,
-                        route=redact_url(route.url),
-                        url=url,
-                        allow_insecure=route.allow_insecure,
-                        secret=route.secret,
-                        body=event.body(),
-                        refused=refusal,
-                    )
-                    if row is None:
-                        continue
-                    if refusal:
-                        result.refused += 1
-                        result.delivery_errors.append(
-                            f"{event.agent_id}: alert {event.id} to {redact_url(url)}: {refusal}"
-                        )
-                    else:
-                        result.queued += 1
+                routes = routes_for(event, specs[event.agent_id].alert_routes)
+                _enqueue(tx, result, event.id, event.agent_id, event.type, event.body(), [
+                    (route, render_url(route, event)) for route in routes
+                ])  # fmt: skip
             before_signals = tx.signal_slots()
             signal_eval = evaluate_signals(
                 collected.forecasts, collected.anomalies, before_signals, declared=collected.declared, now=at
@@ -291,28 +271,41 @@ async def check_alerts(
 
 
 def _enqueue_signal(tx: AlertTx, result: AlertCheckResult, signal: SignalEvent, routes: tuple[AlertRoute, ...]) -> None:
-    """Queue a forecast or anomaly alert to the routes that list its type (as ``check_alerts``
-    queues threshold alerts: a refused URL is recorded, never sent)."""
-    for route in signal_routes(signal, routes):
-        url = render_signal_url(route, signal)
+    """Queue a forecast or anomaly alert to the routes that list its type."""
+    targets = [(route, render_signal_url(route, signal)) for route in signal_routes(signal, routes)]
+    _enqueue(tx, result, signal.id, signal.agent_id, signal.type, signal.body(), targets)
+
+
+def _enqueue(
+    tx: AlertTx,
+    result: AlertCheckResult,
+    alert_id: str,
+    agent_id: str,
+    event_type: str,
+    body: bytes,
+    targets: list[tuple[AlertRoute, str]],
+) -> None:
+    """Queue one alert to each (route, rendered URL): a URL the rules refuse is recorded as
+    refused, never sent."""
+    for route, url in targets:
         problem = check_url_safety(url, allow_insecure=route.allow_insecure)
         refusal = f"refused: {problem}" if problem else None
         row = tx.enqueue(
-            alert_id=signal.id,
-            agent_id=signal.agent_id,
-            event_type=signal.type,
+            alert_id=alert_id,
+            agent_id=agent_id,
+            event_type=event_type,
             route=redact_url(route.url),
             url=url,
             allow_insecure=route.allow_insecure,
             secret=route.secret,
-            body=signal.body(),
+            body=body,
             refused=refusal,
         )
         if row is None:
             continue
         if refusal:
             result.refused += 1
-            result.delivery_errors.append(f"{signal.agent_id}: alert {signal.id} to {redact_url(url)}: {refusal}")
+            result.delivery_errors.append(f"{agent_id}: alert {alert_id} to {redact_url(url)}: {refusal}")
         else:
             result.queued += 1
 
