@@ -55,7 +55,7 @@ from controller.gateway.errors import (
     Unreachable,
     error_class,
 )
-from controller.gateway.http11 import LeanTransport, header_safe
+from controller.gateway.http11 import Header, LeanTransport
 from controller.gateway.models import (
     LEADERBOARD_METRICS,
     BudgetStatus,
@@ -151,8 +151,6 @@ def _snapshot_balance(snapshot: object) -> Decimal | None:
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9._~/-]*")
 """A path sent as is: what ``httpx.URL`` would not change (agent ids are letters, digits,
 ``.``, ``_``, ``-``; anything else goes through httpx's percent-encoding)."""
-_SAFE_TOKEN = re.compile(r"[A-Za-z0-9-]+")
-_SAFE_VALUE = re.compile(r"[\x20-\x7e]*")
 
 
 def _environment_proxy(base_url: str) -> str | None:
@@ -292,8 +290,9 @@ class GatewayClient:
         # One single-connection transport per request in flight ("lane") rather than one pool
         # of ``concurrency`` connections: httpcore 1.0 scans its whole pool on every request,
         # which made the client, not the gateway, the bottleneck (about 3x the CPU per
-        # request at 32 connections). A lane is a ``LeanTransport`` (controller/gateway/http11.py,
-        # a tenth of httpcore's CPU per request), or httpx's own through an environment proxy.
+        # request at 32 connections). A lane is a ``LeanTransport`` (controller/gateway/http11.py:
+        # h11 on an asyncio protocol, a fraction of httpcore's CPU per request), or httpx's own
+        # through an environment proxy.
         # Requests go to the lane's transport directly, not through ``httpx.AsyncClient.send``:
         # the client layer (URL merging, cookies, auth and redirect handling finops never
         # uses) cost about 40 % of the CPU per request. An injected transport (tests, fault
@@ -306,15 +305,13 @@ class GatewayClient:
         self._timeouts = httpx.Timeout(timeout).as_dict()
         self._headers: list[tuple[bytes, bytes]] = [(b"Accept-Encoding", b"identity"), (b"User-Agent", b"finops/0.1")]
         self._auth_header = (b"Authorization", f"Bearer {api_key}".encode())
-        # The request head of a lean lane, built once: per request only the request line and
-        # the caller's few headers are added (``_lean_head``).
+        # The headers of a lean lane's request, built once: per request only the caller's few
+        # are added (``_lean_request``); h11 checks and serializes them.
         base = httpx.URL(self.base_url)
         self._key = (base.scheme, base.host, base.port or (443 if base.scheme == "https" else 80))
         self._base_path = base.raw_path.rstrip(b"/")
-        fixed = [(b"Host", base.netloc), *self._headers]
-        self._lean_ok = base.query == b"" and header_safe(self._auth_header[1]) and header_safe(base.netloc)
-        self._fixed_head = b"".join(n + b": " + v + b"\r\n" for n, v in fixed)
-        self._auth_line = b"Authorization: " + self._auth_header[1] + b"\r\n"
+        self._fixed_headers: list[Header] = [(b"Host", base.netloc), *self._headers]
+        self._lean_ok = base.query == b""
         self._lanes: list[httpx.AsyncBaseTransport] = []
         self._idle_lanes: list[httpx.AsyncBaseTransport] = []
         self._max_attempts = max_attempts
@@ -389,7 +386,7 @@ class GatewayClient:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _lean_head(
+    def _lean_request(
         self,
         method: str,
         path: str,
@@ -397,25 +394,22 @@ class GatewayClient:
         params: Mapping[str, Any] | None,
         headers: Mapping[str, str] | None,
         auth: bool,
-    ) -> bytes | None:
-        """The request head for a lean lane, or ``None`` when this request needs httpx's URL
-        and header handling (query parameters, a path or header value outside the plain
-        safe set): those few take ``_request`` and the lane's ``handle_async_request``."""
+    ) -> tuple[bytes, list[Header]] | None:
+        """The target and headers for a lean lane, or ``None`` when this request needs
+        httpx's URL handling (query parameters, a path outside the plain safe set): those few
+        take ``_request`` and the lane's ``handle_async_request``. Both send the same headers."""
         if not self._lean_ok or params or _SAFE_PATH.fullmatch(path) is None or "/." in path:
             return None  # "/.": httpx removes dot segments (``..``), and so must this path
-        parts = [method.encode(), b" ", self._base_path, path.encode(), b" HTTP/1.1\r\n", self._fixed_head]
+        request_headers = list(self._fixed_headers)
         if auth:
-            parts.append(self._auth_line)
+            request_headers.append(self._auth_header)
         if content is not None:
-            parts.append(b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(content))
+            request_headers += [(b"Content-Type", b"application/json"), (b"Content-Length", b"%d" % len(content))]
         elif method in ("POST", "PUT", "PATCH"):
-            parts.append(b"Content-Length: 0\r\n")
-        for name, value in (headers or {}).items():
-            if _SAFE_TOKEN.fullmatch(name) is None or _SAFE_VALUE.fullmatch(value) is None:
-                return None
-            parts.append(f"{name}: {value}\r\n".encode())
-        parts.append(b"\r\n")
-        return b"".join(parts)
+            request_headers.append((b"Content-Length", b"0"))
+        if headers:
+            request_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
+        return self._base_path + path.encode(), request_headers
 
     def _request(
         self,
@@ -478,13 +472,13 @@ class GatewayClient:
                 lane = self._lane()
                 answered_404 = False
                 try:
-                    head = self._lean_head(method, path, content, params, headers, auth)
+                    lean = self._lean_request(method, path, content, params, headers, auth)
                     async with asyncio.timeout(self._deadline):
-                        if head is not None and isinstance(lane, LeanTransport):
+                        if lean is not None and isinstance(lane, LeanTransport):
                             raw = await lane.exchange(
                                 self._key,
-                                method,
-                                head,
+                                method.encode(),
+                                *lean,
                                 content or b"",
                                 connect_timeout=self._timeout,
                                 read_timeout=self._timeout,

@@ -2,42 +2,46 @@
 
 ``GatewayClient`` keeps one of these per request in flight (a "lane"). It replaces httpx's
 default transport (httpcore + anyio + h11) on the plan path, where that stack cost about
-0.25 ms of CPU per request, more than the gateway's own work on loopback: an
-``asyncio.Protocol`` with a byte buffer and a strict hand-written parser for the small
-subset of HTTP/1.1 a JSON API uses costs a tenth of that.
+0.25 ms of CPU per request, more than the gateway's own work on loopback. The lane keeps
+only the I/O: an ``asyncio.Protocol`` with a byte buffer. Every byte of HTTP/1.1 (the
+request's serialization, the answer's status line, headers, framing by Content-Length,
+chunked encoding with its trailers, or the end of the stream, interim 1xx answers,
+HTTP/1.0 and ``Connection: close``) is h11's work: a small, strict, well-tested sans-I/O
+state machine (the one httpcore itself uses), so no framing rule is written here.
 
 It is an ``httpx.AsyncBaseTransport`` and raises httpx's exception types, so the client's
 error mapping (``ConnectError``/``ConnectTimeout``: never sent; anything later: unknown
 outcome) and every injected test transport keep working unchanged. Bounded by
-construction: the response head is at most ``MAX_HEAD_BYTES``, a chunk-size line or a
-trailer at most ``MAX_LINE_BYTES``, the receive buffer pauses the socket above
-``HIGH_WATER`` bytes, and the body is handed out in pieces as it arrives (the client stops
-reading at its size limit and closes the connection). A connection is reused only after a
-complete, length-delimited answer with nothing unread, no ``Connection: close``, and no
-sign (end of stream, error, unsolicited bytes) that the server gave up on it.
+construction: the response head (with any interim answers) is at most ``MAX_HEAD_BYTES``,
+as is any other incomplete piece h11 holds (a chunk-size line, the trailers); the receive
+buffer pauses the socket above ``HIGH_WATER`` bytes and h11 is fed at most ``PIECE`` bytes
+at a time, only when it needs more, so the body is handed out in pieces as it arrives (the
+client stops reading at its size limit and closes the connection). A connection is reused
+only when h11 puts both sides in ``DONE`` (a complete answer, no ``Connection: close``, no
+HTTP/1.0, not delimited by the end of the stream) with nothing unread, and nothing
+(end of stream, error, unsolicited bytes) says that the server gave up on it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+import h11
 import httpx
 
 MAX_HEAD_BYTES = 64 * 1024
-MAX_LINE_BYTES = 4 * 1024
-MAX_TRAILER_BYTES = 16 * 1024
 HIGH_WATER = 256 * 1024
 PIECE = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_NO_BODY_STATUS = (204, 304)
+
+Header = tuple[bytes, bytes]
 
 
 class _Wire(asyncio.Protocol):
-    """The socket's bytes in one buffer; a coroutine waits for more with ``_more``."""
+    """The socket's bytes in one buffer; a coroutine waits for more with ``wait``."""
 
     def __init__(self) -> None:
         self.buf = bytearray()
@@ -76,12 +80,8 @@ class _Wire(asyncio.Protocol):
             waiter.set_result(None)
 
     # -- reading (the request's coroutine)
-    async def _more(self, timeout: float | None) -> None:
+    async def wait(self, timeout: float | None) -> None:
         """Wait until more bytes, the end of the stream or an error arrive."""
-        if self.error is not None:
-            raise httpx.ReadError(f"connection failed: {type(self.error).__name__}")
-        if self.eof:
-            raise httpx.RemoteProtocolError("server closed the connection before the answer was complete")
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
@@ -95,42 +95,29 @@ class _Wire(asyncio.Protocol):
         finally:
             self._waiter = None
 
-    def _take(self, n: int) -> bytes:
-        data = bytes(self.buf[:n])
-        del self.buf[:n]
+    def take(self, most: int) -> bytes:
+        """Up to ``most`` of the buffered bytes."""
+        if len(self.buf) <= most:
+            data = bytes(self.buf)
+            self.buf.clear()
+        else:
+            data = bytes(self.buf[:most])
+            del self.buf[:most]
         if self._paused and len(self.buf) <= HIGH_WATER // 2 and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
         return data
 
-    async def read_until(self, sep: bytes, limit: int, timeout: float | None, what: str) -> bytes:
-        """Bytes up to and including ``sep``, at most ``limit`` of them."""
-        start = 0
-        while True:
-            at = self.buf.find(sep, start)
-            if at >= 0:
-                if at + len(sep) > limit:
-                    break
-                return self._take(at + len(sep))
-            if len(self.buf) > limit:
-                break
-            start = max(0, len(self.buf) - len(sep) + 1)
-            await self._more(timeout)
-        raise httpx.RemoteProtocolError(f"{what} longer than {limit} bytes")
-
-    async def read_some(self, most: int, timeout: float | None) -> bytes:
-        """Between 1 and ``most`` bytes; ``b""`` only at a clean end of the stream."""
-        while not self.buf:
-            if self.eof and self.error is None:
-                return b""
-            await self._more(timeout)
-        return self._take(most)
-
 
 class _Connection:
+    """One socket and the h11 state machine that parses and frames what goes over it."""
+
     def __init__(self, key: tuple[str, str, int], wire: _Wire) -> None:
         self.key = key
         self.wire = wire
+        self.machine = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.head_budget: int | None = None
+        """Bytes h11 may still be fed while the answer's head is awaited (``None`` after)."""
 
     @property
     def transport(self) -> asyncio.Transport:
@@ -139,8 +126,56 @@ class _Connection:
 
     def reusable(self) -> bool:
         """Idle and, as far as anything received says, still open on both ends."""
-        w = self.wire
-        return not (w.eof or w.error is not None or w.buf or self.transport.is_closing())
+        w, states = self.wire, self.machine
+        return (
+            states.our_state is h11.IDLE
+            and states.their_state is h11.IDLE
+            and not (w.eof or w.error is not None or w.buf or self.transport.is_closing())
+        )
+
+    def finish_cycle(self) -> bool:
+        """After the answer's ``EndOfMessage``: make the connection ready for the next
+        request if h11 says both sides are done (keep-alive, framed by length) and nothing
+        arrived after the answer; ``False``: it must be closed."""
+        states = self.machine
+        if states.our_state is not h11.DONE or states.their_state is not h11.DONE:
+            return False  # Connection: close, HTTP/1.0, or a body ended by the end of the stream
+        try:
+            if states.next_event() is not h11.NEED_DATA:  # PAUSED: unsolicited bytes; ConnectionClosed
+                return False
+        except h11.RemoteProtocolError:
+            return False
+        if self.wire.buf or self.wire.eof:
+            return False
+        states.start_next_cycle()
+        return True
+
+    async def next_event(self, timeout: float | None) -> object:
+        """h11's next event, feeding it from the socket (at most ``PIECE`` bytes at a time,
+        and no more than the head's budget while the head is awaited) until it has one."""
+        states, wire = self.machine, self.wire
+        while True:
+            try:
+                event = states.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise httpx.RemoteProtocolError(str(exc)) from None
+            if event is not h11.NEED_DATA:
+                return event
+            most = PIECE
+            if self.head_budget is not None:
+                if self.head_budget <= 0:
+                    raise httpx.RemoteProtocolError(f"response head longer than {MAX_HEAD_BYTES} bytes")
+                most = min(most, self.head_budget)
+            while not wire.buf:
+                if wire.error is not None:
+                    raise httpx.ReadError(f"connection failed: {type(wire.error).__name__}")
+                if wire.eof:
+                    break
+                await wire.wait(timeout)
+            data = wire.take(most)
+            if self.head_budget is not None:
+                self.head_budget -= len(data)
+            states.receive_data(data)  # empty: the end of the stream
 
     def close(self) -> None:
         if self.wire.transport is not None:
@@ -149,122 +184,40 @@ class _Connection:
 
 class _Body(httpx.AsyncByteStream):
     """The answer's body, read piece by piece as it arrives; the connection goes back to
-    the lane only when the body was read to its declared end."""
+    the lane only when the body was read to its end and h11 says the connection is reusable."""
 
-    def __init__(self, lane: LeanTransport, conn: _Connection, framing: str, length: int, timeout: float | None):
+    def __init__(self, lane: LeanTransport, conn: _Connection, timeout: float | None, *, reuse: bool):
         self._lane = lane
         self._conn = conn
-        self._framing = framing  # "none" | "length" | "chunked" | "close"
-        self._remaining = length
         self._timeout = timeout
-        self._done = framing == "none"
-        self._reuse = True
+        self._reuse = reuse
         self._released = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        wire, timeout = self._conn.wire, self._timeout
+        conn, timeout = self._conn, self._timeout
         try:
-            if self._framing == "length":
-                while self._remaining > 0:
-                    piece = await wire.read_some(min(self._remaining, PIECE), timeout)
-                    if not piece:
-                        raise httpx.RemoteProtocolError("server closed the connection before the body was complete")
-                    self._remaining -= len(piece)
-                    yield piece
-            elif self._framing == "chunked":
-                async for piece in self._chunks(wire, timeout):
-                    yield piece
-            elif self._framing == "close":
-                self._reuse = False
-                while piece := await wire.read_some(PIECE, timeout):
-                    yield piece
-            self._done = True
+            while True:
+                event = await conn.next_event(timeout)
+                if type(event) is h11.Data:
+                    yield bytes(event.data)
+                elif type(event) is h11.EndOfMessage:
+                    break
+                else:
+                    raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} inside an answer's body")
+            self._reuse = self._reuse and conn.finish_cycle()
         except BaseException:  # broken, timed out, cancelled or abandoned: never reused
             self._reuse = False
-            self._release()
+            self._release(done=False)
             raise
+        self._release(done=True)
 
-    async def _chunks(self, wire: _Wire, timeout: float | None) -> AsyncIterator[bytes]:
-        while True:
-            line = await wire.read_until(b"\r\n", MAX_LINE_BYTES, timeout, "a chunk-size line")
-            size_text = line[:-2].split(b";", 1)[0].strip()
-            if not size_text or any(c not in b"0123456789abcdefABCDEF" for c in size_text) or len(size_text) > 16:
-                raise httpx.RemoteProtocolError("malformed chunk size")
-            size = int(size_text, 16)
-            if size == 0:
-                trailers = 0
-                while True:  # trailers, ignored, then the empty line
-                    line = await wire.read_until(b"\r\n", MAX_LINE_BYTES, timeout, "a trailer line")
-                    trailers += len(line)
-                    if trailers > MAX_TRAILER_BYTES:
-                        raise httpx.RemoteProtocolError("trailers too long")
-                    if line == b"\r\n":
-                        return
-            while size > 0:
-                piece = await wire.read_some(min(size, PIECE), timeout)
-                if not piece:
-                    raise httpx.RemoteProtocolError("server closed the connection inside a chunk")
-                size -= len(piece)
-                yield piece
-            if await wire.read_until(b"\r\n", 2, timeout, "a chunk's end") != b"\r\n":
-                raise httpx.RemoteProtocolError("malformed chunk end")
-
-    def _release(self) -> None:
+    def _release(self, *, done: bool) -> None:
         if not self._released:
             self._released = True
-            self._lane._release(self._conn, reuse=self._done and self._reuse)
+            self._lane._release(self._conn, reuse=done and self._reuse)
 
     async def aclose(self) -> None:
-        self._release()
-
-
-def _parse_head(head: bytes) -> tuple[bytes, int, bytes, list[tuple[bytes, bytes]]]:
-    lines = head[:-4].split(b"\r\n")
-    version, _, rest = lines[0].partition(b" ")
-    code, _, reason = rest.partition(b" ")
-    if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
-        raise httpx.RemoteProtocolError("malformed status line")
-    headers: list[tuple[bytes, bytes]] = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip() or b" " in name or b"\t" in name:
-            raise httpx.RemoteProtocolError("malformed header line")
-        headers.append((name, value.strip(b" \t")))
-    return version, int(code), reason, headers
-
-
-def _framing(method: str, status: int, headers: list[tuple[bytes, bytes]]) -> tuple[str, int]:
-    """How the body ends: ``none``, ``length`` (with the length), ``chunked`` or ``close``."""
-    if method == "HEAD" or status in _NO_BODY_STATUS or 100 <= status < 200:
-        return "none", 0
-    encodings = [v for n, v in headers if n.lower() == b"transfer-encoding"]
-    lengths = {v for n, v in headers if n.lower() == b"content-length"}
-    if encodings:
-        if lengths or b",".join(encodings).strip().lower() != b"chunked":
-            raise httpx.RemoteProtocolError("unsupported or ambiguous transfer-encoding")
-        return "chunked", 0
-    if lengths:
-        if len(lengths) != 1:
-            raise httpx.RemoteProtocolError("conflicting content-length headers")
-        raw = next(iter(lengths))
-        if not raw.isdigit() or len(raw) > 18:
-            raise httpx.RemoteProtocolError("malformed content-length")
-        length = int(raw)
-        return ("length", length) if length else ("none", 0)
-    return "close", 0
-
-
-def _keeps_alive(version: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
-    tokens = {t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")}
-    return version == b"HTTP/1.1" and b"close" not in tokens
-
-
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-def header_safe(value: bytes) -> bool:
-    """No control characters (CR, LF, NUL...) that could end a header line early."""
-    return _CONTROL.search(value) is None
+        self._release(done=False)  # after a complete read, already released (and reused)
 
 
 class RawAnswer:
@@ -272,14 +225,19 @@ class RawAnswer:
 
     __slots__ = ("body", "headers", "reason", "status", "version")
 
-    def __init__(
-        self, status: int, reason: bytes, version: bytes, headers: list[tuple[bytes, bytes]], body: _Body
-    ) -> None:
+    def __init__(self, status: int, reason: bytes, version: bytes, headers: list[Header], body: _Body) -> None:
         self.status = status
         self.reason = reason
         self.version = version
         self.headers = headers
         self.body = body
+
+
+def _both_framings(headers: Iterable[Header]) -> bool:
+    """Transfer-Encoding and Content-Length together: h11 lets the first win (RFC 9112
+    6.3); a gateway that sends both is refused, as RFC 9112 advises, never guessed at."""
+    names = {name for name, _ in headers}
+    return b"transfer-encoding" in names and b"content-length" in names
 
 
 class LeanTransport(httpx.AsyncBaseTransport):
@@ -312,20 +270,24 @@ class LeanTransport(httpx.AsyncBaseTransport):
     async def exchange(
         self,
         key: tuple[str, str, int],
-        method: str,
-        head: bytes,
+        method: bytes,
+        target: bytes,
+        headers: list[Header],
         content: bytes,
         *,
         connect_timeout: float | None,
         read_timeout: float | None,
-        close: bool = False,
     ) -> RawAnswer:
-        """Send ``head`` (request line and headers, ending with the empty line) and
-        ``content``; return the answer once its head has arrived, its body still to read
-        (``answer.body``, which must be closed). ``close``: the request asked for
-        ``Connection: close``. The caller builds ``head`` from validated parts."""
+        """Send the request (``headers`` include ``Host`` and, with ``content``, its
+        ``Content-Length``); return the answer once its head has arrived, its body still to
+        read (``answer.body``, which must be closed). h11 refuses a header or target it
+        could not send intact (``httpx.LocalProtocolError``) before anything leaves."""
         if self._busy:
             raise RuntimeError("a LeanTransport serves one request at a time")
+        try:
+            request = h11.Request(method=method, target=target, headers=headers)
+        except h11.LocalProtocolError as exc:
+            raise httpx.LocalProtocolError(str(exc)) from None
         conn = self._conn
         if conn is not None and (conn.key != key or not conn.reusable()):
             conn.close()
@@ -335,53 +297,52 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._busy = True
         self._conn = conn
         try:
+            states = conn.machine
             try:
-                conn.transport.write(head + content if content else head)
+                data = states.send(request)
+                if content:
+                    data += states.send(h11.Data(data=content))
+                data += states.send(h11.EndOfMessage())
+            except h11.LocalProtocolError as exc:  # a body longer or shorter than its Content-Length
+                raise httpx.LocalProtocolError(str(exc)) from None
+            try:
+                conn.transport.write(data)
             except (OSError, RuntimeError) as exc:
                 raise httpx.WriteError(f"cannot send: {type(exc).__name__}") from None
-            wire = conn.wire
-            version, status, reason, headers = _parse_head(
-                await wire.read_until(b"\r\n\r\n", MAX_HEAD_BYTES, read_timeout, "the response head")
-            )
-            while 100 <= status < 200:  # interim answers (100 Continue): the real one follows
-                if status == 101:
-                    raise httpx.RemoteProtocolError("unexpected protocol switch")
-                version, status, reason, headers = _parse_head(
-                    await wire.read_until(b"\r\n\r\n", MAX_HEAD_BYTES, read_timeout, "the response head")
-                )
-            framing, length = _framing(method, status, headers)
+            conn.head_budget = MAX_HEAD_BYTES
+            while True:
+                event = await conn.next_event(read_timeout)
+                if type(event) is h11.Response:
+                    break
+                if type(event) is not h11.InformationalResponse:  # interim answers (100 Continue) are skipped
+                    raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} instead of an answer")
+            conn.head_budget = None
+            if _both_framings(event.headers):
+                raise httpx.RemoteProtocolError("answer with both transfer-encoding and content-length")
         except BaseException:
             self._release(conn, reuse=False)
             raise
-        body = _Body(self, conn, framing, length, read_timeout)
-        if close or not _keeps_alive(version, headers):
-            body._reuse = False
-        return RawAnswer(status, reason, version, headers, body)
+        body = _Body(self, conn, read_timeout, reuse=True)
+        return RawAnswer(event.status_code, event.reason, event.http_version, event.headers.raw_items(), body)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         key = (url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme, 0))
         timeouts: dict[str, Any] = request.extensions.get("timeout", {})
-        lines = [request.method.encode(), b" ", url.raw_path, b" HTTP/1.1\r\n"]
-        for name, value in request.headers.raw:
-            if not header_safe(name) or not header_safe(value):
-                raise httpx.LocalProtocolError("header with a control character")
-            lines += [name, b": ", value, b"\r\n"]
-        lines.append(b"\r\n")
         answer = await self.exchange(
             key,
-            request.method,
-            b"".join(lines),
+            request.method.encode(),
+            url.raw_path,
+            request.headers.raw,
             request.content,  # the client sends small, fully built bodies
             connect_timeout=timeouts.get("connect"),
             read_timeout=timeouts.get("read"),
-            close=request.headers.get("connection", "").lower() == "close",
         )
         return httpx.Response(
             answer.status,
             headers=answer.headers,
             stream=answer.body,
-            extensions={"http_version": answer.version, "reason_phrase": answer.reason},
+            extensions={"http_version": b"HTTP/" + answer.version, "reason_phrase": answer.reason},
         )
 
     def _release(self, conn: _Connection, *, reuse: bool) -> None:
