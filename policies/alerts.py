@@ -140,24 +140,43 @@ class AlertEvent:
     def payload(self) -> dict[str, object]:
         """The JSON document receivers get (README "Budget alerts"). Key order is fixed so
         the body, and therefore the signature, is reproducible."""
-        return {
-            "version": PAYLOAD_VERSION,
-            "id": self.id,
-            "type": self.type,
-            "episode": self.episode,
-            "agent": self.agent_id,
-            "fleet": self.fleet,
-            "window": self.window,
+        fields = {
             "threshold": self.threshold,
             "percent": format_money(self.percent),
             "spend": format_money(self.spend),
             "cap": format_money(self.cap),
-            "currency": CREDITS,
-            "time": datetime.fromtimestamp(self.at, UTC).isoformat(timespec="seconds"),
-        } | ({"action": self.action} if self.action else {})
+        }
+        envelope = (self.id, self.type, self.episode, self.agent_id, self.fleet, self.window, self.at)
+        return alert_payload(*envelope, fields) | ({"action": self.action} if self.action else {})
 
     def body(self) -> bytes:
         return encode_body(self.payload())
+
+
+def alert_payload(
+    alert_id: str,
+    event_type: str,
+    episode: str,
+    agent_id: str,
+    fleet: str,
+    window: str,
+    at: float,
+    fields: Mapping[str, object],
+) -> dict[str, object]:
+    """Every alert's JSON document: the common envelope around its own ``fields``, in a fixed
+    key order so the body, and therefore the signature, is reproducible."""
+    return {
+        "version": PAYLOAD_VERSION,
+        "id": alert_id,
+        "type": event_type,
+        "episode": episode,
+        "agent": agent_id,
+        "fleet": fleet,
+        "window": window,
+        **fields,
+        "currency": CREDITS,
+        "time": datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds"),
+    }
 
 
 K = TypeVar("K", bound=Hashable)

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 
-from policies.alerts import ARMED, CREDITS, PAYLOAD_VERSION, SlotEvaluation, SlotState, encode_body
+from policies.alerts import ARMED, SlotEvaluation, SlotState, alert_payload, encode_body
 from policies.anomaly import AnomalyPolicy, AnomalySample, has_recovered, is_anomalous, ratio
 from policies.forecast import HOUR, Exhaustion, WindowForecast
 from policies.money import format_money
@@ -95,18 +95,8 @@ class SignalEvent:
 
     def payload(self) -> dict[str, object]:
         """Key order is fixed so the body, and therefore the signature, is reproducible."""
-        return {
-            "version": PAYLOAD_VERSION,
-            "id": self.id,
-            "type": self.type,
-            "episode": self.episode,
-            "agent": self.agent_id,
-            "fleet": self.fleet,
-            "window": self.window,
-            **self.details,
-            "currency": CREDITS,
-            "time": datetime.fromtimestamp(self.at, UTC).isoformat(timespec="seconds"),
-        }
+        envelope = (self.id, self.type, self.episode, self.agent_id, self.fleet, self.window, self.at)
+        return alert_payload(*envelope, self.details)
 
     def body(self) -> bytes:
         return encode_body(self.payload())
